@@ -1,0 +1,296 @@
+"""Configuration: a tree of frozen dataclasses, loaded from TOML, every default here.
+
+A config file mirrors the tree::
+
+    [vm]
+    name = "web1"
+    memory_mib = 128
+
+    [replication]
+    key = "..."            # pre-shared key for the replication link (HMAC-SHA256)
+    max_interval_ms = 100
+
+Unknown keys and values of the wrong type are rejected with a ``ConfigError`` naming the
+file and the key, so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from kemari_suite.errors import ConfigError
+
+Accel = Literal["auto", "tcg", "kvm"]
+LinkProfileName = Literal["1g", "10g", "unlimited"]
+SyncMode = Literal["speculative", "classic"]
+TrackerKind = Literal["compare", "soft-dirty"]
+Compression = Literal["zstd", "lz4", "none"]
+SyncPolicy = Literal["kemari", "remus", "adaptive"]
+Tiebreaker = Literal["none", "witness", "lease"]
+DiskBackendKind = Literal["builtin", "drbd", "shared"]
+
+
+def _env_path(var: str, default: str) -> Path:
+    return Path(os.environ.get(var, default))
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where the suite keeps its files."""
+
+    #: Cached downloads and built guest images (kernel packages, initramfs).
+    cache_dir: Path = field(default_factory=lambda: _env_path("KEMARI_CACHE", "/var/cache/kemari"))
+    #: Per-run state: QMP sockets, pid files, console logs, artifact folders.
+    run_dir: Path = field(default_factory=lambda: _env_path("KEMARI_RUN", "/run/kemari"))
+    #: Where guest RAM files live (must be a tmpfs so the agent can map them cheaply).
+    shm_dir: Path = field(default_factory=lambda: _env_path("KEMARI_SHM", "/dev/shm"))
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The guest image to boot (built by ``kemari image build``)."""
+
+    #: Debian kernel package (meta-package names are resolved to a versioned package).
+    kernel_package: str = "linux-image-cloud-amd64"
+    #: Extra files for the initramfs, as "SRC:DEST" strings.
+    add: tuple[str, ...] = ()
+    #: Command run by init after the modules are loaded and the network is up.
+    init: str = ""
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """One protected VM. The QEMU command line is derived from this, identically on both hosts."""
+
+    name: str = "kemari0"
+    memory_mib: int = 128
+    vcpus: int = 1
+    #: Pinned machine type: the secondary must start exactly the same machine.
+    machine: str = "pc-i440fx-7.2"
+    #: "auto" picks KVM only when it can run a stock guest, TCG otherwise.
+    accel: Accel = "auto"
+    #: Extra kernel command line for the guest.
+    append: str = ""
+    #: Guest MAC address (locally administered).
+    mac: str = "52:54:00:12:34:56"
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """The local host pair built from network namespaces."""
+
+    lab_id: str = "0"
+    profile: LinkProfileName = "1g"
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """The memory and device-state replication engine."""
+
+    #: Pre-shared key for HMAC-SHA256 on every frame. Empty means: refuse to start.
+    key: str = ""
+    #: Address of the secondary's replication listener (host:port) as seen from the primary.
+    peer: str = ""
+    listen: str = "0.0.0.0:7410"
+    #: speculative resumes the VM right after staging; classic waits for the acknowledgement.
+    mode: SyncMode = "speculative"
+    tracker: TrackerKind = "compare"
+    compression: Compression = "zstd"
+    #: A sync point is forced after this long without one.
+    max_interval_ms: int = 100
+    #: Background pre-copy of dirty pages between sync points.
+    pipelining: bool = True
+    heartbeat_interval_ms: int = 200
+    #: Generous by default: two busy cores can stall a process for a second.
+    heartbeat_timeout_ms: int = 3000
+    tiebreaker: Tiebreaker = "none"
+    #: host:port of the witness when ``tiebreaker = "witness"``.
+    witness: str = ""
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    """Event taps and the sync policy they drive."""
+
+    policy: SyncPolicy = "kemari"
+    #: Epoch length for the remus policy.
+    remus_interval_ms: int = 25
+    #: Minimum spacing between event-triggered sync points for the adaptive policy.
+    adaptive_min_spacing_ms: int = 5
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """The disk consistency backend."""
+
+    backend: DiskBackendKind = "builtin"
+    #: Guest disk image (raw). Empty means the VM has no disk.
+    path: str = ""
+    size_mib: int = 64
+
+
+@dataclass(frozen=True)
+class KemariConfig:
+    """The whole configuration tree."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    vm: VMConfig = field(default_factory=VMConfig)
+    lab: LabConfig = field(default_factory=LabConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    tap: TapConfig = field(default_factory=TapConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, *, path: str | None, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where TOML cannot say it."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{value!r} is not one of {', '.join(repr(a) for a in allowed)}", path=path, key=key
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors: list[str] = []
+        for arm in get_args(tp):
+            try:
+                return _coerce(value, arm, path=path, key=key)
+            except ConfigError as err:
+                errors.append(err.reason)
+        raise ConfigError("; ".join(errors), path=path, key=key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"expected a list, got {type(value).__name__}", path=path, key=key)
+        (item_tp, _ellipsis) = get_args(tp)
+        return tuple(_coerce(v, item_tp, path=path, key=key) for v in value)
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a path string, got {value!r}", path=path, key=key)
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {value!r}", path=path, key=key)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", path=path, key=key)
+        if value < 0:
+            raise ConfigError(f"must not be negative, got {value}", path=path, key=key)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"expected a number, got {value!r}", path=path, key=key)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", path=path, key=key)
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a table, got {value!r}", path=path, key=key)
+        return build(tp, value, path=path, prefix=key)
+    raise ConfigError(f"unsupported config type {tp!r}", path=path, key=key)  # pragma: no cover
+
+
+def build(cls: type[T], data: dict[str, Any], *, path: str | None = None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys.
+
+    Raises:
+        ConfigError: naming the file and dotted key of the first bad value.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(
+                f"unknown key (known: {', '.join(sorted(names))})", path=path, key=dotted
+            )
+        kwargs[key] = _coerce(value, hints[key], path=path, key=dotted)
+    obj = cls(**kwargs)
+    _validate(obj, path=path, prefix=prefix)
+    return obj
+
+
+def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if isinstance(obj, VMConfig):
+        if obj.memory_mib < 16:
+            raise ConfigError("must be at least 16", path=path, key=f"{prefix}.memory_mib")
+        if not 1 <= obj.vcpus <= 64:
+            raise ConfigError("must be between 1 and 64", path=path, key=f"{prefix}.vcpus")
+        if not obj.name or not all(c.isalnum() or c in "-_" for c in obj.name):
+            raise ConfigError(
+                "must be non-empty letters, digits, '-' or '_'", path=path, key=f"{prefix}.name"
+            )
+    if isinstance(obj, ReplicationConfig):
+        if obj.heartbeat_timeout_ms <= obj.heartbeat_interval_ms:
+            raise ConfigError(
+                "must be larger than heartbeat_interval_ms",
+                path=path,
+                key=f"{prefix}.heartbeat_timeout_ms",
+            )
+        if obj.tiebreaker == "witness" and not obj.witness:
+            raise ConfigError(
+                'tiebreaker = "witness" needs a witness address', path=path, key=f"{prefix}.witness"
+            )
+    if isinstance(obj, LabConfig) and (
+        not obj.lab_id or len(obj.lab_id) > 4 or not obj.lab_id.isalnum()
+    ):
+        raise ConfigError(
+            "must be 1-4 letters or digits (it is part of interface names)",
+            path=path,
+            key=f"{prefix}.lab_id",
+        )
+
+
+def load(path: str | os.PathLike[str] | None = None) -> KemariConfig:
+    """Load the configuration from a TOML file, or the defaults when ``path`` is None.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or holds a bad value.
+    """
+    if path is None:
+        return KemariConfig()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror}", path=str(p)) from err
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"not valid TOML: {err}", path=str(p)) from err
+    return build(KemariConfig, data, path=str(p))
+
+
+def with_overrides(cfg: KemariConfig, **sections: dict[str, Any]) -> KemariConfig:
+    """Return a copy of ``cfg`` with some keys of some sections replaced (and checked)."""
+    changes: dict[str, Any] = {}
+    for section, values in sections.items():
+        current = getattr(cfg, section)
+        merged = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        merged.update(values)
+        cls = type(current)
+        hints = typing.get_type_hints(cls)
+        checked = {
+            k: (v if isinstance(v, Path | tuple) else _coerce(v, hints[k], path=None, key=k))
+            for k, v in merged.items()
+        }
+        obj = cls(**checked)
+        _validate(obj, path=None, prefix=section)
+        changes[section] = obj
+    return dataclasses.replace(cfg, **changes)
