@@ -1,0 +1,33 @@
+# Kemari Suite. The two commands of the quick start are `make demo` and `make test`;
+# each runs the (idempotent) setup first.
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup demo test lint unit integration e2e image clean
+
+setup:
+	@bash scripts/setup.sh
+
+image: setup
+	@$(BIN)/kemari image build
+
+demo: setup
+	@$(BIN)/kemari demo
+
+lint: setup
+	$(BIN)/ruff check kemari_suite tests benchmarks
+	$(BIN)/ruff format --check kemari_suite tests benchmarks
+	$(BIN)/mypy
+
+test: setup lint image
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow" tests
+
+unit: setup
+	$(BIN)/pytest -n $(PYTEST_WORKERS) tests/unit
+
+e2e: setup image
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "slow or e2e" tests/e2e
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

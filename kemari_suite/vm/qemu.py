@@ -1,0 +1,585 @@
+"""QEMU control: a command line from a VM definition, launch, QMP, teardown.
+
+The asyncio core is :class:`AsyncVM`; :class:`VM` is a thin synchronous wrapper that runs
+it on a private event loop thread (for the CLI and tests).
+
+Every VM owns a run directory ``<run_dir>/kemari-<name>/`` (QMP socket, pid file,
+console log, QEMU's stderr) and a RAM file ``<shm_dir>/kemari-<name>.ram``. Stopping a VM
+removes both; starting a VM whose previous controller crashed removes the stale ones
+first (after checking that no QEMU still runs from them). QEMU is started with a
+parent-death signal so that it dies with the process that controls it: no guest outlives
+the agent that holds its replication state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError as _QMPExecuteError
+
+from kemari_suite.errors import QEMUStartError, QMPCommandError, VMError
+
+log = logging.getLogger(__name__)
+
+QEMU_BINARY = "qemu-system-x86_64"
+_PR_SET_PDEATHSIG = 1
+
+T = TypeVar("T")
+
+
+def choose_accel(requested: str = "auto") -> tuple[str, str]:
+    """Pick the accelerator and say why.
+
+    "auto" takes KVM only where the CPU advertises vmx or svm and /dev/kvm is usable, and
+    not on a PVM nested host (kvm_pvm loaded), where stock guest kernels hang.
+    """
+    if requested in ("tcg", "kvm"):
+        return requested, "set in config"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "/dev/kvm is not usable"
+    if Path("/sys/module/kvm_pvm").exists():
+        return "tcg", "/dev/kvm is a PVM nested host on which stock guest kernels hang"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    words = set(flags.split())
+    if "vmx" not in words and "svm" not in words:
+        return "tcg", "the CPU shows neither vmx nor svm"
+    return "kvm", "hardware virtualization available"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything the QEMU command line is derived from.
+
+    Both hosts of a pair derive the command line from the same spec, so a failover start
+    always matches the machine that was replicated; only ``ram_path`` and ``incoming``
+    differ between them.
+    """
+
+    name: str
+    kernel: Path
+    initrd: Path
+    append: str = "console=ttyS0"
+    memory_mib: int = 128
+    vcpus: int = 1
+    machine: str = "pc-i440fx-7.2"
+    accel: str = "tcg"
+    #: A ``-netdev`` option string without id (e.g. "tap,ifname=ktap0,script=no,downscript=no"
+    #: or "stream,server=off,addr.type=unix,addr.path=/run/x.sock"), or None for no NIC.
+    netdev: str | None = None
+    mac: str = "52:54:00:12:34:56"
+    #: A ``-blockdev`` driver option string without node-name (e.g.
+    #: "driver=file,filename=/x.img" or "driver=nbd,server.type=unix,server.path=/x.sock"),
+    #: or None for no disk. The raw format is put on top of it.
+    blockdev: str | None = None
+    #: Start with ``-incoming defer`` (the secondary's failover start).
+    incoming: bool = False
+    #: Network namespace to run QEMU in (the lab's host namespaces).
+    netns: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def replace(self, **changes: Any) -> VMSpec:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """The files a VM owns."""
+
+    run_dir: Path
+    ram: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.run_dir / "qemu.stderr"
+
+    @property
+    def migration_socket(self) -> Path:
+        return self.run_dir / "devstate.sock"
+
+    @classmethod
+    def for_vm(cls, name: str, run_root: Path, shm_dir: Path) -> VMPaths:
+        return cls(run_dir=run_root / f"kemari-{name}", ram=shm_dir / f"kemari-{name}.ram")
+
+
+def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
+    """The QEMU command line for ``spec``. Pure: no side effects."""
+    accel = spec.accel
+    accel_opt = "tcg,thread=multi" if accel == "tcg" and spec.vcpus > 1 else accel
+    argv = [
+        QEMU_BINARY,
+        "-name",
+        f"{spec.name},debug-threads=on",
+        "-machine",
+        f"{spec.machine},memory-backend=ram0",
+        "-accel",
+        accel_opt,
+        "-m",
+        f"{spec.memory_mib}M",
+        "-smp",
+        str(spec.vcpus),
+        "-object",
+        f"memory-backend-file,id=ram0,size={spec.memory_mib}M,mem-path={paths.ram},share=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initrd),
+        "-append",
+        spec.append,
+        "-chardev",
+        f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"file,id=ser0,path={paths.console}",
+        "-serial",
+        "chardev:ser0",
+        "-pidfile",
+        str(paths.pidfile),
+    ]
+    if spec.netdev is not None:
+        argv += [
+            "-netdev",
+            f"{spec.netdev},id=net0",
+            # romfile= keeps the option ROM out of every device-state capture.
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
+        ]
+    if spec.blockdev is not None:
+        argv += [
+            "-blockdev",
+            f"{spec.blockdev},node-name=disk0-file",
+            "-blockdev",
+            "driver=raw,file=disk0-file,node-name=disk0",
+            "-device",
+            "virtio-blk-pci,drive=disk0",
+        ]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
+    argv += list(spec.extra_args)
+    if spec.netns is not None:
+        argv = ["ip", "netns", "exec", spec.netns, *argv]
+    return argv
+
+
+class VMState(enum.Enum):
+    """Lifecycle of a VM object (not of the guest)."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"  # QEMU process up and QMP connected (the guest may be paused)
+    STOPPING = "stopping"
+    STOPPED = "stopped"  # process gone, files removed
+
+
+def _set_pdeathsig() -> None:
+    """Runs in the child between fork and exec: die with the parent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setsid()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _qemu_pid_owning(pidfile: Path, ram: Path) -> int | None:
+    """The PID of a QEMU still running from these files, or None."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if any(str(ram).encode() in arg for arg in cmdline):
+        return pid
+    return None
+
+
+def clean_stale(name: str, run_root: Path, shm_dir: Path, *, keep_ram: bool = False) -> list[Path]:
+    """Remove what a VM of this name left behind when its controller crashed.
+
+    ``keep_ram`` spares the RAM file (a replica about to be resumed). Returns the paths
+    removed.
+
+    Raises:
+        VMError: a QEMU is still running from these files.
+    """
+    paths = VMPaths.for_vm(name, run_root, shm_dir)
+    pid = _qemu_pid_owning(paths.pidfile, paths.ram)
+    if pid is not None:
+        raise VMError(name, f"already running as QEMU pid {pid} (stop it first)")
+    removed: list[Path] = []
+    if paths.run_dir.exists():
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+        removed.append(paths.run_dir)
+    if paths.ram.exists() and not keep_ram:
+        paths.ram.unlink()
+        removed.append(paths.ram)
+    return removed
+
+
+class AsyncVM:
+    """One QEMU process and its QMP connection (asyncio core).
+
+    Use ``await vm.start()``, ``await vm.execute(cmd, args)``, ``await vm.shutdown()``.
+    """
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        *,
+        run_root: Path,
+        shm_dir: Path,
+        keep_ram: bool = False,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.spec = spec
+        self.paths = VMPaths.for_vm(spec.name, run_root, shm_dir)
+        self.run_root = run_root
+        self.shm_dir = shm_dir
+        #: The RAM file is an input (the secondary's replica): never removed at start, and
+        #: kept at stop so that a failed failover start can be retried.
+        self.keep_ram = keep_ram
+        self.start_timeout = start_timeout
+        self.state = VMState.NEW
+        self.state_history: list[VMState] = [VMState.NEW]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMPClient | None = None
+        self.events: list[dict[str, Any]] = []
+        self._event_task: asyncio.Task[None] | None = None
+        self._event_callbacks: list[Callable[[dict[str, Any]], Awaitable[None] | None]] = []
+        self.started_at: float | None = None
+
+    def _set_state(self, state: VMState) -> None:
+        self.state = state
+        self.state_history.append(state)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def on_event(self, cb: Callable[[dict[str, Any]], Awaitable[None] | None]) -> None:
+        """Call ``cb(event)`` for each QMP event (SHUTDOWN, GUEST_PANICKED, MIGRATION...)."""
+        self._event_callbacks.append(cb)
+
+    async def start(self, *, prepare_ram: Callable[[Path], None] | None = None) -> None:
+        """Start QEMU and connect QMP.
+
+        ``prepare_ram`` may create the RAM file first (the secondary's replica).
+
+        Raises:
+            VMError: stale state could not be cleaned (a QEMU still runs from it).
+            QEMUStartError: QEMU exited or its QMP socket did not answer; carries its stderr.
+        """
+        if self.state is not VMState.NEW:
+            raise VMError(self.spec.name, f"cannot start from state {self.state.value}")
+        self._set_state(VMState.STARTING)
+        clean_stale(self.spec.name, self.run_root, self.shm_dir, keep_ram=self.keep_ram)
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        if prepare_ram is not None:
+            prepare_ram(self.paths.ram)
+        argv = qemu_argv(self.spec, self.paths)
+        (self.paths.run_dir / "cmdline").write_text(" ".join(argv) + "\n")
+        stderr = self.paths.stderr.open("wb")
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                preexec_fn=_set_pdeathsig,
+                close_fds=True,
+            )
+        except OSError as err:
+            self._set_state(VMState.STOPPED)
+            raise QEMUStartError(self.spec.name, f"cannot run {argv[0]}: {err}") from err
+        finally:
+            stderr.close()
+        self.started_at = time.monotonic()
+        try:
+            await self._connect()
+        except BaseException:
+            await self._teardown()
+            raise
+        self._set_state(VMState.RUNNING)
+
+    async def _connect(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        client = QMPClient(self.spec.name)
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise QEMUStartError(
+                    self.spec.name, "QEMU exited during start", self._stderr_text(), rc
+                )
+            if self.paths.qmp.exists():
+                try:
+                    await client.connect(str(self.paths.qmp))
+                    break
+                except Exception as err:  # qemu.qmp raises several kinds while it comes up
+                    if time.monotonic() > deadline:
+                        raise QEMUStartError(
+                            self.spec.name, f"QMP did not answer: {err}", self._stderr_text()
+                        ) from err
+            if time.monotonic() > deadline:
+                raise QEMUStartError(
+                    self.spec.name,
+                    f"no QMP socket after {self.start_timeout:.0f} s",
+                    self._stderr_text(),
+                )
+            await asyncio.sleep(0.02)
+        self.qmp = client
+        self._event_task = asyncio.create_task(self._pump_events())
+
+    async def _pump_events(self) -> None:
+        assert self.qmp is not None
+        try:
+            async for event in self.qmp.events:
+                ev = dict(event)
+                self.events.append(ev)
+                for cb in self._event_callbacks:
+                    res = cb(ev)
+                    if asyncio.iscoroutine(res):
+                        await res
+        except asyncio.CancelledError:
+            pass
+
+    def _stderr_text(self) -> str:
+        try:
+            return self.paths.stderr.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 30.0
+    ) -> Any:
+        """Run a QMP command and return its result.
+
+        Raises:
+            QMPCommandError: QEMU answered with an error, the connection is gone, or timeout.
+        """
+        if self.qmp is None:
+            raise QMPCommandError(self.spec.name, command, "not connected")
+        try:
+            return await asyncio.wait_for(self.qmp.execute(command, arguments), timeout)
+        except _QMPExecuteError as err:
+            raise QMPCommandError(self.spec.name, command, err.error.desc) from err
+        except TimeoutError as err:
+            raise QMPCommandError(self.spec.name, command, f"no answer in {timeout} s") from err
+        except Exception as err:
+            if isinstance(err, QMPCommandError):
+                raise
+            raise QMPCommandError(self.spec.name, command, f"{type(err).__name__}: {err}") from err
+
+    async def status(self) -> str:
+        """The QEMU run state ("running", "paused", "postmigrate", "inmigrate", ...)."""
+        res = await self.execute("query-status")
+        return str(res["status"])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def kill(self) -> None:
+        """SIGKILL QEMU (a crash, for fault injection) and clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        await self._teardown()
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Quit QEMU (QMP quit, then SIGTERM, then SIGKILL) and remove its files."""
+        if self.state in (VMState.STOPPED, VMState.NEW):
+            return
+        self._set_state(VMState.STOPPING)
+        if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+        await self._teardown(timeout)
+
+    async def _teardown(self, timeout: float = 5.0) -> None:
+        if self._event_task is not None:
+            self._event_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._event_task
+            self._event_task = None
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.disconnect(), 2.0)
+            self.qmp = None
+        if self.proc is not None:
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                await asyncio.sleep(0.2)
+            if self.proc.poll() is None:
+                self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
+        shutil.rmtree(self.paths.run_dir, ignore_errors=True)
+        if not self.keep_ram:
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.ram.unlink()
+        self._set_state(VMState.STOPPED)
+
+
+class VM:
+    """Synchronous wrapper around :class:`AsyncVM`, with its own event loop thread."""
+
+    def __init__(self, spec: VMSpec, *, run_root: Path, shm_dir: Path, **kw: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        # Create the AsyncVM on the loop thread; QEMU itself is forked from the calling
+        # (main) thread's point of view by subprocess, but the parent-death signal follows
+        # the forking thread, so keep that thread alive as long as the VM: it is ours.
+        self.avm = AsyncVM(spec, run_root=run_root, shm_dir=shm_dir, **kw)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return fut.result(timeout)
+
+    @property
+    def spec(self) -> VMSpec:
+        return self.avm.spec
+
+    @property
+    def paths(self) -> VMPaths:
+        return self.avm.paths
+
+    @property
+    def pid(self) -> int | None:
+        return self.avm.pid
+
+    def start(self, **kw: Any) -> VM:
+        self._run(self.avm.start(**kw))
+        return self
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return self._run(self.avm.execute(command, arguments))
+
+    def status(self) -> str:
+        return self._run(self.avm.status())
+
+    def alive(self) -> bool:
+        return self.avm.alive()
+
+    def kill(self) -> None:
+        self._run(self.avm.kill())
+
+    def shutdown(self) -> None:
+        try:
+            self._run(self.avm.shutdown())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def wait_for_console(
+    path: Path, marker: str, timeout: float, *, alive: Callable[[], bool] | None = None
+) -> float:
+    """Wait until ``marker`` appears in a console log; return the seconds waited.
+
+    Raises:
+        VMError: timeout, or ``alive()`` turned false.
+    """
+    t0 = time.monotonic()
+    while True:
+        try:
+            if marker in path.read_text(errors="replace"):
+                return time.monotonic() - t0
+        except FileNotFoundError:
+            pass
+        if alive is not None and not alive():
+            raise VMError(path.parent.name, f"QEMU exited before {marker!r} appeared on the console")
+        if time.monotonic() - t0 > timeout:
+            raise VMError(path.parent.name, f"{marker!r} not on the console after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def console_tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_argv(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+
+
+__all__ = [
+    "AsyncVM",
+    "VM",
+    "VMPaths",
+    "VMSpec",
+    "VMState",
+    "choose_accel",
+    "clean_stale",
+    "console_tail",
+    "qemu_argv",
+    "wait_for_console",
+]
