@@ -75,7 +75,9 @@ fi
 
 [ -n "$run" ] || run=$(cat /etc/kemari/run 2>/dev/null)
 
-echo "KEMARI-BOOTED"
+# The leading newline puts the marker on a line of its own: firmware and kernel leave
+# terminal escape sequences without a newline at the start of the console.
+printf '\nKEMARI-BOOTED\n'
 
 if [ -n "$run" ]; then
     log "running: $run"

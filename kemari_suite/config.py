@@ -63,6 +63,9 @@ class ImageConfig:
     add: tuple[str, ...] = ()
     #: Command run by init after the modules are loaded and the network is up.
     init: str = ""
+    #: Prebuilt kernel and initramfs; when empty, ``kemari image build`` output is used.
+    kernel: str = ""
+    initrd: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,15 @@ class VMConfig:
     append: str = ""
     #: Guest MAC address (locally administered).
     mac: str = "52:54:00:12:34:56"
+    #: The guest NIC's QEMU ``-netdev`` backend, without id (e.g.
+    #: "tap,ifname=ktap0,script=no,downscript=no"); empty for no NIC.
+    netdev: str = ""
+    #: Network namespace QEMU runs in (the lab's host namespaces); empty for the current.
+    netns: str = ""
+    #: Guest eth0 address "A.B.C.D/NN" (passed on the kernel command line).
+    ip: str = ""
+    #: Command the guest's init runs (kernel command line; overrides the image's).
+    run: str = ""
 
 
 @dataclass(frozen=True)

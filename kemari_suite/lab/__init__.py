@@ -1,0 +1,58 @@
+"""The local host-pair lab: two hosts and a LAN as network namespaces on one machine.
+
+See :mod:`kemari_suite.lab.lab` for the topology, names and address plan, and
+:mod:`kemari_suite.lab.profiles` for the replication-link profiles.
+"""
+
+from kemari_suite.lab.lab import (
+    HOST_ROLES,
+    HostRole,
+    LabLayout,
+    LabStatus,
+    LinkKind,
+    LinkState,
+    Role,
+    down,
+    heal,
+    layout,
+    list_labs,
+    netns_exec_argv,
+    partition,
+    set_link_up,
+    state_file,
+    status,
+    subnet_index,
+    up,
+    validate_lab_id,
+    wait_tap_forwarding,
+    worker_lab_id,
+)
+from kemari_suite.lab.profiles import PROFILES, LinkProfile, get_profile, profile_for_rate
+
+__all__ = [
+    "HOST_ROLES",
+    "PROFILES",
+    "HostRole",
+    "LabLayout",
+    "LabStatus",
+    "LinkKind",
+    "LinkProfile",
+    "LinkState",
+    "Role",
+    "down",
+    "get_profile",
+    "heal",
+    "layout",
+    "list_labs",
+    "netns_exec_argv",
+    "partition",
+    "profile_for_rate",
+    "set_link_up",
+    "state_file",
+    "status",
+    "subnet_index",
+    "up",
+    "validate_lab_id",
+    "wait_tap_forwarding",
+    "worker_lab_id",
+]

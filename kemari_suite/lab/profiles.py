@@ -75,7 +75,9 @@ PROFILES: dict[str, LinkProfile] = {
     "10g": LinkProfile(
         name="10g", rate_bit=10_000_000_000, mtu=9000, burst_bytes=1024 * 1024, latency_ms=2.0
     ),
-    "unlimited": LinkProfile(name="unlimited", rate_bit=None, mtu=9000, burst_bytes=0, latency_ms=0),
+    "unlimited": LinkProfile(
+        name="unlimited", rate_bit=None, mtu=9000, burst_bytes=0, latency_ms=0
+    ),
 }
 
 

@@ -11,7 +11,7 @@ Each page becomes one of:
           mostly zeros and compresses to a few hundred bytes).
 ``RAW``   payload is the page.
 
-The choice is vectorized (``count_nonzero`` over ``uint64`` views) and the payloads of
+The choice is vectorized (nonzero 64-bit words per page) and the payloads of
 all pages are compressed in a single call: per-page compressor calls from Python cost
 far more than the compression itself for thousands of pages.
 
@@ -27,8 +27,9 @@ Blob layout, little-endian (numpy's native order; the frame around it is big-end
     16      8     payload size before compression (= pages with RAW or XOR * page size)
     24      8     compressed payload size
     32      8*k   page numbers, uint64, strictly increasing
-    32+8k   k     page kinds, uint8 (PageKind)
-    32+9k   ...   compressed payload: the RAW/XOR pages in index order
+    32+8k   k     page kinds, uint8 (PageKind), then zero bytes up to a multiple of 8
+    32+8k+K ...   compressed payload: the RAW/XOR pages in index order (K = k rounded
+                  up to a multiple of 8, so an uncompressed payload stays aligned)
 
 ``XOR`` and ``SAME`` are relative to the receiver's current copy of the page, which
 must be the version the sender's ``old`` held (on the secondary: the last version it
@@ -128,24 +129,24 @@ class PageBatch:
         _check_range(self.indices, t64.shape[0])
         p64 = self.payload.view(np.uint64)
         kinds = self.kinds
-        if self.info.n_raw == len(kinds):
-            # Common case for a FULL epoch: every page RAW, rows in index order.
-            t64[self.indices] = p64
-            return
-        data = (kinds == PageKind.RAW) | (kinds == PageKind.XOR)
-        rows = np.cumsum(data) - 1
+        n_raw, n_xor = self.info.n_raw, self.info.n_xor
         zero = kinds == PageKind.ZERO
         if zero.any():
             t64[self.indices[zero]] = 0
-        raw = kinds == PageKind.RAW
-        if raw.any():
-            t64[self.indices[raw]] = p64[rows[raw]]
-        xor = kinds == PageKind.XOR
-        if xor.any():
-            # Indices are strictly increasing, so the fancy-indexed read-modify-write
-            # has no duplicate targets.
-            idx = self.indices[xor]
-            t64[idx] = t64[idx] ^ p64[rows[xor]]
+        # Payload rows are the RAW and XOR pages in index order; when only one of the
+        # two kinds is present the payload is used as is, without a gather.
+        data_kinds = kinds[(kinds == PageKind.RAW) | (kinds == PageKind.XOR)]
+        if n_raw:
+            src = p64 if not n_xor else p64[data_kinds == PageKind.RAW]
+            t64[self.indices[kinds == PageKind.RAW]] = src
+        if n_xor:
+            src = p64 if not n_raw else p64[data_kinds == PageKind.XOR]
+            # Indices are strictly increasing, so the gather / xor / scatter has no
+            # duplicate targets.
+            idx = self.indices[kinds == PageKind.XOR]
+            pages = t64[idx]
+            np.bitwise_xor(pages, src, out=pages)
+            t64[idx] = pages
 
     def materialize(self, base: U8Array | None) -> U8Array:
         """The full new content of every page in the batch, as a new ``(k, 4096)`` array.
@@ -212,7 +213,7 @@ class PageEncoder:
         n64 = _page_words(new, "new")
         k = n64.shape[0]
         idx = _check_indices(indices, k)
-        nz_new = np.count_nonzero(n64, axis=1)
+        nz_new = _nonzero_words(n64)
         payload: U64Array
         if old is None:
             kinds = np.where(nz_new == 0, np.uint8(PageKind.ZERO), np.uint8(PageKind.RAW))
@@ -222,30 +223,37 @@ class PageEncoder:
         else:
             o64 = _page_words(old, "old", rows=k)
             delta = np.bitwise_xor(n64, o64)
-            nz_delta = np.count_nonzero(delta, axis=1)
+            nz_delta = _nonzero_words(delta)
             kinds = np.full(k, PageKind.RAW, dtype=np.uint8)
             kinds[nz_delta < nz_new] = PageKind.XOR
             kinds[nz_delta == 0] = PageKind.SAME
             # ZERO last: a zero page never depends on the receiver's copy.
             kinds[nz_new == 0] = PageKind.ZERO
             raw = kinds == PageKind.RAW
-            if raw.any():
-                delta[raw] = n64[raw]
-            data = raw | (kinds == PageKind.XOR)
-            payload = delta if bool(data.all()) else delta[data]
+            xor = kinds == PageKind.XOR
+            data = raw | xor
+            if not xor.any():
+                # No deltas (say, random content): the pages themselves, uncopied if all.
+                payload = n64 if bool(data.all()) else n64[data]
+            else:
+                if raw.any():
+                    delta[raw] = n64[raw]
+                payload = delta if bool(data.all()) else delta[data]
         raw_size = payload.shape[0] * PAGE_SIZE
         compressed = self._compress(payload) if raw_size else b""
         header = _HEADER.pack(
             MAGIC, FORMAT_VERSION, self._code, 0, PAGE_SIZE, k, raw_size, len(compressed)
         )
-        return b"".join((header, idx.tobytes(), kinds.tobytes(), compressed))
+        pad = bytes(_kinds_area(k) - k)
+        return b"".join((header, idx.tobytes(), kinds.tobytes(), pad, compressed))
 
     def _compress(self, payload: U64Array) -> Blob:
+        raw = payload.data.cast("B")
         if self._zstd is not None:
-            return self._zstd.compress(payload)
+            return self._zstd.compress(raw)
         if self.compression == "lz4":
-            return lz4.block.compress(payload, mode="default", store_size=False)
-        return memoryview(payload).cast("B")
+            return lz4.block.compress(raw, mode="default", store_size=False)
+        return raw
 
 
 def encode_pages(
@@ -286,6 +294,7 @@ def parse_pages(blob: Blob, n_pages_total: int) -> PageBatch:
     view = memoryview(blob).cast("B")
     info, indices, kinds, compressed = _parse_structure(view, n_pages_total)
     payload = _decompress(info, compressed).reshape(-1, PAGE_SIZE)
+    payload.flags.writeable = False
     return PageBatch(indices=indices, kinds=kinds, payload=payload, info=info)
 
 
@@ -345,6 +354,22 @@ def _check_indices(indices: npt.NDArray[np.integer], k: int) -> U64Array:
     return out
 
 
+def _nonzero_words(pages: U64Array) -> npt.NDArray[np.int64]:
+    """Nonzero 64-bit words per page; ``count_nonzero(axis=1)`` in under half the time.
+
+    The (k, 512) bool mask is read as (k, 64) uint64 words of eight 0/1 bytes; summing
+    64 such words per page cannot carry between bytes (at most 64 per byte lane), and
+    the eight lane sums are the count.
+    """
+    mask = np.not_equal(pages, 0).view(np.uint64)
+    lanes = mask.sum(axis=1, dtype=np.uint64)
+    return lanes.view(np.uint8).reshape(-1, 8).sum(axis=1, dtype=np.int64)
+
+
+def _kinds_area(k: int) -> int:
+    return (k + 7) & ~7
+
+
 def _check_range(indices: U64Array, n_pages_total: int) -> None:
     if len(indices) and int(indices[-1]) >= n_pages_total:
         raise ProtocolError(
@@ -372,7 +397,8 @@ def _parse_structure(
         raise ProtocolError(f"page blob: page size {page_size}, expected {PAGE_SIZE}")
     if n_pages_total is not None and k > n_pages_total:
         raise ProtocolError(f"page blob: {k} pages for a RAM image of {n_pages_total} pages")
-    expected = HEADER_SIZE + 9 * k + comp_size
+    kinds_area = _kinds_area(k)
+    expected = HEADER_SIZE + 8 * k + kinds_area + comp_size
     if expected != len(view):
         raise ProtocolError(
             f"page blob: header declares {expected} bytes ({k} pages, {comp_size} compressed),"
@@ -381,6 +407,10 @@ def _parse_structure(
     idx_end = HEADER_SIZE + 8 * k
     indices = np.frombuffer(view, dtype="<u8", count=k, offset=HEADER_SIZE)
     kinds = np.frombuffer(view, dtype=np.uint8, count=k, offset=idx_end)
+    if any(view[idx_end + k : idx_end + kinds_area]):
+        raise ProtocolError("page blob: padding after the kinds is not zero")
+    indices.flags.writeable = False
+    kinds.flags.writeable = False
     if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
         raise ProtocolError("page blob: page numbers are not strictly increasing")
     if n_pages_total is not None:
@@ -392,8 +422,7 @@ def _parse_structure(
     n_zero, n_raw, n_xor, n_same = (int(c) for c in counts)
     if raw_size != (n_raw + n_xor) * PAGE_SIZE:
         raise ProtocolError(
-            f"page blob: payload size {raw_size} does not match {n_raw} RAW"
-            f" + {n_xor} XOR pages"
+            f"page blob: payload size {raw_size} does not match {n_raw} RAW + {n_xor} XOR pages"
         )
     info = BlobInfo(
         n_pages=k,
@@ -406,7 +435,7 @@ def _parse_structure(
         compressed_size=comp_size,
         blob_size=len(view),
     )
-    return info, indices, kinds, view[idx_end + k :]
+    return info, indices, kinds, view[idx_end + kinds_area :]
 
 
 def _decompress(info: BlobInfo, data: memoryview) -> U8Array:

@@ -19,7 +19,6 @@ import ctypes
 import enum
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -127,6 +126,29 @@ class VMPaths:
     @property
     def migration_socket(self) -> Path:
         return self.run_dir / "devstate.sock"
+
+    def qemu_files(self) -> list[Path]:
+        """The files QEMU and its controller create in the run directory."""
+        return [
+            self.qmp,
+            self.pidfile,
+            self.console,
+            self.stderr,
+            self.migration_socket,
+            self.run_dir / "cmdline",
+        ]
+
+    def remove_qemu_files(self) -> list[Path]:
+        """Remove QEMU's files (not the agent's, which share the folder); then the
+        folder itself if nothing else is left in it."""
+        removed = []
+        for f in self.qemu_files():
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                removed.append(f)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()
+        return removed
 
     @classmethod
     def for_vm(cls, name: str, run_root: Path, shm_dir: Path) -> VMPaths:
@@ -261,10 +283,7 @@ def clean_stale(name: str, run_root: Path, shm_dir: Path, *, keep_ram: bool = Fa
     pid = _qemu_pid_owning(paths.pidfile, paths.ram)
     if pid is not None:
         raise VMError(name, f"already running as QEMU pid {pid} (stop it first)")
-    removed: list[Path] = []
-    if paths.run_dir.exists():
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
-        removed.append(paths.run_dir)
+    removed = paths.remove_qemu_files()
     if paths.ram.exists() and not keep_ram:
         paths.ram.unlink()
         removed.append(paths.ram)
@@ -329,6 +348,7 @@ class AsyncVM:
         self._set_state(VMState.STARTING)
         clean_stale(self.spec.name, self.run_root, self.shm_dir, keep_ram=self.keep_ram)
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        self.paths.ram.parent.mkdir(parents=True, exist_ok=True)
         if prepare_ram is not None:
             prepare_ram(self.paths.ram)
         argv = qemu_argv(self.spec, self.paths)
@@ -469,7 +489,7 @@ class AsyncVM:
             if self.proc.poll() is None:
                 self.proc.kill()
             await asyncio.to_thread(self.proc.wait)
-        shutil.rmtree(self.paths.run_dir, ignore_errors=True)
+        self.paths.remove_qemu_files()
         if not self.keep_ram:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.ram.unlink()
@@ -554,7 +574,9 @@ def wait_for_console(
         except FileNotFoundError:
             pass
         if alive is not None and not alive():
-            raise VMError(path.parent.name, f"QEMU exited before {marker!r} appeared on the console")
+            raise VMError(
+                path.parent.name, f"QEMU exited before {marker!r} appeared on the console"
+            )
         if time.monotonic() - t0 > timeout:
             raise VMError(path.parent.name, f"{marker!r} not on the console after {timeout:.0f} s")
         time.sleep(0.05)

@@ -1,0 +1,297 @@
+"""The ``kemari`` command: the only place that prints or exits.
+
+Errors from the library arrive as :class:`KemariError` and leave as one red line and
+exit code 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kemari_suite import config as configmod
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import KemariError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+image_app = typer.Typer(no_args_is_help=True, help="Build guest images.")
+lab_app = typer.Typer(no_args_is_help=True, help="The local host-pair lab (network namespaces).")
+app.add_typer(image_app, name="image")
+app.add_typer(lab_app, name="lab")
+
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file (defaults if omitted).")
+]
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except KemariError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _load(path: Path | None) -> KemariConfig:
+    return _guard(lambda: configmod.load(path))
+
+
+# ---- image ---------------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(
+    config: ConfigOpt = None,
+    kernel_package: Annotated[
+        str | None, typer.Option(help="Debian kernel package (default from config).")
+    ] = None,
+    add: Annotated[
+        list[str] | None, typer.Option("--add", help="Extra file SRC:DEST (repeatable).")
+    ] = None,
+    init: Annotated[str | None, typer.Option(help="Command the guest's init runs.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Build the guest kernel and initramfs (cached by a hash of the inputs)."""
+    from kemari_suite.vm.image import build_image
+
+    cfg = _load(config)
+    pkg = kernel_package or cfg.image.kernel_package
+    adds = tuple(add or cfg.image.add)
+    init_cmd = init if init is not None else cfg.image.init
+
+    def run() -> Any:
+        with err.status("building the guest image") as status:
+            return build_image(
+                cfg.paths.cache_dir,
+                kernel_package=pkg,
+                add=adds,
+                init=init_cmd,
+                progress=lambda m: status.update(m),
+            )
+
+    img = _guard(run)
+    info = {
+        "kernel": str(img.kernel),
+        "initrd": str(img.initrd),
+        "kernel_version": img.kernel_version,
+        "key": img.key,
+        "cached": img.cached,
+    }
+    if json_out:
+        out.print_json(json.dumps(info))
+    else:
+        word = "cached" if img.cached else "built"
+        out.print(f"{word}: kernel {img.kernel_version}\n  {img.kernel}\n  {img.initrd}")
+
+
+# ---- lab -----------------------------------------------------------------------------
+
+LabIdOpt = Annotated[str, typer.Option("--id", help="Lab id (1-4 letters or digits).")]
+
+
+@lab_app.command("up")
+def lab_up(
+    lab_id: LabIdOpt = "0",
+    profile: Annotated[str, typer.Option(help="Link profile: 1g, 10g or unlimited.")] = "1g",
+) -> None:
+    """Create a lab: primary, secondary and client namespaces and their links."""
+    from kemari_suite import lab
+
+    lay = _guard(lambda: lab.up(lab_id, profile))
+    t = Table(title=f"lab {lab_id} ({lay.profile.name})", show_header=False)
+    for k, v in (
+        ("namespaces", ", ".join(lay.namespaces)),
+        ("replication", f"{lay.repl_primary_ip} <-> {lay.repl_secondary_ip}"),
+        ("client (LAN)", lay.lan_client_ip),
+        ("guest (LAN)", lay.guest_ip),
+        ("TAP devices", f"{lay.tap_primary} / {lay.tap_secondary}"),
+    ):
+        t.add_row(k, v)
+    out.print(t)
+
+
+@lab_app.command("down")
+def lab_down(lab_id: LabIdOpt = "0") -> None:
+    """Remove a lab and everything it left (namespaces, links, files)."""
+    from kemari_suite import lab
+
+    _guard(lambda: lab.down(lab_id))
+    out.print(f"lab {lab_id} removed")
+
+
+@lab_app.command("status")
+def lab_status(
+    lab_id: LabIdOpt = "0",
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show what exists of a lab."""
+    from dataclasses import asdict
+
+    from kemari_suite import lab
+
+    st = _guard(lambda: lab.status(lab_id))
+    if json_out:
+        out.print_json(json.dumps(asdict(st), default=str))
+        return
+    out.print(st)
+
+
+# ---- agents --------------------------------------------------------------------------
+
+
+def _run_async(coro: Any) -> Any:
+    return _guard(lambda: asyncio.run(coro))
+
+
+@app.command()
+def protect(config: ConfigOpt = None) -> None:
+    """Run the primary: boot the VM and replicate it to the secondary."""
+    from kemari_suite.memsync.agent import run_primary
+
+    cfg = _load(config)
+    _run_async(run_primary(cfg))
+
+
+@app.command()
+def standby(config: ConfigOpt = None) -> None:
+    """Run the secondary: hold the replica, fail over when the primary is lost."""
+    from kemari_suite.memsync.agent import run_secondary
+
+    cfg = _load(config)
+    _run_async(run_secondary(cfg))
+
+
+@app.command()
+def witness(
+    config: ConfigOpt = None,
+    listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "0.0.0.0:7411",
+) -> None:
+    """Run the witness, the tiebreaker both hosts reach over the LAN."""
+    from kemari_suite.memsync.agent import run_witness
+
+    cfg = _load(config)
+    _run_async(run_witness(cfg, listen))
+
+
+def _control(config: Path | None, cmd: str, **args: Any) -> Any:
+    from kemari_suite.memsync import control
+    from kemari_suite.memsync.agent import control_path
+
+    cfg = _load(config)
+    return _guard(lambda: control.request(control_path(cfg), cmd, **args))
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None, json_out: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Show the live state of the agent on this host."""
+    st = _control(config, "status")
+    if json_out:
+        out.print_json(json.dumps(st, default=str))
+        return
+    t = Table(show_header=False)
+    for k, v in st.items():
+        if k == "since":
+            import time
+
+            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(v)))
+        t.add_row(str(k), str(v))
+    out.print(t)
+
+
+@app.command()
+def checkpoint(config: ConfigOpt = None) -> None:
+    """Take a sync point now and wait for its acknowledgement."""
+    res = _control(config, "checkpoint")
+    out.print(f"epoch {res['epoch']} committed on the secondary")
+
+
+@app.command()
+def failover(
+    config: ConfigOpt = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm that the primary is really down.")
+    ] = False,
+) -> None:
+    """Resume the VM on this (secondary) host from the last committed checkpoint."""
+    if not yes:
+        err.print(
+            "[bold red]error:[/] a manual failover with a live primary runs two guests; "
+            "make sure the primary is down, then add --yes"
+        )
+        raise typer.Exit(2)
+    res = _control(config, "failover")
+    out.print_json(json.dumps(res, default=str))
+
+
+# ---- demo ----------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = None,
+    profile: Annotated[str, typer.Option(help="Link profile: 1g, 10g or unlimited.")] = "1g",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the results.")
+    ] = False,
+    seconds: Annotated[float, typer.Option(help="How long the protected guest runs.")] = 4.0,
+    keep: Annotated[bool, typer.Option(help="Leave the lab and agents for inspection.")] = False,
+) -> None:
+    """Failover demo: protect a guest in the lab, kill -9 the primary, watch it go on."""
+    from kemari_suite.demo import run_demo
+
+    if os.geteuid() != 0:
+        err.print("[bold red]error:[/] the demo creates network namespaces: run it as root")
+        raise typer.Exit(2)
+    cfg = _load(config)
+
+    def run() -> Any:
+        if json_out:
+            return run_demo(cfg, profile=profile, run_seconds=seconds, keep=keep)
+        with err.status("starting") as st:
+
+            def say(msg: str) -> None:
+                st.update(msg)
+                out.print(f"[dim]•[/] {msg}", highlight=False)
+
+            return run_demo(cfg, profile=profile, run_seconds=seconds, progress=say, keep=keep)
+
+    res = _guard(run)
+    if json_out:
+        print(json.dumps(res.to_dict()))
+        return
+    t = Table(title="Kemari failover demo", show_header=False)
+    for k, v in res.to_dict().items():
+        if k != "timeline":
+            t.add_row(k, str(v))
+    out.print(t)
+    if res.resumed:
+        out.print("[bold green]the guest survived the loss of its host[/]")
+    else:
+        out.print("[bold red]the guest did not resume correctly[/]")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The failover demo: boot a guest in the lab, protect it, kill the primary, watch it live on.
+
+1. a lab (primary, secondary and client namespaces; a shaped replication link),
+2. the guest image (built once, cached),
+3. witness, secondary and primary agents in their namespaces; the guest boots on the
+   primary and runs ``counter``, a monotonic counter served over TCP,
+4. the client reads the counter over the LAN while checkpoints flow,
+5. ``kill -9`` of the primary's agent and QEMU,
+6. the secondary wins the witness's lease, resumes the last committed checkpoint, and
+   the client reads the counter again, from the same guest now running there.
+
+The counter is read over the network (or from the replica's RAM at the moment of the
+failover), never from the serial console, which repeats output after a failover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kemari_suite import lab as labmod
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import KemariError
+from kemari_suite.lab.pair import LabPair, PairOptions
+from kemari_suite.vm.define import ensure_image
+from kemari_suite.vm.qemu import choose_accel, wait_for_console
+
+DEMO_LAB_ID = "dm"
+
+
+@dataclass
+class DemoResult:
+    resumed: bool = False
+    failover_ms: float | None = None
+    heartbeat_timeout_ms: int = 0
+    checkpoints: int = 0
+    last_committed_epoch: int = -1
+    counter_at_last_commit: int | None = None
+    counter_before_kill: int | None = None
+    counter_after_resume: int | None = None
+    boot_s: float | None = None
+    protect_s: float | None = None
+    accel: str = ""
+    profile: str = ""
+    image_cached: bool = False
+    pause_ms_p50: float | None = None
+    pause_ms_p99: float | None = None
+    error: str | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def run_demo(
+    cfg: KemariConfig,
+    *,
+    profile: str = "1g",
+    lab_id: str = DEMO_LAB_ID,
+    run_seconds: float = 4.0,
+    progress: Callable[[str], None] | None = None,
+    keep: bool = False,
+) -> DemoResult:
+    """Run the failover demo and return what happened (never prints).
+
+    Raises:
+        KemariError: a step failed (lab, image, agents); the lab is torn down first.
+    """
+    say = progress or (lambda _m: None)
+    res = DemoResult(profile=profile)
+    res.accel, why = choose_accel(cfg.vm.accel)
+    t_start = time.monotonic()
+
+    def mark(step: str, **kw: Any) -> None:
+        res.timeline.append({"t": round(time.monotonic() - t_start, 3), "step": step, **kw})
+        say(step)
+
+    mark(f"accelerator: {res.accel} ({why})")
+    mark("building the guest image (cached after the first run)")
+    image = ensure_image(cfg, progress=lambda m: say(f"image: {m}"))
+    res.image_cached = image.cached
+    if lab_id in labmod.list_labs():
+        mark(f"removing a stale lab {lab_id!r} left by an earlier demo")
+        labmod.down(lab_id)
+    mark(f"lab {lab_id}: primary, secondary and client namespaces, {profile} replication link")
+    lay = labmod.up(lab_id, profile)
+    opts = PairOptions(heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms)
+    res.heartbeat_timeout_ms = opts.heartbeat_timeout_ms
+    pair = LabPair(lay, cfg, opts)
+    try:
+        mark("starting the witness and the secondary")
+        pair.start()
+        mark("booting the guest on the primary")
+        t_boot = time.monotonic()
+        # The primary's console appears once QEMU runs; wait for the init marker.
+        deadline = time.monotonic() + 120
+        console = pair.console_path("primary")
+        while not console.exists():
+            if not pair.alive("primary"):
+                raise KemariError(f"primary agent exited:\n{pair.output('primary')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise KemariError("the primary did not start QEMU in 120 s")
+            time.sleep(0.05)
+        res.boot_s = wait_for_console(
+            console, "KEMARI-BOOTED", 120, alive=lambda: pair.alive("primary")
+        ) + (time.monotonic() - t_boot - 0)
+        res.boot_s = round(time.monotonic() - t_boot, 2)
+        mark(f"guest booted in {res.boot_s:.2f} s under {res.accel}")
+        t_prot = time.monotonic()
+        pair.wait_state("primary", {"protected"}, 180)
+        res.protect_s = round(time.monotonic() - t_prot, 2)
+        mark(f"protected after {res.protect_s:.2f} s of initial synchronization")
+        first = pair.wait_counter(60)
+        mark(f"client reads the counter over the LAN: {first}")
+        t_end = time.monotonic() + run_seconds
+        while time.monotonic() < t_end:
+            time.sleep(0.5)
+            with contextlib.suppress(KemariError):
+                value = pair.read_counter()
+                st = pair.status("primary")
+                mark(f"counter {value}, epoch {st['last_committed_epoch']} committed")
+        st = pair.status("primary")
+        res.checkpoints = int(st["checkpoints"])
+        with contextlib.suppress(KemariError):
+            res.counter_before_kill = pair.read_counter()
+        mark("kill -9 of the primary's agent and QEMU")
+        pair.kill("primary")
+        t_kill = time.monotonic()
+        sec = pair.wait_state("secondary", {"active"}, opts.heartbeat_timeout_ms / 1000 + 60)
+        report = sec.get("failover") or {}
+        res.failover_ms = report.get("failover_ms")
+        res.last_committed_epoch = int(report.get("epoch", sec.get("last_committed_epoch", -1)))
+        res.counter_at_last_commit = (report.get("probes") or {}).get("counter")
+        mark(
+            f"secondary resumed epoch {res.last_committed_epoch} "
+            f"{time.monotonic() - t_kill:.2f} s after the kill "
+            f"({res.failover_ms:.0f} ms after the heartbeat timeout)"
+            if res.failover_ms is not None
+            else "secondary resumed"
+        )
+        res.counter_after_resume = pair.wait_counter(30)
+        res.resumed = res.counter_after_resume is not None and (
+            res.counter_at_last_commit is None
+            or res.counter_after_resume >= res.counter_at_last_commit
+        )
+        mark(
+            f"counter after resume: {res.counter_after_resume} "
+            f"(at the last committed checkpoint: {res.counter_at_last_commit})"
+        )
+        pauses = _pauses(pair)
+        res.pause_ms_p50 = _percentile(pauses, 50)
+        res.pause_ms_p99 = _percentile(pauses, 99)
+    except KemariError as err:
+        res.error = str(err)
+        raise
+    finally:
+        if not keep:
+            pair.stop()
+            labmod.down(lab_id)
+    return res
+
+
+def _pauses(pair: LabPair) -> list[float]:
+    import json
+
+    out: list[float] = []
+    art = pair.run_dir("primary") / "artifacts"
+    for f in art.glob("*/checkpoints.jsonl"):
+        for line in f.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                out.append(float(json.loads(line)["pause_ms"]))
+    return out

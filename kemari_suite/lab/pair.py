@@ -1,0 +1,302 @@
+"""A protected VM on a lab host pair: agents started in the lab's namespaces.
+
+:class:`LabPair` writes one config file per role, starts the witness (client
+namespace), the secondary (``kemari standby``) and the primary (``kemari protect``) as
+processes inside their namespaces, and gives the demo and the tests what they need:
+status, the guest's counter over the network, fault injection, kills by PID, teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import ConnectError, KemariError, LabError
+from kemari_suite.lab.lab import LabLayout
+from kemari_suite.lab.netclient import tcp_request
+from kemari_suite.memsync import control
+
+COUNTER_PORT = 7000
+WITNESS_PORT = 7411
+REPL_PORT = 7410
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def to_toml(sections: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+@dataclass
+class PairOptions:
+    """What differs between demo, tests and benchmarks."""
+
+    vm_name: str = "guest"
+    memory_mib: int = 128
+    vcpus: int = 1
+    workload: str = f"counter -q -p {COUNTER_PORT} 100"
+    mode: str = "speculative"
+    max_interval_ms: int = 100
+    heartbeat_interval_ms: int = 200
+    heartbeat_timeout_ms: int = 3000
+    tiebreaker: str = "witness"
+    tracker: str = "compare"
+    compression: str = "zstd"
+    pipelining: bool = True
+    env_primary: dict[str, str] = field(default_factory=dict)
+    env_secondary: dict[str, str] = field(default_factory=dict)
+
+
+class LabPair:
+    """Agents of one protected VM in a lab that is already up."""
+
+    def __init__(self, lab: LabLayout, base: KemariConfig, opts: PairOptions) -> None:
+        self.lab = lab
+        self.base = base
+        self.opts = opts
+        self.key = secrets.token_hex(32)
+        self.root = base.paths.run_dir / f"kemari-{lab.lab_id}-pair"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.configs: dict[str, Path] = {}
+        for role in ("primary", "secondary", "witness"):
+            self.configs[role] = self._write_config(role)
+
+    # ---- configuration -----------------------------------------------------------------
+
+    def run_dir(self, role: str) -> Path:
+        return self.base.paths.run_dir / f"kemari-{self.lab.lab_id}-{role[:3]}"
+
+    def shm_dir(self, role: str) -> Path:
+        return self.base.paths.shm_dir / f"kemari-{self.lab.lab_id}-{role[:3]}"
+
+    def _write_config(self, role: str) -> Path:
+        lab, o = self.lab, self.opts
+        host_role = role if role != "witness" else "client"
+        sections: dict[str, dict[str, Any]] = {
+            "paths": {
+                "cache_dir": str(self.base.paths.cache_dir),
+                "run_dir": str(self.run_dir(role)),
+                "shm_dir": str(self.shm_dir(role)),
+            },
+            "image": {"kernel_package": self.base.image.kernel_package},
+            "vm": {
+                "name": o.vm_name,
+                "memory_mib": o.memory_mib,
+                "vcpus": o.vcpus,
+                "accel": self.base.vm.accel,
+                "netdev": f"tap,ifname={lab.tap_for('primary' if role == 'primary' else 'secondary')},"
+                "script=no,downscript=no",
+                "netns": lab.ns_for(host_role) if role != "witness" else "",
+                "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
+                "run": o.workload,
+            },
+            "replication": {
+                "key": self.key,
+                "peer": f"{lab.repl_secondary_ip}:{REPL_PORT}",
+                "listen": f"{lab.repl_secondary_ip}:{REPL_PORT}",
+                "mode": o.mode,
+                "tracker": o.tracker,
+                "compression": o.compression,
+                "max_interval_ms": o.max_interval_ms,
+                "pipelining": o.pipelining,
+                "heartbeat_interval_ms": o.heartbeat_interval_ms,
+                "heartbeat_timeout_ms": o.heartbeat_timeout_ms,
+                "tiebreaker": o.tiebreaker,
+                "witness": f"{lab.lan_client_ip}:{WITNESS_PORT}" if o.tiebreaker == "witness" else "",
+            },
+        }
+        path = self.root / f"{role}.toml"
+        path.write_text(to_toml(sections))
+        return path
+
+    # ---- processes ---------------------------------------------------------------------
+
+    def _spawn(self, role: str, args: list[str], ns: str, env: dict[str, str]) -> None:
+        log = (self.root / f"{role}.out").open("ab")
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kemari_suite.cli.main", *args]
+        self.procs[role] = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+        log.close()
+
+    def start_witness(self) -> None:
+        listen = f"{self.lab.lan_client_ip}:{WITNESS_PORT}"
+        self._spawn(
+            "witness", ["witness", "-c", str(self.configs["witness"]), "--listen", listen],
+            self.lab.ns_client, {},
+        )
+
+    def start_secondary(self) -> None:
+        self._spawn(
+            "secondary", ["standby", "-c", str(self.configs["secondary"])],
+            self.lab.ns_secondary, self.opts.env_secondary,
+        )
+
+    def start_primary(self) -> None:
+        self._spawn(
+            "primary", ["protect", "-c", str(self.configs["primary"])],
+            self.lab.ns_primary, self.opts.env_primary,
+        )
+
+    def start(self) -> None:
+        if self.opts.tiebreaker == "witness":
+            self.start_witness()
+        self.start_secondary()
+        self.wait_control("secondary", 60)
+        self.start_primary()
+
+    def control_path(self, role: str) -> Path:
+        return self.run_dir(role) / f"kemari-{self.opts.vm_name}" / "control.sock"
+
+    def console_path(self, role: str) -> Path:
+        return self.run_dir(role) / f"kemari-{self.opts.vm_name}" / "console.log"
+
+    def output(self, role: str) -> str:
+        try:
+            return (self.root / f"{role}.out").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self, role: str) -> bool:
+        p = self.procs.get(role)
+        return p is not None and p.poll() is None
+
+    def status(self, role: str, timeout: float = 10.0) -> dict[str, Any]:
+        result = control.request(self.control_path(role), "status", timeout=timeout)
+        assert isinstance(result, dict)
+        return result
+
+    def wait_control(self, role: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive(role):
+                raise LabError(self.lab.lab_id, f"{role} exited:\n{self.output(role)[-3000:]}")
+            try:
+                self.status(role, timeout=2)
+                return
+            except (ConnectError, KemariError):
+                time.sleep(0.1)
+        raise LabError(self.lab.lab_id, f"{role} control socket did not answer in {timeout} s")
+
+    def wait_state(self, role: str, states: set[str], timeout: float) -> dict[str, Any]:
+        """Poll ``role``'s status until its state is one of ``states``."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if not self.alive(role):
+                raise LabError(
+                    self.lab.lab_id,
+                    f"{role} exited while waiting for {sorted(states)}:\n{self.output(role)[-3000:]}",
+                )
+            with contextlib.suppress(ConnectError, KemariError):
+                last = self.status(role, timeout=2)
+                if last.get("state") in states:
+                    return last
+            time.sleep(0.1)
+        raise LabError(
+            self.lab.lab_id,
+            f"{role} not in {sorted(states)} after {timeout} s (last: {last.get('state')}, "
+            f"{last.get('reason', '')})\n{self.output(role)[-2000:]}",
+        )
+
+    def read_counter(self, timeout: float = 3.0) -> int:
+        """The guest's counter, over the LAN from the client namespace."""
+        data = tcp_request(self.lab.ns_client, self.lab.guest_ip, COUNTER_PORT, timeout=timeout)
+        text = data.decode(errors="replace").strip()
+        if not text.isdigit():
+            raise ConnectError(f"{self.lab.guest_ip}:{COUNTER_PORT}", f"unexpected reply {text!r}")
+        return int(text)
+
+    def wait_counter(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        err: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                return self.read_counter()
+            except ConnectError as e:
+                err = e
+                time.sleep(0.2)
+        raise ConnectError(f"{self.lab.guest_ip}:{COUNTER_PORT}", f"no counter: {err}")
+
+    def qemu_pid(self, role: str) -> int | None:
+        pidfile = self.run_dir(role) / f"kemari-{self.opts.vm_name}" / "qemu.pid"
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def kill(self, role: str) -> None:
+        """SIGKILL the agent of ``role`` and its QEMU, by PID."""
+        qpid = self.qemu_pid(role)
+        p = self.procs.get(role)
+        if p is not None and p.poll() is None:
+            # The agent runs under `ip netns exec`, which execs: the PID is the agent's.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+        if qpid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qpid, signal.SIGKILL)
+
+    def wait_exit(self, role: str, timeout: float) -> int | None:
+        p = self.procs.get(role)
+        if p is None:
+            return None
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        """Stop every agent (SIGTERM, then SIGKILL) and remove the pair's files."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(5)
+        for role in ("primary", "secondary"):
+            qpid = self.qemu_pid(role)
+            if qpid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(qpid, signal.SIGKILL)
+        import shutil
+
+        for role in ("primary", "secondary", "witness"):
+            shutil.rmtree(self.shm_dir(role), ignore_errors=True)
+        self.procs.clear()

@@ -1,0 +1,128 @@
+"""Entry points of the three long-running processes: primary, secondary, witness.
+
+The CLI (``kemari protect``, ``kemari standby``, ``kemari witness``) calls these; they
+configure logging into the run's artifact folder and run until stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import ConfigError
+from kemari_suite.memsync.primary import PrimaryAgent
+from kemari_suite.memsync.secondary import SecondaryAgent
+from kemari_suite.memsync.witness import WitnessServer
+from kemari_suite.vm import guestmem
+from kemari_suite.vm.define import ensure_image, vm_spec
+from kemari_suite.vm.qemu import VMPaths
+
+
+def control_path(cfg: KemariConfig) -> Path:
+    """Where the agent of this config listens for control requests."""
+    return VMPaths.for_vm(cfg.vm.name, cfg.paths.run_dir, cfg.paths.shm_dir).run_dir / "control.sock"
+
+
+def artifacts_dir(cfg: KemariConfig, role: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return cfg.paths.run_dir / "artifacts" / f"{cfg.vm.name}-{role}-{stamp}"
+
+
+def _log_to(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "agent.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def probe_guest(pages: np.ndarray) -> dict[str, Any]:
+    """Read the workloads' progress probes from a RAM image (the replica at failover)."""
+    out: dict[str, Any] = {}
+    value = guestmem.find_counter(pages)
+    if value is not None:
+        out["counter"] = value
+    dirty = guestmem.find_memdirty(pages)
+    if dirty is not None:
+        out["memdirty"] = dirty
+    return out
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def run_primary(cfg: KemariConfig, *, node_id: str = "primary") -> PrimaryAgent:
+    """Boot the VM and protect it until stopped.
+
+    Raises:
+        ConfigError: no peer configured.
+        FailoverError: this host lost the tiebreaker and stopped its VM.
+    """
+    if not cfg.replication.peer:
+        raise ConfigError("the secondary's address is not set", key="replication.peer")
+    folder = artifacts_dir(cfg, "primary")
+    _log_to(folder)
+    image = await asyncio.to_thread(ensure_image, cfg)
+    agent = PrimaryAgent(cfg, vm_spec(cfg, image), node_id=node_id, artifacts=folder)
+    stop = asyncio.Event()
+    _install_signals(stop)
+    await agent.start_vm()
+    task = asyncio.create_task(agent.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        agent._stop.set()
+        agent._sync_requested.set()
+    stopper.cancel()
+    await task
+    return agent
+
+
+async def run_secondary(cfg: KemariConfig, *, node_id: str = "secondary") -> SecondaryAgent:
+    """Hold the replica and fail over when needed; after a failover, keep the VM running."""
+    folder = artifacts_dir(cfg, "secondary")
+    _log_to(folder)
+    image = await asyncio.to_thread(ensure_image, cfg)
+    agent = SecondaryAgent(
+        cfg, vm_spec(cfg, image), node_id=node_id, artifacts=folder, probe=probe_guest
+    )
+    stop = asyncio.Event()
+    _install_signals(stop)
+    task = asyncio.create_task(agent.run())
+    await stop.wait()
+    agent._stop.set()
+    await task
+    return agent
+
+
+async def run_witness(cfg: KemariConfig, listen: str) -> None:
+    """Serve leases until stopped."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{listen!r} is not host:port", key="witness listen")
+    if not cfg.replication.key:
+        raise ConfigError("empty key", key="replication.key")
+    server = WitnessServer(
+        cfg.replication.key.encode(),
+        cfg.replication.heartbeat_timeout_ms / 1000,
+        host,
+        int(port),
+    )
+    stop = asyncio.Event()
+    _install_signals(stop)
+    await server.start()
+    await stop.wait()
+    await server.close()

@@ -1,0 +1,639 @@
+"""The primary agent: runs the protected VM and replicates it at every sync point.
+
+Life of the primary::
+
+    STARTING -> SYNCING (initial pre-copy, first checkpoint) -> PROTECTED
+    PROTECTED --secondary lost, tiebreaker won--> UNPROTECTED --secondary back--> SYNCING
+    PROTECTED --secondary lost, no tiebreaker--> HELD (output held; operator decides)
+    any --tiebreaker lost--> FENCED (QEMU stopped)      any --> STOPPED
+
+A sync point, inside the stopped window: ``stop`` -> capture device state -> find dirty
+pages and copy them into the preallocated staging buffer -> ``cont`` (speculative mode;
+classic mode stays stopped until the acknowledgement). Encoding and sending happen after
+the resume, on a worker thread. The epoch number switches only while the VM is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import (
+    ConnectError,
+    FailoverError,
+    KemariError,
+    ProtocolError,
+    ReplicationError,
+)
+from kemari_suite.memsync import faults, wire
+from kemari_suite.memsync.codec import PageEncoder
+from kemari_suite.memsync.control import ControlServer
+from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
+from kemari_suite.memsync.guestram import GuestRAM
+from kemari_suite.memsync.link import Link, connect
+from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics
+from kemari_suite.memsync.tracker import DirtyTracker, make_tracker
+from kemari_suite.memsync.witness import WitnessClient
+from kemari_suite.vm.qemu import AsyncVM, VMSpec
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+#: Pages per Pages frame; bounds frame size and lets heartbeats interleave.
+BATCH_PAGES = 4096
+#: Pre-copy stops iterating when a round finds fewer dirty pages than this.
+PRECOPY_CONVERGED = 2048
+PRECOPY_MAX_ROUNDS = 8
+
+
+class PrimaryState(enum.Enum):
+    STARTING = "starting"
+    SYNCING = "syncing"
+    PROTECTED = "protected"
+    UNPROTECTED = "unprotected"
+    HELD = "held"
+    FENCED = "fenced"
+    STOPPED = "stopped"
+
+
+@dataclass
+class EpochWaiter:
+    """Resolved when the epoch is acknowledged (or fails with ReplicationError)."""
+
+    epoch: int
+    future: asyncio.Future[int]
+
+
+@dataclass
+class PrimaryStatus:
+    state: PrimaryState = PrimaryState.STARTING
+    state_since: float = field(default_factory=time.time)
+    epoch: int = 0
+    last_committed_epoch: int = -1
+    checkpoints: int = 0
+    peer: str = ""
+    reason: str = ""
+
+
+class PrimaryAgent:
+    """Owns QEMU, the guest RAM mapping, the tracker and the link to the secondary."""
+
+    def __init__(
+        self,
+        cfg: KemariConfig,
+        spec: VMSpec,
+        *,
+        node_id: str = "primary",
+        artifacts: Path | None = None,
+        on_state: Callable[[PrimaryState, str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.rcfg = cfg.replication
+        if not self.rcfg.key:
+            raise ReplicationError("replication.key is empty: refusing an unauthenticated link")
+        self.key = self.rcfg.key.encode()
+        self.spec = spec
+        self.node_id = node_id
+        self.vm = AsyncVM(spec, run_root=cfg.paths.run_dir, shm_dir=cfg.paths.shm_dir)
+        self.artifacts = Artifacts(artifacts or (self.vm.paths.run_dir.parent / f"{spec.name}-artifacts"))
+        self.status = PrimaryStatus()
+        self.on_state = on_state
+        self.ram: GuestRAM | None = None
+        self.tracker: DirtyTracker | None = None
+        self.capturer: DeviceStateCapturer | None = None
+        self.link: Link | None = None
+        self.encoder = PageEncoder(self.rcfg.compression if self.rcfg.compression != "none" else "none")
+        self._sync_lock = asyncio.Lock()
+        self._waiters: dict[int, EpochWaiter] = {}
+        self._sync_requested = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._link_lost = asyncio.Event()
+        self._last_sync = time.monotonic()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.witness: WitnessClient | None = None
+        self.io_log_provider: Callable[[int], bytes] | None = None
+        self.control: ControlServer | None = None
+        self._last_rx = time.monotonic()
+
+    # ---- state -------------------------------------------------------------------------
+
+    def _set_state(self, state: PrimaryState, reason: str = "") -> None:
+        if state is self.status.state:
+            return
+        log.info("primary: %s -> %s %s", self.status.state.value, state.value, reason)
+        self.status.state = state
+        self.status.state_since = time.time()
+        self.status.reason = reason
+        self.artifacts.event("state", state=state.value, reason=reason)
+        if self.on_state is not None:
+            self.on_state(state, reason)
+
+    def status_dict(self) -> dict[str, Any]:
+        s = self.status
+        return {
+            "role": "primary",
+            "vm": self.spec.name,
+            "state": s.state.value,
+            "protected": s.state is PrimaryState.PROTECTED,
+            "since": s.state_since,
+            "reason": s.reason,
+            "epoch": s.epoch,
+            "last_committed_epoch": s.last_committed_epoch,
+            "checkpoints": s.checkpoints,
+            "peer": self.rcfg.peer,
+            "qemu_pid": self.vm.pid,
+            "mode": self.rcfg.mode,
+            "tracker": self.tracker.name if self.tracker else None,
+        }
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start_vm(self) -> None:
+        """Boot the VM and map its RAM (before protection starts)."""
+        await self.vm.start()
+        await enable_ignore_shared(self.vm)
+        n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
+        self.ram = GuestRAM(self.vm.paths.ram)
+        self.tracker = make_tracker(
+            self.rcfg.tracker, n_pages=n_pages, qemu_pid=self.vm.pid, ram_path=self.vm.paths.ram
+        )
+        # Preallocated and touched once: no fresh allocation inside the stopped window.
+        self._staging = np.ones((n_pages, PAGE), dtype=np.uint8)
+        self._prev = np.ones((n_pages, PAGE), dtype=np.uint8)
+        self._idx = np.zeros(n_pages, dtype=np.int64)
+        self.capturer = DeviceStateCapturer(self.vm, self.vm.paths.migration_socket)
+        self.vm.on_event(self._on_qemu_event)
+
+    async def run(self) -> None:
+        """Protect the VM until stopped. Raises FailoverError when fenced."""
+        self.control = ControlServer(
+            self.vm.paths.run_dir / "control.sock",
+            {
+                "status": self._h_status,
+                "checkpoint": self._h_checkpoint,
+                "stop": self._h_stop,
+            },
+        )
+        await self.control.start()
+        if self.rcfg.tiebreaker == "witness":
+            self.witness = WitnessClient(
+                self.key,
+                self.rcfg.witness,
+                self.spec.name,
+                self.node_id,
+                timeout=self.rcfg.heartbeat_interval_ms / 1000 * 2,
+            )
+            self._tasks.append(asyncio.create_task(self._witness_loop()))
+        delay = faults.random_delay()
+        if delay is not None:
+            self._tasks.append(asyncio.create_task(self._random_fault(delay)))
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._protect_once()
+                except (ConnectError, ProtocolError, ReplicationError, ConnectionError) as err:
+                    if self._stop.is_set():
+                        break
+                    await self._secondary_lost(str(err))
+                    # Reconnect (re-protect) when a secondary comes back.
+                    await self._sleep_or_stop(1.0)
+        finally:
+            await self.shutdown()
+
+    async def _random_fault(self, delay: float) -> None:
+        while self.status.state is not PrimaryState.PROTECTED:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(delay)
+        faults.die("random")
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._fail_waiters("agent stopping")
+        if self.link is not None:
+            with contextlib.suppress(Exception):
+                await self.link.send(wire.Bye(reason="primary stopping"))
+            self.link.close()
+        if self.capturer is not None:
+            self.capturer.close()
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
+        await self.vm.shutdown()
+        if self.control is not None:
+            await self.control.close()
+        if self.status.state not in (PrimaryState.FENCED,):
+            self._set_state(PrimaryState.STOPPED)
+        self.artifacts.status(self.status_dict())
+        self.artifacts.close()
+
+    # ---- control handlers --------------------------------------------------------------
+
+    async def _h_status(self, req: dict[str, Any]) -> Any:
+        return self.status_dict()
+
+    async def _h_checkpoint(self, req: dict[str, Any]) -> Any:
+        epoch = await self.request_sync("command", wait=True)
+        return {"epoch": epoch}
+
+    async def _h_stop(self, req: dict[str, Any]) -> Any:
+        self._stop.set()
+        return {"stopping": True}
+
+    async def _on_qemu_event(self, ev: dict[str, Any]) -> None:
+        name = ev.get("event", "")
+        if name in ("SHUTDOWN", "GUEST_PANICKED") and self.link is not None:
+            # Forwarded, never a failover trigger: the guest itself chose this.
+            with contextlib.suppress(Exception):
+                await self.link.send(wire.GuestEvent(name=name, data=str(ev.get("data", ""))))
+            self.artifacts.event("guest", name=name)
+
+    # ---- protection --------------------------------------------------------------------
+
+    async def _protect_once(self) -> None:
+        """Connect, run the initial synchronization, then sync points until the link fails."""
+        self.link = await connect(
+            self.rcfg.peer,
+            key=self.key,
+            node_id=self.node_id,
+            timeout=self.rcfg.heartbeat_timeout_ms / 1000,
+        )
+        self._link_lost.clear()
+        self._last_rx = time.monotonic()
+        self._set_state(PrimaryState.SYNCING, f"secondary {self.rcfg.peer} connected")
+        rx = asyncio.create_task(self._receiver())
+        hb = asyncio.create_task(self._heartbeat_sender())
+        try:
+            await self._initial_sync()
+            self._set_state(PrimaryState.PROTECTED, f"epoch {self.status.last_committed_epoch}")
+            while not self._stop.is_set():
+                await self._wait_trigger()
+                if self._stop.is_set() or self._link_lost.is_set():
+                    break
+                await self._sync_point(self._trigger_reason)
+            if self._link_lost.is_set():
+                raise ConnectError(self.rcfg.peer, self._lost_reason)
+        finally:
+            rx.cancel()
+            hb.cancel()
+            for t in (rx, hb):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self._stop.is_set() or self._link_lost.is_set():
+                self.link.close()
+
+    _trigger_reason = "interval"
+    _lost_reason = ""
+
+    async def _wait_trigger(self) -> None:
+        interval = self.rcfg.max_interval_ms / 1000
+        timeout = max(0.0, self._last_sync + interval - time.monotonic())
+        try:
+            await asyncio.wait_for(self._sync_requested.wait(), timeout)
+            self._trigger_reason = self._pending_reason
+        except TimeoutError:
+            self._trigger_reason = "interval"
+        self._sync_requested.clear()
+
+    _pending_reason = "api"
+
+    async def request_sync(self, reason: str = "api", *, wait: bool = True) -> int:
+        """Ask for a sync point; with ``wait``, return once its epoch is acknowledged.
+
+        Events that arrive while a sync is in flight are coalesced into the next one.
+
+        Raises:
+            ReplicationError: the epoch was lost (link failure) or the VM is not protected.
+        """
+        if self.status.state is not PrimaryState.PROTECTED:
+            raise ReplicationError(f"not protected ({self.status.state.value})")
+        target = self.status.epoch
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(target, EpochWaiter(target, fut))
+        waiter = self._waiters[target]
+        self._pending_reason = reason
+        self._sync_requested.set()
+        if not wait:
+            return target
+        return await waiter.future
+
+    def _fail_waiters(self, reason: str) -> None:
+        for w in self._waiters.values():
+            if not w.future.done():
+                w.future.set_exception(ReplicationError(reason, w.epoch))
+        self._waiters.clear()
+
+    async def _send_epoch_pages(
+        self, epoch: int, idx: np.ndarray, staged: np.ndarray, prev: np.ndarray | None,
+        digest: wire.EpochDigest,
+    ) -> tuple[int, float]:
+        """Encode and send pages in batches; returns (bytes sent, encode seconds)."""
+        assert self.link is not None
+        sent = 0
+        enc_s = 0.0
+        for start in range(0, len(idx), BATCH_PAGES):
+            sl = slice(start, start + BATCH_PAGES)
+            t0 = time.perf_counter()
+            blob = await asyncio.to_thread(
+                self.encoder.encode, idx[sl], staged[sl], None if prev is None else prev[sl]
+            )
+            enc_s += time.perf_counter() - t0
+            msg = wire.Pages(epoch=epoch, encoded=blob)
+            digest.update(msg)
+            sent += await self.link.send(msg)
+            if start > 0:
+                faults.hit("mid-transfer")
+        return sent, enc_s
+
+    async def _initial_sync(self) -> None:
+        """Iterative pre-copy of all RAM while the VM runs, then the first checkpoint."""
+        assert self.ram is not None and self.tracker is not None and self.link is not None
+        epoch = self.status.epoch + 1
+        n = self.ram.n_pages
+        await self.link.send(
+            wire.EpochBegin(epoch=epoch, kind=wire.EpochKind.FULL, ram_size=n * PAGE, page_size=PAGE)
+        )
+        digest = wire.EpochDigest(epoch)
+        # Round 0: every page, copied into the staging buffer while the guest runs; the
+        # staged bytes (exactly what is sent) become the tracker's baseline.
+        all_idx = np.arange(n, dtype=np.int64)
+        soft = self.tracker.name == "soft-dirty"
+        if soft:
+            # Soft-dirty bits are cleared by reset(): copy with the guest stopped so no
+            # write can fall between the copy and the clear.
+            await self.vm.execute("stop")
+        staged_all = self.tracker.stage(self.ram.pages, all_idx, self._staging)
+        self.tracker.reset(self._staging)
+        if soft:
+            await self.vm.execute("cont")
+        for start in range(0, n, BATCH_PAGES * 4):
+            sl = slice(start, start + BATCH_PAGES * 4)
+            await self._send_epoch_pages(epoch, all_idx[sl], staged_all[sl], None, digest)
+            faults.hit("precopy")
+        # Further rounds: only what changed since it was sent.
+        for _ in range(PRECOPY_MAX_ROUNDS):
+            k = await asyncio.to_thread(self.tracker.scan, self.ram.pages, out=self._idx)
+            if k < PRECOPY_CONVERGED:
+                break
+            idx = self._idx[:k].copy()
+            staged = self.tracker.stage(self.ram.pages, idx, self._staging)
+            prev = self.tracker.previous(idx, self._prev)
+            self.tracker.commit(idx, staged)
+            await self._send_epoch_pages(epoch, idx, staged, prev, digest)
+            faults.hit("precopy")
+        self.status.epoch = epoch
+        await self._sync_point("initial", digest=digest, begun=True)
+
+    async def _sync_point(
+        self, trigger: str, *, digest: wire.EpochDigest | None = None, begun: bool = False
+    ) -> None:
+        assert self.ram is not None and self.tracker is not None and self.link is not None
+        assert self.capturer is not None
+        async with self._sync_lock:
+            epoch = self.status.epoch
+            if not begun:
+                # The epoch was opened (EpochBegin sent) right after the previous one closed.
+                digest = self._open_digest
+            assert digest is not None
+            t0 = time.perf_counter()
+            await self.vm.execute("stop")
+            t_stop = time.perf_counter()
+            devstate = await self.capturer.capture()
+            t_dev = time.perf_counter()
+            self.tracker.rearm()
+            k = self.tracker.scan(self.ram.pages, out=self._idx)
+            t_scan = time.perf_counter()
+            idx = self._idx[:k]
+            staged = self.tracker.stage(self.ram.pages, idx, self._staging)
+            prev = self.tracker.previous(idx, self._prev)
+            t_stage = time.perf_counter()
+            # The epoch switches here, while the VM is stopped: every write from now on
+            # belongs to the next epoch.
+            self.status.epoch = epoch + 1
+            io_log = self.io_log_provider(epoch) if self.io_log_provider else b""
+            faults.hit("stopped")
+            classic = self.rcfg.mode == "classic"
+            if not classic:
+                await self.vm.execute("cont")
+            t_resume = time.perf_counter()
+            # --- after the resume: encode and send.
+            idx = idx.copy()
+            sent, enc_s = await self._send_epoch_pages(epoch, idx, staged, prev, digest)
+            self.tracker.commit(idx, staged)
+            for part in (wire.DeviceState(epoch=epoch, data=devstate), wire.IOLog(epoch=epoch, data=io_log)):
+                digest.update(part)
+                sent += await self.link.send(part)
+            sent += await self.link.send(
+                wire.EpochEnd(epoch=epoch, n_pages=int(k), digest=digest.digest())
+            )
+            t_sent = time.perf_counter()
+            faults.hit("before-ack")
+            # Open the next epoch at once so pre-copied pages have somewhere to go.
+            await self.link.send(
+                wire.EpochBegin(
+                    epoch=epoch + 1,
+                    kind=wire.EpochKind.DELTA,
+                    ram_size=self.ram.n_pages * PAGE,
+                    page_size=PAGE,
+                )
+            )
+            self._open_digest = wire.EpochDigest(epoch + 1)
+            self._last_sync = time.monotonic()
+            ack_fut = self._ack_future(epoch)
+            if classic:
+                await self._await_ack(ack_fut, epoch)
+                await self.vm.execute("cont")
+                t_resume = time.perf_counter()
+        m = CheckpointMetrics(
+            epoch=epoch,
+            trigger=trigger,
+            pause_ms=(t_resume - t0) * 1e3,
+            stop_ms=(t_stop - t0) * 1e3,
+            devstate_ms=(t_dev - t_stop) * 1e3,
+            scan_ms=(t_scan - t_dev) * 1e3,
+            stage_ms=(t_stage - t_scan) * 1e3,
+            dirty_pages=int(k),
+            devstate_bytes=len(devstate),
+            bytes_sent=sent,
+            encode_ms=enc_s * 1e3,
+            transfer_ms=(t_sent - t_resume) * 1e3 if not classic else 0.0,
+            t_wall=time.time(),
+        )
+        if not classic:
+            await self._await_ack(ack_fut, epoch)
+        m.ack_ms = (time.perf_counter() - t_sent) * 1e3
+        self.status.checkpoints += 1
+        self.artifacts.checkpoint(m)
+
+    _open_digest: wire.EpochDigest
+
+    def _ack_future(self, epoch: int) -> asyncio.Future[int]:
+        w = self._waiters.get(epoch)
+        if w is None:
+            w = EpochWaiter(epoch, asyncio.get_running_loop().create_future())
+            self._waiters[epoch] = w
+        return w.future
+
+    async def _await_ack(self, fut: asyncio.Future[int], epoch: int) -> None:
+        timeout = self.rcfg.heartbeat_timeout_ms / 1000
+        lost = asyncio.ensure_future(self._link_lost.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {fut, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lost.cancel()
+        if fut in done:
+            fut.result()
+            return
+        raise ReplicationError(self._lost_reason or "no acknowledgement in time", epoch)
+
+    async def _receiver(self) -> None:
+        assert self.link is not None
+        try:
+            while True:
+                msg = await self.link.recv()
+                self._last_rx = time.monotonic()
+                if isinstance(msg, wire.Ack):
+                    self._on_ack(msg.epoch)
+                elif isinstance(msg, wire.Nack):
+                    self._lose(f"secondary refused epoch {msg.epoch}: {msg.reason}")
+                    return
+                elif isinstance(msg, wire.Resync):
+                    self._lose(f"secondary asks for a full resync: {msg.reason}")
+                    return
+                elif isinstance(msg, wire.Bye):
+                    self._lose(f"secondary left: {msg.reason}")
+                    return
+        except (ProtocolError, ConnectError, ConnectionError, asyncio.IncompleteReadError) as err:
+            self._lose(f"link failed: {err}")
+
+    def _on_ack(self, epoch: int) -> None:
+        self.status.last_committed_epoch = epoch
+        faults.hit("after-ack")
+        for e in sorted(self._waiters):
+            if e <= epoch:
+                w = self._waiters.pop(e)
+                if not w.future.done():
+                    w.future.set_result(epoch)
+
+    def _lose(self, reason: str) -> None:
+        if not self._link_lost.is_set():
+            self._lost_reason = reason
+            self._link_lost.set()
+            self._sync_requested.set()
+
+    async def _heartbeat_sender(self) -> None:
+        assert self.link is not None
+        interval = self.rcfg.heartbeat_interval_ms / 1000
+        timeout = self.rcfg.heartbeat_timeout_ms / 1000
+        seq = 0
+        while True:
+            await asyncio.sleep(interval)
+            seq += 1
+            try:
+                await self.link.send(
+                    wire.Heartbeat(seq=seq, sent_ns=time.time_ns(), role_state=self.status.state.value)
+                )
+            except (ConnectionError, OSError) as err:
+                self._lose(f"heartbeat send failed: {err}")
+                return
+            if time.monotonic() - self._last_rx > timeout:
+                self._lose(f"no frame from the secondary for {timeout:.1f} s")
+                return
+
+    # ---- losing the secondary ----------------------------------------------------------
+
+    async def _secondary_lost(self, reason: str) -> None:
+        """Decide, through the tiebreaker, whether to go on unprotected or to fence."""
+        self._fail_waiters(f"secondary lost: {reason}")
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.status.state in (PrimaryState.UNPROTECTED, PrimaryState.HELD):
+            return
+        self.artifacts.event("secondary-lost", reason=reason)
+        if self.rcfg.tiebreaker == "witness" and self.witness is not None:
+            try:
+                d = await self.witness.ask("renew")
+            except ConnectError as err:
+                d = None
+                why = str(err)
+            if d is not None and d.granted:
+                self._set_state(PrimaryState.UNPROTECTED, f"{reason}; witness confirmed our lease")
+                return
+            why = d.reason if d is not None else why
+            await self._fence(f"{reason}; tiebreaker lost: {why}")
+            return
+        if self.rcfg.tiebreaker == "none":
+            self._set_state(
+                PrimaryState.HELD,
+                f"{reason}; no tiebreaker configured: output stays held until the secondary "
+                "returns or an operator decides",
+            )
+            return
+        self._set_state(PrimaryState.HELD, f"{reason}; tiebreaker {self.rcfg.tiebreaker} not wired")
+
+    async def _fence(self, reason: str) -> None:
+        log.error("primary fenced: %s", reason)
+        self._set_state(PrimaryState.FENCED, reason)
+        self.artifacts.event("fenced", reason=reason)
+        with contextlib.suppress(Exception):
+            await self.vm.kill()
+        self._stop.set()
+        raise FailoverError(f"this host stopped its VM: {reason}")
+
+    async def _witness_loop(self) -> None:
+        """Renew our lease; stop the guest before our own view of it runs out."""
+        assert self.witness is not None
+        interval = self.rcfg.heartbeat_interval_ms / 1000
+        lease_s = self.rcfg.heartbeat_timeout_ms / 1000
+        while True:
+            try:
+                d = await self.witness.ask("renew")
+                if not d.granted:
+                    self._stop_fenced(f"witness refused our lease: {d.reason}")
+                    return
+            except ConnectError as err:
+                self.artifacts.event("witness-unreachable", reason=str(err))
+            if (
+                self.status.state is not PrimaryState.PROTECTED
+                and self.witness.last_granted_sent is not None
+                and not self.witness.lease_valid(lease_s, margin_s=interval)
+            ):
+                self._stop_fenced("lease about to expire with neither secondary nor witness")
+                return
+            await asyncio.sleep(interval)
+
+    def _stop_fenced(self, reason: str) -> None:
+        self._set_state(PrimaryState.FENCED, reason)
+        if self.vm.proc is not None and self.vm.proc.poll() is None:
+            self.vm.proc.kill()
+        self._stop.set()
+        self._sync_requested.set()
+
+
+def node_pid() -> int:
+    return os.getpid()
+
+
+__all__ = ["KemariError", "PrimaryAgent", "PrimaryState"]

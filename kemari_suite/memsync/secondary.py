@@ -1,0 +1,512 @@
+"""The secondary agent: holds the replica and takes over when the primary is gone.
+
+Life of the secondary::
+
+    WAITING -> RECEIVING (initial synchronization) -> STANDBY (a committed checkpoint held)
+    STANDBY --primary lost, tiebreaker won (or `kemari failover`)--> FAILING_OVER -> ACTIVE
+    STANDBY --primary lost, tiebreaker lost--> STANDBY (says why; the primary lives on)
+
+The replica is the RAM file QEMU will map on failover. Received pages are written into
+it at once, with the old contents of those pages kept in an undo log; an epoch commits
+when its end-of-epoch digest verifies (and the previous epoch committed), which drops
+the undo log and acknowledges it. A primary that dies mid-epoch leaves an uncommitted
+epoch, which is rolled back from the undo log, so the replica is always exactly the last
+committed checkpoint when a failover starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import (
+    ConnectError,
+    FailoverError,
+    ProtocolError,
+    ReplicationError,
+)
+from kemari_suite.memsync import faults, wire
+from kemari_suite.memsync.codec import parse_pages
+from kemari_suite.memsync.control import ControlServer
+from kemari_suite.memsync.devstate import restore
+from kemari_suite.memsync.guestram import GuestRAM
+from kemari_suite.memsync.link import Link, serve
+from kemari_suite.memsync.metrics import Artifacts
+from kemari_suite.memsync.witness import WitnessClient
+from kemari_suite.vm.qemu import AsyncVM, VMSpec
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+
+
+class SecondaryState(enum.Enum):
+    WAITING = "waiting"
+    RECEIVING = "receiving"
+    STANDBY = "standby"
+    FAILING_OVER = "failing-over"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+
+
+@dataclass
+class OpenEpoch:
+    epoch: int
+    kind: wire.EpochKind
+    digest: wire.EpochDigest
+    undo: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    pages: int = 0
+    devstate: bytes | None = None
+    iolog: bytes | None = None
+
+
+@dataclass
+class FailoverReport:
+    """What a failover did and how long each part took (host clock)."""
+
+    reason: str
+    epoch: int
+    detected_at: float  # wall time the heartbeat timeout expired (or the command arrived)
+    tiebreak_ms: float = 0.0
+    start_ms: float = 0.0
+    restore_ms: float = 0.0
+    cont_ms: float = 0.0
+    #: heartbeat-timeout expiry (or command) -> guest running
+    failover_ms: float = 0.0
+    probes: dict[str, Any] = field(default_factory=dict)
+
+
+class SecondaryAgent:
+    """Receives epochs into the replica and fails over on demand or on primary loss."""
+
+    def __init__(
+        self,
+        cfg: KemariConfig,
+        spec: VMSpec,
+        *,
+        node_id: str = "secondary",
+        artifacts: Path | None = None,
+        probe: Callable[[np.ndarray], dict[str, Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.rcfg = cfg.replication
+        if not self.rcfg.key:
+            raise ReplicationError("replication.key is empty: refusing an unauthenticated link")
+        self.key = self.rcfg.key.encode()
+        # The failover start uses the very same command line, on the replica, incoming.
+        self.spec = spec.replace(incoming=True)
+        self.node_id = node_id
+        self.vm = AsyncVM(
+            self.spec, run_root=cfg.paths.run_dir, shm_dir=cfg.paths.shm_dir, keep_ram=True
+        )
+        self.artifacts = Artifacts(
+            artifacts or (self.vm.paths.run_dir.parent / f"{spec.name}-artifacts")
+        )
+        self.probe = probe
+        self.state = SecondaryState.WAITING
+        self.state_since = time.time()
+        self.reason = ""
+        self.n_pages = spec.memory_mib * 1024 * 1024 // PAGE
+        self.replica: GuestRAM | None = None
+        self.committed_epoch = -1
+        self.committed_devstate: bytes | None = None
+        self.committed_iologs: list[tuple[int, bytes]] = []
+        self.open: OpenEpoch | None = None
+        self.link: Link | None = None
+        self.last_rx = time.monotonic()
+        self.report: FailoverReport | None = None
+        self.guest_events: list[str] = []
+        self._stop = asyncio.Event()
+        self._failover_now = asyncio.Event()
+        self._failover_reason = ""
+        self._server: asyncio.AbstractServer | None = None
+        self.control: ControlServer | None = None
+        self.witness: WitnessClient | None = None
+        self._apply_lock = asyncio.Lock()
+        self.epochs_committed = 0
+
+    def _set_state(self, state: SecondaryState, reason: str = "") -> None:
+        if state is self.state:
+            return
+        log.info("secondary: %s -> %s %s", self.state.value, state.value, reason)
+        self.state = state
+        self.state_since = time.time()
+        self.reason = reason
+        self.artifacts.event("state", state=state.value, reason=reason)
+        self.artifacts.status(self.status_dict())
+
+    def status_dict(self) -> dict[str, Any]:
+        return {
+            "role": "secondary",
+            "vm": self.spec.name,
+            "state": self.state.value,
+            "protected": self.state is SecondaryState.STANDBY,
+            "since": self.state_since,
+            "reason": self.reason,
+            "last_committed_epoch": self.committed_epoch,
+            "epochs_committed": self.epochs_committed,
+            "qemu_pid": self.vm.pid,
+            "failover": None if self.report is None else self.report.__dict__,
+            "guest_events": self.guest_events[-10:],
+        }
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def _prepare_replica(self) -> None:
+        path = self.vm.paths.ram
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = self.n_pages * PAGE
+        with open(path, "wb") as f:
+            f.truncate(size)
+        self.replica = GuestRAM(path, writable=True)
+
+    async def run(self) -> None:
+        """Serve the primary until stopped or failed over (then keep the VM running)."""
+        self.vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_replica()
+        self.control = ControlServer(
+            self.vm.paths.run_dir / "control.sock",
+            {"status": self._h_status, "failover": self._h_failover, "stop": self._h_stop},
+        )
+        await self.control.start()
+        if self.rcfg.tiebreaker == "witness":
+            self.witness = WitnessClient(
+                self.key,
+                self.rcfg.witness,
+                self.spec.name,
+                self.node_id,
+                timeout=self.rcfg.heartbeat_interval_ms / 1000 * 2,
+            )
+        host, _, port = self.rcfg.listen.rpartition(":")
+        self._server = await serve(
+            host or "0.0.0.0", int(port), key=self.key, node_id=self.node_id, on_link=self._on_link
+        )
+        monitor = asyncio.create_task(self._monitor())
+        try:
+            await self._stop.wait()
+        finally:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await monitor
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self.link is not None:
+            self.link.close()
+        if self.replica is not None:
+            self.replica.close()
+            self.replica = None
+        if self.vm.state.value != "new":
+            self.vm.keep_ram = False
+            await self.vm.shutdown()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.vm.paths.ram.unlink()
+        if self.control is not None:
+            await self.control.close()
+        if self.state is not SecondaryState.ACTIVE:
+            self._set_state(SecondaryState.STOPPED)
+        self.artifacts.status(self.status_dict())
+        self.artifacts.close()
+
+    async def _h_status(self, req: dict[str, Any]) -> Any:
+        return self.status_dict()
+
+    async def _h_failover(self, req: dict[str, Any]) -> Any:
+        if self.state is SecondaryState.ACTIVE:
+            return {"already": True, "report": self.report.__dict__ if self.report else None}
+        if self.committed_epoch < 0:
+            raise FailoverError("no committed checkpoint yet: nothing to fail over to")
+        self._failover_reason = "operator command"
+        self.force = bool(req.get("force", False))
+        self._failover_now.set()
+        # Wait for it to finish so the operator sees the result.
+        while self.state is not SecondaryState.ACTIVE:
+            if self.state is SecondaryState.STOPPED:
+                raise FailoverError(self.reason)
+            await asyncio.sleep(0.05)
+        return self.report.__dict__ if self.report else {}
+
+    force = False
+
+    async def _h_stop(self, req: dict[str, Any]) -> Any:
+        self._stop.set()
+        return {"stopping": True}
+
+    # ---- receiving ---------------------------------------------------------------------
+
+    async def _on_link(self, link: Link) -> None:
+        """One primary connection; a new one replaces (and rolls back) the previous."""
+        if self.state in (SecondaryState.FAILING_OVER, SecondaryState.ACTIVE):
+            with contextlib.suppress(Exception):
+                await link.send(wire.Bye(reason=f"secondary is {self.state.value}"))
+            link.close()
+            return
+        if self.link is not None:
+            self.link.close()
+        async with self._apply_lock:
+            self._rollback("a new primary connection")
+        self.link = link
+        self.last_rx = time.monotonic()
+        self.artifacts.event("primary-connected", peer=link.peer)
+        hb = asyncio.create_task(self._heartbeat_sender(link))
+        try:
+            while True:
+                msg = await link.recv()
+                self.last_rx = time.monotonic()
+                await self._handle(link, msg)
+        except (ProtocolError, ReplicationError) as err:
+            # A forged or corrupt frame: drop the epoch, keep the last checkpoint.
+            self.artifacts.event("rejected", reason=str(err))
+            log.error("secondary: %s", err)
+            with contextlib.suppress(Exception):
+                await link.send(wire.Resync(reason=str(err)))
+        except (ConnectionError, ConnectError, asyncio.IncompleteReadError, EOFError) as err:
+            self.artifacts.event("primary-disconnected", reason=str(err))
+        finally:
+            hb.cancel()
+            link.close()
+            if self.link is link:
+                self.link = None
+            async with self._apply_lock:
+                self._rollback("the primary connection ended mid-epoch")
+
+    async def _handle(self, link: Link, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Heartbeat):
+            return
+        if isinstance(msg, wire.GuestEvent):
+            self.guest_events.append(msg.name)
+            self.artifacts.event("guest", name=msg.name, data=msg.data)
+            return
+        if isinstance(msg, wire.Bye):
+            raise ConnectionError(f"primary said goodbye: {msg.reason}")
+        async with self._apply_lock:
+            if isinstance(msg, wire.EpochBegin):
+                self._begin(msg)
+            elif isinstance(msg, wire.Pages):
+                ep = self._expect_open(msg.epoch)
+                ep.digest.update(msg)
+                batch = await asyncio.to_thread(parse_pages, msg.encoded, self.n_pages)
+                assert self.replica is not None
+                rows = self.replica.pages[batch.indices.astype(np.intp)]
+                ep.undo.append((batch.indices.astype(np.intp), rows))
+                faults.hit("secondary-apply")
+                batch.apply_to(self.replica.pages)
+                ep.pages += len(batch.indices)
+            elif isinstance(msg, wire.DeviceState):
+                ep = self._expect_open(msg.epoch)
+                ep.digest.update(msg)
+                ep.devstate = bytes(msg.data)
+            elif isinstance(msg, wire.IOLog):
+                ep = self._expect_open(msg.epoch)
+                ep.digest.update(msg)
+                ep.iolog = bytes(msg.data)
+            elif isinstance(msg, wire.EpochEnd):
+                self._commit(msg)
+                await link.send(wire.Ack(epoch=msg.epoch))
+            else:
+                raise ProtocolError(f"unexpected message {type(msg).__name__}")
+
+    def _begin(self, msg: wire.EpochBegin) -> None:
+        if msg.page_size != PAGE or msg.ram_size != self.n_pages * PAGE:
+            raise ReplicationError(
+                f"primary's RAM is {msg.ram_size} bytes in {msg.page_size}-byte pages, "
+                f"this secondary expects {self.n_pages * PAGE} in {PAGE}: configs differ",
+                msg.epoch,
+            )
+        if self.open is not None:
+            raise ProtocolError(f"epoch {msg.epoch} begun while {self.open.epoch} is open")
+        if msg.kind is not wire.EpochKind.FULL and msg.epoch != self.committed_epoch + 1:
+            raise ReplicationError(
+                f"delta epoch {msg.epoch} does not follow committed {self.committed_epoch}",
+                msg.epoch,
+            )
+        if msg.kind is wire.EpochKind.FULL:
+            self._set_state(SecondaryState.RECEIVING, f"full synchronization, epoch {msg.epoch}")
+        self.open = OpenEpoch(msg.epoch, msg.kind, wire.EpochDigest(msg.epoch))
+
+    def _expect_open(self, epoch: int) -> OpenEpoch:
+        if self.open is None or self.open.epoch != epoch:
+            have = None if self.open is None else self.open.epoch
+            raise ProtocolError(f"data for epoch {epoch} while epoch {have} is open")
+        return self.open
+
+    def _commit(self, msg: wire.EpochEnd) -> None:
+        ep = self._expect_open(msg.epoch)
+        if ep.devstate is None:
+            raise ReplicationError("epoch ended without device state", msg.epoch)
+        # Raises ProtocolError on a mismatch: the epoch is rolled back, never applied.
+        ep.digest.verify(msg)
+        if ep.pages != msg.n_pages and ep.kind is not wire.EpochKind.FULL:
+            # n_pages counts the stop-time pages; pre-copied ones come on top.
+            if ep.pages < msg.n_pages:
+                raise ReplicationError(
+                    f"epoch claims {msg.n_pages} pages, {ep.pages} arrived", msg.epoch
+                )
+        # Committed: the undo log is no longer needed.
+        self.committed_epoch = ep.epoch
+        self.committed_devstate = ep.devstate
+        if ep.iolog:
+            self.committed_iologs.append((ep.epoch, ep.iolog))
+        self.open = None
+        self.epochs_committed += 1
+        self._persist_devstate(ep.devstate)
+        if self.state is not SecondaryState.STANDBY:
+            self._set_state(SecondaryState.STANDBY, f"committed epoch {ep.epoch}")
+
+    def _persist_devstate(self, data: bytes) -> None:
+        path = self.vm.paths.run_dir / "devstate.committed"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _rollback(self, why: str) -> None:
+        ep = self.open
+        if ep is None:
+            return
+        assert self.replica is not None
+        for idx, rows in reversed(ep.undo):
+            self.replica.pages[idx] = rows
+        self.artifacts.event("rollback", epoch=ep.epoch, pages=ep.pages, reason=why)
+        self.open = None
+
+    async def _heartbeat_sender(self, link: Link) -> None:
+        seq = 0
+        interval = self.rcfg.heartbeat_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            seq += 1
+            try:
+                await link.send(
+                    wire.Heartbeat(seq=seq, sent_ns=time.time_ns(), role_state=self.state.value)
+                )
+            except (ConnectionError, OSError):
+                return
+
+    # ---- failover ----------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Watch the heartbeat; decide and run the failover."""
+        timeout = self.rcfg.heartbeat_timeout_ms / 1000
+        interval = self.rcfg.heartbeat_interval_ms / 1000
+        refused_logged = ""
+        while True:
+            try:
+                await asyncio.wait_for(self._failover_now.wait(), interval / 2)
+                detected = time.time()
+                reason = self._failover_reason
+                await self._failover(reason, detected, operator=True)
+                return
+            except TimeoutError:
+                pass
+            if self.state is not SecondaryState.STANDBY:
+                continue
+            silent = time.monotonic() - self.last_rx
+            if silent < timeout:
+                refused_logged = ""
+                continue
+            detected = time.time() - (silent - timeout)
+            reason = f"no frame from the primary for {silent:.1f} s (timeout {timeout:.1f} s)"
+            if self.rcfg.tiebreaker == "none":
+                if not refused_logged:
+                    refused_logged = "none"
+                    self.reason = f"{reason}; no tiebreaker: waiting for `kemari failover`"
+                    self.artifacts.event("failover-refused", reason=self.reason)
+                continue
+            if self.witness is None:
+                continue
+            t0 = time.monotonic()
+            try:
+                d = await self.witness.ask("takeover")
+            except ConnectError as err:
+                why = f"witness unreachable: {err}"
+                if refused_logged != why:
+                    refused_logged = why
+                    self.reason = f"{reason}; {why}: not failing over"
+                    self.artifacts.event("failover-refused", reason=self.reason)
+                continue
+            if not d.granted:
+                if refused_logged != d.reason:
+                    refused_logged = d.reason
+                    self.reason = f"{reason}; tiebreaker refused: {d.reason}"
+                    self.artifacts.event("failover-refused", reason=self.reason)
+                continue
+            # The loser stops its guest before its lease view runs out; give it one more
+            # heartbeat interval of margin on top of the witness's own expiry.
+            await asyncio.sleep(interval)
+            tiebreak_ms = (time.monotonic() - t0) * 1e3
+            await self._failover(reason, detected, tiebreak_ms=tiebreak_ms)
+            return
+
+    async def _failover(
+        self, reason: str, detected: float, *, tiebreak_ms: float = 0.0, operator: bool = False
+    ) -> None:
+        """Resume the VM here from the last committed checkpoint.
+
+        Raises:
+            FailoverError: no committed checkpoint, or QEMU could not resume it.
+        """
+        self._set_state(SecondaryState.FAILING_OVER, reason)
+        if self._server is not None:
+            self._server.close()
+        if self.link is not None:
+            self.link.close()
+        async with self._apply_lock:
+            self._rollback("failover")
+            if self.committed_devstate is None:
+                self._set_state(SecondaryState.STOPPED, "no committed checkpoint to resume")
+                raise FailoverError("no committed checkpoint to resume")
+            epoch = self.committed_epoch
+            devstate = self.committed_devstate
+            report = FailoverReport(reason=reason, epoch=epoch, detected_at=detected)
+            report.tiebreak_ms = tiebreak_ms
+            assert self.replica is not None
+            if self.probe is not None:
+                with contextlib.suppress(Exception):
+                    report.probes = self.probe(self.replica.pages)
+            self.replica.close()
+            self.replica = None
+        t0 = time.monotonic()
+        try:
+            await self.vm.start()
+            t1 = time.monotonic()
+            report.start_ms = (t1 - t0) * 1e3
+            report.restore_ms = await restore(self.vm, devstate, self.vm.paths.run_dir / "in.sock") * 1e3
+            t2 = time.monotonic()
+            await self.vm.execute("cont")
+            report.cont_ms = (time.monotonic() - t2) * 1e3
+            report.failover_ms = (time.time() - detected) * 1e3
+            with contextlib.suppress(Exception):
+                await self.vm.execute("announce-self", {
+                    "initial": 50, "max": 550, "rounds": 5, "step": 100
+                })
+        except Exception as err:
+            self._set_state(SecondaryState.STOPPED, f"failover failed: {err}")
+            self.artifacts.event("failover-failed", reason=str(err))
+            raise FailoverError(f"could not resume epoch {epoch}: {err}") from err
+        self.report = report
+        self.vm.keep_ram = False
+        self.artifacts.event("failover", **report.__dict__)
+        self._set_state(SecondaryState.ACTIVE, f"resumed epoch {epoch}: {reason}")
+        if self.witness is not None and not operator:
+            asyncio.create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        assert self.witness is not None
+        while True:
+            with contextlib.suppress(ConnectError):
+                await self.witness.ask("renew")
+            await asyncio.sleep(self.rcfg.heartbeat_interval_ms / 1000)

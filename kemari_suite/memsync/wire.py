@@ -1,0 +1,875 @@
+"""The replication protocol between primary and secondary: frames, handshake, no I/O.
+
+A :class:`Session` is the whole pure protocol state of one connection: the handshake,
+the per-direction session keys and sequence numbers. Bytes go in through
+:meth:`Session.feed` (or the :class:`Decoder`'s ``get_buffer``/``buffer_updated`` pair,
+which fits ``asyncio.BufferedProtocol`` and reads large frames without an extra copy);
+frames come out of :meth:`Session.encode` / :meth:`Session.encode_parts`. The caller
+owns the socket.
+
+Frame (network byte order)::
+
+    offset  size  field
+    0       4     magic b"KMRI"
+    4       1     protocol version (PROTOCOL_VERSION)
+    5       1     message type
+    6       2     flags (none defined; must be 0)
+    8       4     payload length (at most MAX_PAYLOAD; 1 MiB for non-blob messages)
+    12      8     sequence number, per direction, +1 per frame starting at 0
+    20      4     crc32 of bytes 0..19: garbage is rejected before any buffering
+    24      n     payload (the message's layout, see each message class)
+    24+n    32    HMAC-SHA256 over bytes 0..24+n
+
+Handshake. Both ends send :class:`Hello` (sequence 0) with a fresh 32-byte random
+nonce; its MAC is keyed with ``HMAC(psk, "kemari-v1 hello")``, so a peer without the
+pre-shared key fails on the first frame. Both derive::
+
+    session_key = HMAC(psk, "kemari-v1" + nonce_initiator + nonce_responder)
+    key_i2r     = HMAC(session_key, "i2r")     # frames initiator -> responder
+    key_r2i     = HMAC(session_key, "r2i")
+
+(on the replication link the primary connects, so nonce_initiator is the primary's)
+and each sends :class:`HelloProof` (sequence 1), an HMAC with its sending key over a
+hash of both Hello payloads. Every later frame is MACed with the sender's direction
+key. A recorded session cannot be replayed: the other end's nonce is fresh, so the
+keys differ. Reflection fails: a node rejects its own nonce and the two directions use
+different keys. Sequence numbers must increase by exactly one; a gap, a replay or a
+reorder is an :class:`AuthError`.
+
+Errors: every decoding problem raises :class:`ProtocolError` (:class:`AuthError` for
+MAC, handshake and sequence failures) and nothing else. Errors are sticky: after one,
+the session is FAILED and every later call raises; close the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from enum import Enum, IntEnum
+from typing import Any, ClassVar, TypeAlias
+
+import numpy as np
+
+from kemari_suite.errors import AuthError, ConfigError, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"KMRI"
+HEADER_SIZE = 24
+MAC_SIZE = 32
+NONCE_SIZE = 32
+DIGEST_SIZE = 32
+#: Largest payload of Pages, DeviceState and IOLog frames. Larger page sets are split.
+MAX_PAYLOAD = 64 << 20
+#: Largest payload of every other message.
+MAX_SMALL_PAYLOAD = 1 << 20
+
+_HEAD = struct.Struct("!4sBBHIQ")  # the header without its crc32
+_CRC = struct.Struct("!I")
+_LABEL = b"kemari-v1"
+
+Blob: TypeAlias = bytes | bytearray | memoryview
+Part: TypeAlias = bytes | memoryview
+
+
+class Role(IntEnum):
+    """What a node is on this connection."""
+
+    PRIMARY = 1
+    SECONDARY = 2
+    WITNESS = 3
+    CLIENT = 4
+
+
+class EpochKind(IntEnum):
+    """What an epoch carries: all of RAM, the pages dirtied since the last, or a pre-copy."""
+
+    FULL = 1
+    DELTA = 2
+    PRECOPY = 3
+
+
+class SessionState(Enum):
+    """Lifecycle of a :class:`Session`."""
+
+    NEW = "new"  # nothing sent or received
+    HANDSHAKE = "handshake"  # a Hello went one way or the other
+    ESTABLISHED = "established"  # both proofs checked: application messages flow
+    CLOSED = "closed"  # a Bye was sent or received
+    FAILED = "failed"  # a protocol error happened; every call now raises
+
+
+# --- messages ------------------------------------------------------------------------------
+#
+# Each message declares its payload as a tuple of (field, codec). Codecs:
+#   u8 u16 u32 u64   unsigned integers, network byte order
+#   bool             u8, 0 or 1
+#   text             u32 length + UTF-8
+#   b32              exactly 32 bytes
+#   role, kind       u8 holding a Role / EpochKind
+#   blob             the rest of the payload (last field only); decoded as a read-only
+#                    memoryview over the frame's own buffer, without a copy
+
+
+class Message:
+    """Base of every wire message."""
+
+    TYPE: ClassVar[int]
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]]
+    MAX: ClassVar[int] = MAX_SMALL_PAYLOAD
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Opens the handshake; sent by the session itself.
+
+    Layout: ``!H B B 32s`` version, role, initiator (0/1), nonce; then node_id as text.
+    """
+
+    TYPE: ClassVar[int] = 0x01
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("version", "u16"),
+        ("role", "role"),
+        ("initiator", "bool"),
+        ("nonce", "b32"),
+        ("node_id", "text"),
+    )
+    MAX: ClassVar[int] = 4096
+    version: int
+    role: Role
+    initiator: bool
+    nonce: bytes
+    node_id: str
+
+
+@dataclass(frozen=True)
+class HelloProof(Message):
+    """Proves the sender holds the session key; sent by the session itself.
+
+    Layout: ``32s`` HMAC(send key, "kemari-v1 proof" + sha256 of both Hello payloads).
+    """
+
+    TYPE: ClassVar[int] = 0x02
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("mac", "b32"),)
+    MAX: ClassVar[int] = 64
+    mac: bytes
+
+
+@dataclass(frozen=True)
+class EpochBegin(Message):
+    """Starts an epoch. Layout: ``!Q B Q I`` epoch, kind, ram_size, page_size."""
+
+    TYPE: ClassVar[int] = 0x10
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("epoch", "u64"),
+        ("kind", "kind"),
+        ("ram_size", "u64"),
+        ("page_size", "u32"),
+    )
+    epoch: int
+    kind: EpochKind
+    ram_size: int
+    page_size: int
+
+
+@dataclass(frozen=True)
+class Pages(Message):
+    """One blob from ``codec.encode_pages``. Layout: ``!Q`` epoch, then the blob."""
+
+    TYPE: ClassVar[int] = 0x11
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("encoded", "blob"))
+    MAX: ClassVar[int] = MAX_PAYLOAD
+    epoch: int
+    encoded: Blob
+
+
+@dataclass(frozen=True)
+class DeviceState(Message):
+    """QEMU's device state of the epoch. Layout: ``!Q`` epoch, then the bytes."""
+
+    TYPE: ClassVar[int] = 0x12
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("data", "blob"))
+    MAX: ClassVar[int] = MAX_PAYLOAD
+    epoch: int
+    data: Blob
+
+
+@dataclass(frozen=True)
+class IOLog(Message):
+    """The taps' I/O event log of the epoch (opaque here). Layout: ``!Q`` epoch, bytes."""
+
+    TYPE: ClassVar[int] = 0x13
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("data", "blob"))
+    MAX: ClassVar[int] = MAX_PAYLOAD
+    epoch: int
+    data: Blob
+
+
+@dataclass(frozen=True)
+class EpochEnd(Message):
+    """Closes an epoch. Layout: ``!Q Q 32s`` epoch, n_pages, digest (:class:`EpochDigest`)."""
+
+    TYPE: ClassVar[int] = 0x14
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("epoch", "u64"),
+        ("n_pages", "u64"),
+        ("digest", "b32"),
+    )
+    epoch: int
+    n_pages: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """The secondary holds the epoch. Layout: ``!Q`` epoch."""
+
+    TYPE: ClassVar[int] = 0x15
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"),)
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Nack(Message):
+    """The secondary rejected the epoch. Layout: ``!Q`` epoch, reason as text."""
+
+    TYPE: ClassVar[int] = 0x16
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("reason", "text"))
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resync(Message):
+    """Ask for (or announce) a FULL epoch. Layout: reason as text."""
+
+    TYPE: ClassVar[int] = 0x17
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("reason", "text"),)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Liveness. Layout: ``!Q Q`` seq, sent_ns; role_state as text."""
+
+    TYPE: ClassVar[int] = 0x20
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("seq", "u64"),
+        ("sent_ns", "u64"),
+        ("role_state", "text"),
+    )
+    seq: int
+    sent_ns: int
+    role_state: str
+
+
+@dataclass(frozen=True)
+class GuestEvent(Message):
+    """Something the guest did (shutdown, reset...). Layout: name, data as text."""
+
+    TYPE: ClassVar[int] = 0x21
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("name", "text"), ("data", "text"))
+    name: str
+    data: str
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """Orderly close; nothing may follow in that direction. Layout: reason as text."""
+
+    TYPE: ClassVar[int] = 0x22
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("reason", "text"),)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Command(Message):
+    """A control request. Layout: name, args as text."""
+
+    TYPE: ClassVar[int] = 0x30
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("name", "text"), ("args", "text"))
+    name: str
+    args: str
+
+
+@dataclass(frozen=True)
+class Reply(Message):
+    """The answer to a Command. Layout: ``!B`` ok (0/1), text."""
+
+    TYPE: ClassVar[int] = 0x31
+    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("ok", "bool"), ("text", "text"))
+    ok: bool
+    text: str
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        HelloProof,
+        EpochBegin,
+        Pages,
+        DeviceState,
+        IOLog,
+        EpochEnd,
+        Ack,
+        Nack,
+        Resync,
+        Heartbeat,
+        GuestEvent,
+        Bye,
+        Command,
+        Reply,
+    )
+}
+_HANDSHAKE_TYPES = (Hello.TYPE, HelloProof.TYPE)
+
+_INTS = {"u8": struct.Struct("!B"), "u16": struct.Struct("!H"), "u32": struct.Struct("!I")}
+_INTS["u64"] = struct.Struct("!Q")
+_U32 = _INTS["u32"]
+_SMALL = 64 << 10
+_ROLES = frozenset(int(r) for r in Role)
+_KINDS = frozenset(int(k) for k in EpochKind)
+
+
+def _encode_payload(msg: Message) -> tuple[bytes, memoryview | None]:
+    """The payload as (fixed and text fields, blob or None); the blob is not copied."""
+    small = bytearray()
+    blob: memoryview | None = None
+    try:
+        for name, codec in msg.LAYOUT:
+            value: Any = getattr(msg, name)
+            if codec in _INTS:
+                small += _INTS[codec].pack(value)
+            elif codec in ("bool", "role", "kind"):
+                small.append(int(value))
+            elif codec == "text":
+                raw = value.encode("utf-8")
+                small += _U32.pack(len(raw))
+                small += raw
+            elif codec == "b32":
+                if len(value) != 32:
+                    raise ValueError(f"{name} must be 32 bytes, not {len(value)}")
+                small += value
+            else:  # blob
+                blob = memoryview(value).cast("B")
+    except (struct.error, AttributeError, TypeError, UnicodeEncodeError) as err:
+        raise ValueError(f"cannot encode {type(msg).__name__}: {err}") from err
+    return bytes(small), blob
+
+
+class _Reader:
+    """Reads one payload; every shortfall or bad value is a ProtocolError."""
+
+    def __init__(self, view: memoryview, frame_type: int, name: str) -> None:
+        self._view = view
+        self._pos = 0
+        self._type = frame_type
+        self._name = name
+
+    def _fail(self, what: str) -> ProtocolError:
+        return ProtocolError(f"malformed {self._name} payload: {what}", self._type)
+
+    def take(self, n: int) -> memoryview:
+        end = self._pos + n
+        if end > len(self._view):
+            raise self._fail(f"needs {end} bytes, has {len(self._view)}")
+        out = self._view[self._pos : end]
+        self._pos = end
+        return out
+
+    def field(self, name: str, codec: str) -> Any:
+        if codec in _INTS:
+            st = _INTS[codec]
+            return st.unpack(self.take(st.size))[0]
+        if codec == "bool":
+            b = self.take(1)[0]
+            if b > 1:
+                raise self._fail(f"{name} is {b}, not 0 or 1")
+            return bool(b)
+        if codec == "role":
+            b = self.take(1)[0]
+            if b not in _ROLES:
+                raise self._fail(f"unknown role {b}")
+            return Role(b)
+        if codec == "kind":
+            b = self.take(1)[0]
+            if b not in _KINDS:
+                raise self._fail(f"unknown epoch kind {b}")
+            return EpochKind(b)
+        if codec == "text":
+            n = _U32.unpack(self.take(4))[0]
+            raw = self.take(n)
+            try:
+                return str(raw, "utf-8")
+            except UnicodeDecodeError as err:
+                raise self._fail(f"{name} is not UTF-8") from err
+        if codec == "b32":
+            return bytes(self.take(32))
+        # blob: the rest, read-only, no copy
+        return self.take(len(self._view) - self._pos).toreadonly()
+
+    def done(self) -> None:
+        if self._pos != len(self._view):
+            raise self._fail(f"{len(self._view) - self._pos} trailing bytes")
+
+
+def _decode_payload(frame_type: int, payload: memoryview) -> Message:
+    cls = MESSAGE_TYPES[frame_type]
+    reader = _Reader(payload, frame_type, cls.__name__)
+    values = {name: reader.field(name, codec) for name, codec in cls.LAYOUT}
+    reader.done()
+    return cls(**values)
+
+
+def _mac(key: bytes, parts: Iterable[Part]) -> bytes:
+    h = hmac.new(key, digestmod="sha256")
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _frame_parts(msg: Message, seq: int, key: bytes) -> list[Part]:
+    small, blob = _encode_payload(msg)
+    length = len(small) + (blob.nbytes if blob is not None else 0)
+    if length > msg.MAX:
+        raise ValueError(
+            f"{type(msg).__name__} payload of {length} bytes exceeds the limit of {msg.MAX}"
+        )
+    head = _HEAD.pack(MAGIC, PROTOCOL_VERSION, msg.TYPE, 0, length, seq)
+    header = head + _CRC.pack(zlib.crc32(head))
+    if blob is None:
+        return [header + small + _mac(key, (header, small))]
+    return [header + small, blob, _mac(key, (header, small, blob))]
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.digest(key, data, "sha256")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Who the other end said it was in its (authenticated) Hello."""
+
+    role: Role
+    node_id: str
+    version: int
+
+
+class Session:
+    """Protocol state of one connection: handshake, keys, sequence numbers.
+
+    Usage (the caller owns the socket)::
+
+        s = Session(psk, role=Role.PRIMARY, node_id="a", initiator=True)
+        s.start()
+        sock.sendall(s.data_to_send())
+        while s.state is not SessionState.ESTABLISHED:
+            msgs = s.feed(sock.recv(65536))   # application messages, if any arrived
+            sock.sendall(s.data_to_send())    # the HelloProof, once the peer's Hello is in
+        sock.sendmsg(s.encode_parts(Pages(epoch, blob)))
+
+    Frames must be sent in the order they were encoded (each takes the next sequence
+    number). Not thread-safe: one sender and one receiver, or a lock around each.
+    """
+
+    def __init__(
+        self,
+        psk: bytes | str,
+        *,
+        role: Role,
+        node_id: str,
+        initiator: bool,
+        accept_roles: Iterable[Role] | None = None,
+        nonce: bytes | None = None,
+    ) -> None:
+        """Raises ConfigError for an empty key, ValueError for a bad node id or nonce."""
+        key = psk.encode("utf-8") if isinstance(psk, str) else bytes(psk)
+        if not key:
+            raise ConfigError("the replication key is empty", key="replication.key")
+        if len(node_id.encode("utf-8")) > 255:
+            raise ValueError("node_id longer than 255 bytes")
+        self._psk = key
+        self._hello_key = _hmac(key, _LABEL + b" hello")
+        self.role = role
+        self.node_id = node_id
+        self.initiator = initiator
+        self.accept_roles = frozenset(accept_roles) if accept_roles is not None else None
+        self.nonce = os.urandom(NONCE_SIZE) if nonce is None else bytes(nonce)
+        if len(self.nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+        self.peer: PeerInfo | None = None
+        self.decoder = Decoder(self)
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._send_key: bytes | None = None
+        self._recv_key: bytes | None = None
+        self._own_hello: bytes | None = None  # the Hello payload we sent
+        self._transcript = b""
+        self._proof_ok = False
+        self._bye_sent = False
+        self._bye_received = False
+        self._failure: ProtocolError | None = None
+        self._outbox: list[Part] = []
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        if self._failure is not None:
+            return SessionState.FAILED
+        if self._bye_sent or self._bye_received:
+            return SessionState.CLOSED
+        if self._proof_ok and self._send_key is not None:
+            return SessionState.ESTABLISHED
+        if self._own_hello is not None or self.peer is not None:
+            return SessionState.HANDSHAKE
+        return SessionState.NEW
+
+    @property
+    def established(self) -> bool:
+        return self.state is SessionState.ESTABLISHED
+
+    @property
+    def failure(self) -> ProtocolError | None:
+        """The error that failed the session, if any."""
+        return self._failure
+
+    # -- sending --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue this end's Hello (see :meth:`data_to_send`). Idempotent."""
+        if self._own_hello is not None:
+            return
+        hello = Hello(PROTOCOL_VERSION, self.role, self.initiator, self.nonce, self.node_id)
+        self._own_hello = _encode_payload(hello)[0]
+        self._queue(hello, self._hello_key)
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes the session queued (Hello, HelloProof); empty when none."""
+        out = b"".join(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def encode_parts(self, msg: Message) -> list[Part]:
+        """Frame ``msg`` as parts for ``sendmsg``/``writelines``; a blob is not copied.
+
+        The blob must not change until the parts are sent.
+
+        Raises:
+            ProtocolError: the session is not ESTABLISHED (or failed, or closed).
+            ValueError: a handshake message, or a field that does not fit its layout.
+        """
+        if isinstance(msg, Hello | HelloProof):
+            raise ValueError("handshake messages are sent by the session itself")
+        state = self.state
+        if state is not SessionState.ESTABLISHED:
+            detail = f": {self._failure.reason}" if self._failure is not None else ""
+            raise ProtocolError(
+                f"cannot send {type(msg).__name__}: session is {state.value}{detail}", msg.TYPE
+            )
+        assert self._send_key is not None
+        parts = _frame_parts(msg, self._send_seq, self._send_key)
+        self._send_seq += 1
+        if isinstance(msg, Bye):
+            self._bye_sent = True
+        return parts
+
+    def encode(self, msg: Message) -> bytes:
+        """Frame ``msg`` as one bytes object (copies a blob once; see :meth:`encode_parts`)."""
+        return b"".join(self.encode_parts(msg))
+
+    def _queue(self, msg: Message, key: bytes) -> None:
+        self._outbox.extend(_frame_parts(msg, self._send_seq, key))
+        self._send_seq += 1
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def feed(self, data: Blob) -> list[Message]:
+        """Feed received bytes; returns the application messages completed by them.
+
+        Raises:
+            ProtocolError: malformed or unexpected frame (the session is then FAILED).
+            AuthError: MAC, handshake, or sequence failure.
+        """
+        return self.decoder.feed(data)
+
+    def _fail(self, err: ProtocolError) -> None:
+        if self._failure is None:
+            self._failure = err
+
+    def _check_live(self) -> None:
+        if self._failure is not None:
+            raise ProtocolError(
+                f"session failed earlier: {self._failure.reason}", self._failure.frame_type
+            )
+
+    def _check_header(self, frame_type: int, length: int, seq: int) -> None:
+        """Everything that can be judged before the payload is buffered."""
+        cls = MESSAGE_TYPES[frame_type]
+        name = cls.__name__
+        if length > cls.MAX:
+            raise ProtocolError(
+                f"{name} payload of {length} bytes exceeds the limit of {cls.MAX}", frame_type
+            )
+        if self._bye_received:
+            raise ProtocolError(f"{name} after Bye", frame_type)
+        if seq != self._recv_seq:
+            raise AuthError(
+                f"expected sequence number {self._recv_seq}, got {seq}"
+                " (replayed, reordered or lost frame)",
+                frame_type,
+            )
+        expected = _HANDSHAKE_TYPES[seq] if seq < len(_HANDSHAKE_TYPES) else None
+        if expected is not None and frame_type != expected:
+            raise AuthError(
+                f"{name} where the handshake expects {MESSAGE_TYPES[expected].__name__}",
+                frame_type,
+            )
+        if expected is None and frame_type in _HANDSHAKE_TYPES:
+            raise ProtocolError(f"{name} after the handshake", frame_type)
+
+    def _accept(self, frame_type: int, header: bytes, body: memoryview) -> Message | None:
+        """Authenticate and decode a complete frame; None for handshake frames."""
+        payload = body[:-MAC_SIZE]
+        key = self._hello_key if frame_type == Hello.TYPE else self._recv_key
+        assert key is not None  # _check_header admits HelloProof only after the Hello
+        if not hmac.compare_digest(_mac(key, (header, payload)), body[-MAC_SIZE:]):
+            raise AuthError(
+                "frame MAC mismatch (wrong pre-shared key, or a forged or corrupted frame)",
+                frame_type,
+            )
+        msg = _decode_payload(frame_type, payload)
+        self._recv_seq += 1
+        if isinstance(msg, Hello):
+            self._on_hello(msg, bytes(payload))
+            return None
+        if isinstance(msg, HelloProof):
+            self._on_proof(msg)
+            return None
+        if isinstance(msg, Bye):
+            self._bye_received = True
+        return msg
+
+    def _on_hello(self, hello: Hello, payload: bytes) -> None:
+        if hello.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer {hello.node_id!r} speaks protocol version {hello.version},"
+                f" this node speaks version {PROTOCOL_VERSION}",
+                Hello.TYPE,
+            )
+        if hello.initiator == self.initiator:
+            which = "the initiator" if self.initiator else "the responder"
+            raise ProtocolError(f"both ends claim to be {which}", Hello.TYPE)
+        if hmac.compare_digest(hello.nonce, self.nonce):
+            raise AuthError("peer sent this node's own nonce (reflected handshake)", Hello.TYPE)
+        if self.accept_roles is not None and hello.role not in self.accept_roles:
+            raise ProtocolError(
+                f"peer {hello.node_id!r} has role {hello.role.name.lower()}, not accepted here",
+                Hello.TYPE,
+            )
+        self.peer = PeerInfo(role=hello.role, node_id=hello.node_id, version=hello.version)
+        self.start()
+        assert self._own_hello is not None
+        if self.initiator:
+            nonces = self.nonce + hello.nonce
+            hellos = (self._own_hello, payload)
+        else:
+            nonces = hello.nonce + self.nonce
+            hellos = (payload, self._own_hello)
+        session_key = _hmac(self._psk, _LABEL + nonces)
+        i2r = _hmac(session_key, b"i2r")
+        r2i = _hmac(session_key, b"r2i")
+        self._send_key, self._recv_key = (i2r, r2i) if self.initiator else (r2i, i2r)
+        t = hashlib.sha256()
+        for h in hellos:
+            t.update(_U32.pack(len(h)))
+            t.update(h)
+        self._transcript = _LABEL + b" proof" + t.digest()
+        self._queue(HelloProof(_hmac(self._send_key, self._transcript)), self._send_key)
+
+    def _on_proof(self, proof: HelloProof) -> None:
+        assert self._recv_key is not None
+        if not hmac.compare_digest(proof.mac, _hmac(self._recv_key, self._transcript)):
+            raise AuthError(
+                "handshake proof mismatch (wrong key, or a replayed handshake)", HelloProof.TYPE
+            )
+        self._proof_ok = True
+
+
+class Decoder:
+    """Incremental frame parser of a :class:`Session`.
+
+    Either :meth:`feed` bytes, or (for ``asyncio.BufferedProtocol``) read straight into
+    :meth:`get_buffer` and call :meth:`buffer_updated`: each frame's payload is read into
+    its own buffer once, and blob fields of the decoded message are views of it.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._header = bytearray(HEADER_SIZE)
+        self._buf: memoryview = memoryview(self._header)
+        self._frame_header = b""
+        self._frame_type = 0
+        self._in_body = False
+        self._filled = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is buffered."""
+        return not self._in_body and self._filled == 0
+
+    def eof(self) -> None:
+        """The peer closed the stream.
+
+        Raises:
+            ProtocolError: the stream ended inside a frame.
+        """
+        if not self.at_boundary:
+            err = ProtocolError("stream ended inside a frame (truncated)")
+            self._session._fail(err)
+            raise err
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """The free part of the buffer the next bytes belong to (never empty)."""
+        return self._buf[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> list[Message]:
+        """``nbytes`` were written into the last :meth:`get_buffer`; see :meth:`feed`."""
+        out: list[Message] = []
+        self._guarded(nbytes, out)
+        return out
+
+    def feed(self, data: Blob) -> list[Message]:
+        """Feed received bytes; returns the application messages they complete.
+
+        Messages decoded earlier in the same call are dropped if a later frame fails:
+        the connection is unusable then anyway.
+
+        Raises:
+            ProtocolError: malformed or unexpected frame (the session is then FAILED).
+            AuthError: MAC, handshake, or sequence failure.
+        """
+        view = memoryview(data).cast("B")
+        out: list[Message] = []
+        pos = 0
+        total = len(view)
+        self._session._check_live()
+        while pos < total:
+            buf = self._buf[self._filled :]
+            n = min(len(buf), total - pos)
+            buf[:n] = view[pos : pos + n]
+            pos += n
+            self._guarded(n, out)
+        return out
+
+    def _guarded(self, nbytes: int, out: list[Message]) -> None:
+        self._session._check_live()
+        try:
+            self._advance(nbytes, out)
+        except ProtocolError as err:
+            self._session._fail(err)
+            raise
+
+    def _advance(self, nbytes: int, out: list[Message]) -> None:
+        if nbytes < 0 or self._filled + nbytes > len(self._buf):
+            raise ValueError("buffer_updated beyond the buffer from get_buffer")
+        self._filled += nbytes
+        if self._filled < len(self._buf):
+            return
+        if not self._in_body:
+            self._start_body()
+            return
+        msg = self._session._accept(self._frame_type, self._frame_header, self._buf)
+        self._in_body = False
+        self._buf = memoryview(self._header)
+        self._filled = 0
+        if msg is not None:
+            out.append(msg)
+
+    def _start_body(self) -> None:
+        header = bytes(self._header)
+        magic, version, frame_type, flags, length, seq = _HEAD.unpack_from(header)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {magic!r}: not a Kemari replication stream")
+        if _CRC.unpack_from(header, 20)[0] != zlib.crc32(header[:20]):
+            raise ProtocolError("frame header checksum mismatch (corrupted stream)")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer speaks protocol version {version}, this node speaks version"
+                f" {PROTOCOL_VERSION}",
+                frame_type,
+            )
+        if frame_type not in MESSAGE_TYPES:
+            raise ProtocolError(f"unknown message type {frame_type:#04x}", frame_type)
+        if flags != 0:
+            raise ProtocolError(f"unknown frame flags {flags:#06x}", frame_type)
+        self._session._check_header(frame_type, length, seq)
+        self._frame_header = header
+        self._frame_type = frame_type
+        self._in_body = True
+        # One buffer per frame: the decoded message's blob views stay valid. Large ones
+        # come from numpy uninitialized (every byte is received before it is read),
+        # which saves bytearray's zero fill.
+        size = length + MAC_SIZE
+        self._buf = np.empty(size, np.uint8).data if size > _SMALL else memoryview(bytearray(size))
+        self._filled = 0
+
+
+class EpochDigest:
+    """SHA-256 over one epoch's content, fed identically on both sides.
+
+    The primary feeds every Pages, DeviceState and IOLog message of the epoch in the
+    order it sends them and puts :meth:`digest` in the EpochEnd; the secondary feeds
+    what it receives, in order, and calls :meth:`verify`. SHA-256 runs at about
+    1.7 GB/s with the CPU's SHA extensions; compressed page blobs are small.
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.n_parts = 0
+        self._h = hashlib.sha256(_LABEL + b" epoch" + epoch.to_bytes(8, "big"))
+
+    def update(self, msg: Pages | DeviceState | IOLog) -> None:
+        """Add one message's content.
+
+        Raises:
+            ProtocolError: the message belongs to another epoch.
+        """
+        if msg.epoch != self.epoch:
+            raise ProtocolError(
+                f"{type(msg).__name__} of epoch {msg.epoch} inside epoch {self.epoch}", msg.TYPE
+            )
+        data = memoryview(msg.encoded if isinstance(msg, Pages) else msg.data).cast("B")
+        self._h.update(struct.pack("!BQ", msg.TYPE, data.nbytes))
+        self._h.update(data)
+        self.n_parts += 1
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+    def verify(self, end: EpochEnd) -> None:
+        """Check an EpochEnd against what was fed.
+
+        Raises:
+            ProtocolError: another epoch, or the digest differs.
+        """
+        if end.epoch != self.epoch:
+            raise ProtocolError(f"EpochEnd of epoch {end.epoch} inside epoch {self.epoch}")
+        if not hmac.compare_digest(end.digest, self.digest()):
+            raise ProtocolError(
+                f"epoch {self.epoch}: digest mismatch over {self.n_parts} parts", EpochEnd.TYPE
+            )
+
+
+def message_fields(msg: Message) -> dict[str, Any]:
+    """The message's fields as a dict (blobs as bytes), for logs and tests."""
+    out: dict[str, Any] = {}
+    for f in fields(msg):  # type: ignore[arg-type]
+        value = getattr(msg, f.name)
+        out[f.name] = bytes(value) if isinstance(value, memoryview | bytearray) else value
+    return out

@@ -1,0 +1,216 @@
+"""The witness: a tiebreaker reached over the LAN side.
+
+One replication link cannot tell a dead peer from a cut cable, so neither a failover nor
+a primary going on unprotected is decided by the link alone. The witness holds one lease
+per VM. The active host renews it every heartbeat interval; the standby may take it over
+only after it expired on the witness's clock. A host that cannot renew must stop its
+guest before its own, conservative, view of the lease runs out (it counts from the
+moment it *sent* the last granted renewal), so the loser of a partition is always down
+before the winner's wait ends.
+
+A restarted witness grants no takeover for one lease period (it does not know who held
+the lease). Requests and replies are JSON lines authenticated with HMAC-SHA256 over the
+pre-shared key, and replies echo the request's nonce so that an old reply cannot be
+replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kemari_suite.errors import ConnectError, ProtocolError
+
+Op = Literal["renew", "takeover", "release", "query"]
+
+
+@dataclass
+class Lease:
+    owner: str | None = None
+    generation: int = 0
+    expires: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    granted: bool
+    owner: str | None
+    generation: int
+    expires_in: float
+    reason: str
+
+
+@dataclass
+class LeaseTable:
+    """The witness's decisions, pure: the clock is passed in."""
+
+    lease_s: float
+    started: float
+    leases: dict[str, Lease] = field(default_factory=dict)
+
+    def decide(self, op: Op, vm: str, node: str, now: float) -> Decision:
+        lease = self.leases.setdefault(vm, Lease())
+        in_grace = now < self.started + self.lease_s
+        expired = now >= lease.expires
+
+        def result(granted: bool, reason: str) -> Decision:
+            return Decision(
+                granted, lease.owner, lease.generation, max(0.0, lease.expires - now), reason
+            )
+
+        if op == "query":
+            return result(lease.owner == node and not expired, "query")
+        if op == "release":
+            if lease.owner == node:
+                lease.owner, lease.expires = None, 0.0
+                return result(True, "released")
+            return result(False, f"not the owner (owner is {lease.owner})")
+        if lease.owner == node:
+            # An expired lease nobody took over is still ours: renewing it is safe.
+            lease.expires = now + self.lease_s
+            return result(True, "renewed")
+        if lease.owner is None:
+            if op == "takeover" and in_grace:
+                return result(False, "witness restarted: no takeover during its grace period")
+            lease.owner, lease.expires = node, now + self.lease_s
+            lease.generation += 1
+            return result(True, "claimed")
+        # Someone else owns it.
+        if op == "renew":
+            return result(False, f"lease held by {lease.owner}")
+        if not expired:
+            return result(False, f"lease held by {lease.owner} for {lease.expires - now:.2f} s more")
+        lease.owner, lease.expires = node, now + self.lease_s
+        lease.generation += 1
+        return result(True, "taken over after expiry")
+
+
+def _mac(key: bytes, obj: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in obj.items() if k != "mac"}, sort_keys=True)
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _verify(key: bytes, obj: dict[str, Any]) -> None:
+    mac = obj.get("mac")
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, obj)):
+        raise ProtocolError("witness message failed authentication (wrong key?)")
+
+
+class WitnessServer:
+    """Serves a :class:`LeaseTable` over TCP."""
+
+    def __init__(self, key: bytes, lease_s: float, host: str, port: int) -> None:
+        self.key = key
+        self.table = LeaseTable(lease_s=lease_s, started=time.monotonic())
+        self.host = host
+        self.port = port
+        self.log: list[dict[str, Any]] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ProtocolError("witness request is not an object")
+                    _verify(self.key, req)
+                    op, vm, node = req["op"], str(req["vm"]), str(req["node"])
+                    if op not in ("renew", "takeover", "release", "query"):
+                        raise ProtocolError(f"unknown witness op {op!r}")
+                    d = self.table.decide(op, vm, node, time.monotonic())
+                    rep: dict[str, Any] = {
+                        "granted": d.granted,
+                        "owner": d.owner,
+                        "generation": d.generation,
+                        "expires_in": d.expires_in,
+                        "reason": d.reason,
+                        "nonce": req.get("nonce"),
+                    }
+                    self.log.append({"t": time.time(), "op": op, "vm": vm, "node": node, **rep})
+                except (ProtocolError, KeyError, ValueError, TypeError) as err:
+                    rep = {"granted": False, "error": str(err), "nonce": None}
+                rep["mac"] = _mac(self.key, rep)
+                writer.write(json.dumps(rep).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+
+class WitnessClient:
+    """Asks the witness; every call opens a short connection (the LAN may flap)."""
+
+    def __init__(self, key: bytes, address: str, vm: str, node: str, timeout: float) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConnectError(address, "witness address must be host:port")
+        self.host, self.port = host, int(port)
+        self.key, self.vm, self.node, self.timeout = key, vm, node, timeout
+        #: monotonic time at which the last *granted* request was sent
+        self.last_granted_sent: float | None = None
+        self.lease_s: float | None = None
+
+    async def ask(self, op: Op) -> Decision:
+        """Raises ConnectError when the witness cannot be reached or answers garbage."""
+        nonce = os.urandom(12).hex()
+        req: dict[str, Any] = {"op": op, "vm": self.vm, "node": self.node, "nonce": nonce}
+        req["mac"] = _mac(self.key, req)
+        sent = time.monotonic()
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout
+            )
+            try:
+                writer.write(json.dumps(req).encode() + b"\n")
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), self.timeout)
+            finally:
+                writer.close()
+        except (OSError, TimeoutError) as err:
+            raise ConnectError(f"witness {self.host}:{self.port}", str(err) or "timeout") from err
+        try:
+            rep = json.loads(line)
+            _verify(self.key, rep)
+        except (ValueError, ProtocolError) as err:
+            raise ConnectError(f"witness {self.host}:{self.port}", f"bad reply: {err}") from err
+        if rep.get("nonce") != nonce:
+            raise ConnectError(f"witness {self.host}:{self.port}", rep.get("error", "stale reply"))
+        d = Decision(
+            bool(rep["granted"]),
+            rep.get("owner"),
+            int(rep.get("generation", 0)),
+            float(rep.get("expires_in", 0.0)),
+            str(rep.get("reason", "")),
+        )
+        if d.granted and op in ("renew", "takeover"):
+            self.last_granted_sent = sent
+        return d
+
+    def lease_valid(self, lease_s: float, margin_s: float) -> bool:
+        """Our own conservative view: is our lease still certainly valid?"""
+        if self.last_granted_sent is None:
+            return False
+        return time.monotonic() < self.last_granted_sent + lease_s - margin_s

@@ -1,0 +1,995 @@
+"""Build a bootable guest (kernel + initramfs) from Debian packages, cached by content.
+
+A guest is Debian's ``linux-image-*-cloud-amd64`` kernel, a busybox-static initramfs,
+the virtio modules of the same kernel package, the static workload programs compiled
+from ``guest/workloads/*.c`` and the ``/init`` script ``guest/init.sh``::
+
+    cache_dir/
+      debs/<pkg>_<version>_<arch>.deb         apt-get download
+      pkgs/<pkg>_<version>_<arch>/            dpkg-deb -x
+      images/<key>/vmlinuz, initrd.img, manifest.json
+
+``key`` is :func:`image_key` over everything that goes into the image (package versions,
+init template, workload sources, gcc version, extra files, init command). A build with
+the same inputs returns the existing image at once (``cached=True``); a new image is
+built in a temporary directory and renamed into place, under a lock on the cache.
+
+Inside the initramfs::
+
+    /init                      guest/init.sh
+    /bin/busybox               from busybox-static, with a symlink per applet
+    /bin/counter, ...          one static binary per guest/workloads/*.c
+    /lib/modules/<kver>/*.ko   virtio modules, dependencies first, uncompressed
+    /etc/kemari/modules        the order in which init loads them
+    /etc/kemari/run            the baked-in init command (absent if none)
+
+The kernel command line for it comes from :func:`kernel_cmdline`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import ipaddress
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from kemari_suite.errors import ImageError, SetupError
+
+Progress = Callable[[str], None]
+
+#: Bump when the layout of the initramfs changes in a way the other inputs do not show.
+BUILD_FORMAT = 1
+
+BUSYBOX_PACKAGE = "busybox-static"
+
+#: Modules init loads, in this order (each one's dependencies are loaded before it).
+#: Built-in ones (modules.builtin) are skipped, so are ones the kernel does not ship.
+VIRTIO_MODULES: tuple[str, ...] = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "failover",
+    "net_failover",
+    "virtio_net",
+)
+
+#: The kernel command line always carries these: serial console, no reboot loop on
+#: panic (with QEMU's -no-reboot the VM exits), and options that cut TCG boot time.
+BASE_CMDLINE = (
+    "console=ttyS0",
+    "panic=-1",
+    "quiet",
+    "edd=off",
+    "mitigations=off",
+    "no_timer_check",
+    "tsc=reliable",
+    "8250.nr_uarts=1",
+    "i8042.noaux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "random.trust_cpu=on",
+)
+
+#: Bytes kemari.run may carry as they are; everything else is %HH-encoded.
+_RUN_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._/,:=+-")
+
+#: x86 COMMAND_LINE_SIZE is 2048 including the terminating NUL.
+MAX_CMDLINE = 2047
+
+_MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest: boot it with ``-kernel kernel -initrd initrd``."""
+
+    kernel: Path
+    initrd: Path
+    #: The kernel release, e.g. "6.1.0-56-cloud-amd64" (the lib/modules directory).
+    kernel_version: str
+    #: The content hash naming images/<key>/.
+    key: str
+    #: True if this call found the image already built and did no work.
+    cached: bool
+
+
+@dataclass(frozen=True)
+class ExtraFile:
+    """A host file copied into the initramfs (``--add SRC:DEST``)."""
+
+    dest: str
+    data: bytes
+    mode: int
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Everything that decides the bytes of an image; :func:`image_key` hashes it."""
+
+    kernel_package: str
+    kernel_package_version: str
+    busybox_version: str
+    gcc_version: str
+    init_template: bytes
+    #: (file name, content) of every file in guest/workloads, sorted by name.
+    workload_sources: tuple[tuple[str, bytes], ...]
+    extras: tuple[ExtraFile, ...] = ()
+    init_command: str = ""
+    modules: tuple[str, ...] = VIRTIO_MODULES
+    build_format: int = BUILD_FORMAT
+
+
+def image_key(inputs: ImageInputs) -> str:
+    """The cache key of an image: a hex digest over all of ``inputs``.
+
+    Pure and stable across processes and Python versions: every field is written with
+    an explicit tag and length, so no two different inputs share a byte stream.
+    """
+    h = hashlib.sha256()
+
+    def put(tag: str, value: bytes) -> None:
+        h.update(tag.encode())
+        h.update(len(value).to_bytes(8, "little"))
+        h.update(value)
+
+    put("format", str(inputs.build_format).encode())
+    put("kernel", inputs.kernel_package.encode())
+    put("kernel-version", inputs.kernel_package_version.encode())
+    put("busybox", inputs.busybox_version.encode())
+    put("gcc", inputs.gcc_version.encode())
+    put("init-template", inputs.init_template)
+    for name, content in sorted(inputs.workload_sources):
+        put("workload-name", name.encode())
+        put("workload", content)
+    for extra in inputs.extras:
+        put("extra-dest", extra.dest.encode())
+        put("extra-mode", str(extra.mode).encode())
+        put("extra", extra.data)
+    put("init", inputs.init_command.encode())
+    put("modules", ",".join(inputs.modules).encode())
+    return h.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def parse_add(spec: str) -> tuple[Path, str]:
+    """Split ``"SRC:DEST"`` into the host file and the absolute path in the initramfs.
+
+    The split is on the last colon (DEST is absolute, so it starts with "/").
+    Raises ImageError naming the spec if it is malformed, DEST is not a clean absolute
+    path, or SRC is not an existing regular file.
+    """
+    src, sep, dest = spec.rpartition(":")
+    if not sep or not src or not dest:
+        raise ImageError("add", f"{spec!r}: expected SRC:DEST")
+    if not dest.startswith("/") or dest.endswith("/"):
+        raise ImageError("add", f"{spec!r}: DEST must be an absolute file path")
+    parts = dest.strip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ImageError("add", f"{spec!r}: DEST must not contain empty, '.' or '..' parts")
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise ImageError("add", f"{spec!r}: {src} does not exist")
+    if not path.is_file():
+        raise ImageError("add", f"{spec!r}: {src} is not a regular file")
+    return path, "/" + "/".join(parts)
+
+
+def encode_run(command: str) -> str:
+    """Percent-encode a command for ``kemari.run=`` (init decodes it)."""
+    return "".join(chr(b) if b in _RUN_SAFE else f"%{b:02X}" for b in command.encode())
+
+
+def kernel_cmdline(
+    *, ip: str | None = None, gw: str | None = None, run: str | None = None, extra: str = ""
+) -> str:
+    """The guest kernel command line.
+
+    ``ip`` is "A.B.C.D/NN" for eth0, ``gw`` the default gateway, ``run`` a command for
+    init to run instead of the baked-in one (percent-encoded here), ``extra`` is appended
+    verbatim. Raises ImageError on a malformed address or a command line over 2047 bytes.
+    """
+    parts = list(BASE_CMDLINE)
+    if ip is not None:
+        if "/" not in ip:
+            raise ImageError("cmdline", f"kemari.ip {ip!r}: expected A.B.C.D/NN")
+        try:
+            ipaddress.IPv4Interface(ip)
+        except ValueError as err:
+            raise ImageError("cmdline", f"kemari.ip {ip!r}: {err}") from err
+        parts.append(f"kemari.ip={ip}")
+    if gw is not None:
+        try:
+            ipaddress.IPv4Address(gw)
+        except ValueError as err:
+            raise ImageError("cmdline", f"kemari.gw {gw!r}: {err}") from err
+        parts.append(f"kemari.gw={gw}")
+    if run:
+        parts.append(f"kemari.run={encode_run(run)}")
+    if extra.strip():
+        parts.append(extra.strip())
+    line = " ".join(parts)
+    if len(line.encode()) > MAX_CMDLINE:
+        raise ImageError("cmdline", f"{len(line.encode())} bytes, the kernel takes {MAX_CMDLINE}")
+    return line
+
+
+# --------------------------------------------------------------------------- apt
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    """One resolved Debian package version."""
+
+    name: str
+    version: str
+    arch: str
+
+    @property
+    def file_stem(self) -> str:
+        """``name_version_arch`` as apt names the .deb (":" in versions is "%3a")."""
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}"
+
+
+def parse_control(text: str) -> list[dict[str, str]]:
+    """Parse ``apt-cache show`` output into one dict per stanza (continuations joined)."""
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last = ""
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                stanzas.append(current)
+            current, last = {}, ""
+        elif line[0] in " \t" and last:
+            current[last] += "\n" + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            last = key.strip()
+            current[last] = value.strip()
+    if current:
+        stanzas.append(current)
+    return stanzas
+
+
+_VERSIONED_KERNEL = re.compile(r"^linux-image-\d")
+_DEP = re.compile(
+    r"^\s*(?P<name>[a-z0-9][a-z0-9+.-]*)(?::\w+)?\s*(?:\((?P<op>[<>=]+)\s*(?P<ver>[^)\s]+)\s*\))?"
+)
+
+
+def kernel_dependency(stanza: Mapping[str, str]) -> tuple[str, str | None] | None:
+    """The versioned kernel a meta-package depends on: (name, exact version or None).
+
+    Looks through Depends (then Pre-Depends) for the first alternative named
+    ``linux-image-<digit>...``; None if there is none.
+    """
+    for field_name in ("Depends", "Pre-Depends"):
+        for clause in stanza.get(field_name, "").split(","):
+            for alternative in clause.split("|"):
+                m = _DEP.match(alternative)
+                if m and _VERSIONED_KERNEL.match(m.group("name")):
+                    exact = m.group("ver") if m.group("op") == "=" else None
+                    return m.group("name"), exact
+    return None
+
+
+def _need_tool(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise SetupError(tool, f"`{tool}` not found (apt-get install {package})")
+    return path
+
+
+class Apt:
+    """apt-cache / apt-get, with one automatic ``apt-get update`` if a lookup finds nothing."""
+
+    def __init__(self, note: Progress) -> None:
+        self._note = note
+        self._updated = False
+
+    def _run(self, argv: Sequence[str], step: str, cwd: Path | None = None) -> str:
+        try:
+            done = subprocess.run(
+                list(argv), cwd=cwd, capture_output=True, text=True, check=False, timeout=900
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise ImageError(step, f"`{' '.join(argv)}` failed: {err}") from err
+        if done.returncode != 0:
+            raise ImageError(
+                step,
+                f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip() or '-'}",
+            )
+        return done.stdout
+
+    def _show_once(self, name: str) -> list[dict[str, str]]:
+        apt_cache = _need_tool("apt-cache", "apt")
+        done = subprocess.run(
+            [apt_cache, "show", "--no-all-versions", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            return []
+        return [s for s in parse_control(done.stdout) if s.get("Package") == name]
+
+    def _update(self) -> None:
+        apt_get = _need_tool("apt-get", "apt")
+        self._note("apt-get update (package not in the local lists)")
+        self._updated = True
+        self._run([apt_get, "update"], "apt-get update")
+
+    def show(self, name: str) -> dict[str, str]:
+        """The candidate stanza of ``name``. Raises ImageError if apt does not know it."""
+        stanzas = self._show_once(name)
+        if not stanzas and not self._updated:
+            try:
+                self._update()
+            except ImageError as err:
+                raise ImageError(
+                    "resolve",
+                    f"package {name!r} is not in apt's lists and `apt-get update` failed: "
+                    f"{err.reason}",
+                ) from err
+            stanzas = self._show_once(name)
+        if not stanzas:
+            raise ImageError(
+                "resolve",
+                f"package {name!r} not found by apt-cache (even after `apt-get update`); "
+                "check the name and /etc/apt/sources.list, then run `apt-get update`",
+            )
+        return stanzas[0]
+
+    def download(self, pkg: DebPackage, debs: Path) -> Path:
+        """``apt-get download`` into ``debs`` (once). Raises ImageError naming the package."""
+        target = debs / f"{pkg.file_stem}.deb"
+        if target.is_file():
+            return target
+        apt_get = _need_tool("apt-get", "apt")
+        debs.mkdir(parents=True, exist_ok=True)
+        self._note(f"downloading {pkg.name} {pkg.version}")
+        argv = [apt_get, "download", f"{pkg.name}={pkg.version}"]
+        if os.geteuid() == 0:
+            # Root downloads into a directory the _apt user cannot write: say so to apt
+            # instead of getting a warning about it.
+            argv[1:1] = ["-o", "APT::Sandbox::User=root"]
+        with tempfile.TemporaryDirectory(dir=debs, prefix=".dl-") as tmp:
+            try:
+                self._run(argv, "download", cwd=Path(tmp))
+            except ImageError as err:
+                raise ImageError(
+                    "download",
+                    f"could not download {pkg.name}={pkg.version} (run `apt-get update` and "
+                    f"check the network): {err.reason}",
+                ) from err
+            got = sorted(Path(tmp).glob("*.deb"))
+            if len(got) != 1:
+                raise ImageError("download", f"apt-get download {pkg.name} left {len(got)} files")
+            os.replace(got[0], target)
+        return target
+
+
+def resolve_kernel_package(apt: Apt, name: str) -> DebPackage:
+    """Follow a kernel meta-package to the versioned package that holds the kernel.
+
+    Raises ImageError if the package is unknown or is neither a versioned kernel nor a
+    meta-package depending on one.
+    """
+    seen: set[str] = set()
+    stanza = apt.show(name)
+    while not _VERSIONED_KERNEL.match(stanza["Package"]):
+        seen.add(stanza["Package"])
+        dep = kernel_dependency(stanza)
+        if dep is None or dep[0] in seen:
+            raise ImageError(
+                "resolve", f"{stanza['Package']} neither is nor depends on a linux-image-<version>"
+            )
+        dep_name, exact = dep
+        if exact:
+            # Debian's meta-packages pin the exact version: no need to ask apt again.
+            return DebPackage(dep_name, exact, stanza.get("Architecture", "amd64"))
+        stanza = apt.show(dep_name)
+    return DebPackage(stanza["Package"], stanza["Version"], stanza.get("Architecture", "amd64"))
+
+
+def resolve_package(apt: Apt, name: str) -> DebPackage:
+    """The candidate version of ``name``. Raises ImageError if apt does not know it."""
+    stanza = apt.show(name)
+    return DebPackage(stanza["Package"], stanza["Version"], stanza.get("Architecture", "amd64"))
+
+
+#: What decides apt's candidate versions: the package lists, sources and pins, dpkg status.
+APT_STATE_PATHS = (Path("/var/lib/apt/lists"), Path("/etc/apt"), Path("/var/lib/dpkg/status"))
+
+
+def apt_state_stamp(paths: Sequence[Path] = APT_STATE_PATHS) -> str:
+    """A digest of the names, sizes and mtimes of the files apt resolves versions from."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in files:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class ResolutionMemo:
+    """Package resolutions remembered in a JSON file while apt's state is unchanged.
+
+    ``apt-cache`` takes about half a second per call here; with the memo a cached image
+    is found without running apt at all.
+    """
+
+    def __init__(self, path: Path, stamp: str) -> None:
+        self._path = path
+        self._stamp = stamp
+        self._packages: dict[str, list[str]] = {}
+        try:
+            data = json.loads(path.read_text())
+            if data.get("stamp") == stamp and isinstance(data.get("packages"), dict):
+                self._packages = data["packages"]
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def get(self, name: str) -> DebPackage | None:
+        entry = self._packages.get(name)
+        if isinstance(entry, list) and len(entry) == 3 and all(isinstance(x, str) for x in entry):
+            return DebPackage(entry[0], entry[1], entry[2])
+        return None
+
+    def put(self, name: str, pkg: DebPackage, stamp: str) -> None:
+        """Remember ``name`` -> ``pkg`` (best effort: an unwritable memo only costs time)."""
+        if stamp != self._stamp:
+            self._packages, self._stamp = {}, stamp
+        self._packages[name] = [pkg.name, pkg.version, pkg.arch]
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"stamp": stamp, "packages": self._packages}, indent=1))
+            os.replace(tmp, self._path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
+def extract_deb(deb: Path, pkgs: Path, stem: str, note: Progress) -> Path:
+    """``dpkg-deb -x`` into pkgs/<stem> (once, atomically). Raises ImageError."""
+    target = pkgs / stem
+    if target.is_dir():
+        return target
+    note(f"extracting {deb.name}")
+    dpkg_deb = _need_tool("dpkg-deb", "dpkg")
+    pkgs.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=pkgs, prefix=".x-"))
+    try:
+        done = subprocess.run(
+            [dpkg_deb, "-x", str(deb), str(tmp)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise ImageError("extract", f"dpkg-deb -x {deb.name}: {done.stderr.strip()}")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    except OSError as err:
+        raise ImageError("extract", f"{deb.name}: {err}") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def modinfo_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` list from a module's .modinfo ELF section.
+
+    Raises ImageError if ``ko`` is not a 64-bit little-endian ELF with a .modinfo section.
+    """
+    if ko[:4] != b"\x7fELF" or ko[4] != 2 or ko[5] != 1:
+        raise ImageError("modules", "not a 64-bit little-endian ELF module")
+    (shoff,) = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from(
+            "<IIQQQQ", ko, shoff + i * shentsize
+        )
+        return name, offset, size
+
+    try:
+        _, str_off, str_size = section(shstrndx)
+        names = ko[str_off : str_off + str_size]
+        for i in range(shnum):
+            name_off, offset, size = section(i)
+            end = names.find(b"\0", name_off)
+            if names[name_off:end] == b".modinfo":
+                for entry in ko[offset : offset + size].split(b"\0"):
+                    if entry.startswith(b"depends="):
+                        value = entry[len(b"depends=") :].decode()
+                        return [d for d in value.split(",") if d]
+                return []
+    except (struct.error, UnicodeDecodeError) as err:
+        raise ImageError("modules", f"malformed module: {err}") from err
+    raise ImageError("modules", "module has no .modinfo section")
+
+
+def _module_name(path: Path) -> str:
+    name = path.name
+    for suffix in _MODULE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.replace("-", "_")
+
+
+def _decompress_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    try:
+        if path.name.endswith(".ko.xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".ko.gz"):
+            return gzip.decompress(data)
+        if path.name.endswith(".ko.zst"):
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    except (lzma.LZMAError, zstandard.ZstdError, OSError, EOFError) as err:
+        raise ImageError("modules", f"cannot decompress {path.name}: {err}") from err
+    return data
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """Which modules go into the initramfs, in load order."""
+
+    #: (module name, uncompressed .ko bytes), dependencies first.
+    load: tuple[tuple[str, bytes], ...]
+    builtin: tuple[str, ...]
+    absent: tuple[str, ...]
+
+
+def plan_modules(moddir: Path, wanted: Sequence[str]) -> ModulePlan:
+    """Order ``wanted`` (and their dependencies) for insmod, from one kernel's modules.
+
+    ``moddir`` is lib/modules/<kver>. Built-in modules (modules.builtin) are skipped,
+    and so are wanted modules the kernel does not ship; a missing dependency of a
+    shipped module raises ImageError.
+    """
+    builtin: set[str] = set()
+    builtin_file = moddir / "modules.builtin"
+    if builtin_file.is_file():
+        for line in builtin_file.read_text().splitlines():
+            if line.strip():
+                builtin.add(_module_name(Path(line.strip())))
+    files: dict[str, Path] = {}
+    for path in sorted((moddir / "kernel").rglob("*.ko*")):
+        if path.name.endswith(_MODULE_SUFFIXES):
+            files.setdefault(_module_name(path), path)
+
+    load: list[tuple[str, bytes]] = []
+    done: set[str] = set()
+    found_builtin: list[str] = []
+    absent: list[str] = []
+
+    def visit(name: str, needed_by: str | None, stack: tuple[str, ...]) -> None:
+        if name in done:
+            return
+        if name in stack:
+            raise ImageError("modules", f"dependency cycle: {' -> '.join((*stack, name))}")
+        if name in builtin:
+            done.add(name)
+            found_builtin.append(name)
+            return
+        path = files.get(name)
+        if path is None:
+            if needed_by is not None:
+                raise ImageError("modules", f"{needed_by} needs {name}, not in {moddir}")
+            done.add(name)
+            absent.append(name)
+            return
+        ko = _decompress_module(path)
+        for dep in modinfo_depends(ko):
+            visit(dep, name, (*stack, name))
+        done.add(name)
+        load.append((name, ko))
+
+    for name in wanted:
+        visit(name, None, ())
+    return ModulePlan(tuple(load), tuple(found_builtin), tuple(absent))
+
+
+# --------------------------------------------------------------------------- cpio
+
+
+@dataclass(frozen=True)
+class _Entry:
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class Archive:
+    """An initramfs under construction: absolute paths to files, dirs, links, nodes."""
+
+    entries: dict[str, _Entry] = field(default_factory=dict)
+
+    def _parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            existing = self.entries.get(parent)
+            if existing is None:
+                self.entries[parent] = _Entry(stat.S_IFDIR | 0o755)
+            elif not stat.S_ISDIR(existing.mode):
+                raise ImageError("initramfs", f"/{parent} is a file, cannot hold /{path}")
+
+    def _put(self, path: str, entry: _Entry, replace: bool = True) -> None:
+        rel = path.strip("/")
+        if not rel:
+            raise ImageError("initramfs", f"bad path {path!r}")
+        existing = self.entries.get(rel)
+        if existing is not None and stat.S_ISDIR(existing.mode) != stat.S_ISDIR(entry.mode):
+            raise ImageError("initramfs", f"/{rel}: a directory and a file at the same path")
+        if existing is not None and not replace:
+            return
+        self._parents(rel)
+        self.entries[rel] = entry
+
+    def dir(self, path: str, mode: int = 0o755) -> None:
+        self._put(path, _Entry(stat.S_IFDIR | mode))
+
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._put(path, _Entry(stat.S_IFREG | (mode & 0o7777), data))
+
+    def symlink(self, path: str, target: str, *, replace: bool = True) -> None:
+        self._put(path, _Entry(stat.S_IFLNK | 0o777, target.encode()), replace)
+
+    def chardev(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
+        self._put(path, _Entry(stat.S_IFCHR | mode, rdev=(major, minor)))
+
+    def newc(self) -> bytes:
+        """The archive as newc cpio (uid/gid 0, mtime 0: the same input gives the same bytes)."""
+        out = io.BytesIO()
+
+        def record(ino: int, name: str, entry: _Entry) -> None:
+            nlink = 2 if stat.S_ISDIR(entry.mode) else 1
+            # ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
+            # namesize check
+            fields = [ino, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0]
+            fields += [entry.rdev[0], entry.rdev[1], len(name) + 1, 0]
+            out.write(b"070701" + b"".join(b"%08X" % v for v in fields))
+            out.write(name.encode() + b"\0")
+            out.write(b"\0" * (-out.tell() % 4))
+            out.write(entry.data)
+            out.write(b"\0" * (-out.tell() % 4))
+
+        # Sorted paths put every directory before its contents.
+        for ino, name in enumerate(sorted(self.entries), start=1):
+            record(ino, name, self.entries[name])
+        record(0, "TRAILER!!!", _Entry(0))
+        return out.getvalue()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with mtime 0, so equal input gives equal output."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as gz:
+        gz.write(data)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- guest sources
+
+
+def guest_dir() -> Path:
+    """Where init.sh and workloads/ live: $KEMARI_GUEST_DIR, else <repo>/guest."""
+    env = os.environ.get("KEMARI_GUEST_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "guest"
+
+
+@dataclass(frozen=True)
+class GuestSources:
+    init_template: bytes
+    #: (file name, content) of every file in workloads/ (.c sources and headers).
+    workloads: tuple[tuple[str, bytes], ...]
+    workloads_dir: Path
+
+
+def load_guest_sources(root: Path) -> GuestSources:
+    """Read init.sh and workloads/*. Raises ImageError if they are missing."""
+    init = root / "init.sh"
+    wl = root / "workloads"
+    if not init.is_file() or not wl.is_dir():
+        raise ImageError("sources", f"{root} lacks init.sh or workloads/ (set KEMARI_GUEST_DIR)")
+    files = tuple(
+        (p.name, p.read_bytes())
+        for p in sorted(wl.iterdir())
+        if p.is_file() and p.suffix in (".c", ".h")
+    )
+    if not any(name.endswith(".c") for name, _ in files):
+        raise ImageError("sources", f"no workload sources in {wl}")
+    return GuestSources(init.read_bytes(), files, wl)
+
+
+def gcc_version() -> str:
+    """First line of ``gcc --version``. Raises SetupError if gcc is missing."""
+    gcc = _need_tool("gcc", "gcc")
+    done = subprocess.run([gcc, "--version"], capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise SetupError("gcc", f"`gcc --version` failed: {done.stderr.strip()}")
+    return done.stdout.splitlines()[0].strip()
+
+
+def compile_workloads(src_dir: Path, out_dir: Path, note: Progress) -> dict[str, bytes]:
+    """``gcc -static -O2`` every src_dir/*.c; returns {program name: binary}.
+
+    Raises ImageError with the compiler's output if one fails (a missing static libc
+    means `apt-get install libc6-dev`).
+    """
+    gcc = _need_tool("gcc", "gcc")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    programs: dict[str, bytes] = {}
+    for src in sorted(src_dir.glob("*.c")):
+        note(f"compiling {src.name}")
+        exe = out_dir / src.stem
+        argv = [gcc, "-static", "-O2", "-s", "-Wall", "-I", str(src_dir), "-o", str(exe), str(src)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ImageError("compile", f"{src.name}: {done.stderr.strip()}")
+        programs[src.stem] = exe.read_bytes()
+    return programs
+
+
+def busybox_applets(busybox: Path) -> list[str]:
+    """Applet paths (``bin/sh``, ``sbin/ip``...) from ``busybox --list-full``.
+
+    Returns [] if the binary cannot run on this host; init then installs the links.
+    """
+    try:
+        done = subprocess.run(
+            [str(busybox), "--list-full"], capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0:
+        return []
+    return [line.strip().strip("/") for line in done.stdout.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- build
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sweep_stale(cache_dir: Path) -> None:
+    """Remove temporary download/extract/build directories left by a killed build.
+
+    Called with the build lock held: every builder writes only while holding it, so any
+    temporary entry present now belongs to a build that is gone.
+    """
+    for sub in ("debs", "pkgs", "images"):
+        folder = cache_dir / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _cached(out: Path) -> GuestImage | None:
+    manifest = out / "manifest.json"
+    kernel, initrd = out / "vmlinuz", out / "initrd.img"
+    if not (manifest.is_file() and kernel.is_file() and initrd.is_file()):
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+        return GuestImage(kernel, initrd, str(data["kernel_version"]), str(data["key"]), True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _find_kernel(root: Path) -> tuple[str, Path]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise ImageError("kernel", f"expected one boot/vmlinuz-* in {root}, found {len(kernels)}")
+    kver = kernels[0].name[len("vmlinuz-") :]
+    if not (root / "lib" / "modules" / kver).is_dir():
+        raise ImageError("kernel", f"{root} has no lib/modules/{kver}")
+    return kver, kernels[0]
+
+
+def build_image(
+    cache_dir: Path,
+    *,
+    kernel_package: str = "linux-image-cloud-amd64",
+    add: Sequence[str] = (),
+    init: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> GuestImage:
+    """Build (or find in the cache) the guest kernel and initramfs.
+
+    ``add`` holds "SRC:DEST" specs of host files to copy in (added last, so they may
+    replace built-in files); ``init`` is the command init runs (a ``kemari.run=`` on the
+    kernel command line overrides it at boot). ``progress`` receives one line per step.
+    A cache hit runs no apt command while apt's lists are unchanged (see ResolutionMemo).
+    Raises ImageError (unknown or undownloadable package, bad --add spec, compile error,
+    unwritable cache) or SetupError (apt, dpkg-deb or gcc missing).
+    """
+
+    def note(msg: str) -> None:
+        if progress is not None:
+            progress(msg)
+
+    cache_dir = Path(cache_dir)
+    extras = []
+    for spec in add:
+        src, dest = parse_add(spec)
+        try:
+            extras.append(ExtraFile(dest, src.read_bytes(), stat.S_IMODE(src.stat().st_mode)))
+        except OSError as err:
+            raise ImageError("add", f"{spec!r}: {err}") from err
+    sources = load_guest_sources(guest_dir())
+
+    try:
+        (cache_dir / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ImageError("cache", f"cannot create {cache_dir / 'images'}: {err}") from err
+
+    with _locked(cache_dir / ".build.lock"):
+        _sweep_stale(cache_dir)
+        apt = Apt(note)
+        memo = ResolutionMemo(cache_dir / "resolved.json", apt_state_stamp())
+        kernel_pkg = memo.get(kernel_package)
+        busybox_pkg = memo.get(BUSYBOX_PACKAGE)
+        if kernel_pkg is None or busybox_pkg is None:
+            note(f"resolving {kernel_package} and {BUSYBOX_PACKAGE} with apt-cache")
+            kernel_pkg = resolve_kernel_package(apt, kernel_package)
+            busybox_pkg = resolve_package(apt, BUSYBOX_PACKAGE)
+            stamp = apt_state_stamp()  # after a possible apt-get update
+            memo.put(kernel_package, kernel_pkg, stamp)
+            memo.put(BUSYBOX_PACKAGE, busybox_pkg, stamp)
+        inputs = ImageInputs(
+            kernel_package=kernel_pkg.name,
+            kernel_package_version=kernel_pkg.version,
+            busybox_version=busybox_pkg.version,
+            gcc_version=gcc_version(),
+            init_template=sources.init_template,
+            workload_sources=sources.workloads,
+            extras=tuple(extras),
+            init_command=init,
+        )
+        key = image_key(inputs)
+        out = cache_dir / "images" / key
+        hit = _cached(out)
+        if hit is not None:
+            note(f"image {key} is cached")
+            return hit
+
+        note(f"building image {key} ({kernel_pkg.name} {kernel_pkg.version})")
+        pkgs = cache_dir / "pkgs"
+        kernel_deb = apt.download(kernel_pkg, cache_dir / "debs")
+        kernel_root = extract_deb(kernel_deb, pkgs, kernel_pkg.file_stem, note)
+        busybox_deb = apt.download(busybox_pkg, cache_dir / "debs")
+        busybox_root = extract_deb(busybox_deb, pkgs, busybox_pkg.file_stem, note)
+        kver, vmlinuz = _find_kernel(kernel_root)
+        busybox = busybox_root / "bin" / "busybox"
+        if not busybox.is_file():
+            raise ImageError("busybox", f"{busybox_pkg.name} has no bin/busybox")
+        plan = plan_modules(kernel_root / "lib" / "modules" / kver, VIRTIO_MODULES)
+        if plan.absent:
+            note(f"kernel {kver} ships no {', '.join(plan.absent)}")
+
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir / "images", prefix=f".{key}-"))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; QEMU may run as another user
+            programs = compile_workloads(sources.workloads_dir, tmp / "build", note)
+            note("writing initramfs")
+            archive = _assemble(inputs, kver, busybox, programs, plan)
+            (tmp / "initrd.img").write_bytes(gzip_bytes(archive.newc()))
+            shutil.copyfile(vmlinuz, tmp / "vmlinuz")
+            shutil.rmtree(tmp / "build")
+            manifest = {
+                "key": key,
+                "format": BUILD_FORMAT,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "kernel_package": kernel_package,
+                "kernel_deb": {"name": kernel_pkg.name, "version": kernel_pkg.version},
+                "kernel_version": kver,
+                "busybox_version": busybox_pkg.version,
+                "gcc_version": inputs.gcc_version,
+                "modules": [name for name, _ in plan.load],
+                "modules_builtin": list(plan.builtin),
+                "modules_absent": list(plan.absent),
+                "workloads": sorted(programs),
+                "extras": [
+                    {"dest": e.dest, "sha256": hashlib.sha256(e.data).hexdigest()} for e in extras
+                ],
+                "init": init,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            try:
+                tmp.rename(out)
+            except OSError:
+                # Someone else finished the same key first (outside our lock): use theirs.
+                if _cached(out) is None:
+                    raise
+        except OSError as err:
+            raise ImageError("write", f"{out}: {err}") from err
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        note(f"image {key} built in {out}")
+        return GuestImage(out / "vmlinuz", out / "initrd.img", kver, key, False)
+
+
+def _assemble(
+    inputs: ImageInputs,
+    kver: str,
+    busybox: Path,
+    programs: Mapping[str, bytes],
+    plan: ModulePlan,
+) -> Archive:
+    ar = Archive()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/kemari", "proc", "sys", "dev", "run"):
+        ar.dir(d)
+    ar.dir("tmp", 0o1777)
+    ar.dir("root", 0o700)
+    # The kernel opens /dev/console before init mounts devtmpfs.
+    ar.chardev("dev/console", 5, 1)
+    ar.chardev("dev/null", 1, 3, 0o666)
+    ar.file("bin/busybox", busybox.read_bytes(), 0o755)
+    for applet in busybox_applets(busybox):
+        if applet not in ("init", "linuxrc", "bin/busybox"):
+            ar.symlink(applet, "/bin/busybox", replace=False)
+    ar.symlink("bin/sh", "/bin/busybox", replace=False)
+    ar.file("init", inputs.init_template, 0o755)
+    ar.file("etc/hosts", b"127.0.0.1 localhost\n")
+    ar.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    ar.file("etc/group", b"root:x:0:\n")
+    order = []
+    for name, ko in plan.load:
+        ar.file(f"lib/modules/{kver}/{name}.ko", ko)
+        order.append(f"{kver}/{name}.ko")
+    ar.file("etc/kemari/modules", "".join(f"{m}\n" for m in order).encode())
+    if inputs.init_command:
+        ar.file("etc/kemari/run", inputs.init_command.encode() + b"\n")
+    for name, binary in programs.items():
+        ar.file(f"bin/{name}", binary, 0o755)
+    for extra in inputs.extras:
+        ar.file(extra.dest, extra.data, extra.mode)
+    return ar
