@@ -21,7 +21,7 @@ from typing import Any
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConnectError, KemariError, LabError
-from kemari_suite.lab.lab import LabLayout
+from kemari_suite.lab.lab import HostRole, LabLayout
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.memsync import control
 
@@ -95,7 +95,7 @@ class LabPair:
 
     def _write_config(self, role: str) -> Path:
         lab, o = self.lab, self.opts
-        host_role = role if role != "witness" else "client"
+        tap_role: HostRole = "primary" if role == "primary" else "secondary"
         sections: dict[str, dict[str, Any]] = {
             "paths": {
                 "cache_dir": str(self.base.paths.cache_dir),
@@ -108,9 +108,8 @@ class LabPair:
                 "memory_mib": o.memory_mib,
                 "vcpus": o.vcpus,
                 "accel": self.base.vm.accel,
-                "netdev": f"tap,ifname={lab.tap_for('primary' if role == 'primary' else 'secondary')},"
-                "script=no,downscript=no",
-                "netns": lab.ns_for(host_role) if role != "witness" else "",
+                "netdev": f"tap,ifname={lab.tap_for(tap_role)},script=no,downscript=no",
+                "netns": lab.ns_for(tap_role) if role != "witness" else "",
                 "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
                 "run": o.workload,
             },
@@ -126,7 +125,9 @@ class LabPair:
                 "heartbeat_interval_ms": o.heartbeat_interval_ms,
                 "heartbeat_timeout_ms": o.heartbeat_timeout_ms,
                 "tiebreaker": o.tiebreaker,
-                "witness": f"{lab.lan_client_ip}:{WITNESS_PORT}" if o.tiebreaker == "witness" else "",
+                "witness": f"{lab.lan_client_ip}:{WITNESS_PORT}"
+                if o.tiebreaker == "witness"
+                else "",
             },
         }
         path = self.root / f"{role}.toml"
@@ -143,7 +144,7 @@ class LabPair:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
+            env={**os.environ, "KEMARI_FAULTS": "1", **env},
             start_new_session=True,
         )
         log.close()
@@ -151,21 +152,33 @@ class LabPair:
     def start_witness(self) -> None:
         listen = f"{self.lab.lan_client_ip}:{WITNESS_PORT}"
         self._spawn(
-            "witness", ["witness", "-c", str(self.configs["witness"]), "--listen", listen],
-            self.lab.ns_client, {},
+            "witness",
+            ["witness", "-c", str(self.configs["witness"]), "--listen", listen],
+            self.lab.ns_client,
+            {},
         )
 
     def start_secondary(self) -> None:
         self._spawn(
-            "secondary", ["standby", "-c", str(self.configs["secondary"])],
-            self.lab.ns_secondary, self.opts.env_secondary,
+            "secondary",
+            ["standby", "-c", str(self.configs["secondary"])],
+            self.lab.ns_secondary,
+            self.opts.env_secondary,
         )
 
     def start_primary(self) -> None:
         self._spawn(
-            "primary", ["protect", "-c", str(self.configs["primary"])],
-            self.lab.ns_primary, self.opts.env_primary,
+            "primary",
+            ["protect", "-c", str(self.configs["primary"])],
+            self.lab.ns_primary,
+            self.opts.env_primary,
         )
+        # For KEMARI_FAULT_TARGET on the secondary: who to kill at its fault point.
+        self.primary_pidfile.write_text(f"{self.procs['primary'].pid}\n")
+
+    @property
+    def primary_pidfile(self) -> Path:
+        return self.root / "primary.pid"
 
     def start(self) -> None:
         if self.opts.tiebreaker == "witness":
@@ -215,7 +228,8 @@ class LabPair:
             if not self.alive(role):
                 raise LabError(
                     self.lab.lab_id,
-                    f"{role} exited while waiting for {sorted(states)}:\n{self.output(role)[-3000:]}",
+                    f"{role} exited while waiting for {sorted(states)}:\n"
+                    + self.output(role)[-3000:],
                 )
             with contextlib.suppress(ConnectError, KemariError):
                 last = self.status(role, timeout=2)
@@ -253,6 +267,12 @@ class LabPair:
             return int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def arm_fault(self, role: str, point: str, count: int = 1, *, target: str = "") -> None:
+        """Arm a fault-injection point in a running agent."""
+        control.request(
+            self.control_path(role), "fault", point=point, count=count, target=target
+        )
 
     def kill(self, role: str) -> None:
         """SIGKILL the agent of ``role`` and its QEMU, by PID."""

@@ -28,7 +28,9 @@ from kemari_suite.vm.qemu import VMPaths
 
 def control_path(cfg: KemariConfig) -> Path:
     """Where the agent of this config listens for control requests."""
-    return VMPaths.for_vm(cfg.vm.name, cfg.paths.run_dir, cfg.paths.shm_dir).run_dir / "control.sock"
+    return (
+        VMPaths.for_vm(cfg.vm.name, cfg.paths.run_dir, cfg.paths.shm_dir).run_dir / "control.sock"
+    )
 
 
 def artifacts_dir(cfg: KemariConfig, role: str) -> Path:

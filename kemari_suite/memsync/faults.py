@@ -4,7 +4,11 @@
 QEMU with it, through the parent-death signal) the n-th time (default 1st) it passes
 ``<point>``. ``KEMARI_FAULT=random:<seconds>`` kills it at a uniformly random moment in
 that many seconds after protection starts. Without the variable, :func:`hit` costs one
-dictionary lookup.
+string comparison.
+
+``KEMARI_FAULT_TARGET=<pidfile>`` turns the kill outward: instead of dying, the agent
+SIGKILLs the process whose PID is in that file and carries on. The kill campaigns use it
+on the secondary to kill the *primary* at the moment the secondary is applying pages.
 """
 
 from __future__ import annotations
@@ -27,6 +31,30 @@ POINTS: dict[str, str] = {
 _spec = os.environ.get("KEMARI_FAULT", "")
 _point, _, _arg = _spec.partition(":")
 _count = 0
+_target = os.environ.get("KEMARI_FAULT_TARGET", "")
+
+
+def enabled() -> bool:
+    """May faults be armed at run time (control command ``fault``)?
+
+    Only with ``KEMARI_FAULTS=1`` in the agent's environment: a production agent has no
+    remote kill switch.
+    """
+    return os.environ.get("KEMARI_FAULTS") == "1"
+
+
+def arm(point: str, count: int = 1, target: str = "") -> None:
+    """Arm ``point`` now: fire the ``count``-th time it is passed from here on.
+
+    Raises:
+        ValueError: unknown point or count below 1.
+    """
+    global _point, _arg, _count, _target
+    if point not in POINTS and point != "random":
+        raise ValueError(f"unknown fault point {point!r} (known: {', '.join(POINTS)})")
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    _point, _arg, _count, _target = point, str(count), 0, target
 
 
 def armed_point() -> str | None:
@@ -53,7 +81,26 @@ def hit(point: str) -> None:
         return
     _count += 1
     if _count >= int(_arg or "1"):
-        die(point)
+        if _target:
+            kill_target(point, _target)
+        else:
+            die(point)
+
+
+def kill_target(point: str, pidfile: str) -> None:
+    """SIGKILL the process named in ``pidfile`` (once), and go on."""
+    global _point
+    _point = ""  # once only
+    try:
+        pid = int(open(pidfile).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        os.write(2, f"KEMARI-FAULT-MISS {point}: no pid in {pidfile}\n".encode())
+        return
+    os.write(2, f"KEMARI-FAULT-HIT {point} (killing pid {pid})\n".encode())
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def die(point: str) -> None:

@@ -106,14 +106,18 @@ class PrimaryAgent:
         self.spec = spec
         self.node_id = node_id
         self.vm = AsyncVM(spec, run_root=cfg.paths.run_dir, shm_dir=cfg.paths.shm_dir)
-        self.artifacts = Artifacts(artifacts or (self.vm.paths.run_dir.parent / f"{spec.name}-artifacts"))
+        self.artifacts = Artifacts(
+            artifacts or (self.vm.paths.run_dir.parent / f"{spec.name}-artifacts")
+        )
         self.status = PrimaryStatus()
         self.on_state = on_state
         self.ram: GuestRAM | None = None
         self.tracker: DirtyTracker | None = None
         self.capturer: DeviceStateCapturer | None = None
         self.link: Link | None = None
-        self.encoder = PageEncoder(self.rcfg.compression if self.rcfg.compression != "none" else "none")
+        self.encoder = PageEncoder(
+            self.rcfg.compression if self.rcfg.compression != "none" else "none"
+        )
         self._sync_lock = asyncio.Lock()
         self._waiters: dict[int, EpochWaiter] = {}
         self._sync_requested = asyncio.Event()
@@ -183,6 +187,7 @@ class PrimaryAgent:
                 "status": self._h_status,
                 "checkpoint": self._h_checkpoint,
                 "stop": self._h_stop,
+                **({"fault": _h_fault} if faults.enabled() else {}),
             },
         )
         await self.control.start()
@@ -343,8 +348,14 @@ class PrimaryAgent:
         self._waiters.clear()
 
     async def _send_epoch_pages(
-        self, epoch: int, idx: np.ndarray, staged: np.ndarray, prev: np.ndarray | None,
+        self,
+        epoch: int,
+        idx: np.ndarray,
+        staged: np.ndarray,
+        prev: np.ndarray | None,
         digest: wire.EpochDigest,
+        *,
+        precopy: bool = False,
     ) -> tuple[int, float]:
         """Encode and send pages in batches; returns (bytes sent, encode seconds)."""
         assert self.link is not None
@@ -360,8 +371,7 @@ class PrimaryAgent:
             msg = wire.Pages(epoch=epoch, encoded=blob)
             digest.update(msg)
             sent += await self.link.send(msg)
-            if start > 0:
-                faults.hit("mid-transfer")
+            faults.hit("precopy" if precopy else "mid-transfer")
         return sent, enc_s
 
     async def _initial_sync(self) -> None:
@@ -370,7 +380,9 @@ class PrimaryAgent:
         epoch = self.status.epoch + 1
         n = self.ram.n_pages
         await self.link.send(
-            wire.EpochBegin(epoch=epoch, kind=wire.EpochKind.FULL, ram_size=n * PAGE, page_size=PAGE)
+            wire.EpochBegin(
+                epoch=epoch, kind=wire.EpochKind.FULL, ram_size=n * PAGE, page_size=PAGE
+            )
         )
         digest = wire.EpochDigest(epoch)
         # Round 0: every page, copied into the staging buffer while the guest runs; the
@@ -387,8 +399,9 @@ class PrimaryAgent:
             await self.vm.execute("cont")
         for start in range(0, n, BATCH_PAGES * 4):
             sl = slice(start, start + BATCH_PAGES * 4)
-            await self._send_epoch_pages(epoch, all_idx[sl], staged_all[sl], None, digest)
-            faults.hit("precopy")
+            await self._send_epoch_pages(
+                epoch, all_idx[sl], staged_all[sl], None, digest, precopy=True
+            )
         # Further rounds: only what changed since it was sent.
         for _ in range(PRECOPY_MAX_ROUNDS):
             k = await asyncio.to_thread(self.tracker.scan, self.ram.pages, out=self._idx)
@@ -398,8 +411,7 @@ class PrimaryAgent:
             staged = self.tracker.stage(self.ram.pages, idx, self._staging)
             prev = self.tracker.previous(idx, self._prev)
             self.tracker.commit(idx, staged)
-            await self._send_epoch_pages(epoch, idx, staged, prev, digest)
-            faults.hit("precopy")
+            await self._send_epoch_pages(epoch, idx, staged, prev, digest, precopy=True)
         self.status.epoch = epoch
         await self._sync_point("initial", digest=digest, begun=True)
 
@@ -439,7 +451,10 @@ class PrimaryAgent:
             idx = idx.copy()
             sent, enc_s = await self._send_epoch_pages(epoch, idx, staged, prev, digest)
             self.tracker.commit(idx, staged)
-            for part in (wire.DeviceState(epoch=epoch, data=devstate), wire.IOLog(epoch=epoch, data=io_log)):
+            for part in (
+                wire.DeviceState(epoch=epoch, data=devstate),
+                wire.IOLog(epoch=epoch, data=io_log),
+            ):
                 digest.update(part)
                 sent += await self.link.send(part)
             sent += await self.link.send(
@@ -495,10 +510,11 @@ class PrimaryAgent:
 
     async def _await_ack(self, fut: asyncio.Future[int], epoch: int) -> None:
         timeout = self.rcfg.heartbeat_timeout_ms / 1000
-        lost = asyncio.ensure_future(self._link_lost.wait())
+        lost: asyncio.Future[bool] = asyncio.ensure_future(self._link_lost.wait())
         try:
+            waitables: set[asyncio.Future[Any]] = {fut, lost}
             done, _ = await asyncio.wait(
-                {fut, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             lost.cancel()
@@ -552,7 +568,9 @@ class PrimaryAgent:
             seq += 1
             try:
                 await self.link.send(
-                    wire.Heartbeat(seq=seq, sent_ns=time.time_ns(), role_state=self.status.state.value)
+                    wire.Heartbeat(
+                        seq=seq, sent_ns=time.time_ns(), role_state=self.status.state.value
+                    )
                 )
             except (ConnectionError, OSError) as err:
                 self._lose(f"heartbeat send failed: {err}")
@@ -637,3 +655,12 @@ def node_pid() -> int:
 
 
 __all__ = ["KemariError", "PrimaryAgent", "PrimaryState"]
+
+
+async def _h_fault(req: dict[str, Any]) -> Any:
+    """Arm a fault-injection point (only with KEMARI_FAULTS=1)."""
+    try:
+        faults.arm(str(req["point"]), int(req.get("count", 1)), str(req.get("target", "")))
+    except (KeyError, ValueError) as err:
+        raise ReplicationError(f"bad fault request: {err}") from err
+    return {"armed": req["point"]}

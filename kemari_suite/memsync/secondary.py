@@ -177,7 +177,12 @@ class SecondaryAgent:
         self._prepare_replica()
         self.control = ControlServer(
             self.vm.paths.run_dir / "control.sock",
-            {"status": self._h_status, "failover": self._h_failover, "stop": self._h_stop},
+            {
+                "status": self._h_status,
+                "failover": self._h_failover,
+                "stop": self._h_stop,
+                **({"fault": _h_fault} if faults.enabled() else {}),
+            },
         )
         await self.control.start()
         if self.rcfg.tiebreaker == "witness":
@@ -241,6 +246,7 @@ class SecondaryAgent:
         return self.report.__dict__ if self.report else {}
 
     force = False
+    _renewer: asyncio.Task[None] | None = None
 
     async def _h_stop(self, req: dict[str, Any]) -> Any:
         self._stop.set()
@@ -283,6 +289,12 @@ class SecondaryAgent:
                 self.link = None
             async with self._apply_lock:
                 self._rollback("the primary connection ended mid-epoch")
+            if self.committed_epoch < 0 and self.state is SecondaryState.RECEIVING:
+                self._set_state(
+                    SecondaryState.WAITING,
+                    "the primary was lost during the initial synchronization: "
+                    "no committed checkpoint to resume",
+                )
 
     async def _handle(self, link: Link, msg: wire.Message) -> None:
         if isinstance(msg, wire.Heartbeat):
@@ -350,12 +362,11 @@ class SecondaryAgent:
             raise ReplicationError("epoch ended without device state", msg.epoch)
         # Raises ProtocolError on a mismatch: the epoch is rolled back, never applied.
         ep.digest.verify(msg)
-        if ep.pages != msg.n_pages and ep.kind is not wire.EpochKind.FULL:
-            # n_pages counts the stop-time pages; pre-copied ones come on top.
-            if ep.pages < msg.n_pages:
-                raise ReplicationError(
-                    f"epoch claims {msg.n_pages} pages, {ep.pages} arrived", msg.epoch
-                )
+        # n_pages counts the stop-time pages; pre-copied ones come on top.
+        if ep.pages < msg.n_pages:
+            raise ReplicationError(
+                f"epoch claims {msg.n_pages} pages, {ep.pages} arrived", msg.epoch
+            )
         # Committed: the undo log is no longer needed.
         self.committed_epoch = ep.epoch
         self.committed_devstate = ep.devstate
@@ -484,15 +495,17 @@ class SecondaryAgent:
             await self.vm.start()
             t1 = time.monotonic()
             report.start_ms = (t1 - t0) * 1e3
-            report.restore_ms = await restore(self.vm, devstate, self.vm.paths.run_dir / "in.sock") * 1e3
+            report.restore_ms = (
+                await restore(self.vm, devstate, self.vm.paths.run_dir / "in.sock") * 1e3
+            )
             t2 = time.monotonic()
             await self.vm.execute("cont")
             report.cont_ms = (time.monotonic() - t2) * 1e3
             report.failover_ms = (time.time() - detected) * 1e3
             with contextlib.suppress(Exception):
-                await self.vm.execute("announce-self", {
-                    "initial": 50, "max": 550, "rounds": 5, "step": 100
-                })
+                await self.vm.execute(
+                    "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+                )
         except Exception as err:
             self._set_state(SecondaryState.STOPPED, f"failover failed: {err}")
             self.artifacts.event("failover-failed", reason=str(err))
@@ -502,7 +515,7 @@ class SecondaryAgent:
         self.artifacts.event("failover", **report.__dict__)
         self._set_state(SecondaryState.ACTIVE, f"resumed epoch {epoch}: {reason}")
         if self.witness is not None and not operator:
-            asyncio.create_task(self._renew_forever())
+            self._renewer = asyncio.create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
         assert self.witness is not None
@@ -510,3 +523,12 @@ class SecondaryAgent:
             with contextlib.suppress(ConnectError):
                 await self.witness.ask("renew")
             await asyncio.sleep(self.rcfg.heartbeat_interval_ms / 1000)
+
+
+async def _h_fault(req: dict[str, Any]) -> Any:
+    """Arm a fault-injection point (only with KEMARI_FAULTS=1)."""
+    try:
+        faults.arm(str(req["point"]), int(req.get("count", 1)), str(req.get("target", "")))
+    except (KeyError, ValueError) as err:
+        raise ReplicationError(f"bad fault request: {err}") from err
+    return {"armed": req["point"]}

@@ -86,7 +86,9 @@ class LeaseTable:
         if op == "renew":
             return result(False, f"lease held by {lease.owner}")
         if not expired:
-            return result(False, f"lease held by {lease.owner} for {lease.expires - now:.2f} s more")
+            return result(
+                False, f"lease held by {lease.owner} for {lease.expires - now:.2f} s more"
+            )
         lease.owner, lease.expires = node, now + self.lease_s
         lease.generation += 1
         return result(True, "taken over after expiry")

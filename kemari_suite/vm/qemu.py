@@ -24,12 +24,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient
 from qemu.qmp import ExecuteError as _QMPExecuteError
+from qemu.qmp import QMPClient
 
 from kemari_suite.errors import QEMUStartError, QMPCommandError, VMError
 
@@ -437,7 +437,7 @@ class AsyncVM:
         try:
             return await asyncio.wait_for(self.qmp.execute(command, arguments), timeout)
         except _QMPExecuteError as err:
-            raise QMPCommandError(self.spec.name, command, err.error.desc) from err
+            raise QMPCommandError(self.spec.name, command, f"{err.error_class}: {err}") from err
         except TimeoutError as err:
             raise QMPCommandError(self.spec.name, command, f"no answer in {timeout} s") from err
         except Exception as err:
@@ -594,8 +594,8 @@ def run_argv(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
 
 
 __all__ = [
-    "AsyncVM",
     "VM",
+    "AsyncVM",
     "VMPaths",
     "VMSpec",
     "VMState",

@@ -159,6 +159,17 @@ def test_session_keys_follow_the_documented_derivation() -> None:
     header, payload, mac = frame[:HEADER_SIZE], frame[HEADER_SIZE:-MAC_SIZE], frame[-MAC_SIZE:]
     assert mac == hmac.digest(i2r, header + payload, "sha256")
     assert struct.unpack("!Q", header[12:20])[0] == 2  # Hello 0, HelloProof 1
+    r2i = hmac.digest(session_key, b"r2i", "sha256")
+    frame = secondary.encode(Ack(epoch=1))
+    header, payload, mac = frame[:HEADER_SIZE], frame[HEADER_SIZE:-MAC_SIZE], frame[-MAC_SIZE:]
+    assert mac == hmac.digest(r2i, header + payload, "sha256")
+
+
+def test_frame_reflected_to_its_sender_is_rejected() -> None:
+    primary, _ = established_pair()
+    frame = primary.encode(Ack(epoch=1))  # sequence 2, as the primary now expects
+    with pytest.raises(AuthError, match="MAC"):
+        primary.feed(frame)
 
 
 def test_wrong_key_fails_the_handshake_on_both_sides() -> None:

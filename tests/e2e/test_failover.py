@@ -1,0 +1,36 @@
+"""Kill the primary at every phase of a checkpoint's life; the guest resumes on the
+secondary from the last committed checkpoint, never behind it.
+
+CI runs ``KEMARI_KILLS_PER_POINT`` kills per point (default 1); ``make e2e`` runs 20 per
+point and records the results under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kemari_suite.config import KemariConfig
+from tests.conftest import needs_root
+from tests.e2e.campaign import POINTS, kill_once
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+KILLS = int(os.environ.get("KEMARI_KILLS_PER_POINT", "1"))
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+@pytest.mark.parametrize("run", range(KILLS))
+def test_kill_primary_at(point: str, run: int, lab_factory, base_config: KemariConfig) -> None:
+    lab = lab_factory()
+    res = kill_once(lab, base_config, point)
+    assert res.hit, res.detail
+    if point == "precopy":
+        assert not res.resumed, "resumed with no committed checkpoint"
+        assert "no committed checkpoint" in res.detail
+        return
+    assert res.resumed, res.detail
+    assert res.counter_at_last_commit is not None, "no counter found in the replica"
+    assert res.counter_after_resume is not None
+    assert res.counter_after_resume >= res.counter_at_last_commit
