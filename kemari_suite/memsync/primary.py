@@ -215,6 +215,8 @@ class PrimaryAgent:
                     await self._sleep_or_stop(1.0)
         finally:
             await self.shutdown()
+        if self.status.state is PrimaryState.FENCED:
+            raise FailoverError(f"this host stopped its VM: {self.status.reason}")
 
     async def _random_fault(self, delay: float) -> None:
         while self.status.state is not PrimaryState.PROTECTED:
@@ -633,17 +635,27 @@ class PrimaryAgent:
                     return
             except ConnectError as err:
                 self.artifacts.event("witness-unreachable", reason=str(err))
+            # Our own, conservative view of the lease: counted from when we *sent* the
+            # last granted renewal. If it is about to run out while the secondary is
+            # silent, the secondary may take the lease over: stop first.
+            secondary_silent = (
+                self.link is None or time.monotonic() - self._last_rx > 2 * interval
+            )
             if (
-                self.status.state is not PrimaryState.PROTECTED
+                secondary_silent
                 and self.witness.last_granted_sent is not None
                 and not self.witness.lease_valid(lease_s, margin_s=interval)
             ):
-                self._stop_fenced("lease about to expire with neither secondary nor witness")
+                self._stop_fenced(
+                    "lease about to expire with neither the secondary nor the witness reachable"
+                )
                 return
             await asyncio.sleep(interval)
 
     def _stop_fenced(self, reason: str) -> None:
+        log.error("primary fenced: %s", reason)
         self._set_state(PrimaryState.FENCED, reason)
+        self.artifacts.event("fenced", reason=reason)
         if self.vm.proc is not None and self.vm.proc.poll() is None:
             self.vm.proc.kill()
         self._stop.set()

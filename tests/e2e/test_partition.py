@@ -1,0 +1,75 @@
+"""Partitions with both hosts alive: never two guests at once, and the loser says why."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kemari_suite import lab as labmod
+from kemari_suite.config import KemariConfig
+from kemari_suite.lab.pair import LabPair, PairOptions
+from tests.conftest import needs_root
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+
+def _events(pair: LabPair, role: str) -> list[dict]:
+    out = []
+    for f in (pair.run_dir(role) / "artifacts").glob("*/events.jsonl"):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return sorted(out, key=lambda e: e["t"])
+
+
+def test_replication_link_cut_primary_keeps_lease(lab_factory, base_config: KemariConfig) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions())
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        before = pair.wait_counter(120)
+        labmod.partition(lay.lab_id)
+        # Both sides notice after the heartbeat timeout; the witness keeps the primary.
+        st = pair.wait_state("primary", {"unprotected"}, 30)
+        assert "witness confirmed" in st["reason"]
+        time.sleep(2)
+        sec = pair.status("secondary")
+        assert sec["state"] == "standby", sec
+        assert "tiebreaker refused" in sec["reason"] or "lease held" in sec["reason"], sec
+        assert pair.qemu_pid("secondary") is None, "a second guest was started"
+        assert pair.read_counter() > before, "the primary's guest stopped serving"
+        # Healing the link re-protects the guest.
+        labmod.heal(lay.lab_id)
+        pair.wait_state("primary", {"protected"}, 120)
+        assert pair.status("secondary")["state"] == "standby"
+    finally:
+        pair.stop()
+
+
+def test_primary_isolated_fences_before_secondary_takes_over(
+    lab_factory, base_config: KemariConfig
+) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions())
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_counter(120)
+        # Cut the primary off from everything: replication link and LAN (witness).
+        labmod.set_link_up(lay.lab_id, "primary", False, link="lan")
+        labmod.partition(lay.lab_id)
+        rc = pair.wait_exit("primary", 60)
+        assert rc not in (None, 0), "the isolated primary did not stop"
+        assert "stopped its VM" in pair.output("primary")
+        sec = pair.wait_state("secondary", {"active"}, 60)
+        fenced = [e for e in _events(pair, "primary") if e["event"] == "fenced"]
+        assert fenced, "the primary did not record why it stopped"
+        assert "lease" in fenced[0]["reason"] or "tiebreaker" in fenced[0]["reason"]
+        took_over = [e for e in _events(pair, "secondary") if e["event"] == "failover"]
+        assert took_over
+        # The guest on the primary was gone before the secondary's guest started.
+        assert fenced[0]["t"] < took_over[0]["detected_at"] + took_over[0]["tiebreak_ms"] / 1e3
+        assert sec["failover"]["epoch"] >= 1
+    finally:
+        pair.stop()
