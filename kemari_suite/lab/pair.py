@@ -270,9 +270,7 @@ class LabPair:
 
     def arm_fault(self, role: str, point: str, count: int = 1, *, target: str = "") -> None:
         """Arm a fault-injection point in a running agent."""
-        control.request(
-            self.control_path(role), "fault", point=point, count=count, target=target
-        )
+        control.request(self.control_path(role), "fault", point=point, count=count, target=target)
 
     def kill(self, role: str) -> None:
         """SIGKILL the agent of ``role`` and its QEMU, by PID."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 #: Every point an agent passes, in the order of a checkpoint's life.
 POINTS: dict[str, str] = {
@@ -92,7 +93,7 @@ def kill_target(point: str, pidfile: str) -> None:
     global _point
     _point = ""  # once only
     try:
-        pid = int(open(pidfile).read().split()[0])
+        pid = int(Path(pidfile).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         os.write(2, f"KEMARI-FAULT-MISS {point}: no pid in {pidfile}\n".encode())
         return

@@ -638,9 +638,7 @@ class PrimaryAgent:
             # Our own, conservative view of the lease: counted from when we *sent* the
             # last granted renewal. If it is about to run out while the secondary is
             # silent, the secondary may take the lease over: stop first.
-            secondary_silent = (
-                self.link is None or time.monotonic() - self._last_rx > 2 * interval
-            )
+            secondary_silent = self.link is None or time.monotonic() - self._last_rx > 2 * interval
             if (
                 secondary_silent
                 and self.witness.last_granted_sent is not None

@@ -87,17 +87,34 @@ def kill_once(lab: LabLayout, base: KemariConfig, point: str, timeout_ms: int = 
         out = pair.output(who) + pair.output("primary")
         hit = "KEMARI-FAULT-HIT" in out and not pair.alive("primary")
         if not hit:
-            return KillResult(point, False, False, expected_resume, None, None, None, None,
-                              f"fault never fired:\n{out[-2000:]}")
+            return KillResult(
+                point,
+                False,
+                False,
+                expected_resume,
+                None,
+                None,
+                None,
+                None,
+                f"fault never fired:\n{out[-2000:]}",
+            )
         # The agent is dead; make sure its QEMU is too (it dies by parent-death signal).
         pair.kill("primary")
         if not expected_resume:
             # Nothing committed yet: the secondary must not resume anything.
             time.sleep(timeout_ms / 1000 + 2)
             st = pair.status("secondary")
-            return KillResult(point, True, st["state"] == "active", False,
-                              st.get("last_committed_epoch"), None, None, None,
-                              str(st.get("reason")))
+            return KillResult(
+                point,
+                True,
+                st["state"] == "active",
+                False,
+                st.get("last_committed_epoch"),
+                None,
+                None,
+                None,
+                str(st.get("reason")),
+            )
         st = pair.wait_state("secondary", {"active"}, timeout_ms / 1000 + 60)
         rep = st.get("failover") or {}
         after = pair.wait_counter(60)

@@ -66,10 +66,14 @@ def test_guest_runs_workload_reachable_from_client(
     assert pid is not None
     assert not ram_path.exists(), "RAM file left behind"
     assert not (run_dir / "qmp.sock").exists()
-    assert not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
+    assert (
+        not Path(f"/proc/{pid}").exists() or "qemu" not in Path(f"/proc/{pid}/cmdline").read_text()
+    )
 
 
-def test_bad_machine_type_shows_qemu_stderr(guest_image: GuestImage, run_paths: PathsConfig) -> None:
+def test_bad_machine_type_shows_qemu_stderr(
+    guest_image: GuestImage, run_paths: PathsConfig
+) -> None:
     spec = _spec(guest_image, "badmachine", machine="no-such-machine-9.9")
     vm = AsyncVM(spec, run_root=run_paths.run_dir, shm_dir=run_paths.shm_dir)
     with pytest.raises(QEMUStartError) as exc:
