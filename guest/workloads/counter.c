@@ -3,7 +3,8 @@
  *
  * usage: counter [-q] [-p PORT] [RATE]
  *   RATE     increments per second (default 100), paced with clock_nanosleep on
- *            CLOCK_MONOTONIC absolute deadlines
+ *            CLOCK_MONOTONIC absolute deadlines; 0 spins as fast as the vCPU goes
+ *            (a CPU-bound throughput probe for benchmarks, timed on the host)
  *   -p PORT  also serve the value over TCP: each accepted connection gets
  *            "<value>\n" and is closed, so a client polls by reconnecting
  *   -q       do not print "COUNTER <value>" once per RATE increments
@@ -103,7 +104,7 @@ int main(int argc, char **argv)
     }
     if (optind < argc)
         rate = atol(argv[optind]);
-    if (rate < 1 || rate > 1000000 || port < 0 || port > 65535) {
+    if (rate < 0 || rate > 1000000 || port < 0 || port > 65535) {
         fprintf(stderr, "counter: bad rate or port\n");
         return 2;
     }
@@ -116,6 +117,16 @@ int main(int argc, char **argv)
     kemari_probe_arm(&probe, masked_magic, (uint64_t)rate, (uint64_t)port);
     printf("KEMARI-COUNTER-START rate=%ld port=%d\n", rate, port);
 
+    if (rate == 0) {
+        /* Spin: the host measures progress per second of its own clock. */
+        for (;;) {
+            volatile uint64_t *value = &probe.value;
+            for (int i = 0; i < 65536; i++)
+                *value = *value + 1;
+            if (lfd >= 0)
+                serve_pending(lfd);
+        }
+    }
     const long period = 1000000000L / rate;
     struct timespec next, now;
     clock_gettime(CLOCK_MONOTONIC, &next);

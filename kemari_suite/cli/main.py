@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -26,6 +27,8 @@ image_app = typer.Typer(no_args_is_help=True, help="Build guest images.")
 lab_app = typer.Typer(no_args_is_help=True, help="The local host-pair lab (network namespaces).")
 app.add_typer(image_app, name="image")
 app.add_typer(lab_app, name="lab")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures.")
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
@@ -238,6 +241,42 @@ def failover(
         raise typer.Exit(2)
     res = _control(config, "failover")
     out.print_json(json.dumps(res, default=str))
+
+
+# ---- benchmarks ----------------------------------------------------------------------
+
+
+@bench_app.command("memsync")
+def bench_memsync(
+    config: ConfigOpt = None,
+    profile: Annotated[
+        list[str] | None, typer.Option(help="Link profiles (repeatable; default 1g and 10g).")
+    ] = None,
+    window: Annotated[float, typer.Option(help="Seconds measured per phase.")] = 10.0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path(
+        "benchmarks/results"
+    ),
+) -> None:
+    """Sync-point pause, throughput, bytes per page and failover time, against a floor
+    and an unprotected baseline measured in the same run."""
+    from kemari_suite.bench import memsync
+
+    cfg = _load(config)
+    profiles = profile or ["1g", "10g"]
+    results = []
+    for prof in profiles:
+        with err.status(f"memsync benchmark, {prof}") as st:
+
+            def say(msg: str) -> None:
+                st.update(msg)
+                out.print(f"[dim]•[/] {msg}", highlight=False)
+
+            results.append(
+                _guard(lambda: memsync.run(cfg, profile=prof, window=window, progress=say))  # noqa: B023
+            )
+    command = "kemari bench memsync " + " ".join(sys.argv[3:])
+    md = memsync.write_results(results, out_dir, command.strip())
+    out.print(md.read_text())
 
 
 # ---- demo ----------------------------------------------------------------------------

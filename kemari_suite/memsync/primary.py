@@ -55,6 +55,8 @@ BATCH_PAGES = 4096
 #: Pre-copy stops iterating when a round finds fewer dirty pages than this.
 PRECOPY_CONVERGED = 2048
 PRECOPY_MAX_ROUNDS = 8
+#: Pipelining pre-copies between sync points only when the last epoch was this dirty.
+PRECOPY_MIN_PAGES = 256
 
 
 class PrimaryState(enum.Enum):
@@ -310,16 +312,48 @@ class PrimaryAgent:
 
     _trigger_reason = "interval"
     _lost_reason = ""
+    _last_dirty = 0
+    _precopied = 0
 
     async def _wait_trigger(self) -> None:
+        """Wait for a sync trigger; meanwhile pre-copy dirty pages (pipelining)."""
         interval = self.rcfg.max_interval_ms / 1000
-        timeout = max(0.0, self._last_sync + interval - time.monotonic())
-        try:
-            await asyncio.wait_for(self._sync_requested.wait(), timeout)
-            self._trigger_reason = self._pending_reason
-        except TimeoutError:
+        deadline = self._last_sync + interval
+        if self.rcfg.pipelining and self._last_dirty >= PRECOPY_MIN_PAGES:
+            # Half-way through the interval, send what changed so far: the stop then
+            # carries only what changes after this.
+            precopy_at = self._last_sync + interval / 2
+            if await self._wait_event_until(precopy_at):
+                return
+            if not self._link_lost.is_set() and not self._stop.is_set():
+                await self._precopy_pass()
+        if not await self._wait_event_until(deadline):
             self._trigger_reason = "interval"
         self._sync_requested.clear()
+
+    async def _wait_event_until(self, when: float) -> bool:
+        """Wait for a sync request until ``when``; True if one came."""
+        try:
+            await asyncio.wait_for(self._sync_requested.wait(), max(0.0, when - time.monotonic()))
+        except TimeoutError:
+            return False
+        self._trigger_reason = self._pending_reason
+        self._sync_requested.clear()
+        return True
+
+    async def _precopy_pass(self) -> None:
+        """Send the pages dirtied so far into the open epoch, with the guest running."""
+        assert self.ram is not None and self.tracker is not None
+        async with self._sync_lock:
+            k = await asyncio.to_thread(self.tracker.scan, self.ram.pages, out=self._idx)
+            if k == 0:
+                return
+            idx = self._idx[:k].copy()
+            staged = self.tracker.stage(self.ram.pages, idx, self._staging)
+            prev = self.tracker.previous(idx, self._prev)
+            self.tracker.commit(idx, staged)
+            await self._send_epoch_pages(self.status.epoch, idx, staged, prev, self._open_digest)
+            self._precopied += k
 
     _pending_reason = "api"
 
@@ -494,7 +528,10 @@ class PrimaryAgent:
             encode_ms=enc_s * 1e3,
             transfer_ms=(t_sent - t_resume) * 1e3 if not classic else 0.0,
             t_wall=time.time(),
+            precopied_pages=self._precopied,
         )
+        self._last_dirty = int(k) + self._precopied
+        self._precopied = 0
         if not classic:
             await self._await_ack(ack_fut, epoch)
         m.ack_ms = (time.perf_counter() - t_sent) * 1e3

@@ -1,0 +1,443 @@
+"""The memsync benchmark: sync-point pauses, guest throughput, bytes per page, failover.
+
+Everything is timed on the host's clock (QEMU stops the guest's clock while the VM is
+stopped, so guest timers never see the pauses). One run of :func:`run` measures, on one
+link profile and in the same session:
+
+- **floor**: stop + one full compare scan + device-state capture + cont, on a running
+  guest with the same workload (no staging, encoding or transfer);
+- **baseline**: the guest's CPU-bound spin counter per host second, unprotected;
+- **protected** (compressible pages, then incompressible pages): the same counter
+  under protection, and every checkpoint's pause, dirty pages and bytes sent;
+- **failover**: heartbeat-timeout expiry to the guest running on the secondary.
+
+The guest runs ``memdirty`` (dirtying a steady number of pages per second) and
+``counter 0`` (a spin loop whose progress is the throughput probe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kemari_suite import lab as labmod
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import BenchmarkError, KemariError
+from kemari_suite.lab.pair import LabPair, PairOptions
+from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
+from kemari_suite.memsync.guestram import GuestRAM
+from kemari_suite.memsync.tracker import CompareTracker, allocate_index
+from kemari_suite.vm import guestmem
+from kemari_suite.vm.define import ensure_image
+from kemari_suite.vm.image import kernel_cmdline
+from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
+
+Progress = Callable[[str], None]
+
+
+def workload(pattern: str, pages_per_s: int, mib: int) -> str:
+    return f"memdirty -m {mib} -r {pages_per_s} -P {pattern} & counter -q 0"
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values), q))
+
+
+@dataclass
+class Phase:
+    """One protected run's figures."""
+
+    pattern: str
+    window_s: float = 0.0
+    checkpoints: int = 0
+    pause_ms_p50: float | None = None
+    pause_ms_p99: float | None = None
+    pause_ms_max: float | None = None
+    paused_share: float | None = None
+    dirty_pages_p50: float | None = None
+    bytes_per_dirty_page: float | None = None
+    transfer_ms_p50: float | None = None
+    ack_ms_p50: float | None = None
+    spin_rate: float | None = None
+    throughput_ratio: float | None = None
+    throughput_loss: float | None = None
+    parts_ms_p50: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    profile: str
+    memory_mib: int
+    pages_per_100ms: int
+    accel: str
+    floor_ms_p50: float | None = None
+    floor_ms_p99: float | None = None
+    floor_parts_ms_p50: dict[str, float] = field(default_factory=dict)
+    baseline_spin_rate: float | None = None
+    phases: list[Phase] = field(default_factory=list)
+    failover_ms: float | None = None
+    heartbeat_timeout_ms: int = 0
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+class SpinProbe:
+    """Reads the guest's spin counter from a RAM file."""
+
+    def __init__(self, ram_path: Path) -> None:
+        self.ram = GuestRAM(ram_path, populate=False)
+        self.offset: int | None = None
+
+    def value(self) -> int | None:
+        pages = self.ram.pages
+        if self.offset is not None:
+            v = guestmem.read_value(pages, self.offset)
+            if v is not None:
+                return v
+        hits = guestmem.locate_probes(pages, guestmem.COUNTER_MAGIC)
+        if not hits:
+            return None
+        best = max(hits, key=lambda h: h.value)
+        self.offset = best.offset
+        return best.value
+
+    def rate(self, seconds: float) -> float:
+        """Increments per host second over ``seconds``."""
+        v0, t0 = self.value(), time.monotonic()
+        time.sleep(seconds)
+        v1, t1 = self.value(), time.monotonic()
+        if v0 is None or v1 is None:
+            raise BenchmarkError("memsync", "spin counter not found in guest RAM")
+        return (v1 - v0) / (t1 - t0)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.value() is None:
+            if time.monotonic() > deadline:
+                raise BenchmarkError("memsync", "the guest's spin counter never appeared")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.ram.close()
+
+
+async def _floor_and_baseline(
+    cfg: KemariConfig,
+    lay: labmod.LabLayout,
+    wl: str,
+    samples: int,
+    warmup: float,
+    window: float,
+    say: Progress,
+) -> tuple[list[dict[str, float]], float]:
+    image = ensure_image(cfg)
+    accel, _ = choose_accel(cfg.vm.accel)
+    run_root = cfg.paths.run_dir / f"kemari-{lay.lab_id}-bench"
+    shm = cfg.paths.shm_dir / f"kemari-{lay.lab_id}-bench"
+    spec = VMSpec(
+        name="bench",
+        kernel=image.kernel,
+        initrd=image.initrd,
+        append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=wl),
+        memory_mib=cfg.vm.memory_mib,
+        accel=accel,
+        netdev=f"tap,ifname={lay.tap_primary},script=no,downscript=no",
+        netns=lay.ns_primary,
+    )
+    vm = AsyncVM(spec, run_root=run_root, shm_dir=shm)
+    await vm.start()
+    try:
+        await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 120)
+        probe = SpinProbe(vm.paths.ram)
+        try:
+            await asyncio.to_thread(probe.wait, 60)
+            say(f"baseline: warming up {warmup:.0f} s (the guest clocksource settles)")
+            await asyncio.sleep(warmup)
+            rate = await asyncio.to_thread(probe.rate, window)
+        finally:
+            probe.close()
+        say(f"floor: {samples} x (stop + full compare scan + device state + cont)")
+        await enable_ignore_shared(vm)
+        ram = GuestRAM(vm.paths.ram)
+        n = ram.n_pages
+        tracker = CompareTracker(n)
+        await vm.execute("stop")
+        tracker.reset(ram.pages)
+        await vm.execute("cont")
+        idx = allocate_index(n)
+        cap = DeviceStateCapturer(vm, vm.paths.migration_socket)
+        rows: list[dict[str, float]] = []
+        try:
+            for _ in range(samples):
+                await asyncio.sleep(0.1)
+                t0 = time.perf_counter()
+                await vm.execute("stop")
+                t1 = time.perf_counter()
+                await cap.capture()
+                t2 = time.perf_counter()
+                tracker.scan(ram.pages, out=idx)
+                t3 = time.perf_counter()
+                await vm.execute("cont")
+                t4 = time.perf_counter()
+                rows.append(
+                    {
+                        "total": (t4 - t0) * 1e3,
+                        "stop": (t1 - t0) * 1e3,
+                        "devstate": (t2 - t1) * 1e3,
+                        "scan": (t3 - t2) * 1e3,
+                        "cont": (t4 - t3) * 1e3,
+                    }
+                )
+        finally:
+            cap.close()
+            tracker.close()
+            ram.close()
+        return rows, rate
+    finally:
+        await vm.shutdown()
+
+
+def _checkpoints(pair: LabPair, since: float, until: float) -> list[dict[str, Any]]:
+    rows = []
+    for f in (pair.run_dir("primary") / "artifacts").glob("*/checkpoints.jsonl"):
+        for line in f.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                if since <= r["t_wall"] <= until:
+                    rows.append(r)
+    return rows
+
+
+def _protected(
+    cfg: KemariConfig,
+    lay: labmod.LabLayout,
+    opts: PairOptions,
+    pattern: str,
+    warmup: float,
+    window: float,
+    baseline: float,
+    say: Progress,
+    *,
+    failover: bool,
+) -> tuple[Phase, float | None]:
+    pair = LabPair(lay, cfg, opts)
+    phase = Phase(pattern=pattern)
+    failover_ms = None
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 240)
+        probe = SpinProbe(pair.shm_dir("primary") / f"kemari-{opts.vm_name}.ram")
+        try:
+            probe.wait(60)
+            say(f"protected ({pattern}): warming up {warmup:.0f} s")
+            time.sleep(warmup)
+            t0 = time.time()
+            rate = probe.rate(window)
+            t1 = time.time()
+        finally:
+            probe.close()
+        rows = _checkpoints(pair, t0, t1)
+        if not rows:
+            raise BenchmarkError("memsync", "no checkpoint in the measurement window")
+        pauses = [r["pause_ms"] for r in rows]
+        dirty = [r["dirty_pages"] + r.get("precopied_pages", 0) for r in rows]
+        sent = sum(r["bytes_sent"] - r["devstate_bytes"] for r in rows)
+        phase.window_s = t1 - t0
+        phase.checkpoints = len(rows)
+        phase.pause_ms_p50 = pct(pauses, 50)
+        phase.pause_ms_p99 = pct(pauses, 99)
+        phase.pause_ms_max = max(pauses)
+        phase.paused_share = sum(pauses) / 1e3 / (t1 - t0)
+        phase.dirty_pages_p50 = pct([float(d) for d in dirty], 50)
+        phase.bytes_per_dirty_page = sent / max(1, sum(dirty))
+        phase.transfer_ms_p50 = pct([r["transfer_ms"] for r in rows], 50)
+        phase.ack_ms_p50 = pct([r["ack_ms"] for r in rows], 50)
+        phase.spin_rate = rate
+        phase.throughput_ratio = rate / baseline if baseline else None
+        phase.throughput_loss = 1 - phase.throughput_ratio if phase.throughput_ratio else None
+        for part in ("stop_ms", "devstate_ms", "scan_ms", "stage_ms"):
+            v = pct([r[part] for r in rows], 50)
+            if v is not None:
+                phase.parts_ms_p50[part] = v
+        if failover:
+            say("failover: kill -9 of the primary")
+            pair.kill("primary")
+            st = pair.wait_state("secondary", {"active"}, opts.heartbeat_timeout_ms / 1000 + 60)
+            failover_ms = (st.get("failover") or {}).get("failover_ms")
+    finally:
+        pair.stop()
+    return phase, failover_ms
+
+
+def run(
+    cfg: KemariConfig,
+    *,
+    profile: str = "1g",
+    pages_per_100ms: int = 4000,
+    working_set_mib: int = 64,
+    warmup: float = 8.0,
+    window: float = 10.0,
+    floor_samples: int = 50,
+    lab_id: str = "bm",
+    progress: Progress | None = None,
+) -> Result:
+    """Run the memsync benchmark on one link profile (see the module docstring).
+
+    Raises:
+        BenchmarkError: a phase produced no usable figures.
+        KemariError: the lab or the agents failed.
+    """
+    say = progress or (lambda _m: None)
+    accel, _ = choose_accel(cfg.vm.accel)
+    res = Result(
+        profile=profile,
+        memory_mib=cfg.vm.memory_mib,
+        pages_per_100ms=pages_per_100ms,
+        accel=accel,
+        heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
+    )
+    rate = pages_per_100ms * 10
+    if lab_id in labmod.list_labs():
+        labmod.down(lab_id)
+    lay = labmod.up(lab_id, profile)
+    try:
+        say(f"{profile}: baseline and floor on an unprotected guest")
+        rows, baseline = asyncio.run(
+            _floor_and_baseline(
+                cfg,
+                lay,
+                workload("compressible", rate, working_set_mib),
+                floor_samples,
+                warmup,
+                window,
+                say,
+            )
+        )
+        res.floor_ms_p50 = pct([r["total"] for r in rows], 50)
+        res.floor_ms_p99 = pct([r["total"] for r in rows], 99)
+        res.floor_parts_ms_p50 = {
+            k: float(statistics.median(r[k] for r in rows))
+            for k in ("stop", "devstate", "scan", "cont")
+        }
+        res.baseline_spin_rate = baseline
+        for pattern in ("compressible", "incompressible"):
+            opts = PairOptions(
+                memory_mib=cfg.vm.memory_mib,
+                workload=workload(pattern, rate, working_set_mib),
+                mode=cfg.replication.mode,
+                max_interval_ms=cfg.replication.max_interval_ms,
+                pipelining=cfg.replication.pipelining,
+                heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
+                compression=cfg.replication.compression,
+            )
+            phase, fo = _protected(
+                cfg,
+                lay,
+                opts,
+                pattern,
+                warmup,
+                window,
+                baseline,
+                say,
+                failover=pattern == "compressible",
+            )
+            res.phases.append(phase)
+            if fo is not None:
+                res.failover_ms = fo
+    finally:
+        labmod.down(lab_id)
+    _check(res)
+    return res
+
+
+def _check(res: Result) -> None:
+    """Compare with the targets of the memsync issue; record, never assert."""
+    c = res.checks
+    comp = next((p for p in res.phases if p.pattern == "compressible"), None)
+    if comp is not None and res.floor_ms_p50 is not None and comp.pause_ms_p50 is not None:
+        c["pause_p50_within_3ms_of_floor"] = comp.pause_ms_p50 <= res.floor_ms_p50 + 3
+        if comp.pause_ms_p99 is not None:
+            c["pause_p99_within_2x_floor"] = comp.pause_ms_p99 <= 2 * res.floor_ms_p50
+        if comp.throughput_loss is not None and comp.paused_share is not None:
+            c["throughput_loss_within_paused_share_plus_5pts"] = (
+                comp.throughput_loss <= comp.paused_share + 0.05
+            )
+        if comp.bytes_per_dirty_page is not None:
+            c["compressible_bytes_per_page_at_most_1500"] = comp.bytes_per_dirty_page <= 1500
+    if res.failover_ms is not None:
+        c["failover_within_1s_of_timeout"] = res.failover_ms <= 1000
+
+
+def to_dict(res: Result) -> dict[str, Any]:
+    return asdict(res)
+
+
+def write_results(results: list[Result], folder: Path, command: str) -> Path:
+    """Write JSON and a markdown table under ``folder``; returns the markdown path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    data = {"command": command, "machine": machine, "results": [asdict(r) for r in results]}
+    (folder / "memsync.json").write_text(json.dumps(data, indent=1))
+    lines = [
+        "# memsync benchmark",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel "
+        f"{machine['kernel']}, {machine['date']}",
+        "",
+        "| profile | pattern | floor p50 ms | pause p50 ms | pause p99 ms | paused share "
+        "| throughput vs base | bytes/dirty page | failover ms (after timeout) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    for r in results:
+        for p in r.phases:
+            lines.append(
+                f"| {r.profile} | {p.pattern} | {f(r.floor_ms_p50)} | {f(p.pause_ms_p50)} "
+                f"| {f(p.pause_ms_p99)} | {f(p.paused_share, '{:.1%}')} "
+                f"| {f(p.throughput_ratio, '{:.2f}')} | {f(p.bytes_per_dirty_page, '{:.0f}')} "
+                f"| {f(r.failover_ms) if p.pattern == 'compressible' else ''} "
+                f"({r.heartbeat_timeout_ms} ms timeout) |"
+            )
+    lines += ["", "Checks against the targets:", ""]
+    for r in results:
+        for k, v in r.checks.items():
+            lines.append(f"- {r.profile}: {k}: {'met' if v else 'NOT met'}")
+    md = folder / "memsync.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+__all__ = ["KemariError", "Result", "run", "write_results"]
