@@ -270,7 +270,7 @@ def _protected(
             raise BenchmarkError("memsync", "no checkpoint in the measurement window")
         pauses = [r["pause_ms"] for r in rows]
         dirty = [r["dirty_pages"] + r.get("precopied_pages", 0) for r in rows]
-        sent = sum(r["bytes_sent"] - r["devstate_bytes"] for r in rows)
+        sent = sum(r["bytes_sent"] + r.get("precopy_bytes", 0) - r["devstate_bytes"] for r in rows)
         phase.window_s = t1 - t0
         phase.checkpoints = len(rows)
         phase.pause_ms_p50 = pct(pauses, 50)
@@ -303,7 +303,7 @@ def run(
     *,
     profile: str = "1g",
     pages_per_100ms: int = 4000,
-    working_set_mib: int = 64,
+    working_set_mib: int = 32,
     warmup: float = 8.0,
     window: float = 10.0,
     floor_samples: int = 50,

@@ -159,8 +159,7 @@ class FileDisk:
                 want = self._want_size if self._want_size is not None else 0
                 raise DiskError(
                     self.name,
-                    f"{self.path} has {total} bytes, fewer than offset {self.offset} "
-                    f"+ size {want}",
+                    f"{self.path} has {total} bytes, fewer than offset {self.offset} + size {want}",
                 )
         except BaseException:
             os.close(fd)

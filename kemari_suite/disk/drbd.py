@@ -254,9 +254,7 @@ def validate(cfg: DrbdConfig) -> None:
     if isinstance(q, bool) or not (
         q in ("off", "majority", "all") or (isinstance(q, int) and 1 <= q <= len(cfg.nodes))
     ):
-        raise _bad(
-            "quorum.quorum", f"{q!r}: 'off', 'majority', 'all' or 1..{len(cfg.nodes)} nodes"
-        )
+        raise _bad("quorum.quorum", f"{q!r}: 'off', 'majority', 'all' or 1..{len(cfg.nodes)} nodes")
     if cfg.quorum.on_no_quorum not in ("io-error", "suspend-io"):
         raise _bad("quorum.on_no_quorum", f"{cfg.quorum.on_no_quorum!r}")
 
@@ -426,7 +424,9 @@ class DrbdTools:
                 _return_cmd=True,
             )
         except sh.CommandNotFound as err:
-            raise DrbdError(resource, command, 127, f"{argv[0]} not found: install drbd-utils") from err
+            raise DrbdError(
+                resource, command, 127, f"{argv[0]} not found: install drbd-utils"
+            ) from err
         except sh.TimeoutException as err:
             raise DrbdError(resource, command, 124, f"timed out after {self.timeout_s} s") from err
         except sh.ErrorReturnCode as err:
@@ -458,7 +458,9 @@ class DrbdTools:
             ):
                 yield str(line)
         except sh.CommandNotFound as err:
-            raise DrbdError(resource, command, 127, f"{argv[0]} not found: install drbd-utils") from err
+            raise DrbdError(
+                resource, command, 127, f"{argv[0]} not found: install drbd-utils"
+            ) from err
         except sh.ErrorReturnCode as err:
             raise DrbdError(resource, command, err.exit_code, _text(err.stderr)) from err
 
@@ -612,10 +614,11 @@ class DrbdResource:
         return (
             "drbdsetup",
             "events2",
+            self.name,
             *(["--now"] if now else []),
             "--statistics",
             "--timestamps",
-            self.name,
+            "--color=never",
         )
 
     def events_now(self) -> list[DrbdEvent]:

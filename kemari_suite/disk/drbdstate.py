@@ -679,9 +679,7 @@ class DrbdMonitor:
         status = ev.props.get("status")
         peer = ev.conn_name
         if helper in _SPLIT_BRAIN_HELPERS and not response:
-            return [
-                SplitBrain(res, peer, ev.peer_node_id, ev.volume, _SPLIT_BRAIN_HELPERS[helper])
-            ]
+            return [SplitBrain(res, peer, ev.peer_node_id, ev.volume, _SPLIT_BRAIN_HELPERS[helper])]
         return [
             HelperEvent(
                 res,

@@ -33,7 +33,9 @@ class CheckpointMetrics:
     encode_ms: float = 0.0
     transfer_ms: float = 0.0
     ack_ms: float = 0.0
+    #: Pages (and bytes) of this epoch sent by pipelining before the stop.
     precopied_pages: int = 0
+    precopy_bytes: int = 0
     t_wall: float = 0.0
 
 

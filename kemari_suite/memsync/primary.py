@@ -314,6 +314,7 @@ class PrimaryAgent:
     _lost_reason = ""
     _last_dirty = 0
     _precopied = 0
+    _precopy_bytes = 0
 
     async def _wait_trigger(self) -> None:
         """Wait for a sync trigger; meanwhile pre-copy dirty pages (pipelining)."""
@@ -352,8 +353,11 @@ class PrimaryAgent:
             staged = self.tracker.stage(self.ram.pages, idx, self._staging)
             prev = self.tracker.previous(idx, self._prev)
             self.tracker.commit(idx, staged)
-            await self._send_epoch_pages(self.status.epoch, idx, staged, prev, self._open_digest)
+            sent, _ = await self._send_epoch_pages(
+                self.status.epoch, idx, staged, prev, self._open_digest
+            )
             self._precopied += k
+            self._precopy_bytes += sent
 
     _pending_reason = "api"
 
@@ -529,9 +533,11 @@ class PrimaryAgent:
             transfer_ms=(t_sent - t_resume) * 1e3 if not classic else 0.0,
             t_wall=time.time(),
             precopied_pages=self._precopied,
+            precopy_bytes=self._precopy_bytes,
         )
         self._last_dirty = int(k) + self._precopied
         self._precopied = 0
+        self._precopy_bytes = 0
         if not classic:
             await self._await_ack(ack_fut, epoch)
         m.ack_ms = (time.perf_counter() - t_sent) * 1e3

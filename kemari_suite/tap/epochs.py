@@ -225,9 +225,7 @@ class EpochLog:
         return [
             r
             for e, r in self._pending.items()
-            if e <= epoch
-            and r.state is EpochState.PENDING
-            and r.serialized_in in (None, epoch)
+            if e <= epoch and r.state is EpochState.PENDING and r.serialized_in in (None, epoch)
         ]
 
     def serialize(self, epoch: int) -> bytes:

@@ -56,7 +56,9 @@ TF_ROTATIONAL = 1 << 4
 TF_SEND_TRIM = 1 << 5
 TF_SEND_WRITE_ZEROES = 1 << 6
 #: What the tap serves: flush, FUA, trim, write-zeroes.
-TRANSMISSION_FLAGS = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
+TRANSMISSION_FLAGS = (
+    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
+)
 
 # Command flags.
 CMD_FLAG_FUA = 1 << 0
@@ -235,6 +237,10 @@ def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
 
 def info_name(name: str) -> bytes:
     return struct.pack("!H", Info.NAME) + name.encode()
+
+
+def info_description(text: str) -> bytes:
+    return struct.pack("!H", Info.DESCRIPTION) + text.encode()[:4096]
 
 
 def rep_server(name: str) -> bytes:

@@ -1,0 +1,264 @@
+"""Shared storage: one block device (FC LUN, iSCSI, or any file both hosts open).
+
+Committed writes go straight to the shared device; there is one copy, so nothing needs
+resynchronising after a failover. What must be prevented is two hosts writing at once:
+a :class:`~kemari_suite.disk.lease.Lease` on the same storage fences them. The writer
+holds the lease, renews it, and refuses to write the moment its own conservative view
+of the lease runs out; a standby takes the lease over only after it watched the holder's
+renew counter stand still for the whole lease period.
+
+Device layout when the lease lives on the data device (``lease_device`` empty)::
+
+    0          4 KiB            1 MiB                                  end
+    | lease block | reserved      | guest disk (data_offset = 1 MiB) ... |
+
+The guest sees the disk from ``data_offset`` on: QEMU must open the device with the raw
+driver's ``offset=1048576`` (``-blockdev driver=raw,offset=1048576,file=...``). With a
+separate ``lease_device`` (a small LUN or a file on shared storage) the data device is
+the guest disk from byte 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.disk.base import DiskRole, DiskStatus, FileDisk
+from kemari_suite.disk.lease import LEASE_BLOCK, Lease, LeaseRecord, LeaseTiebreaker
+from kemari_suite.errors import ConfigError, DiskError, LeaseError
+
+#: Bytes reserved at the head of the data device when the lease lives there.
+SHARED_RESERVED_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class SharedDiskConfig:
+    """The shared device and its lease, validated on construction.
+
+    Raises:
+        ConfigError: naming the bad field.
+    """
+
+    device: str
+    #: The VM the lease protects (written in the lease block).
+    resource: str
+    #: Empty: the lease is the first 4 KiB of ``device`` (data starts at 1 MiB).
+    lease_device: str = ""
+    lease_offset: int = 0
+    lease_s: float = 3.0
+    io_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.device:
+            raise ConfigError("missing", key="shared.device")
+        if not self.resource or len(self.resource.encode()) > 64:
+            raise ConfigError("must be 1-64 bytes", key="shared.resource")
+        if self.lease_offset < 0 or self.lease_offset % LEASE_BLOCK:
+            raise ConfigError(f"must be a multiple of {LEASE_BLOCK}", key="shared.lease_offset")
+        if not self.lease_device and self.lease_offset + LEASE_BLOCK > SHARED_RESERVED_BYTES:
+            raise ConfigError(
+                "the lease must lie in the reserved first MiB of the device",
+                key="shared.lease_offset",
+            )
+        if self.io_timeout_s <= 0:
+            raise ConfigError("must be positive", key="shared.io_timeout_s")
+        if self.lease_s <= 4 * self.io_timeout_s:
+            raise ConfigError(
+                "must exceed 4 x io_timeout_s (a renewal must fit well inside the lease)",
+                key="shared.lease_s",
+            )
+
+    @property
+    def data_offset(self) -> int:
+        return 0 if self.lease_device else SHARED_RESERVED_BYTES
+
+    @property
+    def lease_path(self) -> str:
+        return self.lease_device or self.device
+
+
+def format_shared(config: SharedDiskConfig, *, force: bool = False) -> LeaseRecord:
+    """Write a free lease block (once, when the shared disk is set up).
+
+    Raises:
+        LeaseError: the block holds a lease or foreign data already (unless ``force``).
+    """
+    lease = Lease(
+        config.lease_path,
+        resource=config.resource,
+        lease_s=config.lease_s,
+        io_timeout_s=config.io_timeout_s,
+        offset=config.lease_offset,
+    )
+    try:
+        return lease.format(force=force)
+    finally:
+        lease.close()
+
+
+class SharedDiskBackend:
+    """The shared-storage :class:`~kemari_suite.disk.base.DiskBackend`.
+
+    ``lease`` may be passed in (tests inject clocks through it); otherwise it is opened
+    on attach from the config.
+    """
+
+    name = "shared"
+
+    def __init__(self, config: SharedDiskConfig, node: str, *, lease: Lease | None = None):
+        if not node:
+            raise ConfigError("missing", key="shared.node")
+        self.config = config
+        self.node = node
+        self.lease = lease
+        self._own_lease = lease is None
+        self.disk = FileDisk(config.device, offset=config.data_offset)
+        self.role = DiskRole.UNKNOWN
+
+    def attach(self) -> None:
+        """Open the device and the lease (idempotent); checks the lease block is sound.
+
+        Raises:
+            DiskError: the device cannot be opened.
+            LeaseError: the lease block is unreadable, unformatted or corrupted.
+        """
+        self.disk.attach()
+        if self.lease is None:
+            self.lease = Lease(
+                self.config.lease_path,
+                resource=self.config.resource,
+                lease_s=self.config.lease_s,
+                io_timeout_s=self.config.io_timeout_s,
+                offset=self.config.lease_offset,
+            )
+        self.lease.holder()
+        if self.role is DiskRole.UNKNOWN:
+            self.role = DiskRole.SECONDARY
+
+    def _lease(self) -> Lease:
+        if self.lease is None:
+            raise DiskError(self.name, f"{self.config.device} is not attached")
+        return self.lease
+
+    def tiebreaker(self) -> LeaseTiebreaker:
+        """The lease as a memsync tiebreaker (same object, so promote sees its grant)."""
+        return LeaseTiebreaker(self._lease(), self.node)
+
+    def promote(self) -> None:
+        """Acquire the lease (claim, adopt, or take over an expired one).
+
+        A failover normally wins ``LeaseTiebreaker.ask("takeover")`` first (repeated
+        every heartbeat while it watches the old holder); ``promote`` then finds the
+        lease already ours.
+
+        Raises:
+            LeaseError: another host holds the lease and was seen renewing it.
+        """
+        lease = self._lease()
+        if lease.node != self.node or not lease.valid():
+            lease.acquire(self.node)
+        self.role = DiskRole.PRIMARY
+
+    def renew(self) -> LeaseRecord:
+        """Renew the lease (call every ``lease_s / 3``).
+
+        Raises:
+            LeaseError: the lease was taken over: stop the guest now.
+        """
+        try:
+            return self._lease().renew()
+        except LeaseError:
+            self.role = DiskRole.SECONDARY
+            raise
+
+    def apply(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """Write to the shared device, only while our lease is certainly valid.
+
+        Raises:
+            DiskError: not the writer here.
+            LeaseError: our lease lapsed (locally judged): writing could corrupt the disk
+                the other host may now own.
+        """
+        if self.role is not DiskRole.PRIMARY:
+            raise DiskError(self.name, f"{self.config.device}: not the writer on this host")
+        lease = self._lease()
+        if not lease.valid(margin_s=self.config.io_timeout_s):
+            raise LeaseError(
+                str(lease.device), "our lease lapsed (not renewed in time): refusing writes"
+            )
+        self.disk.apply(writes)
+
+    def flush(self) -> None:
+        self.disk.flush()
+
+    def demote(self) -> None:
+        """Flush and release the lease (if we believe we hold it).
+
+        Raises:
+            LeaseError: the lease had been taken over meanwhile (we were no longer the
+                writer; the role is SECONDARY all the same).
+        """
+        try:
+            if self.role is DiskRole.PRIMARY:
+                self.disk.flush()
+        finally:
+            self.role = DiskRole.SECONDARY
+            lease = self.lease
+            if lease is not None and lease.node == self.node:
+                lease.release()
+
+    def status(self) -> DiskStatus:
+        detail: dict[str, Any] = {
+            "device": self.config.device,
+            "lease_device": self.config.lease_path,
+            "data_offset": self.config.data_offset,
+        }
+        connected = False
+        if self.lease is not None:
+            try:
+                rec = self.lease.holder()
+            except LeaseError as err:
+                detail["lease_error"] = err.reason
+            else:
+                connected = True
+                detail.update(
+                    owner=rec.owner,
+                    generation=rec.generation,
+                    counter=rec.counter,
+                    expires_wall=rec.expires_wall,
+                    lease_valid_here=self.lease.valid(),
+                    direct_io=self.lease.direct,
+                )
+        return DiskStatus(
+            self.name,
+            self.role,
+            connected=connected,
+            up_to_date=connected,
+            resync_percent=None,
+            detail=detail,
+        )
+
+    def close(self) -> None:
+        self.disk.close()
+        if self.lease is not None and self._own_lease:
+            self.lease.close()
+            self.lease = None
+        self.role = DiskRole.UNKNOWN
+
+
+def create_shared_image(path: str | os.PathLike[str], size_bytes: int) -> Path:
+    """Create a sparse file usable as a shared device (the lab), lease area included.
+
+    Raises:
+        DiskError: the file exists or cannot be created.
+    """
+    p = Path(path)
+    try:
+        with open(p, "xb") as f:
+            f.truncate(SHARED_RESERVED_BYTES + size_bytes)
+    except OSError as err:
+        raise DiskError("shared", f"cannot create {p}: {err.strerror}") from err
+    return p
