@@ -26,8 +26,13 @@ test: setup lint image
 unit: setup
 	$(BIN)/pytest -n $(PYTEST_WORKERS) tests/unit
 
+KILLS ?= 20
 e2e: setup image
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "slow or e2e" tests/e2e
+	rm -f benchmarks/results/failover-campaign.jsonl
+	KEMARI_KILLS_PER_POINT=$(KILLS) KEMARI_RECORD=$(CURDIR)/benchmarks/results/failover-campaign.jsonl \
+		$(BIN)/pytest -n $(PYTEST_WORKERS) -m "slow or e2e" tests/e2e; \
+		rc=$$?; $(BIN)/python benchmarks/summarize_campaign.py \
+		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign; exit $$rc
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -94,9 +94,9 @@ def open_tap(name: str, *, netns: str | None = None) -> TapDevice:
     t = threading.Thread(target=work, name=f"tap-{name}", daemon=True)
     t.start()
     t.join()
-    err = result.get("error")
-    if err is not None or "fd" not in result:
-        raise TapError(name, f"cannot attach in namespace {netns}: {err}")
+    failure = result.get("error")
+    if failure is not None or "fd" not in result:
+        raise TapError(name, f"cannot attach in namespace {netns}: {failure}")
     fd = result["fd"]
     assert isinstance(fd, int)
     return TapDevice(name, fd, netns)

@@ -7,7 +7,10 @@ point and records the results under ``benchmarks/results/``.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +28,11 @@ KILLS = int(os.environ.get("KEMARI_KILLS_PER_POINT", "1"))
 def test_kill_primary_at(point: str, run: int, lab_factory, base_config: KemariConfig) -> None:
     lab = lab_factory()
     res = kill_once(lab, base_config, point)
+    record = os.environ.get("KEMARI_RECORD")
+    if record:
+        # One JSON line per kill; O_APPEND keeps lines from parallel workers whole.
+        with Path(record).open("a") as f:
+            f.write(json.dumps(asdict(res) | {"ok": res.ok}) + "\n")
     assert res.hit, res.detail
     if point == "precopy":
         assert not res.resumed, "resumed with no committed checkpoint"

@@ -1,0 +1,58 @@
+"""Losing the secondary: the primary goes on unprotected (the witness agrees), then
+re-protects when a secondary comes back, and a later failover still works."""
+
+from __future__ import annotations
+
+import pytest
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.lab.pair import LabPair, PairOptions
+from tests.conftest import needs_root
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+
+def test_secondary_loss_unprotected_then_reprotected(
+    lab_factory, base_config: KemariConfig
+) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions())
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_counter(120)
+        pair.kill("secondary")
+        st = pair.wait_state("primary", {"unprotected"}, 30)
+        assert "witness confirmed" in st["reason"]
+        assert st["protected"] is False
+        before = pair.read_counter()
+        pair.start_secondary()
+        st = pair.wait_state("primary", {"protected"}, 120)
+        assert st["last_committed_epoch"] > 0
+        # The new secondary holds a full, current replica: a failover works from it.
+        pair.wait_state("secondary", {"standby"}, 30)
+        pair.kill("primary")
+        sec = pair.wait_state("secondary", {"active"}, 60)
+        probes = sec["failover"]["probes"]
+        assert probes.get("counter", -1) >= before
+        assert pair.wait_counter(60) >= probes["counter"]
+    finally:
+        pair.stop()
+
+
+def test_checkpoint_command_and_status(lab_factory, base_config: KemariConfig) -> None:
+    from kemari_suite.memsync import control
+
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions(max_interval_ms=2000))
+    try:
+        pair.start()
+        st = pair.wait_state("primary", {"protected"}, 180)
+        res = control.request(pair.control_path("primary"), "checkpoint", timeout=30)
+        assert res["epoch"] >= st["last_committed_epoch"]
+        after = pair.status("primary")
+        assert after["last_committed_epoch"] >= res["epoch"]
+        sec = pair.status("secondary")
+        assert sec["state"] == "standby" and sec["last_committed_epoch"] >= res["epoch"]
+    finally:
+        pair.stop()
