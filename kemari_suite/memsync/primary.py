@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import time
@@ -270,11 +271,22 @@ class PrimaryAgent:
 
     async def _on_qemu_event(self, ev: dict[str, Any]) -> None:
         name = ev.get("event", "")
-        if name in ("SHUTDOWN", "GUEST_PANICKED") and self.link is not None:
-            # Forwarded, never a failover trigger: the guest itself chose this.
+        if name not in ("SHUTDOWN", "GUEST_PANICKED"):
+            return
+        data = ev.get("data") or {}
+        # A reset (reboot) also raises SHUTDOWN in some versions; only a real stop counts.
+        if name == "SHUTDOWN" and data.get("reason") == "guest-reset":
+            return
+        self.artifacts.event("guest", name=name, data=data)
+        # Forwarded, never a failover trigger: the guest itself chose to stop. The
+        # secondary records it and will not resume a guest that shut itself down.
+        if self.link is not None:
             with contextlib.suppress(Exception):
-                await self.link.send(wire.GuestEvent(name=name, data=str(ev.get("data", ""))))
-            self.artifacts.event("guest", name=name)
+                await self.link.send(wire.GuestEvent(name=name, data=json.dumps(data)))
+                await self.link.send(wire.Bye(reason=f"guest event {name}"))
+        self._guest_stopped = name
+        self._stop.set()
+        self._sync_requested.set()
 
     # ---- protection --------------------------------------------------------------------
 
@@ -311,6 +323,7 @@ class PrimaryAgent:
                 self.link.close()
 
     _trigger_reason = "interval"
+    _guest_stopped = ""
     _lost_reason = ""
     _last_dirty = 0
     _precopied = 0

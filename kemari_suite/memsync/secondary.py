@@ -302,6 +302,12 @@ class SecondaryAgent:
         if isinstance(msg, wire.GuestEvent):
             self.guest_events.append(msg.name)
             self.artifacts.event("guest", name=msg.name, data=msg.data)
+            if msg.name in ("SHUTDOWN", "GUEST_PANICKED"):
+                # The guest stopped itself on the primary: never resume it here.
+                self._set_state(
+                    SecondaryState.STOPPED,
+                    f"the guest reported {msg.name} on the primary: not failing over",
+                )
             return
         if isinstance(msg, wire.Bye):
             raise ConnectionError(f"primary said goodbye: {msg.reason}")

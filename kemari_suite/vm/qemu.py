@@ -195,6 +195,9 @@ def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
         "chardev:ser0",
         "-pidfile",
         str(paths.pidfile),
+        # A guest poweroff leaves QEMU up (status "shutdown") and raises SHUTDOWN: the
+        # agent forwards it instead of mistaking the exit for a host failure.
+        "-no-shutdown",
     ]
     if spec.netdev is not None:
         argv += [

@@ -56,3 +56,26 @@ def test_checkpoint_command_and_status(lab_factory, base_config: KemariConfig) -
         assert sec["state"] == "standby" and sec["last_committed_epoch"] >= res["epoch"]
     finally:
         pair.stop()
+
+
+def test_guest_shutdown_is_forwarded_not_failed_over(
+    lab_factory, base_config: KemariConfig
+) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions(workload="sleep 5; poweroff -f"))
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        rc = pair.wait_exit("primary", 90)
+        assert rc == 0, pair.output("primary")[-2000:]
+        st = pair.wait_state("secondary", {"stopped"}, 30)
+        assert "SHUTDOWN" in st["reason"]
+        assert "SHUTDOWN" in st["guest_events"]
+        # Well past the heartbeat timeout: still no failover.
+        import time
+
+        time.sleep(4)
+        assert pair.status("secondary")["state"] == "stopped"
+        assert pair.qemu_pid("secondary") is None
+    finally:
+        pair.stop()
