@@ -379,6 +379,41 @@ def run(
     return res
 
 
+def run_floor(
+    cfg: KemariConfig,
+    *,
+    samples: int = 100,
+    pages_per_100ms: int = 4000,
+    working_set_mib: int = 32,
+    lab_id: str = "fl",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Only the floor: stop + one full compare scan + device state + cont (see module doc).
+
+    Returns p50/p99 of the total and the p50 of each part, in ms.
+    """
+    say = progress or (lambda _m: None)
+    if lab_id in labmod.list_labs():
+        labmod.down(lab_id)
+    lay = labmod.up(lab_id, "unlimited")
+    try:
+        wl = workload("compressible", pages_per_100ms * 10, working_set_mib)
+        rows, _ = asyncio.run(_floor_and_baseline(cfg, lay, wl, samples, 8.0, 1.0, say))
+    finally:
+        labmod.down(lab_id)
+    totals = [r["total"] for r in rows]
+    return {
+        "samples": len(rows),
+        "memory_mib": cfg.vm.memory_mib,
+        "floor_ms_p50": pct(totals, 50),
+        "floor_ms_p99": pct(totals, 99),
+        "parts_ms_p50": {
+            k: float(statistics.median(r[k] for r in rows))
+            for k in ("stop", "devstate", "scan", "cont")
+        },
+    }
+
+
 def _check(res: Result) -> None:
     """Compare with the targets of the memsync issue; record, never assert."""
     c = res.checks

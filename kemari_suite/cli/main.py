@@ -279,6 +279,20 @@ def bench_memsync(
     out.print(md.read_text())
 
 
+@bench_app.command("floor")
+def bench_floor(
+    config: ConfigOpt = None,
+    samples: Annotated[int, typer.Option(help="Sync points to time.")] = 100,
+) -> None:
+    """The floor of a compare-tracked sync point: stop + full scan + device state + cont."""
+    from kemari_suite.bench import memsync
+
+    cfg = _load(config)
+    with err.status("floor") as st:
+        res = _guard(lambda: memsync.run_floor(cfg, samples=samples, progress=st.update))
+    out.print_json(json.dumps(res))
+
+
 # ---- demo ----------------------------------------------------------------------------
 
 

@@ -79,3 +79,27 @@ def test_guest_shutdown_is_forwarded_not_failed_over(
         assert pair.qemu_pid("secondary") is None
     finally:
         pair.stop()
+
+
+def test_no_tiebreaker_means_operator_failover(lab_factory, base_config: KemariConfig) -> None:
+    from kemari_suite.memsync import control
+
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions(tiebreaker="none"))
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_counter(120)
+        pair.kill("primary")
+        import time
+
+        time.sleep(5)  # well past the 3 s heartbeat timeout
+        st = pair.status("secondary")
+        assert st["state"] == "standby", st
+        assert "no tiebreaker" in st["reason"]
+        assert pair.qemu_pid("secondary") is None
+        report = control.request(pair.control_path("secondary"), "failover", timeout=60)
+        assert report["epoch"] >= 1
+        assert pair.wait_counter(60) >= report["probes"]["counter"]
+    finally:
+        pair.stop()

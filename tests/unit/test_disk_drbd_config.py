@@ -274,5 +274,5 @@ def test_drbdadm_dry_run_misses_ranges_our_validation_catches(tmp_path: Path) ->
         "kemari0", ["drbdadm", "-c", str(path), "up", "kemari0"], "alpha"
     )
     assert any("32" in c for c in cmds if c[1] == "new-peer")
-    with pytest.raises(ConfigError, match="not in 0..31"):
+    with pytest.raises(ConfigError, match=r"not in 0\.\.31"):
         two_nodes(nodes=(ALPHA, dataclasses.replace(BETA, node_id=32)))

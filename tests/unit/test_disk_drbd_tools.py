@@ -35,6 +35,9 @@ CFG = DrbdConfig(
 )
 
 
+META = ["drbdmeta", "10", "v09", "/dev/vg0/kemari0", "internal"]
+
+
 def names(cmds: list[list[str]]) -> list[list[str]]:
     return [[Path(c[0]).name, *c[1:]] for c in cmds]
 
@@ -163,9 +166,8 @@ def test_dry_run_backend_records_and_drbdadm_agrees(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("op", "expected"),
     [
-        (lambda r: r.create_md(), [["drbdmeta", "10", "v09", "/dev/vg0/kemari0", "internal", "create-md", "1"]]),
-        (lambda r: r.create_md(force=True, max_peers=2),
-         [["drbdmeta", "10", "v09", "/dev/vg0/kemari0", "internal", "create-md", "2", "--force"]]),
+        (lambda r: r.create_md(), [[*META, "create-md", "1"]]),
+        (lambda r: r.create_md(force=True, max_peers=2), [[*META, "create-md", "2", "--force"]]),
         (lambda r: r.up(), None),
         (lambda r: r.down(), [["drbdsetup", "down", "kemari0"]]),
         (lambda r: r.primary(force=True), [["drbdsetup", "primary", "kemari0", "--force"]]),

@@ -193,7 +193,13 @@ def test_race_for_a_free_lease_has_one_winner(pair) -> None:  # type: ignore[no-
     a, ca, b, _cb = pair
     results = {}
 
+    free_block = b._io.read()
+    real_read = b._io.read
+
     def beta_claims() -> None:
+        # beta's read happened before alpha's write: it saw the lease free.
+        stale = iter([free_block])
+        b._io.read = lambda: next(stale, None) or real_read()
         results["beta"] = b.try_acquire("beta")
 
     ca.on_sleep = beta_claims
@@ -397,7 +403,7 @@ def test_tiebreaker_mirrors_the_witness(pair) -> None:  # type: ignore[no-untype
             assert not (await tb.ask("takeover")).granted
         ca.t += LEASE_S
         assert not ta.lease_valid(LEASE_S, margin_s=0.2)
-        cb.t += 0.99  # the watch began at beta's first look after alpha's last renewal
+        cb.t += 1.99  # the watch began at beta's first look after alpha's last renewal
         assert not (await tb.ask("takeover")).granted
         cb.t += 0.01
         d = await tb.ask("takeover")
@@ -430,6 +436,9 @@ def test_tiebreaker_reports_corruption_as_refusal_and_io_failure_as_connect_erro
     class Broken:
         def read(self) -> bytes:
             raise LeaseError("lease.img", "read failed: Input/output error") from OSError(5, "EIO")
+
+        def close(self) -> None:
+            pass
 
     b._io = Broken()  # type: ignore[assignment]
     with pytest.raises(ConnectError, match="Input/output error"):
