@@ -708,9 +708,13 @@ def gzip_bytes(data: bytes) -> bytes:
 
 
 def guest_dir() -> Path:
-    """Where init.sh and workloads/ live: $KEMARI_GUEST_DIR, else <repo>/guest."""
+    """Where init.sh and workloads/ live: $KEMARI_GUEST_DIR, else the package's guest/.
+
+    They ship inside the package (package data), so a wheel installed on a host builds
+    the same images as a checkout.
+    """
     env = os.environ.get("KEMARI_GUEST_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "guest"
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "guest"
 
 
 @dataclass(frozen=True)
