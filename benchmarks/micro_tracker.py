@@ -86,6 +86,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     path = Path(f"/dev/shm/kemari-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}.ram")
     results: dict[str, dict[str, float]] = {}
+    load_before = os.getloadavg()
     try:
         with path.open("wb") as f:
             f.truncate(n_pages * PAGE_SIZE)
@@ -99,6 +100,8 @@ def main() -> None:
             prev = allocate_pages(n_pages)
 
             def dirty(pattern: str) -> np.ndarray:
+                if pattern == "clean":
+                    return np.zeros(0, dtype=np.int64)
                 if pattern == "random":
                     idx = np.sort(rng.choice(n_pages, args.dirty, replace=False))
                 else:
@@ -107,56 +110,51 @@ def main() -> None:
                 guest.pages[idx, int(rng.integers(0, PAGE_SIZE))] ^= 0x5A
                 return idx.astype(np.int64)
 
-            for precheck in (True, False):
-                tracker = CompareTracker(n_pages, threads=2, precheck=precheck)
-                tracker.reset(ram)
-                tag = "memcmp+numpy" if precheck else "numpy"
-                for threads in (1, 2):
-                    samples = [
-                        timed(tracker.scan, ram, out=out, threads=threads) for _ in range(iters)
-                    ]
-                    results[f"scan clean, {tag}, {threads} thr"] = percentiles(samples)
-                for pattern in ("random", "clustered"):
-                    for threads in (1, 2):
-                        samples = []
-                        for _ in range(iters):
-                            idx = dirty(pattern)
-                            samples.append(timed(tracker.scan, ram, out=out, threads=threads))
-                            n = tracker.scan(ram, out=out, threads=2)
-                            assert np.array_equal(out[:n], idx), "scan missed pages"
-                            tracker.commit(out[:n], tracker.stage(ram, out[:n], staging))
-                        results[f"scan {args.dirty} {pattern}, {tag}, {threads} thr"] = percentiles(
-                            samples
-                        )
-                if precheck:
-                    st, pv, cm = [], [], []
-                    for _ in range(iters):
-                        idx = dirty("random")
-                        n = tracker.scan(ram, out=out)
-                        sel = out[:n]
-                        st.append(timed(tracker.stage, ram, sel, staging))
-                        pv.append(timed(tracker.previous, sel, prev))
-                        cm.append(timed(tracker.commit, sel, staging))
-                    results[f"stage {args.dirty} pages"] = percentiles(st)
-                    results[f"previous {args.dirty} pages"] = percentiles(pv)
-                    results[f"commit {args.dirty} pages"] = percentiles(cm)
-                tracker.close()
-
+            # Every variant scans the same dirty state, in rotating order, so that load
+            # from elsewhere on the machine spreads evenly over them.
             kernel = FakeKernel(n_pages)
+            trackers = {
+                "memcmp+numpy": CompareTracker(n_pages, threads=2, precheck=True),
+                "numpy": CompareTracker(n_pages, threads=2, precheck=False),
+            }
             soft = SoftDirtyTracker(n_pages, source=kernel)
-            soft.reset(ram)
-            samples = []
-            for _ in range(iters):
-                idx = dirty("random")
-                kernel.dirty[idx] = 1
-                samples.append(timed(soft.scan, ram, out=out))
-                n = soft.scan(ram, out=out)
-                assert np.array_equal(out[:n], idx)
-                soft.commit(out[:n], soft.stage(ram, out[:n], staging))
-                kernel.clear()
-            results[f"soft-dirty scan {args.dirty} candidates (fake pagemap)"] = percentiles(
-                samples
-            )
+            for t in (*trackers.values(), soft):
+                t.reset(ram)
+            variants = [(tag, threads) for tag in trackers for threads in (1, 2)]
+            samples: dict[str, list[float]] = {}
+
+            def record(name: str, seconds: float) -> None:
+                samples.setdefault(name, []).append(seconds)
+
+            main_tracker = trackers["memcmp+numpy"]
+            for i in range(iters):
+                for pattern in ("clean", "random", "clustered"):
+                    idx = dirty(pattern)
+                    label = "clean" if pattern == "clean" else f"{args.dirty} {pattern}"
+                    for j in range(len(variants)):
+                        tag, threads = variants[(i + j) % len(variants)]
+                        tracker = trackers[tag]
+                        seconds = timed(tracker.scan, ram, out=out, threads=threads)
+                        record(f"scan {label}, {tag}, {threads} thr", seconds)
+                        assert np.array_equal(out[: len(idx)], idx), "scan missed pages"
+                    if pattern == "clean":
+                        continue
+                    kernel.dirty[idx] = 1
+                    record(
+                        f"soft-dirty scan {label} (fake pagemap)", timed(soft.scan, ram, out=out)
+                    )
+                    n = main_tracker.scan(ram, out=out)
+                    assert n == len(idx)
+                    sel = out[:n]
+                    record(f"stage {label}", timed(main_tracker.stage, ram, sel, staging))
+                    record(f"previous {label}", timed(main_tracker.previous, sel, prev))
+                    record(f"commit {label}", timed(main_tracker.commit, sel, staging))
+                    trackers["numpy"].commit(sel, staging[:n])
+                    soft.commit(sel, staging[:n])
+                    kernel.clear()
+            for t in (*trackers.values(), soft):
+                t.close()
+            results.update({name: percentiles(v) for name, v in sorted(samples.items())})
 
         # Views outlive GuestRAM.close(): drop ours so the file is mapped once in this
         # process, as it is in QEMU.
@@ -164,23 +162,31 @@ def main() -> None:
         with GuestRAM(path):
             source = ProcPagemap(os.getpid(), path, n_pages)
             entries = np.zeros(n_pages, dtype=np.uint64)
-            samples = [timed(source.read, entries) for _ in range(iters)]
+            reads = [timed(source.read, entries) for _ in range(iters)]
             source.close()
-            results[f"read /proc/self/pagemap, {n_pages} entries"] = percentiles(samples)
+            results[f"read /proc/self/pagemap, {n_pages} entries"] = percentiles(reads)
     finally:
         path.unlink(missing_ok=True)
 
     ok, reason = probe_soft_dirty()
+    load_after = os.getloadavg()
     width = max(len(k) for k in results)
     print(f"{args.mib} MiB ({n_pages} pages), {iters} iterations, {os.cpu_count()} CPUs")
     print(f"{'':{width}}  {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for name, r in results.items():
         print(f"{name:{width}}  {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f}")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"soft-dirty probe: {'ok' if ok else 'unavailable'}: {reason}")
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"mib": args.mib, "iterations": iters, "soft_dirty": [ok, reason], **results},
+                {
+                    "mib": args.mib,
+                    "iterations": iters,
+                    "loadavg": [load_before[0], load_after[0]],
+                    "soft_dirty": [ok, reason],
+                    **results,
+                },
                 indent=2,
             )
         )

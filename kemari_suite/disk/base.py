@@ -106,11 +106,11 @@ class DiskBackend(Protocol):
         """Release what ``attach`` opened (it does not tear replication down)."""
 
 
-def check_write(name: str, size: int, offset: int, length: int) -> None:
+def check_write(name: str, size: int, offset: int, length: int, what: str = "write") -> None:
     """Raise DiskError unless ``[offset, offset+length)`` lies inside a disk of ``size`` bytes."""
-    if offset < 0 or offset + length > size:
+    if offset < 0 or length < 0 or offset + length > size:
         raise DiskError(
-            name, f"write of {length} bytes at offset {offset} lies outside the {size}-byte disk"
+            name, f"{what} of {length} bytes at offset {offset} lies outside the {size}-byte disk"
         )
 
 
@@ -206,7 +206,7 @@ class FileDisk:
             DiskError: not attached, outside the disk, or pread failed.
         """
         fd = self._require_fd()
-        check_write(self.name, self.size, offset, length)
+        check_write(self.name, self.size, offset, length, "read")
         out = bytearray()
         try:
             while len(out) < length:

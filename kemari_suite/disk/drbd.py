@@ -24,20 +24,22 @@ Three layers:
 
 The fence-peer handler runs on a primary that lost its peer, with I/O frozen. DRBD sets
 ``DRBD_RESOURCE``, ``DRBD_PEER_NODE_ID`` and friends in its environment; it must exit
-with DRBD's documented codes (4: peer fenced/outdated, 5: peer unreachable and assumed
-dead, 6: outdate yourself, 7: peer STONITHed; anything else keeps I/O frozen). The
-handler template is formatted with ``{resource}``.
+with DRBD's documented codes (3: peer already outdated or worse, 4: peer outdated, 5:
+peer unreachable and assumed dead, 6: outdate yourself, 7: peer STONITHed); when it
+fails, I/O stays frozen until ``drbdadm resume-io``. The handler template is formatted
+with ``{resource}``; see README.md for the contract ``kemari fence-peer`` implements.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import shlex
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -174,7 +176,9 @@ def validate(cfg: DrbdConfig) -> None:
     """
     if not _NAME.match(cfg.resource) or cfg.resource == "all":
         raise _bad("resource", f"{cfg.resource!r}: 1-63 letters, digits, '_', '.', '+', '-'")
-    if not isinstance(cfg.nodes, tuple) or len(cfg.nodes) < 2:
+    if not isinstance(cfg.nodes, tuple):
+        raise _bad("nodes", f"expected a tuple of nodes, got {type(cfg.nodes).__name__}")
+    if len(cfg.nodes) < 2:
         raise _bad("nodes", "a resource needs at least two nodes")
     if len(cfg.nodes) > MAX_NODE_ID + 1:
         raise _bad("nodes", f"at most {MAX_NODE_ID + 1} nodes")
@@ -372,10 +376,21 @@ class DrbdTools:
     changes nothing).
     """
 
-    def __init__(self, *, dry_run: bool = False, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        dry_run: bool = False,
+        timeout_s: float = 60.0,
+        binaries: Mapping[str, str] | None = None,
+    ) -> None:
         self.dry_run = dry_run
         self.timeout_s = timeout_s
+        #: Replaces a tool by another executable (tests: a scripted drbdsetup).
+        self.binaries = dict(binaries or {})
         self.recorded: list[tuple[str, ...]] = []
+
+    def _path(self, tool: str) -> str:
+        return _tool_path(self.binaries.get(tool, tool))
 
     @staticmethod
     def _env(node: str | None) -> dict[str, str]:
@@ -415,7 +430,7 @@ class DrbdTools:
         command = shlex.join(argv)
         t0 = time.monotonic()
         try:
-            proc = sh.Command(_tool_path(argv[0]))(
+            proc = sh.Command(self._path(argv[0]))(
                 *argv[1:],
                 _env=self._env(node),
                 _in="",
@@ -441,8 +456,10 @@ class DrbdTools:
             time.monotonic() - t0,
         )
 
-    def stream(self, resource: str, argv: Sequence[str]) -> Iterator[str]:
+    def stream(self, resource: str, argv: Sequence[str]) -> Generator[str, None, None]:
         """Run a long-lived command (``drbdsetup events2``) and yield its stdout lines.
+
+        Closing the generator (or leaving the ``for`` loop early) terminates the command.
 
         Raises:
             DrbdError: the tool is missing or exits non-zero.
@@ -453,16 +470,25 @@ class DrbdTools:
             return
         command = shlex.join(argv)
         try:
-            for line in sh.Command(_tool_path(argv[0]))(
-                *argv[1:], _env=self._env(None), _in="", _iter=True
-            ):
-                yield str(line)
+            # _bg_exc=False: the exit status is raised here, not printed by sh's thread.
+            proc: Any = sh.Command(self._path(argv[0]))(
+                *argv[1:], _env=self._env(None), _in="", _iter=True, _bg_exc=False
+            )
         except sh.CommandNotFound as err:
             raise DrbdError(
                 resource, command, 127, f"{argv[0]} not found: install drbd-utils"
             ) from err
+        try:
+            for line in proc:
+                yield str(line)
         except sh.ErrorReturnCode as err:
             raise DrbdError(resource, command, err.exit_code, _text(err.stderr)) from err
+        finally:
+            if proc.is_alive():
+                with contextlib.suppress(OSError):
+                    proc.process.terminate()
+                with contextlib.suppress(sh.ErrorReturnCode, sh.SignalException):
+                    proc.wait()
 
     def drbdadm_dry_run(self, resource: str, argv: Sequence[str], node: str) -> list[list[str]]:
         """What the drbdadm command ``argv`` would run on ``node``: drbdadm's own dry run.
@@ -631,14 +657,20 @@ class DrbdResource:
         res = self.tools.run(self.name, self.events_argv(now=True))
         return list(parse_events2(res.stdout.splitlines()))
 
-    def watch(self) -> Iterator[DrbdEvent]:
+    def watch(self) -> Generator[DrbdEvent, None, None]:
         """Follow ``drbdsetup events2``: the initial state, then every change.
+
+        Closing the generator stops drbdsetup.
 
         Raises:
             DrbdError: drbdsetup failed or exited.
             DiskError: a line is not in the events2 format.
         """
-        return parse_events2(self.tools.stream(self.name, self.events_argv(now=False)))
+        lines = self.tools.stream(self.name, self.events_argv(now=False))
+        try:
+            yield from parse_events2(lines)
+        finally:
+            lines.close()  # stops drbdsetup when the caller stops reading
 
 
 def check_with_drbdadm(

@@ -106,6 +106,8 @@ class BlockTap:
         if mode is TapMode.UNPROTECTED:
             self._drained.set()
         self._unflushed = False
+        #: Writes applied since the last backend flush (apply thread only).
+        self._dirty = False
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._applier: asyncio.Task[None] | None = None
         self._closed = False
@@ -228,10 +230,15 @@ class BlockTap:
         self.stats.written_through += 1
 
     def _apply_sync(self, writes: list[tuple[int, bytes]], flush: bool) -> None:
+        # Runs on the single apply thread only, so _dirty needs no lock.
         if writes:
             self.backend.apply(writes)
-        if flush:
+            self._dirty = True
+        # QEMU's `stop` flushes every disk, so nearly every epoch carries a FLUSH; a
+        # flush with nothing applied since the last one is skipped.
+        if flush and self._dirty:
             self.backend.flush()
+            self._dirty = False
             self.stats.backend_flushes += 1
 
     # ---- the primary's side -----------------------------------------------------------

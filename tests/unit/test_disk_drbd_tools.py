@@ -3,6 +3,7 @@ checked against drbdadm's own dry run (no root, no kernel module needed)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -227,3 +228,76 @@ def test_apply_when_not_primary_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(DiskError, match="not primary"):
         backend.apply([(0, b"x")])
+
+
+# ---- the whole status/events path through sh, with a scripted drbdsetup ----------------
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures" / "drbd"
+
+
+def scripted_drbdsetup(tmp_path: Path, body: str) -> DrbdTools:
+    script = tmp_path / "drbdsetup"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return DrbdTools(binaries={"drbdsetup": str(script)})
+
+
+def test_status_through_a_scripted_drbdsetup(tmp_path: Path) -> None:
+    args = tmp_path / "args"
+    tools = scripted_drbdsetup(
+        tmp_path, f'echo "$@" > {args}\ncat {FIX / "status-secondary-syncing.json"}\n'
+    )
+    backend = DrbdBackend(CFG, "beta", config_path=tmp_path / "r.res", tools=tools)
+    st = backend.status()
+    assert args.read_text().split() == ["status", "kemari0", "--json"]
+    assert st.role is DiskRole.SECONDARY
+    assert st.connected and not st.up_to_date
+    assert st.resync_percent == 25.0
+    assert st.detail["connections"][0]["peer_role"] == "Primary"
+
+
+def test_status_of_a_resource_that_is_down(tmp_path: Path) -> None:
+    tools = scripted_drbdsetup(tmp_path, 'echo "kemari0: No such resource" >&2\nexit 10\n')
+    backend = DrbdBackend(CFG, "beta", config_path=tmp_path / "r.res", tools=tools)
+    st = backend.status()
+    assert st.role is DiskRole.UNKNOWN and st.detail["state"] == "down"
+
+
+def test_status_failure_other_than_down_raises(tmp_path: Path) -> None:
+    tools = scripted_drbdsetup(tmp_path, 'echo "genl: permission denied" >&2\nexit 20\n')
+    r = DrbdResource(CFG, "beta", config_path=tmp_path / "r.res", tools=tools)
+    with pytest.raises(DrbdError) as info:
+        r.status()
+    assert info.value.rc == 20 and "permission denied" in info.value.stderr
+
+
+def test_watch_follows_events_and_stops_drbdsetup(tmp_path: Path) -> None:
+    from kemari_suite.disk.drbdstate import DrbdMonitor, SplitBrain
+
+    pidfile = tmp_path / "pid"
+    tools = scripted_drbdsetup(
+        tmp_path,
+        f"echo $$ > {pidfile}\ncat {FIX / 'events2-split-brain.txt'}\nexec sleep 600\n",
+    )
+    r = DrbdResource(CFG, "alpha", config_path=tmp_path / "r.res", tools=tools)
+    mon = DrbdMonitor("kemari0")
+    events = r.watch()
+    split = None
+    for ev in events:
+        split = next((n for n in mon.feed(ev) if isinstance(n, SplitBrain) and n.unresolved), None)
+        if split is not None:
+            break
+    events.close()
+    assert split == SplitBrain("kemari0", "beta", 1, 0, unresolved=True)
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # drbdsetup (here: its sleep) was terminated and reaped
+
+
+def test_watch_error_exit_is_a_drbderror(tmp_path: Path) -> None:
+    tools = scripted_drbdsetup(tmp_path, 'echo "exists -"\necho "no module" >&2\nexit 20\n')
+    r = DrbdResource(CFG, "alpha", config_path=tmp_path / "r.res", tools=tools)
+    with pytest.raises(DrbdError) as info:
+        list(r.watch())
+    assert info.value.rc == 20 and "no module" in info.value.stderr
+    assert "events2 kemari0 --statistics" in info.value.command

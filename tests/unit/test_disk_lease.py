@@ -459,3 +459,25 @@ def test_io_error_is_a_lease_error_caused_by_oserror(lease_file: Path) -> None:
         lease._io.fd = os.open(os.devnull, os.O_RDONLY)  # so close() has something
     finally:
         lease.close()
+
+
+def test_stale_holder_with_the_same_name_is_caught_by_the_generation(
+    pair,
+    lease_file: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """An old agent process of alpha (generation 1) must not renew the lease a newer
+    alpha process holds after beta held and released it (generation 3)."""
+    a, _ca, b, cb = pair
+    a.acquire("alpha")
+    b.try_acquire("beta")
+    cb.t += LEASE_S
+    assert b.try_acquire("beta").granted
+    b.release()
+    a2 = host(lease_file, FakeClock(0.0))
+    try:
+        assert a2.acquire("alpha").generation == 3
+        with pytest.raises(LeaseError, match="generation 3, ours was 1"):
+            a.renew()
+        assert a2.renew().owner == "alpha"
+    finally:
+        a2.close()

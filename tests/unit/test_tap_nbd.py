@@ -164,6 +164,9 @@ def test_unprotected_applies_the_log_then_writes_through() -> None:
         await tap.write_zeroes(1, 1)
         await tap.flush()
         assert be.log[-2:] == [("write", 1, 1), ("flush", 0, 0)]
+        await tap.flush()  # nothing written since the last flush: no backend flush
+        assert be.log[-2:] == [("write", 1, 1), ("flush", 0, 0)]
+        assert [x[0] for x in be.log].count("flush") == 3
         assert bytes(be.data[:4]) == b"n\0wY"
         assert len(env.events) == n_events  # no sync points wanted without a secondary
         tap.commit_epoch(5)  # ignored
