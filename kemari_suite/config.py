@@ -146,6 +146,11 @@ class DiskConfig:
     #: Guest disk image (raw). Empty means the VM has no disk.
     path: str = ""
     size_mib: int = 64
+    #: Device or file holding the shared-storage lease (``replication.tiebreaker =
+    #: "lease"``): an FC LUN or iSCSI disk both hosts see, or a file on shared storage.
+    lease_device: str = ""
+    #: Byte offset of the 4 KiB lease block on that device.
+    lease_offset: int = 0
 
 
 @dataclass(frozen=True)

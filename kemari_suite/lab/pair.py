@@ -130,6 +130,13 @@ class LabPair:
                 else "",
             },
         }
+        if o.tiebreaker == "lease":
+            # Both "hosts" share this machine's filesystem: a file stands in for the LUN.
+            lease = self.root / "lease.img"
+            if not lease.exists():
+                with lease.open("wb") as f:
+                    f.truncate(1 << 20)
+            sections["disk"] = {"lease_device": str(lease)}
         path = self.root / f"{role}.toml"
         path.write_text(to_toml(sections))
         return path
@@ -260,6 +267,21 @@ class LabPair:
                 err = e
                 time.sleep(0.2)
         raise ConnectError(f"{self.lab.guest_ip}:{COUNTER_PORT}", f"no counter: {err}")
+
+    def settle(self, epochs: int = 3, timeout: float = 60) -> int:
+        """Wait until the primary committed ``epochs`` more checkpoints; returns the last.
+
+        After the guest's workload first answers, its state is in a *committed*
+        checkpoint only once the next epochs are acknowledged.
+        """
+        start = int(self.status("primary")["last_committed_epoch"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = int(self.status("primary")["last_committed_epoch"])
+            if now >= start + epochs:
+                return now
+            time.sleep(0.05)
+        raise LabError(self.lab.lab_id, f"no {epochs} checkpoints committed in {timeout} s")
 
     def qemu_pid(self, role: str) -> int | None:
         pidfile = self.run_dir(role) / f"kemari-{self.opts.vm_name}" / "qemu.pid"

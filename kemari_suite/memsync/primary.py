@@ -44,8 +44,8 @@ from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_sha
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, connect
 from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics
+from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
 from kemari_suite.memsync.tracker import DirtyTracker, make_tracker
-from kemari_suite.memsync.witness import WitnessClient
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class PrimaryAgent:
         self._link_lost = asyncio.Event()
         self._last_sync = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
-        self.witness: WitnessClient | None = None
+        self.witness: Tiebreaker | None = None
         self.io_log_provider: Callable[[int], bytes] | None = None
         self.control: ControlServer | None = None
         self._last_rx = time.monotonic()
@@ -194,14 +194,8 @@ class PrimaryAgent:
             },
         )
         await self.control.start()
-        if self.rcfg.tiebreaker == "witness":
-            self.witness = WitnessClient(
-                self.key,
-                self.rcfg.witness,
-                self.spec.name,
-                self.node_id,
-                timeout=self.rcfg.heartbeat_interval_ms / 1000 * 2,
-            )
+        self.witness = make_tiebreaker(self.cfg, self.node_id, format_lease=True)
+        if self.witness is not None:
             self._tasks.append(asyncio.create_task(self._witness_loop()))
         delay = faults.random_delay()
         if delay is not None:
@@ -648,26 +642,26 @@ class PrimaryAgent:
         if self.status.state in (PrimaryState.UNPROTECTED, PrimaryState.HELD):
             return
         self.artifacts.event("secondary-lost", reason=reason)
-        if self.rcfg.tiebreaker == "witness" and self.witness is not None:
+        if self.witness is not None:
             try:
                 d = await self.witness.ask("renew")
             except ConnectError as err:
                 d = None
                 why = str(err)
             if d is not None and d.granted:
-                self._set_state(PrimaryState.UNPROTECTED, f"{reason}; witness confirmed our lease")
+                self._set_state(
+                    PrimaryState.UNPROTECTED,
+                    f"{reason}; the {self.rcfg.tiebreaker} confirmed our lease",
+                )
                 return
             why = d.reason if d is not None else why
             await self._fence(f"{reason}; tiebreaker lost: {why}")
             return
-        if self.rcfg.tiebreaker == "none":
-            self._set_state(
-                PrimaryState.HELD,
-                f"{reason}; no tiebreaker configured: output stays held until the secondary "
-                "returns or an operator decides",
-            )
-            return
-        self._set_state(PrimaryState.HELD, f"{reason}; tiebreaker {self.rcfg.tiebreaker} not wired")
+        self._set_state(
+            PrimaryState.HELD,
+            f"{reason}; no tiebreaker configured: output stays held until the secondary "
+            "returns or an operator decides",
+        )
 
     async def _fence(self, reason: str) -> None:
         log.error("primary fenced: %s", reason)

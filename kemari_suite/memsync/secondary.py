@@ -43,7 +43,7 @@ from kemari_suite.memsync.devstate import restore
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, serve
 from kemari_suite.memsync.metrics import Artifacts
-from kemari_suite.memsync.witness import WitnessClient
+from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class SecondaryAgent:
         self._failover_reason = ""
         self._server: asyncio.AbstractServer | None = None
         self.control: ControlServer | None = None
-        self.witness: WitnessClient | None = None
+        self.witness: Tiebreaker | None = None
         self._apply_lock = asyncio.Lock()
         self.epochs_committed = 0
 
@@ -185,14 +185,7 @@ class SecondaryAgent:
             },
         )
         await self.control.start()
-        if self.rcfg.tiebreaker == "witness":
-            self.witness = WitnessClient(
-                self.key,
-                self.rcfg.witness,
-                self.spec.name,
-                self.node_id,
-                timeout=self.rcfg.heartbeat_interval_ms / 1000 * 2,
-            )
+        self.witness = make_tiebreaker(self.cfg, self.node_id, format_lease=False)
         host, _, port = self.rcfg.listen.rpartition(":")
         self._server = await serve(
             host or "0.0.0.0", int(port), key=self.key, node_id=self.node_id, on_link=self._on_link

@@ -8,11 +8,35 @@ secondary, and the sync policies their events drive.
                                           | commit_epoch(e) -> apply to the disk backend
     guest frame --> net.FrameProxy (held per epoch) --release(e)--> TAP --> LAN
     tap events  --> policy.SyncScheduler --> the primary's sync points
+
+Wiring into the primary (one event loop)::
+
+    sched = SyncScheduler(make_policy(cfg.tap.policy, max_interval_ms=..., ...))
+    check_tapped(spec, net_socket=NET, nbd_socket=NBD)            # before QEMU starts
+    block = BlockTap(disk, epoch_source=lambda: agent.status.epoch,
+                     mode=TapMode.UNPROTECTED, on_event=sched.notify)
+    nbd = NBDServer(block, NBD, export_name="disk0"); await nbd.start()
+    net = FrameProxy(NET, open_tap(tap_name), epoch_source=..., mode=TapMode.UNPROTECTED,
+                     on_event=sched.notify); await net.start()  # before QEMU: it connects once
+    agent.io_log_provider = block.io_log                          # called while stopped
+    protection starts (before the first epoch closes): block.set_protected(); net.set_protected()
+    trigger: reason = await sched.wait_due(); at the epoch switch sched.started(epoch)
+    ack of e: block.commit_epoch(e); sched.finished(); then, in ack order (a task, so
+              the next sync point need not wait for the disk):
+              await block.output_ready(e); net.release(e)
+    UNPROTECTED (tiebreaker won): await block.set_unprotected(); net.set_unprotected()
+    HELD: nothing; output stays held (the proxy drops and counts frames past its hold
+          limit; the block log grows: watch block.log.pending_bytes())
+
+On the secondary: keep the IOLog payloads of committed epochs; at failover, before the
+guest resumes, ``replay(disk, payloads not yet reported durable)``; then its own
+FrameProxy (UNPROTECTED) on its TAP, and ``announce-self``.
 """
 
 from kemari_suite.tap.backend import BlockBackend
 from kemari_suite.tap.epochs import EpochLog, IOLogRecord, IOOp, OpKind, parse, replay
 from kemari_suite.tap.events import EpochSource, EventSink, IOEvent, TapMode
+from kemari_suite.tap.guard import check_tapped
 from kemari_suite.tap.nbd import BlockTap, NBDServer
 from kemari_suite.tap.net import FrameProxy
 from kemari_suite.tap.policy import (
@@ -44,6 +68,7 @@ __all__ = [
     "SyncScheduler",
     "TapDevice",
     "TapMode",
+    "check_tapped",
     "make_policy",
     "open_tap",
     "parse",

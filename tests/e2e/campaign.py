@@ -71,6 +71,7 @@ def kill_once(lab: LabLayout, base: KemariConfig, point: str, timeout_ms: int = 
         if point != "precopy":
             pair.wait_state("primary", {"protected"}, 180)
             pair.wait_counter(120)
+            pair.settle()
             n = random.randint(1, 4 * count) if count else 0
             if point == "random":
                 time.sleep(random.uniform(0.0, 3.0))

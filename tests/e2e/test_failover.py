@@ -42,3 +42,24 @@ def test_kill_primary_at(point: str, run: int, lab_factory, base_config: KemariC
     assert res.counter_at_last_commit is not None, "no counter found in the replica"
     assert res.counter_after_resume is not None
     assert res.counter_after_resume >= res.counter_at_last_commit
+
+
+def test_failover_with_shared_storage_lease(lab_factory, base_config: KemariConfig) -> None:
+    """The lease on shared storage as the tiebreaker: the secondary takes it over only
+    after the dead primary stopped renewing it."""
+    from kemari_suite.lab.pair import LabPair, PairOptions
+
+    lab = lab_factory()
+    pair = LabPair(lab, base_config, PairOptions(tiebreaker="lease"))
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_counter(120)
+        pair.settle()
+        pair.kill("primary")
+        st = pair.wait_state("secondary", {"active"}, 60)
+        rep = st["failover"]
+        assert rep["tiebreak_ms"] > 0
+        assert pair.wait_counter(60) >= rep["probes"]["counter"]
+    finally:
+        pair.stop()

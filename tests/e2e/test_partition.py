@@ -29,6 +29,7 @@ def test_replication_link_cut_primary_keeps_lease(lab_factory, base_config: Kema
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
         before = pair.wait_counter(120)
+        pair.settle()
         labmod.partition(lay.lab_id)
         # Both sides notice after the heartbeat timeout; the witness keeps the primary.
         st = pair.wait_state("primary", {"unprotected"}, 30)
@@ -56,6 +57,7 @@ def test_primary_isolated_fences_before_secondary_takes_over(
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
         pair.wait_counter(120)
+        pair.settle()
         # Cut the primary off from everything: replication link and LAN (witness).
         labmod.set_link_up(lay.lab_id, "primary", False, link="lan")
         labmod.partition(lay.lab_id)

@@ -21,6 +21,7 @@ def test_secondary_loss_unprotected_then_reprotected(
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
         pair.wait_counter(120)
+        pair.settle()
         pair.kill("secondary")
         st = pair.wait_state("primary", {"unprotected"}, 30)
         assert "witness confirmed" in st["reason"]
@@ -90,6 +91,7 @@ def test_no_tiebreaker_means_operator_failover(lab_factory, base_config: KemariC
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
         pair.wait_counter(120)
+        pair.settle()
         pair.kill("primary")
         import time
 

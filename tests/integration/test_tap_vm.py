@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import itertools
 import os
 import shutil
@@ -30,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -170,15 +170,15 @@ async def start_rig(lay: lab.LabLayout, image: GuestImage, paths: PathsConfig) -
         fh.truncate(DISK_SIZE)
     disk = FileDisk(disk_path)
     disk.attach()
-    epoch_box = {"epoch": 1}
-    block = BlockTap(disk, epoch_source=lambda: epoch_box["epoch"], mode=TapMode.PROTECTED)
+    # The mini primary (made below, once the VM exists) owns the epoch.
+    block = BlockTap(disk, epoch_source=lambda: primary.epoch, mode=TapMode.PROTECTED)
     nbd = NBDServer(block, run_dir / "nbd.sock", export_name="disk0")
     await nbd.start()
     tap = open_tap(lay.tap_primary, netns=lay.ns_primary)
     net = FrameProxy(
         run_dir / "net.sock",
         tap,
-        epoch_source=lambda: epoch_box["epoch"],
+        epoch_source=lambda: primary.epoch,
         mode=TapMode.PROTECTED,
     )
     await net.start()
@@ -192,22 +192,12 @@ async def start_rig(lay: lab.LabLayout, image: GuestImage, paths: PathsConfig) -
             run=f"records -p {RECORDS_PORT} & counter -q -p {COUNTER_PORT} 50",
         ),
         netdev=f"stream,server=off,addr.type=unix,addr.path={run_dir / 'net.sock'}",
-        blockdev=(
-            f"driver=nbd,server.type=unix,server.path={run_dir / 'nbd.sock'},export=disk0"
-        ),
+        blockdev=(f"driver=nbd,server.type=unix,server.path={run_dir / 'nbd.sock'},export=disk0"),
         netns=lay.ns_primary,
     )
     vm = AsyncVM(spec, run_root=run_dir, shm_dir=paths.shm_dir)
     primary = MiniPrimary(vm, block, net)
-    # The mini primary owns the epoch; both taps read it through epoch_box.
     rig = Rig(lay, vm, disk, block, nbd, net, primary)
-
-    def epoch_now() -> int:
-        return primary.epoch
-
-    block.epoch_source = epoch_now
-    net.epoch_source = epoch_now
-    del epoch_box
     await vm.start()
     try:
         await asyncio.to_thread(
@@ -370,6 +360,7 @@ def test_kemari_policy_adds_less_latency_than_remus(
             ("kemari2", KemariPolicy(max_interval=0.1)),
         ):
             stop = asyncio.Event()
+            task: asyncio.Task[object]
             if policy is None:  # no output commit: the proxy passes frames through
                 rig.net.set_unprotected()
                 task = asyncio.create_task(stop.wait())
@@ -384,7 +375,7 @@ def test_kemari_policy_adds_less_latency_than_remus(
             try:
                 for i in range(60):
 
-                    def exchange() -> bytes:
+                    def exchange(f: io.RawIOBase = f) -> bytes:
                         f.write(b"R\n")
                         return f.readline()
 

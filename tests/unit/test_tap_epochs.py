@@ -42,7 +42,7 @@ class MemBackend:
         self.flushes = 0
 
     def read(self, offset: int, length: int) -> bytes:
-        assert 0 <= offset and offset + length <= self.size
+        assert offset >= 0 and offset + length <= self.size
         return bytes(self.data[offset : offset + length])
 
     def apply(self, writes: Sequence[tuple[int, bytes]]) -> None:

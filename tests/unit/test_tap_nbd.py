@@ -256,7 +256,9 @@ class Client:
 
     async def go(self, name: str = "disk0", infos: tuple[int, ...] = (3,)) -> dict[int, bytes]:
         raw = name.encode()
-        body = struct.pack("!I", len(raw)) + raw + struct.pack(f"!H{len(infos)}H", len(infos), *infos)
+        body = (
+            struct.pack("!I", len(raw)) + raw + struct.pack(f"!H{len(infos)}H", len(infos), *infos)
+        )
         self.option(p.Opt.GO, body)
         got: dict[int, bytes] = {}
         while True:
@@ -267,8 +269,10 @@ class Client:
             assert rep == p.Rep.INFO, hex(rep)
             got[struct.unpack_from("!H", data)[0]] = data
 
-    def request(self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1,
-                data: bytes = b"") -> None:  # fmt: skip
+    def request(
+        self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1,
+        data: bytes = b"",
+    ) -> None:  # fmt: skip
         self.w.write(p.encode_request(p.Request(flags, cmd, cookie, offset, length)) + data)
 
     async def simple(self, nread: int = 0) -> tuple[int, int, bytes]:

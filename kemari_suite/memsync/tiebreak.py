@@ -1,0 +1,53 @@
+"""The failover tiebreaker of a config: a witness over the LAN, or a lease on shared
+storage. Both answer ``ask("renew" | "takeover" | "release" | "query")`` with a
+:class:`~kemari_suite.memsync.witness.Decision`."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import ConfigError, LeaseError
+from kemari_suite.memsync.witness import Decision, Op, WitnessClient
+
+
+class Tiebreaker(Protocol):
+    last_granted_sent: float | None
+
+    async def ask(self, op: Op) -> Decision: ...
+
+    def lease_valid(self, lease_s: float, margin_s: float) -> bool: ...
+
+
+def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> Tiebreaker | None:
+    """The configured tiebreaker, or None for ``tiebreaker = "none"``.
+
+    ``format_lease`` (the primary) writes a free lease block on a device that has never
+    held one; an existing lease is never overwritten.
+
+    Raises:
+        ConfigError: the lease device is not configured.
+    """
+    r = cfg.replication
+    timeout_s = r.heartbeat_timeout_ms / 1000
+    if r.tiebreaker == "witness":
+        return WitnessClient(
+            r.key.encode(),
+            r.witness,
+            cfg.vm.name,
+            node_id,
+            timeout=r.heartbeat_interval_ms / 1000 * 2,
+        )
+    if r.tiebreaker == "lease":
+        from kemari_suite.disk.lease import Lease, LeaseTiebreaker
+
+        device = cfg.disk.lease_device
+        if not device:
+            raise ConfigError('tiebreaker = "lease" needs disk.lease_device', key="disk")
+        lease = Lease(device, resource=cfg.vm.name, lease_s=timeout_s, offset=cfg.disk.lease_offset)
+        if format_lease:
+            with contextlib.suppress(LeaseError):
+                lease.format()
+        return LeaseTiebreaker(lease, node_id)
+    return None
