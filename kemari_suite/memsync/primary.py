@@ -483,7 +483,6 @@ class PrimaryAgent:
             t_scan = time.perf_counter()
             idx = self._idx[:k]
             staged = self.tracker.stage(self.ram.pages, idx, self._staging)
-            prev = self.tracker.previous(idx, self._prev)
             t_stage = time.perf_counter()
             # The epoch switches here, while the VM is stopped: every write from now on
             # belongs to the next epoch.
@@ -494,8 +493,10 @@ class PrimaryAgent:
             if not classic:
                 await self.vm.execute("cont")
             t_resume = time.perf_counter()
-            # --- after the resume: encode and send.
+            # --- after the resume: encode and send. The shadow (the XOR base) changes
+            # only at commit, so reading it now is as good as inside the window.
             idx = idx.copy()
+            prev = self.tracker.previous(idx, self._prev)
             sent, enc_s = await self._send_epoch_pages(epoch, idx, staged, prev, digest)
             self.tracker.commit(idx, staged)
             for part in (
