@@ -50,9 +50,12 @@ def _log_to(folder: Path) -> None:
 def probe_guest(pages: np.ndarray) -> dict[str, Any]:
     """Read the workloads' progress probes from a RAM image (the replica at failover)."""
     out: dict[str, Any] = {}
-    value = guestmem.find_counter(pages)
-    if value is not None:
-        out["counter"] = value
+    hits = guestmem.locate_probes(pages, guestmem.COUNTER_MAGIC)
+    if hits:
+        # The counter served over TCP (aux = its port) is the one clients compare with.
+        served = [h for h in hits if h.aux]
+        out["counter"] = max(h.value for h in (served or hits))
+        out["counters"] = {str(h.aux): h.value for h in hits}
     dirty = guestmem.find_memdirty(pages)
     if dirty is not None:
         out["memdirty"] = dirty
