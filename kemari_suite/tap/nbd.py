@@ -316,8 +316,11 @@ class BlockTap:
         Returns once the log is drained. Raises TapError if the backend failed.
         """
         if self.mode is TapMode.PROTECTED:
-            log.info("%s: unprotected: writing %d logged epochs through", self.name,
-                     len(self.log.pending_epochs()))  # fmt: skip
+            log.info(
+                "%s: unprotected: writing %d logged epochs through",
+                self.name,
+                len(self.log.pending_epochs()),
+            )
             self.mode = TapMode.UNPROTECTED
             self._draining = True
             self._drained.clear()
@@ -673,8 +676,14 @@ class _Connection:
             else:  # pragma: no cover - ALLOWED_FLAGS lists exactly the commands above
                 return p.Errno.EINVAL, b""
         except KemariError as err:
-            log.error("%s: NBD %s at %d+%d: %s", self.tap.name, p.Cmd(req.type).name,
-                      req.offset, req.length, err)  # fmt: skip
+            log.error(
+                "%s: NBD %s at %d+%d: %s",
+                self.tap.name,
+                p.Cmd(req.type).name,
+                req.offset,
+                req.length,
+                err,
+            )
             return p.Errno.EIO, b""
         return 0, b""
 

@@ -201,9 +201,12 @@ async def start_rig(lay: lab.LabLayout, image: GuestImage, paths: PathsConfig) -
     await vm.start()
     try:
         await asyncio.to_thread(
-            wait_for_console, vm.paths.console, "KEMARI-RECORDS-READY", BOOT_TIMEOUT,
+            wait_for_console,
+            vm.paths.console,
+            "KEMARI-RECORDS-READY",
+            BOOT_TIMEOUT,
             alive=vm.alive,
-        )  # fmt: skip
+        )
     except Exception:
         await stop_rig(rig)
         raise
@@ -254,8 +257,9 @@ def test_output_is_held_until_its_epoch_is_released(
         assert net.stats.released_frames == 0 and net.stats.passed_frames == 0
         # No sync points: the client's SYN gets in (inbound passes), every answer is held.
         with pytest.raises(ConnectError):
-            await asyncio.to_thread(tcp_request, lay.ns_client, lay.guest_ip, COUNTER_PORT,
-                                    b"", 3.0)  # fmt: skip
+            await asyncio.to_thread(
+                tcp_request, lay.ns_client, lay.guest_ip, COUNTER_PORT, b"", 3.0
+            )
         assert net.stats.to_guest_frames > 0
         assert net.stats.held_frames > 0 and net.stats.released_frames == 0
         held_before = net.held_epochs()

@@ -270,9 +270,15 @@ class Client:
             got[struct.unpack_from("!H", data)[0]] = data
 
     def request(
-        self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1,
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        flags: int = 0,
+        cookie: int = 1,
         data: bytes = b"",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.w.write(p.encode_request(p.Request(flags, cmd, cookie, offset, length)) + data)
 
     async def simple(self, nread: int = 0) -> tuple[int, int, bytes]:
