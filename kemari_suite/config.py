@@ -136,6 +136,11 @@ class TapConfig:
     remus_interval_ms: int = 25
     #: Minimum spacing between event-triggered sync points for the adaptive policy.
     adaptive_min_spacing_ms: int = 5
+    #: Host TAP device (or bridge port) the network frame proxy puts the guest's frames
+    #: on. When set, the guest NIC goes through the proxy and its output is committed.
+    host_tap: str = ""
+    #: Held output beyond this is dropped and counted (never a reason to stop reading).
+    hold_limit_mib: int = 16
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ class PairOptions:
     tracker: str = "compare"
     compression: str = "zstd"
     pipelining: bool = True
+    #: Guest disk: "" (none), "builtin" (one image per host) or "shared" (one for both).
+    disk: str = ""
+    disk_mib: int = 16
+    #: Put the guest NIC behind the frame proxy (output commit) instead of a plain tap.
+    tapped_net: bool = False
+    policy: str = "kemari"
     env_primary: dict[str, str] = field(default_factory=dict)
     env_secondary: dict[str, str] = field(default_factory=dict)
 
@@ -130,15 +136,31 @@ class LabPair:
                 else "",
             },
         }
+        if o.tapped_net and role != "witness":
+            sections["vm"]["netdev"] = ""
+            sections["tap"] = {"host_tap": lab.tap_for(tap_role), "policy": o.policy}
+        if o.disk and role != "witness":
+            sections["disk"] = {"backend": o.disk, "path": str(self._disk_image(role))}
         if o.tiebreaker == "lease":
             # Both "hosts" share this machine's filesystem: a file stands in for the LUN.
             lease = self.root / "lease.img"
             if not lease.exists():
                 with lease.open("wb") as f:
                     f.truncate(1 << 20)
-            sections["disk"] = {"lease_device": str(lease)}
+            sections.setdefault("disk", {})["lease_device"] = str(lease)
         path = self.root / f"{role}.toml"
         path.write_text(to_toml(sections))
+        return path
+
+    def _disk_image(self, role: str) -> Path:
+        """The guest disk of ``role``: one file per host, or one shared file."""
+        o = self.opts
+        name = "shared-disk.img" if o.disk == "shared" else f"disk-{role}.img"
+        path = self.root / name
+        if not path.exists():
+            reserved = 1 << 20 if o.disk == "shared" else 0
+            with path.open("wb") as f:
+                f.truncate(reserved + (o.disk_mib << 20))
         return path
 
     # ---- processes ---------------------------------------------------------------------
@@ -256,6 +278,13 @@ class LabPair:
         if not text.isdigit():
             raise ConnectError(f"{self.lab.guest_ip}:{COUNTER_PORT}", f"unexpected reply {text!r}")
         return int(text)
+
+    def request(self, line: str, port: int = COUNTER_PORT, timeout: float = 5.0) -> str:
+        """One line to a guest service from the client namespace; its one-line answer."""
+        data = tcp_request(
+            self.lab.ns_client, self.lab.guest_ip, port, (line + "\n").encode(), timeout=timeout
+        )
+        return data.decode(errors="replace").strip()
 
     def wait_counter(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout

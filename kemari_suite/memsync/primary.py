@@ -41,11 +41,14 @@ from kemari_suite.memsync import faults, wire
 from kemari_suite.memsync.codec import PageEncoder
 from kemari_suite.memsync.control import ControlServer
 from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
+from kemari_suite.memsync.guestio import GuestIO, make_scheduler
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, connect
 from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics
 from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
 from kemari_suite.memsync.tracker import DirtyTracker, make_tracker
+from kemari_suite.tap import TapMode
+from kemari_suite.tap import epochs as iolog
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,8 @@ class PrimaryAgent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.witness: Tiebreaker | None = None
         self.io_log_provider: Callable[[int], bytes] | None = None
+        self.sched = make_scheduler(cfg)
+        self.io: GuestIO | None = None
         self.control: ControlServer | None = None
         self._last_rx = time.monotonic()
 
@@ -168,6 +173,18 @@ class PrimaryAgent:
 
     async def start_vm(self) -> None:
         """Boot the VM and map its RAM (before protection starts)."""
+        self.io = GuestIO(
+            self.cfg,
+            self.vm.paths,
+            epoch_source=lambda: self.status.epoch,
+            on_event=self.sched.notify,
+            mode=TapMode.UNPROTECTED,
+            on_durable=self._on_durable,
+        )
+        self.vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        self.vm.spec = await self.io.start(self.spec)
+        self.spec = self.vm.spec
+        self.io_log_provider = self.io.io_log
         await self.vm.start()
         await enable_ignore_shared(self.vm)
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
@@ -243,6 +260,8 @@ class PrimaryAgent:
             self.ram.close()
             self.ram = None
         await self.vm.shutdown()
+        if self.io is not None:
+            await self.io.close()
         if self.control is not None:
             await self.control.close()
         if self.status.state not in (PrimaryState.FENCED,):
@@ -340,14 +359,30 @@ class PrimaryAgent:
         self._sync_requested.clear()
 
     async def _wait_event_until(self, when: float) -> bool:
-        """Wait for a sync request until ``when``; True if one came."""
+        """Wait until ``when`` for a sync trigger: the taps' policy (an I/O event, its
+        interval) or a request (API, command, stop). True if one came."""
+        if self._sync_requested.is_set():
+            self._trigger_reason = self._pending_reason
+            self._sync_requested.clear()
+            return True
+        timeout = max(0.0, when - time.monotonic())
+        due = asyncio.ensure_future(self.sched.wait_due(timeout=timeout))
+        req = asyncio.ensure_future(self._sync_requested.wait())
         try:
-            await asyncio.wait_for(self._sync_requested.wait(), max(0.0, when - time.monotonic()))
-        except TimeoutError:
-            return False
-        self._trigger_reason = self._pending_reason
-        self._sync_requested.clear()
-        return True
+            done, _ = await asyncio.wait(
+                {due, req}, timeout=timeout + 0.05, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for t in (due, req):
+                t.cancel()
+        if req in done:
+            self._trigger_reason = self._pending_reason
+            self._sync_requested.clear()
+            return True
+        if due in done and not due.cancelled() and due.result() is not None:
+            self._trigger_reason = f"policy:{due.result()}"
+            return True
+        return False
 
     async def _precopy_pass(self) -> None:
         """Send the pages dirtied so far into the open epoch, with the guest running."""
@@ -384,6 +419,7 @@ class PrimaryAgent:
         waiter = self._waiters[target]
         self._pending_reason = reason
         self._sync_requested.set()
+        self.sched.demand()
         if not wait:
             return target
         return await waiter.future
@@ -426,6 +462,9 @@ class PrimaryAgent:
         assert self.ram is not None and self.tracker is not None and self.link is not None
         epoch = self.status.epoch + 1
         n = self.ram.n_pages
+        if self.io is not None:
+            # From here on writes are logged (in this epoch) and output is held.
+            await self.io.protect()
         await self.link.send(
             wire.EpochBegin(
                 epoch=epoch, kind=wire.EpochKind.FULL, ram_size=n * PAGE, page_size=PAGE
@@ -449,6 +488,16 @@ class PrimaryAgent:
             await self._send_epoch_pages(
                 epoch, all_idx[sl], staged_all[sl], None, digest, precopy=True
             )
+        # The built-in replicated disk: a full copy, taken while no committed write can
+        # reach the disk (the tap logs them in this epoch; they follow in its I/O log).
+        if self.io is not None and self.io.disk is not None and self.cfg.disk.backend == "builtin":
+            for offset, length in self.io.disk_chunks():
+                data = await asyncio.to_thread(self.io.disk.read, offset, length)
+                rec = iolog.encode(epoch, [iolog.IOOp(iolog.OpKind.WRITE, offset, length, data)])
+                msg = wire.IOLog(epoch=epoch, data=rec)
+                digest.update(msg)
+                await self.link.send(msg)
+                faults.hit("precopy")
         # Further rounds: only what changed since it was sent.
         for _ in range(PRECOPY_MAX_ROUNDS):
             k = await asyncio.to_thread(self.tracker.scan, self.ram.pages, out=self._idx)
@@ -487,6 +536,7 @@ class PrimaryAgent:
             # The epoch switches here, while the VM is stopped: every write from now on
             # belongs to the next epoch.
             self.status.epoch = epoch + 1
+            self.sched.started(epoch)
             io_log = self.io_log_provider(epoch) if self.io_log_provider else b""
             faults.hit("stopped")
             classic = self.rcfg.mode == "classic"
@@ -596,8 +646,18 @@ class PrimaryAgent:
         except (ProtocolError, ConnectError, ConnectionError, asyncio.IncompleteReadError) as err:
             self._lose(f"link failed: {err}")
 
+    def _on_durable(self, epoch: int) -> None:
+        """Every write through ``epoch`` is on our disk: the secondary may drop its logs."""
+        link = self.link
+        if link is not None and not link.closed:
+            task = asyncio.ensure_future(link.send(wire.Command(name="durable", args=str(epoch))))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
     def _on_ack(self, epoch: int) -> None:
         self.status.last_committed_epoch = epoch
+        if self.io is not None:
+            self.io.committed(epoch)
+        self.sched.finished()
         faults.hit("after-ack")
         for e in sorted(self._waiters):
             if e <= epoch:
@@ -610,6 +670,7 @@ class PrimaryAgent:
             self._lost_reason = reason
             self._link_lost.set()
             self._sync_requested.set()
+            self.sched.finished()
 
     async def _heartbeat_sender(self) -> None:
         assert self.link is not None
@@ -650,6 +711,8 @@ class PrimaryAgent:
                 d = None
                 why = str(err)
             if d is not None and d.granted:
+                if self.io is not None:
+                    await self.io.unprotect()
                 self._set_state(
                     PrimaryState.UNPROTECTED,
                     f"{reason}; the {self.rcfg.tiebreaker} confirmed our lease",

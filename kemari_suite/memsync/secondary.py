@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from kemari_suite.config import KemariConfig
+from kemari_suite.disk.base import FileDisk
 from kemari_suite.errors import (
     ConnectError,
     FailoverError,
@@ -40,10 +41,13 @@ from kemari_suite.memsync import faults, wire
 from kemari_suite.memsync.codec import parse_pages
 from kemari_suite.memsync.control import ControlServer
 from kemari_suite.memsync.devstate import restore
+from kemari_suite.memsync.guestio import GuestIO, open_disk
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, serve
 from kemari_suite.memsync.metrics import Artifacts
 from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
+from kemari_suite.tap import TapMode, replay
+from kemari_suite.tap.epochs import ops_to_writes, parse
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,9 @@ class OpenEpoch:
     undo: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     pages: int = 0
     devstate: bytes | None = None
-    iolog: bytes | None = None
+    iologs: list[bytes] = field(default_factory=list)
+    #: FULL epoch with the built-in disk: the new copy, renamed over the old at commit.
+    next_disk: FileDisk | None = None
 
 
 @dataclass
@@ -122,6 +128,12 @@ class SecondaryAgent:
         self.committed_epoch = -1
         self.committed_devstate: bytes | None = None
         self.committed_iologs: list[tuple[int, bytes]] = []
+        #: The built-in replicated disk: this host's copy, kept at the last committed epoch.
+        self.disk: FileDisk | None = None
+        self._disk_q: asyncio.Queue[tuple[int, list[bytes]]] = asyncio.Queue()
+        self._disk_task: asyncio.Task[None] | None = None
+        self.io: GuestIO | None = None
+        self.durable_epoch = -1
         self.open: OpenEpoch | None = None
         self.link: Link | None = None
         self.last_rx = time.monotonic()
@@ -175,6 +187,9 @@ class SecondaryAgent:
         """Serve the primary until stopped or failed over (then keep the VM running)."""
         self.vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_replica()
+        if self.cfg.disk.path and self.cfg.disk.backend == "builtin":
+            self.disk = open_disk(self.cfg)
+            self._disk_task = asyncio.create_task(self._disk_applier())
         self.control = ControlServer(
             self.vm.paths.run_dir / "control.sock",
             {
@@ -210,6 +225,12 @@ class SecondaryAgent:
         if self.vm.state.value != "new":
             self.vm.keep_ram = False
             await self.vm.shutdown()
+        if self.io is not None:
+            await self.io.close()
+        if self._disk_task is not None:
+            self._disk_task.cancel()
+        if self.disk is not None:
+            self.disk.close()
         else:
             with contextlib.suppress(FileNotFoundError):
                 self.vm.paths.ram.unlink()
@@ -304,6 +325,14 @@ class SecondaryAgent:
             return
         if isinstance(msg, wire.Bye):
             raise ConnectionError(f"primary said goodbye: {msg.reason}")
+        if isinstance(msg, wire.Command) and msg.name == "durable":
+            # The primary's disk holds every write through this epoch: drop those logs.
+            with contextlib.suppress(ValueError):
+                self.durable_epoch = max(self.durable_epoch, int(msg.args))
+                self.committed_iologs = [
+                    (e, d) for e, d in self.committed_iologs if e > self.durable_epoch
+                ]
+            return
         async with self._apply_lock:
             if isinstance(msg, wire.EpochBegin):
                 self._begin(msg)
@@ -324,7 +353,12 @@ class SecondaryAgent:
             elif isinstance(msg, wire.IOLog):
                 ep = self._expect_open(msg.epoch)
                 ep.digest.update(msg)
-                ep.iolog = bytes(msg.data)
+                data = bytes(msg.data)
+                if data:
+                    ep.iologs.append(data)
+                    if ep.next_disk is not None:
+                        # The full disk copy goes straight into the new file.
+                        await asyncio.to_thread(replay_nosync, ep.next_disk, data)
             elif isinstance(msg, wire.EpochEnd):
                 self._commit(msg)
                 await link.send(wire.Ack(epoch=msg.epoch))
@@ -348,6 +382,12 @@ class SecondaryAgent:
         if msg.kind is wire.EpochKind.FULL:
             self._set_state(SecondaryState.RECEIVING, f"full synchronization, epoch {msg.epoch}")
         self.open = OpenEpoch(msg.epoch, msg.kind, wire.EpochDigest(msg.epoch))
+        if msg.kind is wire.EpochKind.FULL and self.disk is not None:
+            nxt = self._next_disk_path()
+            with open(nxt, "wb") as f:
+                f.truncate(self.disk.size)
+            self.open.next_disk = FileDisk(nxt)
+            self.open.next_disk.attach()
 
     def _expect_open(self, epoch: int) -> OpenEpoch:
         if self.open is None or self.open.epoch != epoch:
@@ -369,13 +409,37 @@ class SecondaryAgent:
         # Committed: the undo log is no longer needed.
         self.committed_epoch = ep.epoch
         self.committed_devstate = ep.devstate
-        if ep.iolog:
-            self.committed_iologs.append((ep.epoch, ep.iolog))
+        if ep.next_disk is not None and self.disk is not None:
+            # The new full copy replaces the old one in one rename.
+            ep.next_disk.flush()
+            ep.next_disk.close()
+            self.disk.close()
+            os.replace(self._next_disk_path(), self.cfg.disk.path)
+            self.disk = FileDisk(self.cfg.disk.path)
+            self.disk.attach()
+        elif self.disk is not None and ep.iologs:
+            self._disk_q.put_nowait((ep.epoch, ep.iologs))
+        elif ep.iologs:
+            self.committed_iologs.extend((ep.epoch, d) for d in ep.iologs)
         self.open = None
         self.epochs_committed += 1
         self._persist_devstate(ep.devstate)
         if self.state is not SecondaryState.STANDBY:
             self._set_state(SecondaryState.STANDBY, f"committed epoch {ep.epoch}")
+
+    def _next_disk_path(self) -> str:
+        return self.cfg.disk.path + ".next"
+
+    async def _disk_applier(self) -> None:
+        """Apply committed epochs' writes to the built-in disk copy, in order."""
+        assert self.disk is not None
+        while True:
+            _epoch, logs = await self._disk_q.get()
+            try:
+                for data in logs:
+                    await asyncio.to_thread(replay_nosync, self.disk, data)
+            finally:
+                self._disk_q.task_done()
 
     def _persist_devstate(self, data: bytes) -> None:
         path = self.vm.paths.run_dir / "devstate.committed"
@@ -390,6 +454,10 @@ class SecondaryAgent:
         assert self.replica is not None
         for idx, rows in reversed(ep.undo):
             self.replica.pages[idx] = rows
+        if ep.next_disk is not None:
+            ep.next_disk.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._next_disk_path())
         self.artifacts.event("rollback", epoch=ep.epoch, pages=ep.pages, reason=why)
         self.open = None
 
@@ -491,6 +559,15 @@ class SecondaryAgent:
             self.replica = None
         t0 = time.monotonic()
         try:
+            await self._disk_for_failover()
+            self.io = GuestIO(
+                self.cfg,
+                self.vm.paths,
+                epoch_source=lambda: 0,
+                on_event=None,
+                mode=TapMode.UNPROTECTED,
+            )
+            self.vm.spec = await self.io.start(self.spec)
             await self.vm.start()
             t1 = time.monotonic()
             report.start_ms = (t1 - t0) * 1e3
@@ -516,6 +593,26 @@ class SecondaryAgent:
         if self.witness is not None and not operator:
             self._renewer = asyncio.create_task(self._renew_forever())
 
+    async def _disk_for_failover(self) -> None:
+        """Bring the disk to the last committed epoch before the guest resumes."""
+        if self.disk is not None:
+            await self._disk_q.join()
+            if self._disk_task is not None:
+                self._disk_task.cancel()
+            await asyncio.to_thread(self.disk.flush)
+            self.disk.close()
+            self.disk = None
+        elif self.cfg.disk.path and self.committed_iologs:
+            # Shared storage: replay what was committed but maybe not yet applied by the
+            # primary (writes are idempotent).
+            disk = open_disk(self.cfg)
+            assert disk is not None
+            try:
+                await asyncio.to_thread(replay, disk, [d for _e, d in self.committed_iologs])
+            finally:
+                disk.close()
+            self.artifacts.event("disk-replayed", epochs=len(self.committed_iologs))
+
     async def _renew_forever(self) -> None:
         assert self.witness is not None
         while True:
@@ -531,3 +628,10 @@ async def _h_fault(req: dict[str, Any]) -> Any:
     except (KeyError, ValueError) as err:
         raise ReplicationError(f"bad fault request: {err}") from err
     return {"armed": req["point"]}
+
+
+def replay_nosync(disk: FileDisk, data: bytes) -> None:
+    """Apply one I/O log to ``disk`` without flushing (the caller flushes when it must)."""
+    writes = ops_to_writes(parse(data).ops)
+    if writes:
+        disk.apply(writes)

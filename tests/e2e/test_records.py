@@ -1,0 +1,78 @@
+"""Output commit with a disk: a guest acknowledges durable records over the tapped NIC;
+the primary dies at a random moment; every record the client saw acknowledged is on
+the secondary's disk after the failover, and the guest goes on writing there."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import KemariError
+from kemari_suite.lab.pair import LabPair, PairOptions
+from tests.conftest import needs_root
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+
+def _writer(pair: LabPair, acked: list[int], stop: threading.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        try:
+            reply = pair.request(f"W {n}", timeout=3)
+        except KemariError:
+            time.sleep(0.1)
+            continue
+        if reply == f"OK {n}":
+            acked.append(n)
+            n += 1
+
+
+@pytest.mark.parametrize("backend", ["builtin", "shared"])
+def test_acknowledged_records_survive_failover(
+    backend: str, lab_factory, base_config: KemariConfig
+) -> None:
+    lay = lab_factory()
+    opts = PairOptions(disk=backend, tapped_net=True, workload="records -d /dev/vda -p 7000")
+    pair = LabPair(lay, base_config, opts)
+    stop = threading.Event()
+    acked: list[int] = []
+    writer = threading.Thread(target=_writer, args=(pair, acked, stop), daemon=True)
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert pair.request("R", timeout=3).startswith("R ")
+                break
+            except KemariError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        writer.start()
+        target = random.randint(5, 40)
+        deadline = time.monotonic() + 120
+        while len(acked) < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(acked) >= target, f"only {len(acked)} records acknowledged"
+        pair.kill("primary")
+        seen_before_kill = max(acked)
+        st = pair.wait_state("secondary", {"active"}, 60)
+        assert st["failover"]["epoch"] >= 1
+        # The guest runs on, on the secondary: the client keeps writing.
+        deadline = time.monotonic() + 60
+        while max(acked) <= seen_before_kill + 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        writer.join(10)
+        highest = int(pair.request("R", timeout=10).split()[1])
+        # Every acknowledged record, before and after the failover, is on the disk.
+        assert highest >= max(acked), (highest, max(acked), seen_before_kill)
+        assert max(acked) > seen_before_kill, "no record written after the failover"
+    finally:
+        stop.set()
+        pair.stop()
