@@ -64,3 +64,27 @@ def tcp_request(ns: str, host: str, port: int, data: bytes = b"", timeout: float
     out = result["data"]
     assert isinstance(out, bytes)
     return out
+
+
+def open_connection(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection made from inside namespace ``ns`` (the socket stays there).
+
+    Raises:
+        ConnectError: refused, unreachable or timed out.
+    """
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            _setns(ns)
+            result["sock"] = socket.create_connection((host, port), timeout=timeout)
+        except (OSError, LabError) as err:
+            result["error"] = err
+
+    t = threading.Thread(target=work, name=f"netns-{ns}", daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    sock = result.get("sock")
+    if not isinstance(sock, socket.socket):
+        raise ConnectError(f"{host}:{port} from {ns}", str(result.get("error", "timeout")))
+    return sock

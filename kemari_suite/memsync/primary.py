@@ -190,7 +190,12 @@ class PrimaryAgent:
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
         self.ram = GuestRAM(self.vm.paths.ram)
         self.tracker = make_tracker(
-            self.rcfg.tracker, n_pages=n_pages, qemu_pid=self.vm.pid, ram_path=self.vm.paths.ram
+            self.rcfg.tracker,
+            n_pages=n_pages,
+            qemu_pid=self.vm.pid,
+            ram_path=self.vm.paths.ram,
+            # Two threads for the stop-time scan: the vCPUs are idle then.
+            threads=2,
         )
         # Preallocated and touched once: no fresh allocation inside the stopped window.
         self._staging = np.ones((n_pages, PAGE), dtype=np.uint8)
@@ -388,7 +393,7 @@ class PrimaryAgent:
         """Send the pages dirtied so far into the open epoch, with the guest running."""
         assert self.ram is not None and self.tracker is not None
         async with self._sync_lock:
-            k = await asyncio.to_thread(self.tracker.scan, self.ram.pages, out=self._idx)
+            k = await asyncio.to_thread(self._scan_one_thread)
             if k == 0:
                 return
             idx = self._idx[:k].copy()
@@ -402,6 +407,15 @@ class PrimaryAgent:
             self._precopy_bytes += sent
 
     _pending_reason = "api"
+
+    def _scan_one_thread(self) -> int:
+        """A pre-copy scan while the guest runs: one thread, leave the vCPU its core."""
+        assert self.ram is not None and self.tracker is not None
+        scan: Any = self.tracker.scan
+        try:
+            return int(scan(self.ram.pages, out=self._idx, threads=1))
+        except TypeError:  # a tracker without a thread knob
+            return int(scan(self.ram.pages, out=self._idx))
 
     async def request_sync(self, reason: str = "api", *, wait: bool = True) -> int:
         """Ask for a sync point; with ``wait``, return once its epoch is acknowledged.

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         pyproject = work / "pyproject.toml"
         text, n = _VERSION.subn(rf"\g<1>\g<2>+src.{tag}\g<3>", pyproject.read_text(), count=1)
         if n != 1:
-            print("no static `version = \"...\"` in pyproject.toml", file=sys.stderr)
+            print('no static `version = "..."` in pyproject.toml', file=sys.stderr)
             return 2
         pyproject.write_text(text)
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-q"]
