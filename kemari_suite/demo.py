@@ -95,7 +95,9 @@ def run_demo(
         labmod.down(lab_id)
     mark(f"lab {lab_id}: primary, secondary and client namespaces, {profile} replication link")
     lay = labmod.up(lab_id, profile)
-    opts = PairOptions(heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms)
+    # The guest NIC goes through the frame proxy: the client never sees a counter value
+    # whose checkpoint is not on the secondary (output commit).
+    opts = PairOptions(heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms, tapped_net=True)
     res.heartbeat_timeout_ms = opts.heartbeat_timeout_ms
     pair = LabPair(lay, cfg, opts)
     try:
@@ -150,9 +152,16 @@ def run_demo(
             else "secondary resumed"
         )
         res.counter_after_resume = pair.wait_counter(30)
-        res.resumed = res.counter_after_resume is not None and (
-            res.counter_at_last_commit is None
-            or res.counter_after_resume >= res.counter_at_last_commit
+        # Resumed from the last committed checkpoint, and never behind anything the
+        # client saw before the kill (output commit).
+        res.resumed = (
+            res.counter_after_resume is not None
+            and res.counter_at_last_commit is not None
+            and res.counter_after_resume >= res.counter_at_last_commit
+            and (
+                res.counter_before_kill is None
+                or res.counter_after_resume >= res.counter_before_kill
+            )
         )
         mark(
             f"counter after resume: {res.counter_after_resume} "
