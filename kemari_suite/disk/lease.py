@@ -526,6 +526,10 @@ class LeaseTiebreaker:
                 rec = lease.release()
                 self.last_granted_sent = None
                 return self._decision(True, rec, "released", 0.0)
+            if op in ("solo", "paired"):
+                # The lease block has no room for the flag: a stale standby is not kept
+                # from taking over by a disk lease (documented limit); renew instead.
+                op = "renew"
             if op == "renew" and lease.node == self.node:
                 try:
                     rec = lease.renew()

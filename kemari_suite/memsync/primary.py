@@ -323,6 +323,9 @@ class PrimaryAgent:
         hb = asyncio.create_task(self._heartbeat_sender())
         try:
             await self._initial_sync()
+            if self.witness is not None:
+                with contextlib.suppress(ConnectError):
+                    await self.witness.ask("paired")
             self._set_state(PrimaryState.PROTECTED, f"epoch {self.status.last_committed_epoch}")
             while not self._stop.is_set():
                 await self._wait_trigger()
@@ -720,7 +723,9 @@ class PrimaryAgent:
         self.artifacts.event("secondary-lost", reason=reason)
         if self.witness is not None:
             try:
-                d = await self.witness.ask("renew")
+                # "solo": from now on the standby's copy is stale; the witness will not
+                # let it take over until we are protected again.
+                d = await self.witness.ask("solo")
             except ConnectError as err:
                 d = None
                 why = str(err)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from kemari_suite.errors import ConnectError, ProtocolError
 
-Op = Literal["renew", "takeover", "release", "query"]
+Op = Literal["renew", "takeover", "release", "query", "solo", "paired"]
 
 
 @dataclass
@@ -36,6 +36,9 @@ class Lease:
     owner: str | None = None
     generation: int = 0
     expires: float = 0.0
+    #: The owner runs without a secondary: any standby's copy is stale from now on, and
+    #: no takeover is granted until the owner is paired (protected) again.
+    solo: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,14 @@ class LeaseTable:
                 granted, lease.owner, lease.generation, max(0.0, lease.expires - now), reason
             )
 
+        if op in ("solo", "paired"):
+            if lease.owner not in (None, node):
+                return result(False, f"lease held by {lease.owner}")
+            if lease.owner is None:
+                lease.generation += 1
+            lease.owner, lease.expires = node, now + self.lease_s
+            lease.solo = op == "solo"
+            return result(True, "running without a secondary" if lease.solo else "paired")
         if op == "query":
             return result(lease.owner == node and not expired, "query")
         if op == "release":
@@ -85,6 +96,12 @@ class LeaseTable:
         # Someone else owns it.
         if op == "renew":
             return result(False, f"lease held by {lease.owner}")
+        if lease.solo:
+            return result(
+                False,
+                f"{lease.owner} ran without a secondary after this copy's last checkpoint: "
+                "the copy is stale, resuming it would lose acknowledged work",
+            )
         if not expired:
             return result(
                 False, f"lease held by {lease.owner} for {lease.expires - now:.2f} s more"
@@ -133,7 +150,7 @@ class WitnessServer:
                         raise ProtocolError("witness request is not an object")
                     _verify(self.key, req)
                     op, vm, node = req["op"], str(req["vm"]), str(req["node"])
-                    if op not in ("renew", "takeover", "release", "query"):
+                    if op not in ("renew", "takeover", "release", "query", "solo", "paired"):
                         raise ProtocolError(f"unknown witness op {op!r}")
                     d = self.table.decide(op, vm, node, time.monotonic())
                     rep: dict[str, Any] = {
@@ -207,7 +224,7 @@ class WitnessClient:
             float(rep.get("expires_in", 0.0)),
             str(rep.get("reason", "")),
         )
-        if d.granted and op in ("renew", "takeover"):
+        if d.granted and op in ("renew", "takeover", "solo", "paired"):
             self.last_granted_sent = sent
         return d
 

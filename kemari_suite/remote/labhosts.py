@@ -257,3 +257,75 @@ def wait_reachable(address: str, port: int, timeout: float = 5.0) -> None:
             if time.monotonic() > deadline:
                 raise DeployError(f"{address}:{port}", f"not reachable: {err}") from err
             time.sleep(0.05)
+
+
+@dataclass
+class LabPair:
+    """Both hosts of a lab as SSH hosts, with the client key and a known_hosts file."""
+
+    primary: SshHost
+    secondary: SshHost
+    client_key: ClientKey
+    known_hosts: Path
+    #: The namespace the controller runs in (the lab's client namespace, on the LAN).
+    controller_netns: str
+
+    @property
+    def hosts(self) -> tuple[SshHost, SshHost]:
+        return (self.primary, self.secondary)
+
+    def connection_vars(self, host: SshHost) -> dict[str, object]:
+        """Inventory variables that reach ``host`` with host key checking on."""
+        return {
+            "ansible_host": host.address,
+            "ansible_port": host.port,
+            "ansible_user": "root",
+            "ansible_ssh_private_key_file": str(self.client_key.private),
+            "ansible_ssh_common_args": (
+                f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes"
+            ),
+            "kemari_known_hosts": str(self.known_hosts),
+        }
+
+    def stop(self) -> None:
+        for h in self.hosts:
+            h.stop()
+
+
+def start_pair(
+    lab_id: str,
+    directory: Path,
+    *,
+    ports: tuple[int, int] = (2201, 2202),
+    profile: str = "1g",
+) -> LabPair:
+    """sshd in the primary and secondary namespaces of lab ``lab_id`` (which must be
+    up), listening on their LAN addresses, with one client key and a known_hosts file.
+
+    Raises:
+        SetupError: sshd or ssh-keygen is missing or sshd did not start.
+    """
+    from kemari_suite import lab
+
+    lay = lab.layout(lab_id, profile)
+    key = make_client_key(directory / "client")
+    started: list[SshHost] = []
+    try:
+        for role, port in zip(lab.HOST_ROLES, ports, strict=True):
+            started.append(
+                start_sshd(
+                    role,
+                    lay.ns_for(role),
+                    lay.lan_ip_for(role),
+                    port,
+                    directory / role,
+                    [key.public],
+                )
+            )
+    except BaseException:
+        for h in started:
+            h.stop()
+        raise
+    known = directory / "known_hosts"
+    known.write_text("".join(h.known_hosts_line + "\n" for h in started))
+    return LabPair(started[0], started[1], key, known, lay.ns_client)

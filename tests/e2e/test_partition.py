@@ -48,6 +48,28 @@ def test_replication_link_cut_primary_keeps_lease(lab_factory, base_config: Kema
         pair.stop()
 
 
+def test_stale_standby_never_takes_over(lab_factory, base_config: KemariConfig) -> None:
+    """After the primary ran unprotected, the standby's copy is stale: when the primary
+    then dies, the standby refuses to resume it (it would lose acknowledged work)."""
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions())
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_counter(120)
+        pair.settle()
+        labmod.partition(lay.lab_id)
+        pair.wait_state("primary", {"unprotected"}, 30)
+        pair.kill("primary")
+        time.sleep(6)  # twice the heartbeat timeout
+        sec = pair.status("secondary")
+        assert sec["state"] == "standby", sec
+        assert "stale" in sec["reason"], sec
+        assert pair.qemu_pid("secondary") is None
+    finally:
+        pair.stop()
+
+
 def test_primary_isolated_fences_before_secondary_takes_over(
     lab_factory, base_config: KemariConfig
 ) -> None:

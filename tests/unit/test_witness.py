@@ -61,3 +61,18 @@ def test_protocol_over_loopback_and_wrong_key() -> None:
             await good.ask("renew")
 
     asyncio.run(main())
+
+
+def test_solo_owner_blocks_takeover_even_after_expiry() -> None:
+    """A primary that ran without a secondary made the standby's copy stale."""
+    t = LeaseTable(lease_s=3.0, started=0.0)
+    assert t.decide("renew", "vm", "pri", now=1).granted
+    assert t.decide("solo", "vm", "pri", now=2).granted
+    d = t.decide("takeover", "vm", "sec", now=100)  # long expired
+    assert not d.granted and "stale" in d.reason
+    # Protected again: a later failover is allowed after expiry.
+    assert t.decide("paired", "vm", "pri", now=101).granted
+    assert not t.decide("takeover", "vm", "sec", now=102).granted
+    assert t.decide("takeover", "vm", "sec", now=104.5).granted
+    # Only the owner may change the flag.
+    assert not t.decide("solo", "vm", "pri", now=105).granted
