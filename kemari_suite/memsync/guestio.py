@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,49 @@ log = logging.getLogger(__name__)
 
 #: Size of one chunk of the initial disk copy (one IOLog frame each).
 DISK_COPY_CHUNK = 4 << 20
+#: Granularity of the dirty-block bitmap that resynchronises a returning secondary.
+RESYNC_BLOCK = 64 << 10
+
+
+class TrackedDisk:
+    """A disk backend that records which blocks were written while ``tracking``.
+
+    Tracking is on while no secondary receives the writes (unprotected, or draining the
+    log of epochs a lost secondary never acknowledged), so a returning secondary that
+    still holds our copy gets only those blocks.
+    """
+
+    def __init__(self, disk: FileDisk) -> None:
+        self.disk = disk
+        self.tracking = False
+        self.size = int(disk.size)
+        n = (self.size + RESYNC_BLOCK - 1) // RESYNC_BLOCK
+        self.dirty = bytearray(n)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.disk.read(offset, length)
+
+    def apply(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        self.disk.apply(writes)
+        if self.tracking:
+            for offset, data in writes:
+                first = offset // RESYNC_BLOCK
+                last = (offset + max(1, len(data)) - 1) // RESYNC_BLOCK
+                for b in range(first, min(last, len(self.dirty) - 1) + 1):
+                    self.dirty[b] = 1
+
+    def flush(self) -> None:
+        self.disk.flush()
+
+    def close(self) -> None:
+        self.disk.close()
+
+    def dirty_blocks(self) -> list[int]:
+        return [i for i, d in enumerate(self.dirty) if d]
+
+    def clear(self, blocks: Sequence[int]) -> None:
+        for b in blocks:
+            self.dirty[b] = 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +136,12 @@ class GuestIO:
     ) -> None:
         self.cfg = cfg
         self.paths = io_paths(paths)
-        self.disk = open_disk(cfg)
+        raw = open_disk(cfg)
+        self.disk: TrackedDisk | None = TrackedDisk(raw) if raw is not None else None
+        #: Identity of the disk copy the secondary holds (new for every full copy).
+        self.lineage = ""
+        #: Last epoch the secondary acknowledged before it was lost.
+        self.acked_at_loss = -1
         self.epoch_source = epoch_source
         self.on_event = on_event
         self.on_durable = on_durable
@@ -162,7 +210,13 @@ class GuestIO:
         """
         if self.block is not None:
             if self.block.log.pending_epochs():
+                # Epochs the lost secondary never acknowledged: written through now, and
+                # remembered as dirty for the next resynchronisation.
+                if self.disk is not None:
+                    self.disk.tracking = True
                 await self.block.set_unprotected()
+            if self.disk is not None:
+                self.disk.tracking = False
             self.block.set_protected()
         if self.net is not None:
             self.net.set_protected()
@@ -170,6 +224,8 @@ class GuestIO:
 
     async def unprotect(self) -> None:
         """No secondary (tiebreaker won): write through, release everything held."""
+        if self.disk is not None:
+            self.disk.tracking = True
         if self.block is not None:
             await self.block.set_unprotected()
         if self.net is not None:
@@ -208,6 +264,16 @@ class GuestIO:
             return []
         size = self.disk.size
         return [(o, min(DISK_COPY_CHUNK, size - o)) for o in range(0, size, DISK_COPY_CHUNK)]
+
+    def dirty_chunks(self) -> list[tuple[int, int]]:
+        """(offset, length) of the blocks written while no secondary received them."""
+        if self.disk is None:
+            return []
+        size = self.disk.size
+        return [
+            (b * RESYNC_BLOCK, min(RESYNC_BLOCK, size - b * RESYNC_BLOCK))
+            for b in self.disk.dirty_blocks()
+        ]
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode.value, "released_through": self._released}

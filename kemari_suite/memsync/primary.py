@@ -134,6 +134,9 @@ class PrimaryAgent:
         self.witness: Tiebreaker | None = None
         self.io_log_provider: Callable[[int], bytes] | None = None
         self.sched = make_scheduler(cfg)
+        self._peer_disk: dict[str, Any] = {}
+        self._peer_disk_event = asyncio.Event()
+        self._resync: dict[str, Any] = {}
         self.io: GuestIO | None = None
         self.control: ControlServer | None = None
         self._last_rx = time.monotonic()
@@ -167,6 +170,8 @@ class PrimaryAgent:
             "qemu_pid": self.vm.pid,
             "mode": self.rcfg.mode,
             "tracker": self.tracker.name if self.tracker else None,
+            "disk_resync": self._resync,
+            "io": self.io.status() if self.io is not None else None,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -310,6 +315,8 @@ class PrimaryAgent:
 
     async def _protect_once(self) -> None:
         """Connect, run the initial synchronization, then sync points until the link fails."""
+        self._peer_disk = {}
+        self._peer_disk_event.clear()
         self.link = await connect(
             self.rcfg.peer,
             key=self.key,
@@ -505,16 +512,12 @@ class PrimaryAgent:
             await self._send_epoch_pages(
                 epoch, all_idx[sl], staged_all[sl], None, digest, precopy=True
             )
-        # The built-in replicated disk: a full copy, taken while no committed write can
-        # reach the disk (the tap logs them in this epoch; they follow in its I/O log).
+        # The built-in replicated disk: a full copy, or only the blocks written while no
+        # secondary received them when this secondary still holds our copy. Either is
+        # taken while no committed write can reach the disk (the tap logs them in this
+        # epoch; they follow in its I/O log).
         if self.io is not None and self.io.disk is not None and self.cfg.disk.backend == "builtin":
-            for offset, length in self.io.disk_chunks():
-                data = await asyncio.to_thread(self.io.disk.read, offset, length)
-                rec = iolog.encode(epoch, [iolog.IOOp(iolog.OpKind.WRITE, offset, length, data)])
-                msg = wire.IOLog(epoch=epoch, data=rec)
-                digest.update(msg)
-                await self.link.send(msg)
-                faults.hit("precopy")
+            await self._copy_disk(epoch, digest)
         # Further rounds: only what changed since it was sent.
         for _ in range(PRECOPY_MAX_ROUNDS):
             k = await asyncio.to_thread(self.tracker.scan, self.ram.pages, out=self._idx)
@@ -527,6 +530,46 @@ class PrimaryAgent:
             await self._send_epoch_pages(epoch, idx, staged, prev, digest, precopy=True)
         self.status.epoch = epoch
         await self._sync_point("initial", digest=digest, begun=True)
+
+    async def _copy_disk(self, epoch: int, digest: wire.EpochDigest) -> None:
+        assert self.io is not None and self.io.disk is not None and self.link is not None
+        peer = await self._peer_disk_state()
+        incremental = (
+            bool(self.io.lineage)
+            and peer.get("lineage") == self.io.lineage
+            and int(peer.get("epoch", -1)) >= self.io.acked_at_loss
+        )
+        if incremental:
+            chunks = self.io.dirty_chunks()
+        else:
+            self.io.lineage = os.urandom(8).hex()
+            chunks = self.io.disk_chunks()
+        mode = "incremental" if incremental else "full"
+        await self.link.send(
+            wire.Command(
+                name="disk-copy",
+                args=json.dumps({"mode": mode, "lineage": self.io.lineage, "epoch": epoch}),
+            )
+        )
+        sent = 0
+        for offset, length in chunks:
+            data = await asyncio.to_thread(self.io.disk.read, offset, length)
+            rec = iolog.encode(epoch, [iolog.IOOp(iolog.OpKind.WRITE, offset, length, data)])
+            msg = wire.IOLog(epoch=epoch, data=rec)
+            digest.update(msg)
+            await self.link.send(msg)
+            sent += length
+            faults.hit("precopy")
+        self._resync = {"mode": mode, "blocks": len(chunks), "bytes": sent, "epoch": epoch}
+        self.artifacts.event("disk-resync", **self._resync)
+
+    async def _peer_disk_state(self) -> dict[str, Any]:
+        """What the secondary says it holds (sent first thing on a new link)."""
+        try:
+            await asyncio.wait_for(self._peer_disk_event.wait(), 5.0)
+        except TimeoutError:
+            return {}
+        return self._peer_disk
 
     async def _sync_point(
         self, trigger: str, *, digest: wire.EpochDigest | None = None, begun: bool = False
@@ -660,6 +703,12 @@ class PrimaryAgent:
                 elif isinstance(msg, wire.Bye):
                     self._lose(f"secondary left: {msg.reason}")
                     return
+                elif isinstance(msg, wire.Command) and msg.name == "disk-state":
+                    with contextlib.suppress(ValueError):
+                        state = json.loads(msg.args)
+                        if isinstance(state, dict):
+                            self._peer_disk = state
+                    self._peer_disk_event.set()
         except (ProtocolError, ConnectError, ConnectionError, asyncio.IncompleteReadError) as err:
             self._lose(f"link failed: {err}")
 
@@ -672,6 +721,11 @@ class PrimaryAgent:
 
     def _on_ack(self, epoch: int) -> None:
         self.status.last_committed_epoch = epoch
+        if self._resync and self._resync.get("epoch") == epoch and self.io is not None:
+            # The secondary's copy now matches ours: nothing is dirty any more.
+            if self.io.disk is not None:
+                self.io.disk.clear(self.io.disk.dirty_blocks())
+            self._resync["committed"] = True
         if self.io is not None:
             self.io.committed(epoch)
         self.sched.finished()
@@ -715,6 +769,8 @@ class PrimaryAgent:
     async def _secondary_lost(self, reason: str) -> None:
         """Decide, through the tiebreaker, whether to go on unprotected or to fence."""
         self._fail_waiters(f"secondary lost: {reason}")
+        if self.io is not None and self.status.state is PrimaryState.PROTECTED:
+            self.io.acked_at_loss = self.status.last_committed_epoch
         if self.link is not None:
             self.link.close()
             self.link = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import time
@@ -75,6 +76,9 @@ class OpenEpoch:
     iologs: list[bytes] = field(default_factory=list)
     #: FULL epoch with the built-in disk: the new copy, renamed over the old at commit.
     next_disk: FileDisk | None = None
+    #: FULL epoch resynchronising only dirty blocks: written into the copy in place.
+    inplace: bool = False
+    lineage: str = ""
 
 
 @dataclass
@@ -130,8 +134,6 @@ class SecondaryAgent:
         self.committed_iologs: list[tuple[int, bytes]] = []
         #: The built-in replicated disk: this host's copy, kept at the last committed epoch.
         self.disk: FileDisk | None = None
-        self._disk_q: asyncio.Queue[tuple[int, list[bytes]]] = asyncio.Queue()
-        self._disk_task: asyncio.Task[None] | None = None
         self.io: GuestIO | None = None
         self.durable_epoch = -1
         self.open: OpenEpoch | None = None
@@ -189,7 +191,6 @@ class SecondaryAgent:
         self._prepare_replica()
         if self.cfg.disk.path and self.cfg.disk.backend == "builtin":
             self.disk = open_disk(self.cfg)
-            self._disk_task = asyncio.create_task(self._disk_applier())
         self.control = ControlServer(
             self.vm.paths.run_dir / "control.sock",
             {
@@ -227,8 +228,6 @@ class SecondaryAgent:
             await self.vm.shutdown()
         if self.io is not None:
             await self.io.close()
-        if self._disk_task is not None:
-            self._disk_task.cancel()
         if self.disk is not None:
             self.disk.close()
         else:
@@ -282,6 +281,9 @@ class SecondaryAgent:
         self.link = link
         self.last_rx = time.monotonic()
         self.artifacts.event("primary-connected", peer=link.peer)
+        state = self._read_disk_state() if self.disk is not None else {}
+        with contextlib.suppress(ConnectionError, ProtocolError):
+            await link.send(wire.Command(name="disk-state", args=json.dumps(state)))
         hb = asyncio.create_task(self._heartbeat_sender(link))
         try:
             while True:
@@ -325,6 +327,10 @@ class SecondaryAgent:
             return
         if isinstance(msg, wire.Bye):
             raise ConnectionError(f"primary said goodbye: {msg.reason}")
+        if isinstance(msg, wire.Command) and msg.name == "disk-copy":
+            async with self._apply_lock:
+                self._disk_copy(msg.args)
+            return
         if isinstance(msg, wire.Command) and msg.name == "durable":
             # The primary's disk holds every write through this epoch: drop those logs.
             with contextlib.suppress(ValueError):
@@ -356,9 +362,10 @@ class SecondaryAgent:
                 data = bytes(msg.data)
                 if data:
                     ep.iologs.append(data)
-                    if ep.next_disk is not None:
-                        # The full disk copy goes straight into the new file.
-                        await asyncio.to_thread(replay_nosync, ep.next_disk, data)
+                    target = ep.next_disk or (self.disk if ep.inplace else None)
+                    if target is not None:
+                        # A disk copy goes straight into its file as it arrives.
+                        await asyncio.to_thread(replay_nosync, target, data)
             elif isinstance(msg, wire.EpochEnd):
                 self._commit(msg)
                 await link.send(wire.Ack(epoch=msg.epoch))
@@ -382,12 +389,32 @@ class SecondaryAgent:
         if msg.kind is wire.EpochKind.FULL:
             self._set_state(SecondaryState.RECEIVING, f"full synchronization, epoch {msg.epoch}")
         self.open = OpenEpoch(msg.epoch, msg.kind, wire.EpochDigest(msg.epoch))
-        if msg.kind is wire.EpochKind.FULL and self.disk is not None:
+
+    def _disk_copy(self, args: str) -> None:
+        """The primary starts copying the disk in the open FULL epoch."""
+        try:
+            req = json.loads(args)
+            mode, lineage = str(req["mode"]), str(req["lineage"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ProtocolError(f"bad disk-copy command: {err}") from err
+        ep = self.open
+        if ep is None or ep.kind is not wire.EpochKind.FULL:
+            raise ProtocolError("disk copy outside a FULL epoch")
+        if self.disk is None:
+            raise ReplicationError("the primary copies a disk, this secondary has none", ep.epoch)
+        ep.lineage = lineage
+        if mode == "incremental":
+            # Written in place: until this epoch commits the copy is neither old nor
+            # new, so it must not count as anybody's copy.
+            self._write_disk_state("", -1)
+            ep.inplace = True
+        else:
             nxt = self._next_disk_path()
             with open(nxt, "wb") as f:
                 f.truncate(self.disk.size)
-            self.open.next_disk = FileDisk(nxt)
-            self.open.next_disk.attach()
+            ep.next_disk = FileDisk(nxt)
+            ep.next_disk.attach()
+        self.artifacts.event("disk-copy", mode=mode, epoch=ep.epoch)
 
     def _expect_open(self, epoch: int) -> OpenEpoch:
         if self.open is None or self.open.epoch != epoch:
@@ -417,10 +444,15 @@ class SecondaryAgent:
             os.replace(self._next_disk_path(), self.cfg.disk.path)
             self.disk = FileDisk(self.cfg.disk.path)
             self.disk.attach()
-        elif self.disk is not None and ep.iologs:
-            self._disk_q.put_nowait((ep.epoch, ep.iologs))
-        elif ep.iologs:
+        elif self.disk is not None and ep.iologs and not ep.inplace:
+            # Applied before the acknowledgement: the copy is always at the last
+            # committed epoch (the page cache survives an agent crash).
+            for data in ep.iologs:
+                replay_nosync(self.disk, data)
+        elif ep.iologs and self.disk is None:
             self.committed_iologs.extend((ep.epoch, d) for d in ep.iologs)
+        if self.disk is not None:
+            self._write_disk_state(ep.lineage or self._disk_lineage, ep.epoch)
         self.open = None
         self.epochs_committed += 1
         self._persist_devstate(ep.devstate)
@@ -430,16 +462,25 @@ class SecondaryAgent:
     def _next_disk_path(self) -> str:
         return self.cfg.disk.path + ".next"
 
-    async def _disk_applier(self) -> None:
-        """Apply committed epochs' writes to the built-in disk copy, in order."""
-        assert self.disk is not None
-        while True:
-            _epoch, logs = await self._disk_q.get()
-            try:
-                for data in logs:
-                    await asyncio.to_thread(replay_nosync, self.disk, data)
-            finally:
-                self._disk_q.task_done()
+    def _disk_state_path(self) -> Path:
+        return Path(self.cfg.disk.path + ".kemari.json")
+
+    _disk_lineage = ""
+
+    def _read_disk_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self._disk_state_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _write_disk_state(self, lineage: str, epoch: int) -> None:
+        """Which copy this disk is (lineage) and through which epoch (applied)."""
+        self._disk_lineage = lineage
+        path = self._disk_state_path()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"lineage": lineage, "epoch": epoch}))
+        os.replace(tmp, path)
 
     def _persist_devstate(self, data: bytes) -> None:
         path = self.vm.paths.run_dir / "devstate.committed"
@@ -596,9 +637,9 @@ class SecondaryAgent:
     async def _disk_for_failover(self) -> None:
         """Bring the disk to the last committed epoch before the guest resumes."""
         if self.disk is not None:
-            await self._disk_q.join()
-            if self._disk_task is not None:
-                self._disk_task.cancel()
+            # From here on this copy diverges from any primary's: it is nobody's replica.
+            with contextlib.suppress(FileNotFoundError):
+                self._disk_state_path().unlink()
             await asyncio.to_thread(self.disk.flush)
             self.disk.close()
             self.disk = None

@@ -246,9 +246,8 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
         assert os.readlink(wants / units[role]) == f"/etc/systemd/system/{units[role]}"
         link_unit = (root / "etc/systemd/system/kemari-link.service").read_text()
         assert "mtu 9000" in link_unit and env.lay.repl_if_for(role) in link_unit
-        assert (
-            os.readlink(wants / "kemari-link.service") == "/etc/systemd/system/kemari-link.service"
-        )
+        link_target = os.readlink(wants / "kemari-link.service")
+        assert link_target == "/etc/systemd/system/kemari-link.service"
         # The wheel built from this checkout, installed in the host's venv.
         venv = root / "opt/kemari"
         (dist,) = venv.glob("lib/python3*/site-packages/kemari_suite-*.dist-info")
@@ -258,6 +257,7 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
             capture_output=True,
             text=True,
             check=True,
+            cwd="/",
         )
         assert str(venv) in probe.stdout
         assert os.readlink(root / "usr/local/bin/kemari") == "/opt/kemari/bin/kemari"
