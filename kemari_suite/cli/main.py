@@ -27,6 +27,8 @@ image_app = typer.Typer(no_args_is_help=True, help="Build guest images.")
 lab_app = typer.Typer(no_args_is_help=True, help="The local host-pair lab (network namespaces).")
 app.add_typer(image_app, name="image")
 app.add_typer(lab_app, name="lab")
+disk_app = typer.Typer(no_args_is_help=True, help="Guest disk copies.")
+app.add_typer(disk_app, name="disk")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures.")
 app.add_typer(bench_app, name="bench")
 
@@ -241,6 +243,46 @@ def failover(
         raise typer.Exit(2)
     res = _control(config, "failover")
     out.print_json(json.dumps(res, default=str))
+
+
+# ---- disk ----------------------------------------------------------------------------
+
+
+@disk_app.command("checksums")
+def disk_checksums(
+    image: Annotated[Path, typer.Argument(help="Disk image or device.")],
+    offset: Annotated[int, typer.Option(help="Where the guest disk starts.")] = 0,
+) -> None:
+    """Print block checksums of a disk copy as JSON (to compare on another host)."""
+    from kemari_suite.disk.verify import checksums
+
+    print(_guard(lambda: checksums(image, offset=offset)).to_json())
+
+
+@disk_app.command("verify")
+def disk_verify(
+    image: Annotated[Path, typer.Argument(help="This host's disk image or device.")],
+    against: Annotated[
+        str, typer.Option(help="The other copy: an image path or a checksums .json file.")
+    ],
+    offset: Annotated[int, typer.Option(help="Where the guest disk starts.")] = 0,
+) -> None:
+    """Compare two copies of a guest disk by block checksums; exit 1 if they differ."""
+    from kemari_suite.disk.verify import checksums, compare, load_or_compute
+
+    res = _guard(
+        lambda: compare(checksums(image, offset=offset), load_or_compute(against, offset=offset))
+    )
+    if res.same:
+        out.print(f"[green]identical[/]: {res.blocks} blocks of {res.block} bytes")
+        return
+    shown = ", ".join(str(b) for b in res.differing[:20])
+    more = "" if len(res.differing) <= 20 else f" (+{len(res.differing) - 20} more)"
+    err.print(
+        f"[bold red]copies differ[/]: {len(res.differing)} of {res.blocks} blocks "
+        f"({res.block} bytes each): {shown}{more}; sizes {res.size_a} and {res.size_b}"
+    )
+    raise typer.Exit(1)
 
 
 # ---- benchmarks ----------------------------------------------------------------------

@@ -637,6 +637,15 @@ class SecondaryAgent:
     async def _disk_for_failover(self) -> None:
         """Bring the disk to the last committed epoch before the guest resumes."""
         if self.disk is not None:
+            state = self._read_disk_state()
+            if state.get("epoch") != self.committed_epoch or not state.get("lineage"):
+                # Memory at one checkpoint and the disk at another: resuming would show
+                # the guest a disk it never wrote. Refuse, loudly.
+                raise FailoverError(
+                    f"the disk copy {self.cfg.disk.path} is at epoch {state.get('epoch')} "
+                    f"(lineage {state.get('lineage') or 'none'}), memory at epoch "
+                    f"{self.committed_epoch}: diverged copies, not resuming"
+                )
             # From here on this copy diverges from any primary's: it is nobody's replica.
             with contextlib.suppress(FileNotFoundError):
                 self._disk_state_path().unlink()

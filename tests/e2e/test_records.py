@@ -146,3 +146,29 @@ def test_resync_after_disconnect_sends_only_changed_blocks(
     finally:
         stop.set()
         pair.stop()
+
+
+def test_diverged_disk_copy_is_refused_not_used(lab_factory, base_config: KemariConfig) -> None:
+    """A disk copy that is not at the memory's checkpoint is reported, never resumed."""
+    import json
+
+    lay = lab_factory()
+    opts = PairOptions(disk="builtin", tapped_net=True, workload="records -d /dev/vda -p 7000")
+    pair = LabPair(lay, base_config, opts)
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.settle()
+        # Stop the secondary's view of its copy from matching (as after a crash of the
+        # secondary host mid-apply): the sidecar says another epoch.
+        side = pair.root / "disk-secondary.img.kemari.json"
+        state = json.loads(side.read_text())
+        assert state["lineage"]
+        pair.kill("primary")
+        time.sleep(0.5)  # frames still in flight are committed first
+        side.write_text(json.dumps({"lineage": state["lineage"], "epoch": 1}))
+        st = pair.wait_state("secondary", {"stopped"}, 60)
+        assert "diverged" in st["reason"], st
+        assert pair.qemu_pid("secondary") is None
+    finally:
+        pair.stop()

@@ -1,0 +1,219 @@
+"""Benchmark scenarios (``benchmarks/scenarios/*.toml``) and the suite's parameters.
+
+A scenario file says how the guest is run::
+
+    name = "kemari-10g-shared"          # also the file's stem
+    title = "Kemari(10g) + shared disk"
+    kind = "kemari"                     # "base": unprotected, no agents
+    profile = "10g"                     # replication link: 1g, 10g or unlimited
+    disk = "shared"                     # kemari: "shared" or "builtin"; base: "file"
+    tiebreaker = "lease"                # kemari: "witness" or "lease"
+    max_interval_ms = 100               # kemari: the same for every Kemari row
+    published = "Kemari(10GbE) + FC"    # the published row it is set beside
+    order = 3                           # position in tables
+
+:class:`SuiteParams` holds what the guest runs (loop length, rounds, IOzone sizes);
+:data:`QUICK` and :data:`FULL` are the two presets.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.errors import ConfigError
+
+#: Where the scenario files live in a checkout.
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
+
+_KINDS = ("base", "kemari")
+_PROFILES = ("1g", "10g", "unlimited")
+_DISKS = {"base": ("file",), "kemari": ("shared", "builtin")}
+_TIEBREAKERS = ("witness", "lease")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the report."""
+
+    name: str
+    title: str
+    kind: str
+    profile: str
+    disk: str
+    tiebreaker: str = "witness"
+    max_interval_ms: int = 100
+    published: str = ""
+    order: int = 0
+
+    @property
+    def protected(self) -> bool:
+        return self.kind == "kemari"
+
+
+def parse_scenario(data: dict[str, Any], *, path: str = "<scenario>") -> Scenario:
+    """A :class:`Scenario` from a TOML table.
+
+    Raises:
+        ConfigError: an unknown key, a missing one, or a value out of range.
+    """
+    known = {
+        "name": str,
+        "title": str,
+        "kind": str,
+        "profile": str,
+        "disk": str,
+        "tiebreaker": str,
+        "max_interval_ms": int,
+        "published": str,
+        "order": int,
+    }
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown key (known: {', '.join(sorted(known))})", path=path, key=key)
+        tp = known[key]
+        if isinstance(value, bool) or not isinstance(value, tp):
+            raise ConfigError(f"expected {tp.__name__}, got {value!r}", path=path, key=key)
+    for key in ("name", "kind", "profile", "disk"):
+        if key not in data:
+            raise ConfigError("missing", path=path, key=key)
+    sc = Scenario(
+        name=data["name"],
+        title=data.get("title", data["name"]),
+        kind=data["kind"],
+        profile=data["profile"],
+        disk=data["disk"],
+        tiebreaker=data.get("tiebreaker", "witness"),
+        max_interval_ms=data.get("max_interval_ms", 100),
+        published=data.get("published", ""),
+        order=data.get("order", 0),
+    )
+    if sc.kind not in _KINDS:
+        raise ConfigError(f"{sc.kind!r} is not one of {_KINDS}", path=path, key="kind")
+    if sc.profile not in _PROFILES:
+        raise ConfigError(f"{sc.profile!r} is not one of {_PROFILES}", path=path, key="profile")
+    if sc.disk not in _DISKS[sc.kind]:
+        raise ConfigError(
+            f"{sc.disk!r} is not one of {_DISKS[sc.kind]} for kind {sc.kind!r}",
+            path=path,
+            key="disk",
+        )
+    if sc.tiebreaker not in _TIEBREAKERS:
+        raise ConfigError(
+            f"{sc.tiebreaker!r} is not one of {_TIEBREAKERS}", path=path, key="tiebreaker"
+        )
+    if sc.max_interval_ms <= 0:
+        raise ConfigError("must be positive", path=path, key="max_interval_ms")
+    if not sc.name or not all(c.isalnum() or c in "-_" for c in sc.name):
+        raise ConfigError("letters, digits, '-' or '_'", path=path, key="name")
+    return sc
+
+
+def load_scenarios(folder: Path = SCENARIO_DIR) -> list[Scenario]:
+    """Every ``*.toml`` scenario in ``folder``, in report order.
+
+    Raises:
+        ConfigError: a file is unreadable or invalid, two share a name, there is not
+            exactly one base scenario, or the Kemari rows differ in max_interval_ms.
+    """
+    out = []
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot load: {err}", path=str(path)) from err
+        sc = parse_scenario(data, path=str(path))
+        if sc.name != path.stem:
+            raise ConfigError(f"name {sc.name!r} differs from the file name", path=str(path))
+        out.append(sc)
+    check_scenarios(out)
+    return sorted(out, key=lambda s: (s.order, s.name))
+
+
+def check_scenarios(scenarios: list[Scenario]) -> None:
+    """Cross-scenario rules; see :func:`load_scenarios`."""
+    names = [s.name for s in scenarios]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"duplicate scenario names {sorted(dup)}")
+    bases = [s for s in scenarios if s.kind == "base"]
+    if len(bases) != 1:
+        raise ConfigError(f"expected exactly one base scenario, found {len(bases)}")
+    intervals = {s.max_interval_ms for s in scenarios if s.protected}
+    if len(intervals) > 1:
+        # No row may look cheap merely because it synchronized less often.
+        raise ConfigError(f"Kemari rows must share one max_interval_ms, found {sorted(intervals)}")
+
+
+def select(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario]:
+    """The named scenarios (all when ``names`` is None), always with the base row.
+
+    Raises:
+        ConfigError: a name is unknown.
+    """
+    if not names:
+        return list(scenarios)
+    by_name = {s.name: s for s in scenarios}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown scenarios {unknown} (known: {sorted(by_name)})")
+    wanted = set(names) | {s.name for s in scenarios if s.kind == "base"}
+    return [s for s in scenarios if s.name in wanted]
+
+
+@dataclass(frozen=True)
+class SuiteParams:
+    """What the guest runs and how much of it the host keeps."""
+
+    #: Guest seconds one timed loop lasts (iterations calibrated in the guest).
+    loop_s: float
+    #: Rounds kept per scenario (each round runs every benchmark once).
+    rounds: int
+    #: Guest warm-up once its clocksource left tsc-early.
+    warmup_s: float
+    #: Rounds are kept only if they began this long after the pair was protected.
+    settle_s: float
+    #: IOzone-style pass: bytes written and record size.
+    io_file_kib: int = 4096
+    io_record_kib: int = 4
+    #: Page-fault file on the guest's tmpfs.
+    pf_kib: int = 8192
+    #: Guest disk (both rows with a disk and the base row).
+    disk_mib: int = 16
+    #: Give up on a scenario after this long without its rounds.
+    scenario_timeout_s: float = 300.0
+    benchmarks: tuple[str, ...] = (
+        "fork",
+        "exec",
+        "sh",
+        "pagefault",
+        "ctxsw",
+        "iozone_wbuf",
+        "iozone_osync",
+    )
+
+    def guest_command(self) -> str:
+        """The guest's init command (kbench runs rounds until the VM is stopped)."""
+        return (
+            f"kbench -t {self.loop_s:g} -r 0 -w {self.warmup_s:g} -d /dev/vda "
+            f"-F {self.io_file_kib} -R {self.io_record_kib} -P {self.pf_kib} "
+            f"-b {','.join(self.benchmarks)}"
+        )
+
+
+QUICK = SuiteParams(loop_s=0.6, rounds=3, warmup_s=2.0, settle_s=1.0)
+FULL = SuiteParams(loop_s=1.5, rounds=7, warmup_s=3.0, settle_s=2.0, scenario_timeout_s=600.0)
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "SCENARIO_DIR",
+    "Scenario",
+    "SuiteParams",
+    "check_scenarios",
+    "load_scenarios",
+    "parse_scenario",
+    "select",
+]
