@@ -72,7 +72,9 @@ def parse_scenario(data: dict[str, Any], *, path: str = "<scenario>") -> Scenari
     }
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"unknown key (known: {', '.join(sorted(known))})", path=path, key=key)
+            raise ConfigError(
+                f"unknown key (known: {', '.join(sorted(known))})", path=path, key=key
+            )
         tp = known[key]
         if isinstance(value, bool) or not isinstance(value, tp):
             raise ConfigError(f"expected {tp.__name__}, got {value!r}", path=path, key=key)

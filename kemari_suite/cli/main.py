@@ -321,6 +321,28 @@ def bench_memsync(
     out.print(md.read_text())
 
 
+@bench_app.command("latency")
+def bench_latency(
+    config: ConfigOpt = None,
+    requests: Annotated[int, typer.Option(help="Requests per run.")] = 200,
+    profile: Annotated[str, typer.Option(help="Link profile.")] = "10g",
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path(
+        "benchmarks/results"
+    ),
+) -> None:
+    """Added request/response latency of a small TCP service: Kemari vs Remus policy."""
+    from kemari_suite.bench import latency
+
+    cfg = _load(config)
+    with err.status("latency") as st:
+        res = _guard(
+            lambda: latency.run(cfg, requests=requests, profile=profile, progress=st.update)
+        )
+    command = "kemari bench latency " + " ".join(sys.argv[3:])
+    md = latency.write_results(res, out_dir, command.strip())
+    out.print(md.read_text())
+
+
 @bench_app.command("floor")
 def bench_floor(
     config: ConfigOpt = None,

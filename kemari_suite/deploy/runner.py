@@ -178,6 +178,12 @@ def new_ident() -> str:
 def _reason(res: Mapping[str, Any]) -> str:
     """The best one-line reason in a failed task's result."""
     parts: list[str] = []
+    items = res.get("results")
+    if isinstance(items, list):
+        # A loop: its own msg is only "All items completed"; the failed item says why.
+        for item in items:
+            if isinstance(item, Mapping) and (item.get("failed") or item.get("unreachable")):
+                return _reason(item)
     msg = res.get("msg")
     if isinstance(msg, str) and msg.strip():
         parts.append(msg.strip())
@@ -187,10 +193,6 @@ def _reason(res: Mapping[str, Any]) -> str:
             lines = [ln for ln in text.strip().splitlines() if ln.strip()]
             parts.append(lines[-1].strip() if lines else text.strip())
             break
-    if not parts and isinstance(res.get("results"), list):
-        for item in res["results"]:
-            if isinstance(item, Mapping) and item.get("failed"):
-                return _reason(item)
     if res.get("censored"):
         parts.append(str(res["censored"]))
     text = " | ".join(parts) or "failed (no message)"

@@ -41,9 +41,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def run(argv, timeout=20):
+    env = dict(os.environ, COLUMNS="500", NO_COLOR="1", TERM="dumb")
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, env=env)
     except FileNotFoundError:
         return 127, "", "%s: not found" % argv[0]
     except subprocess.TimeoutExpired:
@@ -87,8 +88,10 @@ def status():
             except ValueError:
                 st["agent_error"] = "kemari status printed no JSON: %s" % out.strip()[:200]
         else:
-            lines = [l.strip() for l in ANSI.sub("", err or out).splitlines() if l.strip()]
-            st["agent_error"] = (lines[-1] if lines else "kemari status exited %d" % rc)[:500]
+            text = " ".join(ANSI.sub("", err or out).split())
+            if "error:" in text:
+                text = text[text.rindex("error:") + len("error:"):].strip()
+            st["agent_error"] = (text or "kemari status exited %d" % rc)[:500]
     return st
 
 

@@ -13,6 +13,7 @@ pytest-xdist never repeats it on two workers; the lab and the sshds are cheap.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -98,6 +99,8 @@ def host_vars(env: Env, role: lab.HostRole, root: Path) -> dict[str, Any]:
         "kemari_repl_address": env.lay.repl_ip_for(role),
         "kemari_repl_interface": env.lay.repl_if_for(role),
         "kemari_config": {"paths": {"run_dir": str(root / "run" / "kemari")}},
+        # `kemari remote` runs this machine's kemari (the hosts' venvs lack dependencies).
+        "kemari_bin": str(VENV_BIN / "kemari"),
     }
 
 
@@ -180,7 +183,7 @@ def link_mtu(ns: str, dev: str) -> int:
 
 
 def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env) -> None:
-    inv = write_inventory(env, env.work / "main", packages=True)
+    inv = write_inventory(env, env.work / "main")
     roots = {"primary": inv.parent / "roots" / "pri", "secondary": inv.parent / "roots" / "sec"}
     assert link_mtu(env.lay.ns_primary, env.lay.repl_primary_if) == 1500
 
@@ -279,6 +282,20 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
         assert counts["failed"] == 0 and counts["unreachable"] == 0
     assert psk_file.read_text().strip() == psk
     assert before == {r: (roots[r] / "etc/kemari/kemari.toml").stat().st_mtime_ns for r in roots}
+
+    # `kemari remote status`: both hosts, deployed, agents not running.
+    proc = in_controller(
+        env, [sys.executable, "-m", "kemari_suite.cli.remote", "status", "-i", str(inv), "--json"]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = json.loads(proc.stdout)
+    for name, role in (("pri", "primary"), ("sec", "secondary")):
+        host = status[role]
+        assert host["host"] == name and host["reachable"] and host["error"] is None
+        assert host["state"] == "stopped"
+        assert host["unit"] == units[role] and host["unit_enabled"] == "enabled"
+        assert host["unit_installed"] and host["config_present"] and host["kemari_installed"]
+        assert host["agent"] is None and "cannot reach agent" in host["agent_error"]
 
 
 def test_check_mode_reports_changes_and_writes_nothing(env: Env) -> None:

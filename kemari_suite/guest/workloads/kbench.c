@@ -405,7 +405,16 @@ static void calibrate(struct bench *b)
             f = 16;
         n = (long)((double)n * f);
     }
+    /* The first runs of fresh code are slow under TCG (translation): check the
+     * extrapolation with one run at full length and correct it once. */
     double want = t > 0 ? (double)n * target_s / t : (double)n;
+    n = want < 1 ? 1 : (long)want;
+    t = run_once(b, n);
+    if (t < 0) {
+        b->skip = "failed";
+        return;
+    }
+    want = t > 0 ? (double)n * target_s / t : (double)n;
     b->iters = want < 1 ? 1 : (long)want;
 }
 

@@ -1,0 +1,840 @@
+"""The suite's figures: summaries, ratios to Base, the published table, the report files.
+
+:func:`summarize` turns the raw measurements of every scenario (timed loops and the
+primary's checkpoint records) into the ``results.json`` tree; :func:`write_report`
+renders that tree as ``report.md``, ``report.html`` and PNG plots. Everything here is
+pure except the writers, so the arithmetic is unit-tested on made-up numbers.
+
+Reading the ratios: for each benchmark, ``host ratio = Kemari / Base`` of the medians of
+host-timed microseconds per operation. It factors into
+
+- the *pause factor* (Kemari host time / Kemari guest time): the share of wall time the
+  VM was stopped, which the guest's own clock never sees, and
+- the *guest-internal ratio* (Kemari guest time / Base guest time): how much slower the
+  guest ran while it ran (the agents' threads competing for the host's cores, caches).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.bench.markers import IOZONE, LMBENCH, Loop
+from kemari_suite.bench.scenarios import Scenario
+
+#: The published Xen Kemari table (microseconds per operation).
+PUBLISHED_US: dict[str, dict[str, float]] = {
+    "Base": {"fork": 114, "exec": 349, "sh": 1197, "pagefault": 1.2845, "ctxsw": 8.2},
+    "Kemari(10GbE) + FC": {
+        "fork": 141,
+        "exec": 403,
+        "sh": 1280,
+        "pagefault": 1.2835,
+        "ctxsw": 11.6,
+    },
+    "Kemari(10GbE) + DRBD": {
+        "fork": 161,
+        "exec": 415,
+        "sh": 1388,
+        "pagefault": 1.3145,
+        "ctxsw": 11.6,
+    },
+    "Kemari(1GbE) + FC": {"fork": 151, "exec": 410, "sh": 1335, "pagefault": 1.3370, "ctxsw": 11.5},
+    "Kemari(1GbE) + DRBD": {
+        "fork": 162,
+        "exec": 413,
+        "sh": 1318,
+        "pagefault": 1.3239,
+        "ctxsw": 11.6,
+    },
+}
+#: The target: every Kemari(10g) ratio below the published Kemari(10GbE)+DRBD ratio.
+TARGET_RATIOS: dict[str, float] = {
+    "fork": 1.41,
+    "exec": 1.19,
+    "sh": 1.16,
+    "pagefault": 1.02,
+    "ctxsw": 1.41,
+}
+#: The published IOzone sync table: mode -> (sync interval ms, dirtied pages).
+PUBLISHED_IOZONE: dict[str, tuple[float, float]] = {
+    "iozone_wbuf": (400.0, 3000.0),
+    "iozone_osync": (10.0, 80.0),
+}
+LABELS = {
+    "fork": "fork",
+    "exec": "exec",
+    "sh": "sh",
+    "pagefault": "P/F",
+    "ctxsw": "C/S",
+    "iozone_wbuf": "buffered + fsync",
+    "iozone_osync": "O_SYNC",
+}
+
+
+def published_ratios(row: str) -> dict[str, float]:
+    base = PUBLISHED_US["Base"]
+    return {b: PUBLISHED_US[row][b] / base[b] for b in LMBENCH}
+
+
+# ---- raw measurements of one scenario ---------------------------------------------------
+
+
+@dataclass
+class ScenarioRaw:
+    """What one scenario run produced, before any arithmetic."""
+
+    scenario: Scenario
+    loops: list[Loop] = field(default_factory=list)
+    #: The primary's checkpoint records (Kemari rows), whole run.
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    #: Seconds from starting the scenario to protection (Kemari) or boot (Base).
+    ready_after_s: float | None = None
+    elapsed_s: float = 0.0
+    #: CPU time of processes outside this run, as a share of the machine, while measured.
+    other_cpu_share: float | None = None
+    loadavg: tuple[float, float] | None = None
+    error: str | None = None
+    guest_command: str = ""
+
+
+# ---- arithmetic -------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Median, min, max and the relative spread (max - min) / median of ``values``."""
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None, "rel_spread": None}
+    med = float(statistics.median(values))
+    lo, hi = float(min(values)), float(max(values))
+    return {
+        "n": len(values),
+        "median": med,
+        "min": lo,
+        "max": hi,
+        "rel_spread": (hi - lo) / med if med else None,
+    }
+
+
+def pause_interval(cp: dict[str, Any]) -> tuple[float, float]:
+    """Wall-clock (start, end) of a checkpoint's pause.
+
+    The record's ``t_wall`` is taken after the epoch was sent (``transfer_ms`` after the
+    resume); the pause lasted ``pause_ms`` before that resume.
+    """
+    end = float(cp["t_wall"]) - float(cp.get("transfer_ms", 0.0)) / 1e3
+    return end - float(cp["pause_ms"]) / 1e3, end
+
+
+def paused_within(checkpoints: Iterable[dict[str, Any]], a: float, b: float) -> tuple[float, int]:
+    """Seconds the VM was stopped within wall window [a, b], and sync points starting in it."""
+    total, n = 0.0, 0
+    for cp in checkpoints:
+        s, e = pause_interval(cp)
+        total += max(0.0, min(e, b) - max(s, a))
+        if a <= s <= b:
+            n += 1
+    return total, n
+
+
+def sync_stats(
+    checkpoints: Sequence[dict[str, Any]], windows: Sequence[tuple[float, float]]
+) -> dict[str, Any]:
+    """Syncs per second, paused share and pause percentiles over the measured windows."""
+    length = sum(b - a for a, b in windows)
+    paused, n = 0.0, 0
+    pauses: list[float] = []
+    triggers: dict[str, int] = {}
+    for a, b in windows:
+        p, k = paused_within(checkpoints, a, b)
+        paused += p
+        n += k
+        for cp in checkpoints:
+            s, _e = pause_interval(cp)
+            if a <= s <= b:
+                pauses.append(float(cp["pause_ms"]))
+                t = str(cp.get("trigger", "?"))
+                triggers[t] = triggers.get(t, 0) + 1
+    return {
+        "window_s": length,
+        "checkpoints": n,
+        "syncs_per_s": n / length if length > 0 else None,
+        "paused_share": paused / length if length > 0 else None,
+        "pause_ms": spread(pauses) | _percentiles(pauses),
+        "triggers": triggers,
+    }
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    s = sorted(values)
+
+    def q(p: float) -> float:
+        k = (len(s) - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+def io_sync_points(
+    checkpoints: Sequence[dict[str, Any]], windows: Sequence[tuple[float, float]]
+) -> dict[str, Any]:
+    """Sync interval and dirtied pages per sync point inside the IOzone loops' windows.
+
+    The interval of a sync point is the time since the previous sync point started
+    (whether or not that one was inside the window); dirtied pages are those found at
+    the stop plus those pre-copied during the epoch.
+    """
+    ordered = sorted(checkpoints, key=lambda c: pause_interval(c)[0])
+    starts = [pause_interval(c)[0] for c in ordered]
+    points: list[tuple[float, int]] = []
+    for a, b in windows:
+        for i, cp in enumerate(ordered):
+            if i == 0 or not a <= starts[i] <= b:
+                continue
+            dirtied = int(cp.get("dirty_pages", 0)) + int(cp.get("precopied_pages", 0))
+            points.append(((starts[i] - starts[i - 1]) * 1e3, dirtied))
+    intervals = [p[0] for p in points]
+    dirty = [float(p[1]) for p in points]
+    return {
+        "sync_points": len(points),
+        "sync_interval_ms_mean": statistics.fmean(intervals) if intervals else None,
+        "sync_interval_ms_median": statistics.median(intervals) if intervals else None,
+        "dirtied_pages_mean": statistics.fmean(dirty) if dirty else None,
+        "dirtied_pages_median": statistics.median(dirty) if dirty else None,
+        "points": [[round(i, 3), d] for i, d in points],
+    }
+
+
+def _loop_record(lp: Loop, checkpoints: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+    """One timed loop, with the pauses inside it (host seconds stopped, sync points)."""
+    rec: dict[str, Any] = {
+        "round": lp.round,
+        "iters": lp.iters,
+        "ops": lp.ops,
+        "host_s": round(lp.host_s, 6),
+        "guest_s": round(lp.guest_ns / 1e9, 6),
+        "wall_start": round(lp.wall_start, 6),
+        "wall_end": round(lp.wall_end, 6),
+    }
+    if checkpoints is not None:
+        paused, n = paused_within(checkpoints, lp.wall_start, lp.wall_end)
+        rec["paused_s"] = round(paused, 6)
+        rec["sync_points"] = n
+    return rec
+
+
+def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
+    """The results.json entry of one scenario."""
+    sc = raw.scenario
+    out: dict[str, Any] = {
+        "title": sc.title,
+        "kind": sc.kind,
+        "profile": sc.profile,
+        "disk": sc.disk,
+        "tiebreaker": sc.tiebreaker if sc.protected else None,
+        "max_interval_ms": sc.max_interval_ms if sc.protected else None,
+        "published_row": sc.published,
+        "guest_command": raw.guest_command,
+        "ready_after_s": raw.ready_after_s,
+        "elapsed_s": raw.elapsed_s,
+        "other_cpu_share": raw.other_cpu_share,
+        "loadavg": list(raw.loadavg) if raw.loadavg else None,
+        "calibration": raw.calibration,
+        "skipped": raw.skipped,
+        "failures": raw.failures,
+        "error": raw.error,
+        "rounds": sorted({lp.round for lp in raw.loops}),
+        "benchmarks": {},
+    }
+    for bench in (*LMBENCH, *IOZONE):
+        loops = [lp for lp in raw.loops if lp.bench == bench]
+        if not loops:
+            continue
+        entry: dict[str, Any] = {
+            "unit": "us/op",
+            "ops": [lp.ops for lp in loops],
+            "host_s": [lp.host_s for lp in loops],
+            "host_us_per_op": spread([lp.host_us_per_op for lp in loops]),
+            "guest_us_per_op": spread([lp.guest_us_per_op for lp in loops]),
+            "host_values": [lp.host_us_per_op for lp in loops],
+            "guest_values": [lp.guest_us_per_op for lp in loops],
+        }
+        entry["loops"] = [
+            _loop_record(lp, raw.checkpoints if sc.protected else None) for lp in loops
+        ]
+        if bench in IOZONE:
+            entry["bytes"] = loops[0].bytes
+            entry["host_mib_s"] = spread([lp.host_mib_s or 0.0 for lp in loops])
+            entry["guest_mib_s"] = spread([lp.guest_mib_s or 0.0 for lp in loops])
+        if sc.protected and raw.checkpoints:
+            windows = [(lp.wall_start, lp.wall_end) for lp in loops]
+            st = sync_stats(raw.checkpoints, windows)
+            entry["paused_share"] = st["paused_share"]
+            entry["syncs_per_s"] = st["syncs_per_s"]
+            if bench in IOZONE:
+                entry["sync_points"] = io_sync_points(raw.checkpoints, windows)
+        out["benchmarks"][bench] = entry
+    if sc.protected and raw.checkpoints and raw.loops:
+        windows = [(lp.wall_start, lp.wall_end) for lp in raw.loops]
+        st = sync_stats(raw.checkpoints, windows)
+        out["sync"] = {k: v for k, v in st.items()}
+        out["pauses_ms"] = [
+            float(cp["pause_ms"])
+            for cp in raw.checkpoints
+            if any(a <= pause_interval(cp)[0] <= b for a, b in windows)
+        ]
+    return out
+
+
+def _median(entry: dict[str, Any] | None, key: str) -> float | None:
+    if not entry:
+        return None
+    v = entry.get(key, {}).get("median")
+    return float(v) if v is not None else None
+
+
+def ratios(
+    base: dict[str, Any], row: dict[str, Any], key: str = "host_us_per_op"
+) -> dict[str, float | None]:
+    """Kemari over Base, per benchmark, of the medians of ``key`` (None when missing)."""
+    out: dict[str, float | None] = {}
+    for bench in (*LMBENCH, *IOZONE):
+        b = _median(base["benchmarks"].get(bench), key)
+        k = _median(row["benchmarks"].get(bench), key)
+        out[bench] = k / b if b and k is not None else None
+    return out
+
+
+def target_check(name: str, host_ratios: dict[str, float | None]) -> dict[str, Any]:
+    """Where a Kemari(10g) row is (not) below the published Kemari(10GbE)+DRBD ratios."""
+    rows = {}
+    for bench, target in TARGET_RATIOS.items():
+        r = host_ratios.get(bench)
+        rows[bench] = {"ratio": r, "target": target, "met": r is not None and r < target}
+    return {"scenario": name, "benchmarks": rows, "all_met": all(v["met"] for v in rows.values())}
+
+
+def summarize(raws: Sequence[ScenarioRaw], *, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole results.json tree. The first base row is the reference for ratios."""
+    scenarios = {r.scenario.name: summarize_scenario(r) for r in raws}
+    base_name = next((r.scenario.name for r in raws if not r.scenario.protected), None)
+    base = scenarios.get(base_name) if base_name else None
+    out: dict[str, Any] = {
+        "meta": meta or {},
+        "base": base_name,
+        "published": {
+            "us_per_op": PUBLISHED_US,
+            "target_ratios": TARGET_RATIOS,
+            "iozone": {
+                m: {"sync_interval_ms": v[0], "dirtied_pages": v[1]}
+                for m, v in PUBLISHED_IOZONE.items()
+            },
+        },
+        "scenarios": scenarios,
+        "ratios": {},
+        "io_ratios": {},
+        "guest_ratios": {},
+        "pause_factor": {},
+        "targets": {},
+    }
+    if base is None or base.get("error"):
+        return out
+    for raw in raws:
+        sc = raw.scenario
+        row = scenarios[sc.name]
+        if not sc.protected or row.get("error"):
+            continue
+        host = ratios(base, row)
+        guest = ratios(base, row, "guest_us_per_op")
+        out["ratios"][sc.name] = {b: host[b] for b in LMBENCH}
+        out["io_ratios"][sc.name] = {b: host[b] for b in IOZONE}
+        out["guest_ratios"][sc.name] = guest
+        pf: dict[str, float | None] = {}
+        for bench, entry in row["benchmarks"].items():
+            h, g = _median(entry, "host_us_per_op"), _median(entry, "guest_us_per_op")
+            pf[bench] = h / g if h and g else None
+        out["pause_factor"][sc.name] = pf
+        if "10g" in sc.name:
+            out["targets"][sc.name] = target_check(sc.name, host)
+    return out
+
+
+# ---- rendering --------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if digits == 0 and abs(v) < 10:
+        digits = 2 if abs(v) >= 1 else 3
+    return f"{v:.{digits}f}"
+
+
+def _cell(entry: dict[str, Any] | None, key: str = "host_us_per_op") -> str:
+    if not entry:
+        return "-"
+    s = entry.get(key) or {}
+    med = s.get("median")
+    if med is None:
+        return "-"
+    return f"{_fmt(med)} ({_fmt(s['min'])}-{_fmt(s['max'])})"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def explain_target(name: str, res: dict[str, Any]) -> list[str]:
+    """One sentence per benchmark whose Kemari(10g) ratio is not below the target."""
+    check = res["targets"].get(name)
+    if not check:
+        return []
+    row = res["scenarios"][name]
+    sync = row.get("sync") or {}
+    guest = res["guest_ratios"].get(name, {})
+    pf = res["pause_factor"].get(name, {})
+    lines = []
+    for bench, c in check["benchmarks"].items():
+        if c["met"]:
+            continue
+        if c["ratio"] is None:
+            lines.append(f"- {LABELS[bench]}: no measurement (see the scenario's error).")
+            continue
+        entry = row["benchmarks"].get(bench, {})
+        share = entry.get("paused_share")
+        lines.append(
+            f"- {LABELS[bench]}: ratio {c['ratio']:.2f}, target below {c['target']:.2f}. "
+            f"The VM was stopped {_pct(share)} of this benchmark's wall time "
+            f"({_fmt(entry.get('syncs_per_s'), 1)} sync points/s, pause p50 "
+            f"{_fmt((sync.get('pause_ms') or {}).get('p50'), 1)} ms): pause factor "
+            f"{_fmt(pf.get(bench))}; while running, the guest itself was "
+            f"{_fmt(guest.get(bench))}x as slow as in Base (guest-internal ratio: the "
+            f"agents' threads share the host's cores with the vCPU, plus noise)."
+        )
+    return lines
+
+
+def _machine_lines(res: dict[str, Any]) -> list[str]:
+    m = res.get("meta", {})
+    mach = m.get("machine", {})
+    return [
+        f"- Command: `{m.get('command', '')}`",
+        f"- Machine: {mach.get('cpu', '?')} ({mach.get('cpus', '?')} CPUs), kernel "
+        f"{mach.get('kernel', '?')}, accelerator {m.get('accel', '?')}, {mach.get('date', '')}",
+        f"- Guest: {m.get('memory_mib', '?')} MiB, 1 vCPU, kernel {m.get('guest_kernel', '?')}; "
+        f"`{m.get('guest_command', '')}`",
+        f"- Mode: {'quick' if m.get('quick') else 'full'}; {m.get('rounds', '?')} rounds kept "
+        f"per scenario (after one warm-up round), each benchmark once per round; loops "
+        f"calibrated to about {m.get('loop_s', '?')} s of guest time.",
+        f"- Suite time: {_fmt(m.get('elapsed_s'), 0)} s.",
+    ]
+
+
+def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
+    """report.md from the results tree; ``plots`` maps a plot name to its file name."""
+    sc = res["scenarios"]
+    names = list(sc)
+    kemari = [n for n in names if sc[n]["kind"] == "kemari"]
+    L: list[str] = ["# Kemari Suite: lmbench and IOzone comparison", ""]
+    L += _machine_lines(res)
+    L += [
+        "",
+        "Every time below is measured on the **host's clock**, from markers the guest",
+        "prints before and after each timed loop (QEMU stops the guest's clock while the VM",
+        "is stopped, so guest timers cannot see Kemari's pauses). Guest-internal figures are",
+        "shown separately and labelled as such. Cells are `median (min-max)` over the kept",
+        "rounds. Every Kemari row uses the same maximum sync interval "
+        f"({', '.join(sorted({str(sc[n]['max_interval_ms']) for n in kemari})) or '-'} ms).",
+        "",
+        "## lmbench-style, microseconds per operation",
+        "",
+        "| | fork | exec | sh | P/F | C/S |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, vals in PUBLISHED_US.items():
+        L.append(
+            f"| published: {row} | "
+            + " | ".join(_fmt(vals[b], 1 if b != "pagefault" else 4) for b in LMBENCH)
+            + " |"
+        )
+    for n in names:
+        r = sc[n]
+        if r.get("error"):
+            L.append(f"| measured: {r['title']} | " + " | ".join("error" for _ in LMBENCH) + " |")
+            continue
+        L.append(
+            f"| measured: {r['title']} | "
+            + " | ".join(_cell(r["benchmarks"].get(b)) for b in LMBENCH)
+            + " |"
+        )
+    L += [
+        "",
+        "## Ratios to Base (host-timed), beside the published ratios",
+        "",
+        "| | fork | exec | sh | P/F | C/S |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in PUBLISHED_US:
+        if row == "Base":
+            continue
+        pr = published_ratios(row)
+        L.append(f"| published: {row} | " + " | ".join(f"{pr[b]:.2f}" for b in LMBENCH) + " |")
+    for n in kemari:
+        rr = res["ratios"].get(n)
+        cells = [_fmt(rr.get(b)) if rr else "-" for b in LMBENCH]
+        L.append(f"| measured: {sc[n]['title']} | " + " | ".join(cells) + " |")
+    L += ["", "Guest-internal ratios (blind to the pauses; for comparison only):", ""]
+    L += ["| | fork | exec | sh | P/F | C/S |", "|---|---|---|---|---|---|"]
+    for n in kemari:
+        gr = res["guest_ratios"].get(n)
+        L.append(
+            f"| {sc[n]['title']} | "
+            + " | ".join(_fmt(gr.get(b)) if gr else "-" for b in LMBENCH)
+            + " |"
+        )
+    if "ratios" in plots:
+        L += ["", f"![overhead ratio per benchmark and scenario]({plots['ratios']})"]
+    L += ["", "## Target: Kemari(10g) below the published Kemari(10GbE) + DRBD ratios", ""]
+    L += ["| | " + " | ".join(LABELS[b] for b in LMBENCH) + " |", "|---|---|---|---|---|---|"]
+    L.append("| target (below) | " + " | ".join(f"{TARGET_RATIOS[b]:.2f}" for b in LMBENCH) + " |")
+    for n, check in res["targets"].items():
+        cells = []
+        for b in LMBENCH:
+            c = check["benchmarks"][b]
+            cells.append(f"{_fmt(c['ratio'])} {'met' if c['met'] else '**not met**'}")
+        L.append(f"| {sc[n]['title']} | " + " | ".join(cells) + " |")
+    for n in res["targets"]:
+        lines = explain_target(n, res)
+        if lines:
+            L += ["", f"Where {sc[n]['title']} misses the target:", "", *lines]
+    L += [
+        "",
+        "## Sync points per Kemari row (over the timed loops)",
+        "",
+        "| | syncs/s | paused share | pause p50 ms | pause p99 ms | pause max ms "
+        "| sync points | triggers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in kemari:
+        s = sc[n].get("sync")
+        if not s:
+            L.append(f"| {sc[n]['title']} | - | - | - | - | - | - | - |")
+            continue
+        p = s["pause_ms"]
+        trig = ", ".join(f"{k} {v}" for k, v in sorted(s["triggers"].items()))
+        L.append(
+            f"| {sc[n]['title']} | {_fmt(s['syncs_per_s'], 1)} | {_pct(s['paused_share'])} "
+            f"| {_fmt(p['p50'], 1)} | {_fmt(p['p99'], 1)} | {_fmt(p['max'], 1)} "
+            f"| {s['checkpoints']} | {trig} |"
+        )
+    if "pauses" in plots:
+        L += ["", f"![pause-time distribution]({plots['pauses']})"]
+    L += [
+        "",
+        "## IOzone-style writes",
+        "",
+        "| | sync interval [ms] | dirtied pages per sync point |",
+        "|---|---|---|",
+    ]
+    for mode, (iv, pages) in PUBLISHED_IOZONE.items():
+        L.append(f"| published: {LABELS[mode]} | {iv:.0f} | {pages:.0f} |")
+    for n in kemari:
+        for mode in IOZONE:
+            e = sc[n]["benchmarks"].get(mode) or {}
+            sp = e.get("sync_points") or {}
+            L.append(
+                f"| measured: {sc[n]['title']}, {LABELS[mode]} "
+                f"| {_fmt(sp.get('sync_interval_ms_mean'), 1)} "
+                f"| {_fmt(sp.get('dirtied_pages_mean'), 0)} |"
+            )
+    L += [
+        "",
+        "(mean over the sync points that started inside the writer's timed loops; the",
+        "interval is measured from the previous sync point's start)",
+        "",
+        "| | "
+        + " | ".join(f"{LABELS[m]} MiB/s (host)" for m in IOZONE)
+        + " | "
+        + " | ".join(f"{LABELS[m]} time ratio" for m in IOZONE)
+        + " |",
+        "|---|---|---|---|---|",
+    ]
+    for n in names:
+        r = sc[n]
+        ir = res["io_ratios"].get(n, {})
+        cells = [_cell(r["benchmarks"].get(m), "host_mib_s") for m in IOZONE]
+        cells += [_fmt(ir.get(m)) if ir else "-" for m in IOZONE]
+        L.append(f"| {r['title']} | " + " | ".join(cells) + " |")
+    if "dirty" in plots:
+        L += ["", f"![dirtied pages against sync interval]({plots['dirty']})"]
+    L += [
+        "",
+        "## Guest-internal figures (labelled: the guest's clock, blind to the pauses)",
+        "",
+        "| | " + " | ".join(LABELS[b] for b in (*LMBENCH, *IOZONE)) + " |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        r = sc[n]
+        L.append(
+            f"| {r['title']} | "
+            + " | ".join(
+                _cell(r["benchmarks"].get(b), "guest_us_per_op") for b in (*LMBENCH, *IOZONE)
+            )
+            + " |"
+        )
+    L += [
+        "",
+        "## Run conditions",
+        "",
+        "| | ready after s | scenario s | other load on the host | load average | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        r = sc[n]
+        la = r.get("loadavg")
+        load = "-" if not la else f"{la[0]:.2f} -> {la[1]:.2f}"
+        L.append(
+            f"| {r['title']} | {_fmt(r.get('ready_after_s'), 1)} | {_fmt(r.get('elapsed_s'), 0)} "
+            f"| {_pct(r.get('other_cpu_share'))} | {load} "
+            f"| {html.escape(r.get('error') or '; '.join(r.get('failures') or []) or '-')} |"
+        )
+    L += [
+        "",
+        '"Other load" is the CPU time of processes outside this run (other sessions, tests)',
+        "while the scenario was measured, as a share of all the host's CPUs; where it is high,",
+        "the figures of that row are noisy.",
+        "",
+    ]
+    notes = res.get("meta", {}).get("notes") or []
+    if notes:
+        L += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(L)
+
+
+def render_html(markdown: str, res: dict[str, Any], folder: Path, plots: dict[str, str]) -> str:
+    """report.html: the tables of report.md as HTML, the plots embedded (and linked)."""
+    body: list[str] = []
+    in_table = False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-", ":"} and c for c in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells) + "</tr>")
+                continue
+            body.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("![") and "](" in line:
+            alt = line[2 : line.index("]")]
+            name = line[line.index("](") + 2 : -1]
+            data = base64.b64encode((folder / name).read_bytes()).decode()
+            body.append(
+                f'<figure><a href="{html.escape(name)}"><img alt="{html.escape(alt)}" '
+                f'src="data:image/png;base64,{data}"></a><figcaption>{html.escape(alt)}</figcaption></figure>'
+            )
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            body.append(f"<p class=li>&bull; {_inline(line[2:])}</p>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
+        "padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%}p.li{margin:.2em 0}code{background:#f4f4f4}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset=utf-8>"
+        "<title>Kemari Suite: lmbench and IOzone comparison</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text, quote=False)
+    # `code` and **bold** only: enough for the report's own markdown.
+    parts = out.split("`")
+    out = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    parts = out.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+# ---- plots ------------------------------------------------------------------------------
+
+
+def make_plots(res: dict[str, Any], folder: Path) -> dict[str, str]:
+    """Write the PNG plots; returns {plot name: file name} for those with data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = res["scenarios"]
+    kemari = [n for n in sc if sc[n]["kind"] == "kemari" and n in res["ratios"]]
+    made: dict[str, str] = {}
+    if kemari:
+        benches = [*LMBENCH, *IOZONE]
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        width = 0.8 / (len(kemari) + 1)
+        for i, n in enumerate(kemari):
+            vals = [
+                (res["ratios"][n] | res["io_ratios"].get(n, {})).get(b) or math.nan for b in benches
+            ]
+            ax.bar([x + i * width for x in range(len(benches))], vals, width, label=n)
+        pub = published_ratios("Kemari(10GbE) + DRBD")
+        ax.scatter(
+            [x + (len(kemari) - 1) * width / 2 for x in range(len(LMBENCH))],
+            [pub[b] for b in LMBENCH],
+            marker="_",
+            s=900,
+            color="black",
+            zorder=5,
+            label="published Kemari(10GbE)+DRBD",
+        )
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks([x + (len(kemari) - 1) * width / 2 for x in range(len(benches))])
+        ax.set_xticklabels([LABELS[b] for b in benches])
+        ax.set_ylabel("Kemari / Base (host-timed)")
+        ax.set_title("Overhead ratio per benchmark and scenario")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        fig.savefig(folder / "ratios.png", dpi=110)
+        plt.close(fig)
+        made["ratios"] = "ratios.png"
+    pauses = {n: sc[n].get("pauses_ms") or [] for n in kemari}
+    if any(pauses.values()):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for n, vals in pauses.items():
+            if not vals:
+                continue
+            s = sorted(vals)
+            ax.step(
+                s,
+                [(i + 1) / len(s) for i in range(len(s))],
+                where="post",
+                label=f"{n} (n={len(s)})",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("pause per sync point [ms] (host clock)")
+        ax.set_ylabel("fraction of sync points")
+        ax.set_title("Pause-time distribution (CDF) over the timed loops")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "pauses.png", dpi=110)
+        plt.close(fig)
+        made["pauses"] = "pauses.png"
+    have_points = any(
+        ((sc[n]["benchmarks"].get(m) or {}).get("sync_points") or {}).get("points")
+        for n in kemari
+        for m in IOZONE
+    )
+    if have_points:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        markers = {"iozone_wbuf": "o", "iozone_osync": "^"}
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, n in enumerate(kemari):
+            for m in IOZONE:
+                pts = ((sc[n]["benchmarks"].get(m) or {}).get("sync_points") or {}).get(
+                    "points"
+                ) or []
+                if not pts:
+                    continue
+                ax.scatter(
+                    [max(p[0], 0.1) for p in pts],
+                    [max(p[1], 0.5) for p in pts],
+                    s=12,
+                    alpha=0.6,
+                    marker=markers[m],
+                    color=colors[i % len(colors)],
+                    label=f"{n}, {LABELS[m]}",
+                )
+        for m, (iv, pages) in PUBLISHED_IOZONE.items():
+            ax.scatter([iv], [pages], marker="*", s=250, color="black", zorder=5)
+            ax.annotate(
+                f"published {LABELS[m]}",
+                (iv, pages),
+                textcoords="offset points",
+                xytext=(8, 4),
+                fontsize=8,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sync interval [ms] (since the previous sync point)")
+        ax.set_ylabel("dirtied pages per sync point")
+        ax.set_title("IOzone-style writes: dirtied pages against sync interval")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "iozone_dirty.png", dpi=110)
+        plt.close(fig)
+        made["dirty"] = "iozone_dirty.png"
+    return made
+
+
+def write_report(res: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """Write results.json, report.md, report.html and the plots into ``folder``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(res, folder)
+    res = res | {"plots": plots}
+    md = render_markdown(res, plots)
+    paths = {
+        "results": folder / "results.json",
+        "markdown": folder / "report.md",
+        "html": folder / "report.html",
+    }
+    paths["results"].write_text(json.dumps(res, indent=1, default=str) + "\n")
+    paths["markdown"].write_text(md)
+    paths["html"].write_text(render_html(md, res, folder, plots))
+    for name in plots.values():
+        paths[name] = folder / name
+    return paths
+
+
+__all__ = [
+    "PUBLISHED_IOZONE",
+    "PUBLISHED_US",
+    "TARGET_RATIOS",
+    "ScenarioRaw",
+    "explain_target",
+    "io_sync_points",
+    "make_plots",
+    "pause_interval",
+    "paused_within",
+    "published_ratios",
+    "ratios",
+    "render_html",
+    "render_markdown",
+    "spread",
+    "summarize",
+    "summarize_scenario",
+    "sync_stats",
+    "target_check",
+    "write_report",
+]

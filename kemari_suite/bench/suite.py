@@ -1,0 +1,470 @@
+"""The benchmark suite: lmbench- and IOzone-style workloads, Base against Kemari.
+
+For every scenario (``benchmarks/scenarios/*.toml``) the same guest boots with the same
+init command, ``kbench`` (``guest/workloads/kbench.c``), which warms up, calibrates each
+loop to about ``loop_s`` seconds of guest time and then runs rounds of every benchmark
+until the VM is stopped. The host tails the console (:mod:`kemari_suite.bench.markers`)
+and times each loop from its START and END lines on the host's clock.
+
+- **Base** boots the guest alone (no agents, no taps) in the lab's primary namespace, its
+  disk a plain raw file.
+- **Kemari** rows start the witness, secondary and primary agents in a lab whose
+  replication link is shaped to the scenario's profile (:class:`LabPair`), with the
+  guest NIC behind the output-commit proxy and the scenario's disk backend; rounds count
+  only once the primary is protected.
+
+The first round of every scenario is a warm-up and is dropped (TCG translates code the
+first time it runs); then ``rounds`` rounds are kept. Per Kemari row, the primary's
+checkpoint records give the sync points per second, the paused share, the pause
+distribution, and for the IOzone loops the sync interval and dirtied pages per sync point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kemari_suite import lab as labmod
+from kemari_suite.bench import report
+from kemari_suite.bench.markers import Assembly, ConsoleTail, assemble
+from kemari_suite.bench.memsync import machine_info
+from kemari_suite.bench.scenarios import (
+    FULL,
+    QUICK,
+    SCENARIO_DIR,
+    Scenario,
+    SuiteParams,
+    load_scenarios,
+    select,
+)
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import BenchmarkError, KemariError
+from kemari_suite.lab.pair import LabPair, PairOptions
+from kemari_suite.vm.define import ensure_image
+from kemari_suite.vm.image import GuestImage, kernel_cmdline
+from kemari_suite.vm.qemu import VM, VMSpec, choose_accel, console_tail
+
+#: Rounds before this one are warm-up and never kept.
+FIRST_KEPT_ROUND = 2
+
+
+@dataclass(frozen=True)
+class SuiteProgress:
+    """Where the suite is: ``done`` of ``total`` units, and what it does now."""
+
+    message: str
+    done: float
+    total: float
+
+
+Progress = Callable[[SuiteProgress], None]
+
+
+# ---- host CPU accounting ------------------------------------------------------------------
+
+
+def _proc_cpu_s(pid: int, tick: float) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    f = stat.rsplit(")", 1)[1].split()
+    # Fields 14-17 (utime stime cutime cstime), counted from 1 with pid and comm first.
+    return sum(int(x) for x in f[11:15]) * tick
+
+
+def _tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    t: float
+    busy_s: float
+    mine_s: float
+
+
+def cpu_sample() -> CpuSample:
+    """The host's busy CPU seconds, and those of this process and its descendants."""
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    busy = (sum(vals[:8]) - idle) * tick
+    mine = sum(_proc_cpu_s(p, tick) for p in _tree_pids(os.getpid()))
+    return CpuSample(time.monotonic(), busy, mine)
+
+
+def other_share(a: CpuSample, b: CpuSample, cpus: int) -> float | None:
+    """CPU share of the machine used by processes outside this run between two samples."""
+    dt = b.t - a.t
+    if dt <= 0 or cpus <= 0:
+        return None
+    return max(0.0, ((b.busy_s - a.busy_s) - (b.mine_s - a.mine_s)) / (dt * cpus))
+
+
+def _loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# ---- one scenario -------------------------------------------------------------------------
+
+
+class _Scenario:
+    """Runs one scenario and fills its :class:`report.ScenarioRaw`."""
+
+    def __init__(
+        self,
+        cfg: KemariConfig,
+        image: GuestImage,
+        params: SuiteParams,
+        sc: Scenario,
+        lab_id: str,
+        raw_dir: Path,
+        say: Callable[[str, float], None],
+    ) -> None:
+        self.cfg = cfg
+        self.image = image
+        self.params = params
+        self.sc = sc
+        self.lab_id = lab_id
+        self.raw_dir = raw_dir
+        self.say = say
+        self.raw = report.ScenarioRaw(scenario=sc, guest_command=params.guest_command())
+        self.samples: list[CpuSample] = []
+        self.load0 = _loadavg()
+
+    def run(self) -> report.ScenarioRaw:
+        t0 = time.monotonic()
+        if self.lab_id in labmod.list_labs():
+            labmod.down(self.lab_id)
+        lay = labmod.up(self.lab_id, self.sc.profile)
+        try:
+            if self.sc.protected:
+                self._kemari(lay, t0)
+            else:
+                self._base(lay, t0)
+        finally:
+            labmod.down(self.lab_id)
+            self.raw.elapsed_s = time.monotonic() - t0
+        return self.raw
+
+    # ---- waiting for rounds ---------------------------------------------------------------
+
+    def _collect(self, tail: ConsoleTail, after: float, alive: Callable[[], None]) -> Assembly:
+        """Wait until ``rounds`` complete rounds began after host time ``after``.
+
+        Raises:
+            BenchmarkError: the guest reported a failure, stopped, or ran out of time.
+        """
+        p = self.params
+        deadline = time.monotonic() + p.scenario_timeout_s
+        last_sample = 0.0
+        seen = -1
+        while True:
+            if tail.error is not None:
+                raise BenchmarkError(self.sc.name, f"console tail failed: {tail.error}")
+            asm = assemble(tail.markers())
+            kept = [r for r in asm.accepted_rounds(after, p.benchmarks) if r >= FIRST_KEPT_ROUND]
+            if time.monotonic() - last_sample >= 1.0:
+                self.samples.append(cpu_sample())
+                last_sample = time.monotonic()
+            if len(kept) != seen:
+                seen = len(kept)
+                self.say(f"round {min(seen + 1, p.rounds)}/{p.rounds}", 1 + seen)
+            if len(kept) >= p.rounds:
+                self.samples.append(cpu_sample())
+                asm.loops = asm.loops_of(kept[: p.rounds])
+                return asm
+            if asm.failures:
+                raise BenchmarkError(self.sc.name, f"guest benchmark failed: {asm.failures}")
+            if asm.done:
+                raise BenchmarkError(self.sc.name, "the guest stopped running benchmarks")
+            alive()
+            if time.monotonic() > deadline:
+                raise BenchmarkError(
+                    self.sc.name,
+                    f"only {len(kept)} of {p.rounds} rounds in {p.scenario_timeout_s:.0f} s",
+                )
+            time.sleep(0.25)
+
+    def _finish(self, asm: Assembly) -> None:
+        r = self.raw
+        r.loops = asm.loops
+        r.calibration = asm.calibration
+        r.skipped = asm.skipped
+        r.failures = asm.failures
+        if asm.loops and len(self.samples) >= 2:
+            start = min(lp.t_start for lp in asm.loops)
+            first = min(self.samples, key=lambda s: abs(s.t - start))
+            r.other_cpu_share = other_share(first, self.samples[-1], os.cpu_count() or 1)
+        r.loadavg = (self.load0, _loadavg())
+
+    # ---- Base -----------------------------------------------------------------------------
+
+    def _base(self, lay: labmod.LabLayout, t0: float) -> None:
+        cfg, p = self.cfg, self.params
+        run_root = cfg.paths.run_dir / f"kemari-{self.lab_id}-base"
+        shm = cfg.paths.shm_dir / f"kemari-{self.lab_id}-base"
+        shutil.rmtree(run_root, ignore_errors=True)
+        run_root.mkdir(parents=True, exist_ok=True)
+        disk = run_root / "disk.img"
+        with disk.open("wb") as f:
+            f.truncate(p.disk_mib << 20)
+        accel, _ = choose_accel(cfg.vm.accel)
+        spec = VMSpec(
+            name="kbench",
+            kernel=self.image.kernel,
+            initrd=self.image.initrd,
+            append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=p.guest_command()),
+            memory_mib=cfg.vm.memory_mib,
+            vcpus=1,
+            accel=accel,
+            netdev=f"tap,ifname={lay.tap_primary},script=no,downscript=no",
+            netns=lay.ns_primary,
+            blockdev=f"driver=file,filename={disk}",
+        )
+        vm = VM(spec, run_root=run_root, shm_dir=shm)
+        tail = ConsoleTail(vm.paths.console).start()
+        try:
+            self.say("booting", 0)
+            vm.start()
+            self.raw.ready_after_s = time.monotonic() - t0
+            after = time.monotonic()
+            self.say("warming up", 1)
+
+            def alive() -> None:
+                if not vm.alive():
+                    raise BenchmarkError(
+                        self.sc.name, f"QEMU exited:\n{console_tail(vm.paths.console)}"
+                    )
+
+            asm = self._collect(tail, after, alive)
+            self._finish(asm)
+        finally:
+            tail.stop()
+            self._save(vm.paths.console, None)
+            vm.shutdown()
+            shutil.rmtree(run_root, ignore_errors=True)
+            shutil.rmtree(shm, ignore_errors=True)
+
+    # ---- Kemari ---------------------------------------------------------------------------
+
+    def _kemari(self, lay: labmod.LabLayout, t0: float) -> None:
+        cfg, p, sc = self.cfg, self.params, self.sc
+        opts = PairOptions(
+            vm_name="guest",
+            memory_mib=cfg.vm.memory_mib,
+            vcpus=1,
+            workload=p.guest_command(),
+            mode=cfg.replication.mode,
+            max_interval_ms=sc.max_interval_ms,
+            heartbeat_interval_ms=cfg.replication.heartbeat_interval_ms,
+            heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
+            tiebreaker=sc.tiebreaker,
+            tracker=cfg.replication.tracker,
+            compression=cfg.replication.compression,
+            pipelining=cfg.replication.pipelining,
+            disk=sc.disk,
+            disk_mib=p.disk_mib,
+            # A tapped disk requires every output tapped: the NIC goes behind the proxy.
+            tapped_net=True,
+            policy="kemari",
+        )
+        # Files of an earlier run in this lab (console, artifacts, disks) must not mix in.
+        root = cfg.paths.run_dir / f"kemari-{self.lab_id}-pair"
+        shutil.rmtree(root, ignore_errors=True)
+        for role in ("primary", "secondary", "witness"):
+            shutil.rmtree(
+                cfg.paths.run_dir / f"kemari-{self.lab_id}-{role[:3]}", ignore_errors=True
+            )
+        pair = LabPair(lay, cfg, opts)
+        tail = ConsoleTail(pair.console_path("primary")).start()
+        try:
+            self.say("starting the agents", 0)
+            pair.start()
+            pair.wait_state("primary", {"protected"}, 240)
+            self.raw.ready_after_s = time.monotonic() - t0
+            protected_at = time.monotonic()
+            self.say("protected; warming up", 1)
+
+            def alive() -> None:
+                for role in ("primary", "secondary"):
+                    if not pair.alive(role):
+                        raise BenchmarkError(
+                            sc.name, f"the {role} agent exited:\n{pair.output(role)[-2000:]}"
+                        )
+
+            asm = self._collect(tail, protected_at + p.settle_s, alive)
+            st = pair.status("primary")
+            if st.get("state") != "protected":
+                raise BenchmarkError(sc.name, f"primary left protection: {st.get('state')}")
+            first_wall = min(lp.wall_start for lp in asm.loops)
+            if float(st.get("since", 0.0)) > first_wall:
+                raise BenchmarkError(
+                    sc.name, "primary re-entered protection during the measurement"
+                )
+            self.raw.checkpoints = _read_checkpoints(pair.run_dir("primary"))
+            self._finish(asm)
+        except KemariError:
+            (self.raw_dir / f"{sc.name}.agents.txt").write_text(
+                "".join(
+                    f"==== {r}\n{pair.output(r)[-20000:]}\n"
+                    for r in ("primary", "secondary", "witness")
+                )
+            )
+            raise
+        finally:
+            tail.stop()
+            self._save(pair.console_path("primary"), pair.run_dir("primary"))
+            pair.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            for role in ("primary", "secondary", "witness"):
+                shutil.rmtree(pair.run_dir(role), ignore_errors=True)
+
+    def _save(self, console: Path, primary_run_dir: Path | None) -> None:
+        """Keep the raw evidence: the guest console and the checkpoint records."""
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copyfile(console, self.raw_dir / f"{self.sc.name}.console.log")
+        if primary_run_dir is not None:
+            rows = _read_checkpoints(primary_run_dir)
+            with gzip.open(self.raw_dir / f"{self.sc.name}.checkpoints.jsonl.gz", "wt") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for f in sorted((run_dir / "artifacts").glob("*/checkpoints.jsonl")):
+        for line in f.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
+# ---- the suite ----------------------------------------------------------------------------
+
+
+def run_suite(
+    cfg: KemariConfig,
+    *,
+    quick: bool,
+    scenarios: list[str] | None,
+    out_dir: Path,
+    progress: Progress | None = None,
+    lab_id: str = "bs",
+    scenario_dir: Path | None = None,
+    params: SuiteParams | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the scenarios, write results.json, report.md, report.html and the plots into
+    ``out_dir``, and return the results tree (its ``ratios`` maps each Kemari scenario to
+    its ratio to Base per lmbench benchmark).
+
+    A Kemari scenario that fails is retried once, then recorded with its error and left
+    out of ``ratios``; the report says so.
+
+    Raises:
+        ConfigError: the scenario files are invalid or a named scenario is unknown.
+        BenchmarkError: the Base scenario failed (nothing to compare with).
+        KemariError: the guest image or a lab could not be set up.
+    """
+    t_suite = time.monotonic()
+    p = params or (QUICK if quick else FULL)
+    chosen = select(load_scenarios(scenario_dir or SCENARIO_DIR), scenarios)
+    chosen.sort(key=lambda s: (s.protected, s.order, s.name))  # Base first
+    per = p.rounds + 1
+    total = float(len(chosen) * per)
+    done = 0.0
+    emit = progress or (lambda _p: None)
+
+    emit(SuiteProgress("guest image", 0, total))
+    image = ensure_image(cfg)
+    raw_dir = out_dir / "raw"
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raws: list[report.ScenarioRaw] = []
+    for sc in chosen:
+
+        def say(msg: str, units: float, _sc: Scenario = sc, _done: float = done) -> None:
+            emit(SuiteProgress(f"{_sc.name}: {msg}", _done + min(units, per), total))
+
+        raw: report.ScenarioRaw | None = None
+        attempts = 2 if sc.protected else 1
+        for attempt in range(1, attempts + 1):
+            runner = _Scenario(cfg, image, p, sc, lab_id, raw_dir, say)
+            try:
+                raw = runner.run()
+                break
+            except KemariError as err:
+                if not sc.protected:
+                    raise BenchmarkError(
+                        sc.name, f"Base failed, nothing to compare with: {err}"
+                    ) from err
+                runner.raw.error = f"attempt {attempt}: {err}"
+                raw = runner.raw
+                say(f"failed (attempt {attempt}): {str(err).splitlines()[0]}", 0)
+        assert raw is not None
+        raws.append(raw)
+        done += per
+    accel, why = choose_accel(cfg.vm.accel)
+    meta = {
+        "command": command or " ".join(["kemari", *sys.argv[1:]]),
+        "machine": machine_info(),
+        "accel": accel,
+        "accel_reason": why,
+        "memory_mib": cfg.vm.memory_mib,
+        "guest_kernel": image.kernel_version,
+        "image_key": image.key,
+        "guest_command": p.guest_command(),
+        "quick": quick,
+        "params": asdict(p),
+        "rounds": p.rounds,
+        "loop_s": p.loop_s,
+        "elapsed_s": time.monotonic() - t_suite,
+        "tools": "built-in kbench (lmbench/IOzone-style, guest/workloads/kbench.c); "
+        "no lmbench, iozone or fio binary in the guest image",
+        "notes": [],
+    }
+    res = report.summarize(raws, meta=meta)
+    report.write_report(res, out_dir)
+    emit(SuiteProgress("report written", total, total))
+    return res
+
+
+__all__ = [
+    "FIRST_KEPT_ROUND",
+    "CpuSample",
+    "Progress",
+    "SuiteProgress",
+    "cpu_sample",
+    "other_share",
+    "run_suite",
+]
