@@ -4,6 +4,7 @@ the secondary's disk after the failover, and the guest goes on writing there."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -32,8 +33,9 @@ def _writer(pair: LabPair, acked: list[int], stop: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("backend", ["builtin", "shared"])
+@pytest.mark.parametrize("run", range(int(os.environ.get("KEMARI_KILLS_PER_POINT", "1"))))
 def test_acknowledged_records_survive_failover(
-    backend: str, lab_factory, base_config: KemariConfig
+    run: int, backend: str, lab_factory, base_config: KemariConfig
 ) -> None:
     lay = lab_factory()
     opts = PairOptions(disk=backend, tapped_net=True, workload="records -d /dev/vda -p 7000")

@@ -5,6 +5,7 @@ and no rewind, also when the client reads slowly (backpressure)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import threading
@@ -67,7 +68,10 @@ class Reader(threading.Thread):
 
 
 @pytest.mark.parametrize("slow", [False, True], ids=["fast-reader", "slow-reader"])
-def test_tcp_stream_survives_failover(slow: bool, lab_factory, base_config: KemariConfig) -> None:
+@pytest.mark.parametrize("run", range(int(os.environ.get("KEMARI_KILLS_PER_POINT", "1"))))
+def test_tcp_stream_survives_failover(
+    run: int, slow: bool, lab_factory, base_config: KemariConfig
+) -> None:
     lay = lab_factory()
     opts = PairOptions(tapped_net=True, workload=f"stream -p {PORT} 500")
     pair = LabPair(lay, base_config, opts)
