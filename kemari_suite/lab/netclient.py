@@ -14,6 +14,8 @@ import threading
 from kemari_suite.errors import ConnectError, LabError
 
 _CLONE_NEWNET = 0x40000000
+#: SO_TIMESTAMPNS on Linux (not exported by Python's socket module).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def _setns(ns: str) -> None:
@@ -87,4 +89,33 @@ def open_connection(ns: str, host: str, port: int, timeout: float = 5.0) -> sock
     sock = result.get("sock")
     if not isinstance(sock, socket.socket):
         raise ConnectError(f"{host}:{port} from {ns}", str(result.get("error", "timeout")))
+    return sock
+
+
+def open_packet_socket(ns: str, ifname: str) -> socket.socket:
+    """A raw AF_PACKET socket on ``ifname`` inside ``ns``, with kernel receive
+    timestamps (SO_TIMESTAMPNS): a packet capture, for tests that must not trust the
+    proxy's own account of what it sent.
+
+    Raises:
+        LabError: the namespace or interface does not exist.
+    """
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            _setns(ns)
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            s.bind((ifname, 0))
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            result["sock"] = s
+        except (OSError, LabError) as err:
+            result["error"] = err
+
+    t = threading.Thread(target=work, name=f"netns-{ns}", daemon=True)
+    t.start()
+    t.join(5)
+    sock = result.get("sock")
+    if not isinstance(sock, socket.socket):
+        raise LabError(ns, f"cannot capture on {ifname}: {result.get('error', 'timeout')}")
     return sock

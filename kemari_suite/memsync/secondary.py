@@ -455,9 +455,39 @@ class SecondaryAgent:
             self._write_disk_state(ep.lineage or self._disk_lineage, ep.epoch)
         self.open = None
         self.epochs_committed += 1
+        if self._commit_probe is not None:
+            self._record_commit_probe(ep.epoch)
         self._persist_devstate(ep.devstate)
         if self.state is not SecondaryState.STANDBY:
             self._set_state(SecondaryState.STANDBY, f"committed epoch {ep.epoch}")
+
+    #: With KEMARI_COMMIT_PROBES=stream (tests), every commit records the wall time and
+    #: the guest's stream probe as read from the replica: independent evidence of what
+    #: the committed state may have sent.
+    _commit_probe: bytes | None = (
+        b"KEMARI-STREAM!!!" if os.environ.get("KEMARI_COMMIT_PROBES") == "stream" else None
+    )
+    _probe_offset: int | None = None
+    _probe_file: Any = None
+
+    def _record_commit_probe(self, epoch: int) -> None:
+        from kemari_suite.vm import guestmem
+
+        assert self.replica is not None and self._commit_probe is not None
+        pages = self.replica.pages
+        value = None
+        if self._probe_offset is not None:
+            value = guestmem.read_value(pages, self._probe_offset, self._commit_probe)
+        if value is None:
+            hits = guestmem.locate_probes(pages, self._commit_probe)
+            if hits:
+                best = max(hits, key=lambda h: h.value)
+                self._probe_offset, value = best.offset, best.value
+        if self._probe_file is None:
+            self._probe_file = (self.artifacts.root / "commits.jsonl").open("a", buffering=1)
+        self._probe_file.write(
+            json.dumps({"epoch": epoch, "t": time.time(), "probe": value}) + "\n"
+        )
 
     def _next_disk_path(self) -> str:
         return self.cfg.disk.path + ".next"

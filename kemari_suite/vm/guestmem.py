@@ -32,6 +32,7 @@ import numpy.typing as npt
 PAGE_SIZE = 4096
 COUNTER_MAGIC = b"KEMARI-COUNTER!!"
 MEMDIRTY_MAGIC = b"KEMARI-MEMDIRTY!"
+STREAM_MAGIC = b"KEMARI-STREAM!!!"
 
 #: Anything exposing guest RAM through the buffer protocol, or a numpy array over it.
 RamLike: TypeAlias = bytes | bytearray | memoryview | mmap.mmap | npt.NDArray[np.generic]

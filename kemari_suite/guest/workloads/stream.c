@@ -9,6 +9,10 @@
  * checks the numbers it receives are contiguous: no gap, no duplicate, no rewind, even
  * across a failover of the VM.
  * Prints "KEMARI-STREAM-READY port=P" once listening.
+ *
+ * Probe (kemari_probe.h), magic "KEMARI-STREAM!!!": value is one more than the highest
+ * line number handed to TCP so far (set before the write), so a host reading a RAM
+ * image knows which lines that state of the guest may have sent.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -20,6 +24,13 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "kemari_probe.h"
+
+static struct kemari_probe probe;
+
+/* "KEMARI-STREAM!!!" XOR KEMARI_MAGIC_MASK */
+static const unsigned char masked_magic[16] = {0x11, 0x1f, 0x17, 0x1b, 0x08, 0x13, 0x77, 0x09, 0x0e, 0x08, 0x1f, 0x1b, 0x17, 0x7b, 0x7b, 0x7b};
 
 static int write_all(int fd, const char *buf, size_t len)
 {
@@ -65,6 +76,7 @@ int main(int argc, char **argv)
         perror("stream: bind/listen");
         return 1;
     }
+    kemari_probe_arm(&probe, masked_magic, (uint64_t)rate, (uint64_t)port);
     printf("KEMARI-STREAM-READY port=%d\n", port);
     const long period = 1000000000L / rate;
     for (;;) {
@@ -76,6 +88,9 @@ int main(int argc, char **argv)
         for (unsigned long long i = 0;; i++) {
             char line[32];
             int len = snprintf(line, sizeof(line), "%llu\n", i);
+            if (i + 1 > probe.value)
+                probe.value = i + 1;
+            __sync_synchronize();
             if (write_all(c, line, (size_t)len) < 0)
                 break;
             next.tv_nsec += period;
