@@ -105,6 +105,8 @@ class Loop:
     t_end: float
     wall_start: float
     wall_end: float
+    #: Which pass over the scenarios this loop belongs to (set by the suite).
+    pass_no: int = 1
 
     @property
     def host_s(self) -> float:

@@ -88,23 +88,42 @@ def published_ratios(row: str) -> dict[str, float]:
 
 @dataclass
 class ScenarioRaw:
-    """What one scenario run produced, before any arithmetic."""
+    """What one scenario produced (over one or more passes), before any arithmetic."""
 
     scenario: Scenario
     loops: list[Loop] = field(default_factory=list)
-    #: The primary's checkpoint records (Kemari rows), whole run.
+    #: The primary's checkpoint records (Kemari rows), whole runs of every pass.
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    #: Seconds from starting the scenario to protection (Kemari) or boot (Base).
-    ready_after_s: float | None = None
+    #: Per pass: seconds from starting the pass to protection (Kemari) or boot (Base).
+    ready_after_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
-    #: CPU time of processes outside this run, as a share of the machine, while measured.
-    other_cpu_share: float | None = None
-    loadavg: tuple[float, float] | None = None
+    #: Per pass: CPU time of processes outside this run, as a share of the machine,
+    #: while the rounds ran.
+    other_cpu_share: list[float] = field(default_factory=list)
+    #: Per pass: 1-minute load average before and after.
+    loadavg: list[tuple[float, float]] = field(default_factory=list)
+    #: Set when no pass produced a measurement.
     error: str | None = None
-    guest_command: str = ""
+    guest_commands: list[str] = field(default_factory=list)
+
+    def merge(self, part: ScenarioRaw) -> None:
+        """Add one pass's figures (a pass that failed adds its error to ``failures``)."""
+        self.loops += part.loops
+        self.checkpoints += part.checkpoints
+        self.calibration = self.calibration or part.calibration
+        self.skipped |= part.skipped
+        self.failures += part.failures
+        self.ready_after_s += part.ready_after_s
+        self.elapsed_s += part.elapsed_s
+        self.other_cpu_share += part.other_cpu_share
+        self.loadavg += part.loadavg
+        self.guest_commands += [c for c in part.guest_commands if c not in self.guest_commands]
+        if part.error:
+            self.failures.append(part.error)
+        self.error = None if self.loops else ("; ".join(self.failures) or None)
 
 
 # ---- arithmetic -------------------------------------------------------------------------
@@ -217,9 +236,18 @@ def io_sync_points(
     }
 
 
+def stopped_share(loops: Sequence[Loop]) -> float | None:
+    """Share of the loops' host time the guest's clock did not advance: the VM was
+    stopped (about 0 for Base; the marker lines themselves cost about a millisecond)."""
+    host = sum(lp.host_s for lp in loops)
+    guest = sum(lp.guest_ns for lp in loops) / 1e9
+    return 1 - guest / host if host > 0 else None
+
+
 def _loop_record(lp: Loop, checkpoints: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
     """One timed loop, with the pauses inside it (host seconds stopped, sync points)."""
     rec: dict[str, Any] = {
+        "pass": lp.pass_no,
         "round": lp.round,
         "iters": lp.iters,
         "ops": lp.ops,
@@ -246,16 +274,16 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         "tiebreaker": sc.tiebreaker if sc.protected else None,
         "max_interval_ms": sc.max_interval_ms if sc.protected else None,
         "published_row": sc.published,
-        "guest_command": raw.guest_command,
+        "guest_commands": raw.guest_commands,
         "ready_after_s": raw.ready_after_s,
         "elapsed_s": raw.elapsed_s,
         "other_cpu_share": raw.other_cpu_share,
-        "loadavg": list(raw.loadavg) if raw.loadavg else None,
+        "loadavg": [list(x) for x in raw.loadavg],
         "calibration": raw.calibration,
         "skipped": raw.skipped,
         "failures": raw.failures,
         "error": raw.error,
-        "rounds": sorted({lp.round for lp in raw.loops}),
+        "rounds": sorted({(lp.pass_no, lp.round) for lp in raw.loops}),
         "benchmarks": {},
     }
     for bench in (*LMBENCH, *IOZONE):
@@ -274,6 +302,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         entry["loops"] = [
             _loop_record(lp, raw.checkpoints if sc.protected else None) for lp in loops
         ]
+        entry["stopped_share"] = stopped_share(loops)
         if bench in IOZONE:
             entry["bytes"] = loops[0].bytes
             entry["host_mib_s"] = spread([lp.host_mib_s or 0.0 for lp in loops])
@@ -286,6 +315,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
             if bench in IOZONE:
                 entry["sync_points"] = io_sync_points(raw.checkpoints, windows)
         out["benchmarks"][bench] = entry
+    out["stopped_share"] = stopped_share(raw.loops)
     if sc.protected and raw.checkpoints and raw.loops:
         windows = [(lp.wall_start, lp.wall_end) for lp in raw.loops]
         st = sync_stats(raw.checkpoints, windows)
@@ -298,21 +328,25 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
     return out
 
 
-def _median(entry: dict[str, Any] | None, key: str) -> float | None:
+def _median(entry: dict[str, Any] | None, key: str, stat: str = "median") -> float | None:
     if not entry:
         return None
-    v = entry.get(key, {}).get("median")
+    v = entry.get(key, {}).get(stat)
     return float(v) if v is not None else None
 
 
 def ratios(
-    base: dict[str, Any], row: dict[str, Any], key: str = "host_us_per_op"
+    base: dict[str, Any],
+    row: dict[str, Any],
+    key: str = "host_us_per_op",
+    stat: str = "median",
 ) -> dict[str, float | None]:
-    """Kemari over Base, per benchmark, of the medians of ``key`` (None when missing)."""
+    """Kemari over Base, per benchmark, of the ``stat`` ("median" or "min") of ``key``
+    (None when missing)."""
     out: dict[str, float | None] = {}
     for bench in (*LMBENCH, *IOZONE):
-        b = _median(base["benchmarks"].get(bench), key)
-        k = _median(row["benchmarks"].get(bench), key)
+        b = _median(base["benchmarks"].get(bench), key, stat)
+        k = _median(row["benchmarks"].get(bench), key, stat)
         out[bench] = k / b if b and k is not None else None
     return out
 
@@ -345,6 +379,7 @@ def summarize(raws: Sequence[ScenarioRaw], *, meta: dict[str, Any] | None = None
         "scenarios": scenarios,
         "ratios": {},
         "io_ratios": {},
+        "ratios_min": {},
         "guest_ratios": {},
         "pause_factor": {},
         "targets": {},
@@ -360,6 +395,7 @@ def summarize(raws: Sequence[ScenarioRaw], *, meta: dict[str, Any] | None = None
         guest = ratios(base, row, "guest_us_per_op")
         out["ratios"][sc.name] = {b: host[b] for b in LMBENCH}
         out["io_ratios"][sc.name] = {b: host[b] for b in IOZONE}
+        out["ratios_min"][sc.name] = ratios(base, row, stat="min")
         out["guest_ratios"][sc.name] = guest
         pf: dict[str, float | None] = {}
         for bench, entry in row["benchmarks"].items():
@@ -413,15 +449,20 @@ def explain_target(name: str, res: dict[str, Any]) -> list[str]:
             lines.append(f"- {LABELS[bench]}: no measurement (see the scenario's error).")
             continue
         entry = row["benchmarks"].get(bench, {})
-        share = entry.get("paused_share")
+        stopped = entry.get("stopped_share")
+        g = guest.get(bench)
         lines.append(
             f"- {LABELS[bench]}: ratio {c['ratio']:.2f}, target below {c['target']:.2f}. "
-            f"The VM was stopped {_pct(share)} of this benchmark's wall time "
-            f"({_fmt(entry.get('syncs_per_s'), 1)} sync points/s, pause p50 "
-            f"{_fmt((sync.get('pause_ms') or {}).get('p50'), 1)} ms): pause factor "
-            f"{_fmt(pf.get(bench))}; while running, the guest itself was "
-            f"{_fmt(guest.get(bench))}x as slow as in Base (guest-internal ratio: the "
-            f"agents' threads share the host's cores with the vCPU, plus noise)."
+            f"The guest's clock stood still for {_pct(stopped)} of this benchmark's host time "
+            f"(the VM stopped at {_fmt(entry.get('syncs_per_s'), 1)} sync points/s, pause p50 "
+            f"{_fmt((sync.get('pause_ms') or {}).get('p50'), 1)} ms over the row): the pauses "
+            f"alone make it {_fmt(pf.get(bench))}x slower. While it ran, the guest took "
+            f"{_fmt(g)}x its Base time (guest-internal ratio"
+            + (
+                ": the agents' threads compete with the vCPU for the host's cores)."
+                if g is not None and g >= 1.03
+                else "; within noise of Base)."
+            )
         )
     return lines
 
@@ -435,9 +476,11 @@ def _machine_lines(res: dict[str, Any]) -> list[str]:
         f"{mach.get('kernel', '?')}, accelerator {m.get('accel', '?')}, {mach.get('date', '')}",
         f"- Guest: {m.get('memory_mib', '?')} MiB, 1 vCPU, kernel {m.get('guest_kernel', '?')}; "
         f"`{m.get('guest_command', '')}`",
-        f"- Mode: {'quick' if m.get('quick') else 'full'}; {m.get('rounds', '?')} rounds kept "
-        f"per scenario (after one warm-up round), each benchmark once per round; loops "
-        f"calibrated to about {m.get('loop_s', '?')} s of guest time.",
+        f"- Mode: {'quick' if m.get('quick') else 'full'}: {m.get('passes', '?')} passes over "
+        f"the scenarios (Base first, Kemari rows in alternating order), {m.get('rounds', '?')} "
+        "rounds kept per scenario and pass after one shortened warm-up round; each round runs "
+        f"every benchmark once. Loops were calibrated to about {m.get('loop_s', '?')} s of "
+        "guest time in the first Base boot; every boot ran the same iteration counts.",
         f"- Suite time: {_fmt(m.get('elapsed_s'), 0)} s.",
     ]
 
@@ -495,6 +538,18 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         rr = res["ratios"].get(n)
         cells = [_fmt(rr.get(b)) if rr else "-" for b in LMBENCH]
         L.append(f"| measured: {sc[n]['title']} | " + " | ".join(cells) + " |")
+    L += [
+        "",
+        "The same, as the ratio of the fastest rounds (less sensitive to other load on the",
+        "host, which only ever slows a round down):",
+        "",
+        "| | fork | exec | sh | P/F | C/S |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in kemari:
+        rm = res["ratios_min"].get(n)
+        cells = [_fmt(rm.get(b)) if rm else "-" for b in LMBENCH]
+        L.append(f"| measured (minima): {sc[n]['title']} | " + " | ".join(cells) + " |")
     L += ["", "Guest-internal ratios (blind to the pauses; for comparison only):", ""]
     L += ["| | fork | exec | sh | P/F | C/S |", "|---|---|---|---|---|---|"]
     for n in kemari:
@@ -523,19 +578,20 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         "## Sync points per Kemari row (over the timed loops)",
         "",
-        "| | syncs/s | paused share | pause p50 ms | pause p99 ms | pause max ms "
-        "| sync points | triggers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| | syncs/s | paused share (records) | stopped share (guest clock) | pause p50 ms "
+        "| pause p99 ms | pause max ms | sync points | triggers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in kemari:
         s = sc[n].get("sync")
         if not s:
-            L.append(f"| {sc[n]['title']} | - | - | - | - | - | - | - |")
+            L.append(f"| {sc[n]['title']} | - | - | - | - | - | - | - | - |")
             continue
         p = s["pause_ms"]
         trig = ", ".join(f"{k} {v}" for k, v in sorted(s["triggers"].items()))
         L.append(
             f"| {sc[n]['title']} | {_fmt(s['syncs_per_s'], 1)} | {_pct(s['paused_share'])} "
+            f"| {_pct(sc[n].get('stopped_share'))} "
             f"| {_fmt(p['p50'], 1)} | {_fmt(p['p99'], 1)} | {_fmt(p['max'], 1)} "
             f"| {s['checkpoints']} | {trig} |"
         )
@@ -597,19 +653,20 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         )
     L += [
         "",
-        "## Run conditions",
+        "## Run conditions (per pass)",
         "",
         "| | ready after s | scenario s | other load on the host | load average | errors |",
         "|---|---|---|---|---|---|",
     ]
     for n in names:
         r = sc[n]
-        la = r.get("loadavg")
-        load = "-" if not la else f"{la[0]:.2f} -> {la[1]:.2f}"
+        ready = ", ".join(_fmt(v, 1) for v in r.get("ready_after_s") or []) or "-"
+        other = ", ".join(_pct(v) for v in r.get("other_cpu_share") or []) or "-"
+        load = ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in r.get("loadavg") or []) or "-"
+        errors = r.get("error") or "; ".join(r.get("failures") or []) or "-"
         L.append(
-            f"| {r['title']} | {_fmt(r.get('ready_after_s'), 1)} | {_fmt(r.get('elapsed_s'), 0)} "
-            f"| {_pct(r.get('other_cpu_share'))} | {load} "
-            f"| {html.escape(r.get('error') or '; '.join(r.get('failures') or []) or '-')} |"
+            f"| {r['title']} | {ready} | {_fmt(r.get('elapsed_s'), 0)} | {other} | {load} "
+            f"| {html.escape(errors.splitlines()[0])} |"
         )
     L += [
         "",

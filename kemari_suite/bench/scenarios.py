@@ -169,23 +169,30 @@ def select(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario]
 class SuiteParams:
     """What the guest runs and how much of it the host keeps."""
 
-    #: Guest seconds one timed loop lasts (iterations calibrated in the guest).
+    #: Guest seconds one timed loop lasts (iterations calibrated once, in the first Base
+    #: boot, then passed to every later boot so that every row does the same work).
     loop_s: float
-    #: Rounds kept per scenario (each round runs every benchmark once).
+    #: Rounds kept per scenario and pass (each round runs every benchmark once).
     rounds: int
+    #: Passes over all scenarios (Base first in each; later passes reverse the order of
+    #: the Kemari rows), so that slow drifts of the host's load hit every row alike.
+    passes: int
     #: Guest warm-up once its clocksource left tsc-early.
     warmup_s: float
     #: Rounds are kept only if they began this long after the pair was protected.
     settle_s: float
-    #: IOzone-style pass: bytes written and record size.
-    io_file_kib: int = 4096
+    #: Round 1 is a warm-up (dropped); its loops run this fraction of the iterations.
+    warm_fraction: float = 0.25
+    #: IOzone-style passes: bytes written buffered (then fsync), and with O_SYNC.
+    io_file_kib: int = 8192
+    io_sync_kib: int = 2048
     io_record_kib: int = 4
     #: Page-fault file on the guest's tmpfs.
     pf_kib: int = 8192
     #: Guest disk (both rows with a disk and the base row).
     disk_mib: int = 16
-    #: Give up on a scenario after this long without its rounds.
-    scenario_timeout_s: float = 300.0
+    #: Give up on a scenario pass after this long without its rounds.
+    scenario_timeout_s: float = 240.0
     benchmarks: tuple[str, ...] = (
         "fork",
         "exec",
@@ -196,17 +203,25 @@ class SuiteParams:
         "iozone_osync",
     )
 
-    def guest_command(self) -> str:
-        """The guest's init command (kbench runs rounds until the VM is stopped)."""
-        return (
-            f"kbench -t {self.loop_s:g} -r 0 -w {self.warmup_s:g} -d /dev/vda "
-            f"-F {self.io_file_kib} -R {self.io_record_kib} -P {self.pf_kib} "
-            f"-b {','.join(self.benchmarks)}"
+    def guest_command(self, iters: dict[str, int] | None = None) -> str:
+        """The guest's init command (kbench runs rounds until the VM is stopped).
+
+        ``iters`` fixes the iteration counts instead of calibrating them in the guest.
+        """
+        cmd = (
+            f"kbench -t {self.loop_s:g} -r 0 -W {self.warm_fraction:g} -w {self.warmup_s:g} "
+            f"-d /dev/vda -F {self.io_file_kib} -S {self.io_sync_kib} -R {self.io_record_kib} "
+            f"-P {self.pf_kib} -b {','.join(self.benchmarks)}"
         )
+        if iters:
+            cmd += " -i " + ",".join(f"{b}={n}" for b, n in sorted(iters.items()))
+        return cmd
 
 
-QUICK = SuiteParams(loop_s=0.6, rounds=3, warmup_s=2.0, settle_s=1.0)
-FULL = SuiteParams(loop_s=1.5, rounds=7, warmup_s=3.0, settle_s=2.0, scenario_timeout_s=600.0)
+QUICK = SuiteParams(loop_s=0.5, rounds=3, passes=2, warmup_s=1.0, settle_s=1.0)
+FULL = SuiteParams(
+    loop_s=1.5, rounds=3, passes=3, warmup_s=2.0, settle_s=2.0, scenario_timeout_s=480.0
+)
 
 __all__ = [
     "FULL",

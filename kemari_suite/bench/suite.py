@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,8 @@ def _loadavg() -> float:
 # ---- one scenario -------------------------------------------------------------------------
 
 
-class _Scenario:
-    """Runs one scenario and fills its :class:`report.ScenarioRaw`."""
+class _Pass:
+    """Runs one pass of one scenario and fills a :class:`report.ScenarioRaw` with it."""
 
     def __init__(
         self,
@@ -146,6 +146,9 @@ class _Scenario:
         image: GuestImage,
         params: SuiteParams,
         sc: Scenario,
+        *,
+        pass_no: int,
+        iters: dict[str, int] | None,
         lab_id: str,
         raw_dir: Path,
         say: Callable[[str, float], None],
@@ -154,12 +157,15 @@ class _Scenario:
         self.image = image
         self.params = params
         self.sc = sc
+        self.pass_no = pass_no
+        self.command = params.guest_command(iters)
         self.lab_id = lab_id
         self.raw_dir = raw_dir
         self.say = say
-        self.raw = report.ScenarioRaw(scenario=sc, guest_command=params.guest_command())
+        self.raw = report.ScenarioRaw(scenario=sc, guest_commands=[self.command])
         self.samples: list[CpuSample] = []
         self.load0 = _loadavg()
+        self.tag = f"{sc.name}.pass{pass_no}"
 
     def run(self) -> report.ScenarioRaw:
         t0 = time.monotonic()
@@ -201,7 +207,9 @@ class _Scenario:
                 self.say(f"round {min(seen + 1, p.rounds)}/{p.rounds}", 1 + seen)
             if len(kept) >= p.rounds:
                 self.samples.append(cpu_sample())
-                asm.loops = asm.loops_of(kept[: p.rounds])
+                asm.loops = [
+                    replace(lp, pass_no=self.pass_no) for lp in asm.loops_of(kept[: p.rounds])
+                ]
                 return asm
             if asm.failures:
                 raise BenchmarkError(self.sc.name, f"guest benchmark failed: {asm.failures}")
@@ -224,8 +232,10 @@ class _Scenario:
         if asm.loops and len(self.samples) >= 2:
             start = min(lp.t_start for lp in asm.loops)
             first = min(self.samples, key=lambda s: abs(s.t - start))
-            r.other_cpu_share = other_share(first, self.samples[-1], os.cpu_count() or 1)
-        r.loadavg = (self.load0, _loadavg())
+            share = other_share(first, self.samples[-1], os.cpu_count() or 1)
+            if share is not None:
+                r.other_cpu_share.append(share)
+        r.loadavg.append((self.load0, _loadavg()))
 
     # ---- Base -----------------------------------------------------------------------------
 
@@ -243,7 +253,7 @@ class _Scenario:
             name="kbench",
             kernel=self.image.kernel,
             initrd=self.image.initrd,
-            append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=p.guest_command()),
+            append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=self.command),
             memory_mib=cfg.vm.memory_mib,
             vcpus=1,
             accel=accel,
@@ -256,7 +266,7 @@ class _Scenario:
         try:
             self.say("booting", 0)
             vm.start()
-            self.raw.ready_after_s = time.monotonic() - t0
+            self.raw.ready_after_s.append(time.monotonic() - t0)
             after = time.monotonic()
             self.say("warming up", 1)
 
@@ -283,7 +293,7 @@ class _Scenario:
             vm_name="guest",
             memory_mib=cfg.vm.memory_mib,
             vcpus=1,
-            workload=p.guest_command(),
+            workload=self.command,
             mode=cfg.replication.mode,
             max_interval_ms=sc.max_interval_ms,
             heartbeat_interval_ms=cfg.replication.heartbeat_interval_ms,
@@ -311,7 +321,7 @@ class _Scenario:
             self.say("starting the agents", 0)
             pair.start()
             pair.wait_state("primary", {"protected"}, 240)
-            self.raw.ready_after_s = time.monotonic() - t0
+            self.raw.ready_after_s.append(time.monotonic() - t0)
             protected_at = time.monotonic()
             self.say("protected; warming up", 1)
 
@@ -334,7 +344,7 @@ class _Scenario:
             self.raw.checkpoints = _read_checkpoints(pair.run_dir("primary"))
             self._finish(asm)
         except KemariError:
-            (self.raw_dir / f"{sc.name}.agents.txt").write_text(
+            (self.raw_dir / f"{self.tag}.agents.txt").write_text(
                 "".join(
                     f"==== {r}\n{pair.output(r)[-20000:]}\n"
                     for r in ("primary", "secondary", "witness")
@@ -353,10 +363,10 @@ class _Scenario:
         """Keep the raw evidence: the guest console and the checkpoint records."""
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
-            shutil.copyfile(console, self.raw_dir / f"{self.sc.name}.console.log")
+            shutil.copyfile(console, self.raw_dir / f"{self.tag}.console.log")
         if primary_run_dir is not None:
             rows = _read_checkpoints(primary_run_dir)
-            with gzip.open(self.raw_dir / f"{self.sc.name}.checkpoints.jsonl.gz", "wt") as f:
+            with gzip.open(self.raw_dir / f"{self.tag}.checkpoints.jsonl.gz", "wt") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
@@ -370,6 +380,14 @@ def _read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
 
 
 # ---- the suite ----------------------------------------------------------------------------
+
+
+def pass_order(chosen: list[Scenario], pass_no: int) -> list[Scenario]:
+    """Base first, then the Kemari rows: in report order in odd passes, reversed in even
+    ones, so that a drift of the host's load over the run does not favour one row."""
+    base = [s for s in chosen if not s.protected]
+    kemari = sorted((s for s in chosen if s.protected), key=lambda s: (s.order, s.name))
+    return base + (kemari if pass_no % 2 else kemari[::-1])
 
 
 def run_suite(
@@ -388,20 +406,21 @@ def run_suite(
     ``out_dir``, and return the results tree (its ``ratios`` maps each Kemari scenario to
     its ratio to Base per lmbench benchmark).
 
-    A Kemari scenario that fails is retried once, then recorded with its error and left
-    out of ``ratios``; the report says so.
+    Every pass runs Base, then each Kemari row (see :func:`pass_order`). The first Base
+    boot calibrates the loops; every later boot gets the same iteration counts. A Kemari
+    pass that fails is recorded in the row's failures; a row with no measurement at all
+    is left out of ``ratios`` and the report says why.
 
     Raises:
         ConfigError: the scenario files are invalid or a named scenario is unknown.
-        BenchmarkError: the Base scenario failed (nothing to compare with).
+        BenchmarkError: the first Base pass failed (nothing to compare with).
         KemariError: the guest image or a lab could not be set up.
     """
     t_suite = time.monotonic()
     p = params or (QUICK if quick else FULL)
     chosen = select(load_scenarios(scenario_dir or SCENARIO_DIR), scenarios)
-    chosen.sort(key=lambda s: (s.protected, s.order, s.name))  # Base first
     per = p.rounds + 1
-    total = float(len(chosen) * per)
+    total = float(len(chosen) * p.passes * per)
     done = 0.0
     emit = progress or (lambda _p: None)
 
@@ -410,30 +429,48 @@ def run_suite(
     raw_dir = out_dir / "raw"
     shutil.rmtree(raw_dir, ignore_errors=True)
     raw_dir.mkdir(parents=True, exist_ok=True)
-    raws: list[report.ScenarioRaw] = []
-    for sc in chosen:
+    raws = {sc.name: report.ScenarioRaw(scenario=sc) for sc in chosen}
+    iters: dict[str, int] | None = None
+    for pass_no in range(1, p.passes + 1):
+        for sc in pass_order(chosen, pass_no):
 
-        def say(msg: str, units: float, _sc: Scenario = sc, _done: float = done) -> None:
-            emit(SuiteProgress(f"{_sc.name}: {msg}", _done + min(units, per), total))
+            def say(
+                msg: str, units: float, _sc: Scenario = sc, _done: float = done, _k: int = pass_no
+            ) -> None:
+                emit(
+                    SuiteProgress(
+                        f"pass {_k}/{p.passes} {_sc.name}: {msg}",
+                        _done + min(units, per),
+                        total,
+                    )
+                )
 
-        raw: report.ScenarioRaw | None = None
-        attempts = 2 if sc.protected else 1
-        for attempt in range(1, attempts + 1):
-            runner = _Scenario(cfg, image, p, sc, lab_id, raw_dir, say)
+            runner = _Pass(
+                cfg,
+                image,
+                p,
+                sc,
+                pass_no=pass_no,
+                iters=iters,
+                lab_id=lab_id,
+                raw_dir=raw_dir,
+                say=say,
+            )
             try:
-                raw = runner.run()
-                break
+                part = runner.run()
             except KemariError as err:
-                if not sc.protected:
+                if not sc.protected and iters is None:
                     raise BenchmarkError(
                         sc.name, f"Base failed, nothing to compare with: {err}"
                     ) from err
-                runner.raw.error = f"attempt {attempt}: {err}"
-                raw = runner.raw
-                say(f"failed (attempt {attempt}): {str(err).splitlines()[0]}", 0)
-        assert raw is not None
-        raws.append(raw)
-        done += per
+                part = runner.raw
+                part.error = f"pass {pass_no}: {err}"
+                say(f"failed: {str(err).splitlines()[0]}", per)
+            if iters is None and not sc.protected:
+                # Every later boot does exactly the work the first Base boot calibrated.
+                iters = dict(part.calibration)
+            raws[sc.name].merge(part)
+            done += per
     accel, why = choose_accel(cfg.vm.accel)
     meta = {
         "command": command or " ".join(["kemari", *sys.argv[1:]]),
@@ -443,17 +480,20 @@ def run_suite(
         "memory_mib": cfg.vm.memory_mib,
         "guest_kernel": image.kernel_version,
         "image_key": image.key,
-        "guest_command": p.guest_command(),
+        "guest_command": p.guest_command(iters),
         "quick": quick,
         "params": asdict(p),
         "rounds": p.rounds,
+        "passes": p.passes,
         "loop_s": p.loop_s,
+        "iterations": iters,
         "elapsed_s": time.monotonic() - t_suite,
         "tools": "built-in kbench (lmbench/IOzone-style, guest/workloads/kbench.c); "
         "no lmbench, iozone or fio binary in the guest image",
         "notes": [],
     }
-    res = report.summarize(raws, meta=meta)
+    ordered = sorted(raws.values(), key=lambda r: (r.scenario.protected, r.scenario.order))
+    res = report.summarize(ordered, meta=meta)
     report.write_report(res, out_dir)
     emit(SuiteProgress("report written", total, total))
     return res
@@ -466,5 +506,6 @@ __all__ = [
     "SuiteProgress",
     "cpu_sample",
     "other_share",
+    "pass_order",
     "run_suite",
 ]

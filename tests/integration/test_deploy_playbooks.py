@@ -53,20 +53,35 @@ class Env:
     pair: labhosts.LabPair
     work: Path
     control_dir: Path
+    source: Path
 
-    def ansible_env(self) -> dict[str, str]:
-        return {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir)}
+    def ansible_env(self, inventory: Path) -> dict[str, str]:
+        # ssh masters are per inventory: a test with another key or known_hosts must not
+        # ride on a connection another test already authenticated.
+        return {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir / inventory.parent.name)}
 
 
 def close_masters(control_dir: Path) -> None:
     """End the ssh ControlPersist masters Ansible left, through their control sockets."""
-    for sock in control_dir.glob("*"):
+    for sock in control_dir.glob("*/*"):
         subprocess.run(
             ["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "kemari-test"],
             capture_output=True,
             timeout=10,
             check=False,
         )
+
+
+def snapshot_checkout(dest: Path) -> Path:
+    """A copy of the sources the wheel is built from, so that edits to the working tree
+    during the test cannot make the second run rebuild (and change) it."""
+    for name in ("pyproject.toml", "README.md"):
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(
+        REPO / "kemari_suite", dest / "kemari_suite", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +95,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pair = None
     try:
         pair = labhosts.start_pair(lab_id, work / "ssh")
-        yield Env(lay, pair, work, control_dir)
+        yield Env(lay, pair, work, control_dir, snapshot_checkout(work / "checkout"))
     finally:
         close_masters(control_dir)
         if pair is not None:
@@ -129,6 +144,7 @@ def write_inventory(
                         # installed on the hosts, and the build uses the venv's tools.
                         "kemari_pip_install_deps": False,
                         "kemari_wheel_no_build_isolation": True,
+                        "kemari_source_dir": str(env.source),
                         "kemari_link_profile": "10g",
                         "kemari_vm": {"name": "web1", "memory_mib": 128},
                         "kemari_replication": {
@@ -148,12 +164,14 @@ def write_inventory(
 
 
 def run_deploy(env: Env, inventory: Path, **kw: Any) -> DeployResult:
-    options = DeployOptions(inventory=inventory, env=env.ansible_env(), **kw)
+    options = DeployOptions(inventory=inventory, env=env.ansible_env(inventory), **kw)
     return labhosts.run_in_netns(env.pair.controller_netns, lambda: deploy(options))
 
 
-def in_controller(env: Env, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    e = dict(os.environ, COLUMNS="200", NO_COLOR="1", **env.ansible_env())
+def in_controller(
+    env: Env, inventory: Path, argv: list[str], **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, COLUMNS="200", NO_COLOR="1", **env.ansible_env(inventory))
     e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
     return subprocess.run(
         ["ip", "netns", "exec", env.pair.controller_netns, *argv],
@@ -271,21 +289,25 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
     before = {r: (roots[r] / "etc/kemari/kemari.toml").stat().st_mtime_ns for r in roots}
     second = in_controller(
         env,
+        inv,
         [str(VENV_BIN / "ansible-playbook"), "-i", str(inv), str(PLAYBOOK)],
         cwd=str(REPO),
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
     stats = recap(second.stdout)
     assert set(stats) == {"pri", "sec"}, second.stdout[-2000:]
+    changed_tasks = [b.split("]", 1)[0] for b in second.stdout.split("TASK [") if "changed:" in b]
     for host, counts in stats.items():
-        assert counts["changed"] == 0, (host, second.stdout[-4000:])
+        assert counts["changed"] == 0, (host, changed_tasks)
         assert counts["failed"] == 0 and counts["unreachable"] == 0
     assert psk_file.read_text().strip() == psk
     assert before == {r: (roots[r] / "etc/kemari/kemari.toml").stat().st_mtime_ns for r in roots}
 
     # `kemari remote status`: both hosts, deployed, agents not running.
     proc = in_controller(
-        env, [sys.executable, "-m", "kemari_suite.cli.remote", "status", "-i", str(inv), "--json"]
+        env,
+        inv,
+        [sys.executable, "-m", "kemari_suite.cli.remote", "status", "-i", str(inv), "--json"],
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = json.loads(proc.stdout)
@@ -350,6 +372,7 @@ def test_cli_names_the_failing_host_and_task(env: Env) -> None:
     inv = write_inventory(env, env.work / "cli", sec={"ansible_port": 2299})
     proc = in_controller(
         env,
+        inv,
         [sys.executable, "-m", "kemari_suite.cli.deploy", "-i", str(inv), "--limit", "sec"],
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -59,6 +59,14 @@ async def _send_epoch(
     await link.send(wire.EpochEnd(epoch=epoch, n_pages=len(idx), digest=digest))
 
 
+async def _reply(link: Link) -> wire.Message:
+    """The next message that answers us (heartbeats and state reports skipped)."""
+    while True:
+        msg = await asyncio.wait_for(link.recv(), 10)
+        if not isinstance(msg, wire.Heartbeat | wire.Command):
+            return msg
+
+
 def test_commit_rules_and_forgery(run_paths: PathsConfig) -> None:
     cfg = _cfg(run_paths)
     spec = VMSpec(
@@ -82,9 +90,7 @@ def test_commit_rules_and_forgery(run_paths: PathsConfig) -> None:
             ram = rng.integers(0, 256, size=(N, 4096), dtype=np.uint8)
             ram[::3] = 0
             await _send_epoch(link, 1, wire.EpochKind.FULL, np.arange(N), ram, None)
-            ack = await asyncio.wait_for(link.recv(), 10)
-            while isinstance(ack, wire.Heartbeat):
-                ack = await asyncio.wait_for(link.recv(), 10)
+            ack = await _reply(link)
             assert isinstance(ack, wire.Ack) and ack.epoch == 1
             assert agent.committed_epoch == 1
             assert agent.replica is not None
@@ -94,9 +100,7 @@ def test_commit_rules_and_forgery(run_paths: PathsConfig) -> None:
             new = ram[idx].copy()
             new[:, :100] ^= 0x5A
             await _send_epoch(link, 2, wire.EpochKind.DELTA, idx, new, ram[idx], bad_digest=True)
-            reply = await asyncio.wait_for(link.recv(), 10)
-            while isinstance(reply, wire.Heartbeat):
-                reply = await asyncio.wait_for(link.recv(), 10)
+            reply = await _reply(link)
             assert isinstance(reply, wire.Resync) and "digest" in reply.reason
             await asyncio.sleep(0.2)
             assert agent.committed_epoch == 1

@@ -3,16 +3,22 @@
  * markers (QEMU stops the guest's clock while the VM is stopped, so a guest timer is
  * blind to sync-point pauses; the guest-internal figures are printed only beside them).
  *
- * usage: kbench [-t SECONDS] [-r ROUNDS] [-b LIST] [-d DEVICE] [-F FILE_KIB]
- *               [-R RECORD_KIB] [-P PF_KIB] [-w WARMUP_S]
+ * usage: kbench [-t SECONDS] [-i BENCH=N,...] [-r ROUNDS] [-W FRACTION] [-b LIST]
+ *               [-d DEVICE] [-F FILE_KIB] [-S SYNC_KIB] [-R RECORD_KIB] [-P PF_KIB]
+ *               [-w WARMUP_S]
  *   -t  guest seconds one timed loop should last; each benchmark's iteration count is
  *       calibrated once, after the warm-up (default 1.0)
+ *   -i  iteration counts to use instead of calibrating (so that every scenario of a
+ *       suite does the same work): e.g. fork=800,exec=200
+ *   -W  round 1 is a warm-up (TCG translates code the first time it runs): its loops
+ *       run this fraction of the iterations (default 0.25)
  *   -r  rounds; 0 (the default) runs rounds until the VM is stopped: the host keeps
  *       only the rounds that started once the VM was protected
  *   -b  comma-separated benchmarks, run in this order in every round (default
  *       fork,exec,sh,pagefault,ctxsw,iozone_wbuf,iozone_osync)
  *   -d  block device of the IOzone-style writers (default /dev/vda; skipped if absent)
- *   -F  bytes written per IOzone-style pass, in KiB (default 4096)
+ *   -F  bytes written per buffered IOzone-style pass, in KiB (default 4096)
+ *   -S  bytes written per O_SYNC pass, in KiB (default: as -F)
  *   -R  record size in KiB (default 4)
  *   -P  size of the page-fault file on the guest's tmpfs /dev/shm, in KiB (default 8192)
  *   -w  warm-up seconds once the clocksource left tsc-early (default 2)
@@ -67,6 +73,8 @@ static double target_s = 1.0;
 static long rounds;
 static const char *device = "/dev/vda";
 static long file_kib = 4096;
+static long sync_kib = 0;
+static double warm_fraction = 0.25;
 static long record_kib = 4;
 static long pf_kib = 8192;
 static double warmup_s = 2.0;
@@ -295,9 +303,9 @@ static int setup_osync(void)
     return setup_io(O_SYNC);
 }
 
-static int write_all(long *ops, long *bytes)
+static int write_all(long kib, long *ops, long *bytes)
 {
-    size_t rec = (size_t)record_kib * 1024, total = (size_t)file_kib * 1024;
+    size_t rec = (size_t)record_kib * 1024, total = (size_t)kib * 1024;
     long n = 0;
     for (size_t off = 0; off + rec <= total; off += rec, n++)
         if (pwrite(io_fd, io_buf + off, rec, (off_t)off) != (ssize_t)rec)
@@ -310,7 +318,7 @@ static int write_all(long *ops, long *bytes)
 static int loop_wbuf(long n, long *ops, long *bytes)
 {
     (void)n;
-    if (write_all(ops, bytes) < 0)
+    if (write_all(file_kib, ops, bytes) < 0)
         return -1;
     return fsync(io_fd);
 }
@@ -318,7 +326,7 @@ static int loop_wbuf(long n, long *ops, long *bytes)
 static int loop_osync(long n, long *ops, long *bytes)
 {
     (void)n;
-    return write_all(ops, bytes);
+    return write_all(sync_kib, ops, bytes);
 }
 
 static void teardown_io(void)
@@ -421,14 +429,20 @@ static void calibrate(struct bench *b)
 static void timed(struct bench *b, long round)
 {
     long ops = 0, bytes = 0;
+    long iters = b->iters;
+    if (round == 1 && b->calibrate) {
+        iters = (long)((double)iters * warm_fraction);
+        if (iters < 1)
+            iters = 1;
+    }
     if (b->setup && b->setup() < 0) {
         say("KB-FAIL %s setup-errno-%d", b->name, errno);
         return;
     }
-    say("KB-START %s %ld %ld", b->name, round, b->iters);
+    say("KB-START %s %ld %ld", b->name, round, iters);
     tcdrain(1);
     int64_t t0 = now_ns();
-    int rc = b->loop(b->iters, &ops, &bytes);
+    int rc = b->loop(iters, &ops, &bytes);
     int64_t t1 = now_ns();
     say("KB-END %s %ld", b->name, round);
     if (b->teardown)
@@ -437,6 +451,22 @@ static void timed(struct bench *b, long round)
         say("KB-FAIL %s errno-%d", b->name, errno);
     else
         say("KB-GUEST %s %ld %ld %lld %ld", b->name, round, ops, (long long)(t1 - t0), bytes);
+}
+
+static void given_iters(const char *spec)
+{
+    char *copy = strdup(spec), *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        if (eq == NULL)
+            continue;
+        *eq = 0;
+        long n = atol(eq + 1);
+        for (size_t i = 0; i < N_ALL; i++)
+            if (strcmp(all[i].name, tok) == 0 && all[i].calibrate && n > 0)
+                all[i].iters = n;
+    }
+    free(copy);
 }
 
 static void settle(void)
@@ -471,9 +501,13 @@ int main(int argc, char **argv)
 {
     const char *list = "fork,exec,sh,pagefault,ctxsw,iozone_wbuf,iozone_osync";
     int opt;
-    while ((opt = getopt(argc, argv, "t:r:b:d:F:R:P:w:")) != -1) {
+    const char *given = "";
+    while ((opt = getopt(argc, argv, "t:i:r:W:b:d:F:S:R:P:w:")) != -1) {
         switch (opt) {
         case 't': target_s = atof(optarg); break;
+        case 'i': given = optarg; break;
+        case 'W': warm_fraction = atof(optarg); break;
+        case 'S': sync_kib = atol(optarg); break;
         case 'r': rounds = atol(optarg); break;
         case 'b': list = optarg; break;
         case 'd': device = optarg; break;
@@ -482,16 +516,20 @@ int main(int argc, char **argv)
         case 'P': pf_kib = atol(optarg); break;
         case 'w': warmup_s = atof(optarg); break;
         default:
-            say("KB-FAIL usage kbench [-t S] [-r N] [-b LIST] [-d DEV] [-F KIB] [-R KIB] "
-                "[-P KIB] [-w S]");
+            say("KB-FAIL usage kbench [-t S] [-i B=N,...] [-r N] [-W F] [-b LIST] [-d DEV] "
+                "[-F KIB] [-S KIB] [-R KIB] [-P KIB] [-w S]");
             return 2;
         }
     }
-    if (target_s <= 0 || file_kib <= 0 || record_kib <= 0 || pf_kib < 4) {
+    if (sync_kib == 0)
+        sync_kib = file_kib;
+    if (target_s <= 0 || file_kib <= 0 || sync_kib <= 0 || record_kib <= 0 || pf_kib < 4 ||
+        warm_fraction <= 0) {
         say("KB-FAIL usage bad-sizes");
         return 2;
     }
     choose(list);
+    given_iters(given);
     settle();
     struct stat st;
     for (int i = 0; i < n_chosen; i++) {
@@ -503,7 +541,7 @@ int main(int argc, char **argv)
                 b->skip = "no-device";
             continue;
         }
-        if (b->skip == NULL && b->calibrate)
+        if (b->skip == NULL && b->calibrate && b->iters == 0)
             calibrate(b);
         if (b->skip)
             say("KB-SKIP %s %s", b->name, b->skip);
