@@ -264,7 +264,10 @@ class ConsoleTail:
 
     The thread wakes on inotify events (falling back to polling every ``poll_s`` where
     inotify is missing) and does nothing else, so a line's host time is when it appeared
-    plus the thread's wake-up latency. Lines present before :meth:`start` get no time.
+    plus the thread's wake-up latency. On a busy host that latency reached tens of
+    milliseconds, so the thread asks for real-time scheduling (SCHED_FIFO; it sleeps
+    nearly all the time) where allowed; ``realtime`` says whether it got it. Lines
+    present before :meth:`start` get no time.
     The file may not exist yet; if it is truncated or replaced, reading starts over.
     """
 
@@ -277,6 +280,7 @@ class ConsoleTail:
         self._thread: threading.Thread | None = None
         self._started = 0.0
         self.uses_inotify = False
+        self.realtime = False
         self.error: BaseException | None = None
 
     def start(self) -> ConsoleTail:
@@ -301,6 +305,10 @@ class ConsoleTail:
         self.stop()
 
     def _run(self) -> None:
+        # pid 0 is this thread on Linux: only the tail thread becomes real-time.
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            self.realtime = True
         try:
             self._follow()
         except BaseException as err:  # surfaced by the runner, never lost in a thread

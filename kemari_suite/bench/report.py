@@ -481,7 +481,10 @@ def _machine_lines(res: dict[str, Any]) -> list[str]:
         "rounds kept per scenario and pass after one shortened warm-up round; each round runs "
         f"every benchmark once. Loops were calibrated to about {m.get('loop_s', '?')} s of "
         "guest time in the first Base boot; every boot ran the same iteration counts.",
-        f"- Suite time: {_fmt(m.get('elapsed_s'), 0)} s.",
+        f"- Suite time: {_fmt(m.get('elapsed_s'), 0)} s. The suite and everything it started "
+        f"(QEMU, agents) ran at nice {m.get('nice', '?')}; the console tail thread "
+        f"{'ran real-time (SCHED_FIFO)' if m.get('tail_realtime') else 'ran at normal priority'}.",
+        f"- Workloads: {m.get('tools', '')}.",
     ]
 
 
@@ -673,6 +676,19 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         '"Other load" is the CPU time of processes outside this run (other sessions, tests)',
         "while the scenario was measured, as a share of all the host's CPUs; where it is high,",
         "the figures of that row are noisy.",
+        "",
+    ]
+    L += [
+        "## How to read this",
+        "",
+        "- The lab's two hosts are network namespaces on one machine: the secondary's work "
+        "(receiving, decoding and applying pages) and the agents' threads share the same "
+        "cores as the primary's vCPU, which two real hosts would not.",
+        "- *Paused share (records)* sums the engine's own `pause_ms` (from sending `stop` to "
+        "`cont` returning); *stopped share (guest clock)* is 1 - guest time / host time over "
+        "the same loops, i.e. how long the guest's clock really stood still.",
+        "- *Pause factor* = Kemari host time / Kemari guest time; *guest-internal ratio* = "
+        "Kemari guest time / Base guest time; the host ratio is about their product.",
         "",
     ]
     notes = res.get("meta", {}).get("notes") or []

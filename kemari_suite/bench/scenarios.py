@@ -191,6 +191,10 @@ class SuiteParams:
     pf_kib: int = 8192
     #: Guest disk (both rows with a disk and the base row).
     disk_mib: int = 16
+    #: Nice value of the suite and everything it starts (QEMU, agents), when below the
+    #: current one: on a shared machine the rows should compete with each other, not with
+    #: unrelated work (0 keeps the current priority).
+    nice: int = -5
     #: Give up on a scenario pass after this long without its rounds.
     scenario_timeout_s: float = 240.0
     benchmarks: tuple[str, ...] = (

@@ -22,9 +22,13 @@ def _events(pair: LabPair, role: str) -> list[dict]:
     return sorted(out, key=lambda e: e["t"])
 
 
-def test_replication_link_cut_primary_keeps_lease(lab_factory, base_config: KemariConfig) -> None:
+@pytest.mark.parametrize("disk", ["", "builtin", "shared"], ids=["nodisk", "builtin", "shared"])
+def test_replication_link_cut_primary_keeps_lease(
+    disk: str, lab_factory, base_config: KemariConfig
+) -> None:
     lay = lab_factory()
-    pair = LabPair(lay, base_config, PairOptions())
+    opts = PairOptions(disk=disk, tapped_net=bool(disk))
+    pair = LabPair(lay, base_config, opts)
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
@@ -70,11 +74,12 @@ def test_stale_standby_never_takes_over(lab_factory, base_config: KemariConfig) 
         pair.stop()
 
 
+@pytest.mark.parametrize("disk", ["", "builtin", "shared"], ids=["nodisk", "builtin", "shared"])
 def test_primary_isolated_fences_before_secondary_takes_over(
-    lab_factory, base_config: KemariConfig
+    disk: str, lab_factory, base_config: KemariConfig
 ) -> None:
     lay = lab_factory()
-    pair = LabPair(lay, base_config, PairOptions())
+    pair = LabPair(lay, base_config, PairOptions(disk=disk, tapped_net=bool(disk)))
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)

@@ -174,3 +174,57 @@ def test_diverged_disk_copy_is_refused_not_used(lab_factory, base_config: Kemari
         assert pair.qemu_pid("secondary") is None
     finally:
         pair.stop()
+
+
+POINTS = ["stopped", "mid-transfer", "before-ack", "after-ack", "secondary-apply"]
+
+
+@pytest.mark.parametrize("run", range(int(os.environ.get("KEMARI_KILLS_PER_POINT", "1"))))
+@pytest.mark.parametrize("point", POINTS)
+def test_records_survive_kill_at_named_point(
+    point: str, run: int, lab_factory, base_config: KemariConfig
+) -> None:
+    """The primary dies at each phase of a checkpoint while records are being written."""
+    lay = lab_factory()
+    opts = PairOptions(disk="builtin", tapped_net=True, workload="records -d /dev/vda -p 7000")
+    pair = LabPair(lay, base_config, opts)
+    stop = threading.Event()
+    acked: list[int] = []
+    writer = threading.Thread(target=_writer, args=(pair, acked, stop), daemon=True)
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                pair.request("R", timeout=3)
+                break
+            except KemariError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        writer.start()
+        while len(acked) < 5:
+            time.sleep(0.05)
+        n = random.randint(1, 20)
+        if point == "secondary-apply":
+            pair.arm_fault("secondary", point, n, target=str(pair.primary_pidfile))
+        else:
+            pair.arm_fault("primary", point, n)
+        deadline = time.monotonic() + 120
+        while pair.alive("primary") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pair.alive("primary"), "the fault never fired"
+        pair.kill("primary")
+        seen = max(acked)
+        pair.wait_state("secondary", {"active"}, 60)
+        deadline = time.monotonic() + 60
+        while max(acked) <= seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        writer.join(10)
+        highest = int(pair.request("R", timeout=10).split()[1])
+        assert highest >= max(acked), (point, highest, max(acked), seen)
+    finally:
+        stop.set()
+        pair.stop()
