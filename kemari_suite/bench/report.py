@@ -105,6 +105,8 @@ class ScenarioRaw:
     other_cpu_share: list[float] = field(default_factory=list)
     #: Per pass: 1-minute load average before and after.
     loadavg: list[tuple[float, float]] = field(default_factory=list)
+    #: Per pass: the guest's KB-READY fields (clocksource, calibrated TSC MHz).
+    guest_ready: list[str] = field(default_factory=list)
     #: Set when no pass produced a measurement.
     error: str | None = None
     guest_commands: list[str] = field(default_factory=list)
@@ -120,6 +122,7 @@ class ScenarioRaw:
         self.elapsed_s += part.elapsed_s
         self.other_cpu_share += part.other_cpu_share
         self.loadavg += part.loadavg
+        self.guest_ready += part.guest_ready
         self.guest_commands += [c for c in part.guest_commands if c not in self.guest_commands]
         if part.error:
             self.failures.append(part.error)
@@ -236,6 +239,12 @@ def io_sync_points(
     }
 
 
+def clock_fast_passes(loops: Sequence[Loop], slack: float = 0.1) -> set[int]:
+    """Passes in which some loop took clearly longer by the guest's clock than by the
+    host's (beyond ``slack`` and 5 ms of marker-stamping jitter)."""
+    return {lp.pass_no for lp in loops if lp.guest_ns / 1e9 > lp.host_s * (1 + slack) + 0.005}
+
+
 def stopped_share(loops: Sequence[Loop]) -> float | None:
     """Share of the loops' host time the guest's clock did not advance: the VM was
     stopped (about 0 for Base; the marker lines themselves cost about a millisecond)."""
@@ -279,6 +288,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         "elapsed_s": raw.elapsed_s,
         "other_cpu_share": raw.other_cpu_share,
         "loadavg": [list(x) for x in raw.loadavg],
+        "guest_ready": raw.guest_ready,
         "calibration": raw.calibration,
         "skipped": raw.skipped,
         "failures": raw.failures,
@@ -286,8 +296,14 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         "rounds": sorted({(lp.pass_no, lp.round) for lp in raw.loops}),
         "benchmarks": {},
     }
+    # A guest clock running faster than the host's means a miscalibrated guest TSC: its
+    # pass's guest-internal figures (and the stopped share from them) are left out.
+    fast = sorted(clock_fast_passes(raw.loops))
+    out["guest_clock_fast_passes"] = fast
+    sane = [lp for lp in raw.loops if lp.pass_no not in fast]
     for bench in (*LMBENCH, *IOZONE):
         loops = [lp for lp in raw.loops if lp.bench == bench]
+        gloops = [lp for lp in sane if lp.bench == bench]
         if not loops:
             continue
         entry: dict[str, Any] = {
@@ -295,14 +311,14 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
             "ops": [lp.ops for lp in loops],
             "host_s": [lp.host_s for lp in loops],
             "host_us_per_op": spread([lp.host_us_per_op for lp in loops]),
-            "guest_us_per_op": spread([lp.guest_us_per_op for lp in loops]),
+            "guest_us_per_op": spread([lp.guest_us_per_op for lp in gloops]),
             "host_values": [lp.host_us_per_op for lp in loops],
-            "guest_values": [lp.guest_us_per_op for lp in loops],
+            "guest_values": [lp.guest_us_per_op for lp in gloops],
         }
         entry["loops"] = [
             _loop_record(lp, raw.checkpoints if sc.protected else None) for lp in loops
         ]
-        entry["stopped_share"] = stopped_share(loops)
+        entry["stopped_share"] = stopped_share(gloops)
         if bench in IOZONE:
             entry["bytes"] = loops[0].bytes
             entry["host_mib_s"] = spread([lp.host_mib_s or 0.0 for lp in loops])
@@ -315,7 +331,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
             if bench in IOZONE:
                 entry["sync_points"] = io_sync_points(raw.checkpoints, windows)
         out["benchmarks"][bench] = entry
-    out["stopped_share"] = stopped_share(raw.loops)
+    out["stopped_share"] = stopped_share(sane)
     if sc.protected and raw.checkpoints and raw.loops:
         windows = [(lp.wall_start, lp.wall_end) for lp in raw.loops]
         st = sync_stats(raw.checkpoints, windows)
@@ -399,8 +415,9 @@ def summarize(raws: Sequence[ScenarioRaw], *, meta: dict[str, Any] | None = None
         out["guest_ratios"][sc.name] = guest
         pf: dict[str, float | None] = {}
         for bench, entry in row["benchmarks"].items():
-            h, g = _median(entry, "host_us_per_op"), _median(entry, "guest_us_per_op")
-            pf[bench] = h / g if h and g else None
+            # Over the same loops as the stopped share, so that the two always agree.
+            share = entry.get("stopped_share")
+            pf[bench] = 1 / (1 - share) if share is not None and share < 1 else None
         out["pause_factor"][sc.name] = pf
         if "10g" in sc.name:
             out["targets"][sc.name] = target_check(sc.name, host)
@@ -895,6 +912,7 @@ __all__ = [
     "PUBLISHED_US",
     "TARGET_RATIOS",
     "ScenarioRaw",
+    "clock_fast_passes",
     "explain_target",
     "io_sync_points",
     "make_plots",

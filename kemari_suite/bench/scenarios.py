@@ -222,7 +222,7 @@ class SuiteParams:
         return cmd
 
 
-QUICK = SuiteParams(loop_s=0.5, rounds=3, passes=2, warmup_s=1.0, settle_s=1.0)
+QUICK = SuiteParams(loop_s=0.7, rounds=3, passes=2, warmup_s=1.0, settle_s=1.0, io_sync_kib=512)
 FULL = SuiteParams(
     loop_s=1.5, rounds=3, passes=3, warmup_s=2.0, settle_s=2.0, scenario_timeout_s=480.0
 )

@@ -54,6 +54,10 @@ def deploy(
         Path | None,
         typer.Option(help="Folder for run folders (default: <inventory dir>/.kemari/runs)."),
     ] = None,
+    playbook: Annotated[
+        Path | None,
+        typer.Option(help="The playbook (default: playbooks/site.yml of this checkout)."),
+    ] = None,
     extra_vars: Annotated[
         list[str] | None,
         typer.Option("--extra-vars", "-e", help="KEY=VALUE or a JSON object (repeatable)."),
@@ -62,7 +66,7 @@ def deploy(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the playbooks through ansible-runner; each run gets an artifact folder."""
-    from kemari_suite.deploy.runner import DeployEvent, DeployOptions, EventKind, deploy
+    from kemari_suite.deploy.runner import PLAYBOOK, DeployEvent, DeployOptions, EventKind, deploy
 
     extravars: dict[str, object] = {}
     for item in extra_vars or []:
@@ -84,6 +88,7 @@ def deploy(
         diff=diff,
         limit=limit,
         artifacts=artifacts,
+        playbook=playbook or PLAYBOOK,
         extravars=extravars,
         verbosity=verbose,
     )

@@ -27,6 +27,11 @@ image_app = typer.Typer(no_args_is_help=True, help="Build guest images.")
 lab_app = typer.Typer(no_args_is_help=True, help="The local host-pair lab (network namespaces).")
 app.add_typer(image_app, name="image")
 app.add_typer(lab_app, name="lab")
+from kemari_suite.cli import deploy as deploy_cli  # noqa: E402
+from kemari_suite.cli import remote as remote_cli  # noqa: E402
+
+app.add_typer(deploy_cli.app, name="deploy")
+app.add_typer(remote_cli.app, name="remote")
 disk_app = typer.Typer(no_args_is_help=True, help="Guest disk copies.")
 app.add_typer(disk_app, name="disk")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures.")

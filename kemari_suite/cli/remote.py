@@ -92,26 +92,27 @@ def status(
         out.print_json(json.dumps(st.to_dict(), default=str))
     else:
         t = Table(title=f"pair {st.group}")
-        for col in ("host", "role", "address", "state", "unit", "enabled", "active", "agent"):
+        for col in ("host", "role", "address", "state", "enabled", "active"):
             t.add_column(col)
         for h in st.hosts:
-            agent = (
-                ", ".join(f"{k}={v}" for k, v in list(h.agent.items())[:4])
-                if h.agent
-                else (h.agent_error or "-")
-            )
             colour = {"running": "green", "stopped": "yellow"}.get(h.state, "red")
             t.add_row(
                 h.host,
                 h.role,
                 h.endpoint,
                 f"[{colour}]{h.state}[/]",
-                h.unit,
                 h.unit_enabled,
                 h.unit_active,
-                agent if h.reachable else "-",
             )
         out.print(t)
+        for h in st.hosts:
+            if not h.reachable:
+                continue
+            if h.agent:
+                detail = ", ".join(f"{k}={v}" for k, v in h.agent.items())
+            else:
+                detail = h.agent_error or "-"
+            out.print(f"{h.host} ({h.unit}): agent {detail}", highlight=False)
     for e in st.errors:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
     if st.errors:

@@ -81,14 +81,14 @@ def to_toml(tree: Mapping[str, Mapping[str, Any]], *, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _strip_empty(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _strip_empty(tree: Mapping[str, Any], source: str | None) -> dict[str, dict[str, Any]]:
     """Drop sections that are None or empty (inventory defaults are ``{}``)."""
     out: dict[str, dict[str, Any]] = {}
     for section, table in tree.items():
         if table is None:
             continue
         if not isinstance(table, Mapping):
-            raise ConfigError(f"expected a table, got {table!r}", key=section)
+            raise ConfigError(f"expected a table, got {table!r}", path=source, key=section)
         if table:
             out[section] = dict(table)
     return out
@@ -105,7 +105,7 @@ def render_config(tree: Mapping[str, Any], *, source: str | None = None) -> str:
         ConfigError: an unknown section or key, a value of the wrong type, or a value
             the config rejects (e.g. ``replication.witness`` missing for a witness).
     """
-    clean = _strip_empty(tree)
+    clean = _strip_empty(tree, source)
     build(KemariConfig, clean, path=source)
     return to_toml(
         clean,

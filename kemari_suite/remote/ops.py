@@ -26,13 +26,14 @@ from __future__ import annotations
 import getpass
 import io
 import json
+import re
 import secrets
 import shlex
 import socket
 import tarfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -48,6 +49,8 @@ from kemari_suite.remote import probe
 
 Which = Literal["both", "primary", "secondary"]
 _REMOTE_TMP = "/tmp"
+#: What systemctl says where systemd is not PID 1.
+_NO_SYSTEMD = re.compile(r"Failed to connect to bus|not been booted with systemd", re.I)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class HostStatus:
         return "stopped"
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Not asdict(): it would deep-copy the exception.
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["error"] = str(self.error) if self.error else None
         d["state"] = self.state
         return d
@@ -174,6 +178,9 @@ def _host_env(h: HostSpec) -> dict[str, str]:
         "KEMARI_BIN": h.command,
         "KEMARI_SYSTEMCTL": h.systemctl,
         "KEMARI_PYTHON": h.python,
+        # kemari's own messages unwrapped and uncoloured (rich reads these).
+        "COLUMNS": "500",
+        "NO_COLOR": "1",
     }
 
 
@@ -197,8 +204,9 @@ def explain(h: HostSpec, err: BaseException, *, task: str, known_hosts: Path | N
         )
     elif isinstance(err, UnexpectedExit):
         r = err.result
-        lines = [ln.strip() for ln in (r.stderr or r.stdout or "").splitlines() if ln.strip()]
-        reason = f"`{_short(r.command)}` exited {r.exited}: {lines[-1] if lines else '-'}"
+        reason = f"`{_short(r.command, h)}` exited {r.exited}: {last_error(r.stderr or r.stdout)}"
+        if "KEMARI_SYSTEMCTL" in r.command and _NO_SYSTEMD.search(r.stderr or ""):
+            reason += " (systemd does not run this host's services)"
     elif isinstance(err, CommandTimedOut):
         reason = f"command timed out after {err.timeout}s"
     elif isinstance(err, TimeoutError | socket.timeout):
@@ -215,12 +223,24 @@ def explain(h: HostSpec, err: BaseException, *, task: str, known_hosts: Path | N
     return DeployError(h.name, reason, task)
 
 
-def _short(command: str, limit: int = 120) -> str:
-    # The probe's inline script is long; show what it was asked to do instead.
-    if probe.SCRIPT.strip()[:40] in command or "KEMARI_PYTHON" in command:
-        action = command.rsplit("'", 1)[-1].strip() or "?"
-        return f"kemari probe {action}"
+def _short(command: str, h: HostSpec, limit: int = 160) -> str:
+    """``command`` as the operator would have typed it on ``h``."""
+    if '"$KEMARI_PYTHON" -c ' in command:
+        # The probe's inline script is long; say what it was asked to do instead.
+        return "kemari probe " + command.rsplit("'", 1)[-1].strip()
+    for var, value in _host_env(h).items():
+        command = command.replace(f'"${var}"', shlex.quote(value))
+    command = command.split(" && ", 1)[-1] if command.startswith("export ") else command
     return command if len(command) <= limit else command[: limit - 3] + "..."
+
+
+def last_error(text: str) -> str:
+    """The error a command printed last, its wrapped lines joined ("-" for none)."""
+    flat = " ".join(text.split())
+    if "error:" in flat:
+        return flat[flat.rindex("error:") + len("error:") :].strip() or "-"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "-"
 
 
 def _user(h: HostSpec) -> str:
@@ -359,23 +379,26 @@ class RemotePair:
         if not conns:
             return out
         started = time.monotonic()
-        if len(texts) == 1:
+        # fabric's group results are keyed by connection, and connections to the same
+        # user@host:port compare equal: such hosts go one by one.
+        distinct = len({(c.user, c.host, c.port) for c in conns.values()}) == len(conns)
+        if len(texts) == 1 and distinct:
             group = ThreadingGroup.from_connections(list(conns.values()))
             try:
                 results: Mapping[Connection, Any] = group.run(texts.pop())
             except GroupException as err:
                 results = err.result
-        else:  # sudo wrappers differ per host: one by one
-            results = {}
+            pairs = [(by_conn[id(c)], r) for c, r in results.items()]
+        else:  # sudo wrappers differ per host, or the hosts look alike: one by one
+            pairs = []
             for h in hosts:
                 if h.name in conns:
                     try:
-                        results[conns[h.name]] = conns[h.name].run(command(h))
+                        pairs.append((h, conns[h.name].run(command(h))))
                     except Exception as err:
-                        results[conns[h.name]] = err
+                        pairs.append((h, err))
         elapsed = time.monotonic() - started
-        for conn, r in results.items():
-            h = by_conn[id(conn)]
+        for h, r in pairs:
             if isinstance(r, BaseException):
                 out[h.name] = explain(h, r, task=task, known_hosts=self.known_hosts_for(h))
             else:

@@ -88,9 +88,13 @@ def status():
             except ValueError:
                 st["agent_error"] = "kemari status printed no JSON: %s" % out.strip()[:200]
         else:
-            text = " ".join(ANSI.sub("", err or out).split())
-            if "error:" in text:
-                text = text[text.rindex("error:") + len("error:"):].strip()
+            text = ANSI.sub("", err or out)
+            flat = " ".join(text.split())
+            if "error:" in flat:
+                text = flat[flat.rindex("error:") + len("error:"):].strip()
+            else:
+                lines = [l.strip() for l in text.splitlines() if l.strip()]
+                text = lines[-1] if lines else ""
             st["agent_error"] = (text or "kemari status exited %d" % rc)[:500]
     return st
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,9 @@ def test_summarize_ratios_targets_and_decomposition() -> None:
     res = summarize_three()
     r = res["ratios"]["kemari-10g-shared"]
     assert list(r) == ["fork", "exec", "sh", "pagefault", "ctxsw"]
-    assert r == pytest.approx({"fork": 1.2, "exec": 1.3, "sh": 1.1, "pagefault": 1.25, "ctxsw": 1.5})
+    assert r == pytest.approx(
+        {"fork": 1.2, "exec": 1.3, "sh": 1.1, "pagefault": 1.25, "ctxsw": 1.5}
+    )
     assert res["io_ratios"]["kemari-10g-shared"]["iozone_osync"] == pytest.approx(3.0)
     assert res["ratios_min"]["kemari-10g-shared"]["fork"] == pytest.approx(1.2)
     # A failed row is reported, never given ratios.
@@ -189,3 +192,18 @@ def test_write_report_files(tmp_path: Path) -> None:
     html = paths["html"].read_text()
     assert "data:image/png;base64," in html and 'href="ratios.png"' in html
     assert "<td>measured: K10</td>" in html
+
+
+def test_a_fast_guest_clock_keeps_its_pass_out_of_guest_figures() -> None:
+    good = [loop("fork", 2, 1000.0, start=0.0, stopped=0.2)]
+    # Pass 2: the guest's clock claims the loop took 4x longer than the host saw.
+    bad = [replace(loop("fork", 2, 1000.0, start=5.0), pass_no=2)]
+    bad = [replace(bad[0], guest_ns=bad[0].guest_ns * 4)]
+    assert report.clock_fast_passes(good + bad) == {2}
+    raw = report.ScenarioRaw(scenario=K10, loops=good + bad)
+    row = report.summarize_scenario(raw)
+    assert row["guest_clock_fast_passes"] == [2]
+    fork = row["benchmarks"]["fork"]
+    assert fork["host_us_per_op"]["n"] == 2  # host-timed loops all count
+    assert fork["guest_us_per_op"]["n"] == 1
+    assert fork["stopped_share"] == pytest.approx(0.2)

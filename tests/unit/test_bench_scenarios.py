@@ -97,7 +97,7 @@ def test_parse_defaults() -> None:
 def test_guest_command_fits_the_kernel_command_line() -> None:
     iters = {"fork": 123456, "exec": 2000, "sh": 900, "pagefault": 800, "ctxsw": 9_000_000}
     cmd = QUICK.guest_command(iters)
-    assert cmd.startswith("kbench -t 0.5 -r 0 ")
+    assert cmd.startswith("kbench -t 0.7 -r 0 ")
     assert "-i ctxsw=9000000,exec=2000,fork=123456,pagefault=800,sh=900" in cmd
     assert "-b fork,exec,sh,pagefault,ctxsw,iozone_wbuf,iozone_osync" in cmd
     kernel_cmdline(ip="10.0.0.2/24", run=cmd)  # raises when too long
@@ -160,7 +160,15 @@ def _app() -> typer.Typer:
 
 def _fake_result() -> dict[str, Any]:
     return {
-        "ratios": {"kemari-10g-shared": {"fork": 1.21, "exec": 1.1, "sh": 1.1, "pagefault": 1.0, "ctxsw": 1.3}},
+        "ratios": {
+            "kemari-10g-shared": {
+                "fork": 1.21,
+                "exec": 1.1,
+                "sh": 1.1,
+                "pagefault": 1.0,
+                "ctxsw": 1.3,
+            }
+        },
         "io_ratios": {"kemari-10g-shared": {"iozone_wbuf": 2.0, "iozone_osync": 3.0}},
         "targets": {"kemari-10g-shared": {"all_met": True}},
         "scenarios": {"base": {}, "kemari-10g-shared": {}},
@@ -179,7 +187,15 @@ def test_cli_json_last_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setattr("os.geteuid", lambda: 0)
     res = CliRunner().invoke(
         _app(),
-        ["bench", "--quick", "--scenarios", "kemari-10g-shared,kemari-1g-shared", "-o", str(tmp_path), "--json"],
+        [
+            "bench",
+            "--quick",
+            "--scenarios",
+            "kemari-10g-shared,kemari-1g-shared",
+            "-o",
+            str(tmp_path),
+            "--json",
+        ],
     )
     assert res.exit_code == 0, res.output
     last = json.loads(res.stdout.strip().splitlines()[-1])
@@ -211,3 +227,14 @@ def test_scenario_is_frozen() -> None:
     with pytest.raises(AttributeError):
         sc.name = "b"  # type: ignore[misc]
     assert scmod.SCENARIO_DIR.is_dir()
+
+
+def test_tsc_skew_detection() -> None:
+    ok = ("clocksource=tsc", "settle_ms=1", "cpu_mhz=2594.730")
+    bad = ("clocksource=tsc", "settle_ms=3", "cpu_mhz=658.621")
+    assert suite.tsc_skewed(ok, 2596.1) is None
+    assert suite.tsc_skewed(bad, 2596.1) == pytest.approx(658.621)
+    assert suite.tsc_skewed(("cpu_mhz=?",), 2596.1) is None
+    assert suite.tsc_skewed(bad, None) is None
+    err = suite.GuestClockSkew("k", 658.6, 2596.1)
+    assert isinstance(err, BenchmarkError) and "659 MHz" in str(err)

@@ -39,7 +39,8 @@
  * pages they dirty really differ from the last checkpoint.
  *
  * Console protocol, one line each, written with write(2) by this process only:
- *   KB-READY clocksource=CS settle_ms=N   warm-up done
+ *   KB-READY clocksource=CS settle_ms=N cpu_mhz=F   warm-up done (F: the TSC
+ *                                         frequency the guest kernel calibrated)
  *   KB-CAL BENCH ITERS                    iterations chosen for BENCH
  *   KB-ROUND K                            round K starts
  *   KB-START BENCH K ITERS                the timed loop starts as soon as this line
@@ -494,7 +495,20 @@ static void settle(void)
     volatile uint64_t spin = 0;
     while (now_ns() - settled < (int64_t)(warmup_s * 1e9))
         spin++;
-    say("KB-READY clocksource=%s settle_ms=%lld", cs, (long long)((settled - start) / 1000000));
+    /* The TSC frequency the kernel calibrated at boot: a guest booted while the VM was
+     * being stopped for sync points can get it wrong, and then its clock runs fast or
+     * slow (the host's clock, which times the loops, is not affected). */
+    char mhz[32] = "?";
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (f != NULL) {
+        char line[256];
+        while (fgets(line, sizeof(line), f))
+            if (sscanf(line, "cpu MHz : %31s", mhz) == 1)
+                break;
+        fclose(f);
+    }
+    say("KB-READY clocksource=%s settle_ms=%lld cpu_mhz=%s", cs,
+        (long long)((settled - start) / 1000000), mhz);
 }
 
 int main(int argc, char **argv)
