@@ -12,7 +12,13 @@ import pytest
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     record = os.environ.get("KEMARI_RECORD")
-    if not record or report.when != "call" or "test_kill_primary_at" in report.nodeid:
+    # Under xdist the controller sees every worker's reports again: record once, where
+    # the test ran (a worker, or the only process without xdist).
+    # (xdist marks the controller's copies with the worker node).
+    in_controller = getattr(report, "node", None) is not None
+    if in_controller or not record or report.when != "call":
+        return
+    if "test_kill_primary_at" in report.nodeid:
         return  # the kill campaign records its own, richer lines
     name = report.nodeid.split("::")[-1]
     scenario = re.sub(r"\[\d+-?", "[", name).replace("[]", "")
