@@ -117,8 +117,12 @@ class ReplicationConfig:
     compression: Compression = "zstd"
     #: A sync point is forced after this long without one.
     max_interval_ms: int = 100
-    #: Background pre-copy of dirty pages between sync points.
-    pipelining: bool = True
+    #: Background pre-copy of dirty pages between sync points. Off by default: with the
+    #: compare tracker it costs a second full RAM scan per epoch, which on a 2-core host
+    #: took more guest throughput than it saved in pause time (see
+    #: benchmarks/results/memsync.md). Worth it where cores are plentiful or with
+    #: soft-dirty tracking.
+    pipelining: bool = False
     heartbeat_interval_ms: int = 200
     #: Generous by default: two busy cores can stall a process for a second.
     heartbeat_timeout_ms: int = 3000

@@ -65,7 +65,7 @@ class PairOptions:
     tiebreaker: str = "witness"
     tracker: str = "compare"
     compression: str = "zstd"
-    pipelining: bool = True
+    pipelining: bool = False
     #: Guest disk: "" (none), "builtin" (one image per host) or "shared" (one for both).
     disk: str = ""
     disk_mib: int = 16

@@ -36,7 +36,8 @@
  *                 record
  *   iozone_osync  pwrite() of every record on an O_SYNC descriptor
  * The writers fill every record with fresh pseudo-random bytes each round, so the
- * pages they dirty really differ from the last checkpoint.
+ * pages they dirty really differ from the last checkpoint; the fill is followed by an
+ * untimed 0.3 s pause, so that its own dirtied pages are synchronized before the loop.
  *
  * Console protocol, one line each, written with write(2) by this process only:
  *   KB-READY clocksource=CS settle_ms=N cpu_mhz=F   warm-up done (F: the TSC
@@ -269,12 +270,12 @@ static unsigned char *io_buf;
 static int io_fd = -1;
 static uint64_t io_seed = 0x9e3779b97f4a7c15ULL;
 
-static void fill_fresh(void)
+static void fill_fresh(long kib)
 {
     /* xorshift64: a new stream every round, so every written page really changes. */
     uint64_t x = io_seed += 0x2545f4914f6cdd1dULL;
     uint64_t *w = (uint64_t *)io_buf;
-    for (size_t i = 0; i < (size_t)file_kib * 1024 / 8; i++) {
+    for (size_t i = 0; i < (size_t)kib * 1024 / 8; i++) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -282,26 +283,32 @@ static void fill_fresh(void)
     }
 }
 
-static int setup_io(int flags)
+static int setup_io(int flags, long kib)
 {
     if (io_buf == NULL) {
-        io_buf = malloc((size_t)file_kib * 1024);
+        long most = file_kib > sync_kib ? file_kib : sync_kib;
+        io_buf = malloc((size_t)most * 1024);
         if (io_buf == NULL)
             return -1;
     }
-    fill_fresh();
+    fill_fresh(kib);
     io_fd = open(device, O_WRONLY | O_CLOEXEC | flags);
-    return io_fd < 0 ? -1 : 0;
+    if (io_fd < 0)
+        return -1;
+    /* A quiet gap longer than a sync interval, so that the pages the fill dirtied go
+     * with a sync point before the timed loop, not into the loop's first one. */
+    usleep(300000);
+    return 0;
 }
 
 static int setup_wbuf(void)
 {
-    return setup_io(0);
+    return setup_io(0, file_kib);
 }
 
 static int setup_osync(void)
 {
-    return setup_io(O_SYNC);
+    return setup_io(O_SYNC, sync_kib);
 }
 
 static int write_all(long kib, long *ops, long *bytes)
