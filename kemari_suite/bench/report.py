@@ -526,7 +526,8 @@ def _machine_lines(res: dict[str, Any]) -> list[str]:
         f"- Guest: {m.get('memory_mib', '?')} MiB, 1 vCPU, kernel {m.get('guest_kernel', '?')}; "
         f"`{m.get('guest_command', '')}`",
         f"- Mode: {'quick' if m.get('quick') else 'full'}: {m.get('passes', '?')} passes over "
-        f"the scenarios (Base first, Kemari rows in alternating order), {m.get('rounds', '?')} "
+        "the scenarios (Base first, Kemari rows in alternating order, and Base once more at "
+        f"the end), {m.get('rounds', '?')} "
         "rounds kept per scenario and pass after one shortened warm-up round; each round runs "
         f"every benchmark once. Loops were calibrated to about {m.get('loop_s', '?')} s of "
         "guest time in the first Base boot; every boot ran the same iteration counts.",

@@ -446,6 +446,17 @@ def pass_order(chosen: list[Scenario], pass_no: int) -> list[Scenario]:
     return base + (kemari if pass_no % 2 else kemari[::-1])
 
 
+def schedule(chosen: list[Scenario], passes: int) -> list[tuple[int, Scenario]]:
+    """(pass, scenario) in running order: :func:`pass_order` for each pass, then one more
+    Base run at the end, so that Base brackets the Kemari rows (it is every ratio's
+    denominator, and a burst of other load on the host during one Base run would
+    otherwise skew every row)."""
+    plan = [(k, sc) for k in range(1, passes + 1) for sc in pass_order(chosen, k)]
+    if any(sc.protected for sc in chosen):
+        plan += [(passes + 1, sc) for sc in chosen if not sc.protected]
+    return plan
+
+
 def run_suite(
     cfg: KemariConfig,
     *,
@@ -476,7 +487,7 @@ def run_suite(
     p = params or (QUICK if quick else FULL)
     chosen = select(load_scenarios(scenario_dir or SCENARIO_DIR), scenarios)
     per = p.rounds + 1
-    total = float(len(chosen) * p.passes * per)
+    total = float(len(schedule(chosen, p.passes)) * per)
     emit: Progress = progress or (lambda _p: None)
 
     emit(SuiteProgress("guest image", 0, total))
@@ -510,7 +521,8 @@ def _run_passes(
     command: str | None,
 ) -> dict[str, Any]:
     per = p.rounds + 1
-    total = float(len(chosen) * p.passes * per)
+    plan = schedule(chosen, p.passes)
+    total = float(len(plan) * per)
     done = 0.0
     raw_dir = out_dir / "raw"
     shutil.rmtree(raw_dir, ignore_errors=True)
@@ -518,15 +530,15 @@ def _run_passes(
     raws = {sc.name: report.ScenarioRaw(scenario=sc) for sc in chosen}
     iters: dict[str, int] | None = None
     rt_flags: list[bool] = []
-    for pass_no in range(1, p.passes + 1):
-        for sc in pass_order(chosen, pass_no):
+    for pass_no in range(1, max(k for k, _ in plan) + 1):
+        for sc in [s for k, s in plan if k == pass_no]:
 
             def say(
                 msg: str, units: float, _sc: Scenario = sc, _done: float = done, _k: int = pass_no
             ) -> None:
                 emit(
                     SuiteProgress(
-                        f"pass {_k}/{p.passes} {_sc.name}: {msg}",
+                        f"pass {_k} {_sc.name}: {msg}",
                         _done + min(units, per),
                         total,
                     )
@@ -615,5 +627,6 @@ __all__ = [
     "other_share",
     "pass_order",
     "run_suite",
+    "schedule",
     "tsc_skewed",
 ]

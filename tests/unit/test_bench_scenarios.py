@@ -107,8 +107,8 @@ def test_quick_fits_in_ten_minutes_on_paper() -> None:
     """Rough budget: per scenario and pass, about 12 s of set-up and warm-up, then
     the kept rounds (five lmbench loops plus the writers, at most about 4 s)."""
     p = QUICK
-    per_pass = 5 * (12 + p.rounds * (5 * p.loop_s + 4))
-    assert p.passes * per_pass < 8 * 60
+    per_run = 12 + p.rounds * (5 * p.loop_s + 4)
+    assert (5 * p.passes + 1) * per_run < 8 * 60
 
 
 def test_pass_order_alternates_kemari_rows() -> None:
@@ -117,6 +117,17 @@ def test_pass_order_alternates_kemari_rows() -> None:
     two = [s.name for s in suite.pass_order(scs, 2)]
     assert one[0] == two[0] == "base"
     assert one[1:] == two[1:][::-1]
+
+
+def test_schedule_brackets_kemari_rows_with_base() -> None:
+    scs = load_scenarios()
+    plan = suite.schedule(scs, 2)
+    assert [(k, sc.name) for k, sc in plan][:2] == [(1, "base"), (1, "kemari-10g-shared")]
+    assert plan[-1][0] == 3 and plan[-1][1].name == "base"
+    assert [k for k, sc in plan if sc.name == "base"] == [1, 2, 3]
+    assert len(plan) == 11
+    only_base = [s for s in scs if not s.protected]
+    assert [k for k, _ in suite.schedule(only_base, 2)] == [1, 2]
 
 
 def test_other_share_excludes_this_run() -> None:
