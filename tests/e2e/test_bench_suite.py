@@ -19,7 +19,9 @@ from kemari_suite.config import KemariConfig
 from kemari_suite.lab import worker_lab_id
 from tests.conftest import needs_root
 
-pytestmark = [pytest.mark.e2e, needs_root]
+# A host-clock comparison of timed loops: a measurement, too noisy on two shared cores
+# to gate CI; `make e2e` runs it.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_root]
 
 #: Slot 9 of each worker's lab ids is reserved for the benchmark suite's tests.
 LAB_SLOT = 9

@@ -162,10 +162,11 @@ def test_tail_stamps_lines_when_they_appear(tmp_path: Path) -> None:
     asm = assemble(marks)
     assert [lp.round for lp in asm.loops] == [2]
     lp = asm.loops[0]
-    assert t0 <= lp.t_start <= t0 + 0.1
-    assert t1 <= lp.t_end <= t1 + 0.1
+    # Stamped when the host saw the lines (with room for a busy test machine).
+    assert t0 <= lp.t_start <= t0 + 0.25
+    assert t1 <= lp.t_end <= t1 + 0.25
     # The host saw the loop last about 0.4 s; the guest claimed 1 microsecond.
-    assert 0.35 <= lp.host_s <= 0.55
+    assert 0.25 <= lp.host_s <= 0.7
     assert lp.guest_us_per_op == pytest.approx(0.2)
 
 
