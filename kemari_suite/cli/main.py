@@ -34,8 +34,33 @@ app.add_typer(deploy_cli.app, name="deploy")
 app.add_typer(remote_cli.app, name="remote")
 disk_app = typer.Typer(no_args_is_help=True, help="Guest disk copies.")
 app.add_typer(disk_app, name="disk")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures.")
+bench_app = typer.Typer(
+    help="Benchmarks that report figures. Without a subcommand: the lmbench/IOzone suite.",
+    invoke_without_command=True,
+)
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench_suite(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config.")] = None,
+    quick: Annotated[bool, typer.Option(help="A short run (about 10 minutes here).")] = False,
+    scenarios: Annotated[
+        list[str] | None, typer.Option("--scenarios", help="Scenario names (repeatable).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path(
+        "benchmarks/results/suite"
+    ),
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """The lmbench- and IOzone-style comparison of Base and Kemari scenarios."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from kemari_suite.cli.benchsuite import suite_command
+
+    suite_command(config, quick, scenarios, out_dir, json_out)
+
 
 out = Console()
 err = Console(stderr=True)
