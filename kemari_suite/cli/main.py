@@ -315,6 +315,21 @@ def disk_verify(
     raise typer.Exit(1)
 
 
+@app.command("fence-peer")
+def fence_peer(
+    config: ConfigOpt = None,
+    resource: Annotated[str, typer.Option(help="DRBD resource (from the handler).")] = "",
+    node: Annotated[str, typer.Option(help="This node's id at the tiebreaker.")] = "primary",
+) -> None:
+    """DRBD fence-peer handler: exit 7 if we keep the lease, 6 if the peer has it."""
+    from kemari_suite.disk.fence import fence_peer as run_fence
+
+    cfg = _load(config)
+    code, reason = _guard(lambda: run_fence(cfg, node))
+    err.print(f"fence-peer {resource or '-'}: {reason}", highlight=False)
+    raise typer.Exit(code)
+
+
 # ---- benchmarks ----------------------------------------------------------------------
 
 
