@@ -1,10 +1,11 @@
 """The benchmark suite: lmbench- and IOzone-style workloads, Base against Kemari.
 
 For every scenario (``benchmarks/scenarios/*.toml``) the same guest boots with the same
-init command, ``kbench`` (``guest/workloads/kbench.c``), which warms up, calibrates each
-loop to about ``loop_s`` seconds of guest time and then runs rounds of every benchmark
-until the VM is stopped. The host tails the console (:mod:`kemari_suite.bench.markers`)
-and times each loop from its START and END lines on the host's clock.
+init command, ``kbench`` (``guest/workloads/kbench.c``), which warms up and then runs
+rounds of every benchmark until the VM is stopped. The first Base boot calibrates each
+loop to about ``loop_s`` seconds of guest time; every later boot gets those iteration
+counts. The host tails the console (:mod:`kemari_suite.bench.markers`) and times each
+loop from its START and END lines on the host's clock.
 
 - **Base** boots the guest alone (no agents, no taps) in the lab's primary namespace, its
   disk a plain raw file.
@@ -13,8 +14,11 @@ and times each loop from its START and END lines on the host's clock.
   guest NIC behind the output-commit proxy and the scenario's disk backend; rounds count
   only once the primary is protected.
 
-The first round of every scenario is a warm-up and is dropped (TCG translates code the
-first time it runs); then ``rounds`` rounds are kept. Per Kemari row, the primary's
+The scenarios run in ``passes`` passes (:func:`schedule`: Base first, the Kemari rows in
+alternating order, one more Base run at the end). In every boot the first round is a
+warm-up and is dropped (TCG translates code the first time it runs); then ``rounds``
+rounds are kept. A boot whose guest kernel calibrated its TSC far from the host's
+frequency is booted again (:class:`GuestClockSkew`). Per Kemari row, the primary's
 checkpoint records give the sync points per second, the paused share, the pause
 distribution, and for the IOzone loops the sync interval and dirtied pages per sync point.
 """
@@ -399,12 +403,7 @@ class _Pass:
             self.raw.checkpoints = _read_checkpoints(pair.run_dir("primary"))
             self._finish(asm)
         except KemariError:
-            (self.raw_dir / f"{self.tag}.agents.txt").write_text(
-                "".join(
-                    f"==== {r}\n{pair.output(r)[-20000:]}\n"
-                    for r in ("primary", "secondary", "witness")
-                )
-            )
+            self._save_failure(pair)
             raise
         finally:
             tail.stop()
@@ -414,6 +413,20 @@ class _Pass:
             shutil.rmtree(root, ignore_errors=True)
             for role in ("primary", "secondary", "witness"):
                 shutil.rmtree(pair.run_dir(role), ignore_errors=True)
+
+    def _save_failure(self, pair: LabPair) -> None:
+        """The agents' output and logs, and QEMU's stderr, of a pass that failed."""
+        parts = []
+        for role in ("primary", "secondary", "witness"):
+            parts.append(f"==== {role}: output\n{pair.output(role)[-20000:]}\n")
+            logs = sorted(pair.run_dir(role).glob("artifacts/*/agent.log"))
+            logs += sorted(pair.run_dir(role).glob("*/qemu.stderr"))
+            for log in logs:
+                with contextlib.suppress(OSError):
+                    text = log.read_text(errors="replace")[-20000:]
+                    parts.append(f"==== {role}: {log.name}\n{text}\n")
+        with contextlib.suppress(OSError):
+            (self.raw_dir / f"{self.tag}.agents.txt").write_text("".join(parts))
 
     def _save(self, console: Path, primary_run_dir: Path | None) -> None:
         """Keep the raw evidence: the guest console and the checkpoint records."""
@@ -591,6 +604,13 @@ def _run_passes(
         "accel": accel,
         "accel_reason": why,
         "memory_mib": cfg.vm.memory_mib,
+        "replication": {
+            "tracker": cfg.replication.tracker,
+            "mode": cfg.replication.mode,
+            "compression": cfg.replication.compression,
+            "pipelining": cfg.replication.pipelining,
+            "heartbeat_timeout_ms": cfg.replication.heartbeat_timeout_ms,
+        },
         "guest_kernel": image.kernel_version,
         "image_key": image.key,
         "guest_command": p.guest_command(iters),
