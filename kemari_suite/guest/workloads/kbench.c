@@ -191,6 +191,8 @@ static int setup_pagefault(void)
     pf_fd = open(PF_PATH, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (pf_fd < 0)
         return -1;
+    /* The open descriptor keeps the file: unlinked now, it never outlives the run. */
+    unlink(PF_PATH);
     static char chunk[PAGE];
     for (size_t off = 0; off < pf_size; off += PAGE) {
         memset(chunk, (int)(off / PAGE), sizeof(chunk));
