@@ -33,7 +33,7 @@ import numpy as np
 
 from kemari_suite import lab as labmod
 from kemari_suite.config import KemariConfig
-from kemari_suite.errors import BenchmarkError, KemariError
+from kemari_suite.errors import BenchmarkError
 from kemari_suite.lab.pair import LabPair, PairOptions
 from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
 from kemari_suite.memsync.guestram import GuestRAM
@@ -475,4 +475,4 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
     return md
 
 
-__all__ = ["KemariError", "Result", "run", "write_results"]
+__all__ = ["Result", "run", "write_results"]

@@ -33,7 +33,6 @@ from kemari_suite.config import KemariConfig
 from kemari_suite.errors import (
     ConnectError,
     FailoverError,
-    KemariError,
     ProtocolError,
     ReplicationError,
 )
@@ -46,7 +45,7 @@ from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, connect
 from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics
 from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
-from kemari_suite.memsync.tracker import DirtyTracker, make_tracker
+from kemari_suite.memsync.tracker import CompareTracker, DirtyTracker, make_tracker
 from kemari_suite.tap import TapMode
 from kemari_suite.tap import epochs as iolog
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
@@ -421,11 +420,9 @@ class PrimaryAgent:
     def _scan_one_thread(self) -> int:
         """A pre-copy scan while the guest runs: one thread, leave the vCPU its core."""
         assert self.ram is not None and self.tracker is not None
-        scan: Any = self.tracker.scan
-        try:
-            return int(scan(self.ram.pages, out=self._idx, threads=1))
-        except TypeError:  # a tracker without a thread knob
-            return int(scan(self.ram.pages, out=self._idx))
+        if isinstance(self.tracker, CompareTracker):
+            return self.tracker.scan(self.ram.pages, out=self._idx, threads=1)
+        return self.tracker.scan(self.ram.pages, out=self._idx)
 
     async def request_sync(self, reason: str = "api", *, wait: bool = True) -> int:
         """Ask for a sync point; with ``wait``, return once its epoch is acknowledged.
@@ -597,12 +594,14 @@ class PrimaryAgent:
             # belongs to the next epoch.
             self.status.epoch = epoch + 1
             self.sched.started(epoch)
-            io_log = self.io_log_provider(epoch) if self.io_log_provider else b""
             faults.hit("stopped")
             classic = self.rcfg.mode == "classic"
             if not classic:
                 await self.vm.execute("cont")
             t_resume = time.perf_counter()
+            # The epoch switched while stopped, so writes from now on are logged in the
+            # next one: serializing this epoch's log need not keep the guest stopped.
+            io_log = self.io_log_provider(epoch) if self.io_log_provider else b""
             # --- after the resume: encode and send. The shadow (the XOR base) changes
             # only at commit, so reading it now is as good as inside the window.
             idx = idx.copy()
@@ -849,11 +848,7 @@ class PrimaryAgent:
         self._sync_requested.set()
 
 
-def node_pid() -> int:
-    return os.getpid()
-
-
-__all__ = ["KemariError", "PrimaryAgent", "PrimaryState"]
+__all__ = ["PrimaryAgent", "PrimaryState"]
 
 
 async def _h_fault(req: dict[str, Any]) -> Any:

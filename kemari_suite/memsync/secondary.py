@@ -249,7 +249,6 @@ class SecondaryAgent:
         if self.committed_epoch < 0:
             raise FailoverError("no committed checkpoint yet: nothing to fail over to")
         self._failover_reason = "operator command"
-        self.force = bool(req.get("force", False))
         self._failover_now.set()
         # Wait for it to finish so the operator sees the result.
         while self.state is not SecondaryState.ACTIVE:
@@ -258,7 +257,6 @@ class SecondaryAgent:
             await asyncio.sleep(0.05)
         return self.report.__dict__ if self.report else {}
 
-    force = False
     _renewer: asyncio.Task[None] | None = None
 
     async def _h_stop(self, req: dict[str, Any]) -> Any:

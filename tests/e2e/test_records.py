@@ -19,6 +19,19 @@ from tests.conftest import needs_root
 pytestmark = [pytest.mark.e2e, needs_root]
 
 
+def _wait_records(pair: LabPair, timeout: float = 120) -> None:
+    """Until the guest's records service answers over the LAN."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert pair.request("R", timeout=3).startswith("R ")
+            return
+        except KemariError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 def _writer(pair: LabPair, acked: list[int], stop: threading.Event) -> None:
     n = 0
     while not stop.is_set():
@@ -46,15 +59,7 @@ def test_acknowledged_records_survive_failover(
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                assert pair.request("R", timeout=3).startswith("R ")
-                break
-            except KemariError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+        _wait_records(pair)
         writer.start()
         target = random.randint(5, 40)
         deadline = time.monotonic() + 120
@@ -105,15 +110,7 @@ def test_resync_after_disconnect_sends_only_changed_blocks(
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                pair.request("R", timeout=3)
-                break
-            except KemariError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+        _wait_records(pair)
         first = [e for e in _events(pair, "primary") if e["event"] == "disk-resync"]
         assert first and first[0]["mode"] == "full"
         writer.start()
@@ -194,15 +191,7 @@ def test_records_survive_kill_at_named_point(
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                pair.request("R", timeout=3)
-                break
-            except KemariError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+        _wait_records(pair)
         writer.start()
         while len(acked) < 5:
             time.sleep(0.05)
