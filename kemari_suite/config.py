@@ -163,6 +163,25 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class AlertConfig:
+    """Where the events an operator must hear about go (besides ``kemari status``).
+
+    Alerts are: the VM became unprotected, a failover ran (or failed), a failover was
+    refused (split brain, diverged disks, no tiebreaker), protection was (re)gained, and a
+    switchover. Each goes to the system log and, when ``hook`` is set, to that command.
+    """
+
+    #: Command run for every alert (split like a shell would, never through a shell). It
+    #: gets the alert as one JSON object on stdin and as KEMARI_ALERT_* environment
+    #: variables. A failing or hanging hook is logged and never affects the VM.
+    hook: str = ""
+    #: The hook is killed after this long.
+    hook_timeout_ms: int = 10000
+    #: Also send every alert to the system log (/dev/log), facility daemon.
+    syslog: bool = True
+
+
+@dataclass(frozen=True)
 class KemariConfig:
     """The whole configuration tree."""
 
@@ -173,6 +192,7 @@ class KemariConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     tap: TapConfig = field(default_factory=TapConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
 
 
 T = TypeVar("T")
