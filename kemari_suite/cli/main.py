@@ -223,12 +223,12 @@ def witness(
     _run_async(run_witness(cfg, listen))
 
 
-def _control(config: Path | None, cmd: str, **args: Any) -> Any:
+def _control(config: Path | None, cmd: str, *, timeout: float = 30.0, **args: Any) -> Any:
     from kemari_suite.memsync import control
     from kemari_suite.memsync.agent import control_path
 
     cfg = _load(config)
-    return _guard(lambda: control.request(control_path(cfg), cmd, **args))
+    return _guard(lambda: control.request(control_path(cfg), cmd, timeout=timeout, **args))
 
 
 @app.command()
@@ -273,6 +273,22 @@ def failover(
         raise typer.Exit(2)
     res = _control(config, "failover")
     out.print_json(json.dumps(res, default=str))
+
+
+@app.command()
+def switchover(
+    config: ConfigOpt = None, json_out: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Planned switchover: move the VM to the standby with no data loss; this host
+    (the primary) becomes the standby. Run it again on the other host to fail back."""
+    res = _control(config, "switchover", timeout=120.0)
+    if json_out:
+        out.print_json(json.dumps(res, default=str))
+        return
+    out.print(
+        f"the VM runs on the peer from epoch {res['epoch']}; guest pause "
+        f"{res['pause_ms']:.0f} ms; this host is the standby now"
+    )
 
 
 # ---- disk ----------------------------------------------------------------------------

@@ -9,9 +9,16 @@
 #                          kernel_cmdline(run=...) does the encoding. It takes
 #                          precedence over the command baked in at build time
 #                          (/etc/kemari/run).
+#   kemari.root=/dev/vda   after modules and network, mount this ext4 device and
+#                          switch_root into it (kemari.run is then not run); if that
+#                          fails, init goes on as if the option were absent
+#   kemari.rootinit=PATH   the program to exec in the new root (default
+#                          /sbin/kemari-init, see kemari_suite/vm/debian.py)
+#   kemari.rootflags=OPTS  mount options for the root (default rw)
 #
 # Console protocol (on ttyS0 with console=ttyS0):
 #   "KEMARI-BOOTED"        init is ready: modules loaded, network configured
+#   "KEMARI-ROOT <dev>"    kemari.root is mounted; switch_root follows
 #   "KEMARI-EXIT <rc>"     the command returned (init then sleeps forever)
 # Without any command, a shell is (re)started on the console.
 # Init must never exit: PID 1 exiting panics the kernel.
@@ -46,11 +53,17 @@ urldecode() {
 ip_cidr=
 gw=
 run=
+root=
+rootinit=/sbin/kemari-init
+rootflags=rw
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kemari.ip=*) ip_cidr=${arg#kemari.ip=} ;;
         kemari.gw=*) gw=${arg#kemari.gw=} ;;
         kemari.run=*) run=$(urldecode "${arg#kemari.run=}") ;;
+        kemari.root=*) root=${arg#kemari.root=} ;;
+        kemari.rootinit=*) rootinit=${arg#kemari.rootinit=} ;;
+        kemari.rootflags=*) rootflags=${arg#kemari.rootflags=} ;;
     esac
 done
 set +f
@@ -78,6 +91,44 @@ fi
 # The leading newline puts the marker on a line of its own: firmware and kernel leave
 # terminal escape sequences without a newline at the start of the console.
 printf '\nKEMARI-BOOTED\n'
+
+# Returns only if the switch cannot be made; then the root is left unmounted.
+switch_to_root() {
+    # virtio_blk probes synchronously in insmod; the wait covers slower disk drivers.
+    i=0
+    while [ ! -b "$root" ] && [ "$i" -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    if [ ! -b "$root" ]; then
+        log "kemari.root: no block device $root"
+        return 1
+    fi
+    mkdir -p /newroot
+    if ! mount -t ext4 -o "$rootflags" "$root" /newroot; then
+        log "kemari.root: cannot mount $root (ext4, $rootflags)"
+        return 1
+    fi
+    if [ ! -x "/newroot$rootinit" ]; then
+        log "kemari.root: $root has no executable $rootinit"
+        umount /newroot
+        return 1
+    fi
+    # Hand the kernel filesystems over instead of remounting them: /dev carries the
+    # console and devpts, and the new init need not know what the initramfs did.
+    # The network configuration is kernel state and survives the switch as it is.
+    for m in /dev /proc /sys; do
+        [ -d "/newroot$m" ] && mount -o move "$m" "/newroot$m" || log "cannot move $m"
+    done
+    echo "KEMARI-ROOT $root"
+    exec switch_root /newroot "$rootinit"
+}
+
+if [ -n "$root" ]; then
+    switch_to_root
+    # exec failed or never happened: /proc etc. may have moved, bring them back.
+    [ -e /proc/self ] || mount -t proc proc /proc
+fi
 
 if [ -n "$run" ]; then
     log "running: $run"

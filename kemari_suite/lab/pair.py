@@ -102,6 +102,8 @@ class LabPair:
     def _write_config(self, role: str) -> Path:
         lab, o = self.lab, self.opts
         tap_role: HostRole = "primary" if role == "primary" else "secondary"
+        own_ip = lab.repl_primary_ip if role == "primary" else lab.repl_secondary_ip
+        other_ip = lab.repl_secondary_ip if role == "primary" else lab.repl_primary_ip
         sections: dict[str, dict[str, Any]] = {
             "paths": {
                 "cache_dir": str(self.base.paths.cache_dir),
@@ -121,8 +123,10 @@ class LabPair:
             },
             "replication": {
                 "key": self.key,
-                "peer": f"{lab.repl_secondary_ip}:{REPL_PORT}",
-                "listen": f"{lab.repl_secondary_ip}:{REPL_PORT}",
+                # Each host listens on its own address and knows the other's: after a
+                # switchover the roles swap.
+                "peer": f"{other_ip}:{REPL_PORT}",
+                "listen": f"{own_ip}:{REPL_PORT}",
                 "mode": o.mode,
                 "tracker": o.tracker,
                 "compression": o.compression,
@@ -311,6 +315,12 @@ class LabPair:
                 return now
             time.sleep(0.05)
         raise LabError(self.lab.lab_id, f"no {epochs} checkpoints committed in {timeout} s")
+
+    def switchover(self, role: str = "primary", timeout: float = 120.0) -> dict[str, Any]:
+        """Planned switchover asked of the host ``role`` (the one running the VM)."""
+        result = control.request(self.control_path(role), "switchover", timeout=timeout)
+        assert isinstance(result, dict)
+        return result
 
     def qemu_pid(self, role: str) -> int | None:
         pidfile = self.run_dir(role) / f"kemari-{self.opts.vm_name}" / "qemu.pid"

@@ -19,11 +19,13 @@ import numpy as np
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
 from kemari_suite.memsync.primary import PrimaryAgent
-from kemari_suite.memsync.secondary import SecondaryAgent
+from kemari_suite.memsync.secondary import Handover, SecondaryAgent
 from kemari_suite.memsync.witness import WitnessServer
 from kemari_suite.vm import guestmem
 from kemari_suite.vm.define import ensure_image, vm_spec
 from kemari_suite.vm.qemu import VMPaths
+
+log = logging.getLogger(__name__)
 
 
 def control_path(cfg: KemariConfig) -> Path:
@@ -69,8 +71,10 @@ def _install_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def run_primary(cfg: KemariConfig, *, node_id: str = "primary") -> PrimaryAgent:
-    """Boot the VM and protect it until stopped.
+async def run_primary(
+    cfg: KemariConfig, *, node_id: str = "primary"
+) -> PrimaryAgent | SecondaryAgent:
+    """Boot the VM and protect it until stopped (then, after a switchover, stand by).
 
     Raises:
         ConfigError: no peer configured.
@@ -78,39 +82,64 @@ async def run_primary(cfg: KemariConfig, *, node_id: str = "primary") -> Primary
     """
     if not cfg.replication.peer:
         raise ConfigError("the secondary's address is not set", key="replication.peer")
-    folder = artifacts_dir(cfg, "primary")
-    _log_to(folder)
-    image = await asyncio.to_thread(ensure_image, cfg)
-    agent = PrimaryAgent(cfg, vm_spec(cfg, image), node_id=node_id, artifacts=folder)
-    stop = asyncio.Event()
-    _install_signals(stop)
-    await agent.start_vm()
-    task = asyncio.create_task(agent.run())
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        agent._stop.set()
-        agent._sync_requested.set()
-    stopper.cancel()
-    await task
-    return agent
+    return await run_node(cfg, "primary", node_id=node_id)
 
 
-async def run_secondary(cfg: KemariConfig, *, node_id: str = "secondary") -> SecondaryAgent:
-    """Hold the replica and fail over when needed; after a failover, keep the VM running."""
-    folder = artifacts_dir(cfg, "secondary")
-    _log_to(folder)
-    image = await asyncio.to_thread(ensure_image, cfg)
-    agent = SecondaryAgent(
-        cfg, vm_spec(cfg, image), node_id=node_id, artifacts=folder, probe=probe_guest
-    )
+async def run_secondary(
+    cfg: KemariConfig, *, node_id: str = "secondary"
+) -> PrimaryAgent | SecondaryAgent:
+    """Hold the replica and fail over when needed; after a failover, keep the VM running;
+    after a planned switchover, protect the VM from here."""
+    return await run_node(cfg, "secondary", node_id=node_id)
+
+
+async def run_node(cfg: KemariConfig, role: str, *, node_id: str) -> PrimaryAgent | SecondaryAgent:
+    """Run this host's agent, changing roles at a planned switchover, until stopped.
+
+    A switchover ends the primary agent with ``outcome == "standby"`` (its VM handed
+    to the peer): the node goes on as the standby. It ends the secondary agent with a
+    ``handover`` (the resumed VM and its taps): the node goes on as the primary,
+    protecting that very VM towards its peer. Returns the last agent.
+    """
     stop = asyncio.Event()
     _install_signals(stop)
-    task = asyncio.create_task(agent.run())
-    await stop.wait()
-    agent._stop.set()
-    await task
-    return agent
+    image = await asyncio.to_thread(ensure_image, cfg)
+    spec = vm_spec(cfg, image)
+    handover: Handover | None = None
+    while True:
+        folder = artifacts_dir(cfg, role)
+        _log_to(folder)
+        agent: PrimaryAgent | SecondaryAgent
+        if role == "primary":
+            agent = PrimaryAgent(cfg, spec, node_id=node_id, artifacts=folder)
+            if handover is not None:
+                await agent.adopt(handover.vm, handover.io, handover.epoch)
+            else:
+                await agent.start_vm()
+            handover = None
+        else:
+            agent = SecondaryAgent(cfg, spec, node_id=node_id, artifacts=folder, probe=probe_guest)
+        task = asyncio.create_task(agent.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            agent._stop.set()
+            if isinstance(agent, PrimaryAgent):
+                agent._sync_requested.set()
+        stopper.cancel()
+        await task
+        if stop.is_set():
+            return agent
+        if isinstance(agent, PrimaryAgent) and agent.outcome == "standby":
+            log.info("node %s: switched over, standing by", node_id)
+            role = "secondary"
+            continue
+        if isinstance(agent, SecondaryAgent) and agent.handover is not None:
+            log.info("node %s: took the VM over, protecting it", node_id)
+            handover = agent.handover
+            role = "primary"
+            continue
+        return agent
 
 
 async def run_witness(cfg: KemariConfig, listen: str) -> None:

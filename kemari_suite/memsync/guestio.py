@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +123,27 @@ def open_disk(cfg: KemariConfig) -> FileDisk | None:
     return disk
 
 
+def disk_state_path(cfg: KemariConfig) -> Path:
+    """The sidecar that says which copy the disk is: ``<disk>.kemari.json``."""
+    return Path(cfg.disk.path + ".kemari.json")
+
+
+def write_disk_state(cfg: KemariConfig, lineage: str, epoch: int) -> None:
+    """Record that this host's disk is copy ``lineage`` through ``epoch`` (atomically)."""
+    path = disk_state_path(cfg)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"lineage": lineage, "epoch": epoch}))
+    os.replace(tmp, path)
+
+
+def read_disk_state(cfg: KemariConfig) -> dict[str, Any]:
+    try:
+        state = json.loads(disk_state_path(cfg).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 class GuestIO:
     """Taps of one VM on one host; see the module docstring."""
 
@@ -199,6 +222,25 @@ class GuestIO:
             )
         self._release_task = asyncio.create_task(self._releaser())
         return spec
+
+    def rebind(
+        self,
+        *,
+        epoch_source: EpochSource,
+        on_event: EventSink | None,
+        on_durable: Callable[[int], None] | None,
+    ) -> None:
+        """Hand the running taps to a new owner (a standby that becomes the primary)."""
+        self.epoch_source = epoch_source
+        self.on_event = on_event
+        self.on_durable = on_durable
+        if self.block is not None:
+            self.block.epoch_source = epoch_source
+            self.block.on_event = on_event
+            self.block.on_durable = on_durable
+        if self.net is not None:
+            self.net.epoch_source = epoch_source
+            self.net.on_event = on_event
 
     # ---- modes -------------------------------------------------------------------------
 

@@ -36,11 +36,11 @@ from kemari_suite.errors import (
     ProtocolError,
     ReplicationError,
 )
-from kemari_suite.memsync import faults, wire
+from kemari_suite.memsync import compat, faults, wire
 from kemari_suite.memsync.codec import PageEncoder
 from kemari_suite.memsync.control import ControlServer
 from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
-from kemari_suite.memsync.guestio import GuestIO, make_scheduler
+from kemari_suite.memsync.guestio import GuestIO, make_scheduler, write_disk_state
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, connect
 from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics
@@ -60,6 +60,8 @@ PRECOPY_CONVERGED = 2048
 PRECOPY_MAX_ROUNDS = 8
 #: Pipelining pre-copies between sync points only when the last epoch was this dirty.
 PRECOPY_MIN_PAGES = 256
+#: How long the secondary may take to report its trial restore before protection.
+COMPAT_TIMEOUT_S = 120.0
 
 
 class PrimaryState(enum.Enum):
@@ -69,6 +71,8 @@ class PrimaryState(enum.Enum):
     UNPROTECTED = "unprotected"
     HELD = "held"
     FENCED = "fenced"
+    #: A planned switchover handed the VM to the peer; this host becomes its standby.
+    SWITCHED = "switched-over"
     STOPPED = "stopped"
 
 
@@ -139,6 +143,17 @@ class PrimaryAgent:
         self.io: GuestIO | None = None
         self.control: ControlServer | None = None
         self._last_rx = time.monotonic()
+        #: The secondary's verdict on running this VM (profile check, trial restore).
+        self.compat: dict[str, Any] = {}
+        self._compat_event = asyncio.Event()
+        self._profile_event = asyncio.Event()
+        self._compat_refused = ""
+        #: A switchover the operator asked for, and the secondary's answer to it.
+        self._switch_req: asyncio.Future[dict[str, Any]] | None = None
+        self._switch_reply: asyncio.Future[dict[str, Any]] | None = None
+        #: "stopped", or "standby" after a switchover (the node then runs the standby).
+        self.outcome = "stopped"
+        self._witness_task: asyncio.Task[None] | None = None
 
     # ---- state -------------------------------------------------------------------------
 
@@ -171,6 +186,7 @@ class PrimaryAgent:
             "tracker": self.tracker.name if self.tracker else None,
             "disk_resync": self._resync,
             "io": self.io.status() if self.io is not None else None,
+            "compat": self.compat,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -188,8 +204,27 @@ class PrimaryAgent:
         self.vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.vm.spec = await self.io.start(self.spec)
         self.spec = self.vm.spec
-        self.io_log_provider = self.io.io_log
         await self.vm.start()
+        await self._attach()
+
+    async def adopt(self, vm: AsyncVM, io: GuestIO | None, epoch: int) -> None:
+        """Take over a VM this host already runs (a standby's, after a switchover)."""
+        self.vm = vm
+        self.spec = vm.spec
+        self.io = io
+        if io is not None:
+            io.rebind(
+                epoch_source=lambda: self.status.epoch,
+                on_event=self.sched.notify,
+                on_durable=self._on_durable,
+            )
+        self.status.epoch = epoch
+        self.status.last_committed_epoch = epoch
+        await self._attach()
+
+    async def _attach(self) -> None:
+        """Map the running VM's RAM and set up the tracker and the capturer."""
+        self.io_log_provider = self.io.io_log if self.io is not None else None
         await enable_ignore_shared(self.vm)
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
         self.ram = GuestRAM(self.vm.paths.ram)
@@ -216,13 +251,15 @@ class PrimaryAgent:
                 "status": self._h_status,
                 "checkpoint": self._h_checkpoint,
                 "stop": self._h_stop,
+                "switchover": self._h_switchover,
                 **({"fault": _h_fault} if faults.enabled() else {}),
             },
         )
         await self.control.start()
         self.witness = make_tiebreaker(self.cfg, self.node_id, format_lease=True)
         if self.witness is not None:
-            self._tasks.append(asyncio.create_task(self._witness_loop()))
+            self._witness_task = asyncio.create_task(self._witness_loop())
+            self._tasks.append(self._witness_task)
         delay = faults.random_delay()
         if delay is not None:
             self._tasks.append(asyncio.create_task(self._random_fault(delay)))
@@ -233,9 +270,11 @@ class PrimaryAgent:
                 except (ConnectError, ProtocolError, ReplicationError, ConnectionError) as err:
                     if self._stop.is_set():
                         break
-                    await self._secondary_lost(str(err))
-                    # Reconnect (re-protect) when a secondary comes back.
-                    await self._sleep_or_stop(1.0)
+                    lost = self._lost_reason if self._link_lost.is_set() else ""
+                    await self._secondary_lost(lost or str(err))
+                    # Reconnect (re-protect) when a secondary comes back; a secondary
+                    # that cannot run this VM will not change its mind every second.
+                    await self._sleep_or_stop(15.0 if self._compat_refused else 1.0)
         finally:
             await self.shutdown()
         if self.status.state is PrimaryState.FENCED:
@@ -271,9 +310,19 @@ class PrimaryAgent:
         await self.vm.shutdown()
         if self.io is not None:
             await self.io.close()
+        if (
+            self.outcome == "standby"
+            and self.io is not None
+            and self.io.disk is not None
+            and self.cfg.disk.backend == "builtin"
+            and self.io.lineage
+        ):
+            # This copy is the peer's as of the switchover: the next protection sends
+            # only what the peer wrote since.
+            write_disk_state(self.cfg, self.io.lineage, self._switched_epoch)
         if self.control is not None:
             await self.control.close()
-        if self.status.state not in (PrimaryState.FENCED,):
+        if self.status.state not in (PrimaryState.FENCED, PrimaryState.SWITCHED):
             self._set_state(PrimaryState.STOPPED)
         self.artifacts.status(self.status_dict())
         self.artifacts.close()
@@ -290,6 +339,114 @@ class PrimaryAgent:
     async def _h_stop(self, req: dict[str, Any]) -> Any:
         self._stop.set()
         return {"stopping": True}
+
+    async def _h_switchover(self, req: dict[str, Any]) -> Any:
+        """Hand the VM to the secondary at a checkpoint; this host becomes the standby."""
+        if self.status.state is not PrimaryState.PROTECTED:
+            raise ReplicationError(
+                f"not protected ({self.status.state.value}): a switchover needs a standby "
+                "holding a current checkpoint"
+            )
+        if self._switch_req is not None:
+            raise ReplicationError("a switchover is already in progress")
+        self._switch_req = asyncio.get_running_loop().create_future()
+        self._pending_reason = "switchover"
+        self._sync_requested.set()
+        try:
+            return await self._switch_req
+        finally:
+            self._switch_req = None
+
+    async def _switchover(self) -> bool:
+        """Run the switchover asked for; True if the VM now runs on the peer.
+
+        The VM stops at a sync point and is never resumed here once the secondary has
+        it: the secondary resumes exactly the checkpoint this host stopped at, so
+        nothing the guest did is lost, and the guest pauses for about one sync point
+        plus the secondary's resume.
+        """
+        assert self._switch_req is not None and self.link is not None
+        result = self._switch_req
+        t0 = time.monotonic()
+        epoch = self.status.epoch
+        try:
+            await self._sync_point("switchover", resume=False)
+            # The final epoch's writes are on our disk and its output is out.
+            if self.io is not None:
+                await asyncio.wait_for(self._released_through(epoch), 30)
+                if self.io.disk is not None:
+                    await asyncio.to_thread(self.io.disk.flush)
+        except (ReplicationError, TimeoutError) as err:
+            await self.vm.execute("cont")
+            if not result.done():
+                result.set_exception(ReplicationError(f"switchover aborted: {err}"))
+            raise ReplicationError(f"switchover aborted: {err}") from err
+        t_stopped = time.monotonic()
+        # Let the peer take the lease at once: stop renewing it, then release it.
+        if self._witness_task is not None:
+            self._witness_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._witness_task
+        if self.witness is not None:
+            with contextlib.suppress(ConnectError):
+                await self.witness.ask("release")
+        self._switch_reply = asyncio.get_running_loop().create_future()
+        lineage = self.io.lineage if self.io is not None else ""
+        reply: dict[str, Any]
+        try:
+            await self.link.send(
+                wire.Command(
+                    name="switchover", args=json.dumps({"epoch": epoch, "lineage": lineage})
+                )
+            )
+            reply = await asyncio.wait_for(self._switch_reply, 60)
+        except (TimeoutError, ConnectionError, OSError) as err:
+            reply = {"ok": None, "reason": f"no answer from the secondary: {err or 'timeout'}"}
+        finally:
+            self._switch_reply = None
+        if reply.get("ok"):
+            info = {
+                "switched": True,
+                "epoch": epoch,
+                "stop_ms": round((t_stopped - t0) * 1e3, 1),
+                "pause_ms": round((time.monotonic() - t0) * 1e3, 1),
+                "peer_resume_ms": reply.get("resume_ms"),
+            }
+            self.artifacts.event("switchover", **info)
+            self.outcome = "standby"
+            self._switched_epoch = epoch
+            self._set_state(PrimaryState.SWITCHED, f"the VM runs on {self.rcfg.peer} now")
+            self._stop.set()
+            if not result.done():
+                result.set_result(info)
+            return True
+        why = str(reply.get("reason", "refused"))
+        if reply.get("ok") is None and self.witness is None:
+            # Unknown outcome and nobody to ask: the peer may be running the guest.
+            self._set_state(
+                PrimaryState.HELD, f"switchover outcome unknown ({why}): the VM stays stopped"
+            )
+            failure = ReplicationError(f"switchover outcome unknown: {why}; the VM stays stopped")
+        else:
+            if self.witness is not None:
+                d = await self.witness.ask("renew")
+                if not d.granted:
+                    await self._fence(f"switchover: the peer holds the lease ({d.reason})")
+                self._witness_task = asyncio.create_task(self._witness_loop())
+                self._tasks.append(self._witness_task)
+            await self.vm.execute("cont")
+            failure = ReplicationError(f"switchover refused: {why}; the VM runs on here")
+        self.artifacts.event("switchover-failed", reason=why)
+        if not result.done():
+            result.set_exception(failure)
+        return False
+
+    _switched_epoch = -1
+
+    async def _released_through(self, epoch: int) -> None:
+        assert self.io is not None
+        while self.io.status()["released_through"] < epoch:
+            await asyncio.sleep(0.005)
 
     async def _on_qemu_event(self, ev: dict[str, Any]) -> None:
         name = ev.get("event", "")
@@ -324,19 +481,46 @@ class PrimaryAgent:
         )
         self._link_lost.clear()
         self._last_rx = time.monotonic()
+        self._compat_event.clear()
+        self._profile_event.clear()
+        self._compat_refused = ""
+        self._lost_reason = ""
+        self.compat = {}
         self._set_state(PrimaryState.SYNCING, f"secondary {self.rcfg.peer} connected")
         rx = asyncio.create_task(self._receiver())
         hb = asyncio.create_task(self._heartbeat_sender())
         try:
+            # Before a single page: can the secondary run this very VM?
+            await self.link.send(
+                wire.Command(
+                    name="vm-profile", args=json.dumps(compat.vm_profile(self.cfg, self.spec))
+                )
+            )
+            await self._await_profile_verdict()
             await self._initial_sync()
-            if self.witness is not None:
-                with contextlib.suppress(ConnectError):
-                    await self.witness.ask("paired")
-            self._set_state(PrimaryState.PROTECTED, f"epoch {self.status.last_committed_epoch}")
+            verdict_due = time.monotonic() + COMPAT_TIMEOUT_S
+            protected = False
             while not self._stop.is_set():
+                if not protected and self._compat_event.is_set():
+                    # The secondary loaded our first checkpoint into its own QEMU.
+                    protected = True
+                    if self.witness is not None:
+                        with contextlib.suppress(ConnectError):
+                            await self.witness.ask("paired")
+                    self._set_state(
+                        PrimaryState.PROTECTED,
+                        f"epoch {self.status.last_committed_epoch}; the secondary restored "
+                        f"a checkpoint in {self.compat.get('ms', '?')} ms",
+                    )
+                elif not protected and time.monotonic() > verdict_due:
+                    self._lose("the secondary never reported its trial restore")
                 await self._wait_trigger()
                 if self._stop.is_set() or self._link_lost.is_set():
                     break
+                if self._switch_req is not None and protected:
+                    if await self._switchover():
+                        return
+                    continue
                 await self._sync_point(self._trigger_reason)
             if self._link_lost.is_set():
                 raise ConnectError(self.rcfg.peer, self._lost_reason)
@@ -569,7 +753,12 @@ class PrimaryAgent:
         return self._peer_disk
 
     async def _sync_point(
-        self, trigger: str, *, digest: wire.EpochDigest | None = None, begun: bool = False
+        self,
+        trigger: str,
+        *,
+        digest: wire.EpochDigest | None = None,
+        begun: bool = False,
+        resume: bool = True,
     ) -> None:
         assert self.ram is not None and self.tracker is not None and self.link is not None
         assert self.capturer is not None
@@ -595,7 +784,8 @@ class PrimaryAgent:
             self.status.epoch = epoch + 1
             self.sched.started(epoch)
             faults.hit("stopped")
-            classic = self.rcfg.mode == "classic"
+            # Without ``resume`` (a switchover) the VM stays stopped after the ack.
+            classic = self.rcfg.mode == "classic" or not resume
             if not classic:
                 await self.vm.execute("cont")
             t_resume = time.perf_counter()
@@ -633,7 +823,8 @@ class PrimaryAgent:
             ack_fut = self._ack_future(epoch)
             if classic:
                 await self._await_ack(ack_fut, epoch)
-                await self.vm.execute("cont")
+                if resume:
+                    await self.vm.execute("cont")
                 t_resume = time.perf_counter()
         m = CheckpointMetrics(
             epoch=epoch,
@@ -702,6 +893,12 @@ class PrimaryAgent:
                 elif isinstance(msg, wire.Bye):
                     self._lose(f"secondary left: {msg.reason}")
                     return
+                elif isinstance(msg, wire.Command) and msg.name == "compat":
+                    self._on_compat(msg.args)
+                elif isinstance(msg, wire.Command) and msg.name == "switched":
+                    reply = _json_object(msg.args)
+                    if self._switch_reply is not None and not self._switch_reply.done():
+                        self._switch_reply.set_result(reply)
                 elif isinstance(msg, wire.Command) and msg.name == "disk-state":
                     with contextlib.suppress(ValueError):
                         state = json.loads(msg.args)
@@ -710,6 +907,37 @@ class PrimaryAgent:
                     self._peer_disk_event.set()
         except (ProtocolError, ConnectError, ConnectionError, asyncio.IncompleteReadError) as err:
             self._lose(f"link failed: {err}")
+
+    async def _await_profile_verdict(self) -> None:
+        """Wait for the secondary to accept our VM's profile (or refuse it)."""
+        timeout = self.rcfg.heartbeat_timeout_ms / 1000 * 2
+        lost = asyncio.ensure_future(self._link_lost.wait())
+        ok = asyncio.ensure_future(self._profile_event.wait())
+        try:
+            await asyncio.wait({lost, ok}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            ok.cancel()
+        if self._link_lost.is_set():
+            raise ReplicationError(self._lost_reason)
+        if not self._profile_event.is_set():
+            raise ReplicationError(f"the secondary did not answer our VM profile in {timeout} s")
+
+    def _on_compat(self, args: str) -> None:
+        verdict = _json_object(args)
+        self.compat = verdict
+        self.artifacts.event("compat", **verdict)
+        if verdict.get("ok"):
+            if verdict.get("stage") == "profile":
+                self._profile_event.set()
+            else:
+                self._compat_event.set()
+            return
+        self._compat_refused = str(verdict.get("reason", "no reason given"))
+        self._lose(
+            f"the secondary cannot run this VM ({verdict.get('stage', '?')}): "
+            f"{self._compat_refused}"
+        )
 
     def _on_durable(self, epoch: int) -> None:
         """Every write through ``epoch`` is on our disk: the secondary may drop its logs."""
@@ -849,6 +1077,14 @@ class PrimaryAgent:
 
 
 __all__ = ["PrimaryAgent", "PrimaryState"]
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 async def _h_fault(req: dict[str, Any]) -> Any:

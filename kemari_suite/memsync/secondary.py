@@ -38,11 +38,17 @@ from kemari_suite.errors import (
     ProtocolError,
     ReplicationError,
 )
-from kemari_suite.memsync import faults, wire
+from kemari_suite.memsync import compat, faults, wire
 from kemari_suite.memsync.codec import parse_pages
 from kemari_suite.memsync.control import ControlServer
 from kemari_suite.memsync.devstate import restore
-from kemari_suite.memsync.guestio import GuestIO, open_disk
+from kemari_suite.memsync.guestio import (
+    GuestIO,
+    disk_state_path,
+    open_disk,
+    read_disk_state,
+    write_disk_state,
+)
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, serve
 from kemari_suite.memsync.metrics import Artifacts
@@ -97,6 +103,18 @@ class FailoverReport:
     probes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Handover:
+    """A running VM a standby resumed in a planned switchover, handed to the primary role."""
+
+    vm: AsyncVM
+    io: GuestIO | None
+    #: The switchover's final epoch: both disk copies hold exactly this.
+    epoch: int
+    #: Identity of the disk copy the old primary keeps (for an incremental failback).
+    lineage: str
+
+
 class SecondaryAgent:
     """Receives epochs into the replica and fails over on demand or on primary loss."""
 
@@ -149,6 +167,14 @@ class SecondaryAgent:
         self.witness: Tiebreaker | None = None
         self._apply_lock = asyncio.Lock()
         self.epochs_committed = 0
+        #: Result of the protect-time compatibility check (profile, then trial restore).
+        self.compat: dict[str, Any] = {}
+        self._trial_task: asyncio.Task[None] | None = None
+        self._trial_pending = False
+        #: A planned switchover in progress: the link to answer on, and its request.
+        self._switch: tuple[Link, dict[str, Any]] | None = None
+        #: Set after a successful switchover: the node runs the primary role on it.
+        self.handover: Handover | None = None
 
     def _set_state(self, state: SecondaryState, reason: str = "") -> None:
         if state is self.state:
@@ -173,6 +199,7 @@ class SecondaryAgent:
             "qemu_pid": self.vm.pid,
             "failover": None if self.report is None else self.report.__dict__,
             "guest_events": self.guest_events[-10:],
+            "compat": self.compat,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -220,17 +247,24 @@ class SecondaryAgent:
             self._server.close()
         if self.link is not None:
             self.link.close()
+        for task in (self._trial_task, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.replica is not None:
             self.replica.close()
             self.replica = None
-        if self.vm.state.value != "new":
-            self.vm.keep_ram = False
-            await self.vm.shutdown()
-        if self.io is not None:
-            await self.io.close()
+        if self.handover is None:
+            # After a switchover the VM and its taps live on, in the primary role.
+            if self.vm.state.value != "new":
+                self.vm.keep_ram = False
+                await self.vm.shutdown()
+            if self.io is not None:
+                await self.io.close()
         if self.disk is not None:
             self.disk.close()
-        else:
+        elif self.handover is None:
             with contextlib.suppress(FileNotFoundError):
                 self.vm.paths.ram.unlink()
         if self.control is not None:
@@ -329,6 +363,12 @@ class SecondaryAgent:
             async with self._apply_lock:
                 self._disk_copy(msg.args)
             return
+        if isinstance(msg, wire.Command) and msg.name == "vm-profile":
+            await self._check_profile(link, msg.args)
+            return
+        if isinstance(msg, wire.Command) and msg.name == "switchover":
+            await self._switchover_request(link, msg.args)
+            return
         if isinstance(msg, wire.Command) and msg.name == "durable":
             # The primary's disk holds every write through this epoch: drop those logs.
             with contextlib.suppress(ValueError):
@@ -366,9 +406,107 @@ class SecondaryAgent:
                         await asyncio.to_thread(replay_nosync, target, data)
             elif isinstance(msg, wire.EpochEnd):
                 self._commit(msg)
+                if self._trial_pending:
+                    # Copy the replica now, inside the lock, so the copy is exactly
+                    # this committed checkpoint; the trial itself runs beside the link.
+                    self._trial_pending = False
+                    self._start_trial(link)
                 await link.send(wire.Ack(epoch=msg.epoch))
             else:
                 raise ProtocolError(f"unexpected message {type(msg).__name__}")
+
+    # ---- compatibility check -------------------------------------------------------
+
+    async def _check_profile(self, link: Link, args: str) -> None:
+        """Compare the primary's VM with ours; refuse with the differing fields."""
+        try:
+            theirs = json.loads(args)
+            if not isinstance(theirs, dict):
+                raise ValueError("not an object")
+        except ValueError as err:
+            raise ProtocolError(f"bad vm-profile command: {err}") from err
+        cmp = compat.compare(theirs, compat.vm_profile(self.cfg, self.spec))
+        self.compat = {"profile": "ok" if cmp.ok else "refused", "differences": cmp.differences}
+        if cmp.notes:
+            self.compat["notes"] = cmp.notes
+        if not cmp.ok:
+            reason = "; ".join(cmp.differences)
+            self.artifacts.event("compat-refused", stage="profile", reason=reason)
+            self.reason = f"cannot run the primary's VM: {reason}"
+            await link.send(
+                wire.Command(
+                    name="compat",
+                    args=json.dumps({"ok": False, "stage": "profile", "reason": reason}),
+                )
+            )
+            raise ConnectionError(f"VM mismatch: {reason}")
+        await link.send(
+            wire.Command(
+                name="compat",
+                args=json.dumps({"ok": True, "stage": "profile", "notes": cmp.notes}),
+            )
+        )
+        self._trial_pending = True
+
+    def _start_trial(self, link: Link) -> None:
+        assert self.committed_devstate is not None
+        copy = compat.trial_ram_path(self.cfg, self.spec)
+        devstate = self.committed_devstate
+        # The replica is a shared mapping of this file: the copy sees every applied page.
+        compat.copy_replica(self.vm.paths.ram, copy)
+
+        async def trial() -> None:
+            try:
+                verdict = await compat.run_trial(self.cfg, self.spec, devstate)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    copy.unlink()
+            self.compat["restore"] = verdict
+            self.artifacts.event("compat", **verdict)
+            if not verdict["ok"]:
+                self.reason = f"trial restore failed: {verdict['reason']}"
+            with contextlib.suppress(Exception):
+                await link.send(wire.Command(name="compat", args=json.dumps(verdict)))
+
+        self._trial_task = asyncio.create_task(trial())
+
+    # ---- planned switchover ----------------------------------------------------------
+
+    async def _switchover_request(self, link: Link, args: str) -> None:
+        """The primary stopped its VM at a committed checkpoint and hands it over."""
+        try:
+            req = json.loads(args)
+            epoch = int(req["epoch"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ProtocolError(f"bad switchover command: {err}") from err
+        problem = ""
+        if self.state is not SecondaryState.STANDBY:
+            problem = f"this host is {self.state.value}, not standby"
+        elif self.committed_epoch != epoch:
+            problem = f"this host committed epoch {self.committed_epoch}, not {epoch}"
+        elif not self.rcfg.peer:
+            problem = (
+                "replication.peer is not set on this host: it could not protect the VM "
+                "after the switch"
+            )
+        elif self.compat.get("restore", {}).get("ok") is False:
+            problem = f"the trial restore failed here: {self.compat['restore'].get('reason')}"
+        if problem:
+            self.artifacts.event("switchover-refused", reason=problem)
+            await link.send(
+                wire.Command(name="switched", args=json.dumps({"ok": False, "reason": problem}))
+            )
+            return
+        self._switch = (link, req)
+        self._failover_reason = "planned switchover"
+        self._failover_now.set()
+
+    async def _answer_switch(self, ok: bool, **info: Any) -> None:
+        if self._switch is None:
+            return
+        link, _req = self._switch
+        with contextlib.suppress(Exception):
+            await link.send(wire.Command(name="switched", args=json.dumps({"ok": ok, **info})))
 
     def _begin(self, msg: wire.EpochBegin) -> None:
         if msg.page_size != PAGE or msg.ram_size != self.n_pages * PAGE:
@@ -491,24 +629,17 @@ class SecondaryAgent:
         return self.cfg.disk.path + ".next"
 
     def _disk_state_path(self) -> Path:
-        return Path(self.cfg.disk.path + ".kemari.json")
+        return disk_state_path(self.cfg)
 
     _disk_lineage = ""
 
     def _read_disk_state(self) -> dict[str, Any]:
-        try:
-            state = json.loads(self._disk_state_path().read_text())
-        except (OSError, ValueError):
-            return {}
-        return state if isinstance(state, dict) else {}
+        return read_disk_state(self.cfg)
 
     def _write_disk_state(self, lineage: str, epoch: int) -> None:
         """Which copy this disk is (lineage) and through which epoch (applied)."""
         self._disk_lineage = lineage
-        path = self._disk_state_path()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"lineage": lineage, "epoch": epoch}))
-        os.replace(tmp, path)
+        write_disk_state(self.cfg, lineage, epoch)
 
     def _persist_devstate(self, data: bytes) -> None:
         path = self.vm.paths.run_dir / "devstate.committed"
@@ -556,6 +687,8 @@ class SecondaryAgent:
                 detected = time.time()
                 reason = self._failover_reason
                 await self._failover(reason, detected, operator=True)
+                if self.state is SecondaryState.STANDBY:
+                    continue  # a switchover the tiebreaker refused: still the standby
                 return
             except TimeoutError:
                 pass
@@ -606,10 +739,24 @@ class SecondaryAgent:
         Raises:
             FailoverError: no committed checkpoint, or QEMU could not resume it.
         """
+        switching = self._switch is not None
+        if switching and self.witness is not None:
+            # The primary released the lease before asking: take it, or refuse.
+            try:
+                d = await self.witness.ask("takeover")
+                granted, why = d.granted, d.reason
+            except ConnectError as err:
+                granted, why = False, f"tiebreaker unreachable: {err}"
+            if not granted:
+                self.artifacts.event("switchover-refused", reason=why)
+                await self._answer_switch(False, reason=f"tiebreaker refused: {why}")
+                self._switch = None
+                self._failover_now.clear()
+                return
         self._set_state(SecondaryState.FAILING_OVER, reason)
         if self._server is not None:
             self._server.close()
-        if self.link is not None:
+        if self.link is not None and not switching:
             self.link.close()
         async with self._apply_lock:
             self._rollback("failover")
@@ -654,11 +801,34 @@ class SecondaryAgent:
         except Exception as err:
             self._set_state(SecondaryState.STOPPED, f"failover failed: {err}")
             self.artifacts.event("failover-failed", reason=str(err))
+            if switching:
+                # Give the lease back so the old primary can resume its stopped VM.
+                if self.witness is not None:
+                    with contextlib.suppress(Exception):
+                        await self.witness.ask("release")
+                await self._answer_switch(False, reason=f"resume failed here: {err}")
+                if self.link is not None:
+                    self.link.close()
             raise FailoverError(f"could not resume epoch {epoch}: {err}") from err
         self.report = report
         self.vm.keep_ram = False
         self.artifacts.event("failover", **report.__dict__)
         self._set_state(SecondaryState.ACTIVE, f"resumed epoch {epoch}: {reason}")
+        if switching:
+            assert self._switch is not None
+            lineage = str(self._switch[1].get("lineage", ""))
+            await self._answer_switch(True, epoch=epoch, resume_ms=report.failover_ms)
+            if self.link is not None:
+                self.link.close()
+            if self.io is not None and self.io.disk is not None:
+                # Both copies hold epoch ``epoch``: what this host writes from now on is
+                # what the old primary, as the next standby, will need.
+                self.io.lineage = lineage
+                self.io.acked_at_loss = epoch
+                self.io.disk.tracking = True
+            self.handover = Handover(vm=self.vm, io=self.io, epoch=epoch, lineage=lineage)
+            self._stop.set()
+            return
         if self.witness is not None and not operator:
             self._renewer = asyncio.create_task(self._renew_forever())
 

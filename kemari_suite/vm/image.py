@@ -201,14 +201,32 @@ def encode_run(command: str) -> str:
     return "".join(chr(b) if b in _RUN_SAFE else f"%{b:02X}" for b in command.encode())
 
 
+#: kemari.root / kemari.rootinit / kemari.rootflags values: init.sh splits the command
+#: line on whitespace and passes them to mount and switch_root without decoding.
+_ROOT_DEVICE = re.compile(r"^/dev/[A-Za-z0-9._/-]+$")
+_ROOT_INIT = re.compile(r"^/[A-Za-z0-9._/-]+$")
+_ROOT_FLAGS = re.compile(r"^[A-Za-z0-9_=,.-]+$")
+
+
 def kernel_cmdline(
-    *, ip: str | None = None, gw: str | None = None, run: str | None = None, extra: str = ""
+    *,
+    ip: str | None = None,
+    gw: str | None = None,
+    run: str | None = None,
+    extra: str = "",
+    root: str | None = None,
+    rootinit: str | None = None,
+    rootflags: str | None = None,
 ) -> str:
     """The guest kernel command line.
 
     ``ip`` is "A.B.C.D/NN" for eth0, ``gw`` the default gateway, ``run`` a command for
     init to run instead of the baked-in one (percent-encoded here), ``extra`` is appended
-    verbatim. Raises ImageError on a malformed address or a command line over 2047 bytes.
+    verbatim. ``root`` (a block device such as "/dev/vda") makes init mount that ext4
+    filesystem and switch_root into it, running ``rootinit`` there (init's default is
+    /sbin/kemari-init) with the mount options ``rootflags`` (default "rw"); see
+    kemari_suite/vm/debian.py. Raises ImageError on a malformed address, root device,
+    init path or flags, or a command line over 2047 bytes.
     """
     parts = list(BASE_CMDLINE)
     if ip is not None:
@@ -227,6 +245,18 @@ def kernel_cmdline(
         parts.append(f"kemari.gw={gw}")
     if run:
         parts.append(f"kemari.run={encode_run(run)}")
+    for name, value, rx in (
+        ("root", root, _ROOT_DEVICE),
+        ("rootinit", rootinit, _ROOT_INIT),
+        ("rootflags", rootflags, _ROOT_FLAGS),
+    ):
+        if value is None:
+            continue
+        if not rx.match(value) or "/../" in f"{value}/":
+            raise ImageError("cmdline", f"kemari.{name} {value!r}: not a plain {rx.pattern}")
+        parts.append(f"kemari.{name}={value}")
+    if (rootinit is not None or rootflags is not None) and root is None:
+        raise ImageError("cmdline", "kemari.rootinit and kemari.rootflags need kemari.root")
     if extra.strip():
         parts.append(extra.strip())
     line = " ".join(parts)

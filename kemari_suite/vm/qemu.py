@@ -70,11 +70,14 @@ class VMSpec:
     Both hosts of a pair derive the command line from the same spec, so a failover start
     always matches the machine that was replicated; only ``ram_path`` and ``incoming``
     differ between them.
+
+    ``kernel`` None means firmware boot (the disk's own bootloader, ``-boot c``); then
+    ``initrd`` and ``append`` are not used.
     """
 
     name: str
-    kernel: Path
-    initrd: Path
+    kernel: Path | None
+    initrd: Path | None
     append: str = "console=ttyS0"
     memory_mib: int = 128
     vcpus: int = 1
@@ -93,6 +96,12 @@ class VMSpec:
     #: Network namespace to run QEMU in (the lab's host namespaces).
     netns: str | None = None
     extra_args: tuple[str, ...] = ()
+    #: The ``-vga`` model: "none" (the default: no video RAM outside the RAM file), "std",
+    #: "virtio" or "qxl". Video RAM is not in the shared RAM file, so every device-state
+    #: capture carries it.
+    display: str = "none"
+    #: Extra ``-device`` option strings (e.g. "virtio-rng-pci"), in this order on both hosts.
+    devices: tuple[str, ...] = ()
 
     def replace(self, **changes: Any) -> VMSpec:
         from dataclasses import replace
@@ -178,13 +187,16 @@ def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
         "-display",
         "none",
         "-vga",
-        "none",
-        "-kernel",
-        str(spec.kernel),
-        "-initrd",
-        str(spec.initrd),
-        "-append",
-        spec.append,
+        spec.display,
+    ]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
+        argv += ["-append", spec.append]
+    else:
+        argv += ["-boot", "c"]
+    argv += [
         "-chardev",
         f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon",
@@ -216,6 +228,8 @@ def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
             "-device",
             "virtio-blk-pci,drive=disk0",
         ]
+    for device in spec.devices:
+        argv += ["-device", device]
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)

@@ -1,0 +1,124 @@
+"""Planned switchover and failback: the VM moves to the standby and back, with a client
+connected throughout, nothing lost, and each host ending in the other role; and the
+protect-time compatibility check refuses a standby that cannot run the VM."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import KemariError
+from kemari_suite.lab.netclient import open_connection
+from kemari_suite.lab.pair import LabPair, PairOptions
+from tests.conftest import needs_root
+from tests.e2e.test_stream import Reader
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+PORT = 7002
+
+
+def _connect(lay, timeout: float = 120.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return open_connection(lay.ns_client, lay.guest_ip, PORT)
+        except KemariError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def _progress(reader: Reader, lines: int, timeout: float = 60.0) -> None:
+    target = reader.expected + lines
+    deadline = time.monotonic() + timeout
+    while reader.expected < target and time.monotonic() < deadline:
+        assert not reader.errors, reader.errors
+        time.sleep(0.1)
+    assert not reader.errors, reader.errors
+    assert reader.expected >= target, f"stream stalled at {reader.expected}"
+
+
+def test_switchover_and_failback_with_client_connected(
+    lab_factory, base_config: KemariConfig
+) -> None:
+    lay = lab_factory()
+    opts = PairOptions(tapped_net=True, disk="builtin", workload=f"stream -p {PORT} 500")
+    pair = LabPair(lay, base_config, opts)
+    reader: Reader | None = None
+    try:
+        pair.start()
+        st = pair.wait_state("primary", {"protected"}, 180)
+        # Protection is declared only after the standby restored a checkpoint.
+        assert st["compat"]["ok"] is True and st["compat"]["stage"] == "restore"
+        reader = Reader(_connect(lay), slow=False)
+        reader.start()
+        _progress(reader, 100)
+
+        # Switchover: primary host -> secondary host.
+        res = pair.switchover("primary")
+        assert res["switched"] is True
+        assert res["pause_ms"] > 0
+        st = pair.wait_state("secondary", {"protected"}, 180)
+        assert st["role"] == "primary"
+        old = pair.wait_state("primary", {"standby"}, 60)
+        assert old["role"] == "secondary"
+        _progress(reader, 200)
+        # The old primary's disk copy was current: only blocks written since went over.
+        assert st["disk_resync"]["mode"] == "incremental", st["disk_resync"]
+
+        # Failback: secondary host -> primary host.
+        res = pair.switchover("secondary")
+        assert res["switched"] is True
+        st = pair.wait_state("primary", {"protected"}, 180)
+        assert st["role"] == "primary"
+        assert pair.wait_state("secondary", {"standby"}, 60)["role"] == "secondary"
+        _progress(reader, 200)
+        assert not reader.errors, reader.errors
+        assert reader.longest_gap < 30, reader.longest_gap
+    finally:
+        if reader is not None:
+            reader.stop.set()
+            with contextlib.suppress(OSError):
+                reader.sock.close()
+        pair.stop()
+
+
+def test_switchover_refused_when_not_protected(lab_factory, base_config: KemariConfig) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions())
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.kill("secondary")
+        pair.wait_state("primary", {"unprotected"}, 30)
+        with pytest.raises(KemariError, match="not protected"):
+            pair.switchover("primary", timeout=30)
+        # Still running here.
+        assert pair.wait_counter(30) >= 0
+    finally:
+        pair.stop()
+
+
+def test_mismatched_memory_refused_before_sync(lab_factory, base_config: KemariConfig) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions())
+    # The standby's copy of the definition says 192 MiB; the primary runs 128.
+    cfg: Path = pair.configs["secondary"]
+    cfg.write_text(cfg.read_text().replace("memory_mib = 128", "memory_mib = 192"))
+    try:
+        pair.start()
+        st = pair.wait_state("primary", {"unprotected"}, 120)
+        assert "vm.memory_mib" in st["reason"] and "128" in st["reason"], st["reason"]
+        sec = pair.status("secondary")
+        assert sec["state"] == "waiting"
+        assert sec["compat"]["profile"] == "refused"
+        # Refused before a single page was copied.
+        assert sec["last_committed_epoch"] == -1
+        assert pair.wait_counter(60) >= 0
+    finally:
+        pair.stop()
