@@ -32,6 +32,9 @@ from kemari_suite.cli import remote as remote_cli  # noqa: E402
 
 app.add_typer(deploy_cli.app, name="deploy")
 app.add_typer(remote_cli.app, name="remote")
+from kemari_suite.cli.vm import app as vm_app  # noqa: E402
+
+app.add_typer(vm_app, name="vm")
 disk_app = typer.Typer(no_args_is_help=True, help="Guest disk copies.")
 app.add_typer(disk_app, name="disk")
 bench_app = typer.Typer(
@@ -193,22 +196,47 @@ def _run_async(coro: Any) -> Any:
     return _guard(lambda: asyncio.run(coro))
 
 
+VMDefOpt = Annotated[
+    Path | None,
+    typer.Option("--vm", help="A VM definition (TOML, see docs/vm-definition.md)."),
+]
+HostOpt = Annotated[
+    str, typer.Option("--host", help="This host's name in the VM definition's [hosts].")
+]
+
+
+def _node_setup(config: Path | None, vm: Path | None, host: str) -> tuple[Any, Any]:
+    """The config and (with ``--vm``) the QEMU spec this host runs; errors exit 2."""
+    if vm is None:
+        return _load(config), None
+    if config is not None:
+        err.print("[bold red]error:[/] give either --config or --vm, not both")
+        raise typer.Exit(2)
+    if not host:
+        err.print("[bold red]error:[/] --vm needs --host (this host's name in [hosts])")
+        raise typer.Exit(2)
+    from kemari_suite.vm.vmdef import load_vmdef
+
+    view = _guard(lambda: load_vmdef(vm, host=host).for_host(host))
+    return view.config, view.spec
+
+
 @app.command()
-def protect(config: ConfigOpt = None) -> None:
+def protect(config: ConfigOpt = None, vm: VMDefOpt = None, host: HostOpt = "") -> None:
     """Run the primary: boot the VM and replicate it to the secondary."""
     from kemari_suite.memsync.agent import run_primary
 
-    cfg = _load(config)
-    _run_async(run_primary(cfg))
+    cfg, spec = _node_setup(config, vm, host)
+    _run_async(run_primary(cfg, **({"node_id": host, "spec": spec} if spec else {})))
 
 
 @app.command()
-def standby(config: ConfigOpt = None) -> None:
+def standby(config: ConfigOpt = None, vm: VMDefOpt = None, host: HostOpt = "") -> None:
     """Run the secondary: hold the replica, fail over when the primary is lost."""
     from kemari_suite.memsync.agent import run_secondary
 
-    cfg = _load(config)
-    _run_async(run_secondary(cfg))
+    cfg, spec = _node_setup(config, vm, host)
+    _run_async(run_secondary(cfg, **({"node_id": host, "spec": spec} if spec else {})))
 
 
 @app.command()

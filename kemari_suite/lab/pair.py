@@ -72,6 +72,8 @@ class PairOptions:
     #: Put the guest NIC behind the frame proxy (output commit) instead of a plain tap.
     tapped_net: bool = False
     policy: str = "kemari"
+    #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
+    alert_hook: str = ""
     env_primary: dict[str, str] = field(default_factory=dict)
     env_secondary: dict[str, str] = field(default_factory=dict)
 
@@ -140,6 +142,8 @@ class LabPair:
                 else "",
             },
         }
+        if o.alert_hook and role != "witness":
+            sections["alerts"] = {"hook": o.alert_hook}
         if o.tapped_net and role != "witness":
             sections["vm"]["netdev"] = ""
             sections["tap"] = {"host_tap": lab.tap_for(tap_role), "policy": o.policy}

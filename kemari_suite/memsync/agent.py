@@ -23,7 +23,7 @@ from kemari_suite.memsync.secondary import Handover, SecondaryAgent
 from kemari_suite.memsync.witness import WitnessServer
 from kemari_suite.vm import guestmem
 from kemari_suite.vm.define import ensure_image, vm_spec
-from kemari_suite.vm.qemu import VMPaths
+from kemari_suite.vm.qemu import VMPaths, VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _install_signals(stop: asyncio.Event) -> None:
 
 
 async def run_primary(
-    cfg: KemariConfig, *, node_id: str = "primary"
+    cfg: KemariConfig, *, node_id: str = "primary", spec: VMSpec | None = None
 ) -> PrimaryAgent | SecondaryAgent:
     """Boot the VM and protect it until stopped (then, after a switchover, stand by).
 
@@ -82,18 +82,20 @@ async def run_primary(
     """
     if not cfg.replication.peer:
         raise ConfigError("the secondary's address is not set", key="replication.peer")
-    return await run_node(cfg, "primary", node_id=node_id)
+    return await run_node(cfg, "primary", node_id=node_id, spec=spec)
 
 
 async def run_secondary(
-    cfg: KemariConfig, *, node_id: str = "secondary"
+    cfg: KemariConfig, *, node_id: str = "secondary", spec: VMSpec | None = None
 ) -> PrimaryAgent | SecondaryAgent:
     """Hold the replica and fail over when needed; after a failover, keep the VM running;
     after a planned switchover, protect the VM from here."""
-    return await run_node(cfg, "secondary", node_id=node_id)
+    return await run_node(cfg, "secondary", node_id=node_id, spec=spec)
 
 
-async def run_node(cfg: KemariConfig, role: str, *, node_id: str) -> PrimaryAgent | SecondaryAgent:
+async def run_node(
+    cfg: KemariConfig, role: str, *, node_id: str, spec: VMSpec | None = None
+) -> PrimaryAgent | SecondaryAgent:
     """Run this host's agent, changing roles at a planned switchover, until stopped.
 
     A switchover ends the primary agent with ``outcome == "standby"`` (its VM handed
@@ -103,8 +105,10 @@ async def run_node(cfg: KemariConfig, role: str, *, node_id: str) -> PrimaryAgen
     """
     stop = asyncio.Event()
     _install_signals(stop)
-    image = await asyncio.to_thread(ensure_image, cfg)
-    spec = vm_spec(cfg, image)
+    if spec is None:
+        # A plain config: the project's own guest image. A VM definition brings its own.
+        image = await asyncio.to_thread(ensure_image, cfg)
+        spec = vm_spec(cfg, image)
     handover: Handover | None = None
     while True:
         folder = artifacts_dir(cfg, role)

@@ -160,7 +160,13 @@ def compare(primary: dict[str, Any], here: dict[str, Any]) -> Comparison:
 
 def _trial_spec(cfg: KemariConfig, spec: VMSpec) -> VMSpec:
     """This host's command line with stand-ins for the NIC backend and the disk."""
-    netdev = "hubport,hubid=0" if (spec.netdev or cfg.tap.host_tap) else None
+    netdev: str | None = None
+    if spec.netdev and spec.netdev.split(",", 1)[0] in ("tap", "bridge"):
+        # The device state of a NIC on a TAP records vnet_hdr=on: the stand-in must be a
+        # TAP too. A fresh, unattached one (QEMU creates it and it goes with QEMU).
+        netdev = f"tap,ifname=kchk{os.getpid() % 100000:05d},script=no,downscript=no"
+    elif spec.netdev or cfg.tap.host_tap:
+        netdev = "hubport,hubid=0"
     size = disk_size(cfg)
     blockdev = f"driver=null-co,size={size}" if size > 0 else None
     return spec.replace(name=f"{spec.name}-check", incoming=True, netdev=netdev, blockdev=blockdev)

@@ -89,6 +89,9 @@ def request(path: Path, cmd: str, *, timeout: float = 30.0, **args: Any) -> Any:
             buf += chunk
     except TimeoutError as err:
         raise ConnectError(f"agent at {path}", f"no answer in {timeout} s") from err
+    except OSError as err:
+        # The agent went away mid-request (it stopped, or changed roles).
+        raise ConnectError(f"agent at {path}", err.strerror or str(err)) from err
     finally:
         s.close()
     reply = json.loads(buf)

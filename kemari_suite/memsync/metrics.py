@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kemari_suite.alerts import Alerter, AlertKind
+
 
 @dataclass
 class CheckpointMetrics:
@@ -47,13 +49,23 @@ class Artifacts:
         root.mkdir(parents=True, exist_ok=True)
         self._ckpt = (root / "checkpoints.jsonl").open("a", buffering=1)
         self._events = (root / "events.jsonl").open("a", buffering=1)
+        #: Where the events operators must hear about also go (hook, system log).
+        self.alerter: Alerter | None = None
 
     def checkpoint(self, m: CheckpointMetrics) -> None:
-        self._ckpt.write(json.dumps(asdict(m)) + "\n")
+        if not self._ckpt.closed:
+            self._ckpt.write(json.dumps(asdict(m)) + "\n")
 
     def event(self, kind: str, **fields: Any) -> None:
         rec = {"t": time.time(), "event": kind, **fields}
-        self._events.write(json.dumps(rec, default=str) + "\n")
+        # A task that ends after the agent stopped may still report: keep it quiet.
+        if not self._events.closed:
+            self._events.write(json.dumps(rec, default=str) + "\n")
+        if self.alerter is not None:
+            alert = alert_for(kind, fields)
+            if alert is not None:
+                details = {k: v for k, v in fields.items() if k != "reason"}
+                self.alerter.emit(alert[0], alert[1], event=kind, **details)
 
     def status(self, status: dict[str, Any]) -> None:
         tmp = self.root / "status.json.tmp"
@@ -63,3 +75,31 @@ class Artifacts:
     def close(self) -> None:
         self._ckpt.close()
         self._events.close()
+        if self.alerter is not None:
+            self.alerter.close(timeout=5.0)
+
+
+#: Agent states that are alerts, and what kind.
+_STATE_ALERTS = {
+    "unprotected": AlertKind.UNPROTECTED,
+    "held": AlertKind.UNPROTECTED,
+    "protected": AlertKind.PROTECTED,
+    "fenced": AlertKind.FENCED,
+    "active": AlertKind.FAILOVER,
+    "switched-over": AlertKind.SWITCHOVER,
+}
+
+
+def alert_for(kind: str, fields: dict[str, Any]) -> tuple[AlertKind, str] | None:
+    """The alert an artifact event raises, if any: (kind, reason)."""
+    reason = str(fields.get("reason", ""))
+    if kind == "state":
+        ak = _STATE_ALERTS.get(str(fields.get("state")))
+        return None if ak is None else (ak, reason or str(fields.get("state")))
+    if kind == "failover-failed":
+        split = "diverged" in reason or "split" in reason
+        return (AlertKind.SPLIT_BRAIN if split else AlertKind.FAILOVER_FAILED, reason)
+    if kind in ("failover-refused", "switchover-refused", "compat-refused"):
+        split = "diverged" in reason or "stale" in reason
+        return (AlertKind.SPLIT_BRAIN if split else AlertKind.FAILOVER_REFUSED, reason)
+    return None

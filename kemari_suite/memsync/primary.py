@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from kemari_suite.alerts import Alerter
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import (
     ConnectError,
@@ -118,6 +119,8 @@ class PrimaryAgent:
         self.artifacts = Artifacts(
             artifacts or (self.vm.paths.run_dir.parent / f"{spec.name}-artifacts")
         )
+        # Raises ConfigError for a hook that does not exist: before anything starts.
+        self.artifacts.alerter = Alerter(cfg.alerts, vm=spec.name, node=node_id)
         self.status = PrimaryStatus()
         self.on_state = on_state
         self.ram: GuestRAM | None = None
@@ -187,7 +190,12 @@ class PrimaryAgent:
             "disk_resync": self._resync,
             "io": self.io.status() if self.io is not None else None,
             "compat": self.compat,
+            "alerts": self._alert_history(),
         }
+
+    def _alert_history(self) -> list[dict[str, Any]]:
+        a = self.artifacts.alerter
+        return a.history[-5:] if a is not None else []
 
     # ---- lifecycle ---------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kemari_suite.alerts import Alerter
 from kemari_suite.config import KemariConfig
 from kemari_suite.disk.base import FileDisk
 from kemari_suite.errors import (
@@ -141,6 +142,8 @@ class SecondaryAgent:
         self.artifacts = Artifacts(
             artifacts or (self.vm.paths.run_dir.parent / f"{spec.name}-artifacts")
         )
+        # Raises ConfigError for a hook that does not exist: before anything starts.
+        self.artifacts.alerter = Alerter(cfg.alerts, vm=spec.name, node=node_id)
         self.probe = probe
         self.state = SecondaryState.WAITING
         self.state_since = time.time()
@@ -200,6 +203,7 @@ class SecondaryAgent:
             "failover": None if self.report is None else self.report.__dict__,
             "guest_events": self.guest_events[-10:],
             "compat": self.compat,
+            "alerts": self.artifacts.alerter.history[-5:] if self.artifacts.alerter else [],
         }
 
     # ---- lifecycle ---------------------------------------------------------------------

@@ -148,6 +148,9 @@ def check_tapped(
             )
     allowed = SAFE_DEVICES | frozenset(allow_devices)
     args = list(spec.extra_args)
+    for device in getattr(spec, "devices", ()):
+        # The VM definition's extra devices face the same allow-list.
+        args += ["-device", device]
     for i, arg in enumerate(args):
         if not arg.startswith("-"):
             continue

@@ -3,6 +3,11 @@ re-protects when a secondary comes back, and a later failover still works."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from kemari_suite.config import KemariConfig
@@ -12,11 +17,32 @@ from tests.conftest import needs_root
 pytestmark = [pytest.mark.e2e, needs_root]
 
 
+def _alerts(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_alert(path: Path, kind: str, node: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for a in _alerts(path):
+            if a["kind"] == kind and a["node"] == node:
+                return a
+        time.sleep(0.2)
+    raise AssertionError(f"no {kind} alert from {node}: {_alerts(path)}")
+
+
 def test_secondary_loss_unprotected_then_reprotected(
-    lab_factory, base_config: KemariConfig
+    lab_factory, base_config: KemariConfig, tmp_path: Path
 ) -> None:
     lay = lab_factory()
-    pair = LabPair(lay, base_config, PairOptions())
+    # A real hook: it appends each alert (JSON on stdin) to a file.
+    log = tmp_path / "alerts.jsonl"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ncat >> {log}\necho >> {log}\n")
+    hook.chmod(0o755)
+    pair = LabPair(lay, base_config, PairOptions(alert_hook=str(hook)))
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)
@@ -26,6 +52,8 @@ def test_secondary_loss_unprotected_then_reprotected(
         st = pair.wait_state("primary", {"unprotected"}, 30)
         assert "witness confirmed" in st["reason"]
         assert st["protected"] is False
+        alert = _wait_alert(log, "unprotected", "primary")
+        assert alert["vm"] == "guest" and "witness confirmed" in alert["reason"]
         before = pair.read_counter()
         pair.start_secondary()
         st = pair.wait_state("primary", {"protected"}, 120)
@@ -34,6 +62,7 @@ def test_secondary_loss_unprotected_then_reprotected(
         pair.wait_state("secondary", {"standby"}, 30)
         pair.kill("primary")
         sec = pair.wait_state("secondary", {"active"}, 60)
+        assert _wait_alert(log, "failover", "secondary")["reason"].startswith("resumed epoch")
         probes = sec["failover"]["probes"]
         assert probes.get("counter", -1) >= before
         assert pair.wait_counter(60) >= probes["counter"]
@@ -63,7 +92,7 @@ def test_guest_shutdown_is_forwarded_not_failed_over(
     lab_factory, base_config: KemariConfig
 ) -> None:
     lay = lab_factory()
-    pair = LabPair(lay, base_config, PairOptions(workload="sleep 5; poweroff -f"))
+    pair = LabPair(lay, base_config, PairOptions(workload="sleep 15; poweroff -f"))
     try:
         pair.start()
         pair.wait_state("primary", {"protected"}, 180)

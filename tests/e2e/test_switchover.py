@@ -80,6 +80,12 @@ def test_switchover_and_failback_with_client_connected(
         _progress(reader, 200)
         assert not reader.errors, reader.errors
         assert reader.longest_gap < 30, reader.longest_gap
+    except BaseException:
+        for role in ("primary", "secondary"):
+            print(f"---- {role}.out alive={pair.alive(role)} ----\n{pair.output(role)[-4000:]}")
+            for log in sorted(pair.run_dir(role).glob("artifacts/*/agent.log")):
+                print(f"---- {log} ----\n{log.read_text(errors='replace')[-5000:]}")
+        raise
     finally:
         if reader is not None:
             reader.stop.set()

@@ -41,3 +41,45 @@ def test_choose_accel_override_and_reason() -> None:
     assert choose_accel("tcg") == ("tcg", "set in config")
     accel, why = choose_accel("auto")
     assert accel in ("tcg", "kvm") and why
+
+
+def test_default_display_is_none_and_kernel_boot_unchanged() -> None:
+    paths = VMPaths.for_vm("g", Path("/r"), Path("/s"))
+    argv = qemu_argv(_spec(), paths)
+    assert argv[argv.index("-vga") + 1] == "none"
+    assert argv[argv.index("-kernel") + 1] == "/k" and argv[argv.index("-initrd") + 1] == "/i"
+    assert argv[argv.index("-append") + 1] == "console=ttyS0"
+    assert "-boot" not in argv
+
+
+def test_firmware_boot_has_no_kernel_and_boots_the_disk() -> None:
+    paths = VMPaths.for_vm("g", Path("/r"), Path("/s"))
+    argv = qemu_argv(_spec(kernel=None, initrd=None), paths)
+    for opt in ("-kernel", "-initrd", "-append"):
+        assert opt not in argv
+    assert argv[argv.index("-boot") + 1] == "c"
+
+
+def test_kernel_without_initrd() -> None:
+    paths = VMPaths.for_vm("g", Path("/r"), Path("/s"))
+    argv = qemu_argv(_spec(initrd=None), paths)
+    assert "-initrd" not in argv and "-kernel" in argv and "-append" in argv
+
+
+def test_display_models_and_extra_devices() -> None:
+    paths = VMPaths.for_vm("g", Path("/r"), Path("/s"))
+    for display in ("std", "virtio", "qxl"):
+        argv = qemu_argv(_spec(display=display), paths)
+        assert argv[argv.index("-vga") + 1] == display
+        assert argv[argv.index("-display") + 1] == "none"
+    spec = _spec(devices=("virtio-rng-pci", "i6300esb"), incoming=True, extra_args=("-S",))
+    argv = qemu_argv(spec, paths)
+    assert argv[-7:] == [
+        "-device",
+        "virtio-rng-pci",
+        "-device",
+        "i6300esb",
+        "-incoming",
+        "defer",
+        "-S",
+    ]
