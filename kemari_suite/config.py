@@ -127,6 +127,10 @@ class ReplicationConfig:
     #: Generous by default: two busy cores can stall a process for a second.
     heartbeat_timeout_ms: int = 3000
     tiebreaker: Tiebreaker = "none"
+    #: After a failover, protect the VM again from this host as soon as a standby
+    #: answers at ``peer`` (the failed host, repaired and restarted as a standby). Off:
+    #: the survivor runs the VM unprotected until an operator moves it.
+    reprotect: bool = False
     #: host:port of the witness when ``tiebreaker = "witness"``.
     witness: str = ""
 

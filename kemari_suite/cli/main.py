@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -444,6 +445,38 @@ def bench_floor(
     with err.status("floor") as st:
         res = _guard(lambda: memsync.run_floor(cfg, samples=samples, progress=st.update))
     out.print_json(json.dumps(res))
+
+
+@bench_app.command("service")
+def bench_service(
+    config: ConfigOpt = None,
+    kills: Annotated[int, typer.Option(help="Random kills of the host running the VM.")] = 10,
+    seconds: Annotated[
+        float, typer.Option(help="Throughput measurement, unprotected and protected.")
+    ] = 20.0,
+    profile: Annotated[str, typer.Option(help="Replication link profile: 1g or 10g.")] = "10g",
+    output: Annotated[Path, typer.Option("-o", help="Results folder.")] = Path(
+        "benchmarks/results"
+    ),
+) -> None:
+    """nginx in a Debian guest through random kills: throughput protected vs
+    unprotected, failover time, and every stored record checked (benchmarks/results)."""
+    from kemari_suite.bench import service
+
+    cfg = _load(config)
+    with err.status("service") as st:
+
+        def say(msg: str) -> None:
+            st.update(msg)
+            err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}")
+
+        res = _guard(
+            lambda: service.run(cfg, kills=kills, measure_s=seconds, profile=profile, progress=say)
+        )
+    md = service.write_results(res, output, "kemari " + " ".join(sys.argv[1:]))
+    out.print(f"results: {md}")
+    if not res["ok"]:
+        raise typer.Exit(1)
 
 
 # ---- demo ----------------------------------------------------------------------------

@@ -76,6 +76,9 @@ class PairOptions:
     alert_hook: str = ""
     env_primary: dict[str, str] = field(default_factory=dict)
     env_secondary: dict[str, str] = field(default_factory=dict)
+    #: Run the agents from this VM definition (``--vm FILE --host a|b``) instead of
+    #: config files; see :meth:`LabPair.write_vm_definition`.
+    vm_definition: str = ""
 
 
 class LabPair:
@@ -195,18 +198,30 @@ class LabPair:
             {},
         )
 
+    #: Host names in a lab VM definition, by role.
+    HOSTS = {"primary": "a", "secondary": "b"}
+
+    def _agent_args(self, command: str, role: str) -> list[str]:
+        if self.opts.vm_definition:
+            return [command, "--vm", self.opts.vm_definition, "--host", self.HOSTS[role]]
+        return [command, "-c", str(self.configs[role])]
+
     def start_secondary(self) -> None:
+        self.start_standby_on("secondary")
+
+    def start_standby_on(self, role: str) -> None:
+        """Start (or restart, after a kill) the host ``role`` as a standby."""
         self._spawn(
-            "secondary",
-            ["standby", "-c", str(self.configs["secondary"])],
-            self.lab.ns_secondary,
-            self.opts.env_secondary,
+            role,
+            self._agent_args("standby", role),
+            self.lab.ns_for("primary" if role == "primary" else "secondary"),
+            self.opts.env_secondary if role == "secondary" else self.opts.env_primary,
         )
 
     def start_primary(self) -> None:
         self._spawn(
             "primary",
-            ["protect", "-c", str(self.configs["primary"])],
+            self._agent_args("protect", "primary"),
             self.lab.ns_primary,
             self.opts.env_primary,
         )
@@ -319,6 +334,64 @@ class LabPair:
                 return now
             time.sleep(0.05)
         raise LabError(self.lab.lab_id, f"no {epochs} checkpoints committed in {timeout} s")
+
+    def write_vm_definition(
+        self,
+        *,
+        kernel: Path,
+        initrd: Path,
+        cmdline: str,
+        disk_a: Path,
+        disk_b: Path,
+        reprotect: bool = True,
+        accel: str = "tcg",
+    ) -> Path:
+        """A VM definition for this lab's two hosts (a = primary, b = secondary); sets
+        ``opts.vm_definition`` to it. Each host has its own disk image and TAP."""
+        lab, o = self.lab, self.opts
+        rep: dict[str, Any] = {
+            "key": self.key,
+            "mode": o.mode,
+            "max_interval_ms": o.max_interval_ms,
+            "heartbeat_interval_ms": o.heartbeat_interval_ms,
+            "heartbeat_timeout_ms": o.heartbeat_timeout_ms,
+            "tiebreaker": o.tiebreaker,
+            "reprotect": reprotect,
+        }
+        if o.tiebreaker == "witness":
+            rep["witness"] = f"{lab.lan_client_ip}:{WITNESS_PORT}"
+        top = (
+            f'name = "{o.vm_name}"\nmachine = "pc-i440fx-7.2"\nvcpus = {o.vcpus}\n'
+            f'memory_mib = {o.memory_mib}\naccel = "{accel}"\ndisplay = "none"\n\n'
+        )
+        sections = {
+            "boot": {"kernel": str(kernel), "initrd": str(initrd), "cmdline": cmdline},
+            "replication": rep,
+        }
+        if o.alert_hook:
+            sections["alerts"] = {"hook": o.alert_hook}
+        text = top + to_toml(sections)
+        text += (
+            f'[[disk]]\nname = "root"\npath = "{disk_a}"\nbackend = "builtin"\n\n'
+            f'[[nic]]\nmac = "52:54:00:12:34:56"\nmodel = "virtio-net-pci"\n'
+            f'tap = "{lab.tap_for("primary")}"\nip = "{lab.guest_ip}/{lab.lan_prefix}"\n\n'
+        )
+        for role, host in self.HOSTS.items():
+            hrole: HostRole = "primary" if role == "primary" else "secondary"
+            ip = lab.repl_primary_ip if role == "primary" else lab.repl_secondary_ip
+            text += (
+                f'[hosts.{host}]\naddress = "{ip}"\nport = {REPL_PORT}\n'
+                f'netns = "{lab.ns_for(hrole)}"\n'
+                f'paths.cache_dir = "{self.base.paths.cache_dir}"\n'
+                f'paths.run_dir = "{self.run_dir(role)}"\n'
+                f'paths.shm_dir = "{self.shm_dir(role)}"\n'
+                f'disk.root.path = "{disk_a if role == "primary" else disk_b}"\n'
+                f'nic.0.tap = "{lab.tap_for(hrole)}"\n\n'
+            )
+        path = self.root / "vm.toml"
+        path.write_text(text)
+        self.opts.vm_definition = str(path)
+        return path
 
     def switchover(self, role: str = "primary", timeout: float = 120.0) -> dict[str, Any]:
         """Planned switchover asked of the host ``role`` (the one running the VM)."""

@@ -117,7 +117,8 @@ async def run_node(
         if role == "primary":
             agent = PrimaryAgent(cfg, spec, node_id=node_id, artifacts=folder)
             if handover is not None:
-                await agent.adopt(handover.vm, handover.io, handover.epoch)
+                report = handover.report.__dict__ if handover.report is not None else None
+                await agent.adopt(handover.vm, handover.io, handover.epoch, failover=report)
             else:
                 await agent.start_vm()
             handover = None

@@ -161,11 +161,15 @@ def compare(primary: dict[str, Any], here: dict[str, Any]) -> Comparison:
 def _trial_spec(cfg: KemariConfig, spec: VMSpec) -> VMSpec:
     """This host's command line with stand-ins for the NIC backend and the disk."""
     netdev: str | None = None
-    if spec.netdev and spec.netdev.split(",", 1)[0] in ("tap", "bridge"):
+    if cfg.tap.host_tap:
+        # The failover start puts the NIC on the frame proxy's stream socket (no
+        # vnet_hdr): a hub port is an equivalent stand-in.
+        netdev = "hubport,hubid=0"
+    elif spec.netdev and spec.netdev.split(",", 1)[0] in ("tap", "bridge"):
         # The device state of a NIC on a TAP records vnet_hdr=on: the stand-in must be a
         # TAP too. A fresh, unattached one (QEMU creates it and it goes with QEMU).
         netdev = f"tap,ifname=kchk{os.getpid() % 100000:05d},script=no,downscript=no"
-    elif spec.netdev or cfg.tap.host_tap:
+    elif spec.netdev:
         netdev = "hubport,hubid=0"
     size = disk_size(cfg)
     blockdev = f"driver=null-co,size={size}" if size > 0 else None

@@ -191,6 +191,7 @@ class PrimaryAgent:
             "io": self.io.status() if self.io is not None else None,
             "compat": self.compat,
             "alerts": self._alert_history(),
+            "failover": self.failover_report,
         }
 
     def _alert_history(self) -> list[dict[str, Any]]:
@@ -215,8 +216,12 @@ class PrimaryAgent:
         await self.vm.start()
         await self._attach()
 
-    async def adopt(self, vm: AsyncVM, io: GuestIO | None, epoch: int) -> None:
-        """Take over a VM this host already runs (a standby's, after a switchover)."""
+    async def adopt(
+        self, vm: AsyncVM, io: GuestIO | None, epoch: int, failover: dict[str, Any] | None = None
+    ) -> None:
+        """Take over a VM this host already runs (a standby's, after a switchover or,
+        with ``replication.reprotect``, after a failover: ``failover`` is its report)."""
+        self.failover_report = failover
         self.vm = vm
         self.spec = vm.spec
         self.io = io
@@ -450,6 +455,7 @@ class PrimaryAgent:
         return False
 
     _switched_epoch = -1
+    failover_report: dict[str, Any] | None = None
 
     async def _released_through(self, epoch: int) -> None:
         assert self.io is not None
@@ -465,15 +471,42 @@ class PrimaryAgent:
         if name == "SHUTDOWN" and data.get("reason") == "guest-reset":
             return
         self.artifacts.event("guest", name=name, data=data)
-        # Forwarded, never a failover trigger: the guest itself chose to stop. The
-        # secondary records it and will not resume a guest that shut itself down.
+        self._guest_stopped = name
+        self._guest_data = data
+        if self.status.state is PrimaryState.PROTECTED and self.link is not None:
+            # The protect loop takes a last checkpoint first: what the guest wrote on
+            # its way down (its final sync, the read-only remount) reaches both disks.
+            self._pending_reason = f"guest {name}"
+            self._sync_requested.set()
+            return
+        await self._forward_guest_event()
+
+    async def _forward_guest_event(self) -> None:
+        """Tell the secondary the guest stopped itself, then stop.
+
+        Forwarded, never a failover trigger: the guest itself chose to stop. The
+        secondary records it and will not resume a guest that shut itself down.
+        """
+        name = self._guest_stopped
         if self.link is not None:
             with contextlib.suppress(Exception):
-                await self.link.send(wire.GuestEvent(name=name, data=json.dumps(data)))
+                await self.link.send(wire.GuestEvent(name=name, data=json.dumps(self._guest_data)))
                 await self.link.send(wire.Bye(reason=f"guest event {name}"))
-        self._guest_stopped = name
         self._stop.set()
         self._sync_requested.set()
+
+    async def _final_checkpoint(self) -> None:
+        """The guest is down (not running): commit what it last did, on both hosts."""
+        epoch = self.status.epoch
+        try:
+            await self._sync_point(f"guest {self._guest_stopped}", resume=False)
+            if self.io is not None:
+                await asyncio.wait_for(self._released_through(epoch), 30)
+        except (ReplicationError, TimeoutError) as err:
+            self.artifacts.event("final-checkpoint-failed", reason=str(err))
+        await self._forward_guest_event()
+
+    _guest_data: dict[str, Any] = {}
 
     # ---- protection --------------------------------------------------------------------
 
@@ -524,6 +557,9 @@ class PrimaryAgent:
                     self._lose("the secondary never reported its trial restore")
                 await self._wait_trigger()
                 if self._stop.is_set() or self._link_lost.is_set():
+                    break
+                if self._guest_stopped:
+                    await self._final_checkpoint()
                     break
                 if self._switch_req is not None and protected:
                     if await self._switchover():
@@ -741,15 +777,26 @@ class PrimaryAgent:
             )
         )
         sent = 0
+        skipped = 0
         for offset, length in chunks:
             data = await asyncio.to_thread(self.io.disk.read, offset, length)
+            if not incremental and data.count(0) == len(data):
+                # A full copy lands in a fresh sparse file: zeros need not travel.
+                skipped += length
+                continue
             rec = iolog.encode(epoch, [iolog.IOOp(iolog.OpKind.WRITE, offset, length, data)])
             msg = wire.IOLog(epoch=epoch, data=rec)
             digest.update(msg)
             await self.link.send(msg)
             sent += length
             faults.hit("precopy")
-        self._resync = {"mode": mode, "blocks": len(chunks), "bytes": sent, "epoch": epoch}
+        self._resync = {
+            "mode": mode,
+            "blocks": len(chunks),
+            "bytes": sent,
+            "zero_bytes_skipped": skipped,
+            "epoch": epoch,
+        }
         self.artifacts.event("disk-resync", **self._resync)
 
     async def _peer_disk_state(self) -> dict[str, Any]:

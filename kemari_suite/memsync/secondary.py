@@ -114,6 +114,8 @@ class Handover:
     epoch: int
     #: Identity of the disk copy the old primary keeps (for an incremental failback).
     lineage: str
+    #: The failover that resumed it (None for a planned switchover).
+    report: FailoverReport | None = None
 
 
 class SecondaryAgent:
@@ -831,6 +833,12 @@ class SecondaryAgent:
                 self.io.acked_at_loss = epoch
                 self.io.disk.tracking = True
             self.handover = Handover(vm=self.vm, io=self.io, epoch=epoch, lineage=lineage)
+            self._stop.set()
+            return
+        if self.rcfg.reprotect and self.rcfg.peer:
+            # Protect it again from here: the node runs the primary role on this VM,
+            # which renews the lease and waits for a standby at ``peer``.
+            self.handover = Handover(vm=self.vm, io=self.io, epoch=epoch, lineage="", report=report)
             self._stop.set()
             return
         if self.witness is not None and not operator:

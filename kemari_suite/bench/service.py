@@ -1,0 +1,420 @@
+"""A real service through failover: Debian's nginx in a 2-vCPU Debian guest, protected
+from a VM definition, driven by Debian's curl from the lab's client namespace.
+
+The campaign (``kemari bench service``; a small sample runs in the e2e tests):
+
+1. **Unprotected**: the primary runs alone (the witness confirms it may), the client
+   stores records for ``measure_s`` seconds: the baseline throughput.
+2. **Protected**: the standby starts; once the primary is protected the client stores
+   records for the same time.
+3. **Kills**: ``kills`` times, at a random moment while the client writes, the host
+   running the VM is killed (agent and QEMU, SIGKILL). The other host resumes the VM
+   from the last checkpoint and protects it again once the killed host, restarted as
+   a standby, has a full copy. The client never stops; a request that got no answer
+   is retried under a new name, and the outage it sees is measured on the host clock.
+4. **Check**: every record the client saw stored (HTTP 201) is read back from the
+   running guest; then the guest is shut down cleanly and its disk is checked offline
+   (``e2fsck -fn`` and every record read from the image with debugfs).
+
+A record is a small file PUT to nginx's WebDAV location; 201 is returned only after
+the guest wrote it to its page cache, and the guest's output (the 201) leaves the host
+only once the checkpoint holding that state is acknowledged by the standby.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kemari_suite import lab as labmod
+from kemari_suite.bench.memsync import machine_info, pct
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import BenchmarkError, KemariError
+from kemari_suite.lab.pair import LabPair, PairOptions
+from kemari_suite.vm.debian import build_debian_image, debian_cmdline, offline_check
+from kemari_suite.vm.image import build_image
+
+Progress = Callable[[str], None]
+
+#: Guest size for the service: enough for Debian's nginx with two workers.
+MEMORY_MIB = 256
+VCPUS = 2
+DISK_MIB = 512
+
+
+@dataclass
+class Request:
+    name: str
+    body: bytes
+    t0: float
+    t1: float = 0.0
+    code: int = 0
+
+
+class Client:
+    """``workers`` threads storing records with curl until stopped.
+
+    Each thread PUTs ``/records/<worker>-<n>`` with a random body; a 201 (or 204) means
+    committed. A failure (no answer, reset) is recorded and the next request gets a
+    new name, like a client that gives up on one request and goes on.
+    """
+
+    def __init__(self, ns: str, ip: str, workers: int = 4, timeout_s: float = 20.0) -> None:
+        self.ns, self.ip, self.workers, self.timeout_s = ns, ip, workers, timeout_s
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.curl = shutil.which("curl") or "curl"
+
+    def put(self, name: str, body: bytes, timeout: float | None = None) -> int:
+        """One PUT; the HTTP status, or 0 when no answer came."""
+        argv = [
+            "ip", "netns", "exec", self.ns, self.curl, "-s", "-o", "/dev/null",
+            "-w", "%{http_code}", "--max-time", str(timeout or self.timeout_s),
+            "-T", "-", f"http://{self.ip}/records/{name}",
+        ]  # fmt: skip
+        try:
+            p = subprocess.run(argv, input=body, capture_output=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            return 0
+        out = p.stdout.decode(errors="replace").strip()
+        return int(out) if out.isdigit() else 0
+
+    def get(self, name: str, timeout: float = 20.0) -> bytes | None:
+        argv = [
+            "ip", "netns", "exec", self.ns, self.curl, "-sf", "--max-time", str(timeout),
+            f"http://{self.ip}/records/{name}",
+        ]  # fmt: skip
+        p = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        return p.stdout if p.returncode == 0 else None
+
+    def control_stop(self) -> int:
+        """Ask the guest to stop cleanly (sync, read-only remount, power off)."""
+        argv = [
+            "ip", "netns", "exec", self.ns, self.curl, "-s", "-o", "/dev/null",
+            "-w", "%{http_code}", "--max-time", "30", "-T", "-",
+            f"http://{self.ip}/control/stop",
+        ]  # fmt: skip
+        p = subprocess.run(argv, input=b"stop\n", capture_output=True, timeout=60, check=False)
+        out = p.stdout.decode(errors="replace").strip()
+        return int(out) if out.isdigit() else 0
+
+    def _worker(self, w: int) -> None:
+        n = 0
+        rnd = random.Random(os.getpid() * 100 + w)
+        while not self._stop.is_set():
+            name = f"w{w}-{n:06d}"
+            n += 1
+            body = f"{name} {rnd.getrandbits(64):016x}\n".encode()
+            r = Request(name, body, time.monotonic())
+            r.code = self.put(name, body)
+            r.t1 = time.monotonic()
+            with self._lock:
+                self.requests.append(r)
+            if r.code == 0:
+                time.sleep(0.2)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._worker, args=(w,), daemon=True)
+            for w in range(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 30)
+
+    def committed(self) -> dict[str, bytes]:
+        with self._lock:
+            return {r.name: r.body for r in self.requests if r.code in (201, 204)}
+
+    def window(self, t0: float, t1: float) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if t0 <= r.t1 < t1]
+
+    def first_success_after(self, t: float) -> float | None:
+        with self._lock:
+            done = [r.t1 for r in self.requests if r.t1 > t and r.code in (201, 204)]
+        return min(done) if done else None
+
+
+@dataclass
+class Kill:
+    victim: str
+    at_s: float
+    outage_s: float | None = None
+    agent_failover_ms: float | None = None
+    reprotected_s: float | None = None
+    spot_checked: int = 0
+    spot_missing: list[str] = field(default_factory=list)
+
+
+def wait_ready(client: Client, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.put("ready-probe", b"ok\n", timeout=5) in (201, 204):
+            return
+        time.sleep(0.5)
+    raise BenchmarkError("service", "the guest's nginx did not answer")
+
+
+def _rate(reqs: list[Request], seconds: float) -> float:
+    return sum(1 for r in reqs if r.code in (201, 204)) / seconds if seconds > 0 else 0.0
+
+
+def _measure(client: Client, seconds: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    reqs = client.window(t0, time.monotonic())
+    lat = [1e3 * (r.t1 - r.t0) for r in reqs if r.code in (201, 204)]
+    return {
+        "seconds": seconds,
+        "stored": len(lat),
+        "failed": sum(1 for r in reqs if r.code not in (201, 204)),
+        "per_s": _rate(reqs, seconds),
+        "latency_p50_ms": pct(lat, 50),
+        "latency_p99_ms": pct(lat, 99),
+    }
+
+
+def read_back(client: Client, records: dict[str, bytes], threads: int = 16) -> list[str]:
+    """The records that the running guest does not return, or returns changed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def bad(item: tuple[str, bytes]) -> str | None:
+        name, body = item
+        return None if client.get(name) == body else name
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sorted(n for n in pool.map(bad, records.items()) if n is not None)
+
+
+def _other(role: str) -> str:
+    return "secondary" if role == "primary" else "primary"
+
+
+def _active(pair: LabPair) -> str:
+    for role in ("primary", "secondary"):
+        with contextlib.suppress(KemariError, OSError):
+            if pair.status(role, timeout=3).get("role") == "primary":
+                return role
+    raise BenchmarkError("service", "no host runs the VM")
+
+
+def run(
+    cfg: KemariConfig,
+    *,
+    kills: int = 10,
+    measure_s: float = 20.0,
+    workers: int = 4,
+    profile: str = "10g",
+    lab_id: str = "sv",
+    lay: labmod.LabLayout | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the campaign of the module docstring; returns its figures and verdicts.
+
+    Raises:
+        BenchmarkError: the guest or the agents did not come up.
+    """
+    say = progress or (lambda _m: None)
+    rnd = random.Random(seed)
+    say("images: kernel + initramfs, Debian with nginx (cached)")
+    image = build_image(cfg.paths.cache_dir, kernel_package=cfg.image.kernel_package)
+    deb = build_debian_image(cfg.paths.cache_dir, size_mib=DISK_MIB)
+    own_lab = lay is None
+    if lay is None:
+        labmod.down(lab_id)
+        lay = labmod.up(lab_id, profile)
+    opts = PairOptions(vm_name="web", memory_mib=MEMORY_MIB, vcpus=VCPUS, tiebreaker="witness")
+    pair = LabPair(lay, cfg, opts)
+    disk_a, disk_b = pair.root / "disk-a.img", pair.root / "disk-b.img"
+    subprocess.run(["cp", "--sparse=always", str(deb.path), str(disk_a)], check=True)
+    with disk_b.open("wb") as f:
+        f.truncate(disk_a.stat().st_size)
+    accel = cfg.vm.accel if cfg.vm.accel != "auto" else "tcg"
+    pair.write_vm_definition(
+        kernel=image.kernel,
+        initrd=image.initrd,
+        cmdline=debian_cmdline(),
+        disk_a=disk_a,
+        disk_b=disk_b,
+        accel=accel,
+    )
+    client = Client(lay.ns_client, lay.guest_ip, workers=workers)
+    res: dict[str, Any] = {"profile": profile, "memory_mib": MEMORY_MIB, "vcpus": VCPUS}
+    kill_log: list[Kill] = []
+    t_start = time.monotonic()
+    try:
+        say("unprotected: the primary alone")
+        pair.start_witness()
+        pair.start_primary()
+        pair.wait_state("primary", {"unprotected"}, 120)
+        wait_ready(client, 180)
+        client.start()
+        res["unprotected"] = _measure(client, measure_s)
+        say(f"unprotected: {res['unprotected']['per_s']:.1f} records/s; starting the standby")
+        pair.start_secondary()
+        st = pair.wait_state("primary", {"protected"}, 300)
+        res["protect"] = {"compat": st.get("compat"), "disk_resync": st.get("disk_resync")}
+        res["protected"] = _measure(client, measure_s)
+        say(f"protected: {res['protected']['per_s']:.1f} records/s")
+        for i in range(kills):
+            victim = _active(pair)
+            survivor = _other(victim)
+            time.sleep(rnd.uniform(1.0, 4.0))
+            k = Kill(victim=victim, at_s=time.monotonic() - t_start)
+            t_kill = time.monotonic()
+            say(f"kill {i + 1}/{kills}: {victim} host")
+            pair.kill(victim)
+            st = pair.wait_state(survivor, {"unprotected", "held", "syncing", "protected"}, 120)
+            if st.get("role") != "primary":
+                raise BenchmarkError("service", f"{survivor} did not take the VM over: {st}")
+            fo = st.get("failover") or {}
+            k.agent_failover_ms = fo.get("failover_ms")
+            deadline = time.monotonic() + 120
+            while (first := client.first_success_after(t_kill)) is None:
+                if time.monotonic() > deadline:
+                    raise BenchmarkError("service", f"no request succeeded after kill {i + 1}")
+                time.sleep(0.1)
+            k.outage_s = first - t_kill
+            # A few records committed before the kill, read back from the resumed guest.
+            before = [n for n, _ in list(client.committed().items())]
+            sample = rnd.sample(before, min(5, len(before)))
+            committed = client.committed()
+            for name in sample:
+                k.spot_checked += 1
+                if client.get(name) != committed[name]:
+                    k.spot_missing.append(name)
+            pair.start_standby_on(victim)
+            pair.wait_state(survivor, {"protected"}, 300)
+            k.reprotected_s = time.monotonic() - t_kill
+            kill_log.append(k)
+            say(
+                f"kill {i + 1}: outage {k.outage_s:.2f} s, agent failover "
+                f"{k.agent_failover_ms or 0:.0f} ms, protected again after "
+                f"{k.reprotected_s:.0f} s"
+            )
+        client.stop()
+        committed = client.committed()
+        say(f"check: {len(committed)} committed records, read back from the guest")
+        missing_live = read_back(client, committed)
+        active = _active(pair)
+        disk = disk_a if active == "primary" else disk_b
+        say("clean guest shutdown, then the offline check of its disk")
+        code = client.control_stop()
+        with contextlib.suppress(KemariError):
+            pair.wait_exit(active, 120)
+        check = offline_check(disk, committed)
+        res["check"] = {
+            "committed": len(committed),
+            "missing_live": missing_live,
+            "stop_code": code,
+            "offline_ok": check.ok,
+            "fsck_clean": check.fsck_clean,
+            "offline_missing": list(check.missing),
+            "offline_mismatched": list(check.mismatched),
+        }
+    finally:
+        client.stop()
+        pair.stop()
+        if own_lab:
+            labmod.down(lab_id)
+    outages = [k.outage_s for k in kill_log if k.outage_s is not None]
+    res["kills"] = [asdict(k) for k in kill_log]
+    res["outage_p50_s"] = pct(outages, 50)
+    res["outage_max_s"] = max(outages) if outages else None
+    un, pr = res["unprotected"]["per_s"], res["protected"]["per_s"]
+    res["throughput_ratio"] = pr / un if un else None
+    c = res["check"]
+    res["ok"] = (
+        len(kill_log) == kills
+        and not c["missing_live"]
+        and c["offline_ok"]
+        and all(not k.spot_missing for k in kill_log)
+    )
+    return res
+
+
+def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    (folder / "service.json").write_text(
+        json.dumps({"command": command, "machine": machine, **res}, indent=1, default=str)
+    )
+    un, pr, c = res["unprotected"], res["protected"], res["check"]
+
+    def f(v: Any, spec: str = ".1f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        "# A real service through failover: nginx in a Debian guest",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel {machine['kernel']}, "
+        f"{machine['date']}. Guest: Debian 12 with Debian's nginx, {res['vcpus']} vCPUs, "
+        f"{res['memory_mib']} MiB, TCG; link profile {res['profile']}; client: Debian's "
+        "curl, 4 parallel writers, each PUT a new record file (HTTP 201 = stored).",
+        "",
+        "## Throughput (same run, host clock)",
+        "",
+        "| | records/s | stored | failed | p50 latency ms | p99 latency ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in (("unprotected", un), ("protected (Kemari)", pr)):
+        lines.append(
+            f"| {name} | {f(m['per_s'])} | {m['stored']} | {m['failed']} "
+            f"| {f(m['latency_p50_ms'])} | {f(m['latency_p99_ms'])} |"
+        )
+    lines += [
+        "",
+        f"Protected / unprotected throughput: {f(res['throughput_ratio'], '.2f')}.",
+        "",
+        "## Kills of the host running the VM",
+        "",
+        "| # | killed | client outage s | agent failover ms | protected again after s "
+        "| spot-checked records |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, k in enumerate(res["kills"], 1):
+        spot = f"{k['spot_checked'] - len(k['spot_missing'])}/{k['spot_checked']}"
+        lines.append(
+            f"| {i} | {k['victim']} | {f(k['outage_s'], '.2f')} "
+            f"| {f(k['agent_failover_ms'], '.0f')} | {f(k['reprotected_s'], '.0f')} | {spot} |"
+        )
+    lines += [
+        "",
+        f"Client outage p50 {f(res['outage_p50_s'], '.2f')} s, max "
+        f"{f(res['outage_max_s'], '.2f')} s (from the kill to the next stored record; "
+        "it includes the heartbeat timeout).",
+        "",
+        "## Every committed record present",
+        "",
+        f"- Records the client saw stored: {c['committed']}.",
+        f"- Missing or wrong when read back from the running guest: {len(c['missing_live'])}.",
+        f"- After a clean guest shutdown, offline check of the disk: fsck clean "
+        f"{c['fsck_clean']}, missing {len(c['offline_missing'])}, mismatched "
+        f"{len(c['offline_mismatched'])}.",
+        "",
+        f"Verdict: {'all kills survived, nothing lost' if res['ok'] else 'FAILED'}.",
+    ]
+    md = folder / "service.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md

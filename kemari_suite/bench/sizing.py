@@ -1,0 +1,879 @@
+"""Sizing: what protecting a VM costs per GiB of guest RAM, with the compare tracker.
+
+The compare tracker finds dirty pages by comparing all of guest RAM with a shadow copy,
+at every sync point, while the VM is stopped. So the pause grows with RAM size, and
+the primary agent holds copies of RAM. One run of :func:`run_sizing` measures, for each
+RAM size:
+
+- **scan** (no VM): the tracker's full compare scan of a RAM file of that size in
+  /dev/shm, mapped twice as with QEMU (a writable "guest" mapping dirties pages, the
+  tracker reads a read-only mapping), clean and with a fraction of the pages dirtied at
+  random between scans; with 1 thread (pre-copy) and 2 threads (the stopped-VM scan of
+  the primary), plus staging the dirty pages into the preallocated staging buffer;
+- **vm** (where it fits in the time budget): a real guest of that size running
+  ``memdirty``, timed over stop, device-state capture, full compare scan (2 threads),
+  staging of the dirty pages and cont; the shadow is committed after cont, as the
+  primary does;
+- **memory**: the primary agent's resident memory before and after building the tracker
+  and buffers exactly as :meth:`Primary._attach` does (plus the initial full sync that
+  faults the shadow in), and the secondary's replica file and the undo log of an open
+  epoch.
+
+Per-GiB figures are least-squares lines over the measured points. Nothing is assumed:
+every figure comes from the run.
+
+Usage: ``.venv/bin/python -m kemari_suite.bench.sizing [--sizes 128,256,512,1024]
+[--vm-sizes ...] [--samples N] [--vm-samples N] [--out benchmarks/results]``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import shlex
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kemari_suite.bench.memsync import machine_info, pct, workload
+from kemari_suite.config import KemariConfig, with_overrides
+from kemari_suite.errors import KemariError
+from kemari_suite.memsync.guestram import PAGE_SIZE, GuestRAM
+from kemari_suite.memsync.tracker import (
+    CompareTracker,
+    allocate_index,
+    allocate_pages,
+    make_tracker,
+    probe_soft_dirty,
+)
+
+Progress = Callable[[str], None]
+
+MIB = 1024 * 1024
+#: Fractions of guest pages dirtied between two scans.
+DIRTY_FRACTIONS = (0.0, 0.01, 0.10)
+#: (fraction, pattern) cases of the scan measurement: "random" scatters the dirty pages
+#: over all of RAM (nearly every 1 MiB chunk then fails the memcmp pre-check), "cluster"
+#: puts them in one contiguous run (most chunks stay clean).
+SCAN_CASES: tuple[tuple[float, str], ...] = (
+    (0.0, "random"),
+    (0.01, "random"),
+    (0.10, "random"),
+    (0.01, "cluster"),
+)
+#: /proc/self/status fields read for the memory figures (kB).
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def read_status(text: str | None = None) -> dict[str, int]:
+    """The :data:`STATUS_FIELDS` of ``/proc/self/status`` (or of ``text``), in KiB."""
+    if text is None:
+        text = Path("/proc/self/status").read_text()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in STATUS_FIELDS:
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def status_delta_mib(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """``after - before`` per field, in MiB."""
+    return {k: (after.get(k, 0) - before.get(k, 0)) / 1024 for k in STATUS_FIELDS}
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any] | None:
+    """Least-squares line ``y = slope * x + intercept`` with its R²; None below 2 x values.
+
+    Raises:
+        ValueError: ``xs`` and ``ys`` differ in length.
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"{len(xs)} x values but {len(ys)} y values")
+    if len(set(xs)) < 2:
+        return None
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    return {"slope": float(slope), "intercept": float(intercept), "r2": r2, "n": len(xs)}
+
+
+def fit_at(fit: dict[str, Any] | None, x: float) -> float | None:
+    """The fitted line's value at ``x``."""
+    if fit is None:
+        return None
+    return float(fit["slope"] * x + fit["intercept"])
+
+
+def gib_where_pause_reaches(
+    scan_fit: dict[str, Any] | None, fixed_ms: float, limit_ms: float
+) -> float | None:
+    """RAM (GiB) at which ``fixed_ms`` + the fitted scan time reaches ``limit_ms``.
+
+    None without a fit or with a flat or falling slope.
+    """
+    if scan_fit is None or scan_fit["slope"] <= 0:
+        return None
+    return max(0.0, (limit_ms - fixed_ms - scan_fit["intercept"]) / scan_fit["slope"])
+
+
+def _stats(values_s: Sequence[float]) -> dict[str, float]:
+    """p50/p99 in ms of durations in seconds."""
+    ms = [v * 1e3 for v in values_s]
+    return {"p50": float(pct(ms, 50) or 0.0), "p99": float(pct(ms, 99) or 0.0)}
+
+
+def fraction_key(frac: float) -> str:
+    """``0.0`` -> "clean", ``0.01`` -> "1%", ``0.1`` -> "10%"."""
+    return "clean" if frac == 0 else f"{frac * 100:g}%"
+
+
+def case_key(frac: float, pattern: str = "random") -> str:
+    """``(0.0, _)`` -> "clean", ``(0.01, "random")`` -> "1% random"."""
+    return "clean" if frac == 0 else f"{fraction_key(frac)} {pattern}"
+
+
+# --------------------------------------------------------------------------- (a) scan
+
+
+def _ram_file(shm_dir: Path, tag: str, n_pages: int) -> Path:
+    shm_dir.mkdir(parents=True, exist_ok=True)
+    path = shm_dir / f"kemari-sizing-{os.getpid()}-{tag}-{uuid.uuid4().hex[:6]}.ram"
+    with path.open("wb") as f:
+        f.truncate(n_pages * PAGE_SIZE)
+    return path
+
+
+def _fill(pages: np.ndarray, rng: np.random.Generator) -> None:
+    """Write every page (random bytes, 64 MiB at a time) so tmpfs holds all of it."""
+    flat = pages.reshape(-1)
+    step = 64 * MIB
+    for lo in range(0, len(flat), step):
+        hi = min(lo + step, len(flat))
+        flat[lo:hi] = np.frombuffer(rng.bytes(hi - lo), dtype=np.uint8)
+
+
+def measure_scan(
+    memory_mib: int,
+    *,
+    samples: int,
+    shm_dir: Path,
+    cases: Sequence[tuple[float, str]] = SCAN_CASES,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Compare-scan and staging times on a RAM file of ``memory_mib`` (no VM).
+
+    For each ``(fraction, pattern)`` case, ``samples`` times: dirty that many pages
+    (scattered at random, or one contiguous run at a random place) through the guest
+    mapping, scan with 1 and with 2 threads (alternating which goes first),
+    stage the dirty pages, commit them (so the next scan starts clean).
+
+    Raises:
+        KemariError: a scan did not report exactly the pages dirtied.
+    """
+    n = memory_mib * MIB // PAGE_SIZE
+    rng = np.random.default_rng(seed)
+    path = _ram_file(shm_dir, "scan", n)
+    rows: list[dict[str, Any]] = []
+    try:
+        with GuestRAM(path, writable=True) as guest, GuestRAM(path) as agent:
+            _fill(guest.pages, rng)
+            ram = agent.pages
+            idx = allocate_index(n)
+            staging = allocate_pages(n)
+            with CompareTracker(n, threads=2) as tracker:
+                tracker.reset(ram)
+                for frac, pattern in cases:
+                    k = round(n * frac)
+                    t1: list[float] = []
+                    t2: list[float] = []
+                    st: list[float] = []
+                    for i in range(samples):
+                        if pattern == "cluster":
+                            start = int(rng.integers(0, n - k + 1))
+                            dirty = np.arange(start, start + k, dtype=np.int64)
+                        else:
+                            dirty = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+                        if k:
+                            offs = rng.integers(0, PAGE_SIZE, k)
+                            guest.pages[dirty, offs] ^= 0x5A
+                        order = (1, 2) if i % 2 == 0 else (2, 1)
+                        found = -1
+                        for threads in order:
+                            a = time.perf_counter()
+                            found = tracker.scan(ram, out=idx, threads=threads)
+                            (t1 if threads == 1 else t2).append(time.perf_counter() - a)
+                            if found != k:
+                                raise KemariError(
+                                    f"sizing: scan found {found} dirty pages, {k} were dirtied"
+                                )
+                        a = time.perf_counter()
+                        staged = tracker.stage(ram, idx[:found], staging)
+                        st.append(time.perf_counter() - a)
+                        tracker.commit(idx[:found].copy(), staged)
+                    s1, s2, sst = _stats(t1), _stats(t2), _stats(st)
+                    rows.append(
+                        {
+                            "case": case_key(frac, pattern),
+                            "pattern": pattern,
+                            "dirty_fraction": frac,
+                            "dirty_pages": k,
+                            "samples": samples,
+                            "scan_t1_ms": s1,
+                            "scan_t2_ms": s2,
+                            "stage_ms": sst,
+                            # What the stopped window spends on RAM: 2-thread scan + stage.
+                            "scan_t2_plus_stage_ms_p50": s2["p50"] + sst["p50"],
+                        }
+                    )
+            del staging, idx
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        gc.collect()
+    return {"memory_mib": memory_mib, "n_pages": n, "cases": rows}
+
+
+# --------------------------------------------------------------------------- (c) memory
+
+
+def measure_primary_memory(memory_mib: int, *, shm_dir: Path, seed: int = 2) -> dict[str, Any]:
+    """The primary agent's resident memory for a guest of ``memory_mib``.
+
+    The guest RAM file is written first (QEMU's RAM, not the agent's). Then, as
+    :meth:`Primary._attach` does: map it (:class:`GuestRAM`, pre-faulted: shared tmpfs
+    pages, counted in the agent's VmRSS as RssShmem but not extra memory), build the
+    tracker (compare, 2 threads), the staging and previous-version buffers and the index
+    buffer; then the initial full sync (stage everything, reset the shadow from it),
+    which faults the shadow in.
+    """
+    n = memory_mib * MIB // PAGE_SIZE
+    rng = np.random.default_rng(seed)
+    path = _ram_file(shm_dir, "primary", n)
+    try:
+        with GuestRAM(path, writable=True) as guest:
+            _fill(guest.pages, rng)
+        gc.collect()
+        s0 = read_status()
+        ram = GuestRAM(path)
+        s1 = read_status()
+        tracker = make_tracker("compare", n_pages=n, qemu_pid=None, ram_path=None, threads=2)
+        staging = np.ones((n, PAGE_SIZE), dtype=np.uint8)
+        prev = np.ones((n, PAGE_SIZE), dtype=np.uint8)
+        idx = np.zeros(n, dtype=np.int64)
+        s2 = read_status()
+        all_idx = np.arange(n, dtype=np.int64)
+        staged_all = tracker.stage(ram.pages, all_idx, staging)
+        tracker.reset(staged_all)
+        del all_idx, staged_all
+        s3 = read_status()
+        tracker.close()
+        del tracker, staging, prev, idx
+        ram.close()
+        del ram
+        gc.collect()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    mapped = status_delta_mib(s0, s1)
+    built = status_delta_mib(s1, s2)
+    total = status_delta_mib(s0, s3)
+    return {
+        "memory_mib": memory_mib,
+        "map_ram_shmem_mib": mapped["RssShmem"],
+        "after_buffers_anon_mib": built["RssAnon"],
+        "agent_anon_mib": total["RssAnon"],
+        "agent_vmrss_mib": total["VmRSS"],
+        "agent_shmem_mib": total["RssShmem"],
+        "anon_per_ram": total["RssAnon"] / memory_mib,
+        "status_kib": {"before": s0, "mapped": s1, "buffers": s2, "synced": s3},
+    }
+
+
+def measure_secondary_memory(
+    memory_mib: int,
+    *,
+    shm_dir: Path,
+    fractions: Sequence[float] = DIRTY_FRACTIONS[1:],
+    seed: int = 3,
+) -> dict[str, Any]:
+    """The secondary's replica file and the undo log of one open epoch.
+
+    As :meth:`Secondary._prepare_replica`: a sparse file of the guest's size, mapped
+    writable; the initial full copy writes every page. Then, per dirty fraction, the
+    undo log of an epoch that dirtied that many pages (the old rows and their indices,
+    exactly as the receive path keeps them), measured as the agent's RssAnon growth.
+    """
+    n = memory_mib * MIB // PAGE_SIZE
+    rng = np.random.default_rng(seed)
+    path = _ram_file(shm_dir, "replica", n)
+    undo: list[dict[str, Any]] = []
+    try:
+        with GuestRAM(path, writable=True) as replica:
+            _fill(replica.pages, rng)
+            replica_mib = os.stat(path).st_blocks * 512 / MIB
+            for frac in fractions:
+                k = round(n * frac)
+                gc.collect()
+                s0 = read_status()
+                indices = np.sort(rng.choice(n, k, replace=False)).astype(np.intp)
+                log = [(indices, replica.pages[indices])]
+                s1 = read_status()
+                held = sum(i.nbytes + r.nbytes for i, r in log) / MIB
+                undo.append(
+                    {
+                        "dirty_fraction": frac,
+                        "dirty_pages": k,
+                        "anon_mib": status_delta_mib(s0, s1)["RssAnon"],
+                        "held_mib": held,
+                    }
+                )
+                del log, indices
+            gc.collect()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return {"memory_mib": memory_mib, "replica_file_mib": replica_mib, "undo": undo}
+
+
+# --------------------------------------------------------------------------- (b) VM
+
+
+async def _vm_sync_points(
+    cfg: KemariConfig,
+    memory_mib: int,
+    samples: int,
+    *,
+    interval_s: float,
+    pages_per_s: int,
+    working_set_mib: int,
+    say: Progress,
+) -> dict[str, Any]:
+    """Boot a guest of ``memory_mib`` with ``memdirty`` and time its sync points."""
+    from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
+    from kemari_suite.vm.define import ensure_image
+    from kemari_suite.vm.image import kernel_cmdline
+    from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
+
+    image = ensure_image(cfg)
+    accel, _ = choose_accel(cfg.vm.accel)
+    tag = f"sizing{os.getpid()}-{memory_mib}"
+    run_root = cfg.paths.run_dir / f"kemari-{tag}"
+    spec = VMSpec(
+        name=tag,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        append=kernel_cmdline(run=workload("compressible", pages_per_s, working_set_mib)),
+        memory_mib=memory_mib,
+        accel=accel,
+    )
+    vm = AsyncVM(spec, run_root=run_root, shm_dir=cfg.paths.shm_dir)
+    t_boot = time.monotonic()
+    await vm.start()
+    try:
+        await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 180)
+        boot_s = time.monotonic() - t_boot
+        await asyncio.sleep(2.0)  # let memdirty start
+        await enable_ignore_shared(vm)
+        ram = GuestRAM(vm.paths.ram)
+        n = ram.n_pages
+        tracker = CompareTracker(n, threads=2)
+        staging = np.ones((n, PAGE_SIZE), dtype=np.uint8)
+        idx = allocate_index(n)
+        await vm.execute("stop")
+        tracker.reset(ram.pages)
+        await vm.execute("cont")
+        cap = DeviceStateCapturer(vm, vm.paths.migration_socket)
+        say(f"vm {memory_mib} MiB: booted in {boot_s:.0f} s, {samples} sync points")
+        rows: list[dict[str, float]] = []
+        try:
+            for i in range(samples + 2):
+                await asyncio.sleep(interval_s)
+                t0 = time.perf_counter()
+                await vm.execute("stop")
+                t1 = time.perf_counter()
+                devstate = await cap.capture()
+                t2 = time.perf_counter()
+                tracker.rearm()
+                k = tracker.scan(ram.pages, out=idx)
+                t3 = time.perf_counter()
+                sel = idx[:k].copy()
+                staged = tracker.stage(ram.pages, sel, staging)
+                t4 = time.perf_counter()
+                await vm.execute("cont")
+                t5 = time.perf_counter()
+                tracker.commit(sel, staged)
+                if i < 2:
+                    continue  # the first scans after reset carry the boot's leftovers
+                rows.append(
+                    {
+                        "total": (t5 - t0) * 1e3,
+                        "stop": (t1 - t0) * 1e3,
+                        "devstate": (t2 - t1) * 1e3,
+                        "scan": (t3 - t2) * 1e3,
+                        "stage": (t4 - t3) * 1e3,
+                        "cont": (t5 - t4) * 1e3,
+                        "dirty_pages": float(k),
+                        "devstate_bytes": float(len(devstate)),
+                    }
+                )
+        finally:
+            cap.close()
+            tracker.close()
+            ram.close()
+    finally:
+        await vm.shutdown()
+        with contextlib.suppress(OSError):
+            run_root.rmdir()
+    totals = [r["total"] for r in rows]
+    parts = ("stop", "devstate", "scan", "stage", "cont")
+    fixed = [r["stop"] + r["devstate"] + r["cont"] for r in rows]
+    return {
+        "memory_mib": memory_mib,
+        "accel": accel,
+        "boot_s": boot_s,
+        "samples": len(rows),
+        "interval_ms": interval_s * 1e3,
+        "total_ms_p50": pct(totals, 50),
+        "total_ms_p99": pct(totals, 99),
+        "fixed_ms_p50": pct(fixed, 50),
+        "parts_ms_p50": {p: float(pct([r[p] for r in rows], 50) or 0.0) for p in parts},
+        "dirty_pages_p50": pct([r["dirty_pages"] for r in rows], 50),
+        "devstate_bytes_p50": pct([r["devstate_bytes"] for r in rows], 50),
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def compute_fits(res: dict[str, Any]) -> dict[str, Any]:
+    """Per-GiB lines over the measured points of a :func:`run_sizing` result."""
+    fits: dict[str, Any] = {}
+    scan = res.get("scan", [])
+    keys = list(dict.fromkeys(c["case"] for s in scan for c in s["cases"]))
+    for key in keys:
+        pts = [(s["memory_mib"] / 1024, c) for s in scan for c in s["cases"] if c["case"] == key]
+        xs = [x for x, _ in pts]
+        fits[f"scan_t1_ms_per_gib[{key}]"] = linear_fit(
+            xs, [c["scan_t1_ms"]["p50"] for _, c in pts]
+        )
+        fits[f"scan_t2_ms_per_gib[{key}]"] = linear_fit(
+            xs, [c["scan_t2_ms"]["p50"] for _, c in pts]
+        )
+        fits[f"scan_t2_plus_stage_ms_per_gib[{key}]"] = linear_fit(
+            xs, [c["scan_t2_plus_stage_ms_p50"] for _, c in pts]
+        )
+    stage_pts = [
+        (c["dirty_pages"] / 1000, c["stage_ms"]["p50"])
+        for s in scan
+        for c in s["cases"]
+        if c["dirty_pages"] > 0
+    ]
+    fits["stage_ms_per_1000_pages"] = linear_fit(
+        [p for p, _ in stage_pts], [v for _, v in stage_pts]
+    )
+    vms = [v for v in res.get("vm", []) if "total_ms_p50" in v]
+    fits["vm_pause_ms_per_gib"] = linear_fit(
+        [v["memory_mib"] / 1024 for v in vms], [v["total_ms_p50"] for v in vms]
+    )
+    fits["vm_scan_ms_per_gib"] = linear_fit(
+        [v["memory_mib"] / 1024 for v in vms], [v["parts_ms_p50"]["scan"] for v in vms]
+    )
+    prim = res.get("memory", {}).get("primary", [])
+    fits["primary_anon_mib_per_gib"] = linear_fit(
+        [p["memory_mib"] / 1024 for p in prim], [p["agent_anon_mib"] for p in prim]
+    )
+    fits["primary_vmrss_mib_per_gib"] = linear_fit(
+        [p["memory_mib"] / 1024 for p in prim], [p["agent_vmrss_mib"] for p in prim]
+    )
+    sec = res.get("memory", {}).get("secondary", [])
+    fits["secondary_replica_mib_per_gib"] = linear_fit(
+        [s["memory_mib"] / 1024 for s in sec], [s["replica_file_mib"] for s in sec]
+    )
+    for frac in sorted({u["dirty_fraction"] for s in sec for u in s["undo"]}):
+        pts2 = [
+            (s["memory_mib"] / 1024, u["held_mib"])
+            for s in sec
+            for u in s["undo"]
+            if u["dirty_fraction"] == frac
+        ]
+        fits[f"secondary_undo_mib_per_gib[{fraction_key(frac)}]"] = linear_fit(
+            [x for x, _ in pts2], [y for _, y in pts2]
+        )
+    return fits
+
+
+def guidance(res: dict[str, Any], interval_ms: float) -> dict[str, Any]:
+    """RAM sizes at which the pause reaches half of, and all of, the sync interval.
+
+    The fixed part (stop + device state + cont) is the median over the VM runs, or 0
+    when no VM ran (then the figures are for RAM work alone).
+    """
+    fits = res.get("fits", {})
+    fixed = [v["fixed_ms_p50"] for v in res.get("vm", []) if v.get("fixed_ms_p50") is not None]
+    fixed_ms = float(np.median(fixed)) if fixed else 0.0
+    out: dict[str, Any] = {"interval_ms": interval_ms, "fixed_ms": fixed_ms, "from_vm": bool(fixed)}
+    rows: list[tuple[str, dict[str, Any] | None, float]] = [
+        (key, fits.get(f"scan_t2_plus_stage_ms_per_gib[{key}]"), fixed_ms)
+        for key in _case_keys(res)
+    ]
+    # The real VM's own line already holds its fixed part (in its intercept).
+    rows.append(("vm", fits.get("vm_pause_ms_per_gib"), 0.0))
+    for key, fit, fx in rows:
+        out[key] = {
+            "gib_at_half_interval": gib_where_pause_reaches(fit, fx, interval_ms / 2),
+            "gib_at_interval": gib_where_pause_reaches(fit, fx, interval_ms),
+            "pause_ms_at": {
+                str(g): (None if fit is None else fx + (fit_at(fit, g) or 0.0))
+                for g in (1, 2, 4, 8)
+            },
+        }
+    return out
+
+
+def run_sizing(
+    cfg: KemariConfig,
+    sizes_mib: Sequence[int] = (128, 256, 512, 1024),
+    samples: int = 10,
+    progress: Progress | None = None,
+    *,
+    vm_sizes_mib: Sequence[int] | None = None,
+    vm_samples: int = 20,
+    vm_budget_s: float = 300.0,
+) -> dict[str, Any]:
+    """Measure the compare tracker's cost per GiB of guest RAM (see the module doc).
+
+    ``vm_sizes_mib`` (default: ``sizes_mib``) are booted in ascending order while the VM
+    part has used less than ``vm_budget_s``; ``()`` boots none. A VM that fails is
+    recorded with its error, not raised.
+    """
+    say = progress or (lambda _m: None)
+    shm = cfg.paths.shm_dir
+    sizes = sorted(set(sizes_mib))
+    vm_sizes = sorted(set(sizes if vm_sizes_mib is None else vm_sizes_mib))
+    soft_ok, soft_reason = probe_soft_dirty()
+    res: dict[str, Any] = {
+        "machine": {**machine_info(), "loadavg_start": list(os.getloadavg())},
+        "params": {
+            "sizes_mib": sizes,
+            "vm_sizes_mib": vm_sizes,
+            "samples": samples,
+            "vm_samples": vm_samples,
+            "vm_budget_s": vm_budget_s,
+            "dirty_fractions": list(DIRTY_FRACTIONS),
+            "max_interval_ms": cfg.replication.max_interval_ms,
+        },
+        "soft_dirty": {"available": soft_ok, "reason": soft_reason},
+        "scan": [],
+        "vm": [],
+        "memory": {"primary": [], "secondary": []},
+    }
+    for m in sizes:
+        say(f"scan {m} MiB: {samples} samples x {len(SCAN_CASES)} dirty-page cases")
+        res["scan"].append(measure_scan(m, samples=samples, shm_dir=shm))
+    for m in sizes:
+        say(f"memory {m} MiB: primary buffers, secondary replica and undo log")
+        res["memory"]["primary"].append(measure_primary_memory(m, shm_dir=shm))
+        res["memory"]["secondary"].append(measure_secondary_memory(m, shm_dir=shm))
+    t_vm = time.monotonic()
+    for m in vm_sizes:
+        used = time.monotonic() - t_vm
+        if used > vm_budget_s:
+            res["vm"].append({"memory_mib": m, "skipped": f"VM time budget spent ({used:.0f} s)"})
+            continue
+        say(f"vm {m} MiB: booting")
+        vcfg = with_overrides(cfg, vm={"memory_mib": m})
+        try:
+            res["vm"].append(
+                asyncio.run(
+                    _vm_sync_points(
+                        vcfg,
+                        m,
+                        vm_samples,
+                        interval_s=cfg.replication.max_interval_ms / 1e3,
+                        pages_per_s=40000,
+                        working_set_mib=32,
+                        say=say,
+                    )
+                )
+            )
+        except (KemariError, OSError) as err:
+            res["vm"].append({"memory_mib": m, "skipped": f"failed: {err}"})
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["machine"]["date_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    res["fits"] = compute_fits(res)
+    res["guidance"] = guidance(res, cfg.replication.max_interval_ms)
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _fit_text(fit: dict[str, Any] | None, unit: str) -> str:
+    if fit is None:
+        return "- (fewer than 2 sizes)"
+    return (
+        f"{fit['slope']:.1f} {unit} + {fit['intercept']:.1f} "
+        f"(R² {fit['r2']:.3f}, {fit['n']} points)"
+    )
+
+
+def format_report(res: dict[str, Any], command: str) -> str:
+    """The markdown report of a :func:`run_sizing` result."""
+    m = res["machine"]
+    fits = res.get("fits", {})
+    lines = [
+        "# Sizing: cost per GiB of guest RAM, compare tracker",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m.get('cpu') or '?'} ({m.get('cpus')} CPUs), kernel {m.get('kernel')}, "
+        f"{m.get('date')} (load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_start', []))}, at end "
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_end', []))})  ",
+        f"Soft-dirty tracking: {'available' if res['soft_dirty']['available'] else 'NOT available'}"
+        f" ({res['soft_dirty']['reason']})",
+        "",
+        "## Per GiB of guest RAM (least-squares lines over the points below)",
+        "",
+        "| figure | line (per GiB) |",
+        "|---|---|",
+    ]
+    for key in _case_keys(res):
+        lines.append(
+            f"| full compare scan, 2 threads (stopped VM), {_label(key)} "
+            f"| {_fit_text(fits.get(f'scan_t2_ms_per_gib[{key}]'), 'ms/GiB')} |"
+        )
+    for key in _case_keys(res):
+        lines.append(
+            f"| scan (2 threads) + stage, {_label(key)} "
+            f"| {_fit_text(fits.get(f'scan_t2_plus_stage_ms_per_gib[{key}]'), 'ms/GiB')} |"
+        )
+    lines += [
+        f"| full compare scan, 1 thread (pre-copy), clean "
+        f"| {_fit_text(fits.get('scan_t1_ms_per_gib[clean]'), 'ms/GiB')} |",
+        f"| staging dirty pages | "
+        f"{_fit_text(fits.get('stage_ms_per_1000_pages'), 'ms per 1000 pages')} |",
+        f"| real VM sync point (stop..cont), p50 "
+        f"| {_fit_text(fits.get('vm_pause_ms_per_gib'), 'ms/GiB')} |",
+        f"| primary agent, extra anonymous memory "
+        f"| {_fit_text(fits.get('primary_anon_mib_per_gib'), 'MiB/GiB')} |",
+        f"| primary agent, VmRSS growth (includes the shared RAM mapping) "
+        f"| {_fit_text(fits.get('primary_vmrss_mib_per_gib'), 'MiB/GiB')} |",
+        f"| secondary replica file (tmpfs) "
+        f"| {_fit_text(fits.get('secondary_replica_mib_per_gib'), 'MiB/GiB')} |",
+    ]
+    for key in ("1%", "10%"):
+        lines.append(
+            f"| secondary undo log of an open epoch, {key} of pages dirty (bytes held) "
+            f"| {_fit_text(fits.get(f'secondary_undo_mib_per_gib[{key}]'), 'MiB/GiB')} |"
+        )
+    lines += [
+        "",
+        "## Compare scan and staging, no VM (RAM file in /dev/shm, p50 / p99 ms)",
+        "",
+        "| RAM MiB | dirty | dirty pages | scan 1 thread | scan 2 threads | stage "
+        "| scan(2)+stage p50 | samples |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in res.get("scan", []):
+        for c in s["cases"]:
+            lines.append(
+                f"| {s['memory_mib']} | {_label(c['case'])} | {c['dirty_pages']} "
+                f"| {_f(c['scan_t1_ms']['p50'])} / {_f(c['scan_t1_ms']['p99'])} "
+                f"| {_f(c['scan_t2_ms']['p50'])} / {_f(c['scan_t2_ms']['p99'])} "
+                f"| {_f(c['stage_ms']['p50'], '{:.2f}')} / {_f(c['stage_ms']['p99'], '{:.2f}')} "
+                f"| {_f(c['scan_t2_plus_stage_ms_p50'])} | {c['samples']} |"
+            )
+    lines += [
+        "",
+        "## Real VM sync points (stop, device state, scan, stage, cont; p50 ms)",
+        "",
+        "| RAM MiB | pause p50 | pause p99 | stop | devstate | scan | stage | cont "
+        "| dirty pages p50 | boot s | samples |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in res.get("vm", []):
+        if "skipped" in v:
+            lines.append(f"| {v['memory_mib']} | not run: {v['skipped']} |||||||||")
+            continue
+        p = v["parts_ms_p50"]
+        lines.append(
+            f"| {v['memory_mib']} | {_f(v['total_ms_p50'])} | {_f(v['total_ms_p99'])} "
+            f"| {_f(p['stop'])} | {_f(p['devstate'])} | {_f(p['scan'])} | {_f(p['stage'])} "
+            f"| {_f(p['cont'])} | {_f(v['dirty_pages_p50'], '{:.0f}')} "
+            f"| {_f(v['boot_s'], '{:.0f}')} "
+            f"| {v['samples']} |"
+        )
+    if not res.get("vm"):
+        lines.append("| - | no VM in this run |||||||||")
+    lines += [
+        "",
+        "## Agent memory (MiB, from /proc/self/status)",
+        "",
+        "| RAM MiB | primary: extra RssAnon | per MiB of RAM | primary: VmRSS growth "
+        "| of which RssShmem (RAM mapping) | secondary: replica file "
+        + "".join(
+            f"| undo log {fraction_key(u['dirty_fraction'])} dirty: held (RssAnon growth) "
+            for u in _undo0(res)
+        )
+        + "|",
+        "|---|---|---|---|---|---|" + "---|" * len(_undo0(res)),
+    ]
+    sec = {s["memory_mib"]: s for s in res.get("memory", {}).get("secondary", [])}
+    for p in res.get("memory", {}).get("primary", []):
+        s = sec.get(p["memory_mib"])
+        undo = "".join(
+            f"| {_f(u['held_mib'])} ({_f(u['anon_mib'])}) " for u in (s["undo"] if s else [])
+        )
+        lines.append(
+            f"| {p['memory_mib']} | {_f(p['agent_anon_mib'])} | {_f(p['anon_per_ram'], '{:.2f}')} "
+            f"| {_f(p['agent_vmrss_mib'])} | {_f(p['agent_shmem_mib'])} "
+            f"| {_f(s['replica_file_mib'] if s else None)} {undo}|"
+        )
+    g = res.get("guidance")
+    if g:
+        src = (
+            "the VM runs' median stop + device state + cont"
+            if g["from_vm"]
+            else "no VM ran, so 0: RAM work only"
+        )
+        lines += [
+            "",
+            f"## Where the pause meets the {g['interval_ms']:.0f} ms maximum sync interval",
+            "",
+            f"Fixed part {g['fixed_ms']:.1f} ms ({src}) plus the fitted scan(2 threads) + "
+            "stage line; the last row is the real VM's own pause line. A pause of half the "
+            "interval stops the guest a third of the time, a pause equal to it half the "
+            "time. Sizes beyond the measured range are extrapolated.",
+            "",
+            "| dirty | GiB at pause = interval/2 | GiB at pause = interval "
+            "| pause at 1 / 2 / 4 / 8 GiB (ms) |",
+            "|---|---|---|---|",
+        ]
+        for key in [*_case_keys(res), "vm"]:
+            row = g.get(key)
+            if row is None:
+                continue
+            at = " / ".join(_f(row["pause_ms_at"][str(x)], "{:.0f}") for x in (1, 2, 4, 8))
+            lines.append(
+                f"| {_label(key)} | {_f(row['gib_at_half_interval'], '{:.2f}')} "
+                f"| {_f(row['gib_at_interval'], '{:.2f}')} | {at} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _case_keys(res: dict[str, Any]) -> list[str]:
+    """The scan cases of a result, in measurement order."""
+    return list(dict.fromkeys(c["case"] for s in res.get("scan", []) for c in s["cases"]))
+
+
+def _label(key: str) -> str:
+    if key == "vm":
+        return "real VM line (memdirty workload, no fixed part added)"
+    return "clean RAM" if key == "clean" else f"{key} dirty"
+
+
+def _undo0(res: dict[str, Any]) -> list[dict[str, Any]]:
+    sec = res.get("memory", {}).get("secondary", [])
+    return list(sec[0]["undo"]) if sec else []
+
+
+def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
+    """Write ``sizing.json`` and ``sizing.md`` under ``folder``; returns the markdown path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sizing.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
+    md = folder / "sizing.md"
+    md.write_text(format_report(res, command))
+    return md
+
+
+def bench_sizing_command(
+    cfg: KemariConfig,
+    *,
+    sizes_mib: Sequence[int] = (128, 256, 512, 1024),
+    vm_sizes_mib: Sequence[int] | None = None,
+    samples: int = 10,
+    vm_samples: int = 20,
+    vm_budget_s: float = 300.0,
+    out_dir: Path = Path("benchmarks/results"),
+    command: str = "kemari bench sizing",
+    progress: Progress | None = None,
+) -> Path:
+    """Run :func:`run_sizing` and write the results; returns the markdown path."""
+    res = run_sizing(
+        cfg,
+        sizes_mib,
+        samples,
+        progress,
+        vm_sizes_mib=vm_sizes_mib,
+        vm_samples=vm_samples,
+        vm_budget_s=vm_budget_s,
+    )
+    return write_results(res, out_dir, command)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from kemari_suite.config import load
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", "-c", type=Path, default=None)
+    parser.add_argument("--sizes", type=_ints, default=[128, 256, 512, 1024])
+    parser.add_argument("--vm-sizes", type=_ints, default=None)
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--vm-samples", type=int, default=20)
+    parser.add_argument("--vm-budget", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join([".venv/bin/python", "-m", "kemari_suite.bench.sizing", *raw])
+    md = bench_sizing_command(
+        load(args.config),
+        sizes_mib=args.sizes,
+        vm_sizes_mib=args.vm_sizes,
+        samples=args.samples,
+        vm_samples=args.vm_samples,
+        vm_budget_s=args.vm_budget,
+        out_dir=args.out,
+        command=command,
+        progress=lambda msg: print(f"• {msg}", file=sys.stderr, flush=True),
+    )
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "bench_sizing_command",
+    "compute_fits",
+    "format_report",
+    "guidance",
+    "linear_fit",
+    "run_sizing",
+    "write_results",
+]

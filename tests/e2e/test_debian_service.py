@@ -1,0 +1,40 @@
+"""Issue: protect a real VM. Debian's nginx in a 2-vCPU Debian guest, defined by a VM
+definition, driven by Debian's curl from the client namespace; the host running the VM
+is killed at random moments; every record the client saw stored is there afterwards,
+on the running guest and, after a clean shutdown, on its disk (checked offline).
+
+CI runs one kill; ``make e2e`` runs ``KEMARI_SERVICE_KILLS`` (10) and records them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from kemari_suite.bench import service
+from kemari_suite.config import KemariConfig
+from tests.conftest import needs_root
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+
+def test_nginx_records_survive_random_kills(lab_factory, base_config: KemariConfig) -> None:
+    kills = int(os.environ.get("KEMARI_SERVICE_KILLS", "1"))
+    lay = lab_factory()
+    res = service.run(base_config, kills=kills, measure_s=6.0, lay=lay, progress=print)
+    record = os.environ.get("KEMARI_RECORD")
+    if record:
+        with open(record, "a") as f:
+            f.write(json.dumps({"test": "service", **res}, default=str) + "\n")
+    c = res["check"]
+    assert c["committed"] > 20, c
+    assert not c["missing_live"], c["missing_live"][:10]
+    assert c["fsck_clean"], c
+    assert c["offline_ok"], (c["offline_missing"][:10], c["offline_mismatched"][:10])
+    assert len(res["kills"]) == kills
+    for k in res["kills"]:
+        assert k["outage_s"] is not None and k["outage_s"] < 60, k
+        assert not k["spot_missing"], k
+    assert res["unprotected"]["stored"] > 0 and res["protected"]["stored"] > 0
+    assert res["ok"]

@@ -1,0 +1,273 @@
+"""The sizing benchmark: fits, guidance and report on synthetic input; one tiny real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kemari_suite.bench import sizing
+from kemari_suite.config import KemariConfig, PathsConfig
+
+
+def _case(key: str, frac: float, pages: int, t2: float, stage: float) -> dict[str, Any]:
+    return {
+        "case": key,
+        "pattern": "random",
+        "dirty_fraction": frac,
+        "dirty_pages": pages,
+        "samples": 5,
+        "scan_t1_ms": {"p50": t2 * 1.5, "p99": t2 * 2},
+        "scan_t2_ms": {"p50": t2, "p99": t2 * 1.2},
+        "stage_ms": {"p50": stage, "p99": stage * 1.1},
+        "scan_t2_plus_stage_ms_p50": t2 + stage,
+    }
+
+
+def synthetic() -> dict[str, Any]:
+    """Scan time exactly 60 ms/GiB (clean) and 120 ms/GiB (1%); stage 0.5 ms per 1000
+    pages; a VM pause of 10 + 70 ms/GiB; primary memory 3 MiB per MiB + 2 MiB."""
+    scan, prim, sec, vm = [], [], [], []
+    for mib in (256, 512, 1024):
+        gib = mib / 1024
+        pages = mib * 256 // 100
+        scan.append(
+            {
+                "memory_mib": mib,
+                "n_pages": mib * 256,
+                "cases": [
+                    _case("clean", 0.0, 0, 60 * gib, 0.0),
+                    _case("1% random", 0.01, pages, 120 * gib, 0.5 * pages / 1000),
+                ],
+            }
+        )
+        prim.append(
+            {
+                "memory_mib": mib,
+                "agent_anon_mib": 3 * mib + 2,
+                "agent_vmrss_mib": 4 * mib + 2,
+                "agent_shmem_mib": float(mib),
+                "anon_per_ram": (3 * mib + 2) / mib,
+            }
+        )
+        sec.append(
+            {
+                "memory_mib": mib,
+                "replica_file_mib": float(mib),
+                "undo": [
+                    {
+                        "dirty_fraction": 0.01,
+                        "dirty_pages": pages,
+                        "held_mib": 0.01 * mib,
+                        "anon_mib": 0.01 * mib,
+                    }
+                ],
+            }
+        )
+        vm.append(
+            {
+                "memory_mib": mib,
+                "total_ms_p50": 10 + 70 * gib,
+                "total_ms_p99": 20 + 70 * gib,
+                "fixed_ms_p50": 10.0,
+                "parts_ms_p50": {
+                    "stop": 1.0,
+                    "devstate": 4.0,
+                    "scan": 65 * gib,
+                    "stage": 1.0,
+                    "cont": 5.0,
+                },
+                "dirty_pages_p50": 4000.0,
+                "boot_s": 3.0,
+                "samples": 10,
+            }
+        )
+    vm.append({"memory_mib": 2048, "skipped": "VM time budget spent (301 s)"})
+    res: dict[str, Any] = {
+        "machine": {
+            "cpu": "Test CPU 9000",
+            "cpus": 2,
+            "kernel": "6.1.0",
+            "date": "2026-01-02T03:04:05Z",
+            "loadavg_start": [0.5, 0.4, 0.3],
+            "loadavg_end": [0.6, 0.5, 0.4],
+        },
+        "soft_dirty": {"available": False, "reason": "CONFIG_MEM_SOFT_DIRTY is not set"},
+        "scan": scan,
+        "vm": vm,
+        "memory": {"primary": prim, "secondary": sec},
+    }
+    res["fits"] = sizing.compute_fits(res)
+    res["guidance"] = sizing.guidance(res, 100.0)
+    return res
+
+
+# --------------------------------------------------------------------------- linear fit
+
+
+def test_linear_fit_recovers_an_exact_line() -> None:
+    fit = sizing.linear_fit([0.125, 0.5, 1.0], [3 + 60 * 0.125, 3 + 60 * 0.5, 3 + 60 * 1.0])
+    assert fit is not None
+    assert fit["slope"] == pytest.approx(60.0)
+    assert fit["intercept"] == pytest.approx(3.0)
+    assert fit["r2"] == pytest.approx(1.0)
+    assert fit["n"] == 3
+
+
+def test_linear_fit_r2_drops_with_scatter() -> None:
+    fit = sizing.linear_fit([1, 2, 3, 4], [1.0, 5.0, 2.0, 6.0])
+    assert fit is not None
+    assert 0 < fit["r2"] < 0.9
+
+
+def test_linear_fit_needs_two_distinct_x() -> None:
+    assert sizing.linear_fit([1.0], [2.0]) is None
+    assert sizing.linear_fit([1.0, 1.0], [2.0, 3.0]) is None
+    with pytest.raises(ValueError):
+        sizing.linear_fit([1.0, 2.0], [1.0])
+
+
+def test_gib_where_pause_reaches() -> None:
+    fit = {"slope": 60.0, "intercept": 0.0, "r2": 1.0, "n": 2}
+    # 10 ms fixed + 60 ms/GiB reaches 100 ms at 1.5 GiB.
+    assert sizing.gib_where_pause_reaches(fit, 10.0, 100.0) == pytest.approx(1.5)
+    assert sizing.gib_where_pause_reaches(None, 10.0, 100.0) is None
+    assert sizing.gib_where_pause_reaches({**fit, "slope": 0.0}, 10.0, 100.0) is None
+    # Already over the limit with no RAM at all: 0, never negative.
+    assert sizing.gib_where_pause_reaches(fit, 150.0, 100.0) == 0.0
+
+
+def test_read_status_parses_kib_fields() -> None:
+    text = "Name:\tpython\nVmRSS:\t  2048 kB\nRssAnon:\t  1024 kB\nRssShmem:\t 512 kB\n"
+    st = sizing.read_status(text)
+    assert st == {"VmRSS": 2048, "RssAnon": 1024, "RssShmem": 512}
+    d = sizing.status_delta_mib(st, {**st, "RssAnon": 1024 + 3072})
+    assert d["RssAnon"] == pytest.approx(3.0)
+    assert d["VmRSS"] == 0
+
+
+# --------------------------------------------------------------------------- fits, guidance
+
+
+def test_compute_fits_on_synthetic_points() -> None:
+    fits = synthetic()["fits"]
+    assert fits["scan_t2_ms_per_gib[clean]"]["slope"] == pytest.approx(60.0)
+    assert fits["scan_t2_ms_per_gib[1% random]"]["slope"] == pytest.approx(120.0)
+    assert fits["scan_t1_ms_per_gib[clean]"]["slope"] == pytest.approx(90.0)
+    assert fits["stage_ms_per_1000_pages"]["slope"] == pytest.approx(0.5)
+    assert fits["vm_pause_ms_per_gib"]["slope"] == pytest.approx(70.0)
+    assert fits["vm_pause_ms_per_gib"]["intercept"] == pytest.approx(10.0)
+    # The skipped 2048 MiB VM is not a point.
+    assert fits["vm_pause_ms_per_gib"]["n"] == 3
+    assert fits["primary_anon_mib_per_gib"]["slope"] == pytest.approx(3072.0)
+    assert fits["primary_anon_mib_per_gib"]["intercept"] == pytest.approx(2.0)
+    assert fits["secondary_replica_mib_per_gib"]["slope"] == pytest.approx(1024.0)
+    assert fits["secondary_undo_mib_per_gib[1%]"]["slope"] == pytest.approx(10.24)
+
+
+def test_guidance_uses_the_vm_fixed_part() -> None:
+    g = synthetic()["guidance"]
+    assert g["fixed_ms"] == pytest.approx(10.0)
+    assert g["from_vm"] is True
+    # 10 + 60 g = 100 -> 1.5 GiB; 10 + 60 g = 50 -> 2/3 GiB.
+    assert g["clean"]["gib_at_interval"] == pytest.approx(1.5)
+    assert g["clean"]["gib_at_half_interval"] == pytest.approx(40 / 60)
+    assert g["clean"]["pause_ms_at"]["2"] == pytest.approx(130.0)
+    # The VM line carries its own intercept: 10 + 70 g = 100 -> 9/7 GiB.
+    assert g["vm"]["gib_at_interval"] == pytest.approx(90 / 70)
+
+
+def test_guidance_without_vm_has_no_fixed_part() -> None:
+    res = synthetic()
+    res["vm"] = []
+    res["fits"] = sizing.compute_fits(res)
+    g = sizing.guidance(res, 100.0)
+    assert g["fixed_ms"] == 0.0
+    assert g["from_vm"] is False
+    assert g["clean"]["gib_at_interval"] == pytest.approx(100 / 60)
+    assert g["vm"]["gib_at_interval"] is None
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_format_report_holds_command_machine_and_figures() -> None:
+    md = sizing.format_report(synthetic(), "kemari bench sizing --samples 5")
+    assert "Command: `kemari bench sizing --samples 5`" in md
+    assert "Test CPU 9000 (2 CPUs)" in md
+    assert "2026-01-02T03:04:05Z" in md
+    assert "NOT available (CONFIG_MEM_SOFT_DIRTY is not set)" in md
+    assert "60.0 ms/GiB + 0.0 (R² 1.000, 3 points)" in md
+    assert "120.0 ms/GiB" in md
+    assert "3072.0 MiB/GiB + 2.0" in md
+    assert "0.5 ms per 1000 pages" in md
+    assert "| 2048 | not run: VM time budget spent (301 s) |" in md
+    assert "| 1024 | 80.0 | 90.0 |" in md  # VM pause p50 / p99 at 1 GiB
+    # Guidance row for clean RAM: half interval at 0.67 GiB, full at 1.50 GiB.
+    assert "| clean RAM | 0.67 | 1.50 |" in md
+
+
+def test_format_report_without_fits_says_so() -> None:
+    res = synthetic()
+    res["scan"] = res["scan"][:1]
+    res["memory"] = {"primary": res["memory"]["primary"][:1], "secondary": []}
+    res["vm"] = []
+    res["fits"] = sizing.compute_fits(res)
+    res["guidance"] = sizing.guidance(res, 100.0)
+    md = sizing.format_report(res, "x")
+    assert "- (fewer than 2 sizes)" in md
+    assert "no VM in this run" in md
+    assert "60.0 ms/GiB" not in md
+
+
+def test_write_results_writes_json_and_markdown(tmp_path: Path) -> None:
+    res = synthetic()
+    md = sizing.write_results(res, tmp_path / "out", "cmd --x")
+    assert md == tmp_path / "out" / "sizing.md"
+    data = json.loads((tmp_path / "out" / "sizing.json").read_text())
+    assert data["command"] == "cmd --x"
+    assert data["fits"]["scan_t2_ms_per_gib[clean]"]["slope"] == pytest.approx(60.0)
+    assert "cmd --x" in md.read_text()
+
+
+# --------------------------------------------------------------------------- a tiny real run
+
+
+def test_tiny_real_run(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    cfg = KemariConfig(
+        paths=PathsConfig(run_dir=tmp_path / "run", shm_dir=shm / f"kemari-test-{tmp_path.name}")
+    )
+    try:
+        res = sizing.run_sizing(cfg, sizes_mib=(16,), samples=2, vm_sizes_mib=())
+    finally:
+        import shutil
+
+        shutil.rmtree(cfg.paths.shm_dir, ignore_errors=True)
+    assert res["vm"] == []
+    assert res["machine"]["cpus"] >= 1 and res["machine"]["date"]
+    (scan,) = res["scan"]
+    assert scan["memory_mib"] == 16 and scan["n_pages"] == 16 * 256
+    assert [c["case"] for c in scan["cases"]] == [
+        sizing.case_key(f, p) for f, p in sizing.SCAN_CASES
+    ]
+    for c in scan["cases"]:
+        assert c["dirty_pages"] == round(16 * 256 * c["dirty_fraction"])
+        assert c["scan_t1_ms"]["p50"] > 0 and c["scan_t2_ms"]["p50"] > 0
+        assert c["stage_ms"]["p50"] > 0
+        assert c["scan_t2_ms"]["p99"] >= c["scan_t2_ms"]["p50"]
+    (prim,) = res["memory"]["primary"]
+    # Shadow + staging + previous: about 3 x 16 MiB of anonymous memory.
+    assert 2.5 * 16 < prim["agent_anon_mib"] < 3.5 * 16
+    assert prim["map_ram_shmem_mib"] > 0
+    (sec,) = res["memory"]["secondary"]
+    assert sec["replica_file_mib"] == pytest.approx(16.0)
+    assert all(u["held_mib"] > 0 for u in sec["undo"])
+    # One size: no line can be fitted.
+    assert res["fits"]["scan_t2_ms_per_gib[clean]"] is None
+    md = sizing.format_report(res, "test")
+    assert "| 16 | clean RAM | 0 |" in md
