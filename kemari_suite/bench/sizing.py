@@ -626,11 +626,20 @@ def _f(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _num(v: float, digits: int = 1) -> str:
+    """``v`` with ``digits`` decimals, never "-0.0"."""
+    text = f"{v:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _fit_text(fit: dict[str, Any] | None, unit: str) -> str:
+    """ "60.0 ms/GiB, intercept 1.2 ms (R² 0.990, 4 points)": the intercept's unit is
+    the numerator of ``unit``."""
     if fit is None:
         return "- (fewer than 2 sizes)"
+    base = unit.split("/")[0].split(" per ")[0]
     return (
-        f"{fit['slope']:.1f} {unit} + {fit['intercept']:.1f} "
+        f"{_num(fit['slope'])} {unit}, intercept {_num(fit['intercept'])} {base} "
         f"(R² {fit['r2']:.3f}, {fit['n']} points)"
     )
 

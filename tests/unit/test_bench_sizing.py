@@ -199,10 +199,10 @@ def test_format_report_holds_command_machine_and_figures() -> None:
     assert "Test CPU 9000 (2 CPUs)" in md
     assert "2026-01-02T03:04:05Z" in md
     assert "NOT available (CONFIG_MEM_SOFT_DIRTY is not set)" in md
-    assert "60.0 ms/GiB + 0.0 (R² 1.000, 3 points)" in md
+    assert "60.0 ms/GiB, intercept 0.0 ms (R² 1.000, 3 points)" in md
     assert "120.0 ms/GiB" in md
-    assert "3072.0 MiB/GiB + 2.0" in md
-    assert "0.5 ms per 1000 pages" in md
+    assert "3072.0 MiB/GiB, intercept 2.0 MiB" in md
+    assert "0.5 ms per 1000 pages, intercept 0.0 ms" in md
     assert "| 2048 | not run: VM time budget spent (301 s) |" in md
     assert "| 1024 | 80.0 | 90.0 |" in md  # VM pause p50 / p99 at 1 GiB
     # Guidance row for clean RAM: half interval at 0.67 GiB, full at 1.50 GiB.
