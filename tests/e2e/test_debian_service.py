@@ -3,11 +3,11 @@ definition, driven by Debian's curl from the client namespace; the host running 
 is killed at random moments; every record the client saw stored is there afterwards,
 on the running guest and, after a clean shutdown, on its disk (checked offline).
 
-CI runs one kill; ``make e2e`` runs ``KEMARI_SERVICE_KILLS`` (10) and records them."""
+CI runs one kill; ``make e2e`` also runs ``kemari bench service --kills 10``, which
+records its figures in benchmarks/results/service.md."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -23,10 +23,6 @@ def test_nginx_records_survive_random_kills(lab_factory, base_config: KemariConf
     kills = int(os.environ.get("KEMARI_SERVICE_KILLS", "1"))
     lay = lab_factory()
     res = service.run(base_config, kills=kills, measure_s=6.0, lay=lay, progress=print)
-    record = os.environ.get("KEMARI_RECORD")
-    if record:
-        with open(record, "a") as f:
-            f.write(json.dumps({"test": "service", **res}, default=str) + "\n")
     c = res["check"]
     assert c["committed"] > 20, c
     assert not c["missing_live"], c["missing_live"][:10]
