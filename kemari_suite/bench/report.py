@@ -153,8 +153,18 @@ def pause_interval(cp: dict[str, Any]) -> tuple[float, float]:
     The record's ``t_wall`` is taken after the epoch was sent (``transfer_ms`` after the
     resume); the pause lasted ``pause_ms`` before that resume.
     """
+    if cp.get("stopped_at") is not None and cp.get("guest_pause_ms") is not None:
+        # QEMU's own STOP/RESUME timestamps: exact, no QMP round trips.
+        start = float(cp["stopped_at"])
+        return start, start + float(cp["guest_pause_ms"]) / 1e3
     end = float(cp["t_wall"]) - float(cp.get("transfer_ms", 0.0)) / 1e3
     return end - float(cp["pause_ms"]) / 1e3, end
+
+
+def pause_ms(cp: dict[str, Any]) -> float:
+    """A checkpoint's pause: QEMU's timestamps where recorded, the agent's clock else."""
+    g = cp.get("guest_pause_ms")
+    return float(g) if g is not None else float(cp["pause_ms"])
 
 
 def paused_within(checkpoints: Iterable[dict[str, Any]], a: float, b: float) -> tuple[float, int]:
@@ -183,7 +193,7 @@ def sync_stats(
         for cp in checkpoints:
             s, _e = pause_interval(cp)
             if a <= s <= b:
-                pauses.append(float(cp["pause_ms"]))
+                pauses.append(pause_ms(cp))
                 t = str(cp.get("trigger", "?"))
                 triggers[t] = triggers.get(t, 0) + 1
     return {
@@ -340,7 +350,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         lm = [(lp.wall_start, lp.wall_end) for lp in raw.loops if lp.bench in LMBENCH]
         out["lmbench_sync"] = sync_stats(raw.checkpoints, lm)
         out["pauses_ms"] = [
-            float(cp["pause_ms"])
+            pause_ms(cp)
             for cp in raw.checkpoints
             if any(a <= pause_interval(cp)[0] <= b for a, b in windows)
         ]

@@ -147,8 +147,10 @@ class Client:
             return [r for r in self.requests if t0 <= r.t1 < t1]
 
     def first_success_after(self, t: float) -> float | None:
+        """When the first request *sent* after ``t`` was answered with success (an
+        answer already on its way at ``t`` says nothing about the outage)."""
         with self._lock:
-            done = [r.t1 for r in self.requests if r.t1 > t and r.code in (201, 204)]
+            done = [r.t1 for r in self.requests if r.t0 > t and r.code in (201, 204)]
         return min(done) if done else None
 
 
@@ -402,8 +404,8 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
     lines += [
         "",
         f"Client outage p50 {f(res['outage_p50_s'], '.2f')} s, max "
-        f"{f(res['outage_max_s'], '.2f')} s (from the kill to the next stored record; "
-        "it includes the heartbeat timeout).",
+        f"{f(res['outage_max_s'], '.2f')} s (from the kill to the answer to the first "
+        "request sent after it; it includes the 3 s heartbeat timeout).",
         "",
         "## Every committed record present",
         "",

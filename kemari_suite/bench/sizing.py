@@ -224,27 +224,56 @@ def measure_scan(
                         staged = tracker.stage(ram, idx[:found], staging)
                         st.append(time.perf_counter() - a)
                         tracker.commit(idx[:found].copy(), staged)
-                    s1, s2, sst = _stats(t1), _stats(t2), _stats(st)
                     rows.append(
-                        {
-                            "case": case_key(frac, pattern),
-                            "pattern": pattern,
-                            "dirty_fraction": frac,
-                            "dirty_pages": k,
-                            "samples": samples,
-                            "scan_t1_ms": s1,
-                            "scan_t2_ms": s2,
-                            "stage_ms": sst,
-                            # What the stopped window spends on RAM: 2-thread scan + stage.
-                            "scan_t2_plus_stage_ms_p50": s2["p50"] + sst["p50"],
-                        }
+                        _case_stats(
+                            {
+                                "case": case_key(frac, pattern),
+                                "pattern": pattern,
+                                "dirty_fraction": frac,
+                                "dirty_pages": k,
+                                "raw_s": {"scan_t1": t1, "scan_t2": t2, "stage": st},
+                            }
+                        )
                     )
             del staging, idx
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         gc.collect()
-    return {"memory_mib": memory_mib, "n_pages": n, "cases": rows}
+    return {
+        "memory_mib": memory_mib,
+        "n_pages": n,
+        "loadavg_1min": [round(os.getloadavg()[0], 2)],
+        "cases": rows,
+    }
+
+
+def _case_stats(case: dict[str, Any]) -> dict[str, Any]:
+    """Fill a scan case's p50/p99 figures from its raw samples (seconds)."""
+    raw = case["raw_s"]
+    s1, s2, sst = _stats(raw["scan_t1"]), _stats(raw["scan_t2"]), _stats(raw["stage"])
+    case.update(
+        samples=len(raw["scan_t2"]),
+        scan_t1_ms=s1,
+        scan_t2_ms=s2,
+        stage_ms=sst,
+        # What the stopped window spends on RAM: the 2-thread scan, then staging.
+        scan_t2_plus_stage_ms_p50=s2["p50"] + sst["p50"],
+    )
+    return case
+
+
+def merge_scans(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two :func:`measure_scan` results of one size, pooled (figures recomputed)."""
+    if a["memory_mib"] != b["memory_mib"]:
+        raise ValueError("cannot merge scans of different sizes")
+    by_key = {c["case"]: c for c in b["cases"]}
+    cases = []
+    for c in a["cases"]:
+        other = by_key[c["case"]]["raw_s"]
+        raw = {k: [*v, *other[k]] for k, v in c["raw_s"].items()}
+        cases.append(_case_stats({**c, "raw_s": raw}))
+    return {**a, "loadavg_1min": [*a["loadavg_1min"], *b["loadavg_1min"]], "cases": cases}
 
 
 # --------------------------------------------------------------------------- (c) memory
@@ -453,6 +482,7 @@ async def _vm_sync_points(
         "parts_ms_p50": {p: float(pct([r[p] for r in rows], 50) or 0.0) for p in parts},
         "dirty_pages_p50": pct([r["dirty_pages"] for r in rows], 50),
         "devstate_bytes_p50": pct([r["devstate_bytes"] for r in rows], 50),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
     }
 
 
@@ -581,9 +611,18 @@ def run_sizing(
         "vm": [],
         "memory": {"primary": [], "secondary": []},
     }
-    for m in sizes:
-        say(f"scan {m} MiB: {samples} samples x {len(SCAN_CASES)} dirty-page cases")
-        res["scan"].append(measure_scan(m, samples=samples, shm_dir=shm))
+    # Two passes, ascending then descending sizes, pooled: a load that changes during
+    # the run (a shared machine) then weighs on every size alike and tilts no line.
+    first = max(1, samples // 2)
+    scans: dict[int, dict[str, Any]] = {}
+    for n_samples, order in ((first, sizes), (samples - first, sizes[::-1])):
+        if n_samples <= 0:
+            continue
+        for m in order:
+            say(f"scan {m} MiB: {n_samples} samples x {len(SCAN_CASES)} dirty-page cases")
+            got = measure_scan(m, samples=n_samples, shm_dir=shm, seed=len(scans) + m)
+            scans[m] = merge_scans(scans[m], got) if m in scans else got
+    res["scan"] = [scans[m] for m in sizes]
     for m in sizes:
         say(f"memory {m} MiB: primary buffers, secondary replica and undo log")
         res["memory"]["primary"].append(measure_primary_memory(m, shm_dir=shm))
@@ -698,8 +737,8 @@ def format_report(res: dict[str, Any], command: str) -> str:
         "## Compare scan and staging, no VM (RAM file in /dev/shm, p50 / p99 ms)",
         "",
         "| RAM MiB | dirty | dirty pages | scan 1 thread | scan 2 threads | stage "
-        "| scan(2)+stage p50 | samples |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scan(2)+stage p50 | samples | load (1 min) per pass |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in res.get("scan", []):
         for c in s["cases"]:
@@ -708,19 +747,20 @@ def format_report(res: dict[str, Any], command: str) -> str:
                 f"| {_f(c['scan_t1_ms']['p50'])} / {_f(c['scan_t1_ms']['p99'])} "
                 f"| {_f(c['scan_t2_ms']['p50'])} / {_f(c['scan_t2_ms']['p99'])} "
                 f"| {_f(c['stage_ms']['p50'], '{:.2f}')} / {_f(c['stage_ms']['p99'], '{:.2f}')} "
-                f"| {_f(c['scan_t2_plus_stage_ms_p50'])} | {c['samples']} |"
+                f"| {_f(c['scan_t2_plus_stage_ms_p50'])} | {c['samples']} "
+                f"| {' / '.join(f'{x:.2f}' for x in s.get('loadavg_1min', []))} |"
             )
     lines += [
         "",
         "## Real VM sync points (stop, device state, scan, stage, cont; p50 ms)",
         "",
         "| RAM MiB | pause p50 | pause p99 | stop | devstate | scan | stage | cont "
-        "| dirty pages p50 | boot s | samples |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dirty pages p50 | boot s | samples | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in res.get("vm", []):
         if "skipped" in v:
-            lines.append(f"| {v['memory_mib']} | not run: {v['skipped']} |||||||||")
+            lines.append(f"| {v['memory_mib']} | not run: {v['skipped']} ||||||||||")
             continue
         p = v["parts_ms_p50"]
         lines.append(
@@ -728,10 +768,10 @@ def format_report(res: dict[str, Any], command: str) -> str:
             f"| {_f(p['stop'])} | {_f(p['devstate'])} | {_f(p['scan'])} | {_f(p['stage'])} "
             f"| {_f(p['cont'])} | {_f(v['dirty_pages_p50'], '{:.0f}')} "
             f"| {_f(v['boot_s'], '{:.0f}')} "
-            f"| {v['samples']} |"
+            f"| {v['samples']} | {_f(v.get('loadavg_1min'), '{:.2f}')} |"
         )
     if not res.get("vm"):
-        lines.append("| - | no VM in this run |||||||||")
+        lines.append("| - | no VM in this run ||||||||||")
     lines += [
         "",
         "## Agent memory (MiB, from /proc/self/status)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,36 @@ class CheckpointMetrics:
     precopied_pages: int = 0
     precopy_bytes: int = 0
     t_wall: float = 0.0
+    #: The pause as QEMU itself timestamped it (its STOP and RESUME events): without the
+    #: QMP round trips that ``pause_ms`` includes. None when the events were not seen.
+    guest_pause_ms: float | None = None
+    #: Wall-clock time of QEMU's STOP event.
+    stopped_at: float | None = None
+
+
+def _event_time(ev: dict[str, Any]) -> float | None:
+    ts = ev.get("timestamp") or {}
+    try:
+        return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def qemu_pause(events: Iterable[dict[str, Any]], since: float) -> tuple[float, float] | None:
+    """(stop time, seconds stopped) of the last STOP→RESUME pair after ``since``, from
+    QEMU's own event timestamps; None when that pair is not (yet) in ``events``."""
+    stop: float | None = None
+    found: tuple[float, float] | None = None
+    for ev in events:
+        t = _event_time(ev)
+        if t is None or t < since:
+            continue
+        if ev.get("event") == "STOP":
+            stop = t
+        elif ev.get("event") == "RESUME" and stop is not None:
+            found = (stop, t - stop)
+            stop = None
+    return found
 
 
 class Artifacts:

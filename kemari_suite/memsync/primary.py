@@ -44,7 +44,7 @@ from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_sha
 from kemari_suite.memsync.guestio import GuestIO, make_scheduler, write_disk_state
 from kemari_suite.memsync.guestram import GuestRAM
 from kemari_suite.memsync.link import Link, connect
-from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics
+from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics, qemu_pause
 from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
 from kemari_suite.memsync.tracker import CompareTracker, DirtyTracker, make_tracker
 from kemari_suite.tap import TapMode
@@ -824,6 +824,7 @@ class PrimaryAgent:
                 digest = self._open_digest
             assert digest is not None
             t0 = time.perf_counter()
+            t0_wall = time.time()
             await self.vm.execute("stop")
             t_stop = time.perf_counter()
             devstate = await self.capturer.capture()
@@ -898,6 +899,9 @@ class PrimaryAgent:
             precopied_pages=self._precopied,
             precopy_bytes=self._precopy_bytes,
         )
+        qp = qemu_pause(list(self.vm.events), t0_wall - 0.01)
+        if qp is not None:
+            m.stopped_at, m.guest_pause_ms = qp[0], qp[1] * 1e3
         self._last_dirty = int(k) + self._precopied
         self._precopied = 0
         self._precopy_bytes = 0

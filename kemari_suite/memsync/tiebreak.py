@@ -45,7 +45,16 @@ def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> T
         device = cfg.disk.lease_device
         if not device:
             raise ConfigError('tiebreaker = "lease" needs disk.lease_device', key="disk")
-        lease = Lease(device, resource=cfg.vm.name, lease_s=timeout_s, offset=cfg.disk.lease_offset)
+        # A busy host (two loaded cores here) can stall longer than 0.5 s between the
+        # read and the write of a renewal; a quarter of the lease keeps the settle
+        # pause (twice this) well inside the lease while not fencing a busy holder.
+        lease = Lease(
+            device,
+            resource=cfg.vm.name,
+            lease_s=timeout_s,
+            offset=cfg.disk.lease_offset,
+            io_timeout_s=max(0.5, timeout_s / 4),
+        )
         if format_lease:
             with contextlib.suppress(LeaseError):
                 lease.format()

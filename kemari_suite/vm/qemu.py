@@ -14,6 +14,7 @@ the agent that holds its replication state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import enum
@@ -334,7 +335,9 @@ class AsyncVM:
         self.state_history: list[VMState] = [VMState.NEW]
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMPClient | None = None
-        self.events: list[dict[str, Any]] = []
+        #: The latest QMP events (bounded: a protected VM stops and resumes ten times a
+        #: second, for months).
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self._event_task: asyncio.Task[None] | None = None
         self._event_callbacks: list[Callable[[dict[str, Any]], Awaitable[None] | None]] = []
         self.started_at: float | None = None

@@ -204,6 +204,7 @@ def test_format_report_holds_command_machine_and_figures() -> None:
     assert "3072.0 MiB/GiB, intercept 2.0 MiB" in md
     assert "0.5 ms per 1000 pages, intercept 0.0 ms" in md
     assert "| 2048 | not run: VM time budget spent (301 s) |" in md
+    assert "-0.0" not in md
     assert "| 1024 | 80.0 | 90.0 |" in md  # VM pause p50 / p99 at 1 GiB
     # Guidance row for clean RAM: half interval at 0.67 GiB, full at 1.50 GiB.
     assert "| clean RAM | 0.67 | 1.50 |" in md
@@ -271,3 +272,29 @@ def test_tiny_real_run(tmp_path: Path) -> None:
     assert res["fits"]["scan_t2_ms_per_gib[clean]"] is None
     md = sizing.format_report(res, "test")
     assert "| 16 | clean RAM | 0 |" in md
+
+
+def test_merge_scans_pools_raw_samples() -> None:
+    def one(values: list[float]) -> dict[str, Any]:
+        case = {
+            "case": "clean",
+            "pattern": "random",
+            "dirty_fraction": 0.0,
+            "dirty_pages": 0,
+            "raw_s": {"scan_t1": values, "scan_t2": values, "stage": [0.001] * len(values)},
+        }
+        return {
+            "memory_mib": 64,
+            "n_pages": 64 * 256,
+            "loadavg_1min": [1.0],
+            "cases": [sizing._case_stats(case)],
+        }
+
+    merged = sizing.merge_scans(one([0.010, 0.010, 0.010]), one([0.020, 0.020, 0.020, 0.020]))
+    (c,) = merged["cases"]
+    assert c["samples"] == 7
+    assert c["scan_t2_ms"]["p50"] == pytest.approx(20.0)
+    assert c["scan_t2_plus_stage_ms_p50"] == pytest.approx(21.0)
+    assert merged["loadavg_1min"] == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        sizing.merge_scans(one([0.01]), {**one([0.01]), "memory_mib": 128})

@@ -93,3 +93,17 @@ def test_alerts_from_events() -> None:
     kind, _ = alert_for("failover-refused", {"reason": "no tiebreaker"})  # type: ignore[misc]
     assert kind is AlertKind.FAILOVER_REFUSED
     assert alert_for("checkpoint", {}) is None
+
+
+def test_qemu_pause_from_event_timestamps() -> None:
+    from kemari_suite.memsync.metrics import qemu_pause
+
+    def ev(name: str, t: float) -> dict[str, object]:
+        return {"event": name, "timestamp": {"seconds": int(t), "microseconds": round(t % 1 * 1e6)}}
+
+    events = [ev("STOP", 99.0), ev("RESUME", 99.5), ev("STOP", 100.010), ev("RESUME", 100.025)]
+    got = qemu_pause(events, since=100.0)
+    assert got is not None
+    assert abs(got[0] - 100.010) < 1e-6 and abs(got[1] - 0.015) < 1e-6
+    assert qemu_pause(events[:3], since=100.0) is None  # RESUME not seen yet
+    assert qemu_pause([{"event": "STOP"}], since=0) is None
