@@ -205,6 +205,36 @@ def read_back(client: Client, records: dict[str, bytes], threads: int = 16) -> l
         return sorted(n for n in pool.map(bad, records.items()) if n is not None)
 
 
+def sync_summary(pair: LabPair, role: str, t0: float, t1: float) -> dict[str, Any]:
+    """The sync points the primary on ``role`` took between wall times t0 and t1."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    for f in pair.run_dir(role).glob("artifacts/*-primary-*/checkpoints.jsonl"):
+        for line in f.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                cp = json.loads(line)
+                if t0 <= float(cp.get("t_wall", 0)) <= t1:
+                    rows.append(cp)
+    if not rows:
+        return {}
+    pauses = [float(c.get("guest_pause_ms") or c["pause_ms"]) for c in rows]
+    triggers: dict[str, int] = {}
+    for c in rows:
+        t = str(c.get("trigger", "?")).split(":")[0]
+        triggers[t] = triggers.get(t, 0) + 1
+    span = t1 - t0
+    return {
+        "syncs_per_s": len(rows) / span,
+        "paused_share": sum(pauses) / 1e3 / span,
+        "pause_p50_ms": pct(pauses, 50),
+        "pause_p99_ms": pct(pauses, 99),
+        "ack_p50_ms": pct([float(c.get("ack_ms", 0)) for c in rows], 50),
+        "dirty_pages_p50": pct([float(c["dirty_pages"]) for c in rows], 50),
+        "triggers": triggers,
+    }
+
+
 def _other(role: str) -> str:
     return "secondary" if role == "primary" else "primary"
 
@@ -227,6 +257,8 @@ def run(
     lab_id: str = "sv",
     lay: labmod.LabLayout | None = None,
     seed: int | None = None,
+    policy: str = "kemari",
+    min_spacing_ms: int = 5,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the campaign of the module docstring; returns its figures and verdicts.
@@ -243,7 +275,14 @@ def run(
     if lay is None:
         labmod.down(lab_id)
         lay = labmod.up(lab_id, profile)
-    opts = PairOptions(vm_name="web", memory_mib=MEMORY_MIB, vcpus=VCPUS, tiebreaker="witness")
+    opts = PairOptions(
+        vm_name="web",
+        memory_mib=MEMORY_MIB,
+        vcpus=VCPUS,
+        tiebreaker="witness",
+        policy=policy,
+        adaptive_min_spacing_ms=min_spacing_ms,
+    )
     pair = LabPair(lay, cfg, opts)
     disk_a, disk_b = pair.root / "disk-a.img", pair.root / "disk-b.img"
     subprocess.run(["cp", "--sparse=always", str(deb.path), str(disk_a)], check=True)
@@ -259,7 +298,13 @@ def run(
         accel=accel,
     )
     client = Client(lay.ns_client, lay.guest_ip, workers=workers)
-    res: dict[str, Any] = {"profile": profile, "memory_mib": MEMORY_MIB, "vcpus": VCPUS}
+    res: dict[str, Any] = {
+        "profile": profile,
+        "memory_mib": MEMORY_MIB,
+        "vcpus": VCPUS,
+        "policy": policy,
+        "min_spacing_ms": min_spacing_ms if policy == "adaptive" else None,
+    }
     kill_log: list[Kill] = []
     t_start = time.monotonic()
     try:
@@ -274,7 +319,9 @@ def run(
         pair.start_secondary()
         st = pair.wait_state("primary", {"protected"}, 300)
         res["protect"] = {"compat": st.get("compat"), "disk_resync": st.get("disk_resync")}
+        w0 = time.time()
         res["protected"] = _measure(client, measure_s)
+        res["protected"]["sync"] = sync_summary(pair, "primary", w0, time.time())
         say(f"protected: {res['protected']['per_s']:.1f} records/s")
         for i in range(kills):
             victim = _active(pair)
@@ -385,6 +432,16 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
             f"| {name} | {f(m['per_s'])} | {m['stored']} | {m['failed']} "
             f"| {f(m['latency_p50_ms'])} | {f(m['latency_p99_ms'])} |"
         )
+    sy = pr.get("sync") or {}
+    if sy:
+        lines += [
+            "",
+            f"While protected: {f(sy['syncs_per_s'])} sync points/s, guest paused "
+            f"{f(100 * sy['paused_share'])}% of the time, pause p50 "
+            f"{f(sy['pause_p50_ms'])} ms / p99 {f(sy['pause_p99_ms'])} ms, acknowledgement "
+            f"p50 {f(sy['ack_p50_ms'])} ms after sending, dirty pages per sync p50 "
+            f"{f(sy['dirty_pages_p50'], '.0f')}; triggers {sy['triggers']}.",
+        ]
     lines += [
         "",
         f"Protected / unprotected throughput: {f(res['throughput_ratio'], '.2f')}.",

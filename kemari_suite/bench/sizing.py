@@ -131,9 +131,13 @@ def gib_where_pause_reaches(
 
 
 def _stats(values_s: Sequence[float]) -> dict[str, float]:
-    """p50/p99 in ms of durations in seconds."""
+    """min/p50/p99 in ms of durations in seconds (min: the least-contended sample)."""
     ms = [v * 1e3 for v in values_s]
-    return {"p50": float(pct(ms, 50) or 0.0), "p99": float(pct(ms, 99) or 0.0)}
+    return {
+        "min": min(ms, default=0.0),
+        "p50": float(pct(ms, 50) or 0.0),
+        "p99": float(pct(ms, 99) or 0.0),
+    }
 
 
 def fraction_key(frac: float) -> str:
@@ -476,6 +480,7 @@ async def _vm_sync_points(
         "boot_s": boot_s,
         "samples": len(rows),
         "interval_ms": interval_s * 1e3,
+        "total_ms_min": min(totals, default=None),
         "total_ms_p50": pct(totals, 50),
         "total_ms_p99": pct(totals, 99),
         "fixed_ms_p50": pct(fixed, 50),
@@ -506,6 +511,9 @@ def compute_fits(res: dict[str, Any]) -> dict[str, Any]:
         fits[f"scan_t2_plus_stage_ms_per_gib[{key}]"] = linear_fit(
             xs, [c["scan_t2_plus_stage_ms_p50"] for _, c in pts]
         )
+        fits[f"scan_t2_min_ms_per_gib[{key}]"] = linear_fit(
+            xs, [c["scan_t2_ms"].get("min", c["scan_t2_ms"]["p50"]) for _, c in pts]
+        )
     stage_pts = [
         (c["dirty_pages"] / 1000, c["stage_ms"]["p50"])
         for s in scan
@@ -518,6 +526,10 @@ def compute_fits(res: dict[str, Any]) -> dict[str, Any]:
     vms = [v for v in res.get("vm", []) if "total_ms_p50" in v]
     fits["vm_pause_ms_per_gib"] = linear_fit(
         [v["memory_mib"] / 1024 for v in vms], [v["total_ms_p50"] for v in vms]
+    )
+    fits["vm_pause_min_ms_per_gib"] = linear_fit(
+        [v["memory_mib"] / 1024 for v in vms],
+        [v.get("total_ms_min", v["total_ms_p50"]) for v in vms],
     )
     fits["vm_scan_ms_per_gib"] = linear_fit(
         [v["memory_mib"] / 1024 for v in vms], [v["parts_ms_p50"]["scan"] for v in vms]
@@ -720,6 +732,12 @@ def format_report(res: dict[str, Any], command: str) -> str:
         f"{_fit_text(fits.get('stage_ms_per_1000_pages'), 'ms per 1000 pages')} |",
         f"| real VM sync point (stop..cont), p50 "
         f"| {_fit_text(fits.get('vm_pause_ms_per_gib'), 'ms/GiB')} |",
+        f"| real VM sync point (stop..cont), fastest of each size (least contention) "
+        f"| {_fit_text(fits.get('vm_pause_min_ms_per_gib'), 'ms/GiB')} |",
+        f"| full compare scan, 2 threads, clean RAM, fastest sample (least contention) "
+        f"| {_fit_text(fits.get('scan_t2_min_ms_per_gib[clean]'), 'ms/GiB')} |",
+        f"| full compare scan, 2 threads, 1% random dirty, fastest sample "
+        f"| {_fit_text(fits.get('scan_t2_min_ms_per_gib[1% random]'), 'ms/GiB')} |",
         f"| primary agent, extra anonymous memory "
         f"| {_fit_text(fits.get('primary_anon_mib_per_gib'), 'MiB/GiB')} |",
         f"| primary agent, VmRSS growth (includes the shared RAM mapping) "
@@ -734,11 +752,11 @@ def format_report(res: dict[str, Any], command: str) -> str:
         )
     lines += [
         "",
-        "## Compare scan and staging, no VM (RAM file in /dev/shm, p50 / p99 ms)",
+        "## Compare scan and staging, no VM (RAM file in /dev/shm; p50 / p99 ms, and min)",
         "",
-        "| RAM MiB | dirty | dirty pages | scan 1 thread | scan 2 threads | stage "
-        "| scan(2)+stage p50 | samples | load (1 min) per pass |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| RAM MiB | dirty | dirty pages | scan 1 thread | scan 2 threads | scan 2 threads min "
+        "| stage | scan(2)+stage p50 | samples | load (1 min) per pass |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in res.get("scan", []):
         for c in s["cases"]:
@@ -746,6 +764,7 @@ def format_report(res: dict[str, Any], command: str) -> str:
                 f"| {s['memory_mib']} | {_label(c['case'])} | {c['dirty_pages']} "
                 f"| {_f(c['scan_t1_ms']['p50'])} / {_f(c['scan_t1_ms']['p99'])} "
                 f"| {_f(c['scan_t2_ms']['p50'])} / {_f(c['scan_t2_ms']['p99'])} "
+                f"| {_f(c['scan_t2_ms'].get('min'))} "
                 f"| {_f(c['stage_ms']['p50'], '{:.2f}')} / {_f(c['stage_ms']['p99'], '{:.2f}')} "
                 f"| {_f(c['scan_t2_plus_stage_ms_p50'])} | {c['samples']} "
                 f"| {' / '.join(f'{x:.2f}' for x in s.get('loadavg_1min', []))} |"
@@ -754,24 +773,25 @@ def format_report(res: dict[str, Any], command: str) -> str:
         "",
         "## Real VM sync points (stop, device state, scan, stage, cont; p50 ms)",
         "",
-        "| RAM MiB | pause p50 | pause p99 | stop | devstate | scan | stage | cont "
+        "| RAM MiB | pause min | pause p50 | pause p99 | stop | devstate | scan | stage | cont "
         "| dirty pages p50 | boot s | samples | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in res.get("vm", []):
         if "skipped" in v:
-            lines.append(f"| {v['memory_mib']} | not run: {v['skipped']} ||||||||||")
+            lines.append(f"| {v['memory_mib']} | not run: {v['skipped']} |||||||||||")
             continue
         p = v["parts_ms_p50"]
         lines.append(
-            f"| {v['memory_mib']} | {_f(v['total_ms_p50'])} | {_f(v['total_ms_p99'])} "
+            f"| {v['memory_mib']} | {_f(v.get('total_ms_min'))} | {_f(v['total_ms_p50'])} "
+            f"| {_f(v['total_ms_p99'])} "
             f"| {_f(p['stop'])} | {_f(p['devstate'])} | {_f(p['scan'])} | {_f(p['stage'])} "
             f"| {_f(p['cont'])} | {_f(v['dirty_pages_p50'], '{:.0f}')} "
             f"| {_f(v['boot_s'], '{:.0f}')} "
             f"| {v['samples']} | {_f(v.get('loadavg_1min'), '{:.2f}')} |"
         )
     if not res.get("vm"):
-        lines.append("| - | no VM in this run ||||||||||")
+        lines.append("| - | no VM in this run |||||||||||")
     lines += [
         "",
         "## Agent memory (MiB, from /proc/self/status)",

@@ -72,6 +72,7 @@ class PairOptions:
     #: Put the guest NIC behind the frame proxy (output commit) instead of a plain tap.
     tapped_net: bool = False
     policy: str = "kemari"
+    adaptive_min_spacing_ms: int = 5
     #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
     alert_hook: str = ""
     env_primary: dict[str, str] = field(default_factory=dict)
@@ -367,6 +368,7 @@ class LabPair:
         sections = {
             "boot": {"kernel": str(kernel), "initrd": str(initrd), "cmdline": cmdline},
             "replication": rep,
+            "tap": {"policy": o.policy, "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms},
         }
         if o.alert_hook:
             sections["alerts"] = {"hook": o.alert_hook}
