@@ -444,7 +444,21 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         ]
     lines += [
         "",
-        f"Protected / unprotected throughput: {f(res['throughput_ratio'], '.2f')}.",
+        f"Protected / unprotected throughput: {f(res['throughput_ratio'], '.2f')} "
+        f"(sync policy {res.get('policy', 'kemari')}).",
+    ]
+    if sy:
+        lines += [
+            "",
+            "Why protection costs this much here: every sync point stops the guest for a "
+            "full compare scan of its RAM (this kernel has no soft-dirty tracking), about "
+            f"{f(sy['pause_p50_ms'])} ms for {res['memory_mib']} MiB, and the Kemari policy "
+            "takes one at every output the guest produces (each HTTP reply), so a busy "
+            "service spends much of its time stopped; under TCG the guest's own work is "
+            "slow to begin with. The pause is a floor of this tracker, not of the design: "
+            "see docs/sizing.md.",
+        ]
+    lines += [
         "",
         "## Kills of the host running the VM",
         "",
