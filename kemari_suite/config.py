@@ -315,16 +315,24 @@ def load(path: str | os.PathLike[str] | None = None) -> KemariConfig:
     """
     if path is None:
         return KemariConfig()
+    return build(KemariConfig, read_toml(path), path=str(path))
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file as a mapping.
+
+    Raises:
+        ConfigError: the file cannot be read or is not valid TOML (naming the file).
+    """
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read: {err.strerror}", path=str(p)) from err
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"not valid TOML: {err}", path=str(p)) from err
-    return build(KemariConfig, data, path=str(p))
 
 
 def with_overrides(cfg: KemariConfig, **sections: dict[str, Any]) -> KemariConfig:

@@ -45,7 +45,6 @@ import os
 import re
 import stat
 import subprocess
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +61,7 @@ from kemari_suite.config import (
     TapConfig,
     VMConfig,
     build,
+    read_toml,
 )
 from kemari_suite.errors import ConfigError, SetupError
 from kemari_suite.vm.qemu import QEMU_BINARY, VMPaths, VMSpec, choose_accel, qemu_argv
@@ -632,14 +632,7 @@ def load_vmdef(
             MAC, more than one disk or NIC, an unknown host.
     """
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read: {err.strerror}", path=str(p)) from err
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"not valid TOML: {err}", path=str(p)) from err
+    data = read_toml(p)
     return parse_vmdef(data, source=p, host=host, machines=machines, check_files=check_files)
 
 
