@@ -35,6 +35,7 @@ Compression = Literal["zstd", "lz4", "none"]
 SyncPolicy = Literal["kemari", "remus", "adaptive"]
 Tiebreaker = Literal["none", "witness", "lease"]
 DiskBackendKind = Literal["builtin", "drbd", "shared"]
+DisplayKind = Literal["none", "std", "virtio", "qxl"]
 
 
 def _env_path(var: str, default: str) -> Path:
@@ -92,6 +93,10 @@ class VMConfig:
     ip: str = ""
     #: Command the guest's init runs (kernel command line; overrides the image's).
     run: str = ""
+    #: Emulated display: "none" (recommended), or "std", "virtio", "qxl", whose video
+    #: memory lies outside the shared RAM file and so travels in full in every
+    #: device-state capture (see docs/sizing.md).
+    display: DisplayKind = "none"
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class PairOptions:
     tapped_net: bool = False
     policy: str = "kemari"
     adaptive_min_spacing_ms: int = 5
+    display: str = "none"
     #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
     alert_hook: str = ""
     env_primary: dict[str, str] = field(default_factory=dict)
@@ -126,6 +127,7 @@ class LabPair:
                 "netns": lab.ns_for(tap_role) if role != "witness" else "",
                 "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
                 "run": o.workload,
+                "display": o.display,
             },
             "replication": {
                 "key": self.key,

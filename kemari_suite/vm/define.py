@@ -57,4 +57,5 @@ def vm_spec(cfg: KemariConfig, image: GuestImage, *, blockdev: str | None = None
         mac=v.mac,
         blockdev=blockdev,
         netns=v.netns or None,
+        display=v.display,
     )

@@ -30,3 +30,40 @@ def test_two_vcpu_guest_fails_over(lab_factory, base_config: KemariConfig) -> No
         assert after >= probes["counter"]
     finally:
         pair.stop()
+
+
+def _devstate_sizes(pair: LabPair) -> list[int]:
+    import json
+
+    return [
+        json.loads(line)["devstate_bytes"]
+        for f in pair.run_dir("primary").glob("artifacts/*-primary-*/checkpoints.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+
+
+def test_video_memory_travels_in_every_capture(lab_factory, base_config: KemariConfig) -> None:
+    """Standard VGA keeps 16 MiB of video RAM outside the shared RAM file: every
+    device-state capture walks all of it (each of its 4096 pages costs at least a page
+    header, a non-zero page its 4 KiB), as docs/sizing.md says; failover still works."""
+    sizes: dict[str, list[int]] = {}
+    for display in ("none", "std"):
+        lay = lab_factory()
+        pair = LabPair(lay, base_config, PairOptions(display=display))
+        try:
+            pair.start()
+            pair.wait_state("primary", {"protected"}, 180)
+            pair.wait_counter(120)
+            pair.settle(5)
+            sizes[display] = _devstate_sizes(pair)
+            if display == "std":
+                cmdline = (pair.run_dir("primary") / "kemari-guest" / "cmdline").read_text()
+                assert "-vga std" in cmdline
+                pair.kill("primary")
+                st = pair.wait_state("secondary", {"active"}, 60)
+                assert pair.wait_counter(60) >= st["failover"]["probes"]["counter"]
+        finally:
+            pair.stop()
+    plain, vga = min(sizes["none"]), min(sizes["std"])
+    print(f"device state per capture: display none {plain} B, std {vga} B")
+    assert vga >= plain + 4096 * 8, (plain, vga)
