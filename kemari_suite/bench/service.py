@@ -24,6 +24,7 @@ only once the checkpoint holding that state is acknowledged by the standby.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import shutil
@@ -145,6 +146,13 @@ class Client:
     def window(self, t0: float, t1: float) -> list[Request]:
         with self._lock:
             return [r for r in self.requests if t0 <= r.t1 < t1]
+
+    def longest_gap(self, t0: float, t1: float) -> float:
+        """The longest time between two stored records (answers) within [t0, t1]."""
+        with self._lock:
+            times = sorted(r.t1 for r in self.requests if r.code in (201, 204))
+        inside = [t0] + [t for t in times if t0 <= t <= t1] + [t1]
+        return max(b - a for a, b in itertools.pairwise(inside))
 
     def first_success_after(self, t: float) -> float | None:
         """When the first request *sent* after ``t`` was answered with success (an
@@ -359,6 +367,26 @@ def run(
                 f"{k.agent_failover_ms or 0:.0f} ms, protected again after "
                 f"{k.reprotected_s:.0f} s"
             )
+        res["switchovers"] = []
+        for _ in range(2):
+            # A planned switchover, then the failback, with the client writing throughout.
+            active = _active(pair)
+            say(f"switchover from the {active} host")
+            t0 = time.monotonic()
+            sw = pair.switchover(active)
+            pair.wait_state(_other(active), {"protected"}, 300)
+            time.sleep(1.0)
+            res["switchovers"].append(
+                {
+                    "from": active,
+                    "pause_ms": sw.get("pause_ms"),
+                    "peer_resume_ms": sw.get("peer_resume_ms"),
+                    "client_longest_gap_s": client.longest_gap(t0, time.monotonic()),
+                    "client_failed": sum(
+                        1 for r in client.window(t0, time.monotonic()) if r.code not in (201, 204)
+                    ),
+                }
+            )
         client.stop()
         committed = client.committed()
         say(f"check: {len(committed)} committed records, read back from the guest")
@@ -396,6 +424,7 @@ def run(
         and not c["missing_live"]
         and c["offline_ok"]
         and all(not k.spot_missing for k in kill_log)
+        and all(w["client_failed"] == 0 for w in res.get("switchovers", []))
     )
     return res
 
@@ -477,6 +506,17 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         f"Client outage p50 {f(res['outage_p50_s'], '.2f')} s, max "
         f"{f(res['outage_max_s'], '.2f')} s (from the kill to the answer to the first "
         "request sent after it; it includes the 3 s heartbeat timeout).",
+        "",
+        "## Planned switchover and failback (client writing throughout)",
+        "",
+        "| from | guest stopped ms (final sync + peer resume) | peer resume ms "
+        "| client's longest gap s | failed requests |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {w['from']} host | {f(w['pause_ms'], '.0f')} | {f(w['peer_resume_ms'], '.0f')} "
+            f"| {f(w['client_longest_gap_s'], '.2f')} | {w['client_failed']} |"
+            for w in res.get("switchovers", [])
+        ],
         "",
         "## Every committed record present",
         "",

@@ -447,6 +447,47 @@ def bench_floor(
     out.print_json(json.dumps(res))
 
 
+@bench_app.command("sizing")
+def bench_sizing(
+    config: ConfigOpt = None,
+    sizes: Annotated[
+        str, typer.Option(help="Guest RAM sizes, MiB, comma-separated.")
+    ] = "128,256,512,1024",
+    vm_sizes: Annotated[
+        str | None, typer.Option(help="Sizes that boot a real guest (default all; '' none).")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Scans per size and dirty case.")] = 20,
+    vm_samples: Annotated[int, typer.Option(help="Sync points timed per VM.")] = 30,
+    vm_budget: Annotated[float, typer.Option(help="Seconds allowed for the VM part.")] = 300.0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path(
+        "benchmarks/results"
+    ),
+) -> None:
+    """Sync-point pause and agent memory per GiB of guest RAM (compare tracker)."""
+    from kemari_suite.bench import sizing
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    cfg = _load(config)
+    command = ("kemari bench sizing " + " ".join(sys.argv[3:])).strip()
+    with err.status("sizing") as st:
+        md = _guard(
+            lambda: sizing.bench_sizing_command(
+                cfg,
+                sizes_mib=ints(sizes),
+                vm_sizes_mib=None if vm_sizes is None else ints(vm_sizes),
+                samples=samples,
+                vm_samples=vm_samples,
+                vm_budget_s=vm_budget,
+                out_dir=out_dir,
+                command=command,
+                progress=st.update,
+            )
+        )
+    out.print(md.read_text())
+
+
 @bench_app.command("service")
 def bench_service(
     config: ConfigOpt = None,
