@@ -41,7 +41,12 @@ from kemari_suite.bench.memsync import machine_info, pct
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.pair import LabPair, PairOptions
-from kemari_suite.vm.debian import build_debian_image, debian_cmdline, offline_check
+from kemari_suite.vm.debian import (
+    DEFAULT_SIZE_MIB,
+    build_debian_image,
+    debian_cmdline,
+    offline_check,
+)
 from kemari_suite.vm.image import build_image
 
 Progress = Callable[[str], None]
@@ -49,7 +54,8 @@ Progress = Callable[[str], None]
 #: Guest size for the service: enough for Debian's nginx with two workers.
 MEMORY_MIB = 256
 VCPUS = 2
-DISK_MIB = 512
+#: The default Debian image (shared with the image tests, so CI builds it once).
+DISK_MIB = DEFAULT_SIZE_MIB
 
 
 @dataclass
