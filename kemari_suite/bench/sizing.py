@@ -284,7 +284,19 @@ def merge_scans(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_primary_memory(memory_mib: int, *, shm_dir: Path, seed: int = 2) -> dict[str, Any]:
-    """The primary agent's resident memory for a guest of ``memory_mib``.
+    """The primary agent's resident memory for a guest of ``memory_mib``, measured in a
+    fresh process: in a long-lived one, the allocator may hand back memory freed
+    earlier (glibc raises its mmap threshold after large frees), so the growth of
+    RssAnon would read low or zero."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_primary_memory_here, memory_mib, shm_dir=shm_dir, seed=seed).result()
+
+
+def _primary_memory_here(memory_mib: int, *, shm_dir: Path, seed: int = 2) -> dict[str, Any]:
+    """The primary agent's resident memory for a guest of ``memory_mib`` (this process).
 
     The guest RAM file is written first (QEMU's RAM, not the agent's). Then, as
     :meth:`Primary._attach` does: map it (:class:`GuestRAM`, pre-faulted: shared tmpfs

@@ -92,7 +92,7 @@ def test_boot_store_records_stop_clean(
     subprocess.run(["cp", "--sparse=always", str(debian_image.path), str(disk)], check=True)
     lay = lab_factory()
     spec = VMSpec(
-        name=f"debian-{lay.lab_id}",
+        name=f"deb-{lay.lab_id}",
         kernel=guest_image.kernel,
         initrd=guest_image.initrd,
         append=debian_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}"),
@@ -173,7 +173,7 @@ def test_killed_guest_with_sync_mount_keeps_acknowledged_records(
     subprocess.run(["cp", "--sparse=always", str(debian_image.path), str(disk)], check=True)
     lay = lab_factory()
     spec = VMSpec(
-        name=f"debian-kill-{lay.lab_id}",
+        name=f"dk-{lay.lab_id}",
         kernel=guest_image.kernel,
         initrd=guest_image.initrd,
         append=debian_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", rootflags="sync"),
