@@ -230,6 +230,7 @@ class SecondaryAgent:
                 "status": self._h_status,
                 "failover": self._h_failover,
                 "stop": self._h_stop,
+                "switchover": self._h_switchover,
                 **({"fault": _h_fault} if faults.enabled() else {}),
             },
         )
@@ -298,6 +299,12 @@ class SecondaryAgent:
         return self.report.__dict__ if self.report else {}
 
     _renewer: asyncio.Task[None] | None = None
+
+    async def _h_switchover(self, req: dict[str, Any]) -> Any:
+        raise ReplicationError(
+            f"this host is the {self.state.value} standby: run `kemari switchover` on the "
+            "host that runs the VM"
+        )
 
     async def _h_stop(self, req: dict[str, Any]) -> Any:
         self._stop.set()
