@@ -17,10 +17,14 @@ file and the key, so that a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -338,6 +342,82 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"not valid TOML: {err}", path=str(p)) from err
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare where it can be, quoted otherwise."""
+    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+
+
+def toml_value(value: Any, *, key: str = "") -> str:
+    """One TOML value (string, integer, float, boolean, path or a list of them).
+
+    Raises:
+        ConfigError: the value has no TOML form here (tables belong in sections,
+            None has no TOML spelling, nor has an infinite float).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{value!r} is not a finite number", key=key or None)
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        # A JSON string with ensure_ascii=False is a valid TOML basic string: the same
+        # escapes for quote, backslash and control characters, and no surrogate pairs.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, Sequence) and not any(isinstance(v, Mapping) for v in value):
+        return "[" + ", ".join(toml_value(v, key=key) for v in value) + "]"
+    raise ConfigError(f"{value!r} cannot be written to TOML", key=key or None)
+
+
+def _is_table_array(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and bool(value)
+        and all(isinstance(v, Mapping) for v in value)
+    )
+
+
+def _emit(table: Mapping[str, Any], prefix: str, lines: list[str]) -> None:
+    for k, v in table.items():
+        if not isinstance(v, Mapping) and not _is_table_array(v):
+            lines.append(f"{toml_key(k)} = {toml_value(v, key=f'{prefix}{k}')}")
+    for k, v in table.items():
+        name = f"{prefix}{toml_key(k)}"
+        if isinstance(v, Mapping):
+            only_tables = bool(v) and all(
+                isinstance(x, Mapping) or _is_table_array(x) for x in v.values()
+            )
+            if not only_tables:
+                lines += ["", f"[{name}]"]
+            _emit(v, f"{name}.", lines)
+        elif _is_table_array(v):
+            for item in v:
+                lines += ["", f"[[{name}]]"]
+                _emit(item, f"{name}.", lines)
+
+
+def dump_toml(tree: Mapping[str, Any], *, header: str = "") -> str:
+    """A TOML document for a tree of scalars, lists, tables and arrays of tables, keys in
+    the given order, with ``header`` as leading comments (the reverse of read_toml).
+
+    Raises:
+        ConfigError: a value has no TOML form (naming its dotted key).
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    if lines:
+        lines.append("")
+    _emit(tree, "", lines)
+    return "\n".join(lines).strip("\n") + "\n"
 
 
 def with_overrides(cfg: KemariConfig, **sections: dict[str, Any]) -> KemariConfig:

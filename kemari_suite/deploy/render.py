@@ -13,49 +13,14 @@ No I/O here: every function maps values to text.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from kemari_suite.config import KemariConfig, build
+from kemari_suite.config import KemariConfig, build, toml_key, toml_value
 from kemari_suite.errors import ConfigError
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 #: Section order of a rendered config: the field order of :class:`KemariConfig`.
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(KemariConfig))
-
-
-def toml_value(value: Any, *, key: str = "") -> str:
-    """One TOML value (string, integer, float, boolean, path or a list of them).
-
-    Raises:
-        ConfigError: the value has no TOML form here (tables belong in sections,
-            None has no TOML spelling).
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ConfigError(f"{value!r} is not a finite number", key=key or None)
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        # A JSON string with ensure_ascii=False is a valid TOML basic string: the same
-        # escapes for quote, backslash and control characters, and no surrogate pairs.
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(toml_value(v, key=key) for v in value) + "]"
-    raise ConfigError(f"{value!r} cannot be written to TOML", key=key or None)
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
 
 
 def to_toml(tree: Mapping[str, Mapping[str, Any]], *, header: str = "") -> str:
@@ -75,9 +40,9 @@ def to_toml(tree: Mapping[str, Mapping[str, Any]], *, header: str = "") -> str:
             continue
         if lines:
             lines.append("")
-        lines.append(f"[{_toml_key(section)}]")
+        lines.append(f"[{toml_key(section)}]")
         for key, value in table.items():
-            lines.append(f"{_toml_key(key)} = {toml_value(value, key=f'{section}.{key}')}")
+            lines.append(f"{toml_key(key)} = {toml_value(value, key=f'{section}.{key}')}")
     return "\n".join(lines) + "\n"
 
 

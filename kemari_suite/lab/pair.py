@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kemari_suite.config import KemariConfig
+from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import ConnectError, KemariError, LabError
 from kemari_suite.lab.lab import HostRole, LabLayout
 from kemari_suite.lab.netclient import tcp_request
@@ -28,26 +28,6 @@ from kemari_suite.memsync import control
 COUNTER_PORT = 7000
 WITNESS_PORT = 7411
 REPL_PORT = 7410
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
-def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for name, values in sections.items():
-        out.append(f"[{name}]")
-        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-        out.append("")
-    return "\n".join(out)
 
 
 @dataclass
@@ -163,7 +143,7 @@ class LabPair:
                     f.truncate(1 << 20)
             sections.setdefault("disk", {})["lease_device"] = str(lease)
         path = self.root / f"{role}.toml"
-        path.write_text(to_toml(sections))
+        path.write_text(dump_toml(sections))
         return path
 
     def _disk_image(self, role: str) -> Path:
@@ -363,35 +343,44 @@ class LabPair:
         }
         if o.tiebreaker == "witness":
             rep["witness"] = f"{lab.lan_client_ip}:{WITNESS_PORT}"
-        top = (
-            f'name = "{o.vm_name}"\nmachine = "pc-i440fx-7.2"\nvcpus = {o.vcpus}\n'
-            f'memory_mib = {o.memory_mib}\naccel = "{accel}"\ndisplay = "none"\n\n'
-        )
-        sections = {
-            "boot": {"kernel": str(kernel), "initrd": str(initrd), "cmdline": cmdline},
-            "replication": rep,
-            "tap": {"policy": o.policy, "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms},
-        }
-        if o.alert_hook:
-            sections["alerts"] = {"hook": o.alert_hook}
-        text = top + to_toml(sections)
-        text += (
-            f'[[disk]]\nname = "root"\npath = "{disk_a}"\nbackend = "builtin"\n\n'
-            f'[[nic]]\nmac = "52:54:00:12:34:56"\nmodel = "virtio-net-pci"\n'
-            f'tap = "{lab.tap_for("primary")}"\nip = "{lab.guest_ip}/{lab.lan_prefix}"\n\n'
-        )
+        hosts: dict[str, Any] = {}
         for role, host in self.HOSTS.items():
             hrole: HostRole = "primary" if role == "primary" else "secondary"
-            ip = lab.repl_primary_ip if role == "primary" else lab.repl_secondary_ip
-            text += (
-                f'[hosts.{host}]\naddress = "{ip}"\nport = {REPL_PORT}\n'
-                f'netns = "{lab.ns_for(hrole)}"\n'
-                f'paths.cache_dir = "{self.base.paths.cache_dir}"\n'
-                f'paths.run_dir = "{self.run_dir(role)}"\n'
-                f'paths.shm_dir = "{self.shm_dir(role)}"\n'
-                f'disk.root.path = "{disk_a if role == "primary" else disk_b}"\n'
-                f'nic.0.tap = "{lab.tap_for(hrole)}"\n\n'
-            )
+            hosts[host] = {
+                "address": lab.repl_primary_ip if role == "primary" else lab.repl_secondary_ip,
+                "port": REPL_PORT,
+                "netns": lab.ns_for(hrole),
+                "paths": {
+                    "cache_dir": str(self.base.paths.cache_dir),
+                    "run_dir": str(self.run_dir(role)),
+                    "shm_dir": str(self.shm_dir(role)),
+                },
+                "disk": {"root": {"path": str(disk_a if role == "primary" else disk_b)}},
+                "nic": {"0": {"tap": lab.tap_for(hrole)}},
+            }
+        definition: dict[str, Any] = {
+            "name": o.vm_name,
+            "machine": "pc-i440fx-7.2",
+            "vcpus": o.vcpus,
+            "memory_mib": o.memory_mib,
+            "accel": accel,
+            "display": "none",
+            "boot": {"kernel": str(kernel), "initrd": str(initrd), "cmdline": cmdline},
+            "disk": [{"name": "root", "path": str(disk_a), "backend": "builtin"}],
+            "nic": [
+                {
+                    "mac": "52:54:00:12:34:56",
+                    "model": "virtio-net-pci",
+                    "tap": lab.tap_for("primary"),
+                    "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
+                }
+            ],
+            "replication": rep,
+            "tap": {"policy": o.policy, "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms},
+            **({"alerts": {"hook": o.alert_hook}} if o.alert_hook else {}),
+            "hosts": hosts,
+        }
+        text = dump_toml(definition)
         path = self.root / "vm.toml"
         path.write_text(text)
         self.opts.vm_definition = str(path)

@@ -173,6 +173,7 @@ class GuestIO:
         self.nbd: NBDServer | None = None
         self.net: FrameProxy | None = None
         self._released = -1
+        self._released_changed = asyncio.Event()
         self._release_q: asyncio.Queue[int] = asyncio.Queue()
         self._release_task: asyncio.Task[None] | None = None
 
@@ -299,6 +300,14 @@ class GuestIO:
             if self.net is not None:
                 self.net.release(epoch)
             self._released = epoch
+            self._released_changed.set()
+
+    async def released(self, epoch: int) -> None:
+        """Return once the output of every epoch through ``epoch`` is released (its
+        acknowledgement came and its writes are durable)."""
+        while self._released < epoch:
+            self._released_changed.clear()
+            await self._released_changed.wait()
 
     def disk_chunks(self) -> list[tuple[int, int]]:
         """(offset, length) of the chunks of a full disk copy."""

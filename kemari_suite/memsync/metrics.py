@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,21 +55,25 @@ def _event_time(ev: dict[str, Any]) -> float | None:
         return None
 
 
-def qemu_pause(events: Iterable[dict[str, Any]], since: float) -> tuple[float, float] | None:
+def qemu_pause(events: Sequence[dict[str, Any]], since: float) -> tuple[float, float] | None:
     """(stop time, seconds stopped) of the last STOP→RESUME pair after ``since``, from
-    QEMU's own event timestamps; None when that pair is not (yet) in ``events``."""
-    stop: float | None = None
-    found: tuple[float, float] | None = None
-    for ev in events:
+    QEMU's own event timestamps; None when that pair is not (yet) in ``events``.
+
+    Walks back from the newest event and stops at the first one older than ``since``:
+    a checkpoint looks at a handful of events, not the whole history.
+    """
+    resume: float | None = None
+    for ev in reversed(events):
         t = _event_time(ev)
-        if t is None or t < since:
+        if t is None:
             continue
-        if ev.get("event") == "STOP":
-            stop = t
-        elif ev.get("event") == "RESUME" and stop is not None:
-            found = (stop, t - stop)
-            stop = None
-    return found
+        if t < since:
+            break
+        if ev.get("event") == "RESUME":
+            resume = t
+        elif ev.get("event") == "STOP" and resume is not None:
+            return t, resume - t
+    return None
 
 
 class Artifacts:
@@ -102,6 +106,10 @@ class Artifacts:
         tmp = self.root / "status.json.tmp"
         tmp.write_text(json.dumps(status, indent=2, default=str))
         os.replace(tmp, self.root / "status.json")
+
+    def alert_history(self, n: int = 5) -> list[dict[str, Any]]:
+        """The last ``n`` alerts sent (for ``kemari status``)."""
+        return self.alerter.history[-n:] if self.alerter is not None else []
 
     def close(self) -> None:
         self._ckpt.close()

@@ -196,13 +196,9 @@ class PrimaryAgent:
             "disk_resync": self._resync,
             "io": self.io.status() if self.io is not None else None,
             "compat": self.compat,
-            "alerts": self._alert_history(),
+            "alerts": self.artifacts.alert_history(),
             "failover": self.failover_report,
         }
-
-    def _alert_history(self) -> list[dict[str, Any]]:
-        a = self.artifacts.alerter
-        return a.history[-5:] if a is not None else []
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -393,7 +389,7 @@ class PrimaryAgent:
             await self._sync_point("switchover", resume=False)
             # The final epoch's writes are on our disk and its output is out.
             if self.io is not None:
-                await asyncio.wait_for(self._released_through(epoch), 30)
+                await asyncio.wait_for(self.io.released(epoch), 30)
                 if self.io.disk is not None:
                     await asyncio.to_thread(self.io.disk.flush)
         except (ReplicationError, TimeoutError) as err:
@@ -464,11 +460,6 @@ class PrimaryAgent:
     _switched_epoch = -1
     failover_report: dict[str, Any] | None = None
 
-    async def _released_through(self, epoch: int) -> None:
-        assert self.io is not None
-        while self.io.status()["released_through"] < epoch:
-            await asyncio.sleep(0.005)
-
     async def _on_qemu_event(self, ev: dict[str, Any]) -> None:
         name = ev.get("event", "")
         if name not in ("SHUTDOWN", "GUEST_PANICKED"):
@@ -508,7 +499,7 @@ class PrimaryAgent:
         try:
             await self._sync_point(f"guest {self._guest_stopped}", resume=False)
             if self.io is not None:
-                await asyncio.wait_for(self._released_through(epoch), 30)
+                await asyncio.wait_for(self.io.released(epoch), 30)
         except (ReplicationError, TimeoutError) as err:
             self.artifacts.event("final-checkpoint-failed", reason=str(err))
         await self._forward_guest_event()
@@ -933,7 +924,7 @@ class PrimaryAgent:
             precopied_pages=self._precopied,
             precopy_bytes=self._precopy_bytes,
         )
-        qp = qemu_pause(list(self.vm.events), t0_wall - 0.01)
+        qp = qemu_pause(self.vm.events, t0_wall - 0.01)
         if qp is not None:
             m.stopped_at, m.guest_pause_ms = qp[0], qp[1] * 1e3
         self._last_dirty = int(k) + self._precopied

@@ -205,7 +205,7 @@ class SecondaryAgent:
             "failover": None if self.report is None else self.report.__dict__,
             "guest_events": self.guest_events[-10:],
             "compat": self.compat,
-            "alerts": self.artifacts.alerter.history[-5:] if self.artifacts.alerter else [],
+            "alerts": self.artifacts.alert_history(),
         }
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -326,7 +326,7 @@ class SecondaryAgent:
         self.link = link
         self.last_rx = time.monotonic()
         self.artifacts.event("primary-connected", peer=link.peer)
-        state = self._read_disk_state() if self.disk is not None else {}
+        state = read_disk_state(self.cfg) if self.disk is not None else {}
         with contextlib.suppress(ConnectionError, ProtocolError):
             await link.send(wire.Command(name="disk-state", args=json.dumps(state)))
         hb = asyncio.create_task(self._heartbeat_sender(link))
@@ -423,7 +423,7 @@ class SecondaryAgent:
                     # Copy the replica now, inside the lock, so the copy is exactly
                     # this committed checkpoint; the trial itself runs beside the link.
                     self._trial_pending = False
-                    self._start_trial(link)
+                    await self._start_trial(link)
                 await link.send(wire.Ack(epoch=msg.epoch))
             else:
                 raise ProtocolError(f"unexpected message {type(msg).__name__}")
@@ -461,12 +461,13 @@ class SecondaryAgent:
         )
         self._trial_pending = True
 
-    def _start_trial(self, link: Link) -> None:
+    async def _start_trial(self, link: Link) -> None:
         assert self.committed_devstate is not None
         copy = compat.trial_ram_path(self.cfg, self.spec)
         devstate = self.committed_devstate
         # The replica is a shared mapping of this file: the copy sees every applied page.
-        compat.copy_replica(self.vm.paths.ram, copy)
+        # Off the event loop (heartbeats go on); the caller's apply lock keeps it still.
+        await asyncio.to_thread(compat.copy_replica, self.vm.paths.ram, copy)
 
         async def trial() -> None:
             try:
@@ -641,13 +642,7 @@ class SecondaryAgent:
     def _next_disk_path(self) -> str:
         return self.cfg.disk.path + ".next"
 
-    def _disk_state_path(self) -> Path:
-        return disk_state_path(self.cfg)
-
     _disk_lineage = ""
-
-    def _read_disk_state(self) -> dict[str, Any]:
-        return read_disk_state(self.cfg)
 
     def _write_disk_state(self, lineage: str, epoch: int) -> None:
         """Which copy this disk is (lineage) and through which epoch (applied)."""
@@ -854,7 +849,7 @@ class SecondaryAgent:
     async def _disk_for_failover(self) -> None:
         """Bring the disk to the last committed epoch before the guest resumes."""
         if self.disk is not None:
-            state = self._read_disk_state()
+            state = read_disk_state(self.cfg)
             if state.get("epoch") != self.committed_epoch or not state.get("lineage"):
                 # Memory at one checkpoint and the disk at another: resuming would show
                 # the guest a disk it never wrote. Refuse, loudly.
@@ -865,7 +860,7 @@ class SecondaryAgent:
                 )
             # From here on this copy diverges from any primary's: it is nobody's replica.
             with contextlib.suppress(FileNotFoundError):
-                self._disk_state_path().unlink()
+                disk_state_path(self.cfg).unlink()
             await asyncio.to_thread(self.disk.flush)
             self.disk.close()
             self.disk = None

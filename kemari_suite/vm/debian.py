@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ImageError, SetupError
-from kemari_suite.vm.image import _locked, _need_tool, kernel_cmdline
+from kemari_suite.vm.image import _locked, _need_tool, kernel_cmdline, publish_build
 
 Progress = Callable[[str], None]
 
@@ -690,12 +690,7 @@ def build_debian_image(
                 "build_seconds": round(build_s, 1),
                 "files": {p: hashlib.sha256(c.encode()).hexdigest() for p, c, _ in IMAGE_FILES},
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            try:
-                tmp.rename(out)
-            except OSError:
-                if _cached(out) is None:
-                    raise
+            publish_build(tmp, out, manifest, _cached)
         except OSError as err:
             raise ImageError("write", f"{out}: {err}") from err
         finally:

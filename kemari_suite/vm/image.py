@@ -845,6 +845,24 @@ def _sweep_stale(cache_dir: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
+def publish_build(
+    tmp: Path, out: Path, manifest: Mapping[str, object], built: Callable[[Path], object]
+) -> None:
+    """Write ``manifest.json`` into the finished build ``tmp`` and rename it to ``out``.
+
+    Raises:
+        OSError: the rename failed and ``built(out)`` finds no complete build there
+            (one of the same key that another process finished first is kept).
+    """
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        tmp.rename(out)
+    except OSError:
+        # Someone else finished the same key first (outside our lock): use theirs.
+        if built(out) is None:
+            raise
+
+
 def _cached(out: Path) -> GuestImage | None:
     manifest = out / "manifest.json"
     kernel, initrd = out / "vmlinuz", out / "initrd.img"
@@ -975,13 +993,7 @@ def build_image(
                 ],
                 "init": init,
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            try:
-                tmp.rename(out)
-            except OSError:
-                # Someone else finished the same key first (outside our lock): use theirs.
-                if _cached(out) is None:
-                    raise
+            publish_build(tmp, out, manifest, _cached)
         except OSError as err:
             raise ImageError("write", f"{out}: {err}") from err
         finally:

@@ -19,16 +19,16 @@ entity declarations are refused before parsing (libvirt never writes them).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kemari_suite.config import dump_toml
 from kemari_suite.errors import ConfigError, SetupError
 from kemari_suite.vm.vmdef import (
     MAX_DISKS,
@@ -785,58 +785,7 @@ def _other_devices(devices: ET.Element, notes: _Notes) -> list[dict[str, Any]]:
 
 # ---- TOML ----------------------------------------------------------------------------
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-#: Key order of the top level: scalars first, then these tables in this order.
 _ORDER = ("boot", "disk", "nic", "device", "replication", "tap", "alerts", "paths", "hosts")
-
-
-def _key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
-
-
-def _value(value: Any, where: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        # JSON strings (ensure_ascii=False) are valid TOML basic strings.
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, Sequence) and not any(isinstance(v, Mapping) for v in value):
-        return "[" + ", ".join(_value(v, where) for v in value) + "]"
-    raise ConfigError(f"{value!r} cannot be written to TOML", key=where)
-
-
-def _is_table_array(value: Any) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and bool(value)
-        and all(isinstance(v, Mapping) for v in value)
-    )
-
-
-def _emit(table: Mapping[str, Any], prefix: str, lines: list[str]) -> None:
-    for k, v in table.items():
-        if not isinstance(v, Mapping) and not _is_table_array(v):
-            lines.append(f"{_key(k)} = {_value(v, f'{prefix}{k}')}")
-    for k, v in table.items():
-        name = f"{prefix}{_key(k)}"
-        if isinstance(v, Mapping):
-            only_tables = bool(v) and all(
-                isinstance(x, Mapping) or _is_table_array(x) for x in v.values()
-            )
-            if not only_tables:
-                lines += ["", f"[{name}]"]
-            _emit(v, f"{name}.", lines)
-        elif _is_table_array(v):
-            for item in v:
-                lines += ["", f"[[{name}]]"]
-                _emit(item, f"{name}.", lines)
 
 
 def to_toml(data: Mapping[str, Any], *, header: str = "") -> str:
@@ -848,11 +797,7 @@ def to_toml(data: Mapping[str, Any], *, header: str = "") -> str:
     """
     ordered = {k: v for k, v in data.items() if k not in _ORDER}
     ordered.update({k: data[k] for k in _ORDER if k in data})
-    lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    if lines:
-        lines.append("")
-    _emit(ordered, "", lines)
-    return "\n".join(lines).strip("\n") + "\n"
+    return dump_toml(ordered, header=header)
 
 
 __all__ = [
