@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from kemari_suite.memsync.codec import PAGE_SIZE, PageEncoder, blob_info, decode_pages
-from kemari_suite.memsync.wire import EpochDigest, Pages, Role, Session
+from kemari_suite.protocol.codec import PAGE_SIZE, PageEncoder, blob_info, decode_pages
+from kemari_suite.protocol.wire import EpochDigest, Pages, Role, Session
 
 WORDS = (
     b"the of and to in is that for it as was with be by on not he this are or his from at"

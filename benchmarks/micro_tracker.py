@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kemari_suite.memsync.guestram import PAGE_SIZE, GuestRAM
-from kemari_suite.memsync.tracker import (
+from kemari_suite.checkpoint.tracker import (
     CompareTracker,
     ProcPagemap,
     SoftDirtyTracker,
@@ -39,6 +38,7 @@ from kemari_suite.memsync.tracker import (
     allocate_pages,
     probe_soft_dirty,
 )
+from kemari_suite.vm.guestram import PAGE_SIZE, GuestRAM
 
 
 class FakeKernel:

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 
 from kemari_suite import lab as labmod
+from kemari_suite.checkpoint.tracker import CompareTracker, allocate_index
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError
 from kemari_suite.lab.pair import LabPair, PairOptions
-from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
-from kemari_suite.memsync.guestram import GuestRAM
-from kemari_suite.memsync.tracker import CompareTracker, allocate_index
 from kemari_suite.vm import guestmem
 from kemari_suite.vm.define import ensure_image
+from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
+from kemari_suite.vm.guestram import GuestRAM
 from kemari_suite.vm.image import kernel_cmdline
 from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
 

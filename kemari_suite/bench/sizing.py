@@ -43,16 +43,16 @@ from typing import Any
 import numpy as np
 
 from kemari_suite.bench.memsync import machine_info, pct, workload
-from kemari_suite.config import KemariConfig, with_overrides
-from kemari_suite.errors import KemariError
-from kemari_suite.memsync.guestram import PAGE_SIZE, GuestRAM
-from kemari_suite.memsync.tracker import (
+from kemari_suite.checkpoint.tracker import (
     CompareTracker,
     allocate_index,
     allocate_pages,
     make_tracker,
     probe_soft_dirty,
 )
+from kemari_suite.config import KemariConfig, with_overrides
+from kemari_suite.errors import KemariError
+from kemari_suite.vm.guestram import PAGE_SIZE, GuestRAM
 
 Progress = Callable[[str], None]
 
@@ -408,8 +408,8 @@ async def _vm_sync_points(
     say: Progress,
 ) -> dict[str, Any]:
     """Boot a guest of ``memory_mib`` with ``memdirty`` and time its sync points."""
-    from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
     from kemari_suite.vm.define import ensure_image
+    from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
     from kemari_suite.vm.image import kernel_cmdline
     from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
 

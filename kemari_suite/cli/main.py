@@ -225,7 +225,7 @@ def _node_setup(config: Path | None, vm: Path | None, host: str) -> tuple[Any, A
 @app.command()
 def protect(config: ConfigOpt = None, vm: VMDefOpt = None, host: HostOpt = "") -> None:
     """Run the primary: boot the VM and replicate it to the secondary."""
-    from kemari_suite.memsync.agent import run_primary
+    from kemari_suite.node import run_primary
 
     cfg, spec = _node_setup(config, vm, host)
     _run_async(run_primary(cfg, **({"node_id": host, "spec": spec} if spec else {})))
@@ -234,7 +234,7 @@ def protect(config: ConfigOpt = None, vm: VMDefOpt = None, host: HostOpt = "") -
 @app.command()
 def standby(config: ConfigOpt = None, vm: VMDefOpt = None, host: HostOpt = "") -> None:
     """Run the secondary: hold the replica, fail over when the primary is lost."""
-    from kemari_suite.memsync.agent import run_secondary
+    from kemari_suite.node import run_secondary
 
     cfg, spec = _node_setup(config, vm, host)
     _run_async(run_secondary(cfg, **({"node_id": host, "spec": spec} if spec else {})))
@@ -246,15 +246,15 @@ def witness(
     listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "0.0.0.0:7411",
 ) -> None:
     """Run the witness, the tiebreaker both hosts reach over the LAN."""
-    from kemari_suite.memsync.agent import run_witness
+    from kemari_suite.node import run_witness
 
     cfg = _load(config)
     _run_async(run_witness(cfg, listen))
 
 
 def _control(config: Path | None, cmd: str, *, timeout: float = 30.0, **args: Any) -> Any:
-    from kemari_suite.memsync import control
-    from kemari_suite.memsync.agent import control_path
+    from kemari_suite.node import control_path
+    from kemari_suite.service import control
 
     cfg = _load(config)
     return _guard(lambda: control.request(control_path(cfg), cmd, timeout=timeout, **args))
@@ -367,7 +367,7 @@ def fence_peer(
     node: Annotated[str, typer.Option(help="This node's id at the tiebreaker.")] = "primary",
 ) -> None:
     """DRBD fence-peer handler: exit 7 if we keep the lease, 6 if the peer has it."""
-    from kemari_suite.disk.fence import fence_peer as run_fence
+    from kemari_suite.ha.fence import fence_peer as run_fence
 
     cfg = _load(config)
     code, reason = _guard(lambda: run_fence(cfg, node))

@@ -25,7 +25,6 @@ from kemari_suite.disk.drbdstate import (
     parse_events2,
     parse_status_json,
 )
-from kemari_suite.disk.lease import Lease, LeaseAttempt, LeaseRecord, LeaseTiebreaker
 from kemari_suite.disk.shared import (
     SHARED_RESERVED_BYTES,
     SharedDiskBackend,
@@ -33,6 +32,7 @@ from kemari_suite.disk.shared import (
     create_shared_image,
     format_shared,
 )
+from kemari_suite.ha.lease import Lease, LeaseAttempt, LeaseRecord, LeaseTiebreaker
 
 __all__ = [
     "SHARED_RESERVED_BYTES",

@@ -2,7 +2,7 @@
 
 Committed writes go straight to the shared device; there is one copy, so nothing needs
 resynchronising after a failover. What must be prevented is two hosts writing at once:
-a :class:`~kemari_suite.disk.lease.Lease` on the same storage fences them. The writer
+a :class:`~kemari_suite.ha.lease.Lease` on the same storage fences them. The writer
 holds the lease, renews it, and refuses to write the moment its own conservative view
 of the lease runs out; a standby takes the lease over only after it watched the holder's
 renew counter stand still for the whole lease period.
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.disk.base import DiskRole, DiskStatus, FileDisk
-from kemari_suite.disk.lease import LEASE_BLOCK, Lease, LeaseRecord, LeaseTiebreaker
 from kemari_suite.errors import ConfigError, DiskError, LeaseError
+from kemari_suite.ha.lease import LEASE_BLOCK, Lease, LeaseRecord, LeaseTiebreaker
 
 #: Bytes reserved at the head of the data device when the lease lives there.
 SHARED_RESERVED_BYTES = 1 << 20

@@ -23,7 +23,7 @@ from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import ConnectError, KemariError, LabError
 from kemari_suite.lab.lab import HostRole, LabLayout
 from kemari_suite.lab.netclient import tcp_request
-from kemari_suite.memsync import control
+from kemari_suite.service import control
 
 COUNTER_PORT = 7000
 WITNESS_PORT = 7411

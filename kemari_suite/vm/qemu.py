@@ -621,3 +621,15 @@ __all__ = [
     "qemu_argv",
     "wait_for_console",
 ]
+
+
+@dataclass(frozen=True)
+class IOPaths:
+    """The sockets through which the agent's taps serve the guest's disk and NIC."""
+
+    nbd: Path
+    net: Path
+
+
+def io_paths(paths: VMPaths) -> IOPaths:
+    return IOPaths(nbd=paths.run_dir / "nbd.sock", net=paths.run_dir / "net.sock")

@@ -417,7 +417,7 @@ class HostView:
     def tapped_spec(self) -> VMSpec:
         """The spec as the agents start it: the NIC on the frame proxy's socket, the disk
         on the block tap's NBD export (the same wiring as ``GuestIO.start``)."""
-        from kemari_suite.memsync.guestio import io_paths
+        from kemari_suite.vm.qemu import io_paths
 
         io = io_paths(self.paths)
         return self.spec.replace(

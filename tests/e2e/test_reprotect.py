@@ -71,7 +71,7 @@ def test_secondary_loss_unprotected_then_reprotected(
 
 
 def test_checkpoint_command_and_status(lab_factory, base_config: KemariConfig) -> None:
-    from kemari_suite.memsync import control
+    from kemari_suite.service import control
 
     lay = lab_factory()
     pair = LabPair(lay, base_config, PairOptions(max_interval_ms=2000))
@@ -112,7 +112,7 @@ def test_guest_shutdown_is_forwarded_not_failed_over(
 
 
 def test_no_tiebreaker_means_operator_failover(lab_factory, base_config: KemariConfig) -> None:
-    from kemari_suite.memsync import control
+    from kemari_suite.service import control
 
     lay = lab_factory()
     pair = LabPair(lay, base_config, PairOptions(tiebreaker="none"))

@@ -13,10 +13,10 @@ import pytest
 
 from kemari_suite.config import KemariConfig, PathsConfig, load
 from kemari_suite.errors import AuthError, ConnectError, ProtocolError
-from kemari_suite.memsync import wire
-from kemari_suite.memsync.codec import PageEncoder
-from kemari_suite.memsync.link import Link, connect
-from kemari_suite.memsync.secondary import SecondaryAgent
+from kemari_suite.protocol import wire
+from kemari_suite.protocol.codec import PageEncoder
+from kemari_suite.protocol.link import Link, connect
+from kemari_suite.replica.secondary import SecondaryAgent
 from kemari_suite.vm.qemu import VMSpec
 
 KEY = "k" * 64

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kemari_suite.errors import ProtocolError
-from kemari_suite.memsync import codec
-from kemari_suite.memsync.codec import (
+from kemari_suite.protocol import codec
+from kemari_suite.protocol.codec import (
     HEADER_SIZE,
     PAGE_SIZE,
     CompressionName,

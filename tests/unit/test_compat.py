@@ -7,8 +7,8 @@ from pathlib import Path
 
 from kemari_suite.alerts import AlertKind
 from kemari_suite.config import KemariConfig, with_overrides
-from kemari_suite.memsync import compat
-from kemari_suite.memsync.metrics import alert_for
+from kemari_suite.replica import compat
+from kemari_suite.service.metrics import alert_for
 from kemari_suite.vm.qemu import VMSpec
 
 
@@ -96,7 +96,7 @@ def test_alerts_from_events() -> None:
 
 
 def test_qemu_pause_from_event_timestamps() -> None:
-    from kemari_suite.memsync.metrics import qemu_pause
+    from kemari_suite.service.metrics import qemu_pause
 
     def ev(name: str, t: float) -> dict[str, object]:
         return {"event": name, "timestamp": {"seconds": int(t), "microseconds": round(t % 1 * 1e6)}}

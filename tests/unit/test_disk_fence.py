@@ -9,9 +9,9 @@ import threading
 import pytest
 
 from kemari_suite.config import load
-from kemari_suite.disk.fence import EXIT_OUTDATE_SELF, EXIT_PEER_FENCED, EXIT_UNDECIDED, fence_peer
 from kemari_suite.errors import ConfigError
-from kemari_suite.memsync.witness import WitnessServer
+from kemari_suite.ha.fence import EXIT_OUTDATE_SELF, EXIT_PEER_FENCED, EXIT_UNDECIDED, fence_peer
+from kemari_suite.ha.witness import WitnessServer
 
 
 def _cfg(witness: str):  # type: ignore[no-untyped-def]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from kemari_suite.disk.lease import (
+from kemari_suite.errors import ConnectError, LeaseError
+from kemari_suite.ha.lease import (
     LEASE_BLOCK,
     Lease,
     LeaseRecord,
     LeaseTiebreaker,
 )
-from kemari_suite.errors import ConnectError, LeaseError
 
 LEASE_S = 3.0
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from kemari_suite.disk.base import DiskRole
-from kemari_suite.disk.lease import Lease
 from kemari_suite.disk.shared import (
     SHARED_RESERVED_BYTES,
     SharedDiskBackend,
@@ -17,6 +16,7 @@ from kemari_suite.disk.shared import (
     format_shared,
 )
 from kemari_suite.errors import ConfigError, DiskError, LeaseError
+from kemari_suite.ha.lease import Lease
 
 
 class FakeClock:

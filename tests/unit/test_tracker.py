@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kemari_suite.errors import ConfigError, ReplicationError
-from kemari_suite.memsync.guestram import PAGE_SIZE, GuestRAM
-from kemari_suite.memsync.tracker import (
+from kemari_suite.checkpoint.tracker import (
     PRESENT_BIT,
     SOFT_DIRTY_BIT,
     CompareTracker,
@@ -28,6 +26,8 @@ from kemari_suite.memsync.tracker import (
     make_tracker,
     probe_soft_dirty,
 )
+from kemari_suite.errors import ConfigError, ReplicationError
+from kemari_suite.vm.guestram import PAGE_SIZE, GuestRAM
 
 N_PAGES = 1000  # not a multiple of any chunk size used below: the last chunk is partial
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kemari_suite.errors import AuthError, ConfigError, ProtocolError
-from kemari_suite.memsync import wire
-from kemari_suite.memsync.wire import (
+from kemari_suite.protocol import wire
+from kemari_suite.protocol.wire import (
     HEADER_SIZE,
     MAC_SIZE,
     MAX_PAYLOAD,

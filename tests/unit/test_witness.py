@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from kemari_suite.errors import ConnectError
-from kemari_suite.memsync.witness import LeaseTable, WitnessClient, WitnessServer
+from kemari_suite.ha.witness import LeaseTable, WitnessClient, WitnessServer
 
 
 def test_owner_renews_other_is_refused_until_expiry() -> None:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from kemari_suite.checkpoint.primary import PrimaryAgent
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
-from kemari_suite.memsync.primary import PrimaryAgent
-from kemari_suite.memsync.secondary import Handover, SecondaryAgent
-from kemari_suite.memsync.witness import WitnessServer
+from kemari_suite.ha.witness import WitnessServer
+from kemari_suite.replica.secondary import Handover, SecondaryAgent
 from kemari_suite.vm import guestmem
 from kemari_suite.vm.define import ensure_image, vm_spec
 from kemari_suite.vm.qemu import VMPaths, VMSpec

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from kemari_suite.errors import AuthError, ConnectError, ProtocolError
-from kemari_suite.memsync import wire
+from kemari_suite.protocol import wire
 
 READ_CHUNK = 1 << 20
 

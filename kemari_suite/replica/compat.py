@@ -32,7 +32,7 @@ from typing import Any
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import KemariError, ReplicationError
-from kemari_suite.memsync.devstate import restore
+from kemari_suite.vm.devstate import restore
 from kemari_suite.vm.qemu import QEMU_BINARY, AsyncVM, VMPaths, VMSpec
 
 #: Profile fields that must be equal on both hosts, with the config key that sets each.

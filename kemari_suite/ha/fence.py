@@ -26,7 +26,7 @@ def fence_peer(cfg: KemariConfig, node_id: str) -> tuple[int, str]:
     Raises:
         ConfigError: no tiebreaker is configured (DRBD fencing needs one).
     """
-    from kemari_suite.memsync.tiebreak import make_tiebreaker
+    from kemari_suite.ha.tiebreak import make_tiebreaker
 
     tb = make_tiebreaker(cfg, node_id, format_lease=False)
     if tb is None:

@@ -39,23 +39,25 @@ from kemari_suite.errors import (
     ProtocolError,
     ReplicationError,
 )
-from kemari_suite.memsync import compat, faults, wire
-from kemari_suite.memsync.codec import parse_pages
-from kemari_suite.memsync.control import ControlServer
-from kemari_suite.memsync.devstate import restore
-from kemari_suite.memsync.guestio import (
+from kemari_suite.ha.tiebreak import Tiebreaker, make_tiebreaker
+from kemari_suite.protocol import wire
+from kemari_suite.protocol.codec import parse_pages
+from kemari_suite.protocol.link import Link, serve
+from kemari_suite.replica import compat
+from kemari_suite.service.control import ControlServer
+from kemari_suite.service.metrics import Artifacts
+from kemari_suite.tap import TapMode, replay
+from kemari_suite.tap.epochs import ops_to_writes, parse
+from kemari_suite.tap.guestio import (
     GuestIO,
     disk_state_path,
     open_disk,
     read_disk_state,
     write_disk_state,
 )
-from kemari_suite.memsync.guestram import GuestRAM
-from kemari_suite.memsync.link import Link, serve
-from kemari_suite.memsync.metrics import Artifacts
-from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
-from kemari_suite.tap import TapMode, replay
-from kemari_suite.tap.epochs import ops_to_writes, parse
+from kemari_suite.testing import faults
+from kemari_suite.vm.devstate import restore
+from kemari_suite.vm.guestram import GuestRAM
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)

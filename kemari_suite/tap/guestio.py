@@ -22,7 +22,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from kemari_suite.tap import (
     open_tap,
 )
 from kemari_suite.tap.events import EpochSource, EventSink
-from kemari_suite.vm.qemu import VMPaths, VMSpec
+from kemari_suite.vm.qemu import VMPaths, VMSpec, io_paths
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +88,6 @@ class TrackedDisk:
     def clear(self, blocks: Sequence[int]) -> None:
         for b in blocks:
             self.dirty[b] = 0
-
-
-@dataclass(frozen=True)
-class IOPaths:
-    nbd: Path
-    net: Path
-
-
-def io_paths(paths: VMPaths) -> IOPaths:
-    return IOPaths(nbd=paths.run_dir / "nbd.sock", net=paths.run_dir / "net.sock")
 
 
 def open_disk(cfg: KemariConfig) -> FileDisk | None:

@@ -1,6 +1,6 @@
 """The failover tiebreaker of a config: a witness over the LAN, or a lease on shared
 storage. Both answer ``ask("renew" | "takeover" | "release" | "query")`` with a
-:class:`~kemari_suite.memsync.witness.Decision`."""
+:class:`~kemari_suite.ha.witness.Decision`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Protocol
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError, LeaseError
-from kemari_suite.memsync.witness import Decision, Op, WitnessClient
+from kemari_suite.ha.witness import Decision, Op, WitnessClient
 
 
 class Tiebreaker(Protocol):
@@ -40,7 +40,7 @@ def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> T
             timeout=r.heartbeat_interval_ms / 1000 * 2,
         )
     if r.tiebreaker == "lease":
-        from kemari_suite.disk.lease import Lease, LeaseTiebreaker
+        from kemari_suite.ha.lease import Lease, LeaseTiebreaker
 
         device = cfg.disk.lease_device
         if not device:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from kemari_suite.alerts import Alerter
+from kemari_suite.checkpoint.tracker import CompareTracker, DirtyTracker, make_tracker
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import (
     ConnectError,
@@ -38,18 +39,19 @@ from kemari_suite.errors import (
     ProtocolError,
     ReplicationError,
 )
-from kemari_suite.memsync import compat, faults, wire
-from kemari_suite.memsync.codec import PageEncoder
-from kemari_suite.memsync.control import ControlServer
-from kemari_suite.memsync.devstate import DeviceStateCapturer, enable_ignore_shared
-from kemari_suite.memsync.guestio import GuestIO, make_scheduler, write_disk_state
-from kemari_suite.memsync.guestram import GuestRAM
-from kemari_suite.memsync.link import Link, connect
-from kemari_suite.memsync.metrics import Artifacts, CheckpointMetrics, qemu_pause
-from kemari_suite.memsync.tiebreak import Tiebreaker, make_tiebreaker
-from kemari_suite.memsync.tracker import CompareTracker, DirtyTracker, make_tracker
+from kemari_suite.ha.tiebreak import Tiebreaker, make_tiebreaker
+from kemari_suite.protocol import wire
+from kemari_suite.protocol.codec import PageEncoder
+from kemari_suite.protocol.link import Link, connect
+from kemari_suite.replica import compat
+from kemari_suite.service.control import ControlServer
+from kemari_suite.service.metrics import Artifacts, CheckpointMetrics, qemu_pause
 from kemari_suite.tap import TapMode
 from kemari_suite.tap import epochs as iolog
+from kemari_suite.tap.guestio import GuestIO, make_scheduler, write_disk_state
+from kemari_suite.testing import faults
+from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
+from kemari_suite.vm.guestram import GuestRAM
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)

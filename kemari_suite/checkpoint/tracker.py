@@ -58,7 +58,7 @@ from typing import Protocol, Self
 import numpy as np
 
 from kemari_suite.errors import ConfigError, ReplicationError
-from kemari_suite.memsync.guestram import PAGE_SIZE
+from kemari_suite.vm.guestram import PAGE_SIZE
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 

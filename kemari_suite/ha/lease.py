@@ -43,7 +43,7 @@ resource or checksum is *corrupted*: both raise :class:`~kemari_suite.errors.Lea
 and are never overwritten silently (:meth:`Lease.format` with ``force=True`` does it).
 
 :class:`LeaseTiebreaker` offers the witness's interface (``await ask(op)`` returning a
-:class:`~kemari_suite.memsync.witness.Decision`, ``lease_valid``) so the memsync agents
+:class:`~kemari_suite.ha.witness.Decision`, ``lease_valid``) so the memsync agents
 can use either.
 """
 
@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from kemari_suite.errors import ConnectError, LeaseError
-from kemari_suite.memsync.witness import Decision, Op
+from kemari_suite.ha.witness import Decision, Op
 
 LEASE_MAGIC = b"KEMLEASE"
 LEASE_VERSION = 1
