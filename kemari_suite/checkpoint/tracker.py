@@ -51,6 +51,7 @@ import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -87,12 +88,34 @@ def allocate_index(n_pages: int) -> np.ndarray:
     return np.zeros(n_pages, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class TrackerCaps:
+    """What a tracker needs from the engine, declared instead of tested by type.
+
+    The engine (the stopped window, pre-copy, the initial sync) reads these and never
+    asks which tracker it holds.
+    """
+
+    #: Keeps a copy of every page sent (costs guest RAM once more on the primary).
+    keeps_shadow: bool
+    #: :meth:`DirtyTracker.previous` gives the last version sent (XOR-delta base).
+    gives_previous: bool
+    #: The stop-time scan may run beside QEMU's device-state capture. False when the
+    #: scan must see the end of the tracking interval (kernel dirty bits read after
+    #: QEMU has stopped writing guest RAM).
+    scan_during_capture: bool
+    #: :meth:`DirtyTracker.reset` clears kernel state, so the baseline copy must be
+    #: taken with the guest stopped (no write may fall between copy and clear).
+    reset_needs_stop: bool
+
+
 class DirtyTracker(Protocol):
     """Finds changed guest pages and keeps the last version sent of every page."""
 
     #: "compare" or "soft-dirty".
     name: str
     n_pages: int
+    caps: TrackerCaps
 
     def reset(self, pages: np.ndarray) -> None:
         """Take ``pages`` as the secondary's full copy of every page (the initial sync).
@@ -106,11 +129,12 @@ class DirtyTracker(Protocol):
         """Read-only view of the shadow: the last version sent of every page."""
         ...
 
-    def scan(self, pages: np.ndarray, *, out: np.ndarray) -> int:
+    def scan(self, pages: np.ndarray, *, out: np.ndarray, threads: int | None = None) -> int:
         """Write the indices of pages that differ from the shadow into ``out``.
 
         ``out`` is an ``int64`` array of at least ``n_pages``; the result is
-        ``out[:count]``, ascending. Returns ``count``.
+        ``out[:count]``, ascending. Returns ``count``. ``threads`` caps the helper
+        threads of one scan (1 while the guest runs); trackers without helpers ignore it.
         """
         ...
 
@@ -340,6 +364,9 @@ class CompareTracker(_ShadowTracker):
     """
 
     name = "compare"
+    caps = TrackerCaps(
+        keeps_shadow=True, gives_previous=True, scan_during_capture=True, reset_needs_stop=False
+    )
 
     def __init__(
         self,
@@ -579,6 +606,9 @@ class SoftDirtyTracker(_ShadowTracker):
     """
 
     name = "soft-dirty"
+    caps = TrackerCaps(
+        keeps_shadow=True, gives_previous=True, scan_during_capture=False, reset_needs_stop=True
+    )
 
     def __init__(
         self,
@@ -637,7 +667,7 @@ class SoftDirtyTracker(_ShadowTracker):
         self._source.clear()
         self._bits_folded = True
 
-    def scan(self, pages: np.ndarray, *, out: np.ndarray) -> int:
+    def scan(self, pages: np.ndarray, *, out: np.ndarray, threads: int | None = None) -> int:
         """Indices of candidate pages that differ from the shadow; returns the count.
 
         Raises:

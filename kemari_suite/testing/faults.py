@@ -21,6 +21,7 @@ from pathlib import Path
 #: Every point an agent passes, in the order of a checkpoint's life.
 POINTS: dict[str, str] = {
     "precopy": "primary, during the initial pre-copy of all guest RAM",
+    "window-capture": "primary, guest stopped, before the device-state capture",
     "stopped": "primary, inside the stopped window (device state captured, pages staged)",
     "mid-transfer": "primary, after part of an epoch's pages were sent, before its end",
     "before-ack": "primary, epoch end sent, acknowledgement not yet received "

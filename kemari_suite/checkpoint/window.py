@@ -1,0 +1,202 @@
+"""The stopped window: the only place the engine stops the guest for a sync point.
+
+::
+
+    stop ──► capture device state ──┬──► stage dirty pages ──► switch epoch ──► cont?
+             scan (beside the capture│when the tracker allows it, else after it)
+
+Everything that needs the guest stopped happens here, in this order, and nothing
+else does: encoding and sending run after the resume (see :mod:`.sender`). RAM is
+staged after the device state because QEMU may still write guest RAM while the VM
+is stopped (a virtio transmission completing as its backend drains); a page changed
+after staging is caught by the next scan, since the tracker's shadow only ever takes
+staged bytes.
+
+The engine and every benchmark that times a pause use this one class, so a benchmark
+times exactly what the product does. It is given its collaborators (a QMP executor,
+a device-state capturer, a tracker, RAM and preallocated buffers), not the agent, and
+is unit-tested with fakes of each.
+
+Failure: any exception after ``stop`` is re-raised as :class:`WindowError` carrying
+whether the guest is still stopped, so the caller decides (resume unprotected, or
+keep output held) instead of leaving the guest stopped by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from kemari_suite.checkpoint.tracker import DirtyTracker
+from kemari_suite.errors import ReplicationError
+from kemari_suite.testing import faults
+
+
+class QMPExecutor(Protocol):
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
+
+
+class Capturer(Protocol):
+    async def capture(self) -> bytes: ...
+
+
+class WindowError(ReplicationError):
+    """A step inside the stopped window failed.
+
+    ``stopped`` tells whether the guest is still stopped (the caller must resume it or
+    say why it stays stopped); ``step`` names the step that failed.
+    """
+
+    def __init__(self, step: str, cause: BaseException, *, stopped: bool) -> None:
+        super().__init__(f"stopped window failed at {step}: {cause}")
+        self.step = step
+        self.stopped = stopped
+
+
+@dataclass
+class WindowResult:
+    """What one stopped window captured, and what each step cost (milliseconds)."""
+
+    devstate: bytes
+    #: Indices of the dirty pages (a copy: the index buffer is reused).
+    idx: np.ndarray
+    #: Their bytes, a view into the preallocated staging buffer.
+    staged: np.ndarray
+    stop_ms: float
+    devstate_ms: float
+    scan_ms: float
+    stage_ms: float
+    #: From before ``stop`` to after ``cont``; 0.0 when the guest was left stopped.
+    pause_ms: float
+    #: perf_counter() at ``stop`` and right after the window (resume or not).
+    t_start: float
+    t_end: float
+    #: Wall clock at ``stop`` (to find QEMU's own STOP/RESUME events).
+    t_start_wall: float
+    resumed: bool
+
+    @property
+    def dirty_pages(self) -> int:
+        return len(self.idx)
+
+
+class StoppedWindow:
+    """Runs sync points' stopped windows for one VM.
+
+    ``staging`` is a preallocated ``(n_pages, PAGE)`` buffer and ``index`` an ``int64``
+    buffer of ``n_pages`` slots; neither is allocated inside the window.
+    """
+
+    def __init__(
+        self,
+        vm: QMPExecutor,
+        capturer: Capturer,
+        tracker: DirtyTracker,
+        pages: np.ndarray,
+        *,
+        staging: np.ndarray,
+        index: np.ndarray,
+        overlap_scan: bool = True,
+        scan_threads: int = 2,
+    ) -> None:
+        self.vm = vm
+        self.capturer = capturer
+        self.tracker = tracker
+        self.pages = pages
+        self.staging = staging
+        self.index = index
+        self.overlap = overlap_scan and tracker.caps.scan_during_capture
+        self.scan_threads = scan_threads
+        # The scan's own thread, never queued behind other executor work.
+        self._exec = concurrent.futures.ThreadPoolExecutor(1, "kemari-stopscan")
+
+    def close(self) -> None:
+        self._exec.shutdown(wait=False)
+
+    def _timed_scan(self) -> tuple[int, float]:
+        t = time.perf_counter()
+        k = self.tracker.scan(self.pages, out=self.index, threads=self.scan_threads)
+        return k, time.perf_counter() - t
+
+    async def run(
+        self,
+        *,
+        resume: bool,
+        while_stopped: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> WindowResult:
+        """Stop, capture, scan, stage, call ``while_stopped`` (the epoch switch), and
+        resume when ``resume`` is true.
+
+        Raises:
+            WindowError: a step failed; ``.stopped`` says whether the guest is stopped.
+        """
+        t0 = time.perf_counter()
+        t0_wall = time.time()
+        step = "stop"
+        stopped = False
+        try:
+            await self.vm.execute("stop")
+            stopped = True
+            t_stop = time.perf_counter()
+            step = "capture"
+            if self.overlap:
+                # The scan needs no device state and QEMU's capture no guest RAM
+                # (x-ignore-shared): run them side by side, the scan on its own thread.
+                scan = asyncio.get_running_loop().run_in_executor(self._exec, self._timed_scan)
+                try:
+                    faults.hit("window-capture")
+                    devstate = await self.capturer.capture()
+                finally:
+                    k, scan_s = await scan
+                t_dev = time.perf_counter()
+                dev_s = t_dev - t_stop
+                t_scan = t_dev
+            else:
+                faults.hit("window-capture")
+                devstate = await self.capturer.capture()
+                t_dev = time.perf_counter()
+                step = "scan"
+                self.tracker.rearm()
+                k = self.tracker.scan(self.pages, out=self.index, threads=self.scan_threads)
+                t_scan = time.perf_counter()
+                scan_s, dev_s = t_scan - t_dev, t_dev - t_stop
+            step = "stage"
+            idx = self.index[:k].copy()
+            staged = self.tracker.stage(self.pages, idx, self.staging)
+            t_stage = time.perf_counter()
+            step = "epoch switch"
+            if while_stopped is not None:
+                res = while_stopped()
+                if res is not None:
+                    await res
+            faults.hit("stopped")
+            if resume:
+                step = "cont"
+                await self.vm.execute("cont")
+                stopped = False
+            t_end = time.perf_counter()
+        except Exception as err:
+            raise WindowError(step, err, stopped=stopped) from err
+        return WindowResult(
+            devstate=devstate,
+            idx=idx,
+            staged=staged,
+            stop_ms=(t_stop - t0) * 1e3,
+            devstate_ms=dev_s * 1e3,
+            scan_ms=scan_s * 1e3,
+            stage_ms=(t_stage - t_scan) * 1e3,
+            pause_ms=(t_end - t0) * 1e3 if resume else 0.0,
+            t_start=t0,
+            t_end=t_end,
+            t_start_wall=t0_wall,
+            resumed=resume,
+        )
+
+
+__all__ = ["StoppedWindow", "WindowError", "WindowResult"]
