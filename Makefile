@@ -19,6 +19,7 @@ lint: setup
 	$(BIN)/ruff check kemari_suite tests benchmarks
 	$(BIN)/ruff format --check kemari_suite tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: setup lint image
 	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow" tests
@@ -36,4 +37,4 @@ e2e: setup image
 		$(BIN)/kemari bench service --kills 10 -o benchmarks/results || rc=1; exit $$rc
 
 clean:
-	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis build *.egg-info

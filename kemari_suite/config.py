@@ -17,7 +17,6 @@ file and the key, so that a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -28,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomli_w
 
 from kemari_suite.errors import ConfigError
 
@@ -360,12 +361,37 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"not valid TOML: {err}", path=str(p)) from err
 
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
 def toml_key(key: str) -> str:
-    """A TOML key: bare where it can be, quoted otherwise."""
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+    """A TOML key: bare where it can be, quoted otherwise (as tomli-w writes it)."""
+    return tomli_w.dumps({key: 0}).removesuffix(" = 0\n")
+
+
+def _plain(value: Any, key: str) -> Any:
+    """``value`` as the types tomli-w writes (paths as strings, mappings as dicts),
+    checked to have a TOML form that reads back as the same value.
+
+    Raises:
+        ConfigError: naming the dotted key of a value with no TOML form (None, a
+            non-finite float, another type, a non-string table key).
+    """
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{value!r} is not a finite number", key=key or None)
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"table key {k!r} is not a string", key=key or None)
+            out[k] = _plain(v, f"{key}.{k}" if key else k)
+        return out
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{value!r} cannot be written to TOML", key=key or None)
 
 
 def toml_value(value: Any, *, key: str = "") -> str:
@@ -375,65 +401,32 @@ def toml_value(value: Any, *, key: str = "") -> str:
         ConfigError: the value has no TOML form here (tables belong in sections,
             None has no TOML spelling, nor has an infinite float).
     """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ConfigError(f"{value!r} is not a finite number", key=key or None)
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        # A JSON string with ensure_ascii=False is a valid TOML basic string: the same
-        # escapes for quote, backslash and control characters, and no surrogate pairs.
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, Sequence) and not any(isinstance(v, Mapping) for v in value):
-        return "[" + ", ".join(toml_value(v, key=key) for v in value) + "]"
-    raise ConfigError(f"{value!r} cannot be written to TOML", key=key or None)
+    plain = _plain(value, key)
+    items = plain if isinstance(plain, list) else [plain]
+    if any(isinstance(v, dict) for v in items):
+        raise ConfigError(f"{value!r}: a table belongs in a section", key=key or None)
+    return tomli_w.dumps({"v": plain}).removeprefix("v = ").rstrip("\n")
 
 
-def _is_table_array(value: Any) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and bool(value)
-        and all(isinstance(v, Mapping) for v in value)
-    )
+#: What a TOML comment may not hold (every control character but tab), shown escaped.
+_COMMENT_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _emit(table: Mapping[str, Any], prefix: str, lines: list[str]) -> None:
-    for k, v in table.items():
-        if not isinstance(v, Mapping) and not _is_table_array(v):
-            lines.append(f"{toml_key(k)} = {toml_value(v, key=f'{prefix}{k}')}")
-    for k, v in table.items():
-        name = f"{prefix}{toml_key(k)}"
-        if isinstance(v, Mapping):
-            only_tables = bool(v) and all(
-                isinstance(x, Mapping) or _is_table_array(x) for x in v.values()
-            )
-            if not only_tables:
-                lines += ["", f"[{name}]"]
-            _emit(v, f"{name}.", lines)
-        elif _is_table_array(v):
-            for item in v:
-                lines += ["", f"[[{name}]]"]
-                _emit(item, f"{name}.", lines)
+def _comment(line: str) -> str:
+    return _COMMENT_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 
 def dump_toml(tree: Mapping[str, Any], *, header: str = "") -> str:
-    """A TOML document for a tree of scalars, lists, tables and arrays of tables, keys in
-    the given order, with ``header`` as leading comments (the reverse of read_toml).
+    """A TOML document for a tree of scalars, lists, tables and arrays of tables (keys in
+    the given order, scalars before tables), with ``header`` as leading comments: the
+    reverse of :func:`read_toml`.
 
     Raises:
         ConfigError: a value has no TOML form (naming its dotted key).
     """
-    lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    if lines:
-        lines.append("")
-    _emit(tree, "", lines)
-    return "\n".join(lines).strip("\n") + "\n"
+    comments = "".join(f"# {_comment(line)}".rstrip() + "\n" for line in header.splitlines())
+    body = tomli_w.dumps(_plain(tree, ""))
+    return "\n".join(part for part in (comments, body) if part)
 
 
 def with_overrides(cfg: KemariConfig, **sections: dict[str, Any]) -> KemariConfig:

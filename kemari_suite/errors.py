@@ -22,6 +22,7 @@
      +-- TapError(tap, reason)                  NBD or network tap misuse
      +-- DeployError(host, task, reason)        Ansible or SSH operations
      +-- BenchmarkError(scenario, reason)
+ +-- StateError(machine, old, new, reason)  a transition its lifecycle table forbids (a bug)
 
 Every exception carries typed fields so that callers (and the CLI, the only place that
 prints) can say exactly what went wrong. Causes are chained with ``raise ... from err``.
@@ -218,4 +219,16 @@ class BenchmarkError(KemariError):
     def __init__(self, scenario: str, reason: str) -> None:
         super().__init__(f"benchmark {scenario}: {reason}")
         self.scenario = scenario
+        self.reason = reason
+
+
+class StateError(KemariError):
+    """An agent tried a state transition its lifecycle table does not allow."""
+
+    def __init__(self, machine: str, old: str, new: str, reason: str = "") -> None:
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"{machine}: {old} -> {new} is not an allowed transition{why}")
+        self.machine = machine
+        self.old = old
+        self.new = new
         self.reason = reason

@@ -128,9 +128,7 @@ async def run_node(
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            agent._stop.set()
-            if isinstance(agent, PrimaryAgent):
-                agent._sync_requested.set()
+            agent.request_stop()
         stopper.cancel()
         await task
         if stop.is_set():

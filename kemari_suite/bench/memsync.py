@@ -4,8 +4,12 @@ Everything is timed on the host's clock (QEMU stops the guest's clock while the 
 stopped, so guest timers never see the pauses). One run of :func:`run` measures, on one
 link profile and in the same session:
 
-- **floor**: stop + one full compare scan + device-state capture + cont, on a running
-  guest with the same workload (no staging, encoding or transfer);
+- **floor**: the product's own stopped window (:class:`StoppedWindow`: stop, device
+  state, one full compare scan with the engine's two threads, beside the capture when
+  ``replication.overlap_scan``, staging of the dirty pages, cont), on a running guest
+  with the same workload; no encoding or transfer. Staging is in the floor now (the
+  ``stage`` part of each row) because the floor runs the product's window; earlier
+  floors left it out and scanned with one thread;
 - **baseline**: the guest's CPU-bound spin counter per host second, unprotected;
 - **protected** (compressible pages, then incompressible pages): the same counter
   under protection, and every checkpoint's pause, dirty pages and bytes sent;
@@ -24,7 +28,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from kemari_suite import lab as labmod
-from kemari_suite.checkpoint.tracker import CompareTracker, allocate_index
+from kemari_suite.checkpoint.tracker import allocate_index, allocate_pages, make_tracker
+from kemari_suite.checkpoint.window import StoppedWindow, WindowResult
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError
 from kemari_suite.lab.pair import LabPair, PairOptions
@@ -44,6 +49,9 @@ from kemari_suite.vm.image import kernel_cmdline
 from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
 
 Progress = Callable[[str], None]
+
+#: The parts of a floor row (ms), in the window's order (see :func:`window_row`).
+FLOOR_PARTS = ("stop", "devstate", "scan", "stage", "cont")
 
 
 def workload(pattern: str, pages_per_s: int, mib: int) -> str:
@@ -91,6 +99,85 @@ class Result:
     failover_ms: float | None = None
     heartbeat_timeout_ms: int = 0
     checks: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the product's window
+
+
+@contextlib.contextmanager
+def product_window(
+    vm: AsyncVM, cfg: KemariConfig, *, tracker: str = "compare"
+) -> Iterator[StoppedWindow]:
+    """The engine's stopped window for a running ``vm``, built as the primary builds it.
+
+    Guest RAM mapped, the ``tracker`` with the engine's two scan threads, staging and
+    index buffers allocated up front, a device-state capturer, the scan beside the
+    capture as ``replication.overlap_scan`` says. Its parts are the window's attributes
+    (``tracker``, ``pages``, ``staging``); all are closed on exit. Call
+    :func:`initial_sync` before the first :meth:`StoppedWindow.run`, and commit each
+    result (``window.tracker.commit(result.idx, result.staged)``) as the engine does.
+
+    Raises:
+        KemariError: the RAM file, the tracker or the capturer could not be set up.
+    """
+    with contextlib.ExitStack() as stack:
+        ram = stack.enter_context(GuestRAM(vm.paths.ram))
+        n = ram.n_pages
+        trk = make_tracker(tracker, n_pages=n, qemu_pid=vm.pid, ram_path=vm.paths.ram, threads=2)
+        stack.callback(trk.close)
+        cap = DeviceStateCapturer(vm, vm.paths.migration_socket)
+        stack.callback(cap.close)
+        window = StoppedWindow(
+            vm,
+            cap,
+            trk,
+            ram.pages,
+            staging=allocate_pages(n),
+            index=allocate_index(n),
+            overlap_scan=cfg.replication.overlap_scan,
+            scan_threads=2,
+        )
+        stack.callback(window.close)
+        yield window
+
+
+async def initial_sync(window: StoppedWindow) -> None:
+    """Give the window's tracker its baseline as the engine does: stage every page and
+    reset the tracker from the staged bytes, with the guest stopped around it when the
+    tracker says so (``caps.reset_needs_stop``)."""
+    tracker = window.tracker
+    all_idx = np.arange(tracker.n_pages, dtype=np.int64)
+    stop = tracker.caps.reset_needs_stop
+    if stop:
+        await window.vm.execute("stop")
+    try:
+        tracker.reset(tracker.stage(window.pages, all_idx, window.staging))
+    finally:
+        if stop:
+            await window.vm.execute("cont")
+
+
+def window_row(res: WindowResult, *, overlapped: bool) -> dict[str, float]:
+    """One stopped window's timing row (ms): ``total`` (stop..cont), ``stop``,
+    ``devstate``, ``scan``, ``stage`` and ``cont``.
+
+    ``cont`` is what the pause holds beyond the other parts (``cont`` itself, plus the
+    epoch switch when there is one). With ``overlapped`` (the window ran the scan beside
+    the capture: ``StoppedWindow.overlap``), ``devstate`` lasts until both finished and
+    ``scan`` is the scan's own time inside it, so it is not subtracted again.
+    """
+    serial = res.stop_ms + res.devstate_ms + res.stage_ms + (0.0 if overlapped else res.scan_ms)
+    return {
+        "total": res.pause_ms,
+        "stop": res.stop_ms,
+        "devstate": res.devstate_ms,
+        "scan": res.scan_ms,
+        "stage": res.stage_ms,
+        "cont": res.pause_ms - serial,
+    }
+
+
+# --------------------------------------------------------------------------- floor, runs
 
 
 def machine_info() -> dict[str, Any]:
@@ -185,42 +272,16 @@ async def _floor_and_baseline(
             rate = await asyncio.to_thread(probe.rate, window)
         finally:
             probe.close()
-        say(f"floor: {samples} x (stop + full compare scan + device state + cont)")
+        say(f"floor: {samples} x the product's stopped window (compare tracker)")
         await enable_ignore_shared(vm)
-        ram = GuestRAM(vm.paths.ram)
-        n = ram.n_pages
-        tracker = CompareTracker(n)
-        await vm.execute("stop")
-        tracker.reset(ram.pages)
-        await vm.execute("cont")
-        idx = allocate_index(n)
-        cap = DeviceStateCapturer(vm, vm.paths.migration_socket)
         rows: list[dict[str, float]] = []
-        try:
+        with product_window(vm, cfg) as win:
+            await initial_sync(win)
             for _ in range(samples):
                 await asyncio.sleep(0.1)
-                t0 = time.perf_counter()
-                await vm.execute("stop")
-                t1 = time.perf_counter()
-                await cap.capture()
-                t2 = time.perf_counter()
-                tracker.scan(ram.pages, out=idx)
-                t3 = time.perf_counter()
-                await vm.execute("cont")
-                t4 = time.perf_counter()
-                rows.append(
-                    {
-                        "total": (t4 - t0) * 1e3,
-                        "stop": (t1 - t0) * 1e3,
-                        "devstate": (t2 - t1) * 1e3,
-                        "scan": (t3 - t2) * 1e3,
-                        "cont": (t4 - t3) * 1e3,
-                    }
-                )
-        finally:
-            cap.close()
-            tracker.close()
-            ram.close()
+                r = await win.run(resume=True)
+                win.tracker.commit(r.idx, r.staged)
+                rows.append(window_row(r, overlapped=win.overlap))
         return rows, rate
     finally:
         await vm.shutdown()
@@ -345,8 +406,7 @@ def run(
         res.floor_ms_p50 = pct([r["total"] for r in rows], 50)
         res.floor_ms_p99 = pct([r["total"] for r in rows], 99)
         res.floor_parts_ms_p50 = {
-            k: float(statistics.median(r[k] for r in rows))
-            for k in ("stop", "devstate", "scan", "cont")
+            k: float(statistics.median(r[k] for r in rows)) for k in FLOOR_PARTS
         }
         res.baseline_spin_rate = baseline
         for pattern in ("compressible", "incompressible"):
@@ -388,7 +448,8 @@ def run_floor(
     lab_id: str = "fl",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Only the floor: stop + one full compare scan + device state + cont (see module doc).
+    """Only the floor: the product's stopped window with the compare tracker (stop,
+    device state, full scan, stage, cont; see the module doc).
 
     Returns p50/p99 of the total and the p50 of each part, in ms.
     """
@@ -407,10 +468,7 @@ def run_floor(
         "memory_mib": cfg.vm.memory_mib,
         "floor_ms_p50": pct(totals, 50),
         "floor_ms_p99": pct(totals, 99),
-        "parts_ms_p50": {
-            k: float(statistics.median(r[k] for r in rows))
-            for k in ("stop", "devstate", "scan", "cont")
-        },
+        "parts_ms_p50": {k: float(statistics.median(r[k] for r in rows)) for k in FLOOR_PARTS},
     }
 
 

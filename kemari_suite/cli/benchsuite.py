@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kemari_suite import config as configmod
-from kemari_suite.errors import KemariError
+from kemari_suite.cli.common import guard
 
 err = Console(stderr=True)
 
@@ -47,7 +48,8 @@ def suite_command(
     if os.geteuid() != 0:
         err.print("[bold red]error:[/] the suite builds network namespaces: run it as root")
         raise typer.Exit(2)
-    try:
+
+    def run() -> dict[str, Any]:
         cfg = configmod.load(config)
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -62,7 +64,7 @@ def suite_command(
             def progress(p: SuiteProgress) -> None:
                 bar.update(task, description=p.message, completed=p.done, total=max(p.total, 1.0))
 
-            res = run_suite(
+            return run_suite(
                 cfg,
                 quick=quick,
                 scenarios=_split(scenarios),
@@ -70,11 +72,8 @@ def suite_command(
                 progress=progress,
                 command=" ".join(["kemari", *sys.argv[1:]]),
             )
-    except KemariError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from e
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+
+    res = guard(run)
     failed = {n: s["error"] for n, s in res["scenarios"].items() if s.get("error")}
     if json_out:
         summary = {

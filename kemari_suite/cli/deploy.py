@@ -7,17 +7,14 @@ name="deploy")``; also runs alone as ``python -m kemari_suite.cli.deploy``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from kemari_suite.errors import KemariError
-
-T = TypeVar("T")
+from kemari_suite.cli.common import guard
 
 app = typer.Typer(
     add_completion=False,
@@ -26,16 +23,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except KemariError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from e
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -94,7 +81,7 @@ def deploy(
     )
 
     if json_out:
-        result = _guard(lambda: deploy(options))
+        result = guard(lambda: deploy(options))
     else:
         with err.status("starting ansible-playbook") as status:
             current = {"play": "", "task": ""}
@@ -114,7 +101,7 @@ def deploy(
                         highlight=False,
                     )
 
-            result = _guard(lambda: deploy(options, progress=show))
+            result = guard(lambda: deploy(options, progress=show))
 
     if json_out:
         out.print_json(json.dumps(result.to_dict()))
@@ -135,7 +122,7 @@ def deploy(
             for f in result.failures:
                 ft.add_row(f.host, f.task, f.reason)
             err.print(ft)
-    _guard(result.raise_for_failure)
+    guard(result.raise_for_failure)
 
 
 if __name__ == "__main__":

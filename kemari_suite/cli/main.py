@@ -11,17 +11,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kemari_suite import config as configmod
+from kemari_suite.cli.common import guard
 from kemari_suite.config import KemariConfig
-from kemari_suite.errors import KemariError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 image_app = typer.Typer(no_args_is_help=True, help="Build guest images.")
@@ -69,25 +68,13 @@ def bench_suite(
 out = Console()
 err = Console(stderr=True)
 
-T = TypeVar("T")
-
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file (defaults if omitted).")
 ]
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except KemariError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from e
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
 def _load(path: Path | None) -> KemariConfig:
-    return _guard(lambda: configmod.load(path))
+    return guard(lambda: configmod.load(path))
 
 
 # ---- image ---------------------------------------------------------------------------
@@ -123,7 +110,7 @@ def image_build(
                 progress=lambda m: status.update(m),
             )
 
-    img = _guard(run)
+    img = guard(run)
     info = {
         "kernel": str(img.kernel),
         "initrd": str(img.initrd),
@@ -151,7 +138,7 @@ def lab_up(
     """Create a lab: primary, secondary and client namespaces and their links."""
     from kemari_suite import lab
 
-    lay = _guard(lambda: lab.up(lab_id, profile))
+    lay = guard(lambda: lab.up(lab_id, profile))
     t = Table(title=f"lab {lab_id} ({lay.profile.name})", show_header=False)
     for k, v in (
         ("namespaces", ", ".join(lay.namespaces)),
@@ -169,7 +156,7 @@ def lab_down(lab_id: LabIdOpt = "0") -> None:
     """Remove a lab and everything it left (namespaces, links, files)."""
     from kemari_suite import lab
 
-    _guard(lambda: lab.down(lab_id))
+    guard(lambda: lab.down(lab_id))
     out.print(f"lab {lab_id} removed")
 
 
@@ -183,7 +170,7 @@ def lab_status(
 
     from kemari_suite import lab
 
-    st = _guard(lambda: lab.status(lab_id))
+    st = guard(lambda: lab.status(lab_id))
     if json_out:
         out.print_json(json.dumps(asdict(st), default=str))
         return
@@ -194,7 +181,7 @@ def lab_status(
 
 
 def _run_async(coro: Any) -> Any:
-    return _guard(lambda: asyncio.run(coro))
+    return guard(lambda: asyncio.run(coro))
 
 
 VMDefOpt = Annotated[
@@ -218,7 +205,7 @@ def _node_setup(config: Path | None, vm: Path | None, host: str) -> tuple[Any, A
         raise typer.Exit(2)
     from kemari_suite.vm.vmdef import load_vmdef
 
-    view = _guard(lambda: load_vmdef(vm, host=host).for_host(host))
+    view = guard(lambda: load_vmdef(vm, host=host).for_host(host))
     return view.config, view.spec
 
 
@@ -257,7 +244,7 @@ def _control(config: Path | None, cmd: str, *, timeout: float = 30.0, **args: An
     from kemari_suite.service import control
 
     cfg = _load(config)
-    return _guard(lambda: control.request(control_path(cfg), cmd, timeout=timeout, **args))
+    return guard(lambda: control.request(control_path(cfg), cmd, timeout=timeout, **args))
 
 
 @app.command()
@@ -331,7 +318,7 @@ def disk_checksums(
     """Print block checksums of a disk copy as JSON (to compare on another host)."""
     from kemari_suite.disk.verify import checksums
 
-    print(_guard(lambda: checksums(image, offset=offset)).to_json())
+    print(guard(lambda: checksums(image, offset=offset)).to_json())
 
 
 @disk_app.command("verify")
@@ -345,7 +332,7 @@ def disk_verify(
     """Compare two copies of a guest disk by block checksums; exit 1 if they differ."""
     from kemari_suite.disk.verify import checksums, compare, load_or_compute
 
-    res = _guard(
+    res = guard(
         lambda: compare(checksums(image, offset=offset), load_or_compute(against, offset=offset))
     )
     if res.same:
@@ -370,7 +357,7 @@ def fence_peer(
     from kemari_suite.ha.fence import fence_peer as run_fence
 
     cfg = _load(config)
-    code, reason = _guard(lambda: run_fence(cfg, node))
+    code, reason = guard(lambda: run_fence(cfg, node))
     err.print(f"fence-peer {resource or '-'}: {reason}", highlight=False)
     raise typer.Exit(code)
 
@@ -404,7 +391,7 @@ def bench_memsync(
                 out.print(f"[dim]•[/] {msg}", highlight=False)
 
             results.append(
-                _guard(lambda: memsync.run(cfg, profile=prof, window=window, progress=say))  # noqa: B023
+                guard(lambda: memsync.run(cfg, profile=prof, window=window, progress=say))  # noqa: B023
             )
     command = "kemari bench memsync " + " ".join(sys.argv[3:])
     md = memsync.write_results(results, out_dir, command.strip())
@@ -425,7 +412,7 @@ def bench_latency(
 
     cfg = _load(config)
     with err.status("latency") as st:
-        res = _guard(
+        res = guard(
             lambda: latency.run(cfg, requests=requests, profile=profile, progress=st.update)
         )
     command = "kemari bench latency " + " ".join(sys.argv[3:])
@@ -443,7 +430,7 @@ def bench_floor(
 
     cfg = _load(config)
     with err.status("floor") as st:
-        res = _guard(lambda: memsync.run_floor(cfg, samples=samples, progress=st.update))
+        res = guard(lambda: memsync.run_floor(cfg, samples=samples, progress=st.update))
     out.print_json(json.dumps(res))
 
 
@@ -472,7 +459,7 @@ def bench_sizing(
     cfg = _load(config)
     command = ("kemari bench sizing " + " ".join(sys.argv[3:])).strip()
     with err.status("sizing") as st:
-        md = _guard(
+        md = guard(
             lambda: sizing.bench_sizing_command(
                 cfg,
                 sizes_mib=ints(sizes),
@@ -511,7 +498,7 @@ def bench_service(
             st.update(msg)
             err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}")
 
-        res = _guard(
+        res = guard(
             lambda: service.run(cfg, kills=kills, measure_s=seconds, profile=profile, progress=say)
         )
     md = service.write_results(res, output, "kemari " + " ".join(sys.argv[1:]))
@@ -552,7 +539,7 @@ def demo(
 
             return run_demo(cfg, profile=profile, run_seconds=seconds, progress=say, keep=keep)
 
-    res = _guard(run)
+    res = guard(run)
     if json_out:
         print(json.dumps(res.to_dict()))
         return

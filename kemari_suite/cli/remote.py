@@ -7,20 +7,17 @@ name="remote")``; also runs alone as ``python -m kemari_suite.cli.remote``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from kemari_suite.errors import KemariError
+from kemari_suite.cli.common import guard
 
 if TYPE_CHECKING:
     from kemari_suite.remote.ops import RemotePair, Which
-
-T = TypeVar("T")
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -50,23 +47,13 @@ OnlyOpt = Annotated[
 ]
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except KemariError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from e
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
 def _pair(
     inventory: Path, pair: str | None, known_hosts: Path | None, timeout: float
 ) -> RemotePair:
     from kemari_suite.deploy import inventory as inv
     from kemari_suite.remote.ops import RemotePair
 
-    p = _guard(lambda: inv.load(inventory).pair(pair))
+    p = guard(lambda: inv.load(inventory).pair(pair))
     return RemotePair(p, known_hosts=known_hosts, connect_timeout=timeout)
 
 
@@ -87,7 +74,7 @@ def status(
 ) -> None:
     """The state of both hosts: reachable, unit, config, agent."""
     with _pair(inventory, pair, known_hosts, timeout) as rp:
-        st = _guard(rp.status)
+        st = guard(rp.status)
     if json_out:
         out.print_json(json.dumps(st.to_dict(), default=str))
     else:
@@ -130,7 +117,7 @@ def start(
     """Start the agents: the standby first, then the primary."""
     which = _which(only)
     with _pair(inventory, pair, known_hosts, timeout) as rp:
-        done = _guard(lambda: rp.start(which))
+        done = guard(lambda: rp.start(which))
     for r in done:
         out.print(f"started on {r.host}", highlight=False)
 
@@ -146,7 +133,7 @@ def stop(
     """Stop the agents: the standby first (so it cannot take over), then the primary."""
     which = _which(only)
     with _pair(inventory, pair, known_hosts, timeout) as rp:
-        done = _guard(lambda: rp.stop(which))
+        done = guard(lambda: rp.stop(which))
     for r in done:
         out.print(f"stopped on {r.host}", highlight=False)
 
@@ -172,7 +159,7 @@ def failover(
         )
         raise typer.Exit(2)
     with _pair(inventory, pair, known_hosts, timeout) as rp:
-        res = _guard(lambda: rp.failover(force=force))
+        res = guard(lambda: rp.failover(force=force))
     out.print_json(json.dumps(res, default=str))
 
 
@@ -188,7 +175,7 @@ def logs(
 ) -> None:
     """Collect both hosts' journals, units, configs (key redacted) and agent artifacts."""
     with _pair(inventory, pair, known_hosts, timeout) as rp:
-        bundle = _guard(lambda: rp.collect_logs(out_path))
+        bundle = guard(lambda: rp.collect_logs(out_path))
     out.print(f"{bundle.path} ({', '.join(bundle.hosts)})", highlight=False)
     for e in bundle.errors:
         err.print(f"[bold red]not collected:[/] {e}", highlight=False)

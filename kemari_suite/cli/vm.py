@@ -1,25 +1,24 @@
 """``kemari vm``: check VM definitions, show their QEMU command lines, import from libvirt.
 
 Registered in :mod:`kemari_suite.cli.main` with ``app.add_typer(vm_app, name="vm")``.
-Errors leave through main's ``_guard`` (one red line, exit code 2).
+Errors leave through :func:`kemari_suite.cli.common.guard` (one red line, exit code 2).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from kemari_suite.cli.common import guard
+
 if TYPE_CHECKING:
     from kemari_suite.vm.vmdef import MachineCatalog
-
-T = TypeVar("T")
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -31,13 +30,6 @@ err = Console(stderr=True)
 
 #: Exit code of ``import-libvirt`` when something cannot be carried over.
 EXIT_CANNOT = 3
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    # Imported here: main imports this module to register it.
-    from kemari_suite.cli.main import _guard as guard
-
-    return guard(fn)
 
 
 def _machines() -> MachineCatalog:
@@ -62,8 +54,8 @@ def check(
     """Validate a VM definition; print its summary, warnings and identity digest."""
     from kemari_suite.vm import vmdef
 
-    defn = _guard(lambda: vmdef.load_vmdef(file, host=host, machines=_machines))
-    ident = _guard(lambda: vmdef.identity(defn, host))
+    defn = guard(lambda: vmdef.load_vmdef(file, host=host, machines=_machines))
+    ident = guard(lambda: vmdef.identity(defn, host))
     digest = vmdef.identity_digest(ident)
     warns = vmdef.check_warnings(defn)
     if json_out:
@@ -140,7 +132,7 @@ def argv(
         defn = vmdef.load_vmdef(file, host=host, check_files=False, machines=_machines)
         return defn.for_host(host).argv(tapped=not direct, incoming=incoming)
 
-    line = _guard(run)
+    line = guard(run)
     if json_out:
         print(json.dumps(line))
     else:
@@ -166,7 +158,7 @@ def import_libvirt(
     """
     from kemari_suite.vm import libvirt
 
-    res = _guard(
+    res = guard(
         lambda: libvirt.import_domain_file(
             domain_xml, host_a=host_a, host_b=host_b, machines=_machines
         )
@@ -182,7 +174,7 @@ def import_libvirt(
         if write:
             print(res.text, end="")
     elif write:
-        _guard(lambda: _write(output, res.text))
+        guard(lambda: _write(output, res.text))
         err.print(f"wrote {output}", highlight=False)
     else:
         err.print(

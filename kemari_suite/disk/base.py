@@ -12,9 +12,16 @@ the backend refuses (DRBD: the peer is primary or our data is not up to date; sh
 storage: the lease is held by a live host). ``apply`` writes committed writes in order;
 ``flush`` makes them durable.
 
+What a backend needs from the engine is declared in :class:`DiskCaps` (``backend.caps``),
+never inferred from its name: the engine asks ``caps.streams_copy`` (stream a copy over
+the replication link), ``caps.tracks_dirty``, ``caps.has_sidecar``, ``caps.replays_log``,
+``caps.lease`` and ``caps.reserved_bytes``. The methods that belong to a capability exist
+on every backend and do nothing (or return nothing) without it, so the engine calls
+only this contract. :func:`kemari_suite.disk.open_backend` makes the configured one.
+
 :class:`FileDisk` is the simplest backend: a raw image file or a block device opened
-``O_RDWR``, written with ``pwrite`` and flushed with ``fdatasync``. The DRBD backend
-writes through it to ``/dev/drbdN``, the shared-storage backend to the shared device.
+``O_RDWR``, written with ``pwrite`` and flushed with ``fdatasync``. The built-in disk,
+the DRBD backend and the shared-storage backend write through one.
 """
 
 from __future__ import annotations
@@ -26,9 +33,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from kemari_suite.errors import DiskError
+
+if TYPE_CHECKING:
+    from kemari_suite.ha.lease import LeaseTiebreaker
+
+#: ``(offset, length)`` of a range of the guest disk.
+Extent = tuple[int, int]
 
 
 class DiskRole(enum.Enum):
@@ -44,7 +57,7 @@ class DiskStatus:
     """What a backend reports about its disk on this host.
 
     Attributes:
-        backend: the backend's name ("file", "drbd", "shared", ...).
+        backend: the backend's name ("builtin", "drbd", "shared", "file").
         role: this host's role.
         connected: the *other* copy (DRBD peer) or the shared device and its lease are
             reachable. A plain :class:`FileDisk` keeps no other copy and reports False, so
@@ -62,11 +75,96 @@ class DiskStatus:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DiskCaps:
+    """What a backend needs from the engine: declared by the backend, never inferred
+    from its name.
+
+    Attributes:
+        streams_copy: the data travels over the replication link (the built-in disk).
+            In the first (FULL) epoch the primary streams a full copy (``copy_chunks``)
+            or, with ``tracks_dirty``, only the dirty blocks; the standby writes it
+            through ``begin_copy``/``commit_copy``/``abort_copy`` and applies every
+            committed epoch's I/O log to its own copy before acknowledging.
+        tracks_dirty: while ``tracking`` is on, the backend records the blocks written,
+            so a returning standby that still holds our copy gets only those
+            (``dirty_chunks``; ``clear_dirty`` once the standby has them).
+        has_sidecar: the disk records which copy it is (lineage) and through which epoch
+            it is applied (``read_state``/``write_state``/``clear_state``).
+        replays_log: the data reaches the standby's storage without the engine (one
+            shared device, or DRBD underneath): the standby keeps committed I/O logs
+            until the primary reports them durable, and at failover replays them after
+            ``promote`` (writes are idempotent).
+        lease: writes are fenced by a lease on the storage; ``tiebreaker()`` is that
+            lease as the engine's tiebreaker (use it instead of a second lease object,
+            or the backend's own view of the lease runs out and it refuses writes).
+        reserved_bytes: bytes at the head of the device that are not guest data (the
+            shared lease area): QEMU opening the device directly needs this offset, and
+            the guest disk is this much smaller than the device.
+    """
+
+    streams_copy: bool = False
+    tracks_dirty: bool = False
+    has_sidecar: bool = False
+    replays_log: bool = False
+    lease: bool = False
+    reserved_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CopyState:
+    """Which copy a disk is (``lineage``, new for every full copy; empty: nobody's) and
+    through which epoch its committed writes are applied (``epoch``; -1: unknown)."""
+
+    lineage: str = ""
+    epoch: int = -1
+
+    @property
+    def known(self) -> bool:
+        return bool(self.lineage) and self.epoch >= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar's JSON object (also what the standby sends the primary)."""
+        return {"lineage": self.lineage, "epoch": self.epoch}
+
+
 @runtime_checkable
 class DiskBackend(Protocol):
-    """The interface of every disk backend (see the module docstring for the lifecycle)."""
+    """The contract between the engine and every disk backend.
+
+    The one rule: a write reaches ``apply`` only once the checkpoint that contains it
+    is acknowledged, and in the order the guest issued it; so the disk is never ahead
+    of the replicated memory. Calls, in order::
+
+        attach()                       once, before anything else (idempotent)
+        promote()                      before the first apply on the host that runs
+                                       the guest (DRBD: drbdadm primary; shared: take
+                                       the lease; built-in: records the role)
+        read / apply / flush           ``apply`` and ``flush`` from one thread at a
+                                       time; ``read`` concurrently from others
+        demote()                       the guest stops here (switchover)
+        close()
+
+    ``caps`` says which of the capability methods below mean anything; without the
+    capability they return nothing and change nothing (``begin_copy`` and
+    ``commit_copy`` raise :class:`~kemari_suite.errors.DiskError`, ``tiebreaker``
+    too). ``size`` is the guest-visible size in bytes, known after ``attach`` (DRBD: after
+    ``promote``, where a Secondary cannot be opened).
+    """
 
     name: str
+    #: ``tracks_dirty``: record the blocks ``apply`` writes while True.
+    tracking: bool
+
+    @property
+    def caps(self) -> DiskCaps:
+        """What this backend needs from the engine."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Guest-visible size in bytes (0 until known)."""
+        ...
 
     def attach(self) -> None:
         """Bring the disk up on this host (idempotent).
@@ -74,6 +172,14 @@ class DiskBackend(Protocol):
         Raises:
             DiskError: the disk cannot be opened or configured.
         """
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at guest offset ``offset``.
+
+        Raises:
+            DiskError: not open for reading here, outside the disk, or the read failed.
+        """
+        ...
 
     def apply(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Write committed writes, each ``(byte offset, data)``, in order.
@@ -101,9 +207,118 @@ class DiskBackend(Protocol):
 
     def status(self) -> DiskStatus:
         """Report this host's view of the disk."""
+        ...
 
     def close(self) -> None:
         """Release what ``attach`` opened (it does not tear replication down)."""
+
+    # ---- streams_copy ---------------------------------------------------------------
+
+    def copy_chunks(self) -> list[Extent]:
+        """The chunks of a full copy, in order (empty without ``streams_copy``)."""
+        ...
+
+    def begin_copy(self, *, full: bool) -> DiskBackend:
+        """The standby: a copy streamed by the primary starts; return where its writes go.
+
+        ``full``: into a fresh file swapped in by :meth:`commit_copy` (the current copy
+        stays valid until then); otherwise in place, and this copy stops counting as
+        anybody's (``clear_state``) until :meth:`commit_copy`.
+
+        Raises:
+            DiskError: no ``streams_copy``, or the fresh file cannot be created.
+        """
+        ...
+
+    def commit_copy(self, lineage: str, epoch: int) -> None:
+        """The epoch that carried the copy committed: swap a full copy in (flushed,
+        renamed, directory synced), then ``write_state(lineage, epoch)``.
+
+        Raises:
+            DiskError: no ``streams_copy``, no copy begun, or the I/O failed.
+        """
+
+    def abort_copy(self) -> None:
+        """The epoch that carried the copy was rolled back: drop a fresh file."""
+
+    # ---- tracks_dirty ---------------------------------------------------------------
+
+    def dirty_chunks(self) -> list[Extent]:
+        """The blocks written while ``tracking`` (empty without ``tracks_dirty``)."""
+        ...
+
+    def clear_dirty(self) -> None:
+        """Forget the dirty blocks (the standby holds them now)."""
+
+    # ---- has_sidecar ----------------------------------------------------------------
+
+    def read_state(self) -> CopyState:
+        """Which copy this disk is (an empty CopyState without ``has_sidecar`` or when
+        unknown)."""
+        ...
+
+    def write_state(self, lineage: str, epoch: int) -> None:
+        """Record that this disk is copy ``lineage`` through ``epoch``, crash-safely:
+        the data is flushed first, so the record is never ahead of the data.
+
+        Raises:
+            DiskError: the flush or the write failed.
+        """
+
+    def clear_state(self) -> None:
+        """This copy is nobody's from now on (durably, before anything diverges).
+
+        Raises:
+            DiskError: the record could not be removed.
+        """
+
+    # ---- lease ----------------------------------------------------------------------
+
+    def tiebreaker(self) -> LeaseTiebreaker:
+        """The lease as the engine's tiebreaker (same object as the one ``apply`` checks).
+
+        Raises:
+            DiskError: no ``lease``, or not attached.
+        """
+        ...
+
+
+class PlainCapabilities:
+    """The capability methods of :class:`DiskBackend` for a backend that has none of
+    them: mix it in and set ``caps``, ``name`` and ``tracking``."""
+
+    name: str
+    tracking: bool
+
+    def copy_chunks(self) -> list[Extent]:
+        return []
+
+    def begin_copy(self, *, full: bool) -> DiskBackend:
+        raise DiskError(self.name, "this backend does not take a streamed copy")
+
+    def commit_copy(self, lineage: str, epoch: int) -> None:
+        raise DiskError(self.name, "this backend does not take a streamed copy")
+
+    def abort_copy(self) -> None:
+        return None
+
+    def dirty_chunks(self) -> list[Extent]:
+        return []
+
+    def clear_dirty(self) -> None:
+        return None
+
+    def read_state(self) -> CopyState:
+        return CopyState()
+
+    def write_state(self, lineage: str, epoch: int) -> None:
+        return None
+
+    def clear_state(self) -> None:
+        return None
+
+    def tiebreaker(self) -> LeaseTiebreaker:
+        raise DiskError(self.name, "this backend has no lease")
 
 
 def check_write(name: str, size: int, offset: int, length: int, what: str = "write") -> None:
@@ -114,16 +329,18 @@ def check_write(name: str, size: int, offset: int, length: int, what: str = "wri
         )
 
 
-class FileDisk:
+class FileDisk(PlainCapabilities):
     """A raw image file or block device, opened ``O_RDWR``: apply = pwrite, flush = fdatasync.
 
     ``offset`` skips a reserved head (the shared-storage lease area); guest offsets are
     relative to it. ``size`` limits the usable length (default: to the end of the file or
     device, measured at attach). The role is informational: a secondary applies committed
-    writes to its own copy while it is a secondary.
+    writes to its own copy while it is a secondary. It keeps no other copy: no
+    capabilities.
     """
 
     name = "file"
+    caps = DiskCaps()
 
     def __init__(self, path: str | os.PathLike[str], *, offset: int = 0, size: int | None = None):
         if offset < 0:
@@ -133,6 +350,7 @@ class FileDisk:
         self._want_size = size
         self.size = 0
         self.role = DiskRole.UNKNOWN
+        self.tracking = False
         self._fd: int | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -168,6 +386,10 @@ class FileDisk:
         self._fd = fd
         if self.role is DiskRole.UNKNOWN:
             self.role = DiskRole.SECONDARY
+
+    @property
+    def attached(self) -> bool:
+        return self._fd is not None
 
     def _require_fd(self) -> int:
         if self._fd is None:

@@ -15,7 +15,14 @@ Device layout when the lease lives on the data device (``lease_device`` empty)::
 The guest sees the disk from ``data_offset`` on: QEMU must open the device with the raw
 driver's ``offset=1048576`` (``-blockdev driver=raw,offset=1048576,file=...``). With a
 separate ``lease_device`` (a small LUN or a file on shared storage) the data device is
-the guest disk from byte 0.
+the guest disk from byte 0. The backend declares the head as ``caps.reserved_bytes``.
+
+Without ``fenced`` the backend takes no lease: the engine's tiebreaker (a witness)
+alone keeps two hosts from running the guest, ``promote`` only records the role.
+
+There is one copy, so the backend declares ``caps.replays_log``: the standby keeps the
+committed I/O logs the primary may not have applied yet and replays them after
+``promote`` at failover (writes are idempotent).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kemari_suite.disk.base import DiskRole, DiskStatus, FileDisk
+from kemari_suite.disk.base import DiskCaps, DiskRole, DiskStatus, FileDisk, PlainCapabilities
 from kemari_suite.errors import ConfigError, DiskError, LeaseError
 from kemari_suite.ha.lease import LEASE_BLOCK, Lease, LeaseRecord, LeaseTiebreaker
 
@@ -50,12 +57,16 @@ class SharedDiskConfig:
     lease_offset: int = 0
     lease_s: float = 3.0
     io_timeout_s: float = 0.5
+    #: Take the lease before writing (False: another tiebreaker fences the writer).
+    fenced: bool = True
 
     def __post_init__(self) -> None:
         if not self.device:
             raise ConfigError("missing", key="shared.device")
         if not self.resource or len(self.resource.encode()) > 64:
             raise ConfigError("must be 1-64 bytes", key="shared.resource")
+        if not self.fenced:
+            return  # no lease: its offset and timing are never used
         if self.lease_offset < 0 or self.lease_offset % LEASE_BLOCK:
             raise ConfigError(f"must be a multiple of {LEASE_BLOCK}", key="shared.lease_offset")
         if not self.lease_device and self.lease_offset + LEASE_BLOCK > SHARED_RESERVED_BYTES:
@@ -65,9 +76,9 @@ class SharedDiskConfig:
             )
         if self.io_timeout_s <= 0:
             raise ConfigError("must be positive", key="shared.io_timeout_s")
-        if self.lease_s <= 4 * self.io_timeout_s:
+        if self.lease_s < 4 * self.io_timeout_s:
             raise ConfigError(
-                "must exceed 4 x io_timeout_s (a renewal must fit well inside the lease)",
+                "must be at least 4 x io_timeout_s (a renewal must fit well inside the lease)",
                 key="shared.lease_s",
             )
 
@@ -99,11 +110,12 @@ def format_shared(config: SharedDiskConfig, *, force: bool = False) -> LeaseReco
         lease.close()
 
 
-class SharedDiskBackend:
+class SharedDiskBackend(PlainCapabilities):
     """The shared-storage :class:`~kemari_suite.disk.base.DiskBackend`.
 
-    ``lease`` may be passed in (tests inject clocks through it); otherwise it is opened
-    on attach from the config.
+    ``lease`` may be passed in (tests inject clocks through it; the engine passes its
+    lease tiebreaker's, so that both renew one object); otherwise it is opened on attach
+    from the config (not at all without ``config.fenced``).
     """
 
     name = "shared"
@@ -111,12 +123,25 @@ class SharedDiskBackend:
     def __init__(self, config: SharedDiskConfig, node: str, *, lease: Lease | None = None):
         if not node:
             raise ConfigError("missing", key="shared.node")
+        if lease is not None and not config.fenced:
+            raise ConfigError("a lease for an unfenced shared disk", key="shared.fenced")
         self.config = config
         self.node = node
         self.lease = lease
         self._own_lease = lease is None
         self.disk = FileDisk(config.device, offset=config.data_offset)
         self.role = DiskRole.UNKNOWN
+        self.tracking = False
+
+    @property
+    def caps(self) -> DiskCaps:
+        return DiskCaps(
+            replays_log=True, lease=self.config.fenced, reserved_bytes=self.config.data_offset
+        )
+
+    @property
+    def size(self) -> int:
+        return self.disk.size
 
     def attach(self) -> None:
         """Open the device and the lease (idempotent); checks the lease block is sound.
@@ -126,6 +151,10 @@ class SharedDiskBackend:
             LeaseError: the lease block is unreadable, unformatted or corrupted.
         """
         self.disk.attach()
+        if not self.config.fenced:
+            if self.role is DiskRole.UNKNOWN:
+                self.role = DiskRole.SECONDARY
+            return
         if self.lease is None:
             self.lease = Lease(
                 self.config.lease_path,
@@ -144,7 +173,14 @@ class SharedDiskBackend:
         return self.lease
 
     def tiebreaker(self) -> LeaseTiebreaker:
-        """The lease as a memsync tiebreaker (same object, so promote sees its grant)."""
+        """The lease as the engine's tiebreaker (same object, so promote sees its grant
+        and ``apply`` its renewals).
+
+        Raises:
+            DiskError: not fenced, or not attached.
+        """
+        if not self.config.fenced:
+            raise DiskError(self.name, f"{self.config.device}: no lease (not fenced)")
         return LeaseTiebreaker(self._lease(), self.node)
 
     def promote(self) -> None:
@@ -157,6 +193,10 @@ class SharedDiskBackend:
         Raises:
             LeaseError: another host holds the lease and was seen renewing it.
         """
+        if not self.config.fenced:
+            self.disk.promote()
+            self.role = DiskRole.PRIMARY
+            return
         lease = self._lease()
         if lease.node != self.node or not lease.valid():
             lease.acquire(self.node)
@@ -184,12 +224,23 @@ class SharedDiskBackend:
         """
         if self.role is not DiskRole.PRIMARY:
             raise DiskError(self.name, f"{self.config.device}: not the writer on this host")
+        if not self.config.fenced:
+            self.disk.apply(writes)
+            return
         lease = self._lease()
         if not lease.valid(margin_s=self.config.io_timeout_s):
             raise LeaseError(
                 str(lease.device), "our lease lapsed (not renewed in time): refusing writes"
             )
         self.disk.apply(writes)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read the guest disk (any role: there is one copy).
+
+        Raises:
+            DiskError: not attached, outside the disk, or the read failed.
+        """
+        return self.disk.read(offset, length)
 
     def flush(self) -> None:
         self.disk.flush()
@@ -213,9 +264,13 @@ class SharedDiskBackend:
     def status(self) -> DiskStatus:
         detail: dict[str, Any] = {
             "device": self.config.device,
-            "lease_device": self.config.lease_path,
+            "lease_device": self.config.lease_path if self.config.fenced else None,
             "data_offset": self.config.data_offset,
         }
+        if not self.config.fenced:
+            # One device, no lease to read: reachable is all there is to know.
+            up = self.disk.attached
+            return DiskStatus(self.name, self.role, up, up, None, detail)
         connected = False
         if self.lease is not None:
             try:

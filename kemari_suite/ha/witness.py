@@ -9,9 +9,17 @@ moment it *sent* the last granted renewal), so the loser of a partition is alway
 before the winner's wait ends.
 
 A restarted witness grants no takeover for one lease period (it does not know who held
-the lease). Requests and replies are JSON lines authenticated with HMAC-SHA256 over the
-pre-shared key, and replies echo the request's nonce so that an old reply cannot be
-replayed.
+the lease). Requests and replies are JSON-lines frames
+(:mod:`kemari_suite.protocol.framing`, at most :data:`MAX_MESSAGE` bytes) authenticated
+with HMAC-SHA256 over the pre-shared key, and replies echo the request's nonce so that
+an old reply cannot be replayed::
+
+    -> {"op":"renew","vm":"web","node":"pri","nonce":"<24 hex>","mac":"<64 hex>"}
+    <- {"granted":true,"owner":"pri","generation":3,"expires_in":3.0,"reason":"renewed",
+        "nonce":"<the request's>","mac":"<64 hex>"}
+
+The MAC is over the object without ``mac``, as JSON with sorted keys. A request the
+witness cannot read or authenticate gets ``{"granted":false,"error":...,"nonce":null}``.
 """
 
 from __future__ import annotations
@@ -24,11 +32,15 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from kemari_suite.errors import ConnectError, ProtocolError
+from kemari_suite.protocol import framing
 
 Op = Literal["renew", "takeover", "release", "query", "solo", "paired"]
+OPS: frozenset[str] = frozenset(get_args(Op))
+#: Largest request or reply frame, in bytes (a real one is about 250).
+MAX_MESSAGE = 4096
 
 
 @dataclass
@@ -143,34 +155,50 @@ class WitnessServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while True:
                 try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise ProtocolError("witness request is not an object")
-                    _verify(self.key, req)
-                    op, vm, node = req["op"], str(req["vm"]), str(req["node"])
-                    if op not in ("renew", "takeover", "release", "query", "solo", "paired"):
-                        raise ProtocolError(f"unknown witness op {op!r}")
-                    d = self.table.decide(op, vm, node, time.monotonic())
-                    rep: dict[str, Any] = {
-                        "granted": d.granted,
-                        "owner": d.owner,
-                        "generation": d.generation,
-                        "expires_in": d.expires_in,
-                        "reason": d.reason,
-                        "nonce": req.get("nonce"),
-                    }
-                    self.log.append({"t": time.time(), "op": op, "vm": vm, "node": node, **rep})
-                except (ProtocolError, KeyError, ValueError, TypeError) as err:
-                    rep = {"granted": False, "error": str(err), "nonce": None}
-                rep["mac"] = _mac(self.key, rep)
-                writer.write(json.dumps(rep).encode() + b"\n")
-                await writer.drain()
+                    line = await framing.read_line(reader, MAX_MESSAGE)
+                except ProtocolError as err:
+                    # Not between frames any more: answer, then hang up.
+                    await framing.write_frame(writer, self._signed(self._refusal(err)))
+                    break
+                if line is None:
+                    break
+                await framing.write_frame(writer, self._signed(self.answer(line)))
         except ConnectionError:
             pass
         finally:
             writer.close()
+
+    def answer(self, line: bytes) -> dict[str, Any]:
+        """The (unsigned) reply to one request frame, given without its newline."""
+        try:
+            req = framing.parse(line)
+            _verify(self.key, req)
+            op, vm, node = req["op"], str(req["vm"]), str(req["node"])
+            if op not in OPS:
+                raise ProtocolError(f"unknown witness op {op!r}")
+        except (ProtocolError, KeyError, ValueError, TypeError) as err:
+            return self._refusal(err)
+        d = self.table.decide(op, vm, node, time.monotonic())
+        rep: dict[str, Any] = {
+            "granted": d.granted,
+            "owner": d.owner,
+            "generation": d.generation,
+            "expires_in": d.expires_in,
+            "reason": d.reason,
+            "nonce": req.get("nonce"),
+        }
+        self.log.append({"t": time.time(), "op": op, "vm": vm, "node": node, **rep})
+        return rep
+
+    @staticmethod
+    def _refusal(err: Exception) -> dict[str, Any]:
+        reason = err.reason if isinstance(err, ProtocolError) else str(err)
+        return {"granted": False, "error": reason, "nonce": None}
+
+    def _signed(self, rep: dict[str, Any]) -> dict[str, Any]:
+        return {**rep, "mac": _mac(self.key, rep)}
 
     async def close(self) -> None:
         if self._server is not None:
@@ -197,33 +225,39 @@ class WitnessClient:
         nonce = os.urandom(12).hex()
         req: dict[str, Any] = {"op": op, "vm": self.vm, "node": self.node, "nonce": nonce}
         req["mac"] = _mac(self.key, req)
+        peer = f"witness {self.host}:{self.port}"
         sent = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), self.timeout
             )
             try:
-                writer.write(json.dumps(req).encode() + b"\n")
-                await writer.drain()
-                line = await asyncio.wait_for(reader.readline(), self.timeout)
+                await framing.write_frame(writer, req, limit=MAX_MESSAGE)
+                rep = await framing.read_frame(reader, MAX_MESSAGE, self.timeout)
             finally:
                 writer.close()
         except (OSError, TimeoutError) as err:
-            raise ConnectError(f"witness {self.host}:{self.port}", str(err) or "timeout") from err
+            raise ConnectError(peer, str(err) or "timeout") from err
+        except ProtocolError as err:
+            raise ConnectError(peer, f"bad reply: {err.reason}") from err
+        if rep is None:
+            raise ConnectError(peer, "closed the connection without a reply")
         try:
-            rep = json.loads(line)
             _verify(self.key, rep)
-        except (ValueError, ProtocolError) as err:
-            raise ConnectError(f"witness {self.host}:{self.port}", f"bad reply: {err}") from err
+        except ProtocolError as err:
+            raise ConnectError(peer, f"bad reply: {err.reason}") from err
         if rep.get("nonce") != nonce:
-            raise ConnectError(f"witness {self.host}:{self.port}", rep.get("error", "stale reply"))
-        d = Decision(
-            bool(rep["granted"]),
-            rep.get("owner"),
-            int(rep.get("generation", 0)),
-            float(rep.get("expires_in", 0.0)),
-            str(rep.get("reason", "")),
-        )
+            raise ConnectError(peer, str(rep.get("error", "stale reply")))
+        try:
+            d = Decision(
+                bool(rep["granted"]),
+                rep.get("owner"),
+                int(rep.get("generation", 0)),
+                float(rep.get("expires_in", 0.0)),
+                str(rep.get("reason", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConnectError(peer, f"bad reply: {err!r}") from err
         if d.granted and op in ("renew", "takeover", "solo", "paired"):
             self.last_granted_sent = sent
         return d

@@ -56,6 +56,9 @@ class PairOptions:
     display: str = "none"
     #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
     alert_hook: str = ""
+    #: ``[testing] commit_probe`` for the secondary: ``stream`` records the stream
+    #: workload's probe at every commit into ``commits.jsonl`` in its artifacts.
+    commit_probe: str = ""
     env_primary: dict[str, str] = field(default_factory=dict)
     env_secondary: dict[str, str] = field(default_factory=dict)
     #: Run the agents from this VM definition (``--vm FILE --host a|b``) instead of
@@ -135,6 +138,8 @@ class LabPair:
             sections["tap"] = {"host_tap": lab.tap_for(tap_role), "policy": o.policy}
         if o.disk and role != "witness":
             sections["disk"] = {"backend": o.disk, "path": str(self._disk_image(role))}
+        if o.commit_probe and role == "secondary":
+            sections["testing"] = {"commit_probe": o.commit_probe}
         if o.tiebreaker == "lease":
             # Both "hosts" share this machine's filesystem: a file stands in for the LUN.
             lease = self.root / "lease.img"

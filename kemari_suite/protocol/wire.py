@@ -7,6 +7,13 @@ which fits ``asyncio.BufferedProtocol`` and reads large frames without an extra 
 frames come out of :meth:`Session.encode` / :meth:`Session.encode_parts`. The caller
 owns the socket.
 
+The protocol in modules, each importable through this one (``wire.Pages``...)::
+
+    fields.py    field codecs and the Message base: how a payload is laid out
+    messages.py  every message class, MESSAGE_TYPES, CONTROL_MESSAGES
+    digest.py    EpochDigest, the content hash that EpochEnd carries
+    wire.py      frames, handshake, Session and Decoder (this module)
+
 Frame (network byte order)::
 
     offset  size  field
@@ -49,13 +56,105 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
-from enum import Enum, IntEnum
-from typing import Any, ClassVar, TypeAlias
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeAlias
 
 import numpy as np
 
 from kemari_suite.errors import AuthError, ConfigError, ProtocolError
+from kemari_suite.protocol.digest import EpochDigest
+from kemari_suite.protocol.fields import (
+    MAX_PAYLOAD,
+    MAX_SMALL_PAYLOAD,
+    Blob,
+    Message,
+    decode_payload,
+    encode_payload,
+    message_fields,
+)
+from kemari_suite.protocol.messages import (
+    CONTROL_MESSAGES,
+    MESSAGE_TYPES,
+    NO_EPOCH,
+    Ack,
+    Bye,
+    Command,
+    CompatStage,
+    CompatVerdict,
+    DeviceState,
+    DiskCopy,
+    DiskCopyMode,
+    DiskState,
+    Durable,
+    EpochBegin,
+    EpochEnd,
+    EpochKind,
+    GuestEvent,
+    Heartbeat,
+    Hello,
+    HelloProof,
+    IOLog,
+    Nack,
+    Pages,
+    Reply,
+    Resync,
+    Role,
+    Switched,
+    SwitchOutcome,
+    SwitchoverRequest,
+    VmProfile,
+)
+
+__all__ = [
+    "CONTROL_MESSAGES",
+    "DIGEST_SIZE",
+    "HEADER_SIZE",
+    "MAC_SIZE",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "MAX_SMALL_PAYLOAD",
+    "MESSAGE_TYPES",
+    "NONCE_SIZE",
+    "NO_EPOCH",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Blob",
+    "Bye",
+    "Command",
+    "CompatStage",
+    "CompatVerdict",
+    "Decoder",
+    "DeviceState",
+    "DiskCopy",
+    "DiskCopyMode",
+    "DiskState",
+    "Durable",
+    "EpochBegin",
+    "EpochDigest",
+    "EpochEnd",
+    "EpochKind",
+    "GuestEvent",
+    "Heartbeat",
+    "Hello",
+    "HelloProof",
+    "IOLog",
+    "Message",
+    "Nack",
+    "Pages",
+    "Part",
+    "PeerInfo",
+    "Reply",
+    "Resync",
+    "Role",
+    "Session",
+    "SessionState",
+    "SwitchOutcome",
+    "Switched",
+    "SwitchoverRequest",
+    "VmProfile",
+    "message_fields",
+]
 
 PROTOCOL_VERSION = 1
 MAGIC = b"KMRI"
@@ -63,34 +162,15 @@ HEADER_SIZE = 24
 MAC_SIZE = 32
 NONCE_SIZE = 32
 DIGEST_SIZE = 32
-#: Largest payload of Pages, DeviceState and IOLog frames. Larger page sets are split.
-MAX_PAYLOAD = 64 << 20
-#: Largest payload of every other message.
-MAX_SMALL_PAYLOAD = 1 << 20
 
 _HEAD = struct.Struct("!4sBBHIQ")  # the header without its crc32
 _CRC = struct.Struct("!I")
+_U32 = struct.Struct("!I")
 _LABEL = b"kemari-v1"
+_HANDSHAKE_TYPES = (Hello.TYPE, HelloProof.TYPE)
+_SMALL = 64 << 10  # frames up to this size are read into a bytearray
 
-Blob: TypeAlias = bytes | bytearray | memoryview
 Part: TypeAlias = bytes | memoryview
-
-
-class Role(IntEnum):
-    """What a node is on this connection."""
-
-    PRIMARY = 1
-    SECONDARY = 2
-    WITNESS = 3
-    CLIENT = 4
-
-
-class EpochKind(IntEnum):
-    """What an epoch carries: all of RAM, the pages dirtied since the last, or a pre-copy."""
-
-    FULL = 1
-    DELTA = 2
-    PRECOPY = 3
 
 
 class SessionState(Enum):
@@ -103,329 +183,6 @@ class SessionState(Enum):
     FAILED = "failed"  # a protocol error happened; every call now raises
 
 
-# --- messages ------------------------------------------------------------------------------
-#
-# Each message declares its payload as a tuple of (field, codec). Codecs:
-#   u8 u16 u32 u64   unsigned integers, network byte order
-#   bool             u8, 0 or 1
-#   text             u32 length + UTF-8
-#   b32              exactly 32 bytes
-#   role, kind       u8 holding a Role / EpochKind
-#   blob             the rest of the payload (last field only); decoded as a read-only
-#                    memoryview over the frame's own buffer, without a copy
-
-
-class Message:
-    """Base of every wire message."""
-
-    TYPE: ClassVar[int]
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]]
-    MAX: ClassVar[int] = MAX_SMALL_PAYLOAD
-
-
-@dataclass(frozen=True)
-class Hello(Message):
-    """Opens the handshake; sent by the session itself.
-
-    Layout: ``!H B B 32s`` version, role, initiator (0/1), nonce; then node_id as text.
-    """
-
-    TYPE: ClassVar[int] = 0x01
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("version", "u16"),
-        ("role", "role"),
-        ("initiator", "bool"),
-        ("nonce", "b32"),
-        ("node_id", "text"),
-    )
-    MAX: ClassVar[int] = 4096
-    version: int
-    role: Role
-    initiator: bool
-    nonce: bytes
-    node_id: str
-
-
-@dataclass(frozen=True)
-class HelloProof(Message):
-    """Proves the sender holds the session key; sent by the session itself.
-
-    Layout: ``32s`` HMAC(send key, "kemari-v1 proof" + sha256 of both Hello payloads).
-    """
-
-    TYPE: ClassVar[int] = 0x02
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("mac", "b32"),)
-    MAX: ClassVar[int] = 64
-    mac: bytes
-
-
-@dataclass(frozen=True)
-class EpochBegin(Message):
-    """Starts an epoch. Layout: ``!Q B Q I`` epoch, kind, ram_size, page_size."""
-
-    TYPE: ClassVar[int] = 0x10
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("epoch", "u64"),
-        ("kind", "kind"),
-        ("ram_size", "u64"),
-        ("page_size", "u32"),
-    )
-    epoch: int
-    kind: EpochKind
-    ram_size: int
-    page_size: int
-
-
-@dataclass(frozen=True)
-class Pages(Message):
-    """One blob from ``codec.encode_pages``. Layout: ``!Q`` epoch, then the blob."""
-
-    TYPE: ClassVar[int] = 0x11
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("encoded", "blob"))
-    MAX: ClassVar[int] = MAX_PAYLOAD
-    epoch: int
-    encoded: Blob
-
-
-@dataclass(frozen=True)
-class DeviceState(Message):
-    """QEMU's device state of the epoch. Layout: ``!Q`` epoch, then the bytes."""
-
-    TYPE: ClassVar[int] = 0x12
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("data", "blob"))
-    MAX: ClassVar[int] = MAX_PAYLOAD
-    epoch: int
-    data: Blob
-
-
-@dataclass(frozen=True)
-class IOLog(Message):
-    """The taps' I/O event log of the epoch (opaque here). Layout: ``!Q`` epoch, bytes."""
-
-    TYPE: ClassVar[int] = 0x13
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("data", "blob"))
-    MAX: ClassVar[int] = MAX_PAYLOAD
-    epoch: int
-    data: Blob
-
-
-@dataclass(frozen=True)
-class EpochEnd(Message):
-    """Closes an epoch. Layout: ``!Q Q 32s`` epoch, n_pages, digest (:class:`EpochDigest`)."""
-
-    TYPE: ClassVar[int] = 0x14
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("epoch", "u64"),
-        ("n_pages", "u64"),
-        ("digest", "b32"),
-    )
-    epoch: int
-    n_pages: int
-    digest: bytes
-
-
-@dataclass(frozen=True)
-class Ack(Message):
-    """The secondary holds the epoch. Layout: ``!Q`` epoch."""
-
-    TYPE: ClassVar[int] = 0x15
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"),)
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Nack(Message):
-    """The secondary rejected the epoch. Layout: ``!Q`` epoch, reason as text."""
-
-    TYPE: ClassVar[int] = 0x16
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("epoch", "u64"), ("reason", "text"))
-    epoch: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Resync(Message):
-    """Ask for (or announce) a FULL epoch. Layout: reason as text."""
-
-    TYPE: ClassVar[int] = 0x17
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("reason", "text"),)
-    reason: str
-
-
-@dataclass(frozen=True)
-class Heartbeat(Message):
-    """Liveness. Layout: ``!Q Q`` seq, sent_ns; role_state as text."""
-
-    TYPE: ClassVar[int] = 0x20
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("seq", "u64"),
-        ("sent_ns", "u64"),
-        ("role_state", "text"),
-    )
-    seq: int
-    sent_ns: int
-    role_state: str
-
-
-@dataclass(frozen=True)
-class GuestEvent(Message):
-    """Something the guest did (shutdown, reset...). Layout: name, data as text."""
-
-    TYPE: ClassVar[int] = 0x21
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("name", "text"), ("data", "text"))
-    name: str
-    data: str
-
-
-@dataclass(frozen=True)
-class Bye(Message):
-    """Orderly close; nothing may follow in that direction. Layout: reason as text."""
-
-    TYPE: ClassVar[int] = 0x22
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("reason", "text"),)
-    reason: str
-
-
-@dataclass(frozen=True)
-class Command(Message):
-    """A control request. Layout: name, args as text."""
-
-    TYPE: ClassVar[int] = 0x30
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("name", "text"), ("args", "text"))
-    name: str
-    args: str
-
-
-@dataclass(frozen=True)
-class Reply(Message):
-    """The answer to a Command. Layout: ``!B`` ok (0/1), text."""
-
-    TYPE: ClassVar[int] = 0x31
-    LAYOUT: ClassVar[tuple[tuple[str, str], ...]] = (("ok", "bool"), ("text", "text"))
-    ok: bool
-    text: str
-
-
-MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        HelloProof,
-        EpochBegin,
-        Pages,
-        DeviceState,
-        IOLog,
-        EpochEnd,
-        Ack,
-        Nack,
-        Resync,
-        Heartbeat,
-        GuestEvent,
-        Bye,
-        Command,
-        Reply,
-    )
-}
-_HANDSHAKE_TYPES = (Hello.TYPE, HelloProof.TYPE)
-
-_INTS = {"u8": struct.Struct("!B"), "u16": struct.Struct("!H"), "u32": struct.Struct("!I")}
-_INTS["u64"] = struct.Struct("!Q")
-_U32 = _INTS["u32"]
-_SMALL = 64 << 10
-_ROLES = frozenset(int(r) for r in Role)
-_KINDS = frozenset(int(k) for k in EpochKind)
-
-
-def _encode_payload(msg: Message) -> tuple[bytes, memoryview | None]:
-    """The payload as (fixed and text fields, blob or None); the blob is not copied."""
-    small = bytearray()
-    blob: memoryview | None = None
-    try:
-        for name, codec in msg.LAYOUT:
-            value: Any = getattr(msg, name)
-            if codec in _INTS:
-                small += _INTS[codec].pack(value)
-            elif codec in ("bool", "role", "kind"):
-                small.append(int(value))
-            elif codec == "text":
-                raw = value.encode("utf-8")
-                small += _U32.pack(len(raw))
-                small += raw
-            elif codec == "b32":
-                if len(value) != 32:
-                    raise ValueError(f"{name} must be 32 bytes, not {len(value)}")
-                small += value
-            else:  # blob
-                blob = memoryview(value).cast("B")
-    except (struct.error, AttributeError, TypeError, UnicodeEncodeError) as err:
-        raise ValueError(f"cannot encode {type(msg).__name__}: {err}") from err
-    return bytes(small), blob
-
-
-class _Reader:
-    """Reads one payload; every shortfall or bad value is a ProtocolError."""
-
-    def __init__(self, view: memoryview, frame_type: int, name: str) -> None:
-        self._view = view
-        self._pos = 0
-        self._type = frame_type
-        self._name = name
-
-    def _fail(self, what: str) -> ProtocolError:
-        return ProtocolError(f"malformed {self._name} payload: {what}", self._type)
-
-    def take(self, n: int) -> memoryview:
-        end = self._pos + n
-        if end > len(self._view):
-            raise self._fail(f"needs {end} bytes, has {len(self._view)}")
-        out = self._view[self._pos : end]
-        self._pos = end
-        return out
-
-    def field(self, name: str, codec: str) -> Any:
-        if codec in _INTS:
-            st = _INTS[codec]
-            return st.unpack(self.take(st.size))[0]
-        if codec == "bool":
-            b = self.take(1)[0]
-            if b > 1:
-                raise self._fail(f"{name} is {b}, not 0 or 1")
-            return bool(b)
-        if codec == "role":
-            b = self.take(1)[0]
-            if b not in _ROLES:
-                raise self._fail(f"unknown role {b}")
-            return Role(b)
-        if codec == "kind":
-            b = self.take(1)[0]
-            if b not in _KINDS:
-                raise self._fail(f"unknown epoch kind {b}")
-            return EpochKind(b)
-        if codec == "text":
-            n = _U32.unpack(self.take(4))[0]
-            raw = self.take(n)
-            try:
-                return str(raw, "utf-8")
-            except UnicodeDecodeError as err:
-                raise self._fail(f"{name} is not UTF-8") from err
-        if codec == "b32":
-            return bytes(self.take(32))
-        # blob: the rest, read-only, no copy
-        return self.take(len(self._view) - self._pos).toreadonly()
-
-    def done(self) -> None:
-        if self._pos != len(self._view):
-            raise self._fail(f"{len(self._view) - self._pos} trailing bytes")
-
-
-def _decode_payload(frame_type: int, payload: memoryview) -> Message:
-    cls = MESSAGE_TYPES[frame_type]
-    reader = _Reader(payload, frame_type, cls.__name__)
-    values = {name: reader.field(name, codec) for name, codec in cls.LAYOUT}
-    reader.done()
-    return cls(**values)
-
-
 def _mac(key: bytes, parts: Iterable[Part]) -> bytes:
     h = hmac.new(key, digestmod="sha256")
     for p in parts:
@@ -434,7 +191,7 @@ def _mac(key: bytes, parts: Iterable[Part]) -> bytes:
 
 
 def _frame_parts(msg: Message, seq: int, key: bytes) -> list[Part]:
-    small, blob = _encode_payload(msg)
+    small, blob = encode_payload(msg)
     length = len(small) + (blob.nbytes if blob is not None else 0)
     if length > msg.MAX:
         raise ValueError(
@@ -546,7 +303,7 @@ class Session:
         if self._own_hello is not None:
             return
         hello = Hello(PROTOCOL_VERSION, self.role, self.initiator, self.nonce, self.node_id)
-        self._own_hello = _encode_payload(hello)[0]
+        self._own_hello = encode_payload(hello)[0]
         self._queue(hello, self._hello_key)
 
     def data_to_send(self) -> bytes:
@@ -643,7 +400,7 @@ class Session:
                 "frame MAC mismatch (wrong pre-shared key, or a forged or corrupted frame)",
                 frame_type,
             )
-        msg = _decode_payload(frame_type, payload)
+        msg = decode_payload(MESSAGE_TYPES[frame_type], payload)
         self._recv_seq += 1
         if isinstance(msg, Hello):
             self._on_hello(msg, bytes(payload))
@@ -818,58 +575,3 @@ class Decoder:
         size = length + MAC_SIZE
         self._buf = np.empty(size, np.uint8).data if size > _SMALL else memoryview(bytearray(size))
         self._filled = 0
-
-
-class EpochDigest:
-    """SHA-256 over one epoch's content, fed identically on both sides.
-
-    The primary feeds every Pages, DeviceState and IOLog message of the epoch in the
-    order it sends them and puts :meth:`digest` in the EpochEnd; the secondary feeds
-    what it receives, in order, and calls :meth:`verify`. SHA-256 runs at about
-    1.7 GB/s with the CPU's SHA extensions; compressed page blobs are small.
-    """
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.n_parts = 0
-        self._h = hashlib.sha256(_LABEL + b" epoch" + epoch.to_bytes(8, "big"))
-
-    def update(self, msg: Pages | DeviceState | IOLog) -> None:
-        """Add one message's content.
-
-        Raises:
-            ProtocolError: the message belongs to another epoch.
-        """
-        if msg.epoch != self.epoch:
-            raise ProtocolError(
-                f"{type(msg).__name__} of epoch {msg.epoch} inside epoch {self.epoch}", msg.TYPE
-            )
-        data = memoryview(msg.encoded if isinstance(msg, Pages) else msg.data).cast("B")
-        self._h.update(struct.pack("!BQ", msg.TYPE, data.nbytes))
-        self._h.update(data)
-        self.n_parts += 1
-
-    def digest(self) -> bytes:
-        return self._h.digest()
-
-    def verify(self, end: EpochEnd) -> None:
-        """Check an EpochEnd against what was fed.
-
-        Raises:
-            ProtocolError: another epoch, or the digest differs.
-        """
-        if end.epoch != self.epoch:
-            raise ProtocolError(f"EpochEnd of epoch {end.epoch} inside epoch {self.epoch}")
-        if not hmac.compare_digest(end.digest, self.digest()):
-            raise ProtocolError(
-                f"epoch {self.epoch}: digest mismatch over {self.n_parts} parts", EpochEnd.TYPE
-            )
-
-
-def message_fields(msg: Message) -> dict[str, Any]:
-    """The message's fields as a dict (blobs as bytes), for logs and tests."""
-    out: dict[str, Any] = {}
-    for f in fields(msg):  # type: ignore[arg-type]
-        value = getattr(msg, f.name)
-        out[f.name] = bytes(value) if isinstance(value, memoryview | bytearray) else value
-    return out

@@ -3,10 +3,11 @@
 Two stages:
 
 1. **Profile** (before the initial synchronization): the primary sends the
-   host-independent part of its VM (machine type, vCPUs, memory, NIC, disk size, kernel
-   and initrd content, QEMU version). The secondary compares it with the VM its own
-   configuration describes and refuses, naming each differing field, before a single
-   page is copied. A different QEMU version is a note, not a refusal: stage 2 decides.
+   host-independent part of its VM (:func:`kemari_suite.vm.profile.vm_profile`: machine
+   type, vCPUs, memory, NIC, disk size, kernel and initrd content, QEMU version). The
+   secondary compares it with the VM its own configuration describes and refuses,
+   naming each differing field, before a single page is copied. A different QEMU
+   version is a note, not a refusal: stage 2 decides.
 2. **Trial restore** (after the first committed checkpoint): the secondary starts a
    throw-away QEMU from its own command line, with ``-incoming defer``, and loads the
    committed device state into it. This proves what a failover needs: this QEMU accepts
@@ -20,20 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hashlib
 import os
-import re
-import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import KemariError, ReplicationError
+from kemari_suite.protocol.link import Link
+from kemari_suite.replica import verbs
+from kemari_suite.service.metrics import Artifacts
 from kemari_suite.vm.devstate import restore
-from kemari_suite.vm.qemu import QEMU_BINARY, AsyncVM, VMPaths, VMSpec
+
+# The profile itself lives with the VM (the primary sends it and must not import this
+# package); re-exported here for the callers that still take it from compat.
+from kemari_suite.vm.profile import disk_size, file_digest, qemu_version, vm_profile
+from kemari_suite.vm.qemu import AsyncVM, VMPaths, VMSpec
 
 #: Profile fields that must be equal on both hosts, with the config key that sets each.
 FIELDS: dict[str, str] = {
@@ -51,79 +56,6 @@ FIELDS: dict[str, str] = {
     "disk_size": "disk.path (size)",
     "disk_backend": "disk.backend",
 }
-
-
-@functools.cache
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: Path | None) -> str:
-    """A short content hash of a file (cached by path, size and mtime); "" for none."""
-    if path is None:
-        return ""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "missing"
-    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.cache
-def qemu_version() -> str:
-    """This host's QEMU version ("7.2.19"), or "unknown"."""
-    try:
-        out = subprocess.run(
-            [QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
-    return m.group(1) if m else "unknown"
-
-
-def disk_size(cfg: KemariConfig) -> int:
-    """Size in bytes of this host's guest disk, 0 without one, -1 when it is missing."""
-    if not cfg.disk.path:
-        return 0
-    try:
-        fd = os.open(cfg.disk.path, os.O_RDONLY)
-    except OSError:
-        return -1
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-    if cfg.disk.backend == "shared":
-        from kemari_suite.disk.shared import SHARED_RESERVED_BYTES
-
-        if cfg.disk.lease_device in ("", cfg.disk.path):
-            size -= SHARED_RESERVED_BYTES
-    return size
-
-
-def vm_profile(cfg: KemariConfig, spec: VMSpec) -> dict[str, Any]:
-    """The host-independent description of the VM this host would run."""
-    return {
-        "machine": spec.machine,
-        "vcpus": spec.vcpus,
-        "memory_mib": spec.memory_mib,
-        "accel": spec.accel,
-        "mac": spec.mac if (spec.netdev or cfg.tap.host_tap) else "",
-        "nic": bool(spec.netdev or cfg.tap.host_tap),
-        "append": spec.append,
-        "kernel": file_digest(getattr(spec, "kernel", None)),
-        "initrd": file_digest(getattr(spec, "initrd", None)),
-        "display": getattr(spec, "display", "none"),
-        "devices": list(getattr(spec, "devices", ())),
-        "disk_size": disk_size(cfg),
-        "disk_backend": cfg.disk.backend if cfg.disk.path else "",
-        "qemu": qemu_version(),
-    }
 
 
 @dataclass(frozen=True)
@@ -225,3 +157,112 @@ async def run_trial(cfg: KemariConfig, spec: VMSpec, devstate: bytes) -> dict[st
     except (ReplicationError, TimeoutError) as err:
         return {"ok": False, "stage": "restore", "reason": str(err) or "timed out"}
     return {"ok": True, "stage": "restore", "ms": round(secs * 1e3, 1), "qemu": qemu_version()}
+
+
+class CompatCheck:
+    """The secondary's side of both stages, and their results (``results``, in status).
+
+    :meth:`answer_profile` answers the primary's profile; after an accepted profile
+    ``trial_pending`` is set, and the caller runs :meth:`start_trial` right after the
+    first commit, while nothing writes the replica. Verdicts go to the primary as they
+    are reached; ``on_problem`` hears why this host cannot run the VM.
+    """
+
+    def __init__(
+        self,
+        cfg: KemariConfig,
+        spec: VMSpec,
+        replica_path: Path,
+        artifacts: Artifacts,
+        *,
+        on_problem: Callable[[str], None] = lambda _why: None,
+    ) -> None:
+        self.on_problem = on_problem
+        self.cfg = cfg
+        self.spec = spec
+        self.replica_path = replica_path
+        self.artifacts = artifacts
+        #: ``{"profile": "ok" | "refused", "differences", ["notes"], ["restore": verdict]}``
+        self.results: dict[str, Any] = {}
+        self.trial_pending = False
+        self._task: asyncio.Task[None] | None = None
+
+    def check_profile(self, theirs: dict[str, Any]) -> dict[str, Any]:
+        """Compare the primary's profile with this host's; returns the verdict for the
+        wire, ``{"ok", "stage": "profile", "reason" | "notes"}``."""
+        cmp = compare(theirs, vm_profile(self.cfg, self.spec))
+        self.results = {"profile": "ok" if cmp.ok else "refused", "differences": cmp.differences}
+        if cmp.notes:
+            self.results["notes"] = cmp.notes
+        if not cmp.ok:
+            reason = "; ".join(cmp.differences)
+            self.artifacts.event("compat-refused", stage="profile", reason=reason)
+            return {"ok": False, "stage": "profile", "reason": reason}
+        self.trial_pending = True
+        return {"ok": True, "stage": "profile", "notes": cmp.notes}
+
+    async def answer_profile(self, link: Link, theirs: dict[str, Any]) -> None:
+        """:meth:`check_profile`, answered on ``link``.
+
+        Raises:
+            ConnectionError: the VMs differ (after the refusal was sent).
+        """
+        verdict = self.check_profile(theirs)
+        await verbs.send_compat(link, verdict)
+        if not verdict["ok"]:
+            self.on_problem(f"cannot run the primary's VM: {verdict['reason']}")
+            raise ConnectionError(f"VM mismatch: {verdict['reason']}")
+
+    @property
+    def restore_failure(self) -> str | None:
+        """Why the trial restore failed, or None (passed, or not run yet)."""
+        verdict = self.results.get("restore", {})
+        return str(verdict.get("reason")) if verdict.get("ok") is False else None
+
+    async def start_trial(self, link: Link, devstate: bytes) -> None:
+        """Copy the replica now (the caller keeps it still) and run the trial restore
+        of ``devstate`` beside the link; the verdict goes to the primary on ``link``."""
+        self.trial_pending = False
+        copy = trial_ram_path(self.cfg, self.spec)
+        # The replica is a shared mapping of this file: the copy sees every applied
+        # page. Off the event loop, so heartbeats go on.
+        await asyncio.to_thread(copy_replica, self.replica_path, copy)
+
+        async def trial() -> None:
+            try:
+                verdict = await run_trial(self.cfg, self.spec, devstate)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    copy.unlink()
+            self.results["restore"] = verdict
+            self.artifacts.event("compat", **verdict)
+            if not verdict["ok"]:
+                self.on_problem(f"trial restore failed: {verdict['reason']}")
+            with contextlib.suppress(Exception):
+                await verbs.send_compat(link, verdict)
+
+        self._task = asyncio.create_task(trial())
+
+    async def close(self) -> None:
+        """Cancel a trial still running."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+
+__all__ = [
+    "FIELDS",
+    "Comparison",
+    "CompatCheck",
+    "compare",
+    "copy_replica",
+    "disk_size",
+    "file_digest",
+    "qemu_version",
+    "run_trial",
+    "trial_ram_path",
+    "trial_restore",
+    "vm_profile",
+]

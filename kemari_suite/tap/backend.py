@@ -1,7 +1,7 @@
 """What the block tap needs from a disk: the :class:`BlockBackend` protocol.
 
-:class:`kemari_suite.disk.base.FileDisk` (after ``attach()``) satisfies it as it is; a
-backend that writes through a ``FileDisk`` can expose that one to the tap.
+Every :class:`kemari_suite.disk.base.DiskBackend` satisfies it once attached (and, for
+DRBD or shared storage, promoted): the tap writes straight into the configured backend.
 
 The tap calls ``apply`` and ``flush`` from one worker thread at a time, in epoch order,
 and ``read`` from other threads, concurrently with ``apply`` (positional I/O on one
@@ -19,8 +19,10 @@ from typing import Protocol, runtime_checkable
 class BlockBackend(Protocol):
     """The disk under the block tap."""
 
-    #: Size of the disk in bytes (fixed while the tap serves it).
-    size: int
+    @property
+    def size(self) -> int:
+        """Size of the disk in bytes (fixed while the tap serves it)."""
+        ...
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``. Raises DiskError on failure."""

@@ -372,6 +372,22 @@ def ops_to_writes(ops: Iterable[IOOp]) -> list[tuple[int, bytes]]:
     return out
 
 
+def apply_log(backend: BlockBackend, log: bytes | memoryview | IOLogRecord) -> int:
+    """Apply one I/O log to ``backend`` without flushing (the caller flushes when it
+    must); return the bytes written. The standby's step for each committed epoch of a
+    disk it holds a copy of, and for each log of a streamed copy.
+
+    Raises:
+        ProtocolError: the log is malformed (nothing of it is applied).
+        DiskError, OSError: the backend failed.
+    """
+    rec = parse(log) if isinstance(log, bytes | memoryview) else log
+    writes = ops_to_writes(rec.ops)
+    if writes:
+        backend.apply(writes)
+    return sum(len(w) for _, w in writes)
+
+
 def replay(backend: BlockBackend, logs: Iterable[bytes | IOLogRecord]) -> int:
     """Apply committed I/O logs to ``backend`` in order, then flush; return bytes written.
 
@@ -382,13 +398,7 @@ def replay(backend: BlockBackend, logs: Iterable[bytes | IOLogRecord]) -> int:
         ProtocolError: a log is malformed (nothing of it is applied).
         DiskError, OSError: the backend failed.
     """
-    total = 0
-    for item in logs:
-        rec = parse(item) if isinstance(item, bytes | memoryview) else item
-        writes = ops_to_writes(rec.ops)
-        if writes:
-            backend.apply(writes)
-            total += sum(len(w) for _, w in writes)
+    total = sum(apply_log(backend, item) for item in logs)
     backend.flush()
     return total
 
@@ -403,6 +413,7 @@ __all__ = [
     "IOOp",
     "LogStats",
     "OpKind",
+    "apply_log",
     "encode",
     "ops_to_writes",
     "parse",

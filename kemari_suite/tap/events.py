@@ -5,12 +5,18 @@ the epoch it was logged (or held) in. The epoch matters to the policy: an event 
 epoch that a sync point has already closed is covered by that sync point (QEMU's own
 ``stop`` flushes the disk inside the stopped window, before the epoch switches), so only
 events of the open epoch ask for another one.
+
+The open epoch is pushed into the taps: the primary calls ``switch_epoch(e)`` inside the
+stopped window, where the epoch number switches (:class:`OpenEpoch`). A tap never asks
+the primary for it.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+
+from kemari_suite.errors import TapError
 
 
 class IOEvent(enum.StrEnum):
@@ -21,7 +27,7 @@ class IOEvent(enum.StrEnum):
     NET = "net"  # a frame from the guest
 
 
-#: Returns the primary's open epoch (``PrimaryAgent.status.epoch``).
+#: Deprecated (until the engine calls ``switch_epoch``): returns the primary's open epoch.
 EpochSource = Callable[[], int]
 #: Receives ``(kind, epoch)`` for each outbound I/O event; called on the event loop,
 #: must not block.
@@ -35,4 +41,34 @@ class TapMode(enum.Enum):
     UNPROTECTED = "unprotected"
 
 
-__all__ = ["EpochSource", "EventSink", "IOEvent", "TapMode"]
+class OpenEpoch:
+    """The primary's open epoch as one tap holds it.
+
+    ``switch(e)`` sets it (inside the stopped window: every guest I/O from then on
+    belongs to ``e``); it never goes back. A deprecated pull ``source`` is read instead
+    until the first ``switch``.
+    """
+
+    def __init__(self, name: str, epoch: int = 0, source: EpochSource | None = None) -> None:
+        self.name = name
+        self._epoch = epoch
+        self.source = source
+
+    @property
+    def value(self) -> int:
+        """The epoch the next guest I/O belongs to."""
+        return self.source() if self.source is not None else self._epoch
+
+    def switch(self, epoch: int) -> None:
+        """The open epoch is now ``epoch`` (the pull source, if any, is dropped).
+
+        Raises:
+            TapError: ``epoch`` is older than the open epoch (epochs never go back).
+        """
+        if epoch < self._epoch:
+            raise TapError(self.name, f"epoch {epoch} after epoch {self._epoch}: never back")
+        self._epoch = epoch
+        self.source = None
+
+
+__all__ = ["EpochSource", "EventSink", "IOEvent", "OpenEpoch", "TapMode"]

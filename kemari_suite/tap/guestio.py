@@ -6,29 +6,38 @@ epoch is acknowledged, and releases the epoch's network output once the writes i
 are durable. On the secondary, at failover, it is started UNPROTECTED (write-through) on
 the secondary's own disk and TAP before the guest resumes.
 
-The guest disk's backend is chosen by ``disk.backend``:
+The guest disk is the configured backend (:func:`kemari_suite.disk.open_backend`),
+attached and promoted: the tap writes committed epochs straight into it. This module
+never names a backend; it asks the backend's capabilities (``streams_copy``: the engine
+streams the disk to the standby; ``tracks_dirty``: the blocks written while no standby
+receives them are recorded for an incremental resync).
 
-- ``builtin``: a raw image file per host; committed writes reach the secondary's copy
-  through the IOLog of each epoch, and the initial synchronization copies the disk.
-- ``shared``: one device both hosts see (FC LUN, iSCSI, a shared file); committed writes
-  go to it, and the secondary replays committed-but-not-applied logs at failover.
+The open epoch is pushed: the engine calls :meth:`GuestIO.switch_epoch` inside the
+stopped window, where the epoch number switches (and gives the first one to the
+constructor or to :meth:`GuestIO.protect`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from kemari_suite.config import KemariConfig
-from kemari_suite.disk.base import FileDisk
-from kemari_suite.disk.shared import SHARED_RESERVED_BYTES
-from kemari_suite.errors import ConfigError, TapError
+from kemari_suite.disk import DiskBackend, DiskRole, Extent, open_backend
+
+# Deprecated re-exports (their old home), until the engine uses the backend's methods.
+from kemari_suite.disk.builtin import (
+    DISK_COPY_CHUNK,
+    RESYNC_BLOCK,
+    disk_state_path,
+    read_disk_state,
+    write_disk_state,
+)
+from kemari_suite.disk.factory import open_disk
+from kemari_suite.errors import TapError
 from kemari_suite.tap import (
     BlockTap,
     FrameProxy,
@@ -43,94 +52,25 @@ from kemari_suite.vm.qemu import VMPaths, VMSpec, io_paths
 
 log = logging.getLogger(__name__)
 
-#: Size of one chunk of the initial disk copy (one IOLog frame each).
-DISK_COPY_CHUNK = 4 << 20
-#: Granularity of the dirty-block bitmap that resynchronises a returning secondary.
-RESYNC_BLOCK = 64 << 10
 
-
-class TrackedDisk:
-    """A disk backend that records which blocks were written while ``tracking``.
-
-    Tracking is on while no secondary receives the writes (unprotected, or draining the
-    log of epochs a lost secondary never acknowledged), so a returning secondary that
-    still holds our copy gets only those blocks.
-    """
-
-    def __init__(self, disk: FileDisk) -> None:
-        self.disk = disk
-        self.tracking = False
-        self.size = int(disk.size)
-        n = (self.size + RESYNC_BLOCK - 1) // RESYNC_BLOCK
-        self.dirty = bytearray(n)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.disk.read(offset, length)
-
-    def apply(self, writes: Sequence[tuple[int, bytes]]) -> None:
-        self.disk.apply(writes)
-        if self.tracking:
-            for offset, data in writes:
-                first = offset // RESYNC_BLOCK
-                last = (offset + max(1, len(data)) - 1) // RESYNC_BLOCK
-                for b in range(first, min(last, len(self.dirty) - 1) + 1):
-                    self.dirty[b] = 1
-
-    def flush(self) -> None:
-        self.disk.flush()
-
-    def close(self) -> None:
-        self.disk.close()
-
-    def dirty_blocks(self) -> list[int]:
-        return [i for i, d in enumerate(self.dirty) if d]
-
-    def clear(self, blocks: Sequence[int]) -> None:
-        for b in blocks:
-            self.dirty[b] = 0
-
-
-def open_disk(cfg: KemariConfig) -> FileDisk | None:
-    """The guest disk's backend on this host, or None when the VM has no disk.
+def open_guest_disk(cfg: KemariConfig) -> DiskBackend | None:
+    """The configured disk, attached and promoted on this host (the one that runs the
+    guest), or None when the VM has no disk.
 
     Raises:
-        ConfigError: the disk file is missing.
+        ConfigError: the disk is missing or misconfigured.
+        DiskError: it cannot be attached, or the backend refuses the promotion.
     """
-    d = cfg.disk
-    if not d.path:
+    disk = open_backend(cfg, role=DiskRole.PRIMARY)
+    if disk is None:
         return None
-    if not Path(d.path).exists():
-        raise ConfigError(f"{d.path} does not exist", key="disk.path")
-    if d.backend == "shared":
-        # The lease lives in the reserved first MiB when it shares the device.
-        offset = SHARED_RESERVED_BYTES if d.lease_device in ("", d.path) else 0
-        disk = FileDisk(d.path, offset=offset)
-    else:
-        # builtin: this host's own image; drbd: the /dev/drbdN device of this host.
-        disk = FileDisk(d.path)
-    disk.attach()
-    return disk
-
-
-def disk_state_path(cfg: KemariConfig) -> Path:
-    """The sidecar that says which copy the disk is: ``<disk>.kemari.json``."""
-    return Path(cfg.disk.path + ".kemari.json")
-
-
-def write_disk_state(cfg: KemariConfig, lineage: str, epoch: int) -> None:
-    """Record that this host's disk is copy ``lineage`` through ``epoch`` (atomically)."""
-    path = disk_state_path(cfg)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"lineage": lineage, "epoch": epoch}))
-    os.replace(tmp, path)
-
-
-def read_disk_state(cfg: KemariConfig) -> dict[str, Any]:
     try:
-        state = json.loads(disk_state_path(cfg).read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+        disk.attach()
+        disk.promote()
+    except BaseException:
+        disk.close()
+        raise
+    return disk
 
 
 class GuestIO:
@@ -141,20 +81,31 @@ class GuestIO:
         cfg: KemariConfig,
         paths: VMPaths,
         *,
-        epoch_source: EpochSource,
         on_event: EventSink | None,
         mode: TapMode,
         on_durable: Callable[[int], None] | None = None,
+        epoch: int = 0,
+        disk: DiskBackend | None = None,
+        epoch_source: EpochSource | None = None,  # deprecated: use epoch= / switch_epoch()
     ) -> None:
+        """``epoch``: the open epoch until :meth:`switch_epoch`. ``disk``: the guest disk,
+        attached and promoted by the caller (GuestIO owns it from now on); by default the
+        configured one, opened here with :func:`open_guest_disk`. ``epoch_source`` is
+        deprecated (a pull source read for every guest I/O until the first
+        :meth:`switch_epoch`), kept until the engine pushes the epoch.
+
+        Raises:
+            ConfigError, DiskError: as :func:`open_guest_disk`.
+        """
         self.cfg = cfg
         self.paths = io_paths(paths)
-        raw = open_disk(cfg)
-        self.disk: TrackedDisk | None = TrackedDisk(raw) if raw is not None else None
+        self.disk: DiskBackend | None = disk if disk is not None else open_guest_disk(cfg)
         #: Identity of the disk copy the secondary holds (new for every full copy).
         self.lineage = ""
         #: Last epoch the secondary acknowledged before it was lost.
         self.acked_at_loss = -1
-        self.epoch_source = epoch_source
+        self._epoch = epoch
+        self._epoch_source = epoch_source  # deprecated
         self.on_event = on_event
         self.on_durable = on_durable
         self.mode = mode
@@ -182,7 +133,8 @@ class GuestIO:
         if self.disk is not None:
             self.block = BlockTap(
                 self.disk,
-                epoch_source=self.epoch_source,
+                epoch=self._epoch,
+                epoch_source=self._epoch_source,
                 mode=self.mode,
                 on_event=self.on_event,
                 on_durable=self.on_durable,
@@ -195,7 +147,8 @@ class GuestIO:
             self.net = FrameProxy(
                 self.paths.net,
                 dev,
-                epoch_source=self.epoch_source,
+                epoch=self._epoch,
+                epoch_source=self._epoch_source,
                 mode=self.mode,
                 on_event=self.on_event,
                 hold_limit_bytes=self.cfg.tap.hold_limit_mib << 20,
@@ -216,30 +169,71 @@ class GuestIO:
     def rebind(
         self,
         *,
-        epoch_source: EpochSource,
         on_event: EventSink | None,
         on_durable: Callable[[int], None] | None,
+        epoch: int | None = None,
+        epoch_source: EpochSource | None = None,  # deprecated: use epoch=
     ) -> None:
-        """Hand the running taps to a new owner (a standby that becomes the primary)."""
-        self.epoch_source = epoch_source
+        """Hand the running taps to a new owner (a standby that becomes the primary),
+        whose open epoch is ``epoch``. ``epoch_source`` is deprecated (see ``__init__``).
+
+        Raises:
+            TapError: ``epoch`` is older than the open epoch.
+        """
         self.on_event = on_event
         self.on_durable = on_durable
         if self.block is not None:
-            self.block.epoch_source = epoch_source
             self.block.on_event = on_event
             self.block.on_durable = on_durable
         if self.net is not None:
-            self.net.epoch_source = epoch_source
             self.net.on_event = on_event
+        if epoch is not None:
+            self.switch_epoch(epoch)
+        elif epoch_source is not None:
+            # Deprecated: the engine still pulls the epoch.
+            self._epoch_source = epoch_source
+            for tap in (self.block, self.net):
+                if tap is not None:
+                    tap.open_epoch.source = epoch_source
+
+    # ---- epochs ------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The open epoch: guest writes are logged and frames held in it (PROTECTED)."""
+        return self._epoch_source() if self._epoch_source is not None else self._epoch
+
+    def switch_epoch(self, epoch: int) -> None:
+        """The primary's open epoch is now ``epoch``: every guest write and frame from
+        now on belongs to it. Call it inside the stopped window, where the epoch number
+        switches (no I/O, no await).
+
+        Raises:
+            TapError: ``epoch`` is older than the open epoch (epochs never go back).
+        """
+        if epoch < self._epoch:
+            raise TapError("guestio", f"epoch {epoch} after epoch {self._epoch}: never back")
+        self._epoch = epoch
+        self._epoch_source = None
+        if self.block is not None:
+            self.block.switch_epoch(epoch)
+        if self.net is not None:
+            self.net.switch_epoch(epoch)
 
     # ---- modes -------------------------------------------------------------------------
 
-    async def protect(self) -> None:
-        """A secondary starts receiving: log writes, hold output from now on.
+    async def protect(self, epoch: int | None = None) -> None:
+        """A secondary starts receiving: log writes, hold output from now on, in the
+        open epoch (``epoch`` when given: the first epoch the secondary gets).
 
         Writes still in the log from an earlier protection are applied first (the new
         secondary gets a full copy of the disk as it is then).
+
+        Raises:
+            TapError: ``epoch`` is older than the open epoch, or the disk failed.
         """
+        if epoch is not None:
+            self.switch_epoch(epoch)
         if self.block is not None:
             if self.block.log.pending_epochs():
                 # Epochs the lost secondary never acknowledged: written through now, and
@@ -264,7 +258,7 @@ class GuestIO:
             self.net.set_unprotected()
         self.mode = TapMode.UNPROTECTED
 
-    # ---- epochs ------------------------------------------------------------------------
+    # ---- commit and release ------------------------------------------------------------
 
     def io_log(self, epoch: int) -> bytes:
         return self.block.io_log(epoch) if self.block is not None else b""
@@ -298,25 +292,45 @@ class GuestIO:
             self._released_changed.clear()
             await self._released_changed.wait()
 
-    def disk_chunks(self) -> list[tuple[int, int]]:
-        """(offset, length) of the chunks of a full disk copy."""
-        if self.disk is None:
-            return []
-        size = self.disk.size
-        return [(o, min(DISK_COPY_CHUNK, size - o)) for o in range(0, size, DISK_COPY_CHUNK)]
+    # ---- the disk copy (caps.streams_copy / tracks_dirty) -------------------------------
 
-    def dirty_chunks(self) -> list[tuple[int, int]]:
+    @property
+    def streams_copy(self) -> bool:
+        """The engine streams this disk to the standby (a full or incremental copy in
+        the FULL epoch, then every committed epoch's I/O log)."""
+        return self.disk is not None and self.disk.caps.streams_copy
+
+    def disk_chunks(self) -> list[Extent]:
+        """(offset, length) of the chunks of a full disk copy (none unless
+        ``streams_copy``)."""
+        return self.disk.copy_chunks() if self.disk is not None else []
+
+    def dirty_chunks(self) -> list[Extent]:
         """(offset, length) of the blocks written while no secondary received them."""
-        if self.disk is None:
-            return []
-        size = self.disk.size
-        return [
-            (b * RESYNC_BLOCK, min(RESYNC_BLOCK, size - b * RESYNC_BLOCK))
-            for b in self.disk.dirty_blocks()
-        ]
+        return self.disk.dirty_chunks() if self.disk is not None else []
+
+    def clear_dirty(self) -> None:
+        """The epoch that carried the dirty blocks committed: the standby has them."""
+        if self.disk is not None:
+            self.disk.clear_dirty()
+
+    def remember(self, epoch: int) -> None:
+        """Record (crash-safely) that this disk is copy ``lineage`` through ``epoch``
+        (after a switchover: the peer's copy as of then), where the disk keeps a sidecar.
+
+        Raises:
+            DiskError: the flush or the sidecar write failed.
+        """
+        if self.disk is not None and self.disk.caps.has_sidecar and self.lineage:
+            self.disk.write_state(self.lineage, epoch)
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode.value, "released_through": self._released}
+        out: dict[str, Any] = {
+            "mode": self.mode.value,
+            "epoch": self.epoch,
+            "released_through": self._released,
+            "disk": self.disk.name if self.disk is not None else None,
+        }
         if self.block is not None:
             out["block"] = self.block.status()
         if self.net is not None:
@@ -358,3 +372,17 @@ def make_scheduler(cfg: KemariConfig) -> SyncScheduler:
             adaptive_min_spacing_ms=cfg.tap.adaptive_min_spacing_ms,
         )
     )
+
+
+__all__ = [
+    # deprecated re-exports, until the engine calls the backend (kemari_suite.disk)
+    "DISK_COPY_CHUNK",
+    "RESYNC_BLOCK",
+    "GuestIO",
+    "disk_state_path",
+    "make_scheduler",
+    "open_disk",
+    "open_guest_disk",
+    "read_disk_state",
+    "write_disk_state",
+]

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ProtocolError, TapError
-from kemari_suite.tap.events import EpochSource, EventSink, IOEvent, TapMode
+from kemari_suite.tap.events import EpochSource, EventSink, IOEvent, OpenEpoch, TapMode
 from kemari_suite.tap.tun import TapDevice
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,11 @@ class FrameProxy:
         guest_socket: unix socket path QEMU's ``-netdev stream`` connects to.
         tap: an attached TAP device (:func:`kemari_suite.tap.tun.open_tap`); the proxy
             owns it from now on and closes it in :meth:`close`.
-        epoch_source: the primary's open epoch (read for each guest frame).
         mode: PROTECTED holds guest frames per epoch; UNPROTECTED passes them through.
+        epoch: the primary's open epoch, switched by :meth:`switch_epoch`.
         on_event: told ``(IOEvent.NET, epoch)`` for each guest frame in PROTECTED mode.
+        epoch_source: deprecated pull source, read for each guest frame until the first
+            :meth:`switch_epoch`.
     """
 
     def __init__(
@@ -178,17 +180,19 @@ class FrameProxy:
         guest_socket: Path | str,
         tap: TapDevice,
         *,
-        epoch_source: EpochSource,
         mode: TapMode,
+        epoch: int = 0,
         on_event: EventSink | None = None,
         hold_limit_bytes: int = 16 << 20,
         hold_limit_frames: int = 16384,
         guest_buffer_limit: int = 4 << 20,
         name: str = "net",
+        epoch_source: EpochSource | None = None,
     ) -> None:
         self.guest_socket = Path(guest_socket)
         self.tap = tap
-        self.epoch_source = epoch_source
+        #: The open epoch (``open_epoch.source``: the deprecated pull source, if any).
+        self.open_epoch = OpenEpoch(name, epoch, epoch_source)
         self.mode = mode
         self.on_event = on_event
         self.hold_limit_bytes = hold_limit_bytes
@@ -204,6 +208,21 @@ class FrameProxy:
         self._guest: _GuestProtocol | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- the open epoch ----------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The open epoch: guest frames are held in it (PROTECTED)."""
+        return self.open_epoch.value
+
+    def switch_epoch(self, epoch: int) -> None:
+        """The primary's open epoch is now ``epoch`` (inside the stopped window).
+
+        Raises:
+            TapError: ``epoch`` is older than the open epoch.
+        """
+        self.open_epoch.switch(epoch)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -339,7 +358,7 @@ class FrameProxy:
                 self.stats.passed_frames += 1
                 self.stats.passed_bytes += len(frame)
             return
-        epoch = self.epoch_source()
+        epoch = self.open_epoch.value
         if not self._has_room(len(frame)):
             if not self.overflowing:
                 self.overflowing = True

@@ -111,3 +111,17 @@ def die(point: str) -> None:
     os.write(2, f"KEMARI-FAULT-HIT {point}\n".encode())
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def control_handler(req: dict[str, object]) -> object:
+    """The agents' ``fault`` control command: arm a point (only with KEMARI_FAULTS=1).
+
+    Raises:
+        ValueError: a bad request (unknown point, bad count); the control server
+            answers it as an error.
+    """
+    try:
+        arm(str(req["point"]), int(str(req.get("count", 1))), str(req.get("target", "")))
+    except KeyError as err:
+        raise ValueError(f"bad fault request: missing {err}") from err
+    return {"armed": req["point"]}

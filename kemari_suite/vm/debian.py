@@ -32,6 +32,9 @@ it: a point release does not rebuild the image (bump BUILD_FORMAT to force one).
 
 :func:`offline_check` checks a (copy of a) disk image after a run: ``e2fsck -fn`` and
 the records' content read with ``debugfs``, without mounting anything.
+
+The guest's files and console markers are in :mod:`kemari_suite.vm.debianfiles`, the
+offline check in :mod:`kemari_suite.vm.debiancheck`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -44,15 +47,29 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ImageError, SetupError
-from kemari_suite.vm.image import _locked, _need_tool, kernel_cmdline, publish_build
-
-Progress = Callable[[str], None]
+from kemari_suite.vm.buildkit import Progress, locked, need_tool, publish_build, run_step, tail
+from kemari_suite.vm.debiancheck import OfflineCheck, offline_check, read_file
+from kemari_suite.vm.debianfiles import (
+    CLEAN_PATHS,
+    FAILED_MARKER,
+    HTTP_PORT,
+    IMAGE_FILES,
+    KEMARI_INIT,
+    NGINX_CONF,
+    POLICY_RC_D,
+    READY_MARKER,
+    RECORDS_DIR,
+    ROOT_DEVICE,
+    SERVICE_DIRS,
+    STOPPED_MARKER,
+)
+from kemari_suite.vm.image import kernel_cmdline
 
 #: Bump when the build steps change in a way the hashed inputs do not show.
 BUILD_FORMAT = 1
@@ -64,200 +81,6 @@ DEFAULT_PACKAGES: tuple[str, ...] = ("nginx",)
 DEFAULT_SIZE_MIB = 768
 #: Used when no bookworm source can be read from the host's apt configuration.
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
-
-ROOT_DEVICE = "/dev/vda"
-KEMARI_INIT = "/sbin/kemari-init"
-RECORDS_DIR = "/srv/records"
-HTTP_PORT = 80
-
-#: Console lines of kemari-init.
-READY_MARKER = "KEMARI-SERVICE-READY"
-FAILED_MARKER = "KEMARI-SERVICE-FAILED"
-STOPPED_MARKER = "KEMARI-SERVICE-STOPPED"
-
-_STDERR_TAIL_LINES = 25
-
-NGINX_CONF = """\
-# Written by kemari_suite/vm/debian.py: the whole configuration, nothing is included.
-user www-data;
-# The test guest has 2 vCPUs.
-worker_processes 2;
-pid /run/nginx.pid;
-error_log /var/log/nginx/error.log warn;
-
-events {
-    worker_connections 256;
-}
-
-http {
-    default_type application/octet-stream;
-    access_log off;
-    sendfile on;
-    keepalive_timeout 30;
-    client_max_body_size 64m;
-    server_tokens off;
-
-    server {
-        listen 80 default_server;
-        server_name _;
-
-        location = /health {
-            default_type text/plain;
-            return 200 "ok\\n";
-        }
-
-        # /records/<name> is /srv/records/<name>. PUT writes the body to a temporary
-        # file and renames it into place, so the temporary directory is on the same
-        # filesystem: a reader never sees half a record.
-        location /records/ {
-            root /srv;
-            client_body_temp_path /srv/.nginx-body;
-            dav_methods PUT DELETE;
-            create_full_put_path on;
-            dav_access user:rw group:r all:r;
-            autoindex on;
-            autoindex_format json;
-        }
-
-        # PUT /control/stop asks kemari-init to stop the guest cleanly. The trigger
-        # lives on the tmpfs /run, so it never survives into the next boot.
-        location /control/ {
-            root /run/kemari;
-            client_body_temp_path /run/kemari/body;
-            dav_methods PUT;
-            create_full_put_path on;
-        }
-    }
-}
-"""
-
-# bash, not dash: /dev/tcp gives a real HTTP health check without installing curl.
-KEMARI_INIT_SH = r"""#!/bin/bash
-# PID 1 of the Kemari Debian guest, exec'd by the initramfs through switch_root
-# (kemari.root=, see kemari_suite/guest/init.sh). Written by kemari_suite/vm/debian.py.
-#
-# Console protocol (ttyS0):
-#   KEMARI-SERVICE-READY <s>   nginx answered GET /health (s: seconds since boot)
-#   KEMARI-SERVICE-FAILED ...  nginx did not start or never answered
-#   KEMARI-SERVICE-STOPPED ro=<yes|no>  after a stop request: nginx gone, data synced,
-#                              / remounted read-only (ro=yes); the guest powers off next
-# A stop is requested by PUT /control/stop or by Ctrl-Alt-Del (SIGINT to init).
-# Init never exits: PID 1 exiting panics the kernel.
-
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-umask 022
-
-log() { echo "kemari-init: $*"; }
-
-mounted() { grep -q "^[^ ]* $1 " /proc/mounts 2>/dev/null; }
-
-# The initramfs moved /dev, /proc and /sys here; mount whatever it did not.
-[ -e /proc/self ] || mount -t proc proc /proc
-mounted /sys || mount -t sysfs sysfs /sys
-mounted /dev || mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm
-mounted /dev/pts || mount -t devpts -o gid=5,mode=620 devpts /dev/pts
-mounted /dev/shm || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-mkdir -p /run/lock /run/kemari/control /run/kemari/body
-chown www-data:www-data /run/kemari/control /run/kemari/body
-
-cat /etc/hostname > /proc/sys/kernel/hostname 2>/dev/null
-ip link set lo up
-# eth0 was configured by the initramfs: kernel state, it survives switch_root.
-if [ -e /sys/class/net/eth0 ]; then
-    log "eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
-fi
-# Ctrl-Alt-Del sends SIGINT to init instead of rebooting at once.
-echo 0 > /proc/sys/kernel/ctrl-alt-del
-
-stop_requested=0
-trap 'stop_requested=1' INT TERM
-
-health() {
-    local line
-    exec 3<>/dev/tcp/127.0.0.1/80 || return 1
-    printf 'GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
-    read -r -t 5 line <&3
-    exec 3<&- 3>&-
-    [[ $line == HTTP/1.?" 200"* ]]
-}
-
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
-
-stop_guest() {
-    log "stopping"
-    local pid i
-    pid=$(cat /run/nginx.pid 2>/dev/null)
-    nginx -s quit 2>/dev/null
-    for ((i = 0; i < 300; i++)); do
-        [ -n "$pid" ] && [ -e "/proc/$pid" ] || break
-        sleep 0.1
-    done
-    sync
-    local ro=no
-    mount -o remount,ro / && ro=yes
-    echo "KEMARI-SERVICE-STOPPED ro=$ro"
-    # No init system here to call poweroff(8): the sysrq trigger is the kernel's own.
-    echo o > /proc/sysrq-trigger
-    while :; do sleep 3600; done
-}
-
-if nginx; then
-    ready=0
-    for ((i = 0; i < 1200; i++)); do
-        if health 2>/dev/null; then
-            ready=1
-            break
-        fi
-        sleep 0.1
-    done
-    if [ "$ready" = 1 ]; then
-        echo "KEMARI-SERVICE-READY $(uptime_s)"
-    else
-        echo "KEMARI-SERVICE-FAILED no answer on port 80"
-        tail -n 20 /var/log/nginx/error.log
-    fi
-else
-    echo "KEMARI-SERVICE-FAILED nginx exited $?"
-    tail -n 20 /var/log/nginx/error.log
-fi
-
-# Sleeping in the foreground also reaps orphans: bash waits for any child.
-while :; do
-    if [ "$stop_requested" = 1 ] || [ -e /run/kemari/control/stop ]; then
-        stop_guest
-    fi
-    sleep 0.5
-done
-"""
-
-# Runs in the chroot during the build: nothing may start while packages are installed.
-POLICY_RC_D = "#!/bin/sh\nexit 101\n"
-
-HOSTNAME = "kemari-debian"
-
-#: Every file this module writes into the image: (path, content, mode). Hashed in the key.
-IMAGE_FILES: tuple[tuple[str, str, int], ...] = (
-    (KEMARI_INIT, KEMARI_INIT_SH, 0o755),
-    ("/etc/nginx/nginx.conf", NGINX_CONF, 0o644),
-    ("/etc/hostname", HOSTNAME + "\n", 0o644),
-    ("/etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n", 0o644),
-    ("/etc/resolv.conf", "", 0o644),
-)
-
-#: Directories owned by nginx's worker user (www-data) in the image.
-SERVICE_DIRS: tuple[str, ...] = (RECORDS_DIR, "/srv/.nginx-body")
-
-#: Removed from the image after the install: caches and documentation nobody reads.
-CLEAN_PATHS: tuple[str, ...] = (
-    "/var/cache/apt",
-    "/var/lib/apt/lists",
-    "/usr/share/doc",
-    "/usr/share/man",
-    "/usr/share/info",
-    "/usr/share/locale",
-)
 
 
 @dataclass(frozen=True)
@@ -385,40 +208,6 @@ def default_mirror() -> str:
     ).rstrip("/")
 
 
-# --------------------------------------------------------------------------- commands
-
-
-def _tail(text: str, lines: int = _STDERR_TAIL_LINES) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:]) or "-"
-
-
-def _run(
-    argv: Sequence[str],
-    step: str,
-    *,
-    timeout: float = 1800,
-    env: Mapping[str, str] | None = None,
-) -> str:
-    """Run a build command; its stdout. Raises ImageError(step) with the stderr's tail."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            errors="replace",
-            check=False,
-            timeout=timeout,
-            env=None if env is None else dict(env),
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise ImageError(step, f"`{' '.join(argv)}` failed: {err}") from err
-    if done.returncode != 0:
-        # debootstrap and apt report some errors on stdout only.
-        detail = _tail(done.stderr) if done.stderr.strip() else _tail(done.stdout)
-        raise ImageError(step, f"`{' '.join(argv)}` exited {done.returncode}:\n{detail}")
-    return done.stdout
-
-
 _CHROOT_ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     "DEBIAN_FRONTEND": "noninteractive",
@@ -428,7 +217,7 @@ _CHROOT_ENV = {
 
 
 def _chroot(root: Path, argv: Sequence[str], step: str) -> str:
-    return _run(["chroot", str(root), *argv], step, env=_CHROOT_ENV)
+    return run_step(["chroot", str(root), *argv], step, env=_CHROOT_ENV)
 
 
 def _mount_points() -> list[str]:
@@ -516,7 +305,7 @@ def _install(root: Path, packages: Sequence[str], note: Progress) -> None:
     policy = root / "usr" / "sbin" / "policy-rc.d"
     _write(root, "/usr/sbin/policy-rc.d", POLICY_RC_D, 0o755)
     proc = root / "proc"
-    _run(["mount", "-t", "proc", "proc", str(proc)], "mount proc")
+    run_step(["mount", "-t", "proc", "proc", str(proc)], "mount proc")
     try:
         note("apt-get update in the chroot")
         _chroot(root, ["apt-get", "update", "-q"], "apt-get update")
@@ -545,7 +334,7 @@ def _verify_nginx(root: Path) -> str:
     )
     info = done.stderr + done.stdout  # nginx -V prints to stderr
     if done.returncode != 0:
-        raise ImageError("verify", f"nginx -V exited {done.returncode}:\n{_tail(info)}")
+        raise ImageError("verify", f"nginx -V exited {done.returncode}:\n{tail(info)}")
     if "--with-http_dav_module" not in info:
         raise ImageError("verify", "the image's nginx lacks --with-http_dav_module (PUT)")
     first = info.strip().splitlines()[0] if info.strip() else "nginx"
@@ -619,16 +408,16 @@ def build_debian_image(
     except OSError as err:
         raise ImageError("cache", f"cannot create {folder}: {err}") from err
 
-    with _locked(folder / ".build.lock"):
+    with locked(folder / ".build.lock"):
         hit = _cached(out)  # built by another process while we waited for the lock
         if hit is not None:
             note(f"debian image {key} is cached")
             return hit
         if os.geteuid() != 0:
             raise SetupError("debootstrap", "building the Debian image needs root (chroot)")
-        debootstrap = _need_tool("debootstrap", "debootstrap")
-        mkfs = _need_tool("mkfs.ext4", "e2fsprogs")
-        _need_tool("chroot", "coreutils")
+        debootstrap = need_tool("debootstrap", "debootstrap")
+        mkfs = need_tool("mkfs.ext4", "e2fsprogs")
+        need_tool("chroot", "coreutils")
         _sweep_stale(folder)
 
         t0 = time.monotonic()
@@ -637,7 +426,7 @@ def build_debian_image(
         try:
             tmp.chmod(0o755)  # mkdtemp makes it 0700; QEMU may run as another user
             note(f"debootstrap --variant=minbase {SUITE} from {mirror}")
-            _run(
+            run_step(
                 [debootstrap, "--variant=minbase", SUITE, str(root), mirror],
                 "debootstrap",
                 env={**os.environ, "LC_ALL": "C"},
@@ -668,7 +457,7 @@ def build_debian_image(
             disk = tmp / "disk.img"
             with disk.open("wb") as fh:
                 fh.truncate(size_mib << 20)
-            _run(
+            run_step(
                 [mkfs, "-q", "-F", "-t", "ext4", "-L", "kemari-root", "-d", str(root), str(disk)],
                 "mkfs.ext4",
             )
@@ -717,141 +506,13 @@ def debian_cmdline(
     )
 
 
-# --------------------------------------------------------------------------- offline check
-
-
-@dataclass(frozen=True)
-class OfflineCheck:
-    """What :func:`offline_check` found in a disk image."""
-
-    image: Path
-    #: The filesystem is clean and every expected record is there with its content.
-    ok: bool
-    fsck_clean: bool
-    fsck_returncode: int
-    fsck_output: str
-    #: The image had an unreplayed journal (a crash); it was replayed on a copy first.
-    journal_replayed: bool
-    missing: tuple[str, ...] = ()
-    mismatched: tuple[str, ...] = ()
-    #: Every file found in the records directory, by name.
-    records: Mapping[str, bytes] = field(default_factory=dict)
-
-
-def _needs_recovery(image: Path) -> bool:
-    dumpe2fs = _need_tool("dumpe2fs", "e2fsprogs")
-    out = _run([dumpe2fs, "-h", str(image)], "offline-check", timeout=120)
-    for line in out.splitlines():
-        if line.startswith("Filesystem features:"):
-            return "needs_recovery" in line.split()
-    return False
-
-
-def read_file(image: Path, path: str) -> bytes | None:
-    """One file of an ext4 image via ``debugfs -R cat``; None if it does not exist.
-
-    Raises SetupError (no debugfs) or ImageError (the image cannot be opened).
-    """
-    debugfs = _need_tool("debugfs", "e2fsprogs")
-    if not path.startswith("/") or any(c in path for c in " \t\n\"'"):
-        raise ImageError("offline-check", f"path {path!r}: absolute, without blanks or quotes")
-    done = subprocess.run(
-        [debugfs, "-R", f"cat {path}", str(image)], capture_output=True, check=False, timeout=120
-    )
-    err = done.stderr.decode(errors="replace")
-    if "not found" in err or "File not found" in err:
-        return None
-    if done.returncode != 0 or "Bad magic" in err or "No such file" in err:
-        raise ImageError("offline-check", f"debugfs {image}: {_tail(err)}")
-    return done.stdout
-
-
-def offline_check(
-    image: Path,
-    records: Mapping[str, bytes] | None = None,
-    *,
-    records_dir: str = RECORDS_DIR,
-    replay_journal: bool = True,
-) -> OfflineCheck:
-    """Check a guest disk image that no QEMU is using: ``e2fsck -fn`` and the records.
-
-    ``records`` maps names in ``records_dir`` to their expected content (None: only the
-    filesystem is checked, but ``records`` of the result still lists what is there).
-    The image is never modified. If it has an unreplayed journal (the guest crashed
-    or was killed) and ``replay_journal`` is true, a sparse copy gets the journal
-    replayed (``e2fsck -E journal_only``) and is checked instead, as the next mount
-    would see it; without the replay, e2fsck and debugfs see the pre-journal state.
-
-    Raises:
-        SetupError: e2fsprogs tools are missing.
-        ImageError: the image does not exist or is not ext4.
-    """
-    image = Path(image)
-    if not image.is_file():
-        raise ImageError("offline-check", f"{image} does not exist")
-    e2fsck = _need_tool("e2fsck", "e2fsprogs")
-    debugfs = _need_tool("debugfs", "e2fsprogs")
-    with tempfile.TemporaryDirectory(prefix="kemari-offline-") as tmp_name:
-        tmp = Path(tmp_name)
-        target = image
-        replayed = False
-        if replay_journal and _needs_recovery(image):
-            target = tmp / "replayed.img"
-            _run(["cp", "--sparse=always", str(image), str(target)], "offline-check")
-            done = subprocess.run(
-                [e2fsck, "-E", "journal_only", "-y", str(target)],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=600,
-            )
-            if done.returncode >= 4:
-                detail = _tail(done.stdout + done.stderr)
-                msg = f"journal replay exited {done.returncode}: {detail}"
-                raise ImageError("offline-check", msg)
-            replayed = True
-        fsck = subprocess.run(
-            [e2fsck, "-fn", str(target)], capture_output=True, text=True, check=False, timeout=600
-        )
-        fsck_output = (fsck.stdout + fsck.stderr).strip()
-        if fsck.returncode >= 8:
-            raise ImageError("offline-check", f"e2fsck {image}: {_tail(fsck_output)}")
-
-        dump = tmp / "dump"
-        dump.mkdir()
-        subprocess.run(
-            [debugfs, "-R", f"rdump {records_dir} {dump}", str(target)],
-            capture_output=True,
-            check=False,
-            timeout=600,
-        )
-        found: dict[str, bytes] = {}
-        base = dump / Path(records_dir).name
-        if base.is_dir():
-            for path in sorted(base.rglob("*")):
-                if path.is_file():
-                    found[str(path.relative_to(base))] = path.read_bytes()
-    expected = records or {}
-    missing = tuple(sorted(n for n in expected if n not in found))
-    mismatched = tuple(sorted(n for n in expected if n in found and found[n] != expected[n]))
-    clean = fsck.returncode == 0
-    return OfflineCheck(
-        image=image,
-        ok=clean and not missing and not mismatched,
-        fsck_clean=clean,
-        fsck_returncode=fsck.returncode,
-        fsck_output=fsck_output,
-        journal_replayed=replayed,
-        missing=missing,
-        mismatched=mismatched,
-        records=found,
-    )
-
-
 __all__ = [
     "DEFAULT_PACKAGES",
+    "DEFAULT_SIZE_MIB",
     "FAILED_MARKER",
+    "HTTP_PORT",
     "KEMARI_INIT",
+    "NGINX_CONF",
     "READY_MARKER",
     "RECORDS_DIR",
     "ROOT_DEVICE",
@@ -861,6 +522,7 @@ __all__ = [
     "build_debian_image",
     "debian_cmdline",
     "default_mirror",
+    "image_key",
     "mirror_from_sources",
     "offline_check",
     "read_file",

@@ -12,7 +12,7 @@ from pathlib import Path
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
 from kemari_suite.vm.image import GuestImage, build_image, kernel_cmdline
-from kemari_suite.vm.qemu import VMSpec, choose_accel
+from kemari_suite.vm.spec import VMSpec, choose_accel
 
 
 def ensure_image(cfg: KemariConfig, progress: Callable[[str], None] | None = None) -> GuestImage:

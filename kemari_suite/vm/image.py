@@ -23,36 +23,42 @@ Inside the initramfs::
     /etc/kemari/modules        the order in which init loads them
     /etc/kemari/run            the baked-in init command (absent if none)
 
-The kernel command line for it comes from :func:`kernel_cmdline`.
+The kernel command line for it comes from :func:`kernel_cmdline`. The Debian packages
+come through :mod:`kemari_suite.vm.apt`, the modules and the cpio archive from
+:mod:`kemari_suite.vm.initramfs`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import fcntl
-import gzip
 import hashlib
-import io
 import ipaddress
 import json
-import lzma
 import os
 import re
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
 from kemari_suite.errors import ImageError, SetupError
-
-Progress = Callable[[str], None]
+from kemari_suite.vm.apt import (
+    APT_STATE_PATHS,
+    Apt,
+    DebPackage,
+    ResolutionMemo,
+    apt_state_stamp,
+    extract_deb,
+    kernel_dependency,
+    parse_control,
+    resolve_kernel_package,
+    resolve_package,
+)
+from kemari_suite.vm.buildkit import Progress, locked, need_tool, publish_build
+from kemari_suite.vm.initramfs import Archive, ModulePlan, gzip_bytes, modinfo_depends, plan_modules
 
 #: Bump when the layout of the initramfs changes in a way the other inputs do not show.
 BUILD_FORMAT = 1
@@ -95,8 +101,6 @@ _RUN_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 
 #: x86 COMMAND_LINE_SIZE is 2048 including the terminating NUL.
 MAX_CMDLINE = 2047
-
-_MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
 @dataclass(frozen=True)
@@ -265,475 +269,6 @@ def kernel_cmdline(
     return line
 
 
-# --------------------------------------------------------------------------- apt
-
-
-@dataclass(frozen=True)
-class DebPackage:
-    """One resolved Debian package version."""
-
-    name: str
-    version: str
-    arch: str
-
-    @property
-    def file_stem(self) -> str:
-        """``name_version_arch`` as apt names the .deb (":" in versions is "%3a")."""
-        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}"
-
-
-def parse_control(text: str) -> list[dict[str, str]]:
-    """Parse ``apt-cache show`` output into one dict per stanza (continuations joined)."""
-    stanzas: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    last = ""
-    for line in text.splitlines():
-        if not line.strip():
-            if current:
-                stanzas.append(current)
-            current, last = {}, ""
-        elif line[0] in " \t" and last:
-            current[last] += "\n" + line.strip()
-        elif ":" in line:
-            key, _, value = line.partition(":")
-            last = key.strip()
-            current[last] = value.strip()
-    if current:
-        stanzas.append(current)
-    return stanzas
-
-
-_VERSIONED_KERNEL = re.compile(r"^linux-image-\d")
-_DEP = re.compile(
-    r"^\s*(?P<name>[a-z0-9][a-z0-9+.-]*)(?::\w+)?\s*(?:\((?P<op>[<>=]+)\s*(?P<ver>[^)\s]+)\s*\))?"
-)
-
-
-def kernel_dependency(stanza: Mapping[str, str]) -> tuple[str, str | None] | None:
-    """The versioned kernel a meta-package depends on: (name, exact version or None).
-
-    Looks through Depends (then Pre-Depends) for the first alternative named
-    ``linux-image-<digit>...``; None if there is none.
-    """
-    for field_name in ("Depends", "Pre-Depends"):
-        for clause in stanza.get(field_name, "").split(","):
-            for alternative in clause.split("|"):
-                m = _DEP.match(alternative)
-                if m and _VERSIONED_KERNEL.match(m.group("name")):
-                    exact = m.group("ver") if m.group("op") == "=" else None
-                    return m.group("name"), exact
-    return None
-
-
-def _need_tool(tool: str, package: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise SetupError(tool, f"`{tool}` not found (apt-get install {package})")
-    return path
-
-
-class Apt:
-    """apt-cache / apt-get, with one automatic ``apt-get update`` if a lookup finds nothing."""
-
-    def __init__(self, note: Progress) -> None:
-        self._note = note
-        self._updated = False
-
-    def _run(self, argv: Sequence[str], step: str, cwd: Path | None = None) -> str:
-        try:
-            done = subprocess.run(
-                list(argv), cwd=cwd, capture_output=True, text=True, check=False, timeout=900
-            )
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise ImageError(step, f"`{' '.join(argv)}` failed: {err}") from err
-        if done.returncode != 0:
-            raise ImageError(
-                step,
-                f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip() or '-'}",
-            )
-        return done.stdout
-
-    def _show_once(self, name: str) -> list[dict[str, str]]:
-        apt_cache = _need_tool("apt-cache", "apt")
-        done = subprocess.run(
-            [apt_cache, "show", "--no-all-versions", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            return []
-        return [s for s in parse_control(done.stdout) if s.get("Package") == name]
-
-    def _update(self) -> None:
-        apt_get = _need_tool("apt-get", "apt")
-        self._note("apt-get update (package not in the local lists)")
-        self._updated = True
-        self._run([apt_get, "update"], "apt-get update")
-
-    def show(self, name: str) -> dict[str, str]:
-        """The candidate stanza of ``name``. Raises ImageError if apt does not know it."""
-        stanzas = self._show_once(name)
-        if not stanzas and not self._updated:
-            try:
-                self._update()
-            except ImageError as err:
-                raise ImageError(
-                    "resolve",
-                    f"package {name!r} is not in apt's lists and `apt-get update` failed: "
-                    f"{err.reason}",
-                ) from err
-            stanzas = self._show_once(name)
-        if not stanzas:
-            raise ImageError(
-                "resolve",
-                f"package {name!r} not found by apt-cache (even after `apt-get update`); "
-                "check the name and /etc/apt/sources.list, then run `apt-get update`",
-            )
-        return stanzas[0]
-
-    def download(self, pkg: DebPackage, debs: Path) -> Path:
-        """``apt-get download`` into ``debs`` (once). Raises ImageError naming the package."""
-        target = debs / f"{pkg.file_stem}.deb"
-        if target.is_file():
-            return target
-        apt_get = _need_tool("apt-get", "apt")
-        debs.mkdir(parents=True, exist_ok=True)
-        self._note(f"downloading {pkg.name} {pkg.version}")
-        argv = [apt_get, "download", f"{pkg.name}={pkg.version}"]
-        if os.geteuid() == 0:
-            # Root downloads into a directory the _apt user cannot write: say so to apt
-            # instead of getting a warning about it.
-            argv[1:1] = ["-o", "APT::Sandbox::User=root"]
-        with tempfile.TemporaryDirectory(dir=debs, prefix=".dl-") as tmp:
-            try:
-                self._run(argv, "download", cwd=Path(tmp))
-            except ImageError as err:
-                raise ImageError(
-                    "download",
-                    f"could not download {pkg.name}={pkg.version} (run `apt-get update` and "
-                    f"check the network): {err.reason}",
-                ) from err
-            got = sorted(Path(tmp).glob("*.deb"))
-            if len(got) != 1:
-                raise ImageError("download", f"apt-get download {pkg.name} left {len(got)} files")
-            os.replace(got[0], target)
-        return target
-
-
-def resolve_kernel_package(apt: Apt, name: str) -> DebPackage:
-    """Follow a kernel meta-package to the versioned package that holds the kernel.
-
-    Raises ImageError if the package is unknown or is neither a versioned kernel nor a
-    meta-package depending on one.
-    """
-    seen: set[str] = set()
-    stanza = apt.show(name)
-    while not _VERSIONED_KERNEL.match(stanza["Package"]):
-        seen.add(stanza["Package"])
-        dep = kernel_dependency(stanza)
-        if dep is None or dep[0] in seen:
-            raise ImageError(
-                "resolve", f"{stanza['Package']} neither is nor depends on a linux-image-<version>"
-            )
-        dep_name, exact = dep
-        if exact:
-            # Debian's meta-packages pin the exact version: no need to ask apt again.
-            return DebPackage(dep_name, exact, stanza.get("Architecture", "amd64"))
-        stanza = apt.show(dep_name)
-    return DebPackage(stanza["Package"], stanza["Version"], stanza.get("Architecture", "amd64"))
-
-
-def resolve_package(apt: Apt, name: str) -> DebPackage:
-    """The candidate version of ``name``. Raises ImageError if apt does not know it."""
-    stanza = apt.show(name)
-    return DebPackage(stanza["Package"], stanza["Version"], stanza.get("Architecture", "amd64"))
-
-
-#: What decides apt's candidate versions: the package lists, sources and pins, dpkg status.
-APT_STATE_PATHS = (Path("/var/lib/apt/lists"), Path("/etc/apt"), Path("/var/lib/dpkg/status"))
-
-
-def apt_state_stamp(paths: Sequence[Path] = APT_STATE_PATHS) -> str:
-    """A digest of the names, sizes and mtimes of the files apt resolves versions from."""
-    h = hashlib.sha256()
-    for root in paths:
-        files = sorted(root.rglob("*")) if root.is_dir() else [root]
-        for path in files:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-class ResolutionMemo:
-    """Package resolutions remembered in a JSON file while apt's state is unchanged.
-
-    ``apt-cache`` takes about half a second per call here; with the memo a cached image
-    is found without running apt at all.
-    """
-
-    def __init__(self, path: Path, stamp: str) -> None:
-        self._path = path
-        self._stamp = stamp
-        self._packages: dict[str, list[str]] = {}
-        try:
-            data = json.loads(path.read_text())
-            if data.get("stamp") == stamp and isinstance(data.get("packages"), dict):
-                self._packages = data["packages"]
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def get(self, name: str) -> DebPackage | None:
-        entry = self._packages.get(name)
-        if isinstance(entry, list) and len(entry) == 3 and all(isinstance(x, str) for x in entry):
-            return DebPackage(entry[0], entry[1], entry[2])
-        return None
-
-    def put(self, name: str, pkg: DebPackage, stamp: str) -> None:
-        """Remember ``name`` -> ``pkg`` (best effort: an unwritable memo only costs time)."""
-        if stamp != self._stamp:
-            self._packages, self._stamp = {}, stamp
-        self._packages[name] = [pkg.name, pkg.version, pkg.arch]
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps({"stamp": stamp, "packages": self._packages}, indent=1))
-            os.replace(tmp, self._path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-
-
-def extract_deb(deb: Path, pkgs: Path, stem: str, note: Progress) -> Path:
-    """``dpkg-deb -x`` into pkgs/<stem> (once, atomically). Raises ImageError."""
-    target = pkgs / stem
-    if target.is_dir():
-        return target
-    note(f"extracting {deb.name}")
-    dpkg_deb = _need_tool("dpkg-deb", "dpkg")
-    pkgs.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=pkgs, prefix=".x-"))
-    try:
-        done = subprocess.run(
-            [dpkg_deb, "-x", str(deb), str(tmp)], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise ImageError("extract", f"dpkg-deb -x {deb.name}: {done.stderr.strip()}")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    except OSError as err:
-        raise ImageError("extract", f"{deb.name}: {err}") from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# --------------------------------------------------------------------------- modules
-
-
-def modinfo_depends(ko: bytes) -> list[str]:
-    """The ``depends=`` list from a module's .modinfo ELF section.
-
-    Raises ImageError if ``ko`` is not a 64-bit little-endian ELF with a .modinfo section.
-    """
-    if ko[:4] != b"\x7fELF" or ko[4] != 2 or ko[5] != 1:
-        raise ImageError("modules", "not a 64-bit little-endian ELF module")
-    (shoff,) = struct.unpack_from("<Q", ko, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
-
-    def section(i: int) -> tuple[int, int, int]:
-        name, _type, _flags, _addr, offset, size = struct.unpack_from(
-            "<IIQQQQ", ko, shoff + i * shentsize
-        )
-        return name, offset, size
-
-    try:
-        _, str_off, str_size = section(shstrndx)
-        names = ko[str_off : str_off + str_size]
-        for i in range(shnum):
-            name_off, offset, size = section(i)
-            end = names.find(b"\0", name_off)
-            if names[name_off:end] == b".modinfo":
-                for entry in ko[offset : offset + size].split(b"\0"):
-                    if entry.startswith(b"depends="):
-                        value = entry[len(b"depends=") :].decode()
-                        return [d for d in value.split(",") if d]
-                return []
-    except (struct.error, UnicodeDecodeError) as err:
-        raise ImageError("modules", f"malformed module: {err}") from err
-    raise ImageError("modules", "module has no .modinfo section")
-
-
-def _module_name(path: Path) -> str:
-    name = path.name
-    for suffix in _MODULE_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name.replace("-", "_")
-
-
-def _decompress_module(path: Path) -> bytes:
-    data = path.read_bytes()
-    try:
-        if path.name.endswith(".ko.xz"):
-            return lzma.decompress(data)
-        if path.name.endswith(".ko.gz"):
-            return gzip.decompress(data)
-        if path.name.endswith(".ko.zst"):
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    except (lzma.LZMAError, zstandard.ZstdError, OSError, EOFError) as err:
-        raise ImageError("modules", f"cannot decompress {path.name}: {err}") from err
-    return data
-
-
-@dataclass(frozen=True)
-class ModulePlan:
-    """Which modules go into the initramfs, in load order."""
-
-    #: (module name, uncompressed .ko bytes), dependencies first.
-    load: tuple[tuple[str, bytes], ...]
-    builtin: tuple[str, ...]
-    absent: tuple[str, ...]
-
-
-def plan_modules(moddir: Path, wanted: Sequence[str]) -> ModulePlan:
-    """Order ``wanted`` (and their dependencies) for insmod, from one kernel's modules.
-
-    ``moddir`` is lib/modules/<kver>. Built-in modules (modules.builtin) are skipped,
-    and so are wanted modules the kernel does not ship; a missing dependency of a
-    shipped module raises ImageError.
-    """
-    builtin: set[str] = set()
-    builtin_file = moddir / "modules.builtin"
-    if builtin_file.is_file():
-        for line in builtin_file.read_text().splitlines():
-            if line.strip():
-                builtin.add(_module_name(Path(line.strip())))
-    files: dict[str, Path] = {}
-    for path in sorted((moddir / "kernel").rglob("*.ko*")):
-        if path.name.endswith(_MODULE_SUFFIXES):
-            files.setdefault(_module_name(path), path)
-
-    load: list[tuple[str, bytes]] = []
-    done: set[str] = set()
-    found_builtin: list[str] = []
-    absent: list[str] = []
-
-    def visit(name: str, needed_by: str | None, stack: tuple[str, ...]) -> None:
-        if name in done:
-            return
-        if name in stack:
-            raise ImageError("modules", f"dependency cycle: {' -> '.join((*stack, name))}")
-        if name in builtin:
-            done.add(name)
-            found_builtin.append(name)
-            return
-        path = files.get(name)
-        if path is None:
-            if needed_by is not None:
-                raise ImageError("modules", f"{needed_by} needs {name}, not in {moddir}")
-            done.add(name)
-            absent.append(name)
-            return
-        ko = _decompress_module(path)
-        for dep in modinfo_depends(ko):
-            visit(dep, name, (*stack, name))
-        done.add(name)
-        load.append((name, ko))
-
-    for name in wanted:
-        visit(name, None, ())
-    return ModulePlan(tuple(load), tuple(found_builtin), tuple(absent))
-
-
-# --------------------------------------------------------------------------- cpio
-
-
-@dataclass(frozen=True)
-class _Entry:
-    mode: int
-    data: bytes = b""
-    rdev: tuple[int, int] = (0, 0)
-
-
-@dataclass
-class Archive:
-    """An initramfs under construction: absolute paths to files, dirs, links, nodes."""
-
-    entries: dict[str, _Entry] = field(default_factory=dict)
-
-    def _parents(self, path: str) -> None:
-        parts = path.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            parent = "/".join(parts[:i])
-            existing = self.entries.get(parent)
-            if existing is None:
-                self.entries[parent] = _Entry(stat.S_IFDIR | 0o755)
-            elif not stat.S_ISDIR(existing.mode):
-                raise ImageError("initramfs", f"/{parent} is a file, cannot hold /{path}")
-
-    def _put(self, path: str, entry: _Entry, replace: bool = True) -> None:
-        rel = path.strip("/")
-        if not rel:
-            raise ImageError("initramfs", f"bad path {path!r}")
-        existing = self.entries.get(rel)
-        if existing is not None and stat.S_ISDIR(existing.mode) != stat.S_ISDIR(entry.mode):
-            raise ImageError("initramfs", f"/{rel}: a directory and a file at the same path")
-        if existing is not None and not replace:
-            return
-        self._parents(rel)
-        self.entries[rel] = entry
-
-    def dir(self, path: str, mode: int = 0o755) -> None:
-        self._put(path, _Entry(stat.S_IFDIR | mode))
-
-    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._put(path, _Entry(stat.S_IFREG | (mode & 0o7777), data))
-
-    def symlink(self, path: str, target: str, *, replace: bool = True) -> None:
-        self._put(path, _Entry(stat.S_IFLNK | 0o777, target.encode()), replace)
-
-    def chardev(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
-        self._put(path, _Entry(stat.S_IFCHR | mode, rdev=(major, minor)))
-
-    def newc(self) -> bytes:
-        """The archive as newc cpio (uid/gid 0, mtime 0: the same input gives the same bytes)."""
-        out = io.BytesIO()
-
-        def record(ino: int, name: str, entry: _Entry) -> None:
-            nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-            # ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
-            # namesize check
-            fields = [ino, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0]
-            fields += [entry.rdev[0], entry.rdev[1], len(name) + 1, 0]
-            out.write(b"070701" + b"".join(b"%08X" % v for v in fields))
-            out.write(name.encode() + b"\0")
-            out.write(b"\0" * (-out.tell() % 4))
-            out.write(entry.data)
-            out.write(b"\0" * (-out.tell() % 4))
-
-        # Sorted paths put every directory before its contents.
-        for ino, name in enumerate(sorted(self.entries), start=1):
-            record(ino, name, self.entries[name])
-        record(0, "TRAILER!!!", _Entry(0))
-        return out.getvalue()
-
-
-def gzip_bytes(data: bytes) -> bytes:
-    """gzip with mtime 0, so equal input gives equal output."""
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as gz:
-        gz.write(data)
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------- guest sources
 
 
@@ -773,7 +308,7 @@ def load_guest_sources(root: Path) -> GuestSources:
 
 def gcc_version() -> str:
     """First line of ``gcc --version``. Raises SetupError if gcc is missing."""
-    gcc = _need_tool("gcc", "gcc")
+    gcc = need_tool("gcc", "gcc")
     done = subprocess.run([gcc, "--version"], capture_output=True, text=True, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         raise SetupError("gcc", f"`gcc --version` failed: {done.stderr.strip()}")
@@ -786,7 +321,7 @@ def compile_workloads(src_dir: Path, out_dir: Path, note: Progress) -> dict[str,
     Raises ImageError with the compiler's output if one fails (a missing static libc
     means `apt-get install libc6-dev`).
     """
-    gcc = _need_tool("gcc", "gcc")
+    gcc = need_tool("gcc", "gcc")
     out_dir.mkdir(parents=True, exist_ok=True)
     programs: dict[str, bytes] = {}
     for src in sorted(src_dir.glob("*.c")):
@@ -819,17 +354,6 @@ def busybox_applets(busybox: Path) -> list[str]:
 # --------------------------------------------------------------------------- build
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _sweep_stale(cache_dir: Path) -> None:
     """Remove temporary download/extract/build directories left by a killed build.
 
@@ -843,24 +367,6 @@ def _sweep_stale(cache_dir: Path) -> None:
         for entry in folder.iterdir():
             if entry.name.startswith(".") and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def publish_build(
-    tmp: Path, out: Path, manifest: Mapping[str, object], built: Callable[[Path], object]
-) -> None:
-    """Write ``manifest.json`` into the finished build ``tmp`` and rename it to ``out``.
-
-    Raises:
-        OSError: the rename failed and ``built(out)`` finds no complete build there
-            (one of the same key that another process finished first is kept).
-    """
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    try:
-        tmp.rename(out)
-    except OSError:
-        # Someone else finished the same key first (outside our lock): use theirs.
-        if built(out) is None:
-            raise
 
 
 def _cached(out: Path) -> GuestImage | None:
@@ -922,7 +428,7 @@ def build_image(
     except OSError as err:
         raise ImageError("cache", f"cannot create {cache_dir / 'images'}: {err}") from err
 
-    with _locked(cache_dir / ".build.lock"):
+    with locked(cache_dir / ".build.lock"):
         _sweep_stale(cache_dir)
         apt = Apt(note)
         memo = ResolutionMemo(cache_dir / "resolved.json", apt_state_stamp())
@@ -1039,3 +545,43 @@ def _assemble(
     for extra in inputs.extras:
         ar.file(extra.dest, extra.data, extra.mode)
     return ar
+
+
+__all__ = [
+    "APT_STATE_PATHS",
+    "BASE_CMDLINE",
+    "BUILD_FORMAT",
+    "BUSYBOX_PACKAGE",
+    "MAX_CMDLINE",
+    "VIRTIO_MODULES",
+    "Apt",
+    "Archive",
+    "DebPackage",
+    "ExtraFile",
+    "GuestImage",
+    "GuestSources",
+    "ImageInputs",
+    "ModulePlan",
+    "Progress",
+    "ResolutionMemo",
+    "apt_state_stamp",
+    "build_image",
+    "busybox_applets",
+    "compile_workloads",
+    "encode_run",
+    "extract_deb",
+    "gcc_version",
+    "guest_dir",
+    "gzip_bytes",
+    "image_key",
+    "kernel_cmdline",
+    "kernel_dependency",
+    "load_guest_sources",
+    "modinfo_depends",
+    "parse_add",
+    "parse_control",
+    "plan_modules",
+    "publish_build",
+    "resolve_kernel_package",
+    "resolve_package",
+]

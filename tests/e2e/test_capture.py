@@ -103,7 +103,7 @@ def test_no_frame_before_its_epoch_committed(lab_factory, base_config: KemariCon
     opts = PairOptions(
         tapped_net=True,
         workload=f"stream -p {PORT} 300",
-        env_secondary={"KEMARI_COMMIT_PROBES": "stream"},
+        commit_probe="stream",
     )
     pair = LabPair(lay, base_config, opts)
     cap: Capture | None = None

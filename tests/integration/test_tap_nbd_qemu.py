@@ -40,15 +40,23 @@ class Env:
         self.disk.attach()
         self.sock = tmp_path / "nbd.sock"
         self.url = f"nbd+unix:///disk0?socket={self.sock}"
-        self.epoch = 1
         self.events: list[tuple[IOEvent, int]] = []
         self.tap = BlockTap(
             self.disk,
-            epoch_source=lambda: self.epoch,
+            epoch=1,
             mode=mode,
             on_event=lambda k, e: self.events.append((k, e)),
         )
         self.server = NBDServer(self.tap, self.sock, export_name="disk0")
+
+    @property
+    def epoch(self) -> int:
+        return self.tap.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        # What the primary does inside the stopped window.
+        self.tap.switch_epoch(epoch)
 
     async def qemu_io(self, *cmds: str, cache: str = "writeback") -> str:
         argv = ["qemu-io", "-f", "raw", "-t", cache, self.url]

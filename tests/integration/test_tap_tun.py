@@ -87,10 +87,7 @@ def test_real_tap_both_directions_and_output_commit(tun_lab: lab.LabLayout, tmp_
         # A single-queue TAP takes one descriptor: a second agent cannot attach.
         with pytest.raises(TapError, match="cannot attach"):
             open_tap(lay.tap_primary, netns=lay.ns_primary)
-        epoch = 1
-        proxy = FrameProxy(
-            tmp_path / "net.sock", tap, epoch_source=lambda: epoch, mode=TapMode.PROTECTED
-        )
+        proxy = FrameProxy(tmp_path / "net.sock", tap, epoch=1, mode=TapMode.PROTECTED)
         await proxy.start()
         try:
             await asyncio.to_thread(lab.wait_tap_forwarding, lay.lab_id, "primary")

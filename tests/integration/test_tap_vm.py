@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from kemari_suite import lab
-from kemari_suite.config import PathsConfig
-from kemari_suite.disk.base import FileDisk
+from kemari_suite.config import DiskConfig, KemariConfig, PathsConfig
+from kemari_suite.disk import DiskBackend, open_backend
 from kemari_suite.errors import ConnectError
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.tap.epochs import OpKind, parse
@@ -119,7 +119,10 @@ class MiniPrimary:
         e = self.epoch
         t0 = time.perf_counter()
         await self.vm.execute("stop")
-        self.epoch = e + 1  # the epoch switches while the VM is stopped
+        # The epoch switches while the VM is stopped, pushed into both taps.
+        self.epoch = e + 1
+        self.block.switch_epoch(self.epoch)
+        self.net.switch_epoch(self.epoch)
         if sched is not None:
             sched.started(e)
         self.logs[e] = self.block.io_log(e)
@@ -153,7 +156,7 @@ class MiniPrimary:
 class Rig:
     lay: lab.LabLayout
     vm: AsyncVM
-    disk: FileDisk
+    disk: DiskBackend
     block: BlockTap
     nbd: NBDServer
     net: FrameProxy
@@ -168,17 +171,20 @@ async def start_rig(lay: lab.LabLayout, image: GuestImage, paths: PathsConfig) -
     disk_path = run_dir / "guest-disk.img"
     with disk_path.open("wb") as fh:
         fh.truncate(DISK_SIZE)
-    disk = FileDisk(disk_path)
+    # The configured backend (the built-in disk), as the engine opens it.
+    disk = open_backend(KemariConfig(disk=DiskConfig(path=str(disk_path))))
+    assert disk is not None
     disk.attach()
-    # The mini primary (made below, once the VM exists) owns the epoch.
-    block = BlockTap(disk, epoch_source=lambda: primary.epoch, mode=TapMode.PROTECTED)
+    disk.promote()
+    # The mini primary (made below, once the VM exists) pushes the epoch.
+    block = BlockTap(disk, epoch=1, mode=TapMode.PROTECTED)
     nbd = NBDServer(block, run_dir / "nbd.sock", export_name="disk0")
     await nbd.start()
     tap = open_tap(lay.tap_primary, netns=lay.ns_primary)
     net = FrameProxy(
         run_dir / "net.sock",
         tap,
-        epoch_source=lambda: primary.epoch,
+        epoch=1,
         mode=TapMode.PROTECTED,
     )
     await net.start()

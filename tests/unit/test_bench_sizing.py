@@ -1,15 +1,27 @@
-"""The sizing benchmark: fits, guidance and report on synthetic input; one tiny real run."""
+"""The sizing benchmark: fits, guidance and report on synthetic input; one tiny real run;
+the helpers through which the benchmarks drive the product's stopped window."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from kemari_suite.bench import sizing
+from kemari_suite.bench import memsync, sizing
+from kemari_suite.checkpoint.tracker import (
+    CompareTracker,
+    DirtyTracker,
+    SoftDirtyTracker,
+    allocate_index,
+    allocate_pages,
+)
+from kemari_suite.checkpoint.window import StoppedWindow, WindowResult
 from kemari_suite.config import KemariConfig, PathsConfig
+from kemari_suite.vm.guestram import PAGE_SIZE
 
 
 def _case(key: str, frac: float, pages: int, t2: float, stage: float) -> dict[str, Any]:
@@ -302,3 +314,100 @@ def test_merge_scans_pools_raw_samples() -> None:
     assert merged["loadavg_1min"] == [1.0, 1.0]
     with pytest.raises(ValueError):
         sizing.merge_scans(one([0.01]), {**one([0.01]), "memory_mib": 128})
+
+
+# --------------------------------------------------------------------------- the window
+
+
+class _VM:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        self.log.append(cmd)
+        return {}
+
+
+class _Capturer:
+    async def capture(self) -> bytes:
+        return b"devstate"
+
+
+class _Pagemap:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def read(self, out: np.ndarray) -> None:
+        out[:] = 0
+
+    def clear(self) -> None:
+        self.log.append("clear_refs")
+
+    def close(self) -> None:
+        pass
+
+
+def _window(tracker: DirtyTracker, log: list[str], ram: np.ndarray) -> StoppedWindow:
+    n = tracker.n_pages
+    return StoppedWindow(
+        _VM(log),
+        _Capturer(),
+        tracker,
+        ram,
+        staging=allocate_pages(n),
+        index=allocate_index(n),
+        scan_threads=1,
+    )
+
+
+@pytest.mark.parametrize("kind", ["compare", "soft-dirty"])
+def test_initial_sync_stops_the_guest_only_when_the_tracker_says_so(kind: str) -> None:
+    log: list[str] = []
+    ram = np.random.default_rng(0).integers(0, 256, (16, PAGE_SIZE), dtype=np.uint8)
+    tracker: DirtyTracker = (
+        CompareTracker(16) if kind == "compare" else SoftDirtyTracker(16, source=_Pagemap(log))
+    )
+    window = _window(tracker, log, ram)
+    try:
+        asyncio.run(memsync.initial_sync(window))
+        assert log == (["stop", "clear_refs", "cont"] if kind == "soft-dirty" else [])
+        assert np.array_equal(tracker.baseline(), ram)
+        # The baseline came from the staging buffer, as the engine takes it.
+        assert np.array_equal(window.staging, ram)
+        log.clear()
+        res = asyncio.run(window.run(resume=True))
+        assert res.dirty_pages == 0 and log[0] == "stop" and log[-1] == "cont"
+    finally:
+        window.close()
+        tracker.close()
+
+
+def _result(**ms: float) -> WindowResult:
+    empty = np.zeros(0, dtype=np.int64)
+    return WindowResult(
+        devstate=b"",
+        idx=empty,
+        staged=np.zeros((0, PAGE_SIZE), dtype=np.uint8),
+        t_start=0.0,
+        t_end=0.0,
+        t_start_wall=0.0,
+        resumed=True,
+        **ms,
+    )
+
+
+def test_window_row_takes_the_window_timings() -> None:
+    res = _result(stop_ms=1.0, devstate_ms=4.0, scan_ms=10.0, stage_ms=2.0, pause_ms=20.0)
+    row = memsync.window_row(res, overlapped=False)
+    assert row == {
+        "total": 20.0,
+        "stop": 1.0,
+        "devstate": 4.0,
+        "scan": 10.0,
+        "stage": 2.0,
+        "cont": 3.0,
+    }
+    # Beside the capture, the scan's time is inside devstate: not subtracted twice.
+    res = _result(stop_ms=1.0, devstate_ms=10.0, scan_ms=9.0, stage_ms=2.0, pause_ms=16.0)
+    assert memsync.window_row(res, overlapped=True)["cont"] == pytest.approx(3.0)
+    assert set(memsync.window_row(res, overlapped=True)) == {"total", *memsync.FLOOR_PARTS}

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kemari_suite.cli.vm import EXIT_CANNOT
@@ -292,6 +295,69 @@ def test_to_toml_round_trips_nested_tables() -> None:
     assert tomllib.loads(text) == data
     with pytest.raises(ConfigError):
         to_toml({"x": None})
+
+
+#: Text XML 1.0 can carry (no control characters but tab, newline and carriage return).
+xml_text = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\ufffe\uffff"),
+    max_size=30,
+)
+
+
+EXTRA_DEVICES = (
+    "<rng model='virtio'/>",
+    "<watchdog model='ib700' action='poweroff'/>",
+    "<panic model='isa'/>",
+    "<memballoon model='virtio'/>",
+    "<tpm/>",
+)
+
+
+@st.composite
+def domains(draw: st.DrawFn) -> str:
+    name = draw(xml_text.filter(str.strip))
+    memory = draw(st.integers(1, 1 << 40))
+    unit = draw(st.sampled_from(["KiB", "MiB", "GiB", "b", "k"]))
+    boot = draw(
+        st.one_of(
+            st.builds(
+                lambda k, c: f"<kernel>{escape(k)}</kernel><cmdline>{escape(c)}</cmdline>",
+                xml_text,
+                xml_text,
+            ),
+            st.just("<boot dev='hd'/>"),
+        )
+    )
+    disk_path = draw(xml_text)
+    mac = draw(st.sampled_from(["", "52:54:00:aa:bb:cc"]))
+    nic = (
+        "<interface type='bridge'>"
+        + (f"<mac address='{mac}'/>" if mac else "")
+        + f"<source bridge={quoteattr(draw(xml_text))}/><model type='e1000'/></interface>"
+    )
+    extras = "".join(
+        draw(
+            st.lists(
+                st.sampled_from(EXTRA_DEVICES),
+                max_size=3,
+            )
+        )
+    )
+    return (
+        f"<domain type='kvm'><name>{escape(name)}</name>"
+        f"<memory unit='{unit}'>{memory}</memory><vcpu>{draw(st.integers(1, 80))}</vcpu>"
+        f"<os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os><devices>"
+        f"<disk type='file'><source file={quoteattr(disk_path)}/><target dev='vda'/></disk>"
+        f"{nic}{extras}</devices></domain>"
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(xml=domains(), host_a=st.sampled_from(["", "10.0.0.1"]))
+def test_imported_text_reads_back_as_the_imported_tree(xml: str, host_a: str) -> None:
+    res = imp_text(xml, source="gen.xml", host_a=host_a)
+    assert tomllib.loads(res.text) == res.data
+    assert res.text.startswith("# VM definition imported from gen.xml")
 
 
 # ---- CLI --------------------------------------------------------------------------------

@@ -64,16 +64,24 @@ def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
 class Env:
     def __init__(self, mode: TapMode = TapMode.PROTECTED) -> None:
         self.backend = MemBackend()
-        self.epoch = 1
         self.events: list[tuple[IOEvent, int]] = []
         self.durable: list[int] = []
         self.tap = BlockTap(
             self.backend,
-            epoch_source=lambda: self.epoch,
+            epoch=1,
             mode=mode,
             on_event=lambda k, e: self.events.append((k, e)),
             on_durable=self.durable.append,
         )
+
+    @property
+    def epoch(self) -> int:
+        return self.tap.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        # What the primary does inside the stopped window.
+        self.tap.switch_epoch(epoch)
 
 
 # ---- BlockTap ------------------------------------------------------------------------
@@ -220,6 +228,40 @@ def test_misuse_is_a_tap_error() -> None:
         await tap.close()
         with pytest.raises(TapError, match="closed"):
             await tap.durable(5)
+
+    run(go)
+
+
+def test_epoch_is_pushed_and_never_goes_back() -> None:
+    async def go() -> None:
+        env = Env()
+        tap = env.tap
+        await tap.write(0, b"a")
+        tap.switch_epoch(3)
+        await tap.write(1, b"b")
+        await tap.flush()
+        assert tap.log.pending_epochs() == [1, 3]
+        assert env.events == [(IOEvent.WRITE, 1), (IOEvent.WRITE, 3), (IOEvent.FLUSH, 3)]
+        with pytest.raises(TapError, match="never back"):
+            tap.switch_epoch(2)
+        assert tap.epoch == 3
+        await tap.close()
+
+    run(go)
+
+
+def test_deprecated_epoch_source_is_read_until_the_first_switch() -> None:
+    async def go() -> None:
+        current = 4
+        tap = BlockTap(MemBackend(), epoch_source=lambda: current, mode=TapMode.PROTECTED)
+        await tap.write(0, b"a")
+        current = 5
+        await tap.write(1, b"b")
+        tap.switch_epoch(6)  # the pull source is dropped from here on
+        current = 9
+        await tap.write(2, b"c")
+        assert tap.log.pending_epochs() == [4, 5, 6]
+        await tap.close()
 
     run(go)
 

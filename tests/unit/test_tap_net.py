@@ -56,12 +56,11 @@ class Rig:
         self.lan, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_blocking(tap_end.fileno(), False)
         self.lan.settimeout(TIMEOUT)
-        self.epoch = 1
         self.events: list[tuple[IOEvent, int]] = []
         self.proxy = FrameProxy(
             sock_path,
             TapDevice("fake0", tap_end.detach()),
-            epoch_source=lambda: self.epoch,
+            epoch=1,
             mode=mode,
             on_event=lambda k, e: self.events.append((k, e)),
             **kw,  # type: ignore[arg-type]
@@ -69,6 +68,15 @@ class Rig:
         self.sock_path = sock_path
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.proxy.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        # What the primary does inside the stopped window.
+        self.proxy.switch_epoch(epoch)
 
     async def connect_guest(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(str(self.sock_path))
@@ -156,6 +164,48 @@ async def test_guest_frames_are_held_per_epoch_and_released_in_order(rig: Rig) -
     s = rig.proxy.stats
     assert (s.released_frames, s.released_bytes, s.held_frames, s.held_bytes) == (4, 240, 0, 0)
     assert rig.proxy.released_through == 3
+
+
+@rig_test()
+async def test_epoch_never_goes_back(rig: Rig) -> None:
+    rig.epoch = 4
+    with pytest.raises(TapError, match="never back"):
+        rig.epoch = 3
+    await rig.guest_send(frame(1))
+    assert rig.proxy.held_epochs() == [4]
+
+
+def test_deprecated_epoch_source_is_read_until_the_first_switch(tmp_path: Path) -> None:
+    async def go() -> None:
+        lan, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.set_blocking(tap_end.fileno(), False)
+        current = [7]
+        proxy = FrameProxy(
+            tmp_path / "net.sock",
+            TapDevice("fake1", tap_end.detach()),
+            epoch_source=lambda: current[0],
+            mode=TapMode.PROTECTED,
+        )
+        await proxy.start()
+        _, writer = await asyncio.open_unix_connection(str(tmp_path / "net.sock"))
+        try:
+            for epoch_switch in (None, 8):
+                if epoch_switch is not None:
+                    proxy.switch_epoch(epoch_switch)
+                    current[0] = 99  # no longer read
+                writer.write(encode_frame(frame(1)))
+                await writer.drain()
+                for _ in range(50):
+                    if proxy.stats.from_guest_frames == (1 if epoch_switch is None else 2):
+                        break
+                    await asyncio.sleep(0.01)
+            assert proxy.held_epochs() == [7, 8]
+        finally:
+            writer.close()
+            await proxy.close()
+            lan.close()
+
+    asyncio.run(go())
 
 
 @rig_test()
@@ -264,7 +314,6 @@ def test_start_and_open_errors(tmp_path: Path) -> None:
         proxy = FrameProxy(
             tmp_path / "nodir" / "x.sock",
             TapDevice("fake", b.detach()),
-            epoch_source=lambda: 0,
             mode=TapMode.PROTECTED,
         )
         with pytest.raises(TapError, match="cannot listen"):

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from kemari_suite.cli.vm import app as vm_app
+from kemari_suite.config import dump_toml, read_toml
 from kemari_suite.errors import ConfigError, SetupError
 from kemari_suite.vm import vmdef
 from kemari_suite.vm.qemu import qemu_argv
@@ -520,6 +525,119 @@ def test_shared_example_overrides_the_disk_on_one_host() -> None:
     assert a.config.disk.path != b.config.disk.path
     assert identity(defn, "a") == identity(defn, "b")
     assert masked_argv(a) == masked_argv(b)
+
+
+# ---- written with dump_toml -------------------------------------------------------------
+
+
+def test_examples_written_with_dump_toml_load_as_the_same_definition(tmp_path: Path) -> None:
+    for f in sorted((REPO / "examples" / "vm").glob("*.toml")):
+        out = tmp_path / f.name
+        out.write_text(dump_toml(read_toml(f), header=f"copy of {f.name}"))
+        assert read_toml(out) == read_toml(f)
+        again = load_vmdef(out, machines=machines, check_files=False)
+        assert again == dataclasses.replace(
+            load_vmdef(f, machines=machines, check_files=False), source=out
+        )
+
+
+names = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
+ifnames = st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True)
+abs_paths = st.lists(names, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
+macs = st.lists(st.integers(0, 255), min_size=5, max_size=5).map(
+    lambda b: "52:" + ":".join(f"{x:02x}" for x in b)
+)
+
+
+def host_part(addresses: list[str]) -> st.SearchStrategy[dict[str, object]]:
+    return st.fixed_dictionaries(
+        {"address": st.sampled_from(addresses)},
+        optional={
+            "port": st.integers(1, 65535),
+            "netns": names,
+            "paths": st.fixed_dictionaries(
+                {}, optional={"run_dir": abs_paths, "shm_dir": abs_paths}
+            ),
+            "disk": st.fixed_dictionaries({"root": st.fixed_dictionaries({"path": abs_paths})}),
+            "nic": st.fixed_dictionaries({"0": st.fixed_dictionaries({"tap": ifnames})}),
+        },
+    )
+
+
+#: Trees shaped like the definitions the lab writes and libvirt import produces.
+definitions = st.fixed_dictionaries(
+    {
+        "name": names,
+        "machine": st.sampled_from(["pc-i440fx-7.2", "pc-q35-7.1", "pc-q35-7.2"]),
+        "boot": st.one_of(
+            st.fixed_dictionaries(
+                {"kernel": abs_paths},
+                optional={"initrd": abs_paths, "cmdline": st.text(max_size=40)},
+            ),
+            st.just({"firmware": "bios"}),
+        ),
+        "disk": st.lists(
+            st.fixed_dictionaries(
+                {"name": st.just("root"), "path": abs_paths},
+                optional={"size_mib": st.integers(1, 1 << 20), "backend": st.just("builtin")},
+            ),
+            min_size=1,
+            max_size=1,
+        ),
+        "nic": st.lists(
+            st.fixed_dictionaries(
+                {"mac": macs, "tap": ifnames},
+                optional={"ip": st.just("10.0.0.50/24"), "model": st.just("virtio-net-pci")},
+            ),
+            min_size=1,
+            max_size=1,
+        ),
+        "device": st.lists(
+            st.fixed_dictionaries(
+                {"driver": st.sampled_from(["virtio-rng-pci", "pvpanic", "i6300esb"])},
+                optional={
+                    "props": st.dictionaries(
+                        st.from_regex(r"[a-z][a-z0-9_.-]{0,8}", fullmatch=True).filter(
+                            lambda k: k not in ("driver", "host", "rng", "drive")
+                        ),
+                        st.one_of(st.booleans(), st.integers(0, 1 << 40), st.text(max_size=8)),
+                        max_size=2,
+                    )
+                },
+            ),
+            max_size=2,
+        ),
+        "hosts": st.fixed_dictionaries(
+            {"a": host_part(["10.0.0.1", "a.example"]), "b": host_part(["10.0.0.2", "fd00::2"])}
+        ),
+    },
+    optional={
+        "vcpus": st.integers(1, 64),
+        "memory_mib": st.integers(16, 1 << 16),
+        "accel": st.sampled_from(["auto", "tcg", "kvm"]),
+        "display": st.sampled_from(["none", "std"]),
+        "replication": st.fixed_dictionaries(
+            {}, optional={"key": st.text(max_size=16), "max_interval_ms": st.integers(1, 1000)}
+        ),
+        "tap": st.fixed_dictionaries({}, optional={"policy": st.just("adaptive")}),
+        "alerts": st.fixed_dictionaries({}, optional={"hook": st.text(max_size=16)}),
+    },
+)
+
+
+def outcome(tree: dict[str, object]) -> object:
+    try:
+        return vmdef.parse_vmdef(tree, machines=machines, check_files=False)
+    except ConfigError as err:
+        return ("refused", err.key, err.reason)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree=definitions, header=st.text(max_size=40))
+def test_definitions_round_trip_through_dump_toml(tree: dict[str, object], header: str) -> None:
+    back = tomllib.loads(dump_toml(tree, header=header))
+    assert back == tree
+    assert outcome(back) == outcome(tree)
 
 
 # ---- CLI --------------------------------------------------------------------------------

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from kemari_suite.errors import ConnectError
-from kemari_suite.ha.witness import LeaseTable, WitnessClient, WitnessServer
+from kemari_suite.ha.witness import MAX_MESSAGE, LeaseTable, WitnessClient, WitnessServer, _mac
+from kemari_suite.protocol import framing
+
+
+def port_of(server: WitnessServer) -> int:
+    assert isinstance(server._server, asyncio.Server)
+    return int(server._server.sockets[0].getsockname()[1])
 
 
 def test_owner_renews_other_is_refused_until_expiry() -> None:
@@ -43,8 +50,7 @@ def test_protocol_over_loopback_and_wrong_key() -> None:
     async def main() -> None:
         server = WitnessServer(b"k" * 32, 3.0, "127.0.0.1", 0)
         await server.start()
-        assert server._server is not None
-        port = server._server.sockets[0].getsockname()[1]
+        port = port_of(server)
         try:
             good = WitnessClient(b"k" * 32, f"127.0.0.1:{port}", "vm", "pri", timeout=2)
             d = await good.ask("renew")
@@ -76,3 +82,72 @@ def test_solo_owner_blocks_takeover_even_after_expiry() -> None:
     assert t.decide("takeover", "vm", "sec", now=104.5).granted
     # Only the owner may change the flag.
     assert not t.decide("solo", "vm", "pri", now=105).granted
+
+
+def test_malformed_and_oversized_requests_get_signed_refusals() -> None:
+    """Raw JSON lines: a bad frame is refused (signed), an oversized one ends the talk."""
+    key = b"k" * 32
+
+    async def main() -> None:
+        server = WitnessServer(key, 3.0, "127.0.0.1", 0)
+        await server.start()
+        port = port_of(server)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            req: dict[str, Any] = {"op": "renew", "vm": "vm", "node": "pri", "nonce": "n1"}
+            good = framing.encode({**req, "mac": _mac(key, req)})
+            bad_op = {**req, "op": "steal"}
+            writer.write(
+                b"not json\n"
+                + framing.encode({**req, "mac": "0" * 64})
+                + framing.encode({**bad_op, "mac": _mac(key, bad_op)})
+                + good
+                + b"{" * (MAX_MESSAGE + 1)
+                + b"\n"
+                + good
+            )
+            await writer.drain()
+            replies = []
+            while (rep := await framing.read_frame(reader, MAX_MESSAGE, 5)) is not None:
+                replies.append(rep)
+            writer.close()
+        finally:
+            await server.close()
+        for rep in replies:
+            assert rep["mac"] == _mac(key, rep)
+        errors = [r.get("error", "") for r in replies]
+        assert "not JSON" in errors[0]
+        assert "authentication" in errors[1]
+        assert "unknown witness op 'steal'" in errors[2]
+        assert replies[3]["granted"] and replies[3]["nonce"] == "n1"
+        assert f"exceeds the limit of {MAX_MESSAGE} bytes" in errors[4]
+        assert len(replies) == 5  # the connection closed after the oversized frame
+
+    asyncio.run(main())
+
+
+def test_a_silent_or_garbage_witness_is_a_connect_error() -> None:
+    async def main(reply: bytes) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(reply)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            client = WitnessClient(b"k" * 32, f"127.0.0.1:{port}", "vm", "pri", timeout=2)
+            await client.ask("renew")
+        finally:
+            server.close()
+
+    for reply, match in [
+        (b"", "without a reply"),
+        (b'{"granted":true', "truncated"),
+        (b"[]\n", "not an object"),
+        (b'{"granted":true}\n', "authentication"),
+        (b"x" * (MAX_MESSAGE + 10) + b"\n", "exceeds the limit"),
+    ]:
+        with pytest.raises(ConnectError, match=match):
+            asyncio.run(main(reply))

@@ -1,0 +1,333 @@
+"""Failover: the VM resumes on this host from the last committed checkpoint.
+
+One :class:`Failover` runs once, for a lost primary, an operator's ``kemari failover``,
+or the standby's half of a planned switchover. Its steps, in order::
+
+    (switchover) take the lease from the tiebreaker     take_lease(); refused: stay standby
+    FAILING_OVER; stop taking primaries                  run() from here
+    roll the open epoch back, close the receiver         replica = last committed checkpoint
+    read the probes, unmap the replica
+    bring the disk to the committed epoch                built-in copy checked (diverged
+                                                         copies refused); shared storage:
+                                                         committed logs replayed
+    start QEMU on the replica RAM file, -incoming        taps unprotected
+    restore the device state, cont, announce-self
+    ACTIVE                                               FailoverReport, Handover
+
+Any failure after FAILING_OVER ends in STOPPED and raises
+:class:`~kemari_suite.errors.FailoverError`; for a switchover the lease is given back
+first, so the old primary can resume its stopped VM. Answering the primary is the
+caller's (the wire is the agent's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kemari_suite.config import KemariConfig, ReplicationConfig
+from kemari_suite.errors import ConnectError, FailoverError
+from kemari_suite.ha.tiebreak import Tiebreaker
+from kemari_suite.protocol.link import Link
+from kemari_suite.replica import verbs
+from kemari_suite.replica.replicadisk import replay_committed
+from kemari_suite.replica.states import SecondaryState
+from kemari_suite.replica.store import ReplicaStore
+from kemari_suite.replica.verbs import SwitchRequest
+from kemari_suite.service.lifecycle import Lifecycle
+from kemari_suite.service.metrics import Artifacts
+from kemari_suite.tap import TapMode
+from kemari_suite.tap.guestio import GuestIO
+from kemari_suite.vm.devstate import restore
+from kemari_suite.vm.qemu import AsyncVM, VMSpec
+
+log = logging.getLogger(__name__)
+
+#: Reads the workloads' progress probes from the replica (for the report).
+ProbeFn = Callable[[np.ndarray], dict[str, Any]]
+
+#: ``announce-self`` arguments: the network learns where the guest lives now.
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+@dataclass
+class FailoverReport:
+    """What a failover did and how long each part took (host clock)."""
+
+    reason: str
+    epoch: int
+    detected_at: float  # wall time the heartbeat timeout expired (or the command arrived)
+    tiebreak_ms: float = 0.0
+    start_ms: float = 0.0
+    restore_ms: float = 0.0
+    cont_ms: float = 0.0
+    #: heartbeat-timeout expiry (or command) -> guest running
+    failover_ms: float = 0.0
+    probes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Handover:
+    """A running VM a standby resumed in a planned switchover, handed to the primary role."""
+
+    vm: AsyncVM
+    io: GuestIO | None
+    #: The switchover's final epoch: both disk copies hold exactly this.
+    epoch: int
+    #: Identity of the disk copy the old primary keeps (for an incremental failback).
+    lineage: str
+    #: The failover that resumed it (None for a planned switchover).
+    report: FailoverReport | None = None
+
+
+@dataclass(frozen=True)
+class PendingSwitch:
+    """A planned switchover this standby accepted: the link to answer on, the request."""
+
+    link: Link
+    req: SwitchRequest
+
+    async def answer(self, ok: bool, **info: Any) -> None:
+        """Tell the old primary the outcome; the link ends with it."""
+        with contextlib.suppress(Exception):
+            await verbs.send_switched(self.link, ok, **info)
+        self.link.close()
+
+
+@dataclass
+class Takeover:
+    """A successful failover: the VM runs here."""
+
+    report: FailoverReport
+    io: GuestIO
+    #: Set when the node goes on in the primary role (switchover, or re-protection).
+    handover: Handover | None = None
+
+
+class Failover:
+    """One failover of the VM onto this host; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: KemariConfig,
+        vm: AsyncVM,
+        spec: VMSpec,
+        *,
+        life: Lifecycle[SecondaryState],
+        artifacts: Artifacts,
+        store: ReplicaStore,
+        witness: Tiebreaker | None,
+        probe: ProbeFn | None,
+    ) -> None:
+        self.cfg = cfg
+        self.vm = vm
+        #: The command line QEMU runs on the replica (``incoming`` set).
+        self.spec = spec
+        self.life = life
+        self.artifacts = artifacts
+        self.store = store
+        self.witness = witness
+        self.probe = probe
+        #: Set once the VM runs here (before ACTIVE, so status at ACTIVE shows it).
+        self.report: FailoverReport | None = None
+
+    async def take_lease(self) -> str:
+        """A switchover: the primary released the lease before asking; take it.
+        Returns "" when taken (or without a tiebreaker), else why not."""
+        if self.witness is None:
+            return ""
+        try:
+            d = await self.witness.ask("takeover")
+            granted, why = d.granted, d.reason
+        except ConnectError as err:
+            granted, why = False, f"tiebreaker unreachable: {err}"
+        if granted:
+            return ""
+        self.artifacts.event("switchover-refused", reason=why)
+        return why or "refused"
+
+    async def run(
+        self,
+        reason: str,
+        detected: float,
+        *,
+        tiebreak_ms: float = 0.0,
+        switch: PendingSwitch | None = None,
+        detach: Callable[[], None] = lambda: None,
+    ) -> Takeover | None:
+        """Resume the VM here from the last committed checkpoint. ``detach`` stops
+        taking primaries (called once FAILING_OVER is set). A ``switch`` is answered
+        here; None when the tiebreaker refused it (still the standby).
+
+        Raises:
+            FailoverError: no committed checkpoint, a diverged disk copy, or QEMU could
+                not resume it (the state is then STOPPED).
+        """
+        if switch is not None:
+            why = await self.take_lease()
+            if why:
+                await switch.answer(False, reason=f"tiebreaker refused: {why}")
+                return None
+        try:
+            took = await self._take_over(reason, detected, tiebreak_ms, switch, detach)
+        except FailoverError as err:
+            if switch is not None:
+                await switch.answer(False, reason=f"resume failed here: {err.__cause__ or err}")
+            raise
+        if switch is not None:
+            await switch.answer(True, epoch=took.report.epoch, resume_ms=took.report.failover_ms)
+        return took
+
+    async def _take_over(
+        self,
+        reason: str,
+        detected: float,
+        tiebreak_ms: float,
+        switch: PendingSwitch | None,
+        detach: Callable[[], None],
+    ) -> Takeover:
+        self.life.set(SecondaryState.FAILING_OVER, reason)
+        detach()
+        store = self.store
+        async with store.lock:
+            store.roll_back_locked("failover")
+            receiver = store.receiver
+            devstate = receiver.committed_devstate if receiver is not None else None
+            if receiver is None or devstate is None:
+                self.life.set(SecondaryState.STOPPED, "no committed checkpoint to resume")
+                raise FailoverError("no committed checkpoint to resume")
+            epoch = receiver.committed_epoch
+            logs = receiver.pending_iologs()
+            report = FailoverReport(reason=reason, epoch=epoch, detected_at=detected)
+            report.tiebreak_ms = tiebreak_ms
+            if self.probe is not None:
+                with contextlib.suppress(Exception):
+                    report.probes = self.probe(receiver.pages)
+            store.unmap()
+        io: GuestIO | None = None
+        try:
+            t0 = time.monotonic()
+            await self._disk_to(epoch, logs)
+            io = GuestIO(
+                self.cfg,
+                self.vm.paths,
+                epoch_source=lambda: 0,
+                on_event=None,
+                mode=TapMode.UNPROTECTED,
+            )
+            await self._resume(io, devstate, report, t0)
+        except Exception as err:
+            self.life.set(SecondaryState.STOPPED, f"failover failed: {err}")
+            self.artifacts.event("failover-failed", reason=str(err))
+            if io is not None:
+                with contextlib.suppress(Exception):
+                    await io.close()
+            if switch is not None and self.witness is not None:
+                # Give the lease back so the old primary can resume its stopped VM.
+                with contextlib.suppress(Exception):
+                    await self.witness.ask("release")
+            raise FailoverError(f"could not resume epoch {epoch}: {err}") from err
+        self.vm.keep_ram = False
+        self.report = report
+        self.artifacts.event("failover", **report.__dict__)
+        self.life.set(SecondaryState.ACTIVE, f"resumed epoch {epoch}: {reason}")
+        req = switch.req if switch is not None else None
+        return Takeover(report, io, self._handover(io, epoch, report, req))
+
+    async def _disk_to(self, epoch: int, logs: list[bytes]) -> None:
+        """Bring the disk to ``epoch`` before the guest resumes.
+
+        Raises:
+            FailoverError: the built-in copy is not at ``epoch``.
+        """
+        if self.store.disk is not None:
+            await asyncio.to_thread(self.store.disk.prepare_failover, epoch)
+        elif self.cfg.disk.path and logs:
+            # Shared storage: replay what was committed but maybe not yet applied by the
+            # primary (writes are idempotent).
+            await asyncio.to_thread(replay_committed, self.cfg, logs)
+            self.artifacts.event("disk-replayed", epochs=len(logs))
+
+    async def _resume(
+        self, io: GuestIO, devstate: bytes, report: FailoverReport, t0: float
+    ) -> None:
+        """Start QEMU on the replica, restore, cont, announce-self; times into ``report``."""
+        self.vm.spec = await io.start(self.spec)
+        await self.vm.start()
+        t1 = time.monotonic()
+        report.start_ms = (t1 - t0) * 1e3
+        sock = self.vm.paths.run_dir / "in.sock"
+        report.restore_ms = await restore(self.vm, devstate, sock) * 1e3
+        t2 = time.monotonic()
+        await self.vm.execute("cont")
+        report.cont_ms = (time.monotonic() - t2) * 1e3
+        report.failover_ms = (time.time() - report.detected_at) * 1e3
+        with contextlib.suppress(Exception):
+            await self.vm.execute("announce-self", ANNOUNCE)
+
+    def _handover(
+        self, io: GuestIO, epoch: int, report: FailoverReport, switch: SwitchRequest | None
+    ) -> Handover | None:
+        """The VM for the primary role: after a switchover, or to protect it again."""
+        if switch is not None:
+            if io.disk is not None:
+                # Both copies hold epoch ``epoch``: what this host writes from now on is
+                # what the old primary, as the next standby, will need.
+                io.lineage = switch.lineage
+                io.acked_at_loss = epoch
+                io.disk.tracking = True
+            return Handover(vm=self.vm, io=io, epoch=epoch, lineage=switch.lineage)
+        rcfg = self.cfg.replication
+        if rcfg.reprotect and rcfg.peer:
+            # The node runs the primary role on this VM, which renews the lease and
+            # waits for a standby at ``peer``.
+            return Handover(vm=self.vm, io=io, epoch=epoch, lineage="", report=report)
+        return None
+
+
+def switch_refusal(
+    state: SecondaryState,
+    committed_epoch: int,
+    req: SwitchRequest,
+    rcfg: ReplicationConfig,
+    restore_failure: str | None,
+) -> str:
+    """Why this standby cannot take a planned switchover now ("" when it can)."""
+    if state is not SecondaryState.STANDBY:
+        return f"this host is {state.value}, not standby"
+    if committed_epoch != req.epoch:
+        return f"this host committed epoch {committed_epoch}, not {req.epoch}"
+    if not rcfg.peer:
+        return (
+            "replication.peer is not set on this host: it could not protect the VM after the switch"
+        )
+    if restore_failure is not None:
+        return f"the trial restore failed here: {restore_failure}"
+    return ""
+
+
+async def renew_lease(witness: Tiebreaker, interval_s: float) -> None:
+    """Keep the lease after a failover with no primary role to renew it (until cancelled)."""
+    while True:
+        with contextlib.suppress(ConnectError):
+            await witness.ask("renew")
+        await asyncio.sleep(interval_s)
+
+
+__all__ = [
+    "Failover",
+    "FailoverReport",
+    "Handover",
+    "PendingSwitch",
+    "ProbeFn",
+    "Takeover",
+    "renew_lease",
+    "switch_refusal",
+]

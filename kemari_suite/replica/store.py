@@ -1,0 +1,185 @@
+"""The replica on this host: the RAM file, the epoch receiver over it, the disk copy.
+
+:class:`ReplicaStore` maps the replica RAM file (the file QEMU maps at failover), puts
+an :class:`~kemari_suite.replica.receiver.EpochReceiver` over its pages, and owns the
+apply lock: every change to the replica (a message of the open epoch, a rollback, the
+failover's last look) happens under it, one at a time, with the CPU-bound parts in a
+thread so that heartbeats go on. At each commit it writes the committed device state
+to ``devstate.committed`` in the VM's run directory, and, with ``[testing]
+commit_probe``, the guest's probe as the replica holds it to ``commits.jsonl`` in the
+artifacts folder (:class:`~kemari_suite.testing.probes.CommitProbeLog`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import ProtocolError
+from kemari_suite.protocol import wire
+from kemari_suite.replica.receiver import CommitObserver, EpochReceiver, OpenEpoch
+from kemari_suite.replica.replicadisk import BuiltinCopy
+from kemari_suite.service.metrics import Artifacts
+from kemari_suite.testing.probes import CommitProbeLog
+from kemari_suite.vm import guestmem
+from kemari_suite.vm.guestram import GuestRAM
+
+PAGE = 4096
+
+#: Runs inside the apply lock right after a commit: (epoch, committed device state).
+AfterCommit = Callable[[int, bytes], Awaitable[None]]
+
+
+class ReplicaStore:
+    """The replica RAM file, its receiver and the disk copy; see the module docstring."""
+
+    def __init__(
+        self, cfg: KemariConfig, ram_path: Path, run_dir: Path, n_pages: int, artifacts: Artifacts
+    ) -> None:
+        self.cfg = cfg
+        self.ram_path = ram_path
+        self.run_dir = run_dir
+        self.n_pages = n_pages
+        self.artifacts = artifacts
+        self.lock = asyncio.Lock()
+        #: The mapping of the RAM file (None before :meth:`open` and after unmapping).
+        self.ram: GuestRAM | None = None
+        self.receiver: EpochReceiver | None = None
+        #: The built-in replicated disk: this host's copy, kept at the last committed epoch.
+        self.disk: BuiltinCopy | None = None
+        self.commit_probe = _commit_probe_log(cfg, artifacts.root)
+
+    def open(self, observers: Sequence[CommitObserver] = ()) -> None:
+        """Create and map the RAM file (zeros), open the disk copy, start receiving.
+
+        Raises:
+            ReplicationError: the RAM file cannot be mapped.
+            ConfigError, DiskError: the disk copy is missing or cannot be opened.
+        """
+        self.ram_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.ram_path, "wb") as f:
+            f.truncate(self.n_pages * PAGE)
+        self.ram = GuestRAM(self.ram_path, writable=True)
+        self.disk = BuiltinCopy.open(self.cfg)
+        self.receiver = EpochReceiver(self.ram.pages, disk=self.disk)
+        for fn in observers:
+            self.receiver.on_commit(fn)
+        if self.commit_probe is not None:
+            self.receiver.on_commit(self.commit_probe)
+
+    @property
+    def committed_epoch(self) -> int:
+        return self.receiver.committed_epoch if self.receiver is not None else -1
+
+    @property
+    def epochs_committed(self) -> int:
+        return self.receiver.epochs_committed if self.receiver is not None else 0
+
+    @property
+    def open_epoch(self) -> OpenEpoch | None:
+        return self.receiver.open if self.receiver is not None else None
+
+    def disk_state(self) -> dict[str, Any]:
+        """Which disk copy this host holds (the sidecar), {} without a built-in disk."""
+        return self.disk.state() if self.disk is not None else {}
+
+    def _receiver(self) -> EpochReceiver:
+        if self.receiver is None:
+            raise ProtocolError("no replica to receive into")
+        return self.receiver
+
+    # ---- the open epoch, under the apply lock ----------------------------------------
+
+    async def begin(self, msg: wire.EpochBegin) -> None:
+        async with self.lock:
+            self._receiver().begin(msg)
+
+    async def pages(self, msg: wire.Pages) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self._receiver().receive_pages, msg)
+
+    async def device_state(self, msg: wire.DeviceState) -> None:
+        async with self.lock:
+            self._receiver().device_state(msg)
+
+    async def io_log(self, msg: wire.IOLog) -> None:
+        async with self.lock:
+            # A disk copy in progress writes the log into its file at once.
+            await asyncio.to_thread(self._receiver().io_log, msg)
+
+    async def disk_copy(self, lineage: str, *, incremental: bool) -> int:
+        async with self.lock:
+            epoch = self._receiver().disk_copy(lineage, incremental=incremental)
+        mode = "incremental" if incremental else "full"
+        self.artifacts.event("disk-copy", mode=mode, epoch=epoch)
+        return epoch
+
+    async def end(self, msg: wire.EpochEnd, after: AfterCommit) -> int:
+        """Commit the open epoch, persist its device state, run ``after`` (still under
+        the lock: the replica does not change meanwhile); returns the epoch."""
+        async with self.lock:
+            receiver = self._receiver()
+            epoch = receiver.end(msg)
+            devstate = receiver.committed_devstate
+            assert devstate is not None
+            path = self.run_dir / "devstate.committed"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(devstate)
+            os.replace(tmp, path)
+            await after(epoch, devstate)
+        return epoch
+
+    def durable(self, epoch: int) -> None:
+        self._receiver().durable(epoch)
+
+    async def roll_back(self, why: str) -> None:
+        """Drop the open epoch, if any (logged as a ``rollback`` event)."""
+        async with self.lock:
+            self.roll_back_locked(why)
+
+    def roll_back_locked(self, why: str) -> None:
+        """:meth:`roll_back` for a caller that holds the lock."""
+        ep = self.receiver.rollback() if self.receiver is not None else None
+        if ep is not None:
+            self.artifacts.event("rollback", epoch=ep.epoch, pages=ep.pages, reason=why)
+
+    # ---- the end -------------------------------------------------------------------
+
+    def unmap(self) -> None:
+        """Take no more epochs and drop the mapping (QEMU maps the file from here on)."""
+        if self.receiver is not None:
+            self.receiver.close()
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
+
+    def close(self, *, keep_file: bool) -> None:
+        """Unmap, close the disk copy, and remove the RAM file unless ``keep_file``."""
+        self.unmap()
+        if self.disk is not None:
+            self.disk.close()
+        if self.commit_probe is not None:
+            self.commit_probe.close()
+        if not keep_file:
+            with contextlib.suppress(FileNotFoundError):
+                self.ram_path.unlink()
+
+
+def _commit_probe_log(cfg: KemariConfig, folder: Path) -> CommitProbeLog | None:
+    """The ``[testing] commit_probe`` observer of every commit, or None (production)."""
+    if cfg.testing.commit_probe != "stream":
+        return None
+    return CommitProbeLog(
+        folder / "commits.jsonl",
+        guestmem.STREAM_MAGIC,
+        locate=guestmem.locate_probes,
+        read_value=guestmem.read_value,
+    )
+
+
+__all__ = ["AfterCommit", "ReplicaStore"]
