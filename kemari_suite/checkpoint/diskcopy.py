@@ -75,26 +75,24 @@ async def send_copy(agent: PrimaryAgent, epoch: int) -> None:
 async def _peer_state(agent: PrimaryAgent) -> dict[str, Any]:
     """What the secondary says it holds ({} if it did not say in time)."""
     try:
-        await asyncio.wait_for(agent.peer_disk_event.wait(), PEER_STATE_TIMEOUT_S)
+        await asyncio.wait_for(agent.peer.disk_known.wait(), PEER_STATE_TIMEOUT_S)
     except TimeoutError:
         return {}
-    return agent.peer_disk
+    return agent.peer.disk
 
 
 def on_ack(agent: PrimaryAgent, epoch: int) -> None:
     """The epoch that carried a resync is committed: nothing is dirty any more."""
     if agent.resync and agent.resync.get("epoch") == epoch and agent.io is not None:
-        if agent.io.disk is not None:
-            agent.io.disk.clear(agent.io.disk.dirty_blocks())
+        agent.io.clear_dirty()
         agent.resync["committed"] = True
 
 
 def remember_switchover(agent: PrimaryAgent, epoch: int) -> None:
     """After a switchover this copy is the peer's as of ``epoch``: the next protection
     (this host as the standby) then needs only what the peer wrote since."""
-    io = agent.io
-    if io is not None and io.disk is not None and io.streams_copy and io.lineage:
-        io.remember(epoch)
+    if agent.io is not None:
+        agent.io.remember(epoch)
 
 
 __all__ = ["on_ack", "remember_switchover", "send_copy"]

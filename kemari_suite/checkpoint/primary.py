@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.alerts import Alerter
-from kemari_suite.checkpoint import diskcopy
+from kemari_suite.checkpoint import commands, diskcopy, loss
 from kemari_suite.checkpoint.arbiter import LeaseKeeper
 from kemari_suite.checkpoint.guestevents import GuestEvents
 from kemari_suite.checkpoint.peer import AckTracker, PeerSession
+from kemari_suite.checkpoint.peerstate import PeerState
 from kemari_suite.checkpoint.sender import Buffers, EpochSender
 from kemari_suite.checkpoint.states import PRIMARY_TRANSITIONS, PrimaryState
 from kemari_suite.checkpoint.switchover import run_switchover
@@ -39,6 +40,7 @@ from kemari_suite.checkpoint.tracker import DirtyTracker, make_tracker
 from kemari_suite.checkpoint.triggers import Triggers
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig
+from kemari_suite.disk import guest_disk_size
 from kemari_suite.errors import ConnectError, FailoverError, ProtocolError, ReplicationError
 from kemari_suite.ha.tiebreak import make_tiebreaker
 from kemari_suite.protocol import wire
@@ -113,34 +115,26 @@ class PrimaryAgent:
             lease_s=self.rcfg.heartbeat_timeout_ms / 1000,
             tiebreaker_name=self.rcfg.tiebreaker,
             secondary_silent=self._secondary_silent,
-            on_fenced=self._stop_fenced,
+            on_fenced=lambda why: loss.stop_fenced(self, why),
             on_unreachable=lambda why: self.artifacts.event("witness-unreachable", reason=why),
         )
         self.io: GuestIO | None = None
         self.control: ControlServer | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        #: The secondary's disk copy as it reported it, and our last resync of it.
-        self.peer_disk: dict[str, Any] = {}
-        self.peer_disk_event = asyncio.Event()
+        #: What the secondary said on the current connection.
+        self.peer = PeerState(self.artifacts)
+        #: Our last disk resync towards the secondary.
         self.resync: dict[str, Any] = {}
-        #: The secondary's verdict on running this VM (profile check, trial restore).
-        self.compat: dict[str, Any] = {}
-        self._compat_event = asyncio.Event()
-        self._profile_event = asyncio.Event()
-        self.compat_refused = ""
-        #: A switchover the operator asked for, and the secondary's answer to it.
+        #: A switchover the operator asked for.
         self.switch_req: asyncio.Future[dict[str, Any]] | None = None
-        self.switch_reply: asyncio.Future[dict[str, Any]] | None = None
         self.switched_epoch = -1
         #: "stopped", or "standby" after a switchover (the node then runs the standby).
         self.outcome = "stopped"
         self.failover_report: dict[str, Any] | None = None
         self._handlers: dict[type[wire.Message], Callable[[Any], None]] = {
             wire.Ack: lambda m: self.on_ack(m.epoch),
-            wire.CompatVerdict: self._on_compat,
-            wire.Switched: self._on_switched,
-            wire.DiskState: self._on_disk_state,
+            **self.peer.handlers(),
         }
 
     # ---- state -------------------------------------------------------------------------
@@ -174,7 +168,7 @@ class PrimaryAgent:
             "tracker": self.tracker.name if self.tracker else None,
             "disk_resync": self.resync,
             "io": self.io.status() if self.io is not None else None,
-            "compat": self.compat,
+            "compat": self.peer.compat,
             "alerts": self.artifacts.alert_history(),
             "failover": self.failover_report,
             "states": self.life.sequence(),
@@ -184,6 +178,14 @@ class PrimaryAgent:
         """End the agent's run (the node decides what comes next)."""
         self._stop.set()
         self.triggers.request("stop")
+
+    async def fence(self, reason: str) -> None:
+        """Stop the guest for good (another host may run it now); see :mod:`.loss`.
+
+        Raises:
+            FailoverError: always (the agent's run ends with it).
+        """
+        await loss.fence(self, reason)
 
     @property
     def stopping(self) -> bool:
@@ -196,7 +198,7 @@ class PrimaryAgent:
         self.io = GuestIO(
             self.cfg,
             self.vm.paths,
-            epoch_source=lambda: self.epoch,
+            epoch=self.epoch,
             on_event=self.sched.notify,
             mode=TapMode.UNPROTECTED,
             on_durable=self._on_durable,
@@ -216,13 +218,9 @@ class PrimaryAgent:
         self.vm = vm
         self.spec = vm.spec
         self.io = io
-        if io is not None:
-            io.rebind(
-                epoch_source=lambda: self.epoch,
-                on_event=self.sched.notify,
-                on_durable=self._on_durable,
-            )
         self.epoch = epoch
+        if io is not None:
+            io.rebind(on_event=self.sched.notify, on_durable=self._on_durable, epoch=epoch)
         self.last_committed_epoch = epoch
         await self._attach()
 
@@ -256,13 +254,7 @@ class PrimaryAgent:
         """Protect the VM until stopped. Raises FailoverError when fenced."""
         self.control = ControlServer(
             self.vm.paths.run_dir / "control.sock",
-            {
-                "status": self._h_status,
-                "checkpoint": self._h_checkpoint,
-                "stop": self._h_stop,
-                "switchover": self._h_switchover,
-                **({"fault": faults.control_handler} if faults.enabled() else {}),
-            },
+            commands.handlers(self),
         )
         await self.control.start()
         self.lease.witness = make_tiebreaker(self.cfg, self.node_id, format_lease=True)
@@ -278,10 +270,10 @@ class PrimaryAgent:
                     if self._stop.is_set():
                         break
                     lost = self.session.lost_reason if self.session is not None else ""
-                    await self._secondary_lost(lost or str(err))
+                    await loss.secondary_lost(self, lost or str(err))
                     # Reconnect (re-protect) when a secondary comes back; a secondary
                     # that cannot run this VM will not change its mind every second.
-                    await self._sleep_or_stop(15.0 if self.compat_refused else 1.0)
+                    await self._sleep_or_stop(15.0 if self.peer.refused else 1.0)
         finally:
             await self.shutdown()
         if self.state is PrimaryState.FENCED:
@@ -332,40 +324,10 @@ class PrimaryAgent:
         self.artifacts.status(self.status_dict())
         self.artifacts.close()
 
-    # ---- control handlers --------------------------------------------------------------
-
-    async def _h_status(self, req: dict[str, Any]) -> Any:
-        return self.status_dict()
-
-    async def _h_checkpoint(self, req: dict[str, Any]) -> Any:
-        return {"epoch": await self.request_sync("command", wait=True)}
-
-    async def _h_stop(self, req: dict[str, Any]) -> Any:
-        self.request_stop()
-        return {"stopping": True}
-
-    async def _h_switchover(self, req: dict[str, Any]) -> Any:
-        """Hand the VM to the secondary at a checkpoint; this host becomes the standby."""
-        if self.state is not PrimaryState.PROTECTED:
-            raise ReplicationError(
-                f"not protected ({self.state.value}): a switchover needs a standby "
-                "holding a current checkpoint"
-            )
-        if self.switch_req is not None:
-            raise ReplicationError("a switchover is already in progress")
-        self.switch_req = asyncio.get_running_loop().create_future()
-        self.triggers.request("switchover")
-        try:
-            return await self.switch_req
-        finally:
-            self.switch_req = None
-
     # ---- protection --------------------------------------------------------------------
 
     async def _protect_once(self) -> None:
         """Connect, run the initial synchronization, then sync points until the link fails."""
-        self.peer_disk = {}
-        self.peer_disk_event.clear()
         link = await connect(
             self.rcfg.peer,
             key=self.key,
@@ -382,16 +344,19 @@ class PrimaryAgent:
         )
         assert self.ram is not None
         self.sender = EpochSender(link.send, self.encoder, n_pages=self.ram.n_pages)
-        self._compat_event.clear()
-        self._profile_event.clear()
-        self.compat_refused = ""
-        self.compat = {}
+        self.peer.reset(session)
         self.set_state(PrimaryState.SYNCING, f"secondary {self.rcfg.peer} connected")
         session.start()
         try:
             # Before a single page: can the secondary run this very VM?
-            await link.send(wire.VmProfile(profile=vm_profile(self.cfg, self.spec)))
-            await self._await_event(self._profile_event, "our VM profile")
+            await link.send(
+                wire.VmProfile(
+                    profile=vm_profile(self.cfg, self.spec, disk_size=guest_disk_size(self.cfg))
+                )
+            )
+            await self.peer.wait(
+                self.peer.profile_ok, "our VM profile", self.rcfg.heartbeat_timeout_ms / 500
+            )
             await self.syncs.initial_sync()
             await self._protected_loop(session)
             if session.lost.is_set():
@@ -405,14 +370,14 @@ class PrimaryAgent:
         verdict_due = time.monotonic() + COMPAT_TIMEOUT_S
         protected = False
         while not self._stop.is_set():
-            if not protected and self._compat_event.is_set():
+            if not protected and self.peer.restore_ok.is_set():
                 # The secondary loaded our first checkpoint into its own QEMU.
                 protected = True
                 await self.lease.paired()
                 self.set_state(
                     PrimaryState.PROTECTED,
                     f"epoch {self.last_committed_epoch}; the secondary restored "
-                    f"a checkpoint in {self.compat.get('ms', '?')} ms",
+                    f"a checkpoint in {self.peer.compat.get('ms', '?')} ms",
                 )
             elif not protected and time.monotonic() > verdict_due:
                 session.lose("the secondary never reported its trial restore")
@@ -449,46 +414,7 @@ class PrimaryAgent:
             return target
         return await fut
 
-    async def _await_event(self, event: asyncio.Event, what: str) -> None:
-        """Wait for the secondary's answer to ``what`` (or the loss of the session)."""
-        assert self.session is not None
-        timeout = self.rcfg.heartbeat_timeout_ms / 1000 * 2
-        lost = asyncio.ensure_future(self.session.lost.wait())
-        ok = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({lost, ok}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            ok.cancel()
-        if self.session.lost.is_set():
-            raise ReplicationError(self.session.lost_reason)
-        if not event.is_set():
-            raise ReplicationError(f"the secondary did not answer {what} in {timeout} s")
-
     # ---- frames from the secondary -----------------------------------------------------
-
-    def _on_compat(self, msg: wire.CompatVerdict) -> None:
-        verdict = msg.as_dict()
-        self.compat = verdict
-        self.artifacts.event("compat", **verdict)
-        if msg.ok:
-            (
-                self._profile_event if msg.stage is wire.CompatStage.PROFILE else self._compat_event
-            ).set()
-            return
-        self.compat_refused = msg.reason or "no reason given"
-        assert self.session is not None
-        self.session.lose(
-            f"the secondary cannot run this VM ({msg.stage.name.lower()}): {self.compat_refused}"
-        )
-
-    def _on_switched(self, msg: wire.Switched) -> None:
-        if self.switch_reply is not None and not self.switch_reply.done():
-            self.switch_reply.set_result(msg.as_reply())
-
-    def _on_disk_state(self, msg: wire.DiskState) -> None:
-        self.peer_disk = msg.as_dict()
-        self.peer_disk_event.set()
 
     def _on_durable(self, epoch: int) -> None:
         """Every write through ``epoch`` is on our disk: the secondary may drop its logs."""
@@ -513,51 +439,6 @@ class PrimaryAgent:
     def _secondary_silent(self) -> bool:
         interval = self.rcfg.heartbeat_interval_ms / 1000
         return self.session is None or self.session.silent_for() > 2 * interval
-
-    # ---- losing the secondary ----------------------------------------------------------
-
-    async def _secondary_lost(self, reason: str) -> None:
-        """Decide, through the tiebreaker, whether to go on unprotected or to fence."""
-        self.acks.fail(f"secondary lost: {reason}")
-        if self.io is not None and self.state is PrimaryState.PROTECTED:
-            self.io.acked_at_loss = self.last_committed_epoch
-        if self.session is not None:
-            self.session.link.close()
-            self.session = None
-        if self.state in (PrimaryState.UNPROTECTED, PrimaryState.HELD):
-            return
-        self.artifacts.event("secondary-lost", reason=reason)
-        verdict = await self.lease.on_secondary_lost(reason)
-        if verdict.outcome == "unprotected":
-            if self.io is not None:
-                await self.io.unprotect()
-            self.set_state(PrimaryState.UNPROTECTED, verdict.reason)
-        elif verdict.outcome == "fence":
-            await self.fence(verdict.reason)
-        else:
-            self.set_state(PrimaryState.HELD, verdict.reason)
-
-    async def fence(self, reason: str) -> None:
-        """Stop the guest for good: another host may run it now.
-
-        Raises:
-            FailoverError: always (the agent's run ends with it).
-        """
-        log.error("primary fenced: %s", reason)
-        self.set_state(PrimaryState.FENCED, reason)
-        self.artifacts.event("fenced", reason=reason)
-        with contextlib.suppress(Exception):
-            await self.vm.kill()
-        self._stop.set()
-        raise FailoverError(f"this host stopped its VM: {reason}")
-
-    def _stop_fenced(self, reason: str) -> None:
-        log.error("primary fenced: %s", reason)
-        self.set_state(PrimaryState.FENCED, reason)
-        self.artifacts.event("fenced", reason=reason)
-        if self.vm.proc is not None and self.vm.proc.poll() is None:
-            self.vm.proc.kill()
-        self.request_stop()
 
 
 __all__ = ["PrimaryAgent", "PrimaryState"]

@@ -50,10 +50,10 @@ async def run_switchover(agent: PrimaryAgent, result: asyncio.Future[dict[str, A
                 await asyncio.to_thread(agent.io.disk.flush)
     except (ReplicationError, TimeoutError) as err:
         await agent.vm.execute("cont")
-        failure = ReplicationError(f"switchover aborted: {err}")
+        aborted = ReplicationError(f"switchover aborted: {err}")
         if not result.done():
-            result.set_exception(failure)
-        raise failure from err
+            result.set_exception(aborted)
+        raise aborted from err
     t_stopped = time.monotonic()
     # Let the peer take the lease at once: stop renewing it, then release it.
     await agent.lease.pause()
@@ -101,15 +101,15 @@ async def _ask_peer(agent: PrimaryAgent, epoch: int) -> dict[str, Any]:
     """Send the request and wait for the answer: ok True (done), False (refused) or None
     (unknown: no answer)."""
     assert agent.session is not None
-    agent.switch_reply = asyncio.get_running_loop().create_future()
+    agent.peer.switch_reply = asyncio.get_running_loop().create_future()
     lineage = agent.io.lineage if agent.io is not None else ""
     try:
         await agent.session.link.send(wire.SwitchoverRequest(epoch=epoch, lineage=lineage))
-        return await asyncio.wait_for(agent.switch_reply, ANSWER_TIMEOUT_S)
+        return await asyncio.wait_for(agent.peer.switch_reply, ANSWER_TIMEOUT_S)
     except (TimeoutError, ConnectionError, OSError) as err:
         return {"ok": None, "reason": f"no answer from the secondary: {err or 'timeout'}"}
     finally:
-        agent.switch_reply = None
+        agent.peer.switch_reply = None
 
 
 __all__ = ["run_switchover"]

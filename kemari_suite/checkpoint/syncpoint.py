@@ -75,7 +75,7 @@ class SyncPoints:
         epoch = a.epoch + 1
         if a.io is not None:
             # From here on writes are logged (in this epoch) and output is held.
-            await a.io.protect()
+            await a.io.protect(epoch)
         await a.sender.begin(epoch, wire.EpochKind.FULL)
 
         async def stop() -> None:
@@ -111,6 +111,8 @@ class SyncPoints:
                 # The epoch switches here, while the VM is stopped: every write from
                 # now on belongs to the next epoch.
                 a.epoch = epoch + 1
+                if a.io is not None:
+                    a.io.switch_epoch(epoch + 1)
                 a.sched.started(epoch)
 
             try:

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from kemari_suite.config import KemariConfig
-from kemari_suite.disk.base import DiskBackend, DiskRole, FileDisk
+from kemari_suite.disk.base import DiskBackend, DiskRole
 from kemari_suite.disk.builtin import BuiltinDisk
 from kemari_suite.disk.drbd import DrbdBackend, DrbdTools
 from kemari_suite.disk.shared import SharedDiskBackend, SharedDiskConfig
@@ -129,27 +129,9 @@ def guest_disk_size(cfg: KemariConfig) -> int:
     return size - (backend.caps.reserved_bytes if backend is not None else 0)
 
 
-def open_disk(cfg: KemariConfig) -> FileDisk | None:
-    """Deprecated (the engine switches to :func:`open_backend`): the guest disk's data
-    as an attached :class:`FileDisk`, past the reserved head of a shared device, or None
-    without a disk.
-
-    Raises:
-        ConfigError: the image is missing.
-        DiskError: it cannot be opened.
-    """
-    backend = open_backend(cfg, role=DiskRole.SECONDARY)
-    if backend is None:
-        return None
-    disk = FileDisk(cfg.disk.path, offset=backend.caps.reserved_bytes)
-    disk.attach()
-    return disk
-
-
 __all__ = [
     "drbd_resource_name",
     "guest_disk_size",
     "open_backend",
-    "open_disk",
     "shared_disk_config",
 ]

@@ -103,7 +103,8 @@ class CompatStage(IntEnum):
     """Which check a :class:`CompatVerdict` reports."""
 
     PROFILE = 1  # the VM profiles compared, before a single page
-    TRIAL = 2  # the first checkpoint restored in a throw-away QEMU on the secondary
+    #: the trial restore: the first checkpoint restored in a throw-away QEMU on the secondary
+    RESTORE = 2
 
 
 class DiskCopyMode(IntEnum):

@@ -29,15 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.config import KemariConfig
+
+# The profile itself lives with the VM (the primary sends it and must not import this
+# package); re-exported here for the callers that still take it from compat.
+from kemari_suite.disk import guest_disk_size
 from kemari_suite.errors import KemariError, ReplicationError
 from kemari_suite.protocol.link import Link
 from kemari_suite.replica import verbs
 from kemari_suite.service.metrics import Artifacts
 from kemari_suite.vm.devstate import restore
-
-# The profile itself lives with the VM (the primary sends it and must not import this
-# package); re-exported here for the callers that still take it from compat.
-from kemari_suite.vm.profile import disk_size, file_digest, qemu_version, vm_profile
+from kemari_suite.vm.profile import file_digest, qemu_version, vm_profile
 from kemari_suite.vm.qemu import AsyncVM, VMPaths, VMSpec
 
 #: Profile fields that must be equal on both hosts, with the config key that sets each.
@@ -103,9 +104,14 @@ def _trial_spec(cfg: KemariConfig, spec: VMSpec) -> VMSpec:
         netdev = f"tap,ifname=kchk{os.getpid() % 100000:05d},script=no,downscript=no"
     elif spec.netdev:
         netdev = "hubport,hubid=0"
-    size = disk_size(cfg)
+    size = guest_disk_size(cfg)
     blockdev = f"driver=null-co,size={size}" if size > 0 else None
     return spec.replace(name=f"{spec.name}-check", incoming=True, netdev=netdev, blockdev=blockdev)
+
+
+def profile_here(cfg: KemariConfig, spec: VMSpec) -> dict[str, Any]:
+    """This host's VM profile (:func:`~kemari_suite.vm.profile.vm_profile`)."""
+    return vm_profile(cfg, spec, disk_size=guest_disk_size(cfg))
 
 
 def trial_ram_path(cfg: KemariConfig, spec: VMSpec) -> Path:
@@ -190,7 +196,7 @@ class CompatCheck:
     def check_profile(self, theirs: dict[str, Any]) -> dict[str, Any]:
         """Compare the primary's profile with this host's; returns the verdict for the
         wire, ``{"ok", "stage": "profile", "reason" | "notes"}``."""
-        cmp = compare(theirs, vm_profile(self.cfg, self.spec))
+        cmp = compare(theirs, profile_here(self.cfg, self.spec))
         self.results = {"profile": "ok" if cmp.ok else "refused", "differences": cmp.differences}
         if cmp.notes:
             self.results["notes"] = cmp.notes
@@ -258,8 +264,8 @@ __all__ = [
     "CompatCheck",
     "compare",
     "copy_replica",
-    "disk_size",
     "file_digest",
+    "profile_here",
     "qemu_version",
     "run_trial",
     "trial_ram_path",

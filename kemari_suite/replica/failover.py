@@ -218,7 +218,7 @@ class Failover:
             io = GuestIO(
                 self.cfg,
                 self.vm.paths,
-                epoch_source=lambda: 0,
+                epoch=0,
                 on_event=None,
                 mode=TapMode.UNPROTECTED,
             )

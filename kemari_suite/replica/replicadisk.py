@@ -10,29 +10,21 @@ Two kinds of guest disk reach the secondary:
 - **shared storage** (or any disk the primary itself writes): the secondary only keeps
   the committed I/O logs, and :func:`replay_committed` applies them at failover.
 
-Only this module touches :class:`~kemari_suite.disk.base.FileDisk`, ``open_disk``, the
-disk-state sidecar and the I/O log replay.
+Only this module opens the disk (through :func:`kemari_suite.disk.open_backend`, by
+capability: a backend that ``streams_copy`` is a copy the engine keeps, one that
+``replays_log`` is storage the primary writes itself) and replays I/O logs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kemari_suite.config import KemariConfig
-from kemari_suite.disk.base import FileDisk
+from kemari_suite.disk import DiskBackend, DiskRole, open_backend
 from kemari_suite.errors import DiskError, FailoverError
-from kemari_suite.tap import replay
 from kemari_suite.tap.backend import BlockBackend
-from kemari_suite.tap.epochs import ops_to_writes, parse
-from kemari_suite.tap.guestio import (
-    disk_state_path,
-    open_disk,
-    read_disk_state,
-    write_disk_state,
-)
+from kemari_suite.tap.epochs import apply_log, replay
 
 
 class ReplicaDisk(Protocol):
@@ -87,37 +79,35 @@ class ReplicaDisk(Protocol):
 
 
 class BuiltinCopy:
-    """The built-in replicated disk's copy on this host; see :class:`ReplicaDisk`."""
+    """This host's copy of a disk the engine streams (the built-in replicated disk);
+    see :class:`ReplicaDisk`. The backend keeps the sidecar crash-safely."""
 
-    def __init__(self, cfg: KemariConfig, disk: FileDisk) -> None:
+    def __init__(self, cfg: KemariConfig, disk: DiskBackend) -> None:
         self.cfg = cfg
         self.path = cfg.disk.path
-        self._disk: FileDisk | None = disk
-        #: The copy this disk is (set at each commit; "" while it is nobody's copy).
-        self.lineage = ""
-        self._next: FileDisk | None = None
-        self._inplace = False
+        self._disk: DiskBackend | None = disk
+        #: Where the copy in progress is written (None: no copy in progress).
+        self._target: DiskBackend | None = None
         self._pending_lineage = ""
 
     @classmethod
     def open(cls, cfg: KemariConfig) -> BuiltinCopy | None:
-        """This host's copy when the VM has a built-in replicated disk, else None.
+        """This host's copy when the VM's disk is one the engine streams, else None.
 
         Raises:
             ConfigError: the disk file is missing.
             DiskError: it cannot be opened.
         """
-        if not cfg.disk.path or cfg.disk.backend != "builtin":
+        disk = open_backend(cfg, role=DiskRole.SECONDARY)
+        if disk is None:
             return None
-        disk = open_disk(cfg)
-        assert disk is not None
+        if not disk.caps.streams_copy:
+            disk.close()
+            return None
+        disk.attach()
         return cls(cfg, disk)
 
-    @property
-    def next_path(self) -> str:
-        return self.path + ".next"
-
-    def _require(self) -> FileDisk:
+    def _require(self) -> DiskBackend:
         if self._disk is None:
             raise DiskError("builtin", f"{self.path} is closed (this host failed over)")
         return self._disk
@@ -126,69 +116,45 @@ class BuiltinCopy:
 
     @property
     def copying(self) -> bool:
-        return self._next is not None or self._inplace
+        return self._target is not None
 
     def begin_copy(self, lineage: str, *, incremental: bool) -> None:
         disk = self._require()
         self.abort()
+        # Incremental: written in place, and until the epoch commits the copy is nobody's.
+        self._target = disk.begin_copy(full=not incremental)
         self._pending_lineage = lineage
-        if incremental:
-            # Written in place: until this epoch commits the copy is neither old nor
-            # new, so it must not count as anybody's copy.
-            self._mark("", -1)
-            self._inplace = True
-            return
-        with open(self.next_path, "wb") as f:
-            f.truncate(disk.size)
-        nxt = FileDisk(self.next_path)
-        nxt.attach()
-        self._next = nxt
 
     def write_now(self, log: bytes) -> None:
-        target = self._next if self._next is not None else self._require()
-        replay_nosync(target, log)
+        apply_log(self._target if self._target is not None else self._require(), log)
 
     def commit(self, epoch: int, logs: Sequence[bytes]) -> None:
         disk = self._require()
-        if self._next is not None:
-            # The new full copy replaces the old one in one rename.
-            nxt, self._next = self._next, None
-            nxt.flush()
-            nxt.close()
-            disk.close()
-            os.replace(self.next_path, self.path)
-            disk = FileDisk(self.path)
-            disk.attach()
-            self._disk = disk
-        elif logs and not self._inplace:
+        if self._target is not None:
+            # A full copy replaces the old one in one rename; an in-place one is done.
+            self._target = None
+            disk.commit_copy(self._pending_lineage, epoch)
+        else:
             # Applied before the acknowledgement: the copy is always at the last
             # committed epoch (the page cache survives an agent crash).
             for log in logs:
-                replay_nosync(disk, log)
-        self._mark(self._pending_lineage or self.lineage, epoch)
-        self._inplace = False
+                apply_log(disk, log)
+            disk.write_state(disk.read_state().lineage, epoch)
         self._pending_lineage = ""
 
     def abort(self) -> None:
-        if self._next is not None:
-            self._next.close()
-            self._next = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.next_path)
         # An in-place copy stays marked as nobody's: it is neither old nor new.
-        self._inplace = False
+        if self._target is not None and self._disk is not None:
+            self._disk.abort_copy()
+        self._target = None
         self._pending_lineage = ""
 
     # ---- the agent's side -----------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """The sidecar: ``{"lineage", "epoch"}``, or {} when there is none."""
-        return read_disk_state(self.cfg)
-
-    def _mark(self, lineage: str, epoch: int) -> None:
-        """Which copy this disk is (lineage) and through which epoch (applied)."""
-        self.lineage = lineage
-        write_disk_state(self.cfg, lineage, epoch)
+        """The sidecar: ``{"lineage", "epoch"}``, or {} when this is nobody's copy."""
+        st = self._require().read_state()
+        return st.to_dict() if st.lineage else {}
 
     def prepare_failover(self, epoch: int) -> None:
         """Hand the copy to the VM about to resume memory epoch ``epoch``: check that it
@@ -197,19 +163,19 @@ class BuiltinCopy:
         Raises:
             FailoverError: the copy is at another epoch or is nobody's copy.
         """
-        state = self.state()
-        if state.get("epoch") != epoch or not state.get("lineage"):
+        disk = self._require()
+        st = disk.read_state()
+        if st.epoch != epoch or not st.lineage:
             # Memory at one checkpoint and the disk at another: resuming would show
             # the guest a disk it never wrote. Refuse, loudly.
             raise FailoverError(
-                f"the disk copy {self.path} is at epoch {state.get('epoch')} "
-                f"(lineage {state.get('lineage') or 'none'}), memory at epoch "
+                f"the disk copy {self.path} is at epoch {st.epoch} "
+                f"(lineage {st.lineage or 'none'}), memory at epoch "
                 f"{epoch}: diverged copies, not resuming"
             )
         # From here on this copy diverges from any primary's: it is nobody's replica.
-        with contextlib.suppress(FileNotFoundError):
-            disk_state_path(self.cfg).unlink()
-        self._require().flush()
+        disk.clear_state()
+        disk.flush()
         self.close()
 
     def close(self) -> None:
@@ -221,28 +187,29 @@ class BuiltinCopy:
 
 
 def replay_committed(cfg: KemariConfig, logs: Sequence[bytes]) -> None:
-    """Shared storage at failover: apply the committed I/O logs the primary may not
-    have applied yet, then flush (writes are idempotent). Nothing without a disk.
+    """Storage the primary writes itself (shared, DRBD) at failover: apply the committed
+    I/O logs it may not have applied yet, then flush (writes are idempotent). Nothing
+    without such a disk.
 
     Raises:
         ConfigError: the disk is missing.
         ProtocolError: a log is malformed.
         DiskError, OSError: the disk failed.
     """
-    disk = open_disk(cfg)
+    disk = open_backend(cfg, role=DiskRole.SECONDARY)
     if disk is None:
         return
     try:
-        replay(disk, list(logs))
+        if disk.caps.replays_log and logs:
+            disk.attach()
+            replay(disk, list(logs))
     finally:
         disk.close()
 
 
 def replay_nosync(disk: BlockBackend, data: bytes) -> None:
     """Apply one I/O log to ``disk`` without flushing (the caller flushes when it must)."""
-    writes = ops_to_writes(parse(data).ops)
-    if writes:
-        disk.apply(writes)
+    apply_log(disk, data)
 
 
 __all__ = ["BuiltinCopy", "ReplicaDisk", "replay_committed", "replay_nosync"]

@@ -15,8 +15,8 @@ The agent is a coordinator; each concern lives in its own module:
   the apply lock;
 - :mod:`~kemari_suite.replica.replicadisk`: every disk operation (the built-in copy,
   shared-storage replay);
-- :mod:`~kemari_suite.replica.verbs`: the control verbs, the only reader and writer of
-  :class:`~kemari_suite.protocol.wire.Command`;
+- :mod:`~kemari_suite.replica.verbs`: the typed control messages (profile, disk copy,
+  durable marks, switchover) mapped to this agent's handlers, and the answers;
 - :mod:`~kemari_suite.replica.compat`: the protect-time compatibility check;
 - :mod:`~kemari_suite.replica.monitor`: heartbeat timeout -> tiebreaker -> failover;
 - :mod:`~kemari_suite.replica.failover`: the failover itself (and the standby's half of
@@ -143,7 +143,7 @@ class SecondaryAgent:
             wire.Heartbeat: _ignore,
             wire.GuestEvent: self._on_guest_event,
             wire.Bye: self._on_bye,
-            wire.Command: lambda link, msg: verbs.dispatch(link, msg, self),
+            **verbs.handlers(self),
             wire.EpochBegin: self._on_begin,
             wire.Pages: lambda _link, msg: self.store.pages(msg),
             wire.DeviceState: lambda _link, msg: self.store.device_state(msg),
@@ -388,7 +388,7 @@ class SecondaryAgent:
         epoch = await self.store.end(msg, committed)
         await link.send(wire.Ack(epoch=epoch))
 
-    # ---- control verbs (decoded by verbs.py) ----------------------------------------
+    # ---- control messages (mapped by verbs.py) ----------------------------------------
 
     async def on_disk_copy(self, lineage: str, *, incremental: bool) -> None:
         """The primary starts copying the disk in the open FULL epoch."""

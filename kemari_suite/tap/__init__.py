@@ -47,7 +47,7 @@ from kemari_suite.tap.epochs import (
     parse,
     replay,
 )
-from kemari_suite.tap.events import EpochSource, EventSink, IOEvent, OpenEpoch, TapMode
+from kemari_suite.tap.events import EventSink, IOEvent, OpenEpoch, TapMode
 from kemari_suite.tap.guard import check_tapped
 from kemari_suite.tap.nbd import NBDServer
 from kemari_suite.tap.net import FrameProxy
@@ -66,7 +66,6 @@ __all__ = [
     "BlockBackend",
     "BlockTap",
     "EpochLog",
-    "EpochSource",
     "EventSink",
     "FrameProxy",
     "IOEvent",

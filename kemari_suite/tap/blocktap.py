@@ -34,7 +34,7 @@ from typing import Any
 from kemari_suite.errors import DiskError, TapError
 from kemari_suite.tap.backend import BlockBackend
 from kemari_suite.tap.epochs import EpochLog, IOOp, OpKind, ops_to_writes
-from kemari_suite.tap.events import EpochSource, EventSink, IOEvent, OpenEpoch, TapMode
+from kemari_suite.tap.events import EventSink, IOEvent, OpenEpoch, TapMode
 from kemari_suite.tap.overlay import Piece, assemble
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ class BlockTap:
     ``on_event(kind, epoch)`` is told of each write and flush in PROTECTED mode;
     ``on_durable(epoch)`` is told when every write of epochs ``<= epoch`` is applied and
     flushed (the secondary may drop those logs). Use from one event loop; ``close()`` at
-    the end. ``epoch_source`` is deprecated: a pull source read for every write until
-    the first :meth:`switch_epoch`.
+    the end.
     """
 
     def __init__(
@@ -108,12 +107,11 @@ class BlockTap:
         on_event: EventSink | None = None,
         on_durable: Callable[[int], None] | None = None,
         name: str = "block",
-        epoch_source: EpochSource | None = None,
     ) -> None:
         self.backend = backend
         self.name = name
-        #: The open epoch (``open_epoch.source``: the deprecated pull source, if any).
-        self.open_epoch = OpenEpoch(name, epoch, epoch_source)
+        #: The open epoch, pushed by :meth:`switch_epoch`.
+        self.open_epoch = OpenEpoch(name, epoch)
         self.on_event = on_event
         self.on_durable = on_durable
         self.log = EpochLog()

@@ -27,8 +27,6 @@ class IOEvent(enum.StrEnum):
     NET = "net"  # a frame from the guest
 
 
-#: Deprecated (until the engine calls ``switch_epoch``): returns the primary's open epoch.
-EpochSource = Callable[[], int]
 #: Receives ``(kind, epoch)`` for each outbound I/O event; called on the event loop,
 #: must not block.
 EventSink = Callable[[IOEvent, int], None]
@@ -45,22 +43,20 @@ class OpenEpoch:
     """The primary's open epoch as one tap holds it.
 
     ``switch(e)`` sets it (inside the stopped window: every guest I/O from then on
-    belongs to ``e``); it never goes back. A deprecated pull ``source`` is read instead
-    until the first ``switch``.
+    belongs to ``e``); it never goes back.
     """
 
-    def __init__(self, name: str, epoch: int = 0, source: EpochSource | None = None) -> None:
+    def __init__(self, name: str, epoch: int = 0) -> None:
         self.name = name
         self._epoch = epoch
-        self.source = source
 
     @property
     def value(self) -> int:
         """The epoch the next guest I/O belongs to."""
-        return self.source() if self.source is not None else self._epoch
+        return self._epoch
 
     def switch(self, epoch: int) -> None:
-        """The open epoch is now ``epoch`` (the pull source, if any, is dropped).
+        """The open epoch is now ``epoch``.
 
         Raises:
             TapError: ``epoch`` is older than the open epoch (epochs never go back).
@@ -68,7 +64,6 @@ class OpenEpoch:
         if epoch < self._epoch:
             raise TapError(self.name, f"epoch {epoch} after epoch {self._epoch}: never back")
         self._epoch = epoch
-        self.source = None
 
 
-__all__ = ["EpochSource", "EventSink", "IOEvent", "OpenEpoch", "TapMode"]
+__all__ = ["EventSink", "IOEvent", "OpenEpoch", "TapMode"]

@@ -27,16 +27,6 @@ from typing import Any
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.disk import DiskBackend, DiskRole, Extent, open_backend
-
-# Deprecated re-exports (their old home), until the engine uses the backend's methods.
-from kemari_suite.disk.builtin import (
-    DISK_COPY_CHUNK,
-    RESYNC_BLOCK,
-    disk_state_path,
-    read_disk_state,
-    write_disk_state,
-)
-from kemari_suite.disk.factory import open_disk
 from kemari_suite.errors import TapError
 from kemari_suite.tap import (
     BlockTap,
@@ -47,7 +37,7 @@ from kemari_suite.tap import (
     check_tapped,
     open_tap,
 )
-from kemari_suite.tap.events import EpochSource, EventSink
+from kemari_suite.tap.events import EventSink
 from kemari_suite.vm.qemu import VMPaths, VMSpec, io_paths
 
 log = logging.getLogger(__name__)
@@ -86,13 +76,10 @@ class GuestIO:
         on_durable: Callable[[int], None] | None = None,
         epoch: int = 0,
         disk: DiskBackend | None = None,
-        epoch_source: EpochSource | None = None,  # deprecated: use epoch= / switch_epoch()
     ) -> None:
         """``epoch``: the open epoch until :meth:`switch_epoch`. ``disk``: the guest disk,
         attached and promoted by the caller (GuestIO owns it from now on); by default the
-        configured one, opened here with :func:`open_guest_disk`. ``epoch_source`` is
-        deprecated (a pull source read for every guest I/O until the first
-        :meth:`switch_epoch`), kept until the engine pushes the epoch.
+        configured one, opened here with :func:`open_guest_disk`.
 
         Raises:
             ConfigError, DiskError: as :func:`open_guest_disk`.
@@ -105,7 +92,6 @@ class GuestIO:
         #: Last epoch the secondary acknowledged before it was lost.
         self.acked_at_loss = -1
         self._epoch = epoch
-        self._epoch_source = epoch_source  # deprecated
         self.on_event = on_event
         self.on_durable = on_durable
         self.mode = mode
@@ -134,7 +120,6 @@ class GuestIO:
             self.block = BlockTap(
                 self.disk,
                 epoch=self._epoch,
-                epoch_source=self._epoch_source,
                 mode=self.mode,
                 on_event=self.on_event,
                 on_durable=self.on_durable,
@@ -148,7 +133,6 @@ class GuestIO:
                 self.paths.net,
                 dev,
                 epoch=self._epoch,
-                epoch_source=self._epoch_source,
                 mode=self.mode,
                 on_event=self.on_event,
                 hold_limit_bytes=self.cfg.tap.hold_limit_mib << 20,
@@ -172,10 +156,9 @@ class GuestIO:
         on_event: EventSink | None,
         on_durable: Callable[[int], None] | None,
         epoch: int | None = None,
-        epoch_source: EpochSource | None = None,  # deprecated: use epoch=
     ) -> None:
         """Hand the running taps to a new owner (a standby that becomes the primary),
-        whose open epoch is ``epoch``. ``epoch_source`` is deprecated (see ``__init__``).
+        whose open epoch is ``epoch`` (unchanged when None).
 
         Raises:
             TapError: ``epoch`` is older than the open epoch.
@@ -189,19 +172,13 @@ class GuestIO:
             self.net.on_event = on_event
         if epoch is not None:
             self.switch_epoch(epoch)
-        elif epoch_source is not None:
-            # Deprecated: the engine still pulls the epoch.
-            self._epoch_source = epoch_source
-            for tap in (self.block, self.net):
-                if tap is not None:
-                    tap.open_epoch.source = epoch_source
 
     # ---- epochs ------------------------------------------------------------------------
 
     @property
     def epoch(self) -> int:
         """The open epoch: guest writes are logged and frames held in it (PROTECTED)."""
-        return self._epoch_source() if self._epoch_source is not None else self._epoch
+        return self._epoch
 
     def switch_epoch(self, epoch: int) -> None:
         """The primary's open epoch is now ``epoch``: every guest write and frame from
@@ -214,7 +191,6 @@ class GuestIO:
         if epoch < self._epoch:
             raise TapError("guestio", f"epoch {epoch} after epoch {self._epoch}: never back")
         self._epoch = epoch
-        self._epoch_source = None
         if self.block is not None:
             self.block.switch_epoch(epoch)
         if self.net is not None:
@@ -374,15 +350,4 @@ def make_scheduler(cfg: KemariConfig) -> SyncScheduler:
     )
 
 
-__all__ = [
-    # deprecated re-exports, until the engine calls the backend (kemari_suite.disk)
-    "DISK_COPY_CHUNK",
-    "RESYNC_BLOCK",
-    "GuestIO",
-    "disk_state_path",
-    "make_scheduler",
-    "open_disk",
-    "open_guest_disk",
-    "read_disk_state",
-    "write_disk_state",
-]
+__all__ = ["GuestIO", "make_scheduler", "open_guest_disk"]

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ProtocolError, TapError
-from kemari_suite.tap.events import EpochSource, EventSink, IOEvent, OpenEpoch, TapMode
+from kemari_suite.tap.events import EventSink, IOEvent, OpenEpoch, TapMode
 from kemari_suite.tap.tun import TapDevice
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,6 @@ class FrameProxy:
         mode: PROTECTED holds guest frames per epoch; UNPROTECTED passes them through.
         epoch: the primary's open epoch, switched by :meth:`switch_epoch`.
         on_event: told ``(IOEvent.NET, epoch)`` for each guest frame in PROTECTED mode.
-        epoch_source: deprecated pull source, read for each guest frame until the first
-            :meth:`switch_epoch`.
     """
 
     def __init__(
@@ -187,12 +185,11 @@ class FrameProxy:
         hold_limit_frames: int = 16384,
         guest_buffer_limit: int = 4 << 20,
         name: str = "net",
-        epoch_source: EpochSource | None = None,
     ) -> None:
         self.guest_socket = Path(guest_socket)
         self.tap = tap
-        #: The open epoch (``open_epoch.source``: the deprecated pull source, if any).
-        self.open_epoch = OpenEpoch(name, epoch, epoch_source)
+        #: The open epoch, pushed by :meth:`switch_epoch`.
+        self.open_epoch = OpenEpoch(name, epoch)
         self.mode = mode
         self.on_event = on_event
         self.hold_limit_bytes = hold_limit_bytes

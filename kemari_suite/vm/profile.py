@@ -20,11 +20,6 @@ from typing import Any
 from kemari_suite.config import KemariConfig
 from kemari_suite.vm.qemu import QEMU_BINARY, VMSpec
 
-#: The lease area at the head of a shared disk that also holds the lease: the same
-#: value as ``kemari_suite.disk.shared.SHARED_RESERVED_BYTES`` (a unit test checks),
-#: repeated because the disk layer sits above this one.
-SHARED_RESERVED_BYTES = 1 << 20
-
 
 @functools.cache
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
@@ -59,25 +54,12 @@ def qemu_version() -> str:
     return m.group(1) if m else "unknown"
 
 
-def disk_size(cfg: KemariConfig) -> int:
-    """Size in bytes of this host's guest disk, 0 without one, -1 when it is missing."""
-    if not cfg.disk.path:
-        return 0
-    try:
-        fd = os.open(cfg.disk.path, os.O_RDONLY)
-    except OSError:
-        return -1
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-    if cfg.disk.backend == "shared" and cfg.disk.lease_device in ("", cfg.disk.path):
-        size -= SHARED_RESERVED_BYTES
-    return size
+def vm_profile(cfg: KemariConfig, spec: VMSpec, *, disk_size: int) -> dict[str, Any]:
+    """The host-independent description of the VM this host would run.
 
-
-def vm_profile(cfg: KemariConfig, spec: VMSpec) -> dict[str, Any]:
-    """The host-independent description of the VM this host would run."""
+    ``disk_size`` is the guest disk's size as the disk layer sees it
+    (:func:`kemari_suite.disk.guest_disk_size`: 0 without a disk, -1 when missing).
+    """
     return {
         "machine": spec.machine,
         "vcpus": spec.vcpus,
@@ -90,10 +72,10 @@ def vm_profile(cfg: KemariConfig, spec: VMSpec) -> dict[str, Any]:
         "initrd": file_digest(getattr(spec, "initrd", None)),
         "display": getattr(spec, "display", "none"),
         "devices": list(getattr(spec, "devices", ())),
-        "disk_size": disk_size(cfg),
+        "disk_size": disk_size,
         "disk_backend": cfg.disk.backend if cfg.disk.path else "",
         "qemu": qemu_version(),
     }
 
 
-__all__ = ["disk_size", "file_digest", "qemu_version", "vm_profile"]
+__all__ = ["file_digest", "qemu_version", "vm_profile"]

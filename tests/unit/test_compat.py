@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kemari_suite.alerts import AlertKind
 from kemari_suite.config import KemariConfig, with_overrides
+from kemari_suite.disk import guest_disk_size
 from kemari_suite.disk.shared import SHARED_RESERVED_BYTES
 from kemari_suite.replica import compat
 from kemari_suite.service.metrics import Artifacts, alert_for
@@ -25,18 +26,15 @@ def _spec(tmp_path: Path, **kw: object) -> VMSpec:
 
 def test_profile_lives_with_the_vm_and_compat_reexports_it() -> None:
     assert compat.vm_profile is profile.vm_profile
-    assert compat.disk_size is profile.disk_size
-    # Repeated in vm/profile.py because the disk layer sits above vm/.
-    assert profile.SHARED_RESERVED_BYTES == SHARED_RESERVED_BYTES
 
 
 def test_shared_disk_size_excludes_the_lease_area(tmp_path: Path) -> None:
     img = tmp_path / "shared.img"
     img.write_bytes(bytes(SHARED_RESERVED_BYTES + 4096))
     cfg = with_overrides(KemariConfig(), disk={"path": str(img), "backend": "shared"})
-    assert profile.disk_size(cfg) == 4096
+    assert guest_disk_size(cfg) == 4096
     missing = with_overrides(cfg, disk={"path": str(tmp_path / "nope")})
-    assert profile.disk_size(missing) == -1
+    assert guest_disk_size(missing) == -1
 
 
 def test_compat_check_records_the_profile_verdict(tmp_path: Path) -> None:
@@ -49,11 +47,11 @@ def test_compat_check_records_the_profile_verdict(tmp_path: Path) -> None:
         Artifacts(tmp_path / "art"),
         on_problem=problems.append,
     )
-    ok = check.check_profile(profile.vm_profile(cfg, _spec(tmp_path, memory_mib=128)))
+    ok = check.check_profile(compat.profile_here(cfg, _spec(tmp_path, memory_mib=128)))
     assert ok["ok"] and check.results["profile"] == "ok" and check.trial_pending
     assert check.restore_failure is None
     check.trial_pending = False
-    bad = check.check_profile(profile.vm_profile(cfg, _spec(tmp_path, memory_mib=256)))
+    bad = check.check_profile(compat.profile_here(cfg, _spec(tmp_path, memory_mib=256)))
     assert not bad["ok"] and "vm.memory_mib" in bad["reason"]
     assert check.results["profile"] == "refused" and not check.trial_pending
     check.results["restore"] = {"ok": False, "stage": "restore", "reason": "bad machine"}
@@ -62,15 +60,15 @@ def test_compat_check_records_the_profile_verdict(tmp_path: Path) -> None:
 
 def test_identical_profiles_pass(tmp_path: Path) -> None:
     cfg = KemariConfig()
-    p = profile.vm_profile(cfg, _spec(tmp_path))
+    p = compat.profile_here(cfg, _spec(tmp_path))
     cmp = compat.compare(p, dict(p))
     assert cmp.ok and cmp.differences == [] and cmp.notes == []
 
 
 def test_memory_mismatch_names_the_field(tmp_path: Path) -> None:
     cfg = KemariConfig()
-    primary = profile.vm_profile(cfg, _spec(tmp_path, memory_mib=256))
-    here = profile.vm_profile(cfg, _spec(tmp_path, memory_mib=128))
+    primary = compat.profile_here(cfg, _spec(tmp_path, memory_mib=256))
+    here = compat.profile_here(cfg, _spec(tmp_path, memory_mib=128))
     cmp = compat.compare(primary, here)
     assert not cmp.ok
     assert cmp.differences == ["vm.memory_mib: primary has 256, this host 128"]
@@ -78,9 +76,9 @@ def test_memory_mismatch_names_the_field(tmp_path: Path) -> None:
 
 def test_kernel_content_and_machine_differ(tmp_path: Path) -> None:
     cfg = KemariConfig()
-    primary = profile.vm_profile(cfg, _spec(tmp_path))
+    primary = compat.profile_here(cfg, _spec(tmp_path))
     (tmp_path / "vmlinuz").write_bytes(b"other kernel")
-    here = profile.vm_profile(cfg, _spec(tmp_path, machine="pc-q35-7.2"))
+    here = compat.profile_here(cfg, _spec(tmp_path, machine="pc-q35-7.2"))
     keys = {d.split(":")[0] for d in compat.compare(primary, here).differences}
     assert keys == {"vm.machine", "image.kernel (content)"}
 
@@ -89,17 +87,17 @@ def test_missing_disk_and_size(tmp_path: Path) -> None:
     disk = tmp_path / "d.img"
     disk.write_bytes(b"\0" * 8192)
     cfg = with_overrides(KemariConfig(), disk={"path": str(disk), "backend": "builtin"})
-    primary = profile.vm_profile(cfg, _spec(tmp_path))
+    primary = compat.profile_here(cfg, _spec(tmp_path))
     assert primary["disk_size"] == 8192
     disk.unlink()
-    here = profile.vm_profile(cfg, _spec(tmp_path))
+    here = compat.profile_here(cfg, _spec(tmp_path))
     diffs = compat.compare(primary, here).differences
     assert diffs == ["disk.path (size): the disk is missing on this host"]
 
 
 def test_qemu_version_is_a_note_not_a_refusal(tmp_path: Path) -> None:
     cfg = KemariConfig()
-    p = profile.vm_profile(cfg, _spec(tmp_path))
+    p = compat.profile_here(cfg, _spec(tmp_path))
     other = dict(p, qemu="8.0.0")
     cmp = compat.compare(other, p)
     assert cmp.ok and len(cmp.notes) == 1 and "trial restore" in cmp.notes[0]

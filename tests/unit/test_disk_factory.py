@@ -10,7 +10,7 @@ import pytest
 from kemari_suite.config import DiskConfig, KemariConfig, ReplicationConfig, VMConfig
 from kemari_suite.disk import DiskBackend, DiskCaps, DiskRole, guest_disk_size, open_backend
 from kemari_suite.disk.drbd import DrbdTools
-from kemari_suite.disk.factory import drbd_resource_name, open_disk
+from kemari_suite.disk.factory import drbd_resource_name
 from kemari_suite.disk.shared import (
     SHARED_RESERVED_BYTES,
     SharedDiskConfig,
@@ -36,6 +36,20 @@ def opened(cfg: KemariConfig, **kw: object) -> DiskBackend:
     assert backend is not None
     assert isinstance(backend, DiskBackend) and isinstance(backend, BlockBackend)
     return backend
+
+
+def write_through(disk: DiskBackend, offset: int, data: bytes, *, size: int | None = None) -> None:
+    """Attach, promote, write ``data`` at guest ``offset`` and close ``disk``."""
+    disk.attach()
+    try:
+        if size is not None:
+            assert disk.size == size
+        disk.promote()
+        disk.apply([(offset, data)])
+        disk.flush()
+        assert disk.read(offset, len(data)) == data
+    finally:
+        disk.close()
 
 
 class FakeClock:
@@ -113,14 +127,18 @@ def test_shared_with_a_separate_lease_device_has_no_reserved_head(tmp_path: Path
     lease.write_bytes(bytes(MIB))
     disk = opened(config("shared", dev, lease_device=str(lease)))
     assert disk.caps.reserved_bytes == 0 and not disk.caps.lease
-    # The same data offset as the deprecated open_disk.
-    raw = open_disk(config("shared", dev, lease_device=str(lease)))
-    assert raw is not None and raw.offset == 0
-    raw.close()
+    # The guest's data starts at the device's first byte (no reserved head) ...
+    write_through(disk, 0, b"data at 0")
+    assert dev.read_bytes()[:9] == b"data at 0"
+    assert lease.read_bytes()[:9] != b"data at 0"
+    # ... and past the reserved head when the lease lives on the data device.
     lun = create_shared_image(tmp_path / "lun.img", MIB)
-    raw = open_disk(config("shared", lun))
-    assert raw is not None and raw.offset == SHARED_RESERVED_BYTES and raw.size == MIB
-    raw.close()
+    disk = opened(config("shared", lun))
+    assert disk.caps.reserved_bytes == SHARED_RESERVED_BYTES
+    write_through(disk, 0, b"data at 1M", size=MIB)
+    data = lun.read_bytes()
+    assert data[SHARED_RESERVED_BYTES : SHARED_RESERVED_BYTES + 10] == b"data at 1M"
+    assert data[:10] != b"data at 1M"
     # What the VM profile compares: the guest-visible size.
     assert guest_disk_size(config("shared", lun)) == MIB
     assert guest_disk_size(config("shared", dev, lease_device=str(lease))) == MIB

@@ -336,10 +336,10 @@ def test_builtin_disk_full_copy_replaces_the_old_at_commit(tmp_path: Path, ram: 
     rx.begin(ep.begin)
     rx.disk_copy("L1", incremental=False)
     feed_parts(rx, ep)
-    assert Path(disk.next_path).exists()
+    assert Path(cfg.disk.path + ".next").exists()
     assert Path(cfg.disk.path).read_bytes() == b"o" * 8192, "old copy untouched until commit"
     rx.end(ep.end)
-    assert not Path(disk.next_path).exists()
+    assert not Path(cfg.disk.path + ".next").exists()
     assert Path(cfg.disk.path).read_bytes() == bytes(4096) + b"n" * 4096
     assert disk.state() == {"lineage": "L1", "epoch": 1}
     # A delta's writes land at its commit, under the same lineage.
@@ -357,7 +357,7 @@ def test_builtin_disk_rolled_back_copy_leaves_the_old_one(tmp_path: Path, ram: n
     rx.disk_copy("L1", incremental=False)
     rx.io_log(wire.IOLog(epoch=1, data=_log(1, 0, b"z" * 100)))
     rx.rollback()
-    assert not Path(disk.next_path).exists()
+    assert not Path(cfg.disk.path + ".next").exists()
     assert Path(cfg.disk.path).read_bytes() == b"o" * 8192
     # An incremental copy cut short leaves a copy that is nobody's.
     rx.begin(make_epoch(1, FULL, np.arange(N), ram).begin)

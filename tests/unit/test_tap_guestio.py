@@ -146,33 +146,44 @@ def test_switch_epoch_routes_writes_and_frames(
     run(go)
 
 
-def test_deprecated_epoch_source_until_the_engine_pushes(
+def test_rebind_hands_the_taps_to_a_new_owner_in_its_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A standby that becomes the primary takes over the running taps: its sink gets the
+    events from then on, in the epoch it pushes."""
     rig = Rig(tmp_path, monkeypatch)
-    current = [3]
+    mine: list[tuple[IOEvent, int]] = []
+    durable: list[int] = []
 
     async def go() -> None:
-        io = rig.guest_io(epoch_source=lambda: current[0])
+        io = rig.guest_io(epoch=3)
         await rig.start(io)
         try:
             assert io.block is not None and io.net is not None
             await io.protect()
             await io.block.write(0, b"a")
             await rig.send_frame(io, 1)
-            current[0] = 5
+            # No epoch: the open epoch stays.
+            io.rebind(on_event=lambda k, e: mine.append((k, e)), on_durable=durable.append)
+            assert io.epoch == io.block.epoch == io.net.epoch == 3
             await io.block.write(1, b"b")
-            # A new owner that still pulls (the standby's taps handed to the primary).
-            io.rebind(on_event=None, on_durable=None, epoch_source=lambda: 8)
+            io.rebind(
+                on_event=lambda k, e: mine.append((k, e)), on_durable=durable.append, epoch=9
+            )
             await io.block.write(2, b"c")
-            # The engine pushes from here on: the sources are no longer read.
-            io.rebind(on_event=None, on_durable=None, epoch=9)
-            current[0] = 99
-            await io.block.write(3, b"d")
             await rig.send_frame(io, 2)
-            assert io.block.log.pending_epochs() == [3, 5, 8, 9]
+            assert io.block.log.pending_epochs() == [3, 9]
             assert io.net.held_epochs() == [3, 9]
+            assert io.epoch == io.block.epoch == io.net.epoch == 9
+            assert rig.events == [(IOEvent.WRITE, 3), (IOEvent.NET, 3)]
+            assert mine == [(IOEvent.WRITE, 3), (IOEvent.WRITE, 9), (IOEvent.NET, 9)]
+            with pytest.raises(TapError, match="never back"):
+                io.rebind(on_event=None, on_durable=None, epoch=8)
             assert io.epoch == 9
+            io.committed(9)
+            await asyncio.wait_for(io.released(9), TIMEOUT)
+            assert durable and durable[-1] == 9
+            assert rig.lan_frames() == [frame(1), frame(2)]
         finally:
             await rig.close(io)
 

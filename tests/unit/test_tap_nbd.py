@@ -245,22 +245,22 @@ def test_epoch_is_pushed_and_never_goes_back() -> None:
         with pytest.raises(TapError, match="never back"):
             tap.switch_epoch(2)
         assert tap.epoch == 3
+        tap.switch_epoch(3)  # the same epoch again: nothing changes
+        await tap.write(2, b"c")
+        assert tap.log.pending_epochs() == [1, 3]
         await tap.close()
 
     run(go)
 
 
-def test_deprecated_epoch_source_is_read_until_the_first_switch() -> None:
+def test_the_first_epoch_is_given_to_the_constructor() -> None:
     async def go() -> None:
-        current = 4
-        tap = BlockTap(MemBackend(), epoch_source=lambda: current, mode=TapMode.PROTECTED)
+        tap = BlockTap(MemBackend(), epoch=4, mode=TapMode.PROTECTED)
+        assert tap.epoch == 4
         await tap.write(0, b"a")
-        current = 5
+        tap.switch_epoch(6)
         await tap.write(1, b"b")
-        tap.switch_epoch(6)  # the pull source is dropped from here on
-        current = 9
-        await tap.write(2, b"c")
-        assert tap.log.pending_epochs() == [4, 5, 6]
+        assert tap.log.pending_epochs() == [4, 6]
         await tap.close()
 
     run(go)

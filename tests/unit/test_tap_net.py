@@ -168,44 +168,15 @@ async def test_guest_frames_are_held_per_epoch_and_released_in_order(rig: Rig) -
 
 @rig_test()
 async def test_epoch_never_goes_back(rig: Rig) -> None:
+    await rig.guest_send(frame(1))  # in the epoch given to the constructor
     rig.epoch = 4
     with pytest.raises(TapError, match="never back"):
         rig.epoch = 3
-    await rig.guest_send(frame(1))
-    assert rig.proxy.held_epochs() == [4]
-
-
-def test_deprecated_epoch_source_is_read_until_the_first_switch(tmp_path: Path) -> None:
-    async def go() -> None:
-        lan, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        os.set_blocking(tap_end.fileno(), False)
-        current = [7]
-        proxy = FrameProxy(
-            tmp_path / "net.sock",
-            TapDevice("fake1", tap_end.detach()),
-            epoch_source=lambda: current[0],
-            mode=TapMode.PROTECTED,
-        )
-        await proxy.start()
-        _, writer = await asyncio.open_unix_connection(str(tmp_path / "net.sock"))
-        try:
-            for epoch_switch in (None, 8):
-                if epoch_switch is not None:
-                    proxy.switch_epoch(epoch_switch)
-                    current[0] = 99  # no longer read
-                writer.write(encode_frame(frame(1)))
-                await writer.drain()
-                for _ in range(50):
-                    if proxy.stats.from_guest_frames == (1 if epoch_switch is None else 2):
-                        break
-                    await asyncio.sleep(0.01)
-            assert proxy.held_epochs() == [7, 8]
-        finally:
-            writer.close()
-            await proxy.close()
-            lan.close()
-
-    asyncio.run(go())
+    rig.epoch = 4  # the same epoch again: nothing changes
+    await rig.guest_send(frame(2))
+    assert rig.epoch == 4
+    assert rig.proxy.held_epochs() == [1, 4]
+    assert rig.events == [(IOEvent.NET, 1), (IOEvent.NET, 4)]
 
 
 @rig_test()

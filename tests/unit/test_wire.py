@@ -125,7 +125,7 @@ SAMPLES: list[Message] = [
     Reply(ok=False, text=""),
     VmProfile(profile={"machine": "pc-q35-8.2", "ram_mb": 2048, "cpu": {"model": "host"}}),
     CompatVerdict(stage=CompatStage.PROFILE, ok=True, details={"notes": ["cpu flags differ"]}),
-    CompatVerdict(stage=CompatStage.TRIAL, ok=False, ms=812.5, reason="QEMU said: ü"),
+    CompatVerdict(stage=CompatStage.RESTORE, ok=False, ms=812.5, reason="QEMU said: ü"),
     DiskCopy(mode=DiskCopyMode.INCREMENTAL, lineage="3f2a9c1d00b4e7a1", epoch=12),
     DiskState(lineage="", epoch=NO_EPOCH),
     DiskState(lineage="3f2a9c1d00b4e7a1", epoch=2**63 - 1),
@@ -635,7 +635,7 @@ def test_control_verbs_have_their_own_type_codes() -> None:
         # Built here from each class's documented layout, not from the module's codecs.
         (VmProfile(profile={"b": 1, "a": [True, None]}), text(b'{"a":[true,null],"b":1}')),
         (
-            CompatVerdict(CompatStage.TRIAL, ok=False, ms=812.5, reason="no", details={"q": 8}),
+            CompatVerdict(CompatStage.RESTORE, ok=False, ms=812.5, reason="no", details={"q": 8}),
             struct.pack("!BBd", 2, 0, 812.5) + text(b"no") + text(b'{"q":8}'),
         ),
         (
@@ -679,10 +679,10 @@ def test_a_dispatch_table_covers_every_control_verb() -> None:
 
 
 def test_control_verbs_as_plain_json() -> None:
-    verdict = CompatVerdict(CompatStage.TRIAL, ok=True, ms=9.5, details={"qemu": "8.2"})
+    verdict = CompatVerdict(CompatStage.RESTORE, ok=True, ms=9.5, details={"qemu": "8.2"})
     assert verdict.as_dict() == {
         "qemu": "8.2",
-        "stage": "trial",
+        "stage": "restore",
         "ok": True,
         "ms": 9.5,
         "reason": "",
