@@ -147,7 +147,9 @@ class PrimaryAgent:
         self.life.set(state, reason)
 
     def _on_transition(self, t: Transition[PrimaryState]) -> None:
-        self.artifacts.event("state", state=t.new.value, reason=t.reason)
+        self.artifacts.event(
+            "state", role="primary", old=t.old.value, state=t.new.value, reason=t.reason
+        )
         if self.on_state is not None:
             self.on_state(t.new, t.reason)
 

@@ -46,6 +46,9 @@ class PairOptions:
     tracker: str = "compare"
     compression: str = "zstd"
     pipelining: bool = False
+    #: ``replication.reprotect``: after a failover the survivor protects the VM again
+    #: as soon as the failed host comes back as a standby.
+    reprotect: bool = False
     #: Guest disk: "" (none), "builtin" (one image per host) or "shared" (one for both).
     disk: str = ""
     disk_mib: int = 16
@@ -123,6 +126,7 @@ class LabPair:
                 "compression": o.compression,
                 "max_interval_ms": o.max_interval_ms,
                 "pipelining": o.pipelining,
+                "reprotect": o.reprotect,
                 "heartbeat_interval_ms": o.heartbeat_interval_ms,
                 "heartbeat_timeout_ms": o.heartbeat_timeout_ms,
                 "tiebreaker": o.tiebreaker,

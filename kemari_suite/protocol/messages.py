@@ -10,7 +10,7 @@ Message types::
     0x10-0x17  epochs              EpochBegin, Pages, DeviceState, IOLog, EpochEnd,
                                    Ack, Nack, Resync
     0x20-0x22  liveness, events    Heartbeat, GuestEvent, Bye
-    0x30-0x31  deprecated          Command, Reply (a verb's name and JSON text)
+    0x30-0x31  retired             never reused: a frame of either is a ProtocolError
     0x40-0x46  control verbs       CONTROL_MESSAGES, below
 
 Control verbs, in the order a connection uses them (P = primary, S = secondary)::
@@ -19,7 +19,7 @@ Control verbs, in the order a connection uses them (P = primary, S = secondary):
     P -> S  VmProfile          P's VM; S compares it with its own
     S -> P  CompatVerdict      PROFILE stage: S can (or cannot) run this VM
     P -> S  DiskCopy           in the first FULL epoch: the disk follows as IOLog
-    S -> P  CompatVerdict      TRIAL stage: S restored the first checkpoint (or not)
+    S -> P  CompatVerdict      RESTORE stage: S restored the first checkpoint (or not)
     P -> S  Durable            P's disk holds every write through an epoch
     P -> S  SwitchoverRequest  P stopped at a committed epoch and hands the VM over
     S -> P  Switched           the outcome of that request
@@ -53,7 +53,6 @@ __all__ = [
     "Ack",
     "Blob",
     "Bye",
-    "Command",
     "CompatStage",
     "CompatVerdict",
     "DeviceState",
@@ -72,7 +71,6 @@ __all__ = [
     "Message",
     "Nack",
     "Pages",
-    "Reply",
     "Resync",
     "Role",
     "SwitchOutcome",
@@ -280,30 +278,6 @@ class Bye(Message):
     reason: str
 
 
-@dataclass(frozen=True)
-class Command(Message):
-    """Deprecated: a verb's name and its arguments as JSON text, dispatched by name.
-
-    Use the typed :data:`CONTROL_MESSAGES` instead; kept decodable until its last uses
-    are gone. Layout: name, args as text.
-    """
-
-    TYPE: ClassVar[int] = 0x30
-    LAYOUT: ClassVar[Layout] = (("name", "text"), ("args", "text"))
-    name: str
-    args: str
-
-
-@dataclass(frozen=True)
-class Reply(Message):
-    """Deprecated, like :class:`Command`: its answer. Layout: ``!B`` ok (0/1), text."""
-
-    TYPE: ClassVar[int] = 0x31
-    LAYOUT: ClassVar[Layout] = (("ok", "bool"), ("text", "text"))
-    ok: bool
-    text: str
-
-
 # --- control verbs -------------------------------------------------------------------------
 
 
@@ -474,8 +448,6 @@ _ALL: tuple[type[Message], ...] = (
     Heartbeat,
     GuestEvent,
     Bye,
-    Command,
-    Reply,
     *CONTROL_MESSAGES,
 )
 MESSAGE_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in _ALL}

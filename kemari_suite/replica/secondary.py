@@ -187,7 +187,9 @@ class SecondaryAgent:
 
     def _on_transition(self, t: Transition[SecondaryState]) -> None:
         self.reason = t.reason
-        self.artifacts.event("state", state=t.new.value, reason=t.reason)
+        self.artifacts.event(
+            "state", role="secondary", old=t.old.value, state=t.new.value, reason=t.reason
+        )
         self.artifacts.status(self.status_dict())
 
     def status_dict(self) -> dict[str, Any]:

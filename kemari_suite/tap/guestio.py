@@ -161,8 +161,10 @@ class GuestIO:
         whose open epoch is ``epoch`` (unchanged when None).
 
         Raises:
-            TapError: ``epoch`` is older than the open epoch.
+            TapError: ``epoch`` is older than the open epoch (the taps keep their owner).
         """
+        if epoch is not None:
+            self.switch_epoch(epoch)
         self.on_event = on_event
         self.on_durable = on_durable
         if self.block is not None:
@@ -170,8 +172,6 @@ class GuestIO:
             self.block.on_durable = on_durable
         if self.net is not None:
             self.net.on_event = on_event
-        if epoch is not None:
-            self.switch_epoch(epoch)
 
     # ---- epochs ------------------------------------------------------------------------
 

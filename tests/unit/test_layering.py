@@ -291,3 +291,45 @@ def test_classes_are_small() -> None:
                 if n > MAX_CLASS_LINES:
                     big.append(f"  {path.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
     assert not big, f"classes over {MAX_CLASS_LINES} lines:\n" + "\n".join(sorted(big))
+
+
+#: Where the data path runs: it calls the disk interface and never names a backend or
+#: asks a tracker's type (vm/ may name backends only in the VM definition's schema).
+DATA_PATH = ("checkpoint", "replica", "tap", "service", "protocol", "ha", "testing")
+BACKEND_NAMES = ("builtin", "drbd", "shared")
+
+
+def test_the_data_path_names_no_backend_and_no_tracker_type() -> None:
+    found: list[str] = []
+    files = [p for c in DATA_PATH for p in sorted((ROOT / c).rglob("*.py"))]
+    files.append(ROOT / "node.py")
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            where = f"  {path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Compare):
+                names = [
+                    c.value
+                    for c in [node.left, *node.comparators]
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                ]
+                hit = [n for n in names if n in BACKEND_NAMES]
+                if hit:
+                    found.append(f"{where} compares with backend name {hit[0]!r}")
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "backend"
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "disk"
+            ):
+                found.append(f"{where} reads the disk.backend setting")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance"
+                and any(
+                    isinstance(a, ast.Name) and a.id.endswith("Tracker") for a in node.args[1:]
+                )
+            ):
+                found.append(f"{where} tests a tracker's type")
+    assert not found, "the data path must use capabilities:\n" + "\n".join(found)

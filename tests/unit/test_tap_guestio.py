@@ -171,18 +171,26 @@ def test_rebind_hands_the_taps_to_a_new_owner_in_its_epoch(
                 on_event=lambda k, e: mine.append((k, e)), on_durable=durable.append, epoch=9
             )
             await io.block.write(2, b"c")
+            await io.block.flush()
             await rig.send_frame(io, 2)
             assert io.block.log.pending_epochs() == [3, 9]
             assert io.net.held_epochs() == [3, 9]
             assert io.epoch == io.block.epoch == io.net.epoch == 9
             assert rig.events == [(IOEvent.WRITE, 3), (IOEvent.NET, 3)]
-            assert mine == [(IOEvent.WRITE, 3), (IOEvent.WRITE, 9), (IOEvent.NET, 9)]
+            assert mine == [
+                (IOEvent.WRITE, 3),
+                (IOEvent.WRITE, 9),
+                (IOEvent.FLUSH, 9),
+                (IOEvent.NET, 9),
+            ]
             with pytest.raises(TapError, match="never back"):
                 io.rebind(on_event=None, on_durable=None, epoch=8)
             assert io.epoch == 9
+            io.committed(3)
             io.committed(9)
             await asyncio.wait_for(io.released(9), TIMEOUT)
-            assert durable and durable[-1] == 9
+            await io.block.durable(9)
+            assert durable == [9]  # told to the new owner (9 had a flush)
             assert rig.lan_frames() == [frame(1), frame(2)]
         finally:
             await rig.close(io)

@@ -25,7 +25,6 @@ from kemari_suite.protocol.wire import (
     PROTOCOL_VERSION,
     Ack,
     Bye,
-    Command,
     CompatStage,
     CompatVerdict,
     DeviceState,
@@ -45,7 +44,6 @@ from kemari_suite.protocol.wire import (
     Message,
     Nack,
     Pages,
-    Reply,
     Resync,
     Role,
     Session,
@@ -120,9 +118,6 @@ SAMPLES: list[Message] = [
     Resync(reason="secondary restarted"),
     Heartbeat(seq=2**64 - 1, sent_ns=123456789, role_state="secondary/replicating"),
     GuestEvent(name="SHUTDOWN", data='{"guest": true}'),
-    Command(name="status", args=""),
-    Reply(ok=True, text="fine"),
-    Reply(ok=False, text=""),
     VmProfile(profile={"machine": "pc-q35-8.2", "ram_mb": 2048, "cpu": {"model": "host"}}),
     CompatVerdict(stage=CompatStage.PROFILE, ok=True, details={"notes": ["cpu flags differ"]}),
     CompatVerdict(stage=CompatStage.RESTORE, ok=False, ms=812.5, reason="QEMU said: ü"),
@@ -397,8 +392,6 @@ def message_strategy() -> st.SearchStrategy[Message]:
         st.builds(Resync, text),
         st.builds(Heartbeat, u64, u64, text),
         st.builds(GuestEvent, text, text),
-        st.builds(Command, text, text),
-        st.builds(Reply, st.booleans(), text),
         *control_strategies(),
     )
 
@@ -577,7 +570,6 @@ def text(value: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("frame_type", "payload", "match"),
     [
-        (Reply.TYPE, b"\x02" + text(b"x"), "ok is 2"),
         (Nack.TYPE, struct.pack("!Q", 1) + text(b"\xff\xfe"), "not UTF-8"),
         (Nack.TYPE, struct.pack("!Q", 1) + struct.pack("!I", 100) + b"short", "needs"),
         (Ack.TYPE, struct.pack("!Q", 1) + b"x", "1 trailing bytes"),
@@ -625,34 +617,57 @@ def test_control_verbs_have_their_own_type_codes() -> None:
         "Switched": 0x46,
     }
     assert all(MESSAGE_TYPES[cls.TYPE] is cls for cls in CONTROL_MESSAGES)
-    for cls in (Command, Reply):
-        assert cls.__doc__ is not None and "Deprecated" in cls.__doc__
 
 
-@pytest.mark.parametrize(
-    ("msg", "payload"),
-    [
-        # Built here from each class's documented layout, not from the module's codecs.
-        (VmProfile(profile={"b": 1, "a": [True, None]}), text(b'{"a":[true,null],"b":1}')),
-        (
-            CompatVerdict(CompatStage.RESTORE, ok=False, ms=812.5, reason="no", details={"q": 8}),
-            struct.pack("!BBd", 2, 0, 812.5) + text(b"no") + text(b'{"q":8}'),
-        ),
-        (
-            CompatVerdict(CompatStage.PROFILE, ok=True),
-            struct.pack("!BBd", 1, 1, 0.0) + text(b"") + text(b"{}"),
-        ),
-        (DiskCopy(DiskCopyMode.FULL, "ab", 7), b"\x01" + text(b"ab") + struct.pack("!Q", 7)),
-        (DiskState(lineage="", epoch=NO_EPOCH), text(b"") + struct.pack("!q", -1)),
-        (DiskState(lineage="ab", epoch=5), text(b"ab") + struct.pack("!q", 5)),
-        (Durable(epoch=11), struct.pack("!Q", 11)),
-        (SwitchoverRequest(epoch=12, lineage="ab"), struct.pack("!Q", 12) + text(b"ab")),
-        (
-            Switched(SwitchOutcome.REFUSED, 12, reason="busy"),
-            struct.pack("!BQd", 1, 12, 0.0) + text(b"busy"),
-        ),
-    ],
-)
+def test_the_retired_name_dispatched_verbs_are_gone() -> None:
+    """0x30 and 0x31 carried a verb's name and JSON text (and its answer); the typed
+    control verbs replaced them, and their codes stay unused."""
+    assert not {0x30, 0x31} & set(MESSAGE_TYPES)
+    assert not {"Command", "Reply"} & set(wire.__all__)
+    assert not hasattr(wire, "Command") and not hasattr(wire, "Reply")
+
+
+@pytest.mark.parametrize("frame_type", [0x30, 0x31])
+def test_a_frame_of_a_retired_type_is_a_protocol_error(frame_type: int) -> None:
+    """An old peer's name-dispatched verb, correctly framed and MACed, fails the session
+    from its header alone."""
+    _, secondary = established_pair()
+    key = secondary._recv_key
+    assert key is not None
+    old_payload = text(b"status") + text(b"")  # name, args: the layout it had
+    with pytest.raises(ProtocolError, match=f"unknown message type {frame_type:#04x}") as info:
+        secondary.feed(raw_frame(frame_type, old_payload, 2, key))
+    assert info.value.frame_type == frame_type
+    assert not isinstance(info.value, AuthError)
+    assert secondary.state is SessionState.FAILED
+    with pytest.raises(ProtocolError, match="failed earlier"):
+        secondary.feed(b"")
+
+
+# Built here from each class's documented layout, not from the module's codecs.
+CONTROL_GOLDEN: list[tuple[Message, bytes]] = [
+    (VmProfile(profile={"b": 1, "a": [True, None]}), text(b'{"a":[true,null],"b":1}')),
+    (
+        CompatVerdict(CompatStage.RESTORE, ok=False, ms=812.5, reason="no", details={"q": 8}),
+        struct.pack("!BBd", 2, 0, 812.5) + text(b"no") + text(b'{"q":8}'),
+    ),
+    (
+        CompatVerdict(CompatStage.PROFILE, ok=True),
+        struct.pack("!BBd", 1, 1, 0.0) + text(b"") + text(b"{}"),
+    ),
+    (DiskCopy(DiskCopyMode.FULL, "ab", 7), b"\x01" + text(b"ab") + struct.pack("!Q", 7)),
+    (DiskState(lineage="", epoch=NO_EPOCH), text(b"") + struct.pack("!q", -1)),
+    (DiskState(lineage="ab", epoch=5), text(b"ab") + struct.pack("!q", 5)),
+    (Durable(epoch=11), struct.pack("!Q", 11)),
+    (SwitchoverRequest(epoch=12, lineage="ab"), struct.pack("!Q", 12) + text(b"ab")),
+    (
+        Switched(SwitchOutcome.REFUSED, 12, reason="busy"),
+        struct.pack("!BQd", 1, 12, 0.0) + text(b"busy"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("msg", "payload"), CONTROL_GOLDEN)
 def test_control_verbs_golden_bytes(msg: Message, payload: bytes) -> None:
     assert payload_on_the_wire(msg) == payload
     # And the other way: a frame built by hand decodes to the message.

@@ -1,0 +1,93 @@
+"""The exact sequence of states each host goes through: protect, a checkpoint, a
+failover (the primary host killed), re-protection when the failed host returns as a
+standby, and a planned switchover back. Read from every agent's ``state`` events, in
+the order they happened on that host."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kemari_suite.config import KemariConfig
+from kemari_suite.lab.pair import LabPair, PairOptions
+from kemari_suite.service import control
+from tests.conftest import needs_root
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+
+def transitions(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(role, old, new) of every state change recorded on one host, oldest first."""
+    rows: list[dict[str, Any]] = []
+    for events in sorted(run_dir.glob("artifacts/*/events.jsonl")):
+        for line in events.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event") == "state":
+                rows.append(rec)
+    rows.sort(key=lambda r: r["t"])
+    return [(r["role"], r["old"], r["state"]) for r in rows]
+
+
+def test_states_through_protect_failover_reprotect_and_switchover(
+    lab_factory, base_config: KemariConfig
+) -> None:
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions(reprotect=True))
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        res = control.request(pair.control_path("primary"), "checkpoint", timeout=30)
+        assert res["epoch"] >= 1
+        pair.wait_state("secondary", {"standby"}, 30)
+
+        # Failover: host a dies, host b resumes the VM and protects it again as primary.
+        pair.kill("primary")
+        st = pair.wait_state("secondary", {"unprotected"}, 60)
+        assert st["role"] == "primary" and st["failover"]["epoch"] >= res["epoch"]
+        # Host a comes back as the standby; host b re-protects towards it.
+        pair.start_standby_on("primary")
+        pair.wait_state("secondary", {"protected"}, 180)
+        pair.wait_state("primary", {"standby"}, 30)
+
+        # Planned switchover: the VM goes back to host a.
+        out = pair.switchover("secondary")
+        assert out["switched"] is True
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_state("secondary", {"standby"}, 60)
+    finally:
+        pair.stop()
+
+    host_a = transitions(pair.run_dir("primary"))
+    host_b = transitions(pair.run_dir("secondary"))
+    assert host_a == [
+        # protect
+        ("primary", "starting", "syncing"),
+        ("primary", "syncing", "protected"),
+        # (killed: no transition recorded) back as the standby
+        ("secondary", "waiting", "receiving"),
+        ("secondary", "receiving", "standby"),
+        # the switchover hands the VM back: resume, then protect as the primary
+        ("secondary", "standby", "failing-over"),
+        ("secondary", "failing-over", "active"),
+        ("primary", "starting", "syncing"),
+        ("primary", "syncing", "protected"),
+        ("primary", "protected", "stopped"),
+    ], host_a
+    assert host_b == [
+        ("secondary", "waiting", "receiving"),
+        ("secondary", "receiving", "standby"),
+        # failover, then re-protection from here
+        ("secondary", "standby", "failing-over"),
+        ("secondary", "failing-over", "active"),
+        ("primary", "starting", "unprotected"),
+        ("primary", "unprotected", "syncing"),
+        ("primary", "syncing", "protected"),
+        # switchover: this host becomes the standby again
+        ("primary", "protected", "switched-over"),
+        ("secondary", "waiting", "receiving"),
+        ("secondary", "receiving", "standby"),
+        ("secondary", "standby", "stopped"),
+    ], host_b
