@@ -74,6 +74,8 @@ class AlertKind(enum.Enum):
     SPLIT_BRAIN = "split-brain"
     SWITCHOVER = "switchover"
     FENCED = "fenced"
+    #: The guest shut down, powered off, reset or panicked (on whichever host ran it).
+    GUEST = "guest"
 
     @property
     def severity(self) -> int:
@@ -95,6 +97,7 @@ _SEVERITY: dict[AlertKind, int] = {
     AlertKind.FAILOVER: syslog.LOG_WARNING,
     AlertKind.PROTECTED: syslog.LOG_NOTICE,
     AlertKind.SWITCHOVER: syslog.LOG_NOTICE,
+    AlertKind.GUEST: syslog.LOG_WARNING,
 }
 _SEVERITY_NAME = {
     syslog.LOG_CRIT: "crit",

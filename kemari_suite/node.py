@@ -118,7 +118,13 @@ async def run_node(
             agent = PrimaryAgent(cfg, spec, node_id=node_id, artifacts=folder)
             if handover is not None:
                 report = handover.report.__dict__ if handover.report is not None else None
-                await agent.adopt(handover.vm, handover.io, handover.epoch, failover=report)
+                await agent.adopt(
+                    handover.vm,
+                    handover.io,
+                    handover.epoch,
+                    failover=report,
+                    guest_events=handover.guest_events,
+                )
             else:
                 await agent.start_vm()
             handover = None

@@ -1,6 +1,8 @@
-"""The guest stopping itself (shutdown, poweroff, panic), seen from the primary.
+"""The guest's own events (shutdown, poweroff, reset, panic), seen from the primary.
 
-Never a failover trigger: the guest itself chose to stop. While protected, a last
+Every one is recorded in the VM's :class:`~kemari_suite.vm.guestevents.GuestEventLog`
+(shown in status, raised as an alert). One that stops the guest is never a failover
+trigger: the guest itself chose to stop. While protected, a last
 sync point commits what the guest wrote on its way down (its final sync, the read-only
 remount) to both disks; then the event is forwarded to the secondary, which records it
 and will not resume a guest that shut itself down, and the primary stops.
@@ -16,33 +18,34 @@ from typing import TYPE_CHECKING, Any
 from kemari_suite.checkpoint.states import PrimaryState
 from kemari_suite.errors import ReplicationError
 from kemari_suite.protocol import wire
+from kemari_suite.vm.guestevents import GuestEventLog, classify
 
 if TYPE_CHECKING:
     from kemari_suite.checkpoint.primary import PrimaryAgent
-
-#: QEMU events that mean the guest stopped itself.
-STOP_EVENTS = ("SHUTDOWN", "GUEST_PANICKED")
 
 
 class GuestEvents:
     """Watches QEMU's events for the guest stopping itself."""
 
-    def __init__(self, agent: PrimaryAgent) -> None:
+    def __init__(self, agent: PrimaryAgent, log: GuestEventLog | None = None) -> None:
         self.agent = agent
+        #: Every guest event of this VM, kept across failovers and switchovers.
+        self.log = log or GuestEventLog()
         #: The QEMU event that stopped the guest ("" while it runs) and its data.
         self.stopped = ""
         self.data: dict[str, Any] = {}
 
     async def on_qemu_event(self, ev: dict[str, Any]) -> None:
-        name = ev.get("event", "")
-        if name not in STOP_EVENTS:
+        seen = classify(ev)
+        if seen is None:
             return
-        data = ev.get("data") or {}
-        # A reset (reboot) also raises SHUTDOWN in some versions; only a real stop counts.
-        if name == "SHUTDOWN" and data.get("reason") == "guest-reset":
-            return
+        name, stops = seen
         a = self.agent
-        a.artifacts.event("guest", name=name, data=data)
+        data = ev.get("data") or {}
+        self.log.record(name, stops=stops, node=a.node_id, data=data)
+        a.artifacts.event("guest", name=name, node=a.node_id, data=data)
+        if not stops:
+            return
         self.stopped, self.data = name, data
         if a.state is PrimaryState.PROTECTED and a.session is not None:
             # The protect loop takes the last checkpoint first.

@@ -53,6 +53,7 @@ from kemari_suite.tap import TapMode
 from kemari_suite.tap.guestio import GuestIO, make_scheduler
 from kemari_suite.testing import faults
 from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
+from kemari_suite.vm.guestevents import GuestEventLog
 from kemari_suite.vm.guestram import GuestRAM
 from kemari_suite.vm.profile import vm_profile
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
@@ -174,6 +175,7 @@ class PrimaryAgent:
             "alerts": self.artifacts.alert_history(),
             "failover": self.failover_report,
             "states": self.life.sequence(),
+            "guest_events": self.guest.log.status(),
         }
 
     def request_stop(self) -> None:
@@ -212,11 +214,19 @@ class PrimaryAgent:
         await self._attach()
 
     async def adopt(
-        self, vm: AsyncVM, io: GuestIO | None, epoch: int, failover: dict[str, Any] | None = None
+        self,
+        vm: AsyncVM,
+        io: GuestIO | None,
+        epoch: int,
+        failover: dict[str, Any] | None = None,
+        guest_events: GuestEventLog | None = None,
     ) -> None:
         """Take over a VM this host already runs (a standby's, after a switchover or,
-        with ``replication.reprotect``, after a failover: ``failover`` is its report)."""
+        with ``replication.reprotect``, after a failover: ``failover`` is its report),
+        with the guest's events so far."""
         self.failover_report = failover
+        if guest_events is not None:
+            self.guest.log = guest_events
         self.vm = vm
         self.spec = vm.spec
         self.io = io

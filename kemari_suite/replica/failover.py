@@ -46,6 +46,7 @@ from kemari_suite.service.metrics import Artifacts
 from kemari_suite.tap import TapMode
 from kemari_suite.tap.guestio import GuestIO
 from kemari_suite.vm.devstate import restore
+from kemari_suite.vm.guestevents import GuestEventLog
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Handover:
     lineage: str
     #: The failover that resumed it (None for a planned switchover).
     report: FailoverReport | None = None
+    #: What the guest did so far (forwarded by the old primary, or seen here).
+    guest_events: GuestEventLog | None = None
 
 
 @dataclass(frozen=True)

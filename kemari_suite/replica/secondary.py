@@ -54,6 +54,7 @@ from kemari_suite.replica.failover import (
     renew_lease,
     switch_refusal,
 )
+from kemari_suite.replica.guestwatch import GuestWatch
 from kemari_suite.replica.monitor import FailoverRequest, PrimaryWatch, send_heartbeats
 from kemari_suite.replica.receiver import OpenEpoch
 from kemari_suite.replica.replicadisk import replay_nosync
@@ -119,7 +120,8 @@ class SecondaryAgent:
         #: The taps of the VM resumed here (after a failover).
         self.io: GuestIO | None = None
         self.link: Link | None = None
-        self.guest_events: list[str] = []
+        #: What the guest did: forwarded by the primary, or seen here once active.
+        self.guest = GuestWatch(self)
         self.compat_check = CompatCheck(
             cfg, self.spec, self.vm.paths.ram, self.artifacts, on_problem=self._note
         )
@@ -141,7 +143,7 @@ class SecondaryAgent:
         self._renewer: asyncio.Task[None] | None = None
         self._handlers: dict[type[wire.Message], MessageHandler] = {
             wire.Heartbeat: _ignore,
-            wire.GuestEvent: self._on_guest_event,
+            wire.GuestEvent: self.guest.forwarded,
             wire.Bye: self._on_bye,
             **verbs.handlers(self),
             wire.EpochBegin: self._on_begin,
@@ -204,7 +206,7 @@ class SecondaryAgent:
             "epochs_committed": self.store.epochs_committed,
             "qemu_pid": self.vm.pid,
             "failover": None if self.report is None else self.report.__dict__,
-            "guest_events": self.guest_events[-10:],
+            "guest_events": self.guest.log.status(),
             "compat": self.compat,
             "alerts": self.artifacts.alert_history(),
             "states": self.life.sequence(),
@@ -354,19 +356,6 @@ class SecondaryAgent:
 
     # ---- wire messages, by type ----------------------------------------------------
 
-    async def _on_guest_event(self, link: Link, msg: wire.GuestEvent) -> None:
-        self.guest_events.append(msg.name)
-        self.artifacts.event("guest", name=msg.name, data=msg.data)
-        if msg.name in ("SHUTDOWN", "GUEST_PANICKED") and self.state in (
-            S.WAITING,
-            S.RECEIVING,
-            S.STANDBY,
-        ):
-            # The guest stopped itself on the primary: never resume it here.
-            self.life.set(
-                S.STOPPED, f"the guest reported {msg.name} on the primary: not failing over"
-            )
-
     async def _on_bye(self, link: Link, msg: wire.Bye) -> None:
         raise ConnectionError(f"primary said goodbye: {msg.reason}")
 
@@ -468,8 +457,11 @@ class SecondaryAgent:
         self.handover = took.handover
         if self.handover is not None:
             # Switchover or re-protection: the node runs the primary role on this VM.
+            self.handover.guest_events = self.guest.log
             self._stop.set()
             return
+        # Running it alone: this host now sees what the guest does.
+        self.vm.on_event(self.guest.on_qemu_event)
         if self.watch.witness is not None and not req.operator:
             interval = self.rcfg.heartbeat_interval_ms / 1000
             self._renewer = asyncio.create_task(renew_lease(self.watch.witness, interval))

@@ -41,7 +41,8 @@ SECONDARY_TRANSITIONS = table(
         S.RECEIVING: (S.STANDBY, S.WAITING, S.FAILING_OVER, S.STOPPED),
         S.STANDBY: (S.RECEIVING, S.FAILING_OVER, S.STOPPED),
         S.FAILING_OVER: (S.ACTIVE, S.STOPPED),
-        S.ACTIVE: (),
+        # The guest powered off or panicked on this host after the failover.
+        S.ACTIVE: (S.STOPPED,),
         S.STOPPED: (S.RECEIVING,),
     }
 )

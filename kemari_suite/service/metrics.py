@@ -135,6 +135,9 @@ def alert_for(kind: str, fields: dict[str, Any]) -> tuple[AlertKind, str] | None
     if kind == "state":
         ak = _STATE_ALERTS.get(str(fields.get("state")))
         return None if ak is None else (ak, reason or str(fields.get("state")))
+    if kind == "guest":
+        where = f" on {fields['node']}" if fields.get("node") else ""
+        return (AlertKind.GUEST, f"the guest reported {fields.get('name', '?')}{where}")
     if kind == "failover-failed":
         split = "diverged" in reason or "split" in reason
         return (AlertKind.SPLIT_BRAIN if split else AlertKind.FAILOVER_FAILED, reason)

@@ -100,7 +100,7 @@ def test_guest_shutdown_is_forwarded_not_failed_over(
         assert rc == 0, pair.output("primary")[-2000:]
         st = pair.wait_state("secondary", {"stopped"}, 30)
         assert "SHUTDOWN" in st["reason"]
-        assert "SHUTDOWN" in st["guest_events"]
+        assert "SHUTDOWN" in [e["name"] for e in st["guest_events"]]
         # Well past the heartbeat timeout: still no failover.
         import time
 
@@ -134,3 +134,51 @@ def test_no_tiebreaker_means_operator_failover(lab_factory, base_config: KemariC
         assert pair.wait_counter(60) >= report["probes"]["counter"]
     finally:
         pair.stop()
+
+
+def test_poweroff_after_failover_ends_protection_on_the_survivor(
+    lab_factory, base_config: KemariConfig, tmp_path: Path
+) -> None:
+    lay = lab_factory()
+    log = tmp_path / "alerts.jsonl"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ncat >> {log}\necho >> {log}\n")
+    hook.chmod(0o755)
+    # The guest powers off by itself some seconds after the failover.
+    opts = PairOptions(workload="sleep 20; poweroff -f", alert_hook=str(hook))
+    pair = LabPair(lay, base_config, opts)
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.settle()
+        pair.kill("primary")
+        pair.wait_state("secondary", {"active"}, 60)
+        # The survivor sees the poweroff itself, records it and ends cleanly.
+        rc = pair.wait_exit("secondary", 120)
+        assert rc == 0, pair.output("secondary")[-2000:]
+        assert pair.qemu_pid("secondary") is None or not _alive(pair.qemu_pid("secondary"))
+        alert = _wait_alert(log, "guest", "secondary")
+        assert "SHUTDOWN" in alert["reason"]
+    finally:
+        pair.stop()
+    events = [
+        json.loads(line)
+        for f in sorted(pair.run_dir("secondary").glob("artifacts/*/events.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    guest = [e for e in events if e["event"] == "guest"]
+    assert [g["name"] for g in guest] == ["SHUTDOWN"] and guest[0]["node"] == "secondary"
+    states = [e["state"] for e in events if e["event"] == "state"]
+    assert states[-2:] == ["active", "stopped"], states
+
+
+def _alive(pid: int | None) -> bool:
+    import os
+
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

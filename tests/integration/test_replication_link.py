@@ -60,10 +60,11 @@ async def _send_epoch(
 
 
 async def _reply(link: Link) -> wire.Message:
-    """The next message that answers us (heartbeats and state reports skipped)."""
+    """The next message that answers us (heartbeats, the disk state and compatibility
+    verdicts skipped)."""
     while True:
         msg = await asyncio.wait_for(link.recv(), 10)
-        if not isinstance(msg, wire.Heartbeat | wire.Command):
+        if not isinstance(msg, wire.Heartbeat | wire.DiskState | wire.CompatVerdict):
             return msg
 
 

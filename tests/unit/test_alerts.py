@@ -60,11 +60,16 @@ def test_kinds_values_and_severities() -> None:
     warn = {k for k in AlertKind if k.severity == syslog.LOG_WARNING}
     notice = {k for k in AlertKind if k.severity == syslog.LOG_NOTICE}
     assert crit == {AlertKind.FAILOVER_FAILED, AlertKind.SPLIT_BRAIN, AlertKind.FENCED}
-    assert warn == {AlertKind.UNPROTECTED, AlertKind.FAILOVER_REFUSED, AlertKind.FAILOVER}
+    assert warn == {
+        AlertKind.UNPROTECTED,
+        AlertKind.FAILOVER_REFUSED,
+        AlertKind.FAILOVER,
+        AlertKind.GUEST,
+    }
     assert notice == {AlertKind.PROTECTED, AlertKind.SWITCHOVER}
     assert {k.value for k in AlertKind} == {
         "unprotected", "protected", "failover", "failover-failed", "failover-refused",
-        "split-brain", "switchover", "fenced",
+        "split-brain", "switchover", "fenced", "guest",
     }  # fmt: skip
 
 

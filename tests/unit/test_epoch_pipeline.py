@@ -43,9 +43,7 @@ async def link_pair() -> tuple[Link, Link]:
         initiator=False,
         accept_roles={wire.Role.PRIMARY},
     )
-    return await asyncio.gather(
-        _handshake(ra, wa, sp, "s", 5.0), _handshake(rb, wb, ss, "p", 5.0)
-    )
+    return await asyncio.gather(_handshake(ra, wa, sp, "s", 5.0), _handshake(rb, wb, ss, "p", 5.0))
 
 
 class FakeVM:

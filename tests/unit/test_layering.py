@@ -327,9 +327,7 @@ def test_the_data_path_names_no_backend_and_no_tracker_type() -> None:
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Name)
                 and node.func.id == "isinstance"
-                and any(
-                    isinstance(a, ast.Name) and a.id.endswith("Tracker") for a in node.args[1:]
-                )
+                and any(isinstance(a, ast.Name) and a.id.endswith("Tracker") for a in node.args[1:])
             ):
                 found.append(f"{where} tests a tracker's type")
     assert not found, "the data path must use capabilities:\n" + "\n".join(found)

@@ -167,9 +167,7 @@ def test_rebind_hands_the_taps_to_a_new_owner_in_its_epoch(
             io.rebind(on_event=lambda k, e: mine.append((k, e)), on_durable=durable.append)
             assert io.epoch == io.block.epoch == io.net.epoch == 3
             await io.block.write(1, b"b")
-            io.rebind(
-                on_event=lambda k, e: mine.append((k, e)), on_durable=durable.append, epoch=9
-            )
+            io.rebind(on_event=lambda k, e: mine.append((k, e)), on_durable=durable.append, epoch=9)
             await io.block.write(2, b"c")
             await io.block.flush()
             await rig.send_frame(io, 2)
