@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import tomli_w
-
 from kemari_suite.errors import ConfigError
 
 Accel = Literal["auto", "tcg", "kvm"]
@@ -361,9 +359,17 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"not valid TOML: {err}", path=str(p)) from err
 
 
+def _dumps(tree: Mapping[str, Any]) -> str:
+    """tomli-w's writer, imported here so that reading a config needs only the
+    standard library (a host venv installed without dependencies can still load it)."""
+    import tomli_w
+
+    return tomli_w.dumps(tree)
+
+
 def toml_key(key: str) -> str:
     """A TOML key: bare where it can be, quoted otherwise (as tomli-w writes it)."""
-    return tomli_w.dumps({key: 0}).removesuffix(" = 0\n")
+    return _dumps({key: 0}).removesuffix(" = 0\n")
 
 
 def _plain(value: Any, key: str) -> Any:
@@ -405,7 +411,7 @@ def toml_value(value: Any, *, key: str = "") -> str:
     items = plain if isinstance(plain, list) else [plain]
     if any(isinstance(v, dict) for v in items):
         raise ConfigError(f"{value!r}: a table belongs in a section", key=key or None)
-    return tomli_w.dumps({"v": plain}).removeprefix("v = ").rstrip("\n")
+    return _dumps({"v": plain}).removeprefix("v = ").rstrip("\n")
 
 
 #: What a TOML comment may not hold (every control character but tab), shown escaped.
@@ -425,7 +431,7 @@ def dump_toml(tree: Mapping[str, Any], *, header: str = "") -> str:
         ConfigError: a value has no TOML form (naming its dotted key).
     """
     comments = "".join(f"# {_comment(line)}".rstrip() + "\n" for line in header.splitlines())
-    body = tomli_w.dumps(_plain(tree, ""))
+    body = _dumps(_plain(tree, ""))
     return "\n".join(part for part in (comments, body) if part)
 
 

@@ -42,7 +42,15 @@ class DemoResult:
     counter_before_kill: int | None = None
     counter_after_resume: int | None = None
     boot_s: float | None = None
+    #: The initial synchronization, from the primary's artifacts: seconds from its
+    #: SYNCING state to PROTECTED (events.jsonl).
     protect_s: float | None = None
+    #: Bytes the initial synchronization sent: the full copy (pre-copied into the
+    #: first epoch) and the first checkpoint (checkpoints.jsonl, trigger "initial").
+    initial_sync_bytes: int | None = None
+    #: How long the first checkpoint stopped the guest (QEMU's own timestamps if seen).
+    initial_pause_ms: float | None = None
+    memory_mib: int = 0
     accel: str = ""
     profile: str = ""
     image_cached: bool = False
@@ -99,6 +107,7 @@ def run_demo(
     # whose checkpoint is not on the secondary (output commit).
     opts = PairOptions(heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms, tapped_net=True)
     res.heartbeat_timeout_ms = opts.heartbeat_timeout_ms
+    res.memory_mib = opts.memory_mib
     pair = LabPair(lay, cfg, opts)
     try:
         mark("starting the witness and the secondary")
@@ -117,10 +126,13 @@ def run_demo(
         wait_for_console(console, "KEMARI-BOOTED", 120, alive=lambda: pair.alive("primary"))
         res.boot_s = round(time.monotonic() - t_boot, 2)
         mark(f"guest booted in {res.boot_s:.2f} s under {res.accel}")
-        t_prot = time.monotonic()
         pair.wait_state("primary", {"protected"}, 180)
-        res.protect_s = round(time.monotonic() - t_prot, 2)
-        mark(f"protected after {res.protect_s:.2f} s of initial synchronization")
+        sync = initial_sync(
+            pair.artifact_records("primary", "events.jsonl"),
+            pair.artifact_records("primary", "checkpoints.jsonl"),
+        )
+        res.protect_s, res.initial_sync_bytes, res.initial_pause_ms = sync
+        mark(_protected_line(res))
         first = pair.wait_counter(60)
         mark(f"client reads the counter over the LAN: {first}")
         t_end = time.monotonic() + run_seconds
@@ -178,13 +190,52 @@ def run_demo(
     return res
 
 
-def _pauses(pair: LabPair) -> list[float]:
-    import json
+def initial_sync(
+    events: list[dict[str, Any]], checkpoints: list[dict[str, Any]]
+) -> tuple[float | None, int | None, float | None]:
+    """(seconds, bytes sent, first pause in ms) of the primary's first initial
+    synchronization, read from its artifacts: the time from its first ``syncing`` state
+    to the ``protected`` state after it (``events.jsonl``), and the ``initial``
+    checkpoint's pre-copied and sent bytes and pause (``checkpoints.jsonl``). None for
+    what the records do not show."""
+    seconds: float | None = None
+    t_sync: float | None = None
+    for ev in events:
+        if ev.get("event") != "state" or not isinstance(ev.get("t"), int | float):
+            continue
+        if ev.get("state") == "syncing" and t_sync is None:
+            t_sync = float(ev["t"])
+        elif ev.get("state") == "protected" and t_sync is not None:
+            seconds = float(ev["t"]) - t_sync
+            break
+    first = next((c for c in checkpoints if c.get("trigger") == "initial"), None)
+    sent: int | None = None
+    pause: float | None = None
+    if first is not None:
+        parts = (first.get("precopy_bytes", 0), first.get("bytes_sent"))
+        if all(isinstance(p, int) for p in parts):
+            sent = sum(parts)
+        raw = first.get("guest_pause_ms")
+        raw = first.get("pause_ms") if raw is None else raw
+        pause = float(raw) if isinstance(raw, int | float) else None
+    return seconds, sent, pause
 
+
+def _protected_line(res: DemoResult) -> str:
+    if res.protect_s is None:
+        return "protected (the primary's artifacts do not show the initial synchronization)"
+    line = f"protected: the initial synchronization of {res.memory_mib} MiB"
+    line += f" took {res.protect_s:.2f} s"
+    if res.initial_sync_bytes is not None:
+        line += f" and sent {res.initial_sync_bytes / (1 << 20):.1f} MiB"
+    if res.initial_pause_ms is not None:
+        line += f"; its last step stopped the guest for {res.initial_pause_ms:.1f} ms"
+    return line
+
+
+def _pauses(pair: LabPair) -> list[float]:
     out: list[float] = []
-    art = pair.run_dir("primary") / "artifacts"
-    for f in art.glob("*/checkpoints.jsonl"):
-        for line in f.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError):
-                out.append(float(json.loads(line)["pause_ms"]))
+    for rec in pair.artifact_records("primary", "checkpoints.jsonl"):
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            out.append(float(rec["pause_ms"]))
     return out

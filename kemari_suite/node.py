@@ -22,7 +22,7 @@ from kemari_suite.errors import ConfigError
 from kemari_suite.ha.witness import WitnessServer
 from kemari_suite.replica.secondary import Handover, SecondaryAgent
 from kemari_suite.vm import guestmem
-from kemari_suite.vm.define import ensure_image, vm_spec
+from kemari_suite.vm.define import select_image, vm_spec
 from kemari_suite.vm.qemu import VMPaths, VMSpec
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,18 @@ def probe_guest(pages: np.ndarray) -> dict[str, Any]:
     if dirty is not None:
         out["memdirty"] = dirty
     return out
+
+
+def _log_image(spec: VMSpec, *, warn: bool) -> None:
+    """Say which guest image this node boots, and why (a warning with ``warn``: it is
+    not the last `kemari image build` output)."""
+    log.log(
+        logging.WARNING if warn else logging.INFO,
+        "guest image %s (%s)%s",
+        spec.image_id or "?",
+        spec.image_source or "given by the caller",
+        f": {spec.image_reason}" if spec.image_reason else "",
+    )
 
 
 def _install_signals(stop: asyncio.Event) -> None:
@@ -105,14 +117,18 @@ async def run_node(
     """
     stop = asyncio.Event()
     _install_signals(stop)
+    warn = False
     if spec is None:
-        # A plain config: the project's own guest image. A VM definition brings its own.
-        image = await asyncio.to_thread(ensure_image, cfg)
-        spec = vm_spec(cfg, image)
+        # A plain config: the project's own guest image (the last `kemari image build`
+        # output when [image] is empty). A VM definition brings its own.
+        choice = await asyncio.to_thread(select_image, cfg)
+        spec = vm_spec(cfg, choice)
+        warn = choice.differs_from_last_build
     handover: Handover | None = None
     while True:
         folder = artifacts_dir(cfg, role)
         _log_to(folder)
+        _log_image(spec, warn=warn)
         agent: PrimaryAgent | SecondaryAgent
         if role == "primary":
             agent = PrimaryAgent(cfg, spec, node_id=node_id, artifacts=folder)

@@ -6,6 +6,9 @@ one session: Base (the guest unprotected, its NIC on a plain TAP), the ``kemari`
 policy (a sync point at each outbound I/O event) and the ``remus`` policy (fixed 25 ms
 epochs, Remus's 40 checkpoints per second). Output commit holds every reply until its
 epoch is acknowledged, so the added latency is what protection costs a client.
+
+Base gets the device-state warm-up a protected guest gets (:mod:`kemari_suite.bench.warmup`),
+checked with ``ktouch`` before the service starts; all three runs boot one image.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite import lab as labmod
+from kemari_suite.bench import warmup as wu
 from kemari_suite.bench.memsync import machine_info, pct
+from kemari_suite.bench.touchprobe import BenchImage, bench_image
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.lab.pair import COUNTER_PORT, LabPair, PairOptions
-from kemari_suite.vm.define import ensure_image
 from kemari_suite.vm.image import kernel_cmdline
 from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
 
@@ -66,14 +70,18 @@ def _wait_service(lay: labmod.LabLayout, timeout: float) -> None:
             time.sleep(0.3)
 
 
-async def _base(cfg: KemariConfig, lay: labmod.LabLayout, n: int, warmup: int) -> list[float]:
-    image = ensure_image(cfg)
+async def _base(
+    cfg: KemariConfig, bench: BenchImage, lay: labmod.LabLayout, n: int, warmup: int
+) -> tuple[list[float], wu.WarmupCheck]:
     accel, _ = choose_accel(cfg.vm.accel)
+    params = wu.DEFAULT
+    # ktouch first (the warm-up's probe), then the service once it has exited.
+    command = params.then(WORKLOAD) if bench.has_probe else WORKLOAD
     spec = VMSpec(
         name="latbase",
-        kernel=image.kernel,
-        initrd=image.initrd,
-        append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=WORKLOAD),
+        kernel=bench.image.kernel,
+        initrd=bench.image.initrd,
+        append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=command),
         accel=accel,
         netdev=f"tap,ifname={lay.tap_primary},script=no,downscript=no",
         netns=lay.ns_primary,
@@ -86,9 +94,16 @@ async def _base(cfg: KemariConfig, lay: labmod.LabLayout, n: int, warmup: int) -
     await vm.start()
     try:
         await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 120)
-        await asyncio.to_thread(_wait_service, lay, 60)
+        if bench.has_probe:
+            check = await wu.warm_up(vm, params, accel=accel)
+        else:
+            captures, took = await wu.capture_for(vm, params.capture_s, params.interval_s)
+            check = wu.WarmupCheck(
+                accel, params.min_ratio, captures=captures, capture_s=took, error=bench.note
+            )
+        await asyncio.to_thread(_wait_service, lay, 60 + params.probe_s)
         await asyncio.sleep(5)  # let the guest's clocksource settle
-        return await asyncio.to_thread(_measure, lay, n, warmup)
+        return await asyncio.to_thread(_measure, lay, n, warmup), check
     finally:
         await vm.shutdown()
 
@@ -119,6 +134,9 @@ def run(
     """Measure Base, kemari and remus request/response latency; see the module doc."""
     say = progress or (lambda _m: None)
     runs: list[Run] = []
+    bench = bench_image(cfg)
+    # The agents boot the very image Base booted.
+    agent_cfg = bench.config_for_agents(cfg)
 
     def fresh() -> labmod.LabLayout:
         # A new lab per run: a TAP reopened by another process needs its bridge port to
@@ -127,13 +145,16 @@ def run(
         return labmod.up(lab_id, profile)
 
     try:
-        say("base: unprotected guest, plain TAP")
-        samples = asyncio.run(_base(cfg, fresh(), requests, warmup))
+        say("base: unprotected guest, plain TAP, device-state warm-up first")
+        samples, check = asyncio.run(_base(cfg, bench, fresh(), requests, warmup))
+        say(f"base: warm-up {check.describe()}")
         runs.append(Run("base", samples_ms=samples))
         for policy in ("kemari", "remus"):
             say(f"{policy} policy, output committed")
             lay = fresh()
-            runs.append(Run(policy, samples_ms=_protected(cfg, lay, policy, requests, warmup)))
+            runs.append(
+                Run(policy, samples_ms=_protected(agent_cfg, lay, policy, requests, warmup))
+            )
     finally:
         labmod.down(lab_id)
     base_p50 = pct(runs[0].samples_ms, 50)
@@ -149,6 +170,7 @@ def run(
         "profile": profile,
         "remus_interval_ms": cfg.tap.remus_interval_ms,
         "runs": [asdict(r) | {"samples_ms": None} for r in runs],
+        "base_warmup": check.to_dict(),
         "kemari_adds_less_than_remus": (
             kemari.added_p50_ms is not None
             and remus.added_p50_ms is not None
@@ -184,6 +206,11 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         )
     verdict = "met" if res["kemari_adds_less_than_remus"] else "NOT met"
     lines += ["", f"Kemari adds less latency than Remus: {verdict}."]
+    bw = res.get("base_warmup") or {}
+    lines += ["", f"Base warm-up (device-state captures first): {wu.describe(bw) if bw else '-'}."]
+    loud = wu.alarm(wu.summarize([bw] if bw else []))
+    if loud:
+        lines += ["", f"**{loud}**"]
     md = folder / "latency.md"
     md.write_text("\n".join(lines) + "\n")
     return md

@@ -10,7 +10,9 @@ link profile and in the same session:
   with the same workload; no encoding or transfer. Staging is in the floor now (the
   ``stage`` part of each row) because the floor runs the product's window; earlier
   floors left it out and scanned with one thread;
-- **baseline**: the guest's CPU-bound spin counter per host second, unprotected;
+- **baseline**: the guest's CPU-bound spin counter per host second, unprotected, after
+  the same device-state warm-up a protected guest gets (:mod:`kemari_suite.bench.warmup`:
+  ``ktouch`` timed cold and warm around a few seconds of captures, and checked);
 - **protected** (compressible pages, then incompressible pages): the same counter
   under protection, and every checkpoint's pause, dirty pages and bytes sent;
 - **failover**: heartbeat-timeout expiry to the guest running on the secondary.
@@ -36,13 +38,14 @@ from typing import Any
 import numpy as np
 
 from kemari_suite import lab as labmod
+from kemari_suite.bench import warmup as wu
+from kemari_suite.bench.touchprobe import BenchImage, bench_image
 from kemari_suite.checkpoint.tracker import allocate_index, allocate_pages, make_tracker
 from kemari_suite.checkpoint.window import StoppedWindow, WindowResult
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError
 from kemari_suite.lab.pair import LabPair, PairOptions
 from kemari_suite.vm import guestmem
-from kemari_suite.vm.define import ensure_image
 from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
 from kemari_suite.vm.guestram import GuestRAM
 from kemari_suite.vm.image import kernel_cmdline
@@ -95,6 +98,9 @@ class Result:
     floor_ms_p99: float | None = None
     floor_parts_ms_p50: dict[str, float] = field(default_factory=dict)
     baseline_spin_rate: float | None = None
+    #: The baseline guest's device-state warm-up and its check
+    #: (:meth:`kemari_suite.bench.wu.WarmupCheck.to_dict`).
+    warmup: dict[str, Any] = field(default_factory=dict)
     phases: list[Phase] = field(default_factory=list)
     failover_ms: float | None = None
     heartbeat_timeout_ms: int = 0
@@ -239,15 +245,23 @@ class SpinProbe:
 
 async def _floor_and_baseline(
     cfg: KemariConfig,
+    bench: BenchImage,
     lay: labmod.LabLayout,
     wl: str,
     samples: int,
-    warmup: float,
+    settle: float,
     window: float,
     say: Progress,
-) -> tuple[list[dict[str, float]], float]:
-    image = ensure_image(cfg)
+    *,
+    warm: bool = True,
+) -> tuple[list[dict[str, float]], float, wu.WarmupCheck | None]:
+    """The floor and (with ``warm``) the warmed baseline, on one unprotected guest."""
+    image = bench.image
     accel, _ = choose_accel(cfg.vm.accel)
+    params = wu.DEFAULT
+    if warm and bench.has_probe:
+        # ktouch first (the warm-up's probe), then the workload once it has exited.
+        wl = params.then(wl)
     run_root = cfg.paths.run_dir / f"kemari-{lay.lab_id}-bench"
     shm = cfg.paths.shm_dir / f"kemari-{lay.lab_id}-bench"
     spec = VMSpec(
@@ -264,11 +278,23 @@ async def _floor_and_baseline(
     await vm.start()
     try:
         await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 120)
+        check: wu.WarmupCheck | None = None
+        if warm:
+            say("baseline: device-state warm-up (as a protected guest gets)")
+            if bench.has_probe:
+                check = await wu.warm_up(vm, params, accel=accel, say=say)
+            else:
+                n, took = await wu.capture_for(vm, params.capture_s, params.interval_s)
+                check = wu.WarmupCheck(
+                    accel, params.min_ratio, captures=n, capture_s=took, error=bench.note
+                )
+            say(f"baseline: warm-up {check.describe()}")
         probe = SpinProbe(vm.paths.ram)
         try:
-            await asyncio.to_thread(probe.wait, 60)
-            say(f"baseline: warming up {warmup:.0f} s (the guest clocksource settles)")
-            await asyncio.sleep(warmup)
+            # The spin counter starts once ktouch has exited.
+            await asyncio.to_thread(probe.wait, 60 + (params.probe_s if warm else 0))
+            say(f"baseline: settling {settle:.0f} s (the guest clocksource settles)")
+            await asyncio.sleep(settle)
             rate = await asyncio.to_thread(probe.rate, window)
         finally:
             probe.close()
@@ -282,7 +308,7 @@ async def _floor_and_baseline(
                 r = await win.run(resume=True)
                 win.tracker.commit(r.idx, r.staged)
                 rows.append(window_row(r, overlapped=win.overlap))
-        return rows, rate
+        return rows, rate, check
     finally:
         await vm.shutdown()
 
@@ -387,14 +413,18 @@ def run(
         heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
     )
     rate = pages_per_100ms * 10
+    bench = bench_image(cfg)
+    # The agents boot the very image the baseline booted.
+    agent_cfg = bench.config_for_agents(cfg)
     if lab_id in labmod.list_labs():
         labmod.down(lab_id)
     lay = labmod.up(lab_id, profile)
     try:
         say(f"{profile}: baseline and floor on an unprotected guest")
-        rows, baseline = asyncio.run(
+        rows, baseline, check = asyncio.run(
             _floor_and_baseline(
                 cfg,
+                bench,
                 lay,
                 workload("compressible", rate, working_set_mib),
                 floor_samples,
@@ -409,6 +439,7 @@ def run(
             k: float(statistics.median(r[k] for r in rows)) for k in FLOOR_PARTS
         }
         res.baseline_spin_rate = baseline
+        res.warmup = check.to_dict() if check is not None else {}
         for pattern in ("compressible", "incompressible"):
             opts = PairOptions(
                 memory_mib=cfg.vm.memory_mib,
@@ -420,7 +451,7 @@ def run(
                 compression=cfg.replication.compression,
             )
             phase, fo = _protected(
-                cfg,
+                agent_cfg,
                 lay,
                 opts,
                 pattern,
@@ -459,7 +490,10 @@ def run_floor(
     lay = labmod.up(lab_id, "unlimited")
     try:
         wl = workload("compressible", pages_per_100ms * 10, working_set_mib)
-        rows, _ = asyncio.run(_floor_and_baseline(cfg, lay, wl, samples, 8.0, 1.0, say))
+        # No baseline here, so no warm-up: the floor's own windows capture device state.
+        rows, _, _ = asyncio.run(
+            _floor_and_baseline(cfg, bench_image(cfg), lay, wl, samples, 8.0, 1.0, say, warm=False)
+        )
     finally:
         labmod.down(lab_id)
     totals = [r["total"] for r in rows]
@@ -488,6 +522,8 @@ def _check(res: Result) -> None:
             c["compressible_bytes_per_page_at_most_1500"] = comp.bytes_per_dirty_page <= 1500
     if res.failover_ms is not None:
         c["failover_within_1s_of_timeout"] = res.failover_ms <= 1000
+    if res.warmup:
+        c["baseline_warmup_took_hold"] = bool(res.warmup.get("ok"))
 
 
 def to_dict(res: Result) -> dict[str, Any]:
@@ -524,6 +560,13 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
                 f"| {f(r.failover_ms) if p.pattern == 'compressible' else ''} "
                 f"({r.heartbeat_timeout_ms} ms timeout) |"
             )
+    lines += ["", "Baseline warm-up (device-state captures first; docs/benchmarks.md):", ""]
+    for r in results:
+        if r.warmup:
+            lines.append(f"- {r.profile}: {wu.describe(r.warmup)}")
+        loud = wu.alarm(wu.summarize([r.warmup] if r.warmup else []), "baseline")
+        if loud:
+            lines.append(f"- **{r.profile}: {loud}**")
     lines += ["", "Checks against the targets:", ""]
     for r in results:
         for k, v in r.checks.items():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kemari_suite.bench import warmup
 from kemari_suite.bench.markers import IOZONE, LMBENCH, Loop
 from kemari_suite.bench.scenarios import Scenario
 
@@ -110,6 +111,9 @@ class ScenarioRaw:
     #: Set when no pass produced a measurement.
     error: str | None = None
     guest_commands: list[str] = field(default_factory=list)
+    #: Per pass (Base rows): the device-state warm-up's check, in its results.json form
+    #: (:meth:`kemari_suite.bench.warmup.WarmupCheck.to_dict`).
+    warmup: list[dict[str, Any]] = field(default_factory=list)
 
     def merge(self, part: ScenarioRaw) -> None:
         """Add one pass's figures (a pass that failed adds its error to ``failures``)."""
@@ -123,6 +127,7 @@ class ScenarioRaw:
         self.other_cpu_share += part.other_cpu_share
         self.loadavg += part.loadavg
         self.guest_ready += part.guest_ready
+        self.warmup += part.warmup
         self.guest_commands += [c for c in part.guest_commands if c not in self.guest_commands]
         if part.error:
             self.failures.append(part.error)
@@ -299,6 +304,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         "other_cpu_share": raw.other_cpu_share,
         "loadavg": [list(x) for x in raw.loadavg],
         "guest_ready": raw.guest_ready,
+        "warmup": raw.warmup,
         "calibration": raw.calibration,
         "skipped": raw.skipped,
         "failures": raw.failures,
@@ -406,6 +412,8 @@ def summarize(raws: Sequence[ScenarioRaw], *, meta: dict[str, Any] | None = None
             },
         },
         "scenarios": scenarios,
+        # Every Base boot's device-state warm-up, checked (see bench/warmup.py).
+        "warmup": warmup.summarize([c for r in raws if not r.scenario.protected for c in r.warmup]),
         "ratios": {},
         "io_ratios": {},
         "ratios_min": {},
@@ -550,12 +558,35 @@ def _machine_lines(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def _m_warm(res: dict[str, Any]) -> dict[str, Any]:
+    """The warm-up's parameters, as the run recorded them."""
+    w = res.get("meta", {}).get("warmup")
+    return w if isinstance(w, dict) else {}
+
+
+def _warm_cell(row: dict[str, Any]) -> str:
+    """A row's warm-up per pass: ``cold -> warm (ratio)``, or why there is none."""
+    if row.get("kind") == "kemari":
+        return "captured at every sync point"
+    cells = []
+    for c in row.get("warmup") or []:
+        ratio = "-" if c.get("ratio") is None else f"{c['ratio']:.1f}x"
+        cell = f"{_fmt(c.get('cold_rate'))} -> {_fmt(c.get('warm_rate'))} ({ratio})"
+        if not c.get("ok"):
+            cell = f"**{cell} {str(c.get('status', '')).upper()}**"
+        cells.append(cell)
+    return ", ".join(cells) or "**none**"
+
+
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     """report.md from the results tree; ``plots`` maps a plot name to its file name."""
     sc = res["scenarios"]
     names = list(sc)
     kemari = [n for n in names if sc[n]["kind"] == "kemari"]
     L: list[str] = ["# Kemari Suite: lmbench and IOzone comparison", ""]
+    loud = warmup.alarm(res.get("warmup") or {"ok": False, "problems": ["not recorded"]})
+    if loud:
+        L += [f"**{loud}**", ""]
     L += _machine_lines(res)
     L += [
         "",
@@ -722,8 +753,9 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         "## Run conditions (per pass)",
         "",
-        "| | ready after s | scenario s | other load on the host | load average | errors |",
-        "|---|---|---|---|---|---|",
+        "| | ready after s | scenario s | other load on the host | load average "
+        "| warm-up: ktouch loops/s cold -> warm (ratio) | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n in names:
         r = sc[n]
@@ -733,13 +765,27 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         errors = r.get("error") or "; ".join(r.get("failures") or []) or "-"
         L.append(
             f"| {r['title']} | {ready} | {_fmt(r.get('elapsed_s'), 0)} | {other} | {load} "
-            f"| {html.escape(errors.splitlines()[0])} |"
+            f"| {_warm_cell(r)} | {html.escape(errors.splitlines()[0])} |"
         )
+    wu = res.get("warmup") or {}
     L += [
         "",
         '"Other load" is the CPU time of processes outside this run (other sessions, tests)',
         "while the scenario was measured, as a share of all the host's CPUs; where it is high,",
         "the figures of that row are noisy.",
+        "",
+        "*Warm-up*: before its loops, every Base boot gets device-state captures (one every "
+        f"{_fmt(_m_warm(res).get('interval_s'), 1)} s for {_fmt(_m_warm(res).get('capture_s'), 1)} "
+        "s), as a protected guest gets at every sync point; the probe `ktouch` (one word "
+        "written per page of a working set) is timed before and after on the host's clock. "
+        "The warm-up took hold when the warm rate is at least "
+        f"{_fmt(wu.get('min_ratio'), 1)}x the cold one. Over this run: "
+        f"{'every' if wu.get('ok') else '**not every**'} Base boot's warm-up took hold "
+        f"({wu.get('checks', 0)} checked; median cold {_fmt(wu.get('cold_rate_median'))}, "
+        f"warm {_fmt(wu.get('warm_rate_median'))} loops/s, "
+        f"ratio {_fmt(wu.get('ratio_median'), 1)}x). Kemari rows are captured at every sync "
+        "point from the moment they are protected. See docs/benchmarks.md (the cold-guest "
+        "trap).",
         "",
     ]
     L += [

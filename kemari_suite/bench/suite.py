@@ -8,7 +8,10 @@ counts. The host tails the console (:mod:`kemari_suite.bench.markers`) and times
 loop from its START and END lines on the host's clock.
 
 - **Base** boots the guest alone (no agents, no taps) in the lab's primary namespace, its
-  disk a plain raw file.
+  disk a plain raw file. It is warmed as the protected rows are, with device-state
+  captures (:mod:`kemari_suite.bench.warmup`): its init runs ``ktouch`` first, the host
+  measures ktouch's rate cold, captures device state for a few seconds, measures it
+  warm, and the run records whether the warm-up took hold; then ``kbench`` runs.
 - **Kemari** rows start the witness, secondary and primary agents in a lab whose
   replication link is shaped to the scenario's profile (:class:`LabPair`), with the
   guest NIC behind the output-commit proxy and the scenario's disk backend; rounds count
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite import lab as labmod
-from kemari_suite.bench import report
+from kemari_suite.bench import report, warmup
 from kemari_suite.bench.markers import Assembly, ConsoleTail, assemble
 from kemari_suite.bench.memsync import machine_info
 from kemari_suite.bench.scenarios import (
@@ -50,11 +53,11 @@ from kemari_suite.bench.scenarios import (
     load_scenarios,
     select,
 )
+from kemari_suite.bench.touchprobe import BenchImage, bench_image
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.pair import LabPair, PairOptions
-from kemari_suite.vm.define import ensure_image
-from kemari_suite.vm.image import GuestImage, kernel_cmdline
+from kemari_suite.vm.image import kernel_cmdline
 from kemari_suite.vm.qemu import VM, VMSpec, choose_accel, console_tail
 
 #: Rounds before this one are warm-up and never kept.
@@ -194,7 +197,7 @@ class _Pass:
     def __init__(
         self,
         cfg: KemariConfig,
-        image: GuestImage,
+        image: BenchImage,
         params: SuiteParams,
         sc: Scenario,
         *,
@@ -211,6 +214,7 @@ class _Pass:
         self.sc = sc
         self.pass_no = pass_no
         self.command = params.guest_command(iters)
+        self.warm = warmup.DEFAULT
         self.lab_id = lab_id
         self.raw_dir = raw_dir
         self.say = say
@@ -307,11 +311,14 @@ class _Pass:
         with disk.open("wb") as f:
             f.truncate(p.disk_mib << 20)
         accel, _ = choose_accel(cfg.vm.accel)
+        # ktouch first (the warm-up's probe), then kbench once it has exited.
+        command = self.warm.then(self.command) if self.image.has_probe else self.command
+        self.raw.guest_commands = [command]
         spec = VMSpec(
             name="kbench",
-            kernel=self.image.kernel,
-            initrd=self.image.initrd,
-            append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=self.command),
+            kernel=self.image.image.kernel,
+            initrd=self.image.image.initrd,
+            append=kernel_cmdline(ip=f"{lay.guest_ip}/{lay.lan_prefix}", run=command),
             memory_mib=cfg.vm.memory_mib,
             vcpus=1,
             accel=accel,
@@ -325,6 +332,10 @@ class _Pass:
             self.say("booting", 0)
             vm.start()
             self.raw.ready_after_s.append(time.monotonic() - t0)
+            self.say("warm-up: device-state captures", 0)
+            check = vm.call(self._warm_up(vm, accel))
+            self.raw.warmup.append(check.to_dict())
+            self.say(f"warm-up {check.describe()}", 0)
             after = time.monotonic()
             self.say("warming up", 1)
 
@@ -343,6 +354,20 @@ class _Pass:
             vm.shutdown()
             shutil.rmtree(run_root, ignore_errors=True)
             shutil.rmtree(shm, ignore_errors=True)
+
+    async def _warm_up(self, vm: VM, accel: str) -> warmup.WarmupCheck:
+        """The device-state warm-up of the Base guest, checked with ktouch when the image
+        has it (else only the captures, and the check says it measured nothing)."""
+        if self.image.has_probe:
+            return await warmup.warm_up(vm.avm, self.warm, accel=accel)
+        w = self.warm
+        try:
+            n, took = await warmup.capture_for(vm.avm, w.capture_s, w.interval_s)
+        except KemariError as err:
+            return warmup.WarmupCheck(accel, w.min_ratio, error=str(err))
+        return warmup.WarmupCheck(
+            accel, w.min_ratio, captures=n, capture_s=took, error=self.image.note
+        )
 
     # ---- Kemari ---------------------------------------------------------------------------
 
@@ -374,7 +399,8 @@ class _Pass:
             shutil.rmtree(
                 cfg.paths.run_dir / f"kemari-{self.lab_id}-{role[:3]}", ignore_errors=True
             )
-        pair = LabPair(lay, cfg, opts)
+        # The agents boot the very image Base booted.
+        pair = LabPair(lay, self.image.config_for_agents(cfg), opts)
         tail = ConsoleTail(pair.console_path("primary")).start()
         try:
             self.say("starting the agents", 0)
@@ -504,7 +530,7 @@ def run_suite(
     emit: Progress = progress or (lambda _p: None)
 
     emit(SuiteProgress("guest image", 0, total))
-    image = ensure_image(cfg)
+    image = bench_image(cfg)
     # Children inherit the nice value of the thread that starts them (this one).
     old_nice = os.getpriority(os.PRIO_PROCESS, 0)
     with contextlib.suppress(OSError):
@@ -525,7 +551,7 @@ def _run_passes(
     cfg: KemariConfig,
     p: SuiteParams,
     chosen: list[Scenario],
-    image: GuestImage,
+    image: BenchImage,
     out_dir: Path,
     emit: Progress,
     t_suite: float,
@@ -611,9 +637,14 @@ def _run_passes(
             "pipelining": cfg.replication.pipelining,
             "heartbeat_timeout_ms": cfg.replication.heartbeat_timeout_ms,
         },
-        "guest_kernel": image.kernel_version,
-        "image_key": image.key,
+        "guest_kernel": image.image.kernel_version,
+        "image_key": image.image.key,
         "guest_command": p.guest_command(iters),
+        "warmup": {
+            **asdict(warmup.DEFAULT),
+            "probe_in_image": image.has_probe,
+            "guest_command": warmup.DEFAULT.guest_command() if image.has_probe else None,
+        },
         "quick": quick,
         "params": asdict(p),
         "rounds": p.rounds,

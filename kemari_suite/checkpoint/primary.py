@@ -176,6 +176,9 @@ class PrimaryAgent:
             "failover": self.failover_report,
             "states": self.life.sequence(),
             "guest_events": self.guest.log.status(),
+            "image_id": self.spec.image_id,
+            "image_source": self.spec.image_source,
+            "image_reason": self.spec.image_reason,
         }
 
     def request_stop(self) -> None:

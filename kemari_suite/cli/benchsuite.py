@@ -3,7 +3,9 @@
 :func:`suite_command` is a plain function so that the ``bench`` typer group can use it
 as its callback; it prints through rich Consoles and turns a :class:`KemariError` into
 exit code 2. With ``json_out`` its last line on stdout is one JSON object with
-``ratios`` (each Kemari scenario -> its ratio to Base per benchmark).
+``ratios`` (each Kemari scenario -> its ratio to Base per benchmark) and ``warmup_ok``
+(whether every Base boot's device-state warm-up took hold; when not, a warning goes to
+stderr as well, and the report opens with it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def suite_command(
     json_out: bool,
 ) -> None:
     """Run the benchmark suite and write results.json, report.md, report.html and plots."""
+    from kemari_suite.bench import warmup
     from kemari_suite.bench.suite import SuiteProgress, run_suite
 
     if os.geteuid() != 0:
@@ -75,12 +78,18 @@ def suite_command(
 
     res = guard(run)
     failed = {n: s["error"] for n, s in res["scenarios"].items() if s.get("error")}
+    wu = res.get("warmup") or {}
+    loud = warmup.alarm(wu)
+    if loud:
+        err.print(f"[bold red]{loud}[/]", highlight=False)
     if json_out:
         summary = {
             "ratios": res["ratios"],
             "io_ratios": res["io_ratios"],
             "targets": {n: t["all_met"] for n, t in res["targets"].items()},
             "failed": failed,
+            "warmup_ok": bool(wu.get("ok")),
+            "warmup_ratio": wu.get("ratio_median"),
             "out": str(out),
         }
         # Plain print: the last line must be exactly one JSON object, unwrapped.
@@ -96,4 +105,10 @@ def suite_command(
     console.print(t)
     for name, why in failed.items():
         console.print(f"[bold red]{name} failed:[/] {why}", highlight=False)
+    if not loud and wu.get("ratio_median") is not None:
+        console.print(
+            f"Base warm-up took hold: ktouch {wu['cold_rate_median']:,.0f} -> "
+            f"{wu['warm_rate_median']:,.0f} loops/s ({wu['ratio_median']:.1f}x)",
+            highlight=False,
+        )
     console.print(f"report: {out / 'report.md'}  {out / 'report.html'}")

@@ -7,6 +7,7 @@ exit code 2; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -24,8 +25,9 @@ from kemari_suite.config import KemariConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 image_app = typer.Typer(no_args_is_help=True, help="Build guest images.")
-lab_app = typer.Typer(no_args_is_help=True, help="The local host-pair lab (network namespaces).")
 app.add_typer(image_app, name="image")
+from kemari_suite.cli.lab import app as lab_app  # noqa: E402
+
 app.add_typer(lab_app, name="lab")
 from kemari_suite.cli import deploy as deploy_cli  # noqa: E402
 from kemari_suite.cli import remote as remote_cli  # noqa: E402
@@ -111,6 +113,9 @@ def image_build(
             )
 
     img = guard(run)
+    from kemari_suite.vm.lastbuild import record_last_build
+
+    guard(lambda: record_last_build(cfg.paths.cache_dir, img))
     info = {
         "kernel": str(img.kernel),
         "initrd": str(img.initrd),
@@ -122,59 +127,9 @@ def image_build(
         out.print_json(json.dumps(info))
     else:
         word = "cached" if img.cached else "built"
-        out.print(f"{word}: kernel {img.kernel_version}\n  {img.kernel}\n  {img.initrd}")
-
-
-# ---- lab -----------------------------------------------------------------------------
-
-LabIdOpt = Annotated[str, typer.Option("--id", help="Lab id (1-4 letters or digits).")]
-
-
-@lab_app.command("up")
-def lab_up(
-    lab_id: LabIdOpt = "0",
-    profile: Annotated[str, typer.Option(help="Link profile: 1g, 10g or unlimited.")] = "1g",
-) -> None:
-    """Create a lab: primary, secondary and client namespaces and their links."""
-    from kemari_suite import lab
-
-    lay = guard(lambda: lab.up(lab_id, profile))
-    t = Table(title=f"lab {lab_id} ({lay.profile.name})", show_header=False)
-    for k, v in (
-        ("namespaces", ", ".join(lay.namespaces)),
-        ("replication", f"{lay.repl_primary_ip} <-> {lay.repl_secondary_ip}"),
-        ("client (LAN)", lay.lan_client_ip),
-        ("guest (LAN)", lay.guest_ip),
-        ("TAP devices", f"{lay.tap_primary} / {lay.tap_secondary}"),
-    ):
-        t.add_row(k, v)
-    out.print(t)
-
-
-@lab_app.command("down")
-def lab_down(lab_id: LabIdOpt = "0") -> None:
-    """Remove a lab and everything it left (namespaces, links, files)."""
-    from kemari_suite import lab
-
-    guard(lambda: lab.down(lab_id))
-    out.print(f"lab {lab_id} removed")
-
-
-@lab_app.command("status")
-def lab_status(
-    lab_id: LabIdOpt = "0",
-    json_out: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Show what exists of a lab."""
-    from dataclasses import asdict
-
-    from kemari_suite import lab
-
-    st = guard(lambda: lab.status(lab_id))
-    if json_out:
-        out.print_json(json.dumps(asdict(st), default=str))
-        return
-    out.print(st)
+        out.print(
+            f"{word}: kernel {img.kernel_version} (image {img.key})\n  {img.kernel}\n  {img.initrd}"
+        )
 
 
 # ---- agents --------------------------------------------------------------------------
@@ -249,21 +204,95 @@ def _control(config: Path | None, cmd: str, *, timeout: float = 30.0, **args: An
 
 @app.command()
 def status(
-    config: ConfigOpt = None, json_out: Annotated[bool, typer.Option("--json")] = False
+    config: ConfigOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    wait: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--wait",
+            help="Wait until the agent is in this state (repeatable, or comma-separated: "
+            "any of them); an agent not answering yet is waited for too.",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits (then exit 1).")] = 120.0,
 ) -> None:
-    """Show the live state of the agent on this host."""
-    st = _control(config, "status")
+    """Show the live state of the agent on this host (or wait for one)."""
+    wanted = {w.strip() for item in wait or () for w in item.split(",") if w.strip()}
+    st = _wait_status(config, wanted, timeout) if wanted else _control(config, "status")
     if json_out:
         out.print_json(json.dumps(st, default=str))
-        return
-    t = Table(show_header=False)
-    for k, v in st.items():
-        if k == "since":
-            import time
+    else:
+        t = Table(show_header=False)
+        for k, v in st.items():
+            t.add_row(str(k), _human(str(k), v, now=time.time()))
+        out.print(t)
+    if wanted and st.get("state") not in wanted:
+        err.print(
+            f"[bold red]error:[/] still {st.get('state')!r} after {timeout:g} s, "
+            f"not {' or '.join(sorted(wanted))}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
 
-            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(v)))
-        t.add_row(str(k), str(v))
-    out.print(t)
+
+def _wait_status(config: Path | None, wanted: set[str], timeout: float) -> dict[str, Any]:
+    """Poll the agent until its state is in ``wanted`` or ``timeout`` passes; returns the
+    last status (an agent that never answered exits 2 with the reason)."""
+    from kemari_suite.errors import KemariError
+    from kemari_suite.node import control_path
+    from kemari_suite.service import control
+
+    path = control_path(_load(config))
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(KemariError):
+            last = control.request(path, "status", timeout=5.0)
+            if last is not None and last.get("state") in wanted:
+                return last
+        time.sleep(0.25)
+    if last is None:
+        # Once more, to say why it does not answer.
+        last = guard(lambda: control.request(path, "status", timeout=5.0))
+    assert last is not None
+    return last
+
+
+#: Status and demo values that are wall-clock times (seconds since the epoch).
+_WALL_CLOCK = {"since", "at", "t", "detected_at", "t_wall", "stopped_at"}
+
+
+def _human(key: str, value: Any, *, now: float | None = None, nested: bool = False) -> str:
+    """A value for a human table: units from the key's suffix, sensible precision (JSON
+    output keeps the full values). A table is one line per key; deeper ones inline."""
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float) and key in _WALL_CLOCK:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
+        return stamp if now is None else f"{stamp} ({now - float(value):.0f} s ago)"
+    unit = next((u for u in key.split("_") if u in ("ms", "s", "mib")), None)
+    if isinstance(value, float):
+        if unit == "ms":
+            return f"{value:.1f} ms"
+        if unit == "s":
+            return f"{value:.2f} s"
+        return f"{value:.4g}"
+    if isinstance(value, int) and unit is not None:
+        return f"{value} {'MiB' if unit == 'mib' else unit}"
+    if isinstance(value, int) and key.endswith("_bytes") and value >= 1 << 20:
+        return f"{value / (1 << 20):.1f} MiB"
+    if isinstance(value, dict):
+        items = [f"{k} {_human(str(k), v, nested=True)}" for k, v in value.items()]
+        return ", ".join(items) if nested else "\n".join(items)
+    if isinstance(value, list):
+        last = value[-1]
+        if isinstance(last, dict):
+            brief = ": ".join(str(last[k]) for k in ("kind", "reason") if last.get(k))
+            return f"{len(value)}; the last: {brief or _human(key, last, nested=True)}"
+        return ", ".join(_human(key, v, nested=True) for v in value)
+    return str(value)
 
 
 @app.command()
@@ -546,7 +575,7 @@ def demo(
     t = Table(title="Kemari failover demo", show_header=False)
     for k, v in res.to_dict().items():
         if k != "timeline":
-            t.add_row(k, str(v))
+            t.add_row(k, _human(k, v))
     out.print(t)
     if res.resumed:
         out.print("[bold green]the guest survived the loss of its host[/]")

@@ -58,6 +58,9 @@ def check(
     ident = guard(lambda: vmdef.identity(defn, host))
     digest = vmdef.identity_digest(ident)
     warns = vmdef.check_warnings(defn)
+    from kemari_suite.vm.lastbuild import image_id_of
+
+    image_id = image_id_of(defn.boot.kernel, defn.boot.initrd)
     if json_out:
         out.print_json(
             json.dumps(
@@ -66,6 +69,7 @@ def check(
                     "host": host,
                     "identity": ident,
                     "identity_digest": digest,
+                    "image_id": image_id,
                     "warnings": warns,
                 }
             )
@@ -84,6 +88,7 @@ def check(
         ("vcpus / memory", f"{defn.vcpus} / {defn.memory_mib} MiB"),
         ("accel / display", f"{defn.accel} / {defn.display}"),
         ("boot", boot),
+        ("image id", image_id),
     ]
     view_disks = defn.host(host).disks if host else defn.disks
     view_nics = defn.host(host).nics if host else defn.nics

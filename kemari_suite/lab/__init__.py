@@ -1,11 +1,14 @@
 """The local host-pair lab: two hosts and a LAN as network namespaces on one machine.
 
-See :mod:`kemari_suite.lab.lab` for the topology, names and address plan, and
-:mod:`kemari_suite.lab.profiles` for the replication-link profiles.
+See :mod:`kemari_suite.lab.lab` for the topology, names and address plan,
+:mod:`kemari_suite.lab.profiles` for the replication-link profiles,
+:mod:`kemari_suite.lab.registry` for where labs are recorded, and
+:mod:`kemari_suite.lab.configs` for the agents' configs of a VM protected in a lab.
 """
 
 from kemari_suite.lab.lab import (
     HOST_ROLES,
+    DownReport,
     HostRole,
     LabLayout,
     LabStatus,
@@ -32,6 +35,7 @@ from kemari_suite.lab.profiles import PROFILES, LinkProfile, get_profile, profil
 __all__ = [
     "HOST_ROLES",
     "PROFILES",
+    "DownReport",
     "HostRole",
     "LabLayout",
     "LabStatus",

@@ -40,9 +40,12 @@ ranges cannot disturb the machine's own networks; they are chosen to be distinct
 per lab for the day a lab is bridged out.
 
 Files: :func:`up` records the lab in ``<run_dir>/lab-<id>.json`` (``/run/kemari`` unless
-``KEMARI_RUN`` says otherwise). Everything else a lab's users leave behind is named
+``KEMARI_RUN`` says otherwise), and in the machine-wide registry
+(``/run/kemari/labs/<id>.json``, :mod:`kemari_suite.lab.registry`), which says which run
+and shm directories it used. Everything else a lab's users leave behind is named
 ``kemari-<id>-...`` in the run directory or the shm directory (``/dev/shm``; for
-example ``/dev/shm/kemari-<id>-pri.ram``), and :func:`down` removes all of it.
+example ``/dev/shm/kemari-<id>-pri.ram``). :func:`status` and :func:`down` find all of
+it through the registry, whatever the environment says now, and :func:`down` removes it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from typing import Any, Literal
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError, LabInUseError
+from kemari_suite.lab import registry
 from kemari_suite.lab.profiles import LinkProfile, get_profile, profile_for_rate
 
 Role = Literal["primary", "secondary", "client"]
@@ -332,7 +336,11 @@ def _paths(paths: PathsConfig | None) -> PathsConfig:
 
 def state_file(lab_id: str, *, paths: PathsConfig | None = None) -> Path:
     """Where :func:`up` records the lab (``<run_dir>/lab-<id>.json``)."""
-    return _paths(paths).run_dir / f"lab-{lab_id}.json"
+    return _state_path(_paths(paths).run_dir, lab_id)
+
+
+def _state_path(run_dir: Path, lab_id: str) -> Path:
+    return run_dir / f"lab-{lab_id}.json"
 
 
 @contextlib.contextmanager
@@ -406,6 +414,9 @@ def up(lab_id: str, profile: str = "1g", *, paths: PathsConfig | None = None) ->
         _build(lay)
         _wait_until_up(lay, _ready_interfaces(lay))
         _write_state(lay, p)
+        registry.record(
+            registry.LabRecord(lab_id, lay.profile.name, p.run_dir.absolute(), p.shm_dir.absolute())
+        )
     except BaseException:
         # Removing the namespaces removes every veth, bridge, TAP and qdisc in them.
         for ns in created:
@@ -413,6 +424,8 @@ def up(lab_id: str, profile: str = "1g", *, paths: PathsConfig | None = None) ->
         if created:
             with contextlib.suppress(OSError):
                 state_file(lab_id, paths=p).unlink()
+            with contextlib.suppress(LabError):
+                registry.forget(lab_id)
         raise
     return lay
 
@@ -537,29 +550,65 @@ def _write_state(lay: LabLayout, paths: PathsConfig) -> None:
         raise LabError(lay.lab_id, f"cannot write {path}: {err}") from err
 
 
-def _read_state(lab_id: str, paths: PathsConfig) -> dict[str, Any] | None:
+def _read_state(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(state_file(lab_id, paths=paths).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def down(lab_id: str, *, paths: PathsConfig | None = None, kill_processes: bool = True) -> None:
+@dataclass(frozen=True)
+class DownReport:
+    """What :func:`down` found and removed."""
+
+    lab_id: str
+    #: Namespaces deleted.
+    namespaces: tuple[str, ...]
+    #: Files and folders removed (state file, ``kemari-<id>-*``).
+    removed: tuple[Path, ...]
+    #: Directories searched for the lab's files.
+    searched: tuple[Path, ...]
+    #: The registry entry removed, if there was one.
+    registry_file: Path | None
+
+    @property
+    def found(self) -> bool:
+        """Anything of the lab was there."""
+        return bool(self.namespaces or self.removed or self.registry_file)
+
+
+def _lab_dirs(lab_id: str, paths: PathsConfig | None) -> list[tuple[Path, Path]]:
+    """(run_dir, shm_dir) pairs that may hold lab ``lab_id``'s files: the registry's
+    first, then ``paths`` (the environment's when None)."""
+    found: list[tuple[Path, Path]] = []
+    rec = registry.lookup(lab_id)
+    if rec is not None:
+        found.append((rec.run_dir, rec.shm_dir))
+    p = _paths(paths)
+    if (p.run_dir, p.shm_dir) not in found:
+        found.append((p.run_dir, p.shm_dir))
+    return found
+
+
+def down(
+    lab_id: str, *, paths: PathsConfig | None = None, kill_processes: bool = True
+) -> DownReport:
     """Remove lab ``lab_id``; doing so for a lab that is not there is not an error.
 
     Processes still inside the lab's namespaces are sent SIGTERM, then SIGKILL after
     two seconds (a namespace outlives its name while a process is in it, and with it
     every veth and TAP), unless ``kill_processes`` is False. Then the namespaces are
     deleted (which removes their interfaces), then the state file and every file or
-    directory named ``kemari-<id>-*`` in the run and shm directories.
+    directory named ``kemari-<id>-*`` in the run and shm directories: those the
+    registry recorded for the lab and those of ``paths`` (the environment's when None),
+    and last the registry entry.
 
     Raises:
         LabError: the id is invalid, or something could not be removed (after trying
             everything else).
     """
     validate_lab_id(lab_id)
-    p = _paths(paths)
     problems: list[str] = []
     present = [ns for ns in layout(lab_id).namespaces if ns in _existing_namespaces()]
     if kill_processes:
@@ -568,27 +617,53 @@ def down(lab_id: str, *, paths: PathsConfig | None = None, kill_processes: bool 
                 _kill_namespace_processes(ns)
             except OSError as err:
                 problems.append(f"cannot stop processes in {ns}: {err}")
+    deleted: list[str] = []
     for ns in present:
         result = _run(lab_id, ["ip", "netns", "del", ns], check=False)
         if result.returncode != 0 and ns in _existing_namespaces():
             problems.append(
                 f"`ip netns del {ns}` exited {result.returncode}: {result.stderr.strip()}"
             )
-    leftovers = [state_file(lab_id, paths=p)]
+        else:
+            deleted.append(ns)
+    leftovers: list[Path] = []
+    searched: list[Path] = []
     prefix = f"kemari-{lab_id}-"
-    for directory in (p.run_dir, p.shm_dir):
-        with contextlib.suppress(OSError):
-            leftovers.extend(c for c in directory.iterdir() if c.name.startswith(prefix))
+    for run_dir, shm_dir in _lab_dirs(lab_id, paths):
+        leftovers.append(_state_path(run_dir, lab_id))
+        for directory in (run_dir, shm_dir):
+            if directory in searched:
+                continue
+            searched.append(directory)
+            with contextlib.suppress(OSError):
+                leftovers.extend(c for c in directory.iterdir() if c.name.startswith(prefix))
+    removed: list[Path] = []
     for path in leftovers:
+        if not (path.exists() or path.is_symlink()):
+            continue
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+            removed.append(path)
         except OSError as err:
             problems.append(f"cannot remove {path}: {err}")
+    entry = registry.registry_file(lab_id)
+    had_entry = entry.exists()
+    try:
+        registry.forget(lab_id)
+    except LabError as err:
+        problems.append(err.reason)
     if problems:
         raise LabError(lab_id, "; ".join(problems))
+    return DownReport(
+        lab_id=lab_id,
+        namespaces=tuple(deleted),
+        removed=tuple(removed),
+        searched=tuple(searched),
+        registry_file=entry if had_entry else None,
+    )
 
 
 def _namespace_pids(ns: str) -> list[int]:
@@ -669,6 +744,14 @@ class LabStatus:
     state_file: Path | None
     #: Human-readable differences from the expected lab (empty when complete).
     problems: tuple[str, ...]
+    #: The lab's entry in the machine-wide registry, when it has one.
+    registry_file: Path | None = None
+    #: The run and shm directories the registry recorded for its files.
+    run_dir: Path | None = None
+    shm_dir: Path | None = None
+    #: Every place looked at: the namespaces' mount points, the registry entry, the
+    #: state files tried (what to say when nothing was found).
+    looked_in: tuple[Path, ...] = ()
 
     def link(self, ns: str, name: str) -> LinkState | None:
         """The interface ``name`` in namespace ``ns``, if found."""
@@ -684,7 +767,6 @@ def status(lab_id: str, *, paths: PathsConfig | None = None) -> LabStatus:
     Raises:
         LabError: the id is invalid, or iproute2 failed on a namespace that exists.
     """
-    p = _paths(paths)
     bare = layout(lab_id)
     existing = _existing_namespaces()
     present = tuple(ns for ns in bare.namespaces if ns in existing)
@@ -693,14 +775,18 @@ def status(lab_id: str, *, paths: PathsConfig | None = None) -> LabStatus:
     for ns in present:
         links.extend(_links_in(lab_id, ns))
 
-    state = _read_state(lab_id, p)
+    rec = registry.lookup(lab_id)
+    tried = [_state_path(run_dir, lab_id) for run_dir, _ in _lab_dirs(lab_id, paths)]
+    found = next(((f, d) for f in tried if (d := _read_state(f)) is not None), None)
     profile: str | None = None
-    if state is not None and isinstance(state.get("profile"), str):
-        profile = state["profile"]
+    if found is not None and isinstance(found[1].get("profile"), str):
+        profile = found[1]["profile"]
+    elif rec is not None:
+        profile = rec.profile
     else:
         repl = next((x for x in links if x.name == bare.repl_primary_if), None)
-        found = profile_for_rate(repl.rate_bit) if repl is not None else None
-        profile = found.name if found is not None else None
+        guess = profile_for_rate(repl.rate_bit) if repl is not None else None
+        profile = guess.name if guess is not None else None
     lay = None
     if profile is not None:
         try:
@@ -713,6 +799,8 @@ def status(lab_id: str, *, paths: PathsConfig | None = None) -> LabStatus:
         problems.append("cannot tell the link profile (no state file, unknown tbf rate)")
     if lay is not None and present:
         problems.extend(_check(lay, links))
+    if rec is not None and not present:
+        problems.append(f"the registry entry {registry.registry_file(lab_id)} is stale")
     return LabStatus(
         lab_id=lab_id,
         exists=bool(present),
@@ -722,8 +810,16 @@ def status(lab_id: str, *, paths: PathsConfig | None = None) -> LabStatus:
         links=tuple(links),
         profile=profile,
         layout=lay,
-        state_file=state_file(lab_id, paths=p) if state is not None else None,
+        state_file=found[0] if found is not None else None,
         problems=tuple(problems),
+        registry_file=registry.registry_file(lab_id) if rec is not None else None,
+        run_dir=rec.run_dir if rec is not None else None,
+        shm_dir=rec.shm_dir if rec is not None else None,
+        looked_in=(
+            *(NETNS_DIR / ns for ns in bare.namespaces),
+            registry.registry_file(lab_id),
+            *tried,
+        ),
     )
 
 

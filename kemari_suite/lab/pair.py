@@ -9,64 +9,33 @@ status, the guest's counter over the network, fault injection, kills by PID, tea
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import ConnectError, KemariError, LabError
+from kemari_suite.lab import configs as labconfigs
+from kemari_suite.lab.configs import (
+    COUNTER_PORT,
+    REPL_PORT,
+    WITNESS_PORT,
+    PairOptions,
+    role_run_dir,
+    role_shm_dir,
+)
 from kemari_suite.lab.lab import HostRole, LabLayout
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.service import control
 
-COUNTER_PORT = 7000
-WITNESS_PORT = 7411
-REPL_PORT = 7410
-
-
-@dataclass
-class PairOptions:
-    """What differs between demo, tests and benchmarks."""
-
-    vm_name: str = "guest"
-    memory_mib: int = 128
-    vcpus: int = 1
-    workload: str = f"counter -q -p {COUNTER_PORT} 100"
-    mode: str = "speculative"
-    max_interval_ms: int = 100
-    heartbeat_interval_ms: int = 200
-    heartbeat_timeout_ms: int = 3000
-    tiebreaker: str = "witness"
-    tracker: str = "compare"
-    compression: str = "zstd"
-    pipelining: bool = False
-    #: ``replication.reprotect``: after a failover the survivor protects the VM again
-    #: as soon as the failed host comes back as a standby.
-    reprotect: bool = False
-    #: Guest disk: "" (none), "builtin" (one image per host) or "shared" (one for both).
-    disk: str = ""
-    disk_mib: int = 16
-    #: Put the guest NIC behind the frame proxy (output commit) instead of a plain tap.
-    tapped_net: bool = False
-    policy: str = "kemari"
-    adaptive_min_spacing_ms: int = 5
-    display: str = "none"
-    #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
-    alert_hook: str = ""
-    #: ``[testing] commit_probe`` for the secondary: ``stream`` records the stream
-    #: workload's probe at every commit into ``commits.jsonl`` in its artifacts.
-    commit_probe: str = ""
-    env_primary: dict[str, str] = field(default_factory=dict)
-    env_secondary: dict[str, str] = field(default_factory=dict)
-    #: Run the agents from this VM definition (``--vm FILE --host a|b``) instead of
-    #: config files; see :meth:`LabPair.write_vm_definition`.
-    vm_definition: str = ""
+__all__ = ["COUNTER_PORT", "REPL_PORT", "WITNESS_PORT", "LabPair", "PairOptions"]
 
 
 class LabPair:
@@ -80,91 +49,16 @@ class LabPair:
         self.root = base.paths.run_dir / f"kemari-{lab.lab_id}-pair"
         self.root.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.configs: dict[str, Path] = {}
-        for role in ("primary", "secondary", "witness"):
-            self.configs[role] = self._write_config(role)
+        written = labconfigs.write(lab, base, opts, self.root, key=self.key)
+        self.configs: dict[str, Path] = written.configs
 
     # ---- configuration -----------------------------------------------------------------
 
     def run_dir(self, role: str) -> Path:
-        return self.base.paths.run_dir / f"kemari-{self.lab.lab_id}-{role[:3]}"
+        return role_run_dir(self.base.paths, self.lab.lab_id, role)
 
     def shm_dir(self, role: str) -> Path:
-        return self.base.paths.shm_dir / f"kemari-{self.lab.lab_id}-{role[:3]}"
-
-    def _write_config(self, role: str) -> Path:
-        lab, o = self.lab, self.opts
-        tap_role: HostRole = "primary" if role == "primary" else "secondary"
-        own_ip = lab.repl_primary_ip if role == "primary" else lab.repl_secondary_ip
-        other_ip = lab.repl_secondary_ip if role == "primary" else lab.repl_primary_ip
-        sections: dict[str, dict[str, Any]] = {
-            "paths": {
-                "cache_dir": str(self.base.paths.cache_dir),
-                "run_dir": str(self.run_dir(role)),
-                "shm_dir": str(self.shm_dir(role)),
-            },
-            "image": {"kernel_package": self.base.image.kernel_package},
-            "vm": {
-                "name": o.vm_name,
-                "memory_mib": o.memory_mib,
-                "vcpus": o.vcpus,
-                "accel": self.base.vm.accel,
-                "netdev": f"tap,ifname={lab.tap_for(tap_role)},script=no,downscript=no",
-                "netns": lab.ns_for(tap_role) if role != "witness" else "",
-                "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
-                "run": o.workload,
-                "display": o.display,
-            },
-            "replication": {
-                "key": self.key,
-                # Each host listens on its own address and knows the other's: after a
-                # switchover the roles swap.
-                "peer": f"{other_ip}:{REPL_PORT}",
-                "listen": f"{own_ip}:{REPL_PORT}",
-                "mode": o.mode,
-                "tracker": o.tracker,
-                "compression": o.compression,
-                "max_interval_ms": o.max_interval_ms,
-                "pipelining": o.pipelining,
-                "reprotect": o.reprotect,
-                "heartbeat_interval_ms": o.heartbeat_interval_ms,
-                "heartbeat_timeout_ms": o.heartbeat_timeout_ms,
-                "tiebreaker": o.tiebreaker,
-                "witness": f"{lab.lan_client_ip}:{WITNESS_PORT}"
-                if o.tiebreaker == "witness"
-                else "",
-            },
-        }
-        if o.alert_hook and role != "witness":
-            sections["alerts"] = {"hook": o.alert_hook}
-        if o.tapped_net and role != "witness":
-            sections["vm"]["netdev"] = ""
-            sections["tap"] = {"host_tap": lab.tap_for(tap_role), "policy": o.policy}
-        if o.disk and role != "witness":
-            sections["disk"] = {"backend": o.disk, "path": str(self._disk_image(role))}
-        if o.commit_probe and role == "secondary":
-            sections["testing"] = {"commit_probe": o.commit_probe}
-        if o.tiebreaker == "lease":
-            # Both "hosts" share this machine's filesystem: a file stands in for the LUN.
-            lease = self.root / "lease.img"
-            if not lease.exists():
-                with lease.open("wb") as f:
-                    f.truncate(1 << 20)
-            sections.setdefault("disk", {})["lease_device"] = str(lease)
-        path = self.root / f"{role}.toml"
-        path.write_text(dump_toml(sections))
-        return path
-
-    def _disk_image(self, role: str) -> Path:
-        """The guest disk of ``role``: one file per host, or one shared file."""
-        o = self.opts
-        name = "shared-disk.img" if o.disk == "shared" else f"disk-{role}.img"
-        path = self.root / name
-        if not path.exists():
-            reserved = 1 << 20 if o.disk == "shared" else 0
-            with path.open("wb") as f:
-                f.truncate(reserved + (o.disk_mib << 20))
-        return path
+        return role_shm_dir(self.base.paths, self.lab.lab_id, role)
 
     # ---- processes ---------------------------------------------------------------------
 
@@ -182,13 +76,8 @@ class LabPair:
         log.close()
 
     def start_witness(self) -> None:
-        listen = f"{self.lab.lan_client_ip}:{WITNESS_PORT}"
-        self._spawn(
-            "witness",
-            ["witness", "-c", str(self.configs["witness"]), "--listen", listen],
-            self.lab.ns_client,
-            {},
-        )
+        launch = labconfigs.launches(self.lab, self.configs)[0]
+        self._spawn("witness", list(launch.args), launch.namespace, {})
 
     #: Host names in a lab VM definition, by role.
     HOSTS = {"primary": "a", "secondary": "b"}
@@ -236,6 +125,19 @@ class LabPair:
 
     def console_path(self, role: str) -> Path:
         return self.run_dir(role) / f"kemari-{self.opts.vm_name}" / "console.log"
+
+    def artifact_records(self, role: str, name: str) -> list[dict[str, Any]]:
+        """Every record of ``role``'s ``name`` (``events.jsonl``, ``checkpoints.jsonl``)
+        over all its runs, oldest run first; unreadable lines are skipped."""
+        records: list[dict[str, Any]] = []
+        for path in sorted((self.run_dir(role) / "artifacts").glob(f"*/{name}")):
+            with contextlib.suppress(OSError):
+                for line in path.read_text().splitlines():
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(line)
+                        if isinstance(rec, dict):
+                            records.append(rec)
+        return records
 
     def output(self, role: str) -> str:
         try:
@@ -453,8 +355,6 @@ class LabPair:
             if qpid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(qpid, signal.SIGKILL)
-        import shutil
-
         for role in ("primary", "secondary", "witness"):
             shutil.rmtree(self.shm_dir(role), ignore_errors=True)
         self.procs.clear()

@@ -210,6 +210,9 @@ class SecondaryAgent:
             "compat": self.compat,
             "alerts": self.artifacts.alert_history(),
             "states": self.life.sequence(),
+            "image_id": self.spec.image_id,
+            "image_source": self.spec.image_source,
+            "image_reason": self.spec.image_reason,
         }
 
     # ---- lifecycle -----------------------------------------------------------------

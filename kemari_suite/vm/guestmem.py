@@ -4,7 +4,8 @@ The static workload programs (``guest/workloads``) keep their progress in a page
 structure (``guest/workloads/kemari_probe.h``)::
 
     offset  size  field
-    0       16    magic: b"KEMARI-COUNTER!!" (counter) or b"KEMARI-MEMDIRTY!" (memdirty)
+    0       16    magic: b"KEMARI-COUNTER!!" (counter), b"KEMARI-MEMDIRTY!" (memdirty),
+                  b"KEMARI-TOUCH!!!!" (the benchmarks' ktouch)
     16      8     value, uint64 little endian (counter value / pages dirtied so far)
     24      8     ticks per second (the counter's rate / memdirty's target pages per second)
     32      8     aux (counter: TCP port or 0; memdirty: working set in pages)
@@ -33,6 +34,10 @@ PAGE_SIZE = 4096
 COUNTER_MAGIC = b"KEMARI-COUNTER!!"
 MEMDIRTY_MAGIC = b"KEMARI-MEMDIRTY!"
 STREAM_MAGIC = b"KEMARI-STREAM!!!"
+#: The benchmarks' warm-up probe (``ktouch``, :mod:`kemari_suite.bench.touchprobe`): value
+#: is the loops done so far (one word written in one page per loop), aux the working set
+#: in pages.
+TOUCH_MAGIC = b"KEMARI-TOUCH!!!!"
 
 #: Anything exposing guest RAM through the buffer protocol, or a numpy array over it.
 RamLike: TypeAlias = bytes | bytearray | memoryview | mmap.mmap | npt.NDArray[np.generic]

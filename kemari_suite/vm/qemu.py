@@ -361,6 +361,14 @@ class VM:
         self._run(self.avm.start(**kw))
         return self
 
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` (which may use :attr:`avm`) on this VM's event loop; its result.
+
+        Raises:
+            Whatever ``coro`` raises; TimeoutError after ``timeout`` seconds.
+        """
+        return self._run(coro, timeout)
+
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         return self._run(self.avm.execute(command, arguments))
 

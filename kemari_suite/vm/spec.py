@@ -78,6 +78,17 @@ class VMSpec:
     display: str = "none"
     #: Extra ``-device`` option strings (e.g. "virtio-rng-pci"), in this order on both hosts.
     devices: tuple[str, ...] = ()
+    # The three image fields below say which guest image boots and why; they are not part
+    # of the command line (``kernel``/``initrd`` are) and :func:`qemu_argv` ignores them.
+    #: The image's id: the build key of a ``kemari image build`` image, or "sha256:..."
+    #: over the kernel and initrd of any other (see :mod:`kemari_suite.vm.lastbuild`).
+    image_id: str = ""
+    #: Where the image came from: "built" (from the config's ``[image]``), "last-build"
+    #: (the last ``kemari image build`` output), "configured" (``image.kernel``/``initrd``),
+    #: "vm-definition" (its ``[boot]``); empty when the caller chose the files itself.
+    image_source: str = ""
+    #: One line saying why this image boots (and whether it differs from the last build).
+    image_reason: str = ""
 
     def replace(self, **changes: Any) -> VMSpec:
         from dataclasses import replace

@@ -31,6 +31,7 @@ from kemari_suite.config import (
     VMConfig,
 )
 from kemari_suite.errors import ConfigError
+from kemari_suite.vm.lastbuild import image_id_of
 from kemari_suite.vm.spec import VMPaths, VMSpec, choose_accel, io_paths, qemu_argv
 
 MiB = 1 << 20
@@ -260,6 +261,13 @@ class VMDefinition:
             netns=me.netns or None,
             display=self.display,
             devices=tuple(d.qemu_arg() for d in self.devices),
+            image_id=image_id_of(self.boot.kernel, self.boot.initrd),
+            image_source="vm-definition",
+            image_reason=(
+                f"the VM definition's [boot]: kernel {self.boot.kernel}, initrd {self.boot.initrd}"
+                if self.boot.kernel is not None
+                else "the VM definition boots from its disk (firmware)"
+            ),
         )
         paths = VMPaths.for_vm(self.name, me.paths.run_dir, me.paths.shm_dir)
         return HostView(

@@ -81,6 +81,35 @@ def test_add_puts_host_file_into_initramfs(image: GuestImage, tmp_path: Path) ->
     assert any(p.endswith("/virtio_net.ko") for p in lines)
 
 
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="no cpio tool")
+def test_agent_with_empty_image_section_boots_what_was_built(tmp_path: Path) -> None:
+    """`kemari image build --add X` records its output; an agent whose config leaves
+    [image] empty boots that very image, X included (the record goes to a folder of this
+    test's own, never to the shared cache's)."""
+    from kemari_suite.config import KemariConfig, PathsConfig
+    from kemari_suite.vm.define import select_image, vm_spec
+    from kemari_suite.vm.lastbuild import record_last_build
+
+    extra = tmp_path / "x.txt"
+    extra.write_text(f"extra {WORKER}\n")
+    built = build_image(CACHE, add=[f"{extra}:/etc/x.txt"])
+    records = tmp_path / "cache"
+    record_last_build(records, built)
+    cfg = KemariConfig(paths=PathsConfig(cache_dir=records))
+    choice = select_image(cfg)
+    assert choice.source == "last-build" and choice.image_id == built.key
+    spec = vm_spec(cfg, choice)
+    assert (spec.kernel, spec.initrd, spec.image_id) == (built.kernel, built.initrd, built.key)
+    assert spec.initrd is not None
+    names = subprocess.run(
+        ["cpio", "-it", "--quiet"],
+        input=gzip.decompress(spec.initrd.read_bytes()),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert "etc/x.txt" in names.split()
+
+
 @pytest.fixture
 def vm_files(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     ram = Path(f"/dev/shm/kemari-test-image-{WORKER}-{os.getpid()}.ram")

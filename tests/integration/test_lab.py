@@ -532,3 +532,86 @@ def test_up_waits_until_the_lan_forwards(new_lab_id: Callable[[], str], paths: P
     assert _run(netns_exec_argv(lay.ns_client, [*once, lay.lan_primary_ip])).returncode == 0
     assert _run(netns_exec_argv(lay.ns_client, [*once, lay.lan_secondary_ip])).returncode == 0
     assert _run(netns_exec_argv(lay.ns_primary, [*once, lay.repl_secondary_ip])).returncode == 0
+
+
+def test_status_and_down_find_a_lab_wherever_its_files_are(
+    new_lab_id: Callable[[], str], paths: PathsConfig
+) -> None:
+    """A lab made with other run and shm folders (another KEMARI_RUN) is found, and fully
+    removed, by callers that name no folders (the environment's defaults)."""
+    from kemari_suite.lab import registry
+
+    lab_id = new_lab_id()
+    up(lab_id, "10g", paths=paths)
+    entry = registry.lookup(lab_id)
+    assert entry is not None
+    assert (entry.run_dir, entry.shm_dir, entry.profile) == (paths.run_dir, paths.shm_dir, "10g")
+    ram = paths.shm_dir / f"kemari-{lab_id}-pri.ram"
+    ram.write_bytes(b"\0" * 4096)
+    (paths.run_dir / f"kemari-{lab_id}-pri").mkdir()
+
+    st = status(lab_id)
+    assert st.complete, st.problems
+    assert st.state_file == state_file(lab_id, paths=paths)
+    assert st.registry_file == registry.registry_file(lab_id)
+    assert (st.run_dir, st.shm_dir) == (paths.run_dir, paths.shm_dir)
+
+    report = down(lab_id)
+    assert set(report.namespaces) == set(layout(lab_id).namespaces)
+    assert ram in report.removed and state_file(lab_id, paths=paths) in report.removed
+    assert paths.run_dir in report.searched and paths.shm_dir in report.searched
+    assert report.registry_file == registry.registry_file(lab_id)
+    assert not ram.exists() and not (paths.run_dir / f"kemari-{lab_id}-pri").exists()
+    assert registry.lookup(lab_id) is None
+
+    gone = status(lab_id)
+    assert not gone.exists and gone.registry_file is None
+    assert registry.registry_file(lab_id) in gone.looked_in
+    assert not down(lab_id).found
+
+
+def _kemari(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "kemari_suite.cli.main", *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def test_cli_lab_up_prints_configs_ports_and_commands(
+    new_lab_id: Callable[[], str], paths: PathsConfig, tmp_path: Path
+) -> None:
+    lab_id = new_lab_id()
+    env = {**os.environ, "KEMARI_RUN": str(paths.run_dir), "KEMARI_SHM": str(paths.shm_dir)}
+    res = _kemari(["lab", "up", "--id", lab_id, "--profile", "unlimited", "--json"], env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    lay = layout(lab_id, "unlimited")
+    directory = paths.run_dir / f"kemari-{lab_id}-configs"
+    assert data["directory"] == str(directory)
+    assert data["namespaces"] == {
+        "primary": lay.ns_primary,
+        "secondary": lay.ns_secondary,
+        "client": lay.ns_client,
+    }
+    assert {(p["address"], p["port"]) for p in data["ports"]} == {
+        (lay.repl_primary_ip, 7410),
+        (lay.repl_secondary_ip, 7410),
+        (lay.lan_client_ip, 7411),
+        (lay.guest_ip, 7000),
+    }
+    for role, verb in (("witness", "witness"), ("secondary", "standby"), ("primary", "protect")):
+        assert (directory / f"{role}.toml").is_file()
+        assert f" {verb} -c {directory / f'{role}.toml'}" in data["commands"][role]
+
+    # Without the environment it was made with: found through the registry.
+    bare = {k: v for k, v in os.environ.items() if k not in ("KEMARI_RUN", "KEMARI_SHM")}
+    shown = _kemari(["lab", "status", "--id", lab_id], bare)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "complete" in shown.stdout and str(state_file(lab_id, paths=paths)) in shown.stdout
+    listed = _kemari(["lab", "list", "--json"], bare)
+    assert any(row["lab_id"] == lab_id and row["up"] for row in json.loads(listed.stdout))
+
+    removed = _kemari(["lab", "down", "--id", lab_id], bare)
+    assert removed.returncode == 0, removed.stderr
+    assert not directory.exists(), "the default configs folder goes with the lab"
+    absent = _kemari(["lab", "status", "--id", lab_id], bare)
+    assert absent.returncode == 1
+    assert f"no lab {lab_id}" in absent.stdout and f"/run/netns/{lay.ns_primary}" in absent.stdout

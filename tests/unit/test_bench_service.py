@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kemari_suite.bench.service import Client, Request, write_results
+from kemari_suite.bench.service import Client, Request, warmup_figures, write_results
 
 
 def _client(reqs: list[tuple[float, float, int]]) -> Client:
@@ -82,9 +82,44 @@ def test_report_states_the_figures(tmp_path: Path) -> None:
         "ok": True,
     }
     md = write_results(res, tmp_path, "kemari bench service").read_text()
-    assert "| unprotected | 100.0 |" in md and "Protected / unprotected throughput: 0.10" in md
+    assert "| unprotected (warm: the baseline) | 100.0 |" in md
+    assert "Protected / unprotected throughput: 0.10" in md
+    assert "never captured" not in md  # no cold figure recorded, no cold row
     assert "| 1 | primary | 4.00 | 350 | 10 | 5/5 |" in md
     assert "| primary host | 120 | 70 | 0.40 | 0 |" in md
     assert "70.0% of the time" in md
     assert "nothing lost" in md
     assert (tmp_path / "service.json").exists()
+
+
+def test_report_shows_the_cold_and_warm_baselines(tmp_path: Path) -> None:
+    m = {"seconds": 10, "stored": 100, "failed": 0, "latency_p50_ms": 1.0, "latency_p99_ms": 2.0}
+    cold, warm = m | {"per_s": 40.0}, m | {"per_s": 50.0}
+    wu = warmup_figures(cold, warm)
+    assert wu["cold_per_s"] == 40.0 and wu["warm_per_s"] == 50.0 and wu["ratio"] == 1.25
+    assert warmup_figures(m | {"per_s": 0.0}, warm)["ratio"] is None
+    res = {
+        "profile": "10g",
+        "memory_mib": 256,
+        "vcpus": 2,
+        "unprotected_cold": cold,
+        "unprotected": warm,
+        "protected": m | {"per_s": 10.0},
+        "warmup": wu,
+        "throughput_ratio": 0.2,
+        "kills": [],
+        "outage_p50_s": None,
+        "outage_max_s": None,
+        "check": {
+            "committed": 0,
+            "missing_live": [],
+            "fsck_clean": True,
+            "offline_missing": [],
+            "offline_mismatched": [],
+        },
+        "ok": True,
+    }
+    md = write_results(res, tmp_path, "kemari bench service").read_text()
+    assert "| unprotected, never captured (cold) | 40.0 |" in md
+    assert "| unprotected (warm: the baseline) | 50.0 |" in md
+    assert "warm / cold 1.25" in md

@@ -1,0 +1,421 @@
+"""Ready-to-run configs for a protected VM in a lab: one file per role, and how to start it.
+
+The same rendering serves :class:`~kemari_suite.lab.pair.LabPair` (tests, demo,
+benchmarks) and ``kemari lab up`` / ``kemari lab configs`` (operators), so the files
+an operator starts by hand are the files the tests run.
+
+What each role gets, and why::
+
+    primary.toml    [paths] run_dir/shm_dir of its own (<run>/kemari-<id>-pri, ...):
+                    two agents on one machine must not share QMP sockets or RAM files
+                    [vm] netns = the primary's namespace; with output commit the guest
+                    NIC goes through the frame proxy: [tap] host_tap = its TAP and an
+                    empty vm.netdev (a plain tap backend otherwise)
+                    [replication] listen on its own replication address, peer = the
+                    other host's: after a switchover the roles swap
+    secondary.toml  the same, mirrored
+    witness.toml    the key and the heartbeat timeout; it runs in the client namespace
+                    (the LAN), listening on the client's address
+
+``lab.env`` beside them holds the lab's names and addresses as shell variables.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.config import ImageConfig, KemariConfig, PathsConfig, dump_toml
+from kemari_suite.errors import LabError
+from kemari_suite.lab.lab import HOST_ROLES, HostRole, LabLayout
+
+COUNTER_PORT = 7000
+WITNESS_PORT = 7411
+REPL_PORT = 7410
+#: The config files written, in the order their agents start.
+ROLES = ("witness", "secondary", "primary")
+#: The command the three agents run, by role.
+AGENT_COMMANDS = {"witness": "witness", "secondary": "standby", "primary": "protect"}
+DEFAULT_WORKLOAD = f"counter -q -p {COUNTER_PORT} 100"
+ENV_FILE = "lab.env"
+
+
+@dataclass
+class PairOptions:
+    """What differs between demo, tests, benchmarks and an operator's own guest."""
+
+    vm_name: str = "guest"
+    memory_mib: int = 128
+    vcpus: int = 1
+    #: ``vm.run``: the command the guest's init runs, instead of the image's own.
+    workload: str = DEFAULT_WORKLOAD
+    mode: str = "speculative"
+    max_interval_ms: int = 100
+    heartbeat_interval_ms: int = 200
+    heartbeat_timeout_ms: int = 3000
+    tiebreaker: str = "witness"
+    tracker: str = "compare"
+    compression: str = "zstd"
+    pipelining: bool = False
+    #: ``replication.reprotect``: after a failover the survivor protects the VM again
+    #: as soon as the failed host comes back as a standby.
+    reprotect: bool = False
+    #: Guest disk: "" (none), "builtin" (one image per host) or "shared" (one for both).
+    disk: str = ""
+    disk_mib: int = 16
+    #: Put the guest NIC behind the frame proxy (output commit) instead of a plain tap.
+    tapped_net: bool = False
+    policy: str = "kemari"
+    adaptive_min_spacing_ms: int = 5
+    display: str = "none"
+    #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
+    alert_hook: str = ""
+    #: ``[testing] commit_probe`` for the secondary: ``stream`` records the stream
+    #: workload's probe at every commit into ``commits.jsonl`` in its artifacts.
+    commit_probe: str = ""
+    env_primary: dict[str, str] = field(default_factory=dict)
+    env_secondary: dict[str, str] = field(default_factory=dict)
+    #: Run the agents from this VM definition (``--vm FILE --host a|b``) instead of
+    #: config files; see :meth:`LabPair.write_vm_definition`.
+    vm_definition: str = ""
+    #: The guest image both agents boot (``image.add``/``init``, or a prebuilt
+    #: ``kernel``/``initrd``); None: the base config's ``[image]``.
+    image: ImageConfig | None = None
+
+
+def options_from_config(cfg: KemariConfig) -> PairOptions:
+    """Options that carry ``cfg``'s replication, tap, alert and image settings (the
+    witness is the tiebreaker: a lab has one); change the rest with
+    :func:`dataclasses.replace`."""
+    r, t = cfg.replication, cfg.tap
+    return PairOptions(
+        mode=r.mode,
+        tracker=r.tracker,
+        compression=r.compression,
+        max_interval_ms=r.max_interval_ms,
+        heartbeat_interval_ms=r.heartbeat_interval_ms,
+        heartbeat_timeout_ms=r.heartbeat_timeout_ms,
+        pipelining=r.pipelining,
+        reprotect=r.reprotect,
+        policy=t.policy,
+        adaptive_min_spacing_ms=t.adaptive_min_spacing_ms,
+        alert_hook=cfg.alerts.hook,
+        image=cfg.image,
+    )
+
+
+# --------------------------------------------------------------------------- where things go
+
+
+def role_run_dir(paths: PathsConfig, lab_id: str, role: str) -> Path:
+    """``role``'s own run directory (``<run_dir>/kemari-<id>-pri`` and so on)."""
+    return paths.run_dir / f"kemari-{lab_id}-{role[:3]}"
+
+
+def role_shm_dir(paths: PathsConfig, lab_id: str, role: str) -> Path:
+    """``role``'s own shm directory, for its guest RAM files."""
+    return paths.shm_dir / f"kemari-{lab_id}-{role[:3]}"
+
+
+def default_dir(paths: PathsConfig, lab_id: str) -> Path:
+    """Where ``kemari lab up`` writes the configs unless told (removed by ``lab down``)."""
+    return paths.run_dir / f"kemari-{lab_id}-configs"
+
+
+def witness_listen(lab: LabLayout) -> str:
+    """The witness's address: the client's, on the LAN both hosts reach."""
+    return f"{lab.lan_client_ip}:{WITNESS_PORT}"
+
+
+def disk_image(directory: Path, opts: PairOptions, role: str) -> Path:
+    """The guest disk of ``role``: one file per host, or one shared file."""
+    return directory / ("shared-disk.img" if opts.disk == "shared" else f"disk-{role}.img")
+
+
+def lease_file(directory: Path) -> Path:
+    """The file standing in for a shared LUN when the tiebreaker is a lease."""
+    return directory / "lease.img"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(
+    lab: LabLayout, base: KemariConfig, opts: PairOptions, *, key: str, directory: Path
+) -> dict[str, dict[str, Any]]:
+    """The config tree of every role (see the module docstring); no side effects.
+
+    ``base`` gives the cache directory, the accelerator and (unless ``opts.image``) the
+    guest image; its paths are where the roles' run and shm directories go.
+    """
+    trees: dict[str, dict[str, Any]] = {
+        role: _host_tree(lab, base, opts, role, key, directory) for role in HOST_ROLES
+    }
+    trees["witness"] = {
+        "paths": _paths_tree(base, lab.lab_id, "witness"),
+        "replication": {
+            "key": key,
+            "heartbeat_interval_ms": opts.heartbeat_interval_ms,
+            "heartbeat_timeout_ms": opts.heartbeat_timeout_ms,
+        },
+    }
+    return trees
+
+
+def _paths_tree(base: KemariConfig, lab_id: str, role: str) -> dict[str, Any]:
+    return {
+        "cache_dir": str(base.paths.cache_dir),
+        "run_dir": str(role_run_dir(base.paths, lab_id, role)),
+        "shm_dir": str(role_shm_dir(base.paths, lab_id, role)),
+    }
+
+
+def _image_tree(image: ImageConfig) -> dict[str, Any]:
+    tree: dict[str, Any] = {"kernel_package": image.kernel_package}
+    if image.add:
+        tree["add"] = list(image.add)
+    if image.init:
+        tree["init"] = image.init
+    if image.kernel or image.initrd:
+        tree["kernel"], tree["initrd"] = image.kernel, image.initrd
+    return tree
+
+
+def _host_tree(
+    lab: LabLayout,
+    base: KemariConfig,
+    o: PairOptions,
+    role: HostRole,
+    key: str,
+    directory: Path,
+) -> dict[str, Any]:
+    other: HostRole = "secondary" if role == "primary" else "primary"
+    tap = lab.tap_for(role)
+    tree: dict[str, Any] = {
+        "paths": _paths_tree(base, lab.lab_id, role),
+        "image": _image_tree(o.image if o.image is not None else base.image),
+        "vm": {
+            "name": o.vm_name,
+            "memory_mib": o.memory_mib,
+            "vcpus": o.vcpus,
+            "accel": base.vm.accel,
+            # With output commit the frame proxy opens the TAP; QEMU has no netdev.
+            "netdev": "" if o.tapped_net else f"tap,ifname={tap},script=no,downscript=no",
+            "netns": lab.ns_for(role),
+            "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
+            "run": o.workload,
+            "display": o.display,
+        },
+        "replication": {
+            "key": key,
+            # Each host listens on its own address and knows the other's: after a
+            # switchover the roles swap.
+            "peer": f"{lab.repl_ip_for(other)}:{REPL_PORT}",
+            "listen": f"{lab.repl_ip_for(role)}:{REPL_PORT}",
+            "mode": o.mode,
+            "tracker": o.tracker,
+            "compression": o.compression,
+            "max_interval_ms": o.max_interval_ms,
+            "pipelining": o.pipelining,
+            "reprotect": o.reprotect,
+            "heartbeat_interval_ms": o.heartbeat_interval_ms,
+            "heartbeat_timeout_ms": o.heartbeat_timeout_ms,
+            "tiebreaker": o.tiebreaker,
+            "witness": witness_listen(lab) if o.tiebreaker == "witness" else "",
+        },
+    }
+    if o.alert_hook:
+        tree["alerts"] = {"hook": o.alert_hook}
+    if o.tapped_net:
+        tree["tap"] = {
+            "host_tap": tap,
+            "policy": o.policy,
+            "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms,
+        }
+    if o.disk:
+        tree["disk"] = {"backend": o.disk, "path": str(disk_image(directory, o, role))}
+    if o.commit_probe and role == "secondary":
+        tree["testing"] = {"commit_probe": o.commit_probe}
+    if o.tiebreaker == "lease":
+        # Both "hosts" share this machine's filesystem: a file stands in for the LUN.
+        tree.setdefault("disk", {})["lease_device"] = str(lease_file(directory))
+    return tree
+
+
+# --------------------------------------------------------------------------- launching
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one role's agent: ``argv`` inside namespace ``namespace``."""
+
+    role: str
+    namespace: str
+    config: Path
+    #: The kemari arguments (after the program), e.g. ("protect", "-c", "/x/primary.toml").
+    args: tuple[str, ...]
+
+    def argv(self, kemari: tuple[str, ...] = ("kemari",)) -> list[str]:
+        """The whole command line, ``ip netns exec`` included."""
+        return ["ip", "netns", "exec", self.namespace, *kemari, *self.args]
+
+    def shell(self, kemari: tuple[str, ...] = ("kemari",)) -> str:
+        """:meth:`argv` quoted for a shell."""
+        return shlex.join(self.argv(kemari))
+
+
+@dataclass(frozen=True)
+class Port:
+    """A TCP port the protected VM's lab uses."""
+
+    port: int
+    address: str
+    namespace: str
+    what: str
+
+
+@dataclass(frozen=True)
+class LabConfigs:
+    """What :func:`write` wrote, and how to use it."""
+
+    lab_id: str
+    directory: Path
+    #: Config file by role (witness, secondary, primary).
+    configs: dict[str, Path]
+    env_file: Path
+    #: In start order: witness, standby, protect.
+    launches: tuple[Launch, ...]
+    ports: tuple[Port, ...]
+
+    def launch(self, role: str) -> Launch:
+        """The launch of ``role``.
+
+        Raises:
+            KeyError: no such role.
+        """
+        for item in self.launches:
+            if item.role == role:
+                return item
+        raise KeyError(role)
+
+
+def launches(lab: LabLayout, configs: dict[str, Path]) -> tuple[Launch, ...]:
+    """The three agents' commands, in start order (the standby before the primary)."""
+    items = []
+    for role in ROLES:
+        args: tuple[str, ...] = (AGENT_COMMANDS[role], "-c", str(configs[role]))
+        if role == "witness":
+            args += ("--listen", witness_listen(lab))
+        ns = lab.ns_client if role == "witness" else lab.ns_for(_host(role))
+        items.append(Launch(role=role, namespace=ns, config=configs[role], args=args))
+    return tuple(items)
+
+
+def _host(role: str) -> HostRole:
+    return "primary" if role == "primary" else "secondary"
+
+
+def ports(lab: LabLayout, opts: PairOptions, guest_ports: tuple[int, ...] = ()) -> tuple[Port, ...]:
+    """Every TCP port in play: replication on both hosts, the witness, the guest's services
+    (the counter workload's, when it runs, and ``guest_ports``)."""
+    found = [
+        Port(REPL_PORT, lab.repl_ip_for(r), lab.ns_for(r), f"replication: the {r} listens")
+        for r in HOST_ROLES
+    ]
+    if opts.tiebreaker == "witness":
+        found.append(Port(WITNESS_PORT, lab.lan_client_ip, lab.ns_client, "the witness"))
+    counter = opts.workload == DEFAULT_WORKLOAD
+    served = [p for p in guest_ports if not (counter and p == COUNTER_PORT)]
+    reach = f"reach it from {lab.ns_client}"
+    if counter:
+        what = f"the guest's counter workload ({reach})"
+        found.append(Port(COUNTER_PORT, lab.guest_ip, lab.ns_client, what))
+    what = f"your guest's service ({reach})"
+    found += [Port(p, lab.guest_ip, lab.ns_client, what) for p in served]
+    return tuple(found)
+
+
+def env_lines(lab: LabLayout, directory: Path) -> list[str]:
+    """``lab.env``: the lab's names and addresses as shell variable assignments."""
+    values = {
+        "LAB": lab.lab_id,
+        "PROFILE": lab.profile.name,
+        "NS_PRIMARY": lab.ns_primary,
+        "NS_SECONDARY": lab.ns_secondary,
+        "NS_CLIENT": lab.ns_client,
+        "PRIMARY_REPL_IP": lab.repl_primary_ip,
+        "SECONDARY_REPL_IP": lab.repl_secondary_ip,
+        "PRIMARY_LAN_IP": lab.lan_primary_ip,
+        "SECONDARY_LAN_IP": lab.lan_secondary_ip,
+        "CLIENT_IP": lab.lan_client_ip,
+        "GUEST_IP": lab.guest_ip,
+        "TAP_PRIMARY": lab.tap_primary,
+        "TAP_SECONDARY": lab.tap_secondary,
+        "REPL_PORT": str(REPL_PORT),
+        "WITNESS": witness_listen(lab),
+        "CONFIGS": str(directory),
+    }
+    return [f"{k}={shlex.quote(v)}" for k, v in values.items()]
+
+
+def write(
+    lab: LabLayout,
+    base: KemariConfig,
+    opts: PairOptions,
+    directory: Path,
+    *,
+    key: str | None = None,
+    guest_ports: tuple[int, ...] = (),
+) -> LabConfigs:
+    """Write every role's config (mode 0600: they hold the key), the guest disks or
+    lease file they name, and ``lab.env`` into ``directory``.
+
+    Existing disk images are kept (a restarted pair goes on with its disks).
+
+    Raises:
+        LabError: a file cannot be written.
+    """
+    key = key if key is not None else secrets.token_hex(32)
+    trees = render(lab, base, opts, key=key, directory=directory)
+    configs: dict[str, Path] = {}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if opts.disk:
+            reserved = 1 << 20 if opts.disk == "shared" else 0
+            for host in HOST_ROLES:
+                _sparse(disk_image(directory, opts, host), reserved + (opts.disk_mib << 20))
+        if opts.tiebreaker == "lease":
+            _sparse(lease_file(directory), 1 << 20)
+        for role in ROLES:
+            configs[role] = _write_private(directory / f"{role}.toml", dump_toml(trees[role]))
+        header = f"# lab {lab.lab_id}: names and addresses (`. {directory / ENV_FILE}`)\n"
+        env_file = directory / ENV_FILE
+        env_file.write_text(header + "\n".join(env_lines(lab, directory)) + "\n")
+    except OSError as err:
+        raise LabError(lab.lab_id, f"cannot write the configs in {directory}: {err}") from err
+    return LabConfigs(
+        lab_id=lab.lab_id,
+        directory=directory,
+        configs=configs,
+        env_file=env_file,
+        launches=launches(lab, configs),
+        ports=ports(lab, opts, guest_ports),
+    )
+
+
+def _sparse(path: Path, size: int) -> None:
+    if not path.exists():
+        with path.open("wb") as f:
+            f.truncate(size)
+
+
+def _write_private(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    return path
