@@ -40,6 +40,7 @@ Tiebreaker = Literal["none", "witness", "lease"]
 DiskBackendKind = Literal["builtin", "drbd", "shared"]
 CommitProbe = Literal["", "stream"]
 DisplayKind = Literal["none", "std", "virtio", "qxl"]
+TlsMode = Literal["on", "off"]
 
 
 def _env_path(var: str, default: str) -> Path:
@@ -101,6 +102,17 @@ class VMConfig:
     #: memory lies outside the shared RAM file and so travels in full in every
     #: device-state capture (see docs/sizing.md).
     display: DisplayKind = "none"
+    #: The NIC given by ``netdev`` reaches the outside without output commit, and the
+    #: operator accepts that: protect starts anyway, ``kemari status`` shows it and an
+    #: alert is raised. Off: an untapped NIC is refused (use ``tap.host_tap``).
+    unprotected_output: bool = False
+    #: Run QEMU with ``-sandbox on`` (seccomp: no new processes, no privilege changes).
+    sandbox: bool = True
+    #: Run QEMU as this user (``-runas``) once it has opened its files; empty: as the agent.
+    runas: str = ""
+    #: Timeout for the QMP commands of the stopped window (stop, cont, capture). A QEMU
+    #: that does not answer in time is killed and counted as a host failure.
+    qmp_timeout_ms: int = 5000
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,15 @@ class LabConfig:
 class ReplicationConfig:
     """The memory and device-state replication engine."""
 
-    #: Pre-shared key for HMAC-SHA256 on every frame. Empty means: refuse to start.
+    #: Pre-shared key for HMAC-SHA256 on every frame (at least 32 bytes). Prefer
+    #: ``key_file``; empty with no key file means: refuse to start.
     key: str = ""
+    #: File holding the pre-shared key (``kemari key generate`` writes one). It must be
+    #: readable by its owner alone; a group- or world-readable key file is refused.
+    key_file: str = ""
+    #: TLS 1.3 on the replication link (encryption; peers still authenticate with the
+    #: pre-shared key). "off" leaves frames MAC-protected but readable on the wire.
+    tls: TlsMode = "on"
     #: Address of the secondary's replication listener (host:port) as seen from the primary.
     peer: str = ""
     listen: str = "0.0.0.0:7410"
@@ -146,6 +165,24 @@ class ReplicationConfig:
     reprotect: bool = False
     #: host:port of the witness when ``tiebreaker = "witness"``.
     witness: str = ""
+    #: This pair's key at the witness (its own, never the replication key).
+    witness_key_file: str = ""
+    #: While output is held with no peer (HELD), buffered guest writes beyond this pause
+    #: the guest and raise an alert instead of growing until the agent is killed.
+    held_limit_mib: int = 256
+
+
+@dataclass(frozen=True)
+class WitnessConfig:
+    """The witness (``kemari witness``): a tiebreaker both hosts of each pair reach."""
+
+    #: host:port to listen on; must be set (never all addresses by default).
+    listen: str = ""
+    #: The lease table (pairs, paired or solo, holder, generation), fsynced before any
+    #: reply so that a restart never forgets a grant.
+    state_file: Path = Path("/var/lib/kemari/witness.json")
+    #: Folder of per-pair key files, ``<pair>.key``, each readable by its owner alone.
+    keys_dir: Path = Path("/etc/kemari/witness.d")
 
 
 @dataclass(frozen=True)
@@ -219,6 +256,7 @@ class KemariConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     tap: TapConfig = field(default_factory=TapConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
+    witness: WitnessConfig = field(default_factory=WitnessConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
