@@ -23,5 +23,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     name = report.nodeid.split("::")[-1]
     scenario = re.sub(r"\[\d+-?", "[", name).replace("[]", "")
     line = {"point": scenario, "ok": report.passed, "hit": True, "failover_ms": None}
+    if not report.passed:
+        line["detail"] = report.longreprtext[-500:]
     with Path(record).open("a") as f:
         f.write(json.dumps(line) + "\n")

@@ -1,5 +1,6 @@
 """Kill the primary at every phase of a checkpoint's life; the guest resumes on the
-secondary from the last committed checkpoint, never behind it.
+secondary from the last committed checkpoint, and a client on the LAN never sees the
+guest's counter go backwards.
 
 CI runs ``KEMARI_KILLS_PER_POINT`` kills per point (default 1); ``make e2e`` runs 20 per
 point and records the results under ``benchmarks/results/``.
@@ -39,6 +40,12 @@ def test_kill_primary_at(point: str, run: int, lab_factory, base_config: KemariC
         assert "no committed checkpoint" in res.detail
         return
     assert res.resumed, res.detail
+    # The headline: what the client received never goes backwards across the kill.
+    assert res.client_last_before is not None, "the client never read the counter"
+    assert res.client_first_after is not None, "the client never read the resumed guest"
+    assert res.client_first_after >= res.client_last_before
+    assert res.client_rewinds == 0
+    # Evidence beside it: the replica resumed at or after its committed probe.
     assert res.counter_at_last_commit is not None, "no counter found in the replica"
     assert res.counter_after_resume is not None
     assert res.counter_after_resume >= res.counter_at_last_commit
