@@ -76,6 +76,13 @@ class AlertKind(enum.Enum):
     FENCED = "fenced"
     #: The guest shut down, powered off, reset or panicked (on whichever host ran it).
     GUEST = "guest"
+    #: A guest output runs outside output commit, accepted with ``unprotected_output``.
+    UNPROTECTED_OUTPUT = "unprotected-output"
+    #: Held output reached ``replication.held_limit_mib``: the guest is paused.
+    HELD_LIMIT = "held-limit"
+    #: A failover resumed a copy known to be stale (``--accept-data-loss``), or a
+    #: ``kemari release --solo`` declared the peer dead.
+    DATA_LOSS = "data-loss"
 
     @property
     def severity(self) -> int:
@@ -98,6 +105,9 @@ _SEVERITY: dict[AlertKind, int] = {
     AlertKind.PROTECTED: syslog.LOG_NOTICE,
     AlertKind.SWITCHOVER: syslog.LOG_NOTICE,
     AlertKind.GUEST: syslog.LOG_WARNING,
+    AlertKind.UNPROTECTED_OUTPUT: syslog.LOG_WARNING,
+    AlertKind.HELD_LIMIT: syslog.LOG_CRIT,
+    AlertKind.DATA_LOSS: syslog.LOG_CRIT,
 }
 _SEVERITY_NAME = {
     syslog.LOG_CRIT: "crit",

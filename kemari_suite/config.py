@@ -348,6 +348,12 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
             raise ConfigError(
                 "must be non-empty letters, digits, '-' or '_'", path=path, key=f"{prefix}.name"
             )
+        if obj.qmp_timeout_ms < 100:
+            raise ConfigError(
+                "must be at least 100 (a shorter QMP timeout kills healthy guests)",
+                path=path,
+                key=f"{prefix}.qmp_timeout_ms",
+            )
     if isinstance(obj, ReplicationConfig):
         if obj.heartbeat_timeout_ms <= obj.heartbeat_interval_ms:
             raise ConfigError(
@@ -358,6 +364,12 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
         if obj.tiebreaker == "witness" and not obj.witness:
             raise ConfigError(
                 'tiebreaker = "witness" needs a witness address', path=path, key=f"{prefix}.witness"
+            )
+        if obj.held_limit_mib < 1:
+            raise ConfigError(
+                "must be at least 1 (MiB of output held with no secondary)",
+                path=path,
+                key=f"{prefix}.held_limit_mib",
             )
     if isinstance(obj, LabConfig) and (
         not obj.lab_id or len(obj.lab_id) > 4 or not obj.lab_id.isalnum()

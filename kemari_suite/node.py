@@ -19,8 +19,8 @@ import numpy as np
 from kemari_suite.checkpoint.primary import PrimaryAgent
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
-from kemari_suite.ha.witness import WitnessServer
 from kemari_suite.replica.secondary import Handover, SecondaryAgent
+from kemari_suite.tap.outputs import check_outputs, unprotected_outputs
 from kemari_suite.vm import guestmem
 from kemari_suite.vm.define import select_image, vm_spec
 from kemari_suite.vm.qemu import VMPaths, VMSpec
@@ -89,7 +89,8 @@ async def run_primary(
     """Boot the VM and protect it until stopped (then, after a switchover, stand by).
 
     Raises:
-        ConfigError: no peer configured.
+        ConfigError: no peer configured, or an untapped guest output (see
+            :func:`run_node`).
         FailoverError: this host lost the tiebreaker and stopped its VM.
     """
     if not cfg.replication.peer:
@@ -114,7 +115,14 @@ async def run_node(
     to the peer): the node goes on as the standby. It ends the secondary agent with a
     ``handover`` (the resumed VM and its taps): the node goes on as the primary,
     protecting that very VM towards its peer. Returns the last agent.
+
+    Raises:
+        ConfigError: a guest output escapes output commit (an untapped NIC, disk, serial
+            channel or USB redirection) and was not accepted with ``unprotected_output``;
+            nothing has started then.
     """
+    # Refuse untapped output before anything starts (and before an image is built).
+    check_outputs(cfg, spec)
     stop = asyncio.Event()
     _install_signals(stop)
     warn = False
@@ -124,11 +132,14 @@ async def run_node(
         choice = await asyncio.to_thread(select_image, cfg)
         spec = vm_spec(cfg, choice)
         warn = choice.differs_from_last_build
+        check_outputs(cfg, spec)
     handover: Handover | None = None
     while True:
         folder = artifacts_dir(cfg, role)
         _log_to(folder)
         _log_image(spec, warn=warn)
+        for line in unprotected_outputs(cfg, spec):
+            log.warning("unprotected output, accepted by the operator: %s", line)
         agent: PrimaryAgent | SecondaryAgent
         if role == "primary":
             agent = PrimaryAgent(cfg, spec, node_id=node_id, artifacts=folder)
@@ -165,23 +176,3 @@ async def run_node(
             role = "primary"
             continue
         return agent
-
-
-async def run_witness(cfg: KemariConfig, listen: str) -> None:
-    """Serve leases until stopped."""
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{listen!r} is not host:port", key="witness listen")
-    if not cfg.replication.key:
-        raise ConfigError("empty key", key="replication.key")
-    server = WitnessServer(
-        cfg.replication.key.encode(),
-        cfg.replication.heartbeat_timeout_ms / 1000,
-        host,
-        int(port),
-    )
-    stop = asyncio.Event()
-    _install_signals(stop)
-    await server.start()
-    await stop.wait()
-    await server.close()

@@ -13,8 +13,13 @@ link profile and in the same session:
 - **baseline**: the guest's CPU-bound spin counter per host second, unprotected, after
   the same device-state warm-up a protected guest gets (:mod:`kemari_suite.bench.warmup`:
   ``ktouch`` timed cold and warm around a few seconds of captures, and checked);
-- **protected** (compressible pages, then incompressible pages): the same counter
-  under protection, and every checkpoint's pause, dirty pages and bytes sent;
+- **protected** (compressible pages, then incompressible pages, both with TLS 1.3 on
+  the replication link as shipped, then compressible pages again on the MAC-only link,
+  ``replication.tls = off``): the same counter under protection, and every checkpoint's
+  pause, dirty pages and bytes sent. The two compressible runs give TLS's cost on the
+  pause and the guest's throughput;
+- **link**: TLS's cost on the link alone, MAC-only beside TLS, one epoch of
+  incompressible pages at a time over loopback (:mod:`kemari_suite.bench.linkcost`);
 - **failover**: heartbeat-timeout expiry to the guest running on the secondary.
 
 The guest runs ``memdirty`` (dirtying a steady number of pages per second) and
@@ -38,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from kemari_suite import lab as labmod
+from kemari_suite.bench import linkcost
 from kemari_suite.bench import warmup as wu
 from kemari_suite.bench.touchprobe import BenchImage, bench_image
 from kemari_suite.checkpoint.tracker import allocate_index, allocate_pages, make_tracker
@@ -55,6 +61,8 @@ Progress = Callable[[str], None]
 
 #: The parts of a floor row (ms), in the window's order (see :func:`window_row`).
 FLOOR_PARTS = ("stop", "devstate", "scan", "stage", "cont")
+#: The protected runs: page pattern and ``replication.tls``. The first has the failover.
+PHASES = (("compressible", "on"), ("incompressible", "on"), ("compressible", "off"))
 
 
 def workload(pattern: str, pages_per_s: int, mib: int) -> str:
@@ -72,6 +80,8 @@ class Phase:
     """One protected run's figures."""
 
     pattern: str
+    #: ``replication.tls`` of the run: "on" (TLS 1.3) or "off" (MAC-only).
+    tls: str = "on"
     window_s: float = 0.0
     checkpoints: int = 0
     pause_ms_p50: float | None = None
@@ -104,6 +114,10 @@ class Result:
     phases: list[Phase] = field(default_factory=list)
     failover_ms: float | None = None
     heartbeat_timeout_ms: int = 0
+    #: The link alone, MAC-only then TLS (:class:`linkcost.LinkCost` as dicts).
+    link: list[dict[str, Any]] = field(default_factory=list)
+    #: TLS against MAC-only, compressible pages: pause p50 (ms) and throughput ratio.
+    tls_cost: dict[str, float] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -337,7 +351,7 @@ def _protected(
     failover: bool,
 ) -> tuple[Phase, float | None]:
     pair = LabPair(lay, cfg, opts)
-    phase = Phase(pattern=pattern)
+    phase = Phase(pattern=pattern, tls=opts.tls)
     failover_ms = None
     try:
         pair.start()
@@ -345,7 +359,7 @@ def _protected(
         probe = SpinProbe(pair.shm_dir("primary") / f"kemari-{opts.vm_name}.ram")
         try:
             probe.wait(60)
-            say(f"protected ({pattern}): warming up {warmup:.0f} s")
+            say(f"protected ({pattern}, tls {opts.tls}): warming up {warmup:.0f} s")
             time.sleep(warmup)
             t0 = time.time()
             rate = probe.rate(window)
@@ -394,6 +408,7 @@ def run(
     warmup: float = 8.0,
     window: float = 10.0,
     floor_samples: int = 50,
+    link_epochs: int = 20,
     lab_id: str = "bm",
     progress: Progress | None = None,
 ) -> Result:
@@ -440,7 +455,7 @@ def run(
         }
         res.baseline_spin_rate = baseline
         res.warmup = check.to_dict() if check is not None else {}
-        for pattern in ("compressible", "incompressible"):
+        for pattern, tls in PHASES:
             opts = PairOptions(
                 memory_mib=cfg.vm.memory_mib,
                 workload=workload(pattern, rate, working_set_mib),
@@ -449,6 +464,7 @@ def run(
                 pipelining=cfg.replication.pipelining,
                 heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
                 compression=cfg.replication.compression,
+                tls=tls,
             )
             phase, fo = _protected(
                 agent_cfg,
@@ -459,13 +475,16 @@ def run(
                 window,
                 baseline,
                 say,
-                failover=pattern == "compressible",
+                failover=not res.phases,
             )
             res.phases.append(phase)
             if fo is not None:
                 res.failover_ms = fo
     finally:
         labmod.down(lab_id)
+    say(f"link: MAC-only beside TLS, {link_epochs} epochs of {pages_per_100ms} pages")
+    res.link = [asdict(c) for c in linkcost.run(pages_per_100ms, link_epochs)]
+    res.tls_cost = linkcost.tls_cost(res.phases)
     _check(res)
     return res
 
@@ -509,7 +528,7 @@ def run_floor(
 def _check(res: Result) -> None:
     """Compare with the targets of the memsync issue; record, never assert."""
     c = res.checks
-    comp = next((p for p in res.phases if p.pattern == "compressible"), None)
+    comp = next((p for p in res.phases if p.pattern == "compressible" and p.tls == "on"), None)
     if comp is not None and res.floor_ms_p50 is not None and comp.pause_ms_p50 is not None:
         c["pause_p50_within_3ms_of_floor"] = comp.pause_ms_p50 <= res.floor_ms_p50 + 3
         if comp.pause_ms_p99 is not None:
@@ -543,23 +562,24 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
         f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel "
         f"{machine['kernel']}, {machine['date']}",
         "",
-        "| profile | pattern | floor p50 ms | pause p50 ms | pause p99 ms | paused share "
+        "| profile | pattern | tls | floor p50 ms | pause p50 ms | pause p99 ms | paused share "
         "| throughput vs base | bytes/dirty page | failover ms (after timeout) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: float | None, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
 
     for r in results:
-        for p in r.phases:
+        for i, p in enumerate(r.phases):
             lines.append(
-                f"| {r.profile} | {p.pattern} | {f(r.floor_ms_p50)} | {f(p.pause_ms_p50)} "
-                f"| {f(p.pause_ms_p99)} | {f(p.paused_share, '{:.1%}')} "
+                f"| {r.profile} | {p.pattern} | {p.tls} | {f(r.floor_ms_p50)} "
+                f"| {f(p.pause_ms_p50)} | {f(p.pause_ms_p99)} | {f(p.paused_share, '{:.1%}')} "
                 f"| {f(p.throughput_ratio, '{:.2f}')} | {f(p.bytes_per_dirty_page, '{:.0f}')} "
-                f"| {f(r.failover_ms) if p.pattern == 'compressible' else ''} "
+                f"| {f(r.failover_ms) if i == 0 else ''} "
                 f"({r.heartbeat_timeout_ms} ms timeout) |"
             )
+    lines += linkcost.markdown([(r.profile, r.tls_cost, r.link) for r in results])
     lines += ["", "Baseline warm-up (device-state captures first; docs/benchmarks.md):", ""]
     for r in results:
         if r.warmup:
@@ -576,4 +596,4 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
     return md
 
 
-__all__ = ["Result", "run", "write_results"]
+__all__ = ["PHASES", "Result", "run", "write_results"]

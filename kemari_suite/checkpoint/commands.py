@@ -1,5 +1,6 @@
 """The primary's control-socket commands (``kemari status``, ``checkpoint``, ``stop``,
-``switchover``; ``fault`` only with KEMARI_FAULTS=1), as a table for the control server.
+``switchover``, ``release``; ``fault`` only with KEMARI_FAULTS=1), as a table for the
+control server.
 """
 
 from __future__ import annotations
@@ -8,14 +9,60 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from kemari_suite.alerts import AlertKind
+from kemari_suite.checkpoint import held
 from kemari_suite.checkpoint.states import PrimaryState
 from kemari_suite.errors import ReplicationError
+from kemari_suite.tap.outputs import unprotected_outputs
 from kemari_suite.testing import faults
 
 if TYPE_CHECKING:
     from kemari_suite.checkpoint.primary import PrimaryAgent
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def status(agent: PrimaryAgent) -> dict[str, Any]:
+    """The primary's status (``kemari status``)."""
+    return {
+        "role": "primary",
+        "vm": agent.spec.name,
+        "state": agent.state.value,
+        "protected": agent.state is PrimaryState.PROTECTED,
+        "since": agent.life.since,
+        "reason": agent.life.reason,
+        "epoch": agent.epoch,
+        "last_committed_epoch": agent.last_committed_epoch,
+        "checkpoints": agent.checkpoints,
+        "peer": agent.rcfg.peer,
+        "qemu_pid": agent.vm.pid,
+        "mode": agent.rcfg.mode,
+        "tracker": agent.tracker.name if agent.tracker else None,
+        "disk_resync": agent.resync,
+        "io": agent.io.status() if agent.io is not None else None,
+        **agent.held.status(),
+        "compat": agent.peer.compat,
+        "alerts": agent.artifacts.alert_history(),
+        "failover": agent.failover_report,
+        "states": agent.life.sequence(),
+        "guest_events": agent.guest.log.status(),
+        "image_id": agent.spec.image_id,
+        "image_source": agent.spec.image_source,
+        "image_reason": agent.spec.image_reason,
+        "unprotected_outputs": unprotected_outputs(agent.cfg, agent.spec),
+    }
+
+
+def announce_unprotected(agent: PrimaryAgent) -> None:
+    """One alert (kind ``unprotected-output``) per guest output the operator accepted
+    outside output commit: raised when the VM starts or is adopted."""
+    for line in unprotected_outputs(agent.cfg, agent.spec):
+        agent.artifacts.event("unprotected-output", output=line)
+        if agent.artifacts.alerter is not None:
+            agent.artifacts.alerter.emit(
+                AlertKind.UNPROTECTED_OUTPUT,
+                f"output not protected (accepted with unprotected_output): {line}",
+            )
 
 
 def handlers(agent: PrimaryAgent) -> dict[str, Handler]:
@@ -47,15 +94,23 @@ def handlers(agent: PrimaryAgent) -> dict[str, Handler]:
         finally:
             agent.switch_req = None
 
+    async def release(req: dict[str, Any]) -> Any:
+        """Output held with no secondary: report it, or (``solo``) go on unprotected."""
+        solo = req.get("solo", False)
+        if not isinstance(solo, bool):
+            raise ValueError(f"bad release request: solo must be true or false, not {solo!r}")
+        return await held.release(agent, solo=solo)
+
     table: dict[str, Handler] = {
         "status": status,
         "checkpoint": checkpoint,
         "stop": stop,
         "switchover": switchover,
+        "release": release,
     }
     if faults.enabled():
         table["fault"] = faults.control_handler
     return table
 
 
-__all__ = ["handlers"]
+__all__ = ["announce_unprotected", "handlers", "status"]

@@ -4,6 +4,7 @@
 
     secondary lost ─► LeaseKeeper.on_secondary_lost ─► UNPROTECTED (output released,
                       writes go through)  │  FENCED (QEMU killed)  │  HELD (operator)
+    QEMU hung or cannot be resumed ─► host_failure: QEMU killed by its PID ─► FENCED
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ async def fence(agent: PrimaryAgent, reason: str) -> None:
     raise FailoverError(f"this host stopped its VM: {reason}")
 
 
+async def host_failure(agent: PrimaryAgent, reason: str) -> None:
+    """QEMU is hung (no answer to ``stop``, ``cont`` or the capture in time) or cannot be
+    resumed: kill it by its PID now and count this host as failed. The standby, if any,
+    takes over from its last committed checkpoint; output never acknowledged stays
+    unreleased (it dies with the taps).
+
+    Raises:
+        FailoverError: always (the agent's run ends with it).
+    """
+    pid = agent.vm.pid
+    log.error("host failure: %s; killing QEMU pid %s", reason, pid)
+    agent.artifacts.event("host-failure", reason=reason, qemu_pid=pid)
+    if agent.vm.proc is not None and agent.vm.proc.poll() is None:
+        # SIGKILL works on a stopped (SIGSTOP) or wedged process alike.
+        agent.vm.proc.kill()
+    await fence(agent, f"host failure: {reason}")
+
+
 def stop_fenced(agent: PrimaryAgent, reason: str) -> None:
     """The lease is lost (refused, or about to run out unseen): kill QEMU at once."""
     log.error("primary fenced: %s", reason)
@@ -68,4 +87,4 @@ def stop_fenced(agent: PrimaryAgent, reason: str) -> None:
     agent.request_stop()
 
 
-__all__ = ["fence", "secondary_lost", "stop_fenced"]
+__all__ = ["fence", "host_failure", "secondary_lost", "stop_fenced"]

@@ -30,6 +30,7 @@ from kemari_suite.alerts import Alerter
 from kemari_suite.checkpoint import commands, diskcopy, loss
 from kemari_suite.checkpoint.arbiter import LeaseKeeper
 from kemari_suite.checkpoint.guestevents import GuestEvents
+from kemari_suite.checkpoint.held import HeldBound
 from kemari_suite.checkpoint.peer import AckTracker, PeerSession
 from kemari_suite.checkpoint.peerstate import PeerState
 from kemari_suite.checkpoint.sender import Buffers, EpochSender
@@ -43,13 +44,15 @@ from kemari_suite.config import KemariConfig
 from kemari_suite.disk import guest_disk_size
 from kemari_suite.errors import ConnectError, FailoverError, ProtocolError, ReplicationError
 from kemari_suite.ha.tiebreak import make_tiebreaker
-from kemari_suite.protocol import wire
+from kemari_suite.protocol import tls, wire
 from kemari_suite.protocol.codec import PageEncoder
+from kemari_suite.protocol.keys import load_replication_key
 from kemari_suite.protocol.link import connect
 from kemari_suite.service.control import ControlServer
 from kemari_suite.service.lifecycle import Lifecycle, Transition
 from kemari_suite.service.metrics import Artifacts
 from kemari_suite.tap import TapMode
+from kemari_suite.tap.events import IOEvent
 from kemari_suite.tap.guestio import GuestIO, make_scheduler
 from kemari_suite.testing import faults
 from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
@@ -79,9 +82,7 @@ class PrimaryAgent:
     ) -> None:
         self.cfg = cfg
         self.rcfg = cfg.replication
-        if not self.rcfg.key:
-            raise ReplicationError("replication.key is empty: refusing an unauthenticated link")
-        self.key = self.rcfg.key.encode()
+        self.key = load_replication_key(cfg)
         self.spec = spec
         self.node_id = node_id
         self.vm = AsyncVM(spec, run_root=cfg.paths.run_dir, shm_dir=cfg.paths.shm_dir)
@@ -110,6 +111,8 @@ class PrimaryAgent:
         self.triggers = Triggers(self.sched)
         self.syncs = SyncPoints(self)
         self.guest = GuestEvents(self)
+        #: Output held with no secondary (HELD) is bounded; see :mod:`.held`.
+        self.held = HeldBound(self, self.rcfg.held_limit_mib << 20)
         self.lease = LeaseKeeper(
             None,
             interval_s=self.rcfg.heartbeat_interval_ms / 1000,
@@ -155,31 +158,8 @@ class PrimaryAgent:
             self.on_state(t.new, t.reason)
 
     def status_dict(self) -> dict[str, Any]:
-        return {
-            "role": "primary",
-            "vm": self.spec.name,
-            "state": self.state.value,
-            "protected": self.state is PrimaryState.PROTECTED,
-            "since": self.life.since,
-            "reason": self.life.reason,
-            "epoch": self.epoch,
-            "last_committed_epoch": self.last_committed_epoch,
-            "checkpoints": self.checkpoints,
-            "peer": self.rcfg.peer,
-            "qemu_pid": self.vm.pid,
-            "mode": self.rcfg.mode,
-            "tracker": self.tracker.name if self.tracker else None,
-            "disk_resync": self.resync,
-            "io": self.io.status() if self.io is not None else None,
-            "compat": self.peer.compat,
-            "alerts": self.artifacts.alert_history(),
-            "failover": self.failover_report,
-            "states": self.life.sequence(),
-            "guest_events": self.guest.log.status(),
-            "image_id": self.spec.image_id,
-            "image_source": self.spec.image_source,
-            "image_reason": self.spec.image_reason,
-        }
+        """What ``kemari status`` shows (see :func:`.commands.status`)."""
+        return commands.status(self)
 
     def request_stop(self) -> None:
         """End the agent's run (the node decides what comes next)."""
@@ -206,7 +186,7 @@ class PrimaryAgent:
             self.cfg,
             self.vm.paths,
             epoch=self.epoch,
-            on_event=self.sched.notify,
+            on_event=self._on_io,
             mode=TapMode.UNPROTECTED,
             on_durable=self._on_durable,
         )
@@ -235,7 +215,7 @@ class PrimaryAgent:
         self.io = io
         self.epoch = epoch
         if io is not None:
-            io.rebind(on_event=self.sched.notify, on_durable=self._on_durable, epoch=epoch)
+            io.rebind(on_event=self._on_io, on_durable=self._on_durable, epoch=epoch)
         self.last_committed_epoch = epoch
         await self._attach()
 
@@ -262,8 +242,10 @@ class PrimaryAgent:
             staging=self.buffers.staging,
             index=self.buffers.index,
             overlap_scan=self.rcfg.overlap_scan,
+            qmp_timeout_s=self.cfg.vm.qmp_timeout_ms / 1000,
         )
         self.vm.on_event(self.guest.on_qemu_event)
+        commands.announce_unprotected(self)
 
     async def run(self) -> None:
         """Protect the VM until stopped. Raises FailoverError when fenced."""
@@ -348,7 +330,12 @@ class PrimaryAgent:
             key=self.key,
             node_id=self.node_id,
             timeout=self.rcfg.heartbeat_timeout_ms / 1000,
+            tls=tls.enabled(self.rcfg.tls),
         )
+        if self._stop.is_set():
+            # Fenced (or stopped) while connecting: FENCED is final, never SYNCING.
+            link.close()
+            return
         self.session = session = PeerSession(
             link,
             self._handlers,
@@ -430,6 +417,11 @@ class PrimaryAgent:
         return await fut
 
     # ---- frames from the secondary -----------------------------------------------------
+
+    def _on_io(self, kind: IOEvent, epoch: int) -> None:
+        """The taps' event sink: the sync policy, and the bound on held output."""
+        self.sched.notify(kind, epoch)
+        self.held.on_io(kind, epoch)
 
     def _on_durable(self, epoch: int) -> None:
         """Every write through ``epoch`` is on our disk: the secondary may drop its logs."""

@@ -5,6 +5,7 @@
     STARTING -> SYNCING (initial pre-copy, first checkpoint) -> PROTECTED
     PROTECTED --secondary lost, tiebreaker won--> UNPROTECTED --secondary back--> SYNCING
     PROTECTED --secondary lost, no tiebreaker--> HELD (output held; operator decides)
+    HELD --`kemari release --solo` (the operator declares the peer dead)--> UNPROTECTED
     PROTECTED --planned switchover--> SWITCHED (this host becomes the standby)
     any --tiebreaker lost--> FENCED (QEMU stopped)      any --> STOPPED
 """
@@ -36,7 +37,7 @@ PRIMARY_TRANSITIONS = table(
         P.SYNCING: (P.PROTECTED, P.UNPROTECTED, P.HELD, P.FENCED, P.STOPPED),
         P.PROTECTED: (P.UNPROTECTED, P.HELD, P.FENCED, P.SWITCHED, P.STOPPED),
         P.UNPROTECTED: (P.SYNCING, P.FENCED, P.STOPPED),
-        P.HELD: (P.SYNCING, P.FENCED, P.STOPPED),
+        P.HELD: (P.SYNCING, P.UNPROTECTED, P.FENCED, P.STOPPED),
         P.FENCED: (),
         P.SWITCHED: (),
         P.STOPPED: (),

@@ -10,6 +10,14 @@
 The initial synchronization is an epoch of kind FULL: every page while the guest
 runs, the built-in disk copy, pre-copy rounds until few pages change, then an
 ordinary sync point closes it.
+
+No exit leaves the guest stopped by accident. A failure while it is stopped (a step of
+the window, the send or the acknowledgement in classic mode) resumes it at once: the
+epoch was never acknowledged, so its output stays held and running on is safe; the
+error then goes to the loss path, which decides about that output (released only once
+the tiebreaker agrees, or held). A QEMU that cannot be resumed, or that does not answer
+``stop``, ``cont`` or the capture in ``vm.qmp_timeout_ms``, is killed: a host failure
+(:func:`~.loss.host_failure`), never a stopped guest.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from kemari_suite.checkpoint import diskcopy
+from kemari_suite.checkpoint import diskcopy, loss
 from kemari_suite.checkpoint.peer import PeerSession
-from kemari_suite.checkpoint.window import WindowError, WindowResult
+from kemari_suite.checkpoint.window import QMPTimeout, WindowError, WindowResult
 from kemari_suite.protocol import wire
 from kemari_suite.service.metrics import CheckpointMetrics, qemu_pause
 from kemari_suite.testing import faults
@@ -72,19 +80,33 @@ class SyncPoints:
         a = self.agent
         assert a.ram is not None and a.tracker is not None and a.sender is not None
         assert a.buffers is not None
+        assert a.window is not None
+        window = a.window
         epoch = a.epoch + 1
         if a.io is not None:
             # From here on writes are logged (in this epoch) and output is held.
             await a.io.protect(epoch)
+        # The writes a HELD bound paused the guest for are on the disk now.
+        await a.held.resume("a secondary is back: the held writes are applied")
         await a.sender.begin(epoch, wire.EpochKind.FULL)
+        stopped = False
 
         async def stop() -> None:
-            await a.vm.execute("stop")
+            nonlocal stopped
+            stopped = True
+            await window.qmp("stop")
 
         async def cont() -> None:
-            await a.vm.execute("cont")
+            nonlocal stopped
+            await window.qmp("cont")
+            stopped = False
 
-        await a.sender.full_copy(a.tracker, a.ram.pages, a.buffers, stop=stop, cont=cont)
+        try:
+            await a.sender.full_copy(a.tracker, a.ram.pages, a.buffers, stop=stop, cont=cont)
+        except Exception as err:
+            if stopped:
+                await self.resume_guest(f"the initial copy failed: {err}", hung=_hung(err))
+            raise
         # The disk copy is taken while no committed write can reach the disk (the tap
         # logs them in this epoch; they follow in its I/O log).
         await diskcopy.send_copy(a, epoch)
@@ -118,42 +140,93 @@ class SyncPoints:
             try:
                 w = await a.window.run(resume=not classic, while_stopped=switch_epoch)
             except WindowError as err:
-                if err.stopped and resume:
+                if err.hung or (err.stopped and resume):
                     # The epoch never closed, so its output is still held: running the
                     # guest on is safe, leaving it stopped is not an outcome.
-                    with contextlib.suppress(Exception):
-                        await a.vm.execute("cont")
+                    await self.resume_guest(
+                        str(err), hung=err.hung, cancel_capture=err.step == "capture"
+                    )
                 raise
-            # The epoch switched while stopped, so writes from now on are logged in the
-            # next one: serializing this epoch's log need not keep the guest stopped.
-            io_log = a.io.io_log(epoch) if a.io is not None else b""
-            # The shadow (the XOR base) changes only at commit, so reading it now is as
-            # good as inside the window.
-            prev = a.tracker.previous(w.idx, a.buffers.prev)
-            sent, enc_s = await a.sender.pages(w.idx, w.staged, prev)
-            a.tracker.commit(w.idx, w.staged)
-            sent += await a.sender.end(n_pages=w.dirty_pages, devstate=w.devstate, io_log=io_log)
-            t_sent = time.perf_counter()
-            faults.hit("before-ack")
-            # Open the next epoch at once so pre-copied pages have somewhere to go.
-            precopied, precopy_bytes = a.sender.precopied, a.sender.precopy_bytes
-            await a.sender.begin(epoch + 1, wire.EpochKind.DELTA)
-            self.last_sync = time.monotonic()
-            ack = a.acks.future(epoch)
-            t_resume = w.t_end
-            if classic:
-                await a.session.wait_ack(ack, epoch)
-                if resume:
-                    await a.vm.execute("cont")
-                t_resume = time.perf_counter()
+            try:
+                sent, enc_s, t_sent, ack, (precopied, precopy_bytes) = await self._send(w, epoch)
+                t_resume = w.t_end
+                if classic:
+                    faults.hit("ack-wait")
+                    await a.session.wait_ack(ack, epoch)
+                    if resume:
+                        await a.window.cont()
+                    t_resume = time.perf_counter()
+            except Exception as err:
+                if classic and resume:
+                    # Stopped since the window: the epoch is not acknowledged (its output
+                    # stays held) or the cont itself failed.
+                    await self.resume_guest(str(err), hung=_hung(err))
+                raise
         m = self._metrics(w, epoch, trigger, sent, enc_s, t_sent, t_resume, classic)
         m.precopied_pages, m.precopy_bytes = precopied, precopy_bytes
         self.last_dirty = w.dirty_pages + precopied
         if not classic:
+            faults.hit("ack-wait")
             await a.session.wait_ack(ack, epoch)
         m.ack_ms = (time.perf_counter() - t_sent) * 1e3
         a.checkpoints += 1
         a.artifacts.checkpoint(m)
+
+    async def _send(
+        self, w: WindowResult, epoch: int
+    ) -> tuple[int, float, float, asyncio.Future[int], tuple[int, int]]:
+        """Send the closed epoch and open the next: (bytes, encode s, t_sent, its ack,
+        (pages, bytes) pre-copied into it)."""
+        a = self.agent
+        assert a.tracker is not None and a.sender is not None and a.buffers is not None
+        faults.hit("window-send")
+        # The epoch switched while stopped, so writes from now on are logged in the
+        # next one: serializing this epoch's log need not keep the guest stopped.
+        io_log = a.io.io_log(epoch) if a.io is not None else b""
+        # The shadow (the XOR base) changes only at commit, so reading it now is as
+        # good as inside the window.
+        prev = a.tracker.previous(w.idx, a.buffers.prev)
+        sent, enc_s = await a.sender.pages(w.idx, w.staged, prev)
+        a.tracker.commit(w.idx, w.staged)
+        sent += await a.sender.end(n_pages=w.dirty_pages, devstate=w.devstate, io_log=io_log)
+        t_sent = time.perf_counter()
+        faults.hit("before-ack")
+        precopied = a.sender.precopied, a.sender.precopy_bytes
+        ack = a.acks.future(epoch)
+        # Open the next epoch at once so pre-copied pages have somewhere to go.
+        await a.sender.begin(epoch + 1, wire.EpochKind.DELTA)
+        self.last_sync = time.monotonic()
+        return sent, enc_s, t_sent, ack, precopied
+
+    async def resume_guest(self, why: str, *, hung: bool, cancel_capture: bool = False) -> None:
+        """Resume a guest a failure left stopped; its unacknowledged output stays held.
+
+        ``cancel_capture`` first cancels a device-state migration the failure may have
+        left running (``cont`` is refused while it runs); a refused ``cont`` is retried
+        once after such a cancel.
+
+        Raises:
+            FailoverError: QEMU is hung (``hung``, or ``cont`` unanswered) or refused
+                ``cont`` twice: it was killed, a host failure (the agent's run ends).
+        """
+        a = self.agent
+        assert a.window is not None
+        for attempt in range(0 if hung else 2):
+            try:
+                if cancel_capture or attempt:
+                    with contextlib.suppress(Exception):
+                        await a.window.qmp("migrate_cancel")
+                await a.window.qmp("cont")
+            except QMPTimeout as err:
+                why = f"{why}; then {err}"
+                break
+            except Exception as err:
+                if attempt:
+                    why = f"{why}; then cont failed: {err}"
+            else:
+                a.artifacts.event("guest-resumed", reason=why, state=a.state.value)
+                return
+        await loss.host_failure(a, why)
 
     def _metrics(
         self,
@@ -185,6 +258,10 @@ class SyncPoints:
         if qp is not None:
             m.stopped_at, m.guest_pause_ms = qp[0], qp[1] * 1e3
         return m
+
+
+def _hung(err: BaseException) -> bool:
+    return isinstance(err, QMPTimeout) or (isinstance(err, WindowError) and err.hung)
 
 
 __all__ = ["SyncPoints"]

@@ -19,7 +19,11 @@ is unit-tested with fakes of each.
 
 Failure: any exception after ``stop`` is re-raised as :class:`WindowError` carrying
 whether the guest is still stopped, so the caller decides (resume unprotected, or
-keep output held) instead of leaving the guest stopped by accident.
+keep output held) instead of leaving the guest stopped by accident. ``stop``, the
+capture and ``cont`` each get ``qmp_timeout_s``: a QEMU that does not answer in time is
+hung (:class:`QMPTimeout`, ``WindowError.hung``), and the caller kills it as a failed
+host instead of stalling. Every step has its fault point (``window-stop``,
+``window-capture``, ``window-scan``, ``window-stage``, ``stopped``, ``window-cont``).
 """
 
 from __future__ import annotations
@@ -46,17 +50,32 @@ class Capturer(Protocol):
     async def capture(self) -> bytes: ...
 
 
+#: How long ``stop``, the capture and ``cont`` may take unless the caller says otherwise.
+QMP_TIMEOUT_S = 5.0
+
+
+class QMPTimeout(ReplicationError):
+    """QEMU did not answer ``command`` within ``timeout_s``: it is hung."""
+
+    def __init__(self, command: str, timeout_s: float) -> None:
+        super().__init__(f"QEMU did not answer {command} in {timeout_s * 1e3:.0f} ms (hung)")
+        self.command = command
+        self.timeout_s = timeout_s
+
+
 class WindowError(ReplicationError):
     """A step inside the stopped window failed.
 
     ``stopped`` tells whether the guest is still stopped (the caller must resume it or
-    say why it stays stopped); ``step`` names the step that failed.
+    say why it stays stopped); ``step`` names the step that failed; ``hung`` is true when
+    QEMU did not answer in time (resuming it is pointless: it is a failed host).
     """
 
     def __init__(self, step: str, cause: BaseException, *, stopped: bool) -> None:
         super().__init__(f"stopped window failed at {step}: {cause}")
         self.step = step
         self.stopped = stopped
+        self.hung = isinstance(cause, QMPTimeout)
 
 
 @dataclass
@@ -104,6 +123,7 @@ class StoppedWindow:
         index: np.ndarray,
         overlap_scan: bool = True,
         scan_threads: int = 2,
+        qmp_timeout_s: float = QMP_TIMEOUT_S,
     ) -> None:
         self.vm = vm
         self.capturer = capturer
@@ -113,13 +133,44 @@ class StoppedWindow:
         self.index = index
         self.overlap = overlap_scan and tracker.caps.scan_during_capture
         self.scan_threads = scan_threads
+        self.qmp_timeout_s = qmp_timeout_s
         # The scan's own thread, never queued behind other executor work.
         self._exec = concurrent.futures.ThreadPoolExecutor(1, "kemari-stopscan")
 
     def close(self) -> None:
         self._exec.shutdown(wait=False)
 
+    async def qmp(self, command: str) -> None:
+        """Run ``stop`` or ``cont`` within the QMP timeout.
+
+        Raises:
+            QMPTimeout: no answer in time (QEMU hung).
+            Exception: whatever the executor raises for a refused command.
+        """
+        try:
+            await asyncio.wait_for(self.vm.execute(command), self.qmp_timeout_s)
+        except TimeoutError as err:
+            raise QMPTimeout(command, self.qmp_timeout_s) from err
+
+    async def cont(self) -> None:
+        """End a stopped window: ``cont`` within the QMP timeout (fault point
+        ``window-cont``).
+
+        Raises:
+            QMPTimeout: QEMU did not answer; InjectedFault; the executor's errors.
+        """
+        faults.hit("window-cont")
+        await self.qmp("cont")
+
+    async def _capture(self) -> bytes:
+        faults.hit("window-capture")
+        try:
+            return await asyncio.wait_for(self.capturer.capture(), self.qmp_timeout_s)
+        except TimeoutError as err:
+            raise QMPTimeout("migrate (device-state capture)", self.qmp_timeout_s) from err
+
     def _timed_scan(self) -> tuple[int, float]:
+        faults.hit("window-scan")
         t = time.perf_counter()
         k = self.tracker.scan(self.pages, out=self.index, threads=self.scan_threads)
         return k, time.perf_counter() - t
@@ -141,8 +192,9 @@ class StoppedWindow:
         step = "stop"
         stopped = False
         try:
-            await self.vm.execute("stop")
+            await self.qmp("stop")
             stopped = True
+            faults.hit("window-stop")
             t_stop = time.perf_counter()
             step = "capture"
             if self.overlap:
@@ -150,23 +202,24 @@ class StoppedWindow:
                 # (x-ignore-shared): run them side by side, the scan on its own thread.
                 scan = asyncio.get_running_loop().run_in_executor(self._exec, self._timed_scan)
                 try:
-                    faults.hit("window-capture")
-                    devstate = await self.capturer.capture()
+                    devstate = await self._capture()
                 finally:
+                    step = "scan"
                     k, scan_s = await scan
+                    step = "capture"
                 t_dev = time.perf_counter()
                 dev_s = t_dev - t_stop
                 t_scan = t_dev
             else:
-                faults.hit("window-capture")
-                devstate = await self.capturer.capture()
+                devstate = await self._capture()
                 t_dev = time.perf_counter()
                 step = "scan"
                 self.tracker.rearm()
-                k = self.tracker.scan(self.pages, out=self.index, threads=self.scan_threads)
+                k, _ = self._timed_scan()
                 t_scan = time.perf_counter()
                 scan_s, dev_s = t_scan - t_dev, t_dev - t_stop
             step = "stage"
+            faults.hit("window-stage")
             idx = self.index[:k].copy()
             staged = self.tracker.stage(self.pages, idx, self.staging)
             t_stage = time.perf_counter()
@@ -178,7 +231,7 @@ class StoppedWindow:
             faults.hit("stopped")
             if resume:
                 step = "cont"
-                await self.vm.execute("cont")
+                await self.cont()
                 stopped = False
             t_end = time.perf_counter()
         except Exception as err:
@@ -199,4 +252,4 @@ class StoppedWindow:
         )
 
 
-__all__ = ["StoppedWindow", "WindowError", "WindowResult"]
+__all__ = ["QMP_TIMEOUT_S", "QMPTimeout", "StoppedWindow", "WindowError", "WindowResult"]

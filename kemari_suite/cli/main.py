@@ -44,6 +44,13 @@ bench_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(bench_app, name="bench")
+from kemari_suite.cli import check as check_cli  # noqa: E402
+from kemari_suite.cli.key import app as key_app  # noqa: E402
+from kemari_suite.cli.release import release as release_cmd  # noqa: E402
+
+app.command("check")(check_cli.check)
+app.command("release")(release_cmd)
+app.add_typer(key_app, name="key")
 
 
 @bench_app.callback()
@@ -149,7 +156,13 @@ HostOpt = Annotated[
 
 
 def _node_setup(config: Path | None, vm: Path | None, host: str) -> tuple[Any, Any]:
-    """The config and (with ``--vm``) the QEMU spec this host runs; errors exit 2."""
+    """The config and (with ``--vm``) the QEMU spec this host runs; errors exit 2.
+
+    Sets the owner-only umask first: every file the agent and its QEMU create (guest
+    RAM, replica, captures, logs) is readable by its owner alone."""
+    from kemari_suite.protocol.files import set_owner_only_umask
+
+    set_owner_only_umask()
     if vm is None:
         return _load(config), None
     if config is not None:
@@ -185,13 +198,43 @@ def standby(config: ConfigOpt = None, vm: VMDefOpt = None, host: HostOpt = "") -
 @app.command()
 def witness(
     config: ConfigOpt = None,
-    listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "0.0.0.0:7411",
+    listen: Annotated[
+        str | None,
+        typer.Option(help="host:port to listen on (default: witness.listen in the config)."),
+    ] = None,
 ) -> None:
     """Run the witness, the tiebreaker both hosts reach over the LAN."""
-    from kemari_suite.node import run_witness
+    from kemari_suite.protocol.files import set_owner_only_umask
 
+    set_owner_only_umask()
     cfg = _load(config)
-    _run_async(run_witness(cfg, listen))
+    address = listen or cfg.witness.listen
+    if not address:
+        err.print(
+            "[bold red]error:[/] the witness needs an address to listen on: set "
+            "\\[witness] listen in the config or pass --listen host:port"
+        )
+        raise typer.Exit(2)
+    _run_async(_serve_witness(cfg, address))
+
+
+async def _serve_witness(cfg: KemariConfig, address: str) -> None:
+    """Serve leases until SIGTERM or SIGINT."""
+    import signal
+
+    from kemari_suite.ha.witness import server_from_config
+
+    server = server_from_config(cfg, address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
 
 
 def _control(config: Path | None, cmd: str, *, timeout: float = 30.0, **args: Any) -> Any:
@@ -308,15 +351,26 @@ def failover(
     yes: Annotated[
         bool, typer.Option("--yes", help="Confirm that the primary is really down.")
     ] = False,
+    accept_data_loss: Annotated[
+        bool,
+        typer.Option(
+            "--accept-data-loss",
+            help="Resume this copy even when the tiebreaker says it is stale (the primary "
+            "ran alone after its last checkpoint); raises an alert.",
+        ),
+    ] = False,
 ) -> None:
-    """Resume the VM on this (secondary) host from the last committed checkpoint."""
+    """Resume the VM on this (secondary) host from the last committed checkpoint.
+
+    The secondary first asks the tiebreaker whether its copy is stale and refuses it
+    unless --accept-data-loss is given."""
     if not yes:
         err.print(
             "[bold red]error:[/] a manual failover with a live primary runs two guests; "
             "make sure the primary is down, then add --yes"
         )
         raise typer.Exit(2)
-    res = _control(config, "failover")
+    res = _control(config, "failover", accept_data_loss=accept_data_loss)
     out.print_json(json.dumps(res, default=str))
 
 

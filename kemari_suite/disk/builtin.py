@@ -26,6 +26,12 @@ resync would skip blocks the image lacks: :meth:`BuiltinDisk.write_state` flushe
 image first, then writes the sidecar to a temporary file, fsyncs it, renames it over the
 old one and fsyncs the directory. A copy that diverges (failover, an in-place resync in
 progress) loses its sidecar first (unlink, directory fsync).
+
+The sidecar may also record ``"generation": G``, the tiebreaker's generation (fencing
+token) of the run whose data this copy holds (:attr:`BuiltinDisk.generation`, kept
+across later records that do not give one). A standby whose recorded generation is
+older than the tiebreaker's holds a copy another host has written past since: it is
+stale, and a failover refuses it (:func:`kemari_suite.replica.failover.copy_staleness`).
 """
 
 from __future__ import annotations
@@ -70,6 +76,18 @@ def sidecar_path(image: str | os.PathLike[str]) -> Path:
     return Path(os.fspath(image) + SIDECAR_SUFFIX)
 
 
+def read_sidecar_generation(path: str | os.PathLike[str]) -> int | None:
+    """The generation recorded in the sidecar, or None (no sidecar, none recorded)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    gen = data.get("generation") if isinstance(data, dict) else None
+    if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+        return None
+    return gen
+
+
 def read_sidecar(path: str | os.PathLike[str]) -> CopyState:
     """The recorded state, or an empty CopyState when the sidecar is missing or unreadable
     (an unknown copy: the next protection copies it in full)."""
@@ -103,19 +121,27 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_sidecar(path: str | os.PathLike[str], state: CopyState) -> None:
+def write_sidecar(
+    path: str | os.PathLike[str], state: CopyState, *, generation: int | None = None
+) -> None:
     """Replace the sidecar atomically and durably: temporary file, fsync, rename,
-    directory fsync. The caller has made the data durable first.
+    directory fsync. The caller has made the data durable first. ``generation``, when
+    given, is recorded beside the copy state.
 
     Raises:
         DiskError: any step failed (the old sidecar, if any, is still in place).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    data = json.dumps(state.to_dict()).encode()
+    record: dict[str, Any] = state.to_dict()
+    if generation is not None:
+        record["generation"] = generation
+    data = json.dumps(record).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # 0600 like the data: the sidecar names the copy's lineage and generation.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
+            os.fchmod(fd, FILE_MODE)  # a stale temporary file keeps its mode through O_CREAT
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -191,6 +217,9 @@ class BuiltinDisk:
         self.resync_block = resync_block
         self.copy_chunk = copy_chunk
         self.tracking = False
+        #: The tiebreaker generation of the data this copy holds, written into the
+        #: sidecar with every record (None: keep whatever the sidecar says).
+        self.generation: int | None = None
         self._start_role = role
         self._file = FileDisk(self.path)
         self._dirty = bytearray()
@@ -271,6 +300,7 @@ class BuiltinDisk:
                 "dirty_blocks": sum(self._dirty),
                 "copy_in_progress": self._next is not None,
                 **state.to_dict(),
+                "generation": self.read_generation(),
             },
         )
 
@@ -299,7 +329,8 @@ class BuiltinDisk:
             self.clear_state()
             return self
         try:
-            with open(self.next_path, "wb") as f:
+            # Guest data: 0600, whatever the umask.
+            with open_owner_only(self.next_path, "wb") as f:
                 f.truncate(self.size)
         except OSError as err:
             raise DiskError(self.name, f"cannot create {self.next_path}: {err.strerror}") from err
@@ -369,7 +400,14 @@ class BuiltinDisk:
             self._file.flush()
         else:
             _fdatasync_path(self.path)
-        write_sidecar(self.state_path, CopyState(lineage, epoch))
+        gen = self.generation
+        if gen is None:
+            gen = read_sidecar_generation(self.state_path)
+        write_sidecar(self.state_path, CopyState(lineage, epoch), generation=gen)
+
+    def read_generation(self) -> int | None:
+        """The generation the sidecar records for this copy (None: unknown)."""
+        return read_sidecar_generation(self.state_path)
 
     def clear_state(self) -> None:
         remove_sidecar(self.state_path)
@@ -415,6 +453,7 @@ __all__ = [
     "fsync_dir",
     "read_disk_state",
     "read_sidecar",
+    "read_sidecar_generation",
     "remove_sidecar",
     "sidecar_path",
     "write_disk_state",

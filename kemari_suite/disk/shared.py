@@ -23,6 +23,18 @@ alone keeps two hosts from running the guest, ``promote`` only records the role.
 There is one copy, so the backend declares ``caps.replays_log``: the standby keeps the
 committed I/O logs the primary may not have applied yet and replays them after
 ``promote`` at failover (writes are idempotent).
+
+The lease block is also the disk's lineage record (:mod:`kemari_suite.ha.lease`): the
+resource names the pair, the generation the run that may write, and the SOLO flag says
+that its holder wrote without a secondary. Two checks follow from it:
+
+- a host whose generation is older than the block's cannot write: :meth:`apply` reads
+  the block before every batch (one 4 KiB read per acknowledged epoch), so a host that
+  was paused past its lease and woke up believing it still holds it is stopped by the
+  disk itself, not only by its own clock;
+- a stale standby (SOLO set by another host) cannot take the lease: ``promote``, which
+  a failover calls before replaying its logs, refuses and says why, so old logs are
+  never replayed onto newer data.
 """
 
 from __future__ import annotations
@@ -191,7 +203,8 @@ class SharedDiskBackend(PlainCapabilities):
         lease already ours.
 
         Raises:
-            LeaseError: another host holds the lease and was seen renewing it.
+            LeaseError: another host holds the lease and was seen renewing it, or
+                another host ran without a secondary (this copy's logs are stale).
         """
         if not self.config.fenced:
             self.disk.promote()
@@ -219,8 +232,8 @@ class SharedDiskBackend(PlainCapabilities):
 
         Raises:
             DiskError: not the writer here.
-            LeaseError: our lease lapsed (locally judged): writing could corrupt the disk
-                the other host may now own.
+            LeaseError: our lease lapsed (locally judged), or the block holds a newer
+                generation than ours: writing could corrupt the disk the other host owns.
         """
         if self.role is not DiskRole.PRIMARY:
             raise DiskError(self.name, f"{self.config.device}: not the writer on this host")
@@ -232,6 +245,11 @@ class SharedDiskBackend(PlainCapabilities):
             raise LeaseError(
                 str(lease.device), "our lease lapsed (not renewed in time): refusing writes"
             )
+        try:
+            lease.check()  # a newer generation on disk: another host writes now
+        except LeaseError:
+            self.role = DiskRole.SECONDARY
+            raise
         self.disk.apply(writes)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -282,6 +300,8 @@ class SharedDiskBackend(PlainCapabilities):
                 detail.update(
                     owner=rec.owner,
                     generation=rec.generation,
+                    solo=rec.solo,
+                    solo_owner=rec.solo_owner,
                     counter=rec.counter,
                     expires_wall=rec.expires_wall,
                     lease_valid_here=self.lease.valid(),

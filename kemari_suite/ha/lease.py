@@ -7,16 +7,24 @@ Layout of the lease block (little-endian, at ``offset``, 4096 bytes, zero-padded
 
     off  size  field
       0     8  magic          b"KEMLEASE"
-      8     4  version        1
-     12     4  flags          0 (reserved)
-     16    64  resource       the VM the lease protects (UTF-8, NUL-padded)
+      8     4  version        2 (version 1, without solo_owner, is still read)
+     12     4  flags          bit 0: SOLO, solo_owner runs or ran without a secondary
+     16    64  resource       the VM the lease protects (UTF-8, NUL-padded): the pair
      80    64  owner          node name of the holder; empty = free (UTF-8, NUL-padded)
-    144     8  generation     bumped on every acquisition (claim or takeover)
+    144     8  generation     the fencing token: bumped on every acquisition (claim or
+                              takeover) and when the holder goes solo
     152     8  counter        bumped on every write (renewal, acquisition, release)
     160     8  expires_wall   holder's wall clock + lease_s (float; informational only)
     168     8  lease_s        the holder's lease period (float)
     176     8  written_wall   holder's wall clock at the write (float; informational)
-    184    32  checksum       SHA-256 of bytes 0..183
+    184    64  solo_owner     who set SOLO (UTF-8, NUL-padded; kept across a release)
+    248    32  checksum       SHA-256 of bytes 0..247 (version 1: of 0..183, at 184)
+
+The resource names the pair and the generation the run of its data: together they are
+the lineage of what is on the shared disk. While SOLO is set, every host but
+``solo_owner`` holds a stale copy: its takeover is refused (even of an expired or
+released lease), so it can neither resume nor replay its logs onto newer data. A
+host whose generation is older than the block's may not write (:meth:`Lease.check`).
 
 Expiry is judged the classic disk-lease way (as in sanlock's delta leases), never from
 another host's wall clock: a host that wants the lease reads the block repeatedly and
@@ -50,92 +58,34 @@ can use either.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import hashlib
-import mmap
 import os
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
 
 from kemari_suite.errors import ConnectError, LeaseError
+from kemari_suite.ha.leaseblock import (
+    FLAG_SOLO,
+    LEASE_BLOCK,
+    LEASE_MAGIC,
+    LEASE_VERSION,
+    LeaseRecord,
+    _BlockIO,
+)
 from kemari_suite.ha.witness import Decision, Op
 
-LEASE_MAGIC = b"KEMLEASE"
-LEASE_VERSION = 1
-LEASE_BLOCK = 4096
-_NAME_LEN = 64
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """The decoded lease block (see the module docstring for the layout)."""
-
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<8sII64s64sQQddd")
-
-    resource: str
-    owner: str | None
-    generation: int
-    counter: int
-    expires_wall: float
-    lease_s: float
-    written_wall: float
-
-    def encode(self) -> bytes:
-        """The 4096-byte block.
-
-        Raises:
-            LeaseError: a name does not fit in 64 bytes.
-        """
-        res, owner = self.resource.encode(), (self.owner or "").encode()
-        if len(res) > _NAME_LEN or len(owner) > _NAME_LEN:
-            raise LeaseError(self.resource, "resource and owner names must fit in 64 bytes")
-        body = self.LAYOUT.pack(
-            LEASE_MAGIC,
-            LEASE_VERSION,
-            0,
-            res,
-            owner,
-            self.generation,
-            self.counter,
-            self.expires_wall,
-            self.lease_s,
-            self.written_wall,
-        )
-        return (body + hashlib.sha256(body).digest()).ljust(LEASE_BLOCK, b"\0")
-
-    @classmethod
-    def decode(cls, block: bytes, device: str) -> LeaseRecord:
-        """Raises LeaseError: unformatted (all zeroes), wrong magic/version, bad checksum."""
-        n = cls.LAYOUT.size
-        if len(block) < n + 32:
-            raise LeaseError(device, f"lease block too short ({len(block)} bytes)")
-        if not any(block):
-            raise LeaseError(device, "lease area is not formatted (all zeroes)")
-        body, digest = block[:n], block[n : n + 32]
-        magic, version, _flags, res, owner, gen, counter, exp, lease_s, written = cls.LAYOUT.unpack(
-            body
-        )
-        if magic != LEASE_MAGIC:
-            raise LeaseError(
-                device, f"not a Kemari lease (magic {magic!r}): corrupted or wrong device"
-            )
-        if version != LEASE_VERSION:
-            raise LeaseError(device, f"lease version {version}, expected {LEASE_VERSION}")
-        if hashlib.sha256(body).digest() != digest:
-            raise LeaseError(device, "corrupted lease: checksum mismatch")
-        try:
-            res_s = res.rstrip(b"\0").decode()
-            owner_s = owner.rstrip(b"\0").decode()
-        except UnicodeDecodeError as err:
-            raise LeaseError(device, f"corrupted lease: bad name encoding ({err})") from err
-        return cls(res_s, owner_s or None, gen, counter, exp, lease_s, written)
+__all__ = [
+    "FLAG_SOLO",
+    "LEASE_BLOCK",
+    "LEASE_MAGIC",
+    "LEASE_VERSION",
+    "Lease",
+    "LeaseAttempt",
+    "LeaseRecord",
+    "LeaseTiebreaker",
+]
 
 
 @dataclass(frozen=True)
@@ -147,69 +97,6 @@ class LeaseAttempt:
     reason: str
     #: For a refusal while watching a holder: how much longer it must stand still.
     wait_left_s: float = 0.0
-
-
-class _BlockIO:
-    """Reads and writes one 4 KiB block, bypassing the page cache where possible."""
-
-    def __init__(self, path: Path, offset: int, direct: bool | None) -> None:
-        self.path, self.offset = path, offset
-        self.buf = mmap.mmap(-1, LEASE_BLOCK)  # page-aligned, as O_DIRECT wants
-        flags = os.O_RDWR | os.O_CLOEXEC | os.O_SYNC
-        try:
-            st = os.stat(path)
-        except OSError as err:
-            raise LeaseError(str(path), f"cannot open: {err.strerror}") from err
-        is_block = stat.S_ISBLK(st.st_mode)
-        self.direct = False
-        if direct is not False:
-            try:
-                self.fd = os.open(path, flags | os.O_DIRECT)
-                self.direct = True
-            except OSError as err:
-                if err.errno != errno.EINVAL or direct is True or is_block:
-                    raise LeaseError(
-                        str(path), f"cannot open with O_DIRECT: {err.strerror}"
-                    ) from err
-        if not self.direct:
-            try:
-                self.fd = os.open(path, flags)
-            except OSError as err:
-                raise LeaseError(str(path), f"cannot open: {err.strerror}") from err
-        size = os.lseek(self.fd, 0, os.SEEK_END)
-        if size < offset + LEASE_BLOCK:
-            os.close(self.fd)
-            raise LeaseError(
-                str(path), f"{size} bytes: too small for a lease block at offset {offset}"
-            )
-
-    def read(self) -> bytes:
-        try:
-            if not self.direct:
-                os.posix_fadvise(self.fd, self.offset, LEASE_BLOCK, os.POSIX_FADV_DONTNEED)
-            n = os.preadv(self.fd, [self.buf], self.offset)
-        except OSError as err:
-            raise LeaseError(str(self.path), f"read failed: {err.strerror}") from err
-        if n != LEASE_BLOCK:
-            raise LeaseError(str(self.path), f"short read ({n} bytes)")
-        return bytes(self.buf)
-
-    def write(self, block: bytes) -> None:
-        self.buf.seek(0)
-        self.buf.write(block)
-        try:
-            n = os.pwritev(self.fd, [self.buf], self.offset)
-            if not self.direct:
-                os.fdatasync(self.fd)
-        except OSError as err:
-            raise LeaseError(str(self.path), f"write failed: {err.strerror}") from err
-        if n != LEASE_BLOCK:
-            raise LeaseError(str(self.path), f"short write ({n} bytes)")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        self.buf.close()
 
 
 class Lease:
@@ -355,6 +242,8 @@ class Lease:
                 self._write(new, t0)
                 self._held(node, new.generation, t0)
                 return LeaseAttempt(True, new, "renewed (already ours)")
+            if allow_takeover and rec.stale_for(node):
+                return LeaseAttempt(False, rec, rec.stale_reason())
             if rec.owner is None:
                 new = self._next(rec, node, rec.generation + 1)
                 return self._settle(node, new, t0, "claimed a free lease")
@@ -373,7 +262,7 @@ class Lease:
                     f"counter stood still for {still:.2f} s of {needed:.2f} s",
                     wait_left_s=needed - still,
                 )
-            new = self._next(rec, node, rec.generation + 1)
+            new = replace(self._next(rec, node, rec.generation + 1), solo=False, solo_owner=None)
             return self._settle(
                 node,
                 new,
@@ -466,6 +355,57 @@ class Lease:
             self._write(new, t0)
             return new
 
+    def set_solo(self, solo: bool) -> LeaseRecord:
+        """Record that we run without a secondary (``solo``) or paired again. Going solo
+        starts a new generation: what we write from now on is newer than any other copy.
+
+        Raises:
+            LeaseError: we do not hold the lease (any more), or I/O failed.
+        """
+        with self._lock:
+            if self.node is None or self.generation is None:
+                raise LeaseError(str(self.device), "solo/paired without holding the lease")
+            t0 = self.clock()
+            rec = self._read()
+            if rec.owner != self.node or rec.generation != self.generation:
+                self.node = self.generation = self.last_renewed = None
+                raise LeaseError(
+                    str(self.device),
+                    f"lease lost: now held by {rec.owner or 'nobody'} "
+                    f"(generation {rec.generation})",
+                )
+            new_era = solo and not (rec.solo and rec.solo_owner == self.node)
+            gen = rec.generation + 1 if new_era else rec.generation
+            new = replace(
+                self._next(rec, self.node, gen),
+                solo=solo,
+                solo_owner=self.node if solo else None,
+            )
+            self._write(new, t0)
+            self.generation, self.last_renewed = gen, t0
+            return new
+
+    def check(self) -> LeaseRecord:
+        """Read the block and make sure it still names our node and generation (before
+        writing to the data the lease protects).
+
+        Raises:
+            LeaseError: another host holds a newer generation (we must not write), we
+                hold nothing, or I/O failed.
+        """
+        with self._lock:
+            if self.node is None or self.generation is None:
+                raise LeaseError(str(self.device), "not holding the lease: refusing writes")
+            rec = self._read()
+            if rec.owner != self.node or rec.generation != self.generation:
+                raise LeaseError(
+                    str(self.device),
+                    f"generation {rec.generation} on disk (held by {rec.owner or 'nobody'}) is "
+                    f"newer than ours ({self.generation}): another host took over; "
+                    "refusing writes",
+                )
+            return rec
+
     def valid(self, margin_s: float = 0.0) -> bool:
         """Our conservative local view: do we certainly still hold the lease?"""
         if self.last_renewed is None:
@@ -508,6 +448,8 @@ class LeaseTiebreaker:
             rec.generation if rec is not None else 0,
             max(0.0, left),
             reason,
+            solo=rec.solo if rec is not None else False,
+            stale=rec.stale_for(self.node) if rec is not None else False,
         )
 
     def _ask_sync(self, op: Op) -> Decision:
@@ -527,9 +469,7 @@ class LeaseTiebreaker:
                 self.last_granted_sent = None
                 return self._decision(True, rec, "released", 0.0)
             if op in ("solo", "paired"):
-                # The lease block has no room for the flag: a stale standby is not kept
-                # from taking over by a disk lease (documented limit); renew instead.
-                op = "renew"
+                return self._solo(op == "solo", sent)
             if op == "renew" and lease.node == self.node:
                 try:
                     rec = lease.renew()
@@ -549,6 +489,28 @@ class LeaseTiebreaker:
             self.last_granted_sent = sent
             return self._decision(True, att.record, att.reason, lease.lease_s)
         return self._decision(False, att.record, att.reason, att.wait_left_s)
+
+    def _solo(self, solo: bool, sent: float) -> Decision:
+        """Hold the lease (claiming a free one) and set or clear the SOLO flag.
+
+        Raises:
+            LeaseError: I/O failed (the caller turns it into ConnectError).
+        """
+        lease = self.lease
+        if lease.node != self.node:
+            att = lease.try_acquire(self.node, allow_takeover=False)
+            if not att.granted:
+                return self._decision(False, att.record, att.reason, att.wait_left_s)
+        try:
+            rec = lease.set_solo(solo)
+        except LeaseError as err:
+            if _io_failure(err):
+                raise
+            self.last_granted_sent = None
+            return self._decision(False, lease.holder(), err.reason, 0.0)
+        self.last_granted_sent = sent
+        why = "running without a secondary" if solo else "paired"
+        return self._decision(True, rec, why, lease.lease_s)
 
     async def ask(self, op: Op) -> Decision:
         """Raises ConnectError when the lease device cannot be read or written."""

@@ -5,11 +5,15 @@ storage. Both answer ``ask("renew" | "takeover" | "release" | "query")`` with a
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Protocol
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError, LeaseError
 from kemari_suite.ha.witness import Decision, Op, WitnessClient
+from kemari_suite.ha.witness_state import read_key_file
+
+log = logging.getLogger(__name__)
 
 
 class Tiebreaker(Protocol):
@@ -20,6 +24,23 @@ class Tiebreaker(Protocol):
     def lease_valid(self, lease_s: float, margin_s: float) -> bool: ...
 
 
+def witness_key(cfg: KemariConfig) -> bytes:
+    """This pair's key at the witness: ``replication.witness_key_file``, never the
+    replication key (the witness must not be able to forge replication frames).
+
+    Raises:
+        ConfigError: the key file is unreadable, readable by group or others, or too
+            short; or there is none.
+    """
+    r = cfg.replication
+    if r.witness_key_file:
+        return read_key_file(r.witness_key_file, what="replication.witness_key_file")
+    raise ConfigError(
+        'tiebreaker = "witness" needs this pair\'s witness key file',
+        key="replication.witness_key_file",
+    )
+
+
 def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> Tiebreaker | None:
     """The configured tiebreaker, or None for ``tiebreaker = "none"``.
 
@@ -27,13 +48,14 @@ def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> T
     held one; an existing lease is never overwritten.
 
     Raises:
-        ConfigError: the lease device is not configured.
+        ConfigError: the lease device is not configured, or the witness key is missing
+            or unsafe.
     """
     r = cfg.replication
     timeout_s = r.heartbeat_timeout_ms / 1000
     if r.tiebreaker == "witness":
         return WitnessClient(
-            r.key.encode(),
+            witness_key(cfg),
             r.witness,
             cfg.vm.name,
             node_id,

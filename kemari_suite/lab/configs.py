@@ -14,8 +14,14 @@ What each role gets, and why::
                     [replication] listen on its own replication address, peer = the
                     other host's: after a switchover the roles swap
     secondary.toml  the same, mirrored
-    witness.toml    the key and the heartbeat timeout; it runs in the client namespace
-                    (the LAN), listening on the client's address
+    witness.toml    the folder of pair keys, its state file and the heartbeat timeout;
+                    it runs in the client namespace (the LAN), listening on the
+                    client's address
+
+Keys are files, never inline, each mode 0600: ``replication.key`` (both hosts'
+``replication.key_file``) and ``witness.d/<vm>.key``, the pair's own key at the witness
+(the hosts' ``replication.witness_key_file``, the witness's ``keys_dir``): the witness
+never sees the replication key.
 
 ``lab.env`` beside them holds the lab's names and addresses as shell variables.
 """
@@ -23,7 +29,6 @@ What each role gets, and why::
 from __future__ import annotations
 
 import os
-import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,8 @@ from typing import Any
 from kemari_suite.config import ImageConfig, KemariConfig, PathsConfig, dump_toml
 from kemari_suite.errors import LabError
 from kemari_suite.lab.lab import HOST_ROLES, HostRole, LabLayout
+from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
+from kemari_suite.protocol.keys import check_key_length, generate_key
 
 COUNTER_PORT = 7000
 WITNESS_PORT = 7411
@@ -42,6 +49,10 @@ ROLES = ("witness", "secondary", "primary")
 AGENT_COMMANDS = {"witness": "witness", "secondary": "standby", "primary": "protect"}
 DEFAULT_WORKLOAD = f"counter -q -p {COUNTER_PORT} 100"
 ENV_FILE = "lab.env"
+#: The replication key file both hosts read, in the configs' folder.
+REPLICATION_KEY_FILE = "replication.key"
+#: The witness's folder of pair keys, in the configs' folder.
+WITNESS_KEYS_DIR = "witness.d"
 
 
 @dataclass
@@ -60,6 +71,8 @@ class PairOptions:
     tiebreaker: str = "witness"
     tracker: str = "compare"
     compression: str = "zstd"
+    #: ``replication.tls``: TLS 1.3 on the replication link ("on") or MAC only ("off").
+    tls: str = "on"
     pipelining: bool = False
     #: ``replication.reprotect``: after a failover the survivor protects the VM again
     #: as soon as the failed host comes back as a standby.
@@ -96,6 +109,7 @@ def options_from_config(cfg: KemariConfig) -> PairOptions:
         mode=r.mode,
         tracker=r.tracker,
         compression=r.compression,
+        tls=r.tls,
         max_interval_ms=r.max_interval_ms,
         heartbeat_interval_ms=r.heartbeat_interval_ms,
         heartbeat_timeout_ms=r.heartbeat_timeout_ms,
@@ -141,26 +155,41 @@ def lease_file(directory: Path) -> Path:
     return directory / "lease.img"
 
 
+def replication_key_file(directory: Path) -> Path:
+    """The pair's replication key (both hosts' ``replication.key_file``)."""
+    return directory / REPLICATION_KEY_FILE
+
+
+def witness_key_file(directory: Path, opts: PairOptions) -> Path:
+    """The pair's key at the witness: ``<keys_dir>/<vm name>.key``."""
+    return directory / WITNESS_KEYS_DIR / f"{opts.vm_name}.key"
+
+
 # --------------------------------------------------------------------------- rendering
 
 
 def render(
-    lab: LabLayout, base: KemariConfig, opts: PairOptions, *, key: str, directory: Path
+    lab: LabLayout, base: KemariConfig, opts: PairOptions, *, directory: Path
 ) -> dict[str, dict[str, Any]]:
     """The config tree of every role (see the module docstring); no side effects.
 
     ``base`` gives the cache directory, the accelerator and (unless ``opts.image``) the
-    guest image; its paths are where the roles' run and shm directories go.
+    guest image; its paths are where the roles' run and shm directories go. The key
+    files they name are in ``directory`` (:func:`write` writes them).
     """
     trees: dict[str, dict[str, Any]] = {
-        role: _host_tree(lab, base, opts, role, key, directory) for role in HOST_ROLES
+        role: _host_tree(lab, base, opts, role, directory) for role in HOST_ROLES
     }
     trees["witness"] = {
         "paths": _paths_tree(base, lab.lab_id, "witness"),
         "replication": {
-            "key": key,
             "heartbeat_interval_ms": opts.heartbeat_interval_ms,
             "heartbeat_timeout_ms": opts.heartbeat_timeout_ms,
+        },
+        "witness": {
+            "keys_dir": str(directory / WITNESS_KEYS_DIR),
+            # Its own run folder: removed with the lab, never shared with another lab.
+            "state_file": str(role_run_dir(base.paths, lab.lab_id, "witness") / "witness.json"),
         },
     }
     return trees
@@ -190,7 +219,6 @@ def _host_tree(
     base: KemariConfig,
     o: PairOptions,
     role: HostRole,
-    key: str,
     directory: Path,
 ) -> dict[str, Any]:
     other: HostRole = "secondary" if role == "primary" else "primary"
@@ -205,13 +233,16 @@ def _host_tree(
             "accel": base.vm.accel,
             # With output commit the frame proxy opens the TAP; QEMU has no netdev.
             "netdev": "" if o.tapped_net else f"tap,ifname={tap},script=no,downscript=no",
+            # A plain TAP is untapped output: the agents refuse it unless the config says
+            # the lab accepts that (``tapped_net=False`` is that explicit opt-out).
+            "unprotected_output": not o.tapped_net,
             "netns": lab.ns_for(role),
             "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
             "run": o.workload,
             "display": o.display,
         },
         "replication": {
-            "key": key,
+            "key_file": str(replication_key_file(directory)),
             # Each host listens on its own address and knows the other's: after a
             # switchover the roles swap.
             "peer": f"{lab.repl_ip_for(other)}:{REPL_PORT}",
@@ -219,6 +250,7 @@ def _host_tree(
             "mode": o.mode,
             "tracker": o.tracker,
             "compression": o.compression,
+            "tls": o.tls,
             "max_interval_ms": o.max_interval_ms,
             "pipelining": o.pipelining,
             "reprotect": o.reprotect,
@@ -228,6 +260,8 @@ def _host_tree(
             "witness": witness_listen(lab) if o.tiebreaker == "witness" else "",
         },
     }
+    if o.tiebreaker == "witness":
+        tree["replication"]["witness_key_file"] = str(witness_key_file(directory, o))
     if o.alert_hook:
         tree["alerts"] = {"hook": o.alert_hook}
     if o.tapped_net:
@@ -290,6 +324,9 @@ class LabConfigs:
     #: In start order: witness, standby, protect.
     launches: tuple[Launch, ...]
     ports: tuple[Port, ...]
+    #: The replication key file (both hosts) and the pair's key file at the witness.
+    key_file: Path
+    witness_key_file: Path
 
     def launch(self, role: str) -> Launch:
         """The launch of ``role``.
@@ -371,19 +408,28 @@ def write(
     key: str | None = None,
     guest_ports: tuple[int, ...] = (),
 ) -> LabConfigs:
-    """Write every role's config (mode 0600: they hold the key), the guest disks or
-    lease file they name, and ``lab.env`` into ``directory``.
+    """Write every role's config, the key files they name (``key``: the replication
+    key; None: a new random one; the witness key is always new), the guest disks or
+    lease file, and ``lab.env`` into ``directory``. Every file is mode 0600 and the
+    folders this creates 0700.
 
     Existing disk images are kept (a restarted pair goes on with its disks).
 
     Raises:
         LabError: a file cannot be written.
+        ConfigError: ``key`` is shorter than 32 bytes.
     """
-    key = key if key is not None else secrets.token_hex(32)
-    trees = render(lab, base, opts, key=key, directory=directory)
+    if key is not None:
+        check_key_length(key.encode(), what="replication.key")
+    trees = render(lab, base, opts, directory=directory)
     configs: dict[str, Path] = {}
+    key_file, wkey_file = replication_key_file(directory), witness_key_file(directory, opts)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        mkdir_owner_only(directory)
+        key_text = key if key is not None else generate_key()
+        write_owner_only(key_file, key_text + "\n")
+        mkdir_owner_only(wkey_file.parent)
+        write_owner_only(wkey_file, generate_key() + "\n")
         if opts.disk:
             reserved = 1 << 20 if opts.disk == "shared" else 0
             for host in HOST_ROLES:
@@ -391,10 +437,11 @@ def write(
         if opts.tiebreaker == "lease":
             _sparse(lease_file(directory), 1 << 20)
         for role in ROLES:
-            configs[role] = _write_private(directory / f"{role}.toml", dump_toml(trees[role]))
+            configs[role] = write_owner_only(directory / f"{role}.toml", dump_toml(trees[role]))
         header = f"# lab {lab.lab_id}: names and addresses (`. {directory / ENV_FILE}`)\n"
-        env_file = directory / ENV_FILE
-        env_file.write_text(header + "\n".join(env_lines(lab, directory)) + "\n")
+        env_file = write_owner_only(
+            directory / ENV_FILE, header + "\n".join(env_lines(lab, directory)) + "\n"
+        )
     except OSError as err:
         raise LabError(lab.lab_id, f"cannot write the configs in {directory}: {err}") from err
     return LabConfigs(
@@ -404,18 +451,15 @@ def write(
         env_file=env_file,
         launches=launches(lab, configs),
         ports=ports(lab, opts, guest_ports),
+        key_file=key_file,
+        witness_key_file=wkey_file,
     )
 
 
 def _sparse(path: Path, size: int) -> None:
+    """A guest disk (or lease) image of ``size`` bytes, mode 0600: it holds guest data."""
     if not path.exists():
-        with path.open("wb") as f:
+        with open_owner_only(path, "wb") as f:
             f.truncate(size)
-
-
-def _write_private(path: Path, text: str) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
-    return path
+    else:
+        os.chmod(path, 0o600)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,8 @@ from kemari_suite.lab.configs import (
 )
 from kemari_suite.lab.lab import HostRole, LabLayout
 from kemari_suite.lab.netclient import tcp_request
+from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
+from kemari_suite.protocol.keys import generate_key
 from kemari_suite.service import control
 
 __all__ = ["COUNTER_PORT", "REPL_PORT", "WITNESS_PORT", "LabPair", "PairOptions"]
@@ -45,12 +46,15 @@ class LabPair:
         self.lab = lab
         self.base = base
         self.opts = opts
-        self.key = secrets.token_hex(32)
+        #: The replication key, also in :attr:`key_file` (the configs name the file).
+        self.key = generate_key()
         self.root = base.paths.run_dir / f"kemari-{lab.lab_id}-pair"
-        self.root.mkdir(parents=True, exist_ok=True)
+        mkdir_owner_only(self.root)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         written = labconfigs.write(lab, base, opts, self.root, key=self.key)
         self.configs: dict[str, Path] = written.configs
+        self.key_file = written.key_file
+        self.witness_key_file = written.witness_key_file
 
     # ---- configuration -----------------------------------------------------------------
 
@@ -63,7 +67,7 @@ class LabPair:
     # ---- processes ---------------------------------------------------------------------
 
     def _spawn(self, role: str, args: list[str], ns: str, env: dict[str, str]) -> None:
-        log = (self.root / f"{role}.out").open("ab")
+        log = open_owner_only(self.root / f"{role}.out", "ab")
         argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kemari_suite.cli.main", *args]
         self.procs[role] = subprocess.Popen(
             argv,
@@ -107,7 +111,7 @@ class LabPair:
             self.opts.env_primary,
         )
         # For KEMARI_FAULT_TARGET on the secondary: who to kill at its fault point.
-        self.primary_pidfile.write_text(f"{self.procs['primary'].pid}\n")
+        write_owner_only(self.primary_pidfile, f"{self.procs['primary'].pid}\n")
 
     @property
     def primary_pidfile(self) -> Path:
@@ -244,7 +248,7 @@ class LabPair:
         ``opts.vm_definition`` to it. Each host has its own disk image and TAP."""
         lab, o = self.lab, self.opts
         rep: dict[str, Any] = {
-            "key": self.key,
+            "key_file": str(self.key_file),
             "mode": o.mode,
             "max_interval_ms": o.max_interval_ms,
             "heartbeat_interval_ms": o.heartbeat_interval_ms,
@@ -254,6 +258,7 @@ class LabPair:
         }
         if o.tiebreaker == "witness":
             rep["witness"] = f"{lab.lan_client_ip}:{WITNESS_PORT}"
+            rep["witness_key_file"] = str(self.witness_key_file)
         hosts: dict[str, Any] = {}
         for role, host in self.HOSTS.items():
             hrole: HostRole = "primary" if role == "primary" else "secondary"
@@ -292,8 +297,7 @@ class LabPair:
             "hosts": hosts,
         }
         text = dump_toml(definition)
-        path = self.root / "vm.toml"
-        path.write_text(text)
+        path = write_owner_only(self.root / "vm.toml", text)
         self.opts.vm_definition = str(path)
         return path
 

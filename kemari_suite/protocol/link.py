@@ -1,22 +1,71 @@
-"""The replication link: :mod:`wire` sessions over asyncio TCP streams.
+"""The replication link: :mod:`wire` sessions over asyncio TCP streams, in TLS 1.3.
 
 The primary connects (it is the handshake's initiator); the secondary listens. A
+connection opens with the link preamble, then TLS when ``replication.tls`` is on, then
+the pre-shared-key handshake, which binds the TLS channel (see :mod:`tls`). A
 :class:`Link` sends and receives whole messages; the handshake happens before a Link is
 handed out, so everything that reaches the agents is authenticated.
+
+The listener is exposed to whoever reaches its address, so :func:`serve` bounds what an
+unauthenticated peer can hold: the whole opening (preamble, TLS, handshake) must finish
+within ``handshake_timeout``, and at most ``max_pending`` connections may be in it at
+once (:class:`PendingGate`). Beyond that a newcomer pushes out the oldest connection
+that has not even sent its preamble, or is closed at once when every slot is busy with
+a handshake. A real primary sends its preamble as soon as it connects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from kemari_suite.errors import AuthError, ConnectError, ProtocolError
-from kemari_suite.protocol import wire
+from kemari_suite.errors import ConfigError, ConnectError, ProtocolError
+from kemari_suite.protocol import tls, wire
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+#: The whole opening of an incoming connection (preamble, TLS, PSK handshake), seconds:
+#: a few round trips and two signatures, with room for two busy cores.
+HANDSHAKE_TIMEOUT_S = 5.0
+#: Unauthenticated connections the listener holds at once.
+MAX_PENDING = 8
+#: Addresses meaning every interface: allowed when given explicitly, with a warning.
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def parse_listen(
+    value: str, *, key: str = "replication.listen", example: str = "10.0.0.2:7410"
+) -> tuple[str, int]:
+    """A listener's address (``key`` in the config) as (host, port): an explicit address,
+    never implied. ``0.0.0.0`` or ``[::]`` is taken when written out, with a warning.
+
+    Raises:
+        ConfigError: (naming ``key``) empty, no host, or no valid port.
+    """
+    hint = f"give this host's own address on that network, e.g. {example}"
+    if not value:
+        raise ConfigError(f"not set: {hint}", key=key)
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ConfigError(f"{value!r} names no host: {hint}", key=key)
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{value!r} has no valid port: {hint}", key=key)
+    if host in _WILDCARDS:
+        log.warning(
+            "%s = %s: the listener takes connections on every address of this host; %s",
+            key,
+            value,
+            hint,
+        )
+    return host, int(port)
 
 
 class Link:
@@ -34,6 +83,9 @@ class Link:
         self.session = session
         self.peer = peer
         self._inbox: deque[wire.Message] = deque()
+        ssl_object = writer.get_extra_info("ssl_object")
+        #: "TLSv1.3" inside TLS, None on a link in the clear.
+        self.tls_version: str | None = ssl_object.version() if ssl_object is not None else None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.closed = False
@@ -79,6 +131,31 @@ class Link:
                 self.writer.close()
 
 
+async def _psk_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    session: wire.Session,
+    peer: str,
+) -> Link:
+    session.start()
+    writer.write(session.data_to_send())
+    await writer.drain()
+    early: list[wire.Message] = []
+    while not session.established:
+        data = await reader.read(65536)
+        if not data:
+            session.decoder.eof()
+            raise ConnectError(peer, "closed the connection during the handshake")
+        early.extend(session.feed(data))
+        out = session.data_to_send()
+        if out:
+            writer.write(out)
+            await writer.drain()
+    link = Link(reader, writer, session, peer)
+    link._inbox.extend(early)
+    return link
+
+
 async def _handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -86,30 +163,11 @@ async def _handshake(
     peer: str,
     timeout: float,
 ) -> Link:
-    session.start()
-    writer.write(session.data_to_send())
-    await writer.drain()
-    early: list[wire.Message] = []
-
-    async def run() -> None:
-        while not session.established:
-            data = await reader.read(65536)
-            if not data:
-                session.decoder.eof()
-                raise ConnectError(peer, "closed the connection during the handshake")
-            early.extend(session.feed(data))
-            out = session.data_to_send()
-            if out:
-                writer.write(out)
-                await writer.drain()
-
+    """The pre-shared-key handshake alone, on a stream already opened."""
     try:
-        await asyncio.wait_for(run(), timeout)
+        return await asyncio.wait_for(_psk_handshake(reader, writer, session, peer), timeout)
     except TimeoutError as err:
         raise ConnectError(peer, f"handshake did not finish in {timeout:.1f} s") from err
-    link = Link(reader, writer, session, peer)
-    link._inbox.extend(early)
-    return link
 
 
 def _tune(writer: asyncio.StreamWriter) -> None:
@@ -122,12 +180,48 @@ def _tune(writer: asyncio.StreamWriter) -> None:
     writer.transport.set_write_buffer_limits(high=32 << 20)
 
 
-async def connect(address: str, *, key: bytes, node_id: str, timeout: float) -> Link:
-    """Connect to the secondary at ``host:port`` and authenticate.
+async def _read_preamble(reader: asyncio.StreamReader, peer: str) -> tls.Preamble:
+    try:
+        raw = await reader.readexactly(tls.PREAMBLE_SIZE)
+    except asyncio.IncompleteReadError as err:
+        raise ConnectError(peer, "closed the connection before its link preamble") from err
+    return tls.Preamble.decode(raw)
+
+
+async def _open_client(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, tls_on: bool
+) -> bytes:
+    """The primary's preamble exchange and TLS; returns the channel binding."""
+    writer.write(tls.Preamble(tls=tls_on).encode())
+    await writer.drain()
+    # The secondary answers only after reading ours, and says nothing more until our
+    # ClientHello: the reader holds exactly the preamble when TLS starts.
+    theirs = await _read_preamble(reader, address)
+    if theirs.tls != tls_on:
+        raise ConnectError(address, tls.mismatch_reason(tls_on, theirs.tls, peer_is="secondary"))
+    if not tls_on:
+        return b""
+    try:
+        await writer.start_tls(tls.client_context())
+    except (ssl.SSLError, OSError) as err:
+        raise ConnectError(address, f"TLS handshake failed: {err}") from err
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    if not der:
+        raise ConnectError(address, "the secondary presented no TLS certificate")
+    return tls.channel_binding(der)
+
+
+async def connect(
+    address: str, *, key: bytes, node_id: str, timeout: float, tls: bool = True
+) -> Link:
+    """Connect to the secondary at ``host:port`` and authenticate (inside TLS 1.3 when
+    ``tls``; the secondary must agree).
 
     Raises:
-        ConnectError: unreachable, refused, or the handshake timed out.
-        AuthError: the peer does not hold the same key.
+        ConnectError: unreachable, refused, a TLS setting that differs from the
+            secondary's, or the opening did not finish within ``timeout``.
+        AuthError: the peer does not hold the same key, or a relay sits in between.
+        ProtocolError: the peer is not a Kemari secondary.
     """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -146,11 +240,213 @@ async def connect(address: str, *, key: bytes, node_id: str, timeout: float) -> 
         initiator=True,
         accept_roles={wire.Role.SECONDARY},
     )
+
+    async def opening() -> Link:
+        session.bind_channel(await _open_client(reader, writer, address, tls))
+        _tune(writer)
+        return await _psk_handshake(reader, writer, session, address)
+
     try:
-        return await _handshake(reader, writer, session, address, timeout)
+        return await asyncio.wait_for(opening(), timeout)
+    except TimeoutError as err:
+        writer.close()
+        raise ConnectError(address, f"handshake did not finish in {timeout:.1f} s") from err
+    except OSError as err:  # ssl.SSLError and ConnectionError among them
+        writer.close()
+        raise ConnectError(address, f"connection lost during the handshake: {err}") from err
     except BaseException:
         writer.close()
         raise
+
+
+class PendingGate:
+    """The unauthenticated connections a listener holds, and which one to drop. No I/O.
+
+    A connection is *idle* from :meth:`admit` until :meth:`progressed` (it sent a valid
+    preamble), then in its handshake until :meth:`done`. With ``limit`` connections
+    held, :meth:`admit` closes the oldest idle one to make room, or refuses the newcomer
+    (returns None) when all are in their handshake.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the bound on unauthenticated connections must be at least 1")
+        self.limit = limit
+        self._idle: dict[int, Callable[[], None]] = {}  # insertion order: oldest first
+        self._busy: set[int] = set()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+    def admit(self, close: Callable[[], None]) -> int | None:
+        """A token for a new connection (``close`` drops it if it must make room), or
+        None: refuse it."""
+        if len(self) >= self.limit:
+            if not self._idle:
+                return None
+            oldest = next(iter(self._idle))
+            self._idle.pop(oldest)()
+        token = self._next
+        self._next += 1
+        self._idle[token] = close
+        return token
+
+    def progressed(self, token: int) -> None:
+        if self._idle.pop(token, None) is not None:
+            self._busy.add(token)
+
+    def done(self, token: int) -> None:
+        self._idle.pop(token, None)
+        self._busy.discard(token)
+
+
+@dataclass
+class Pending:
+    """One connection admitted by :func:`admit_stream`, until it authenticates."""
+
+    gate: PendingGate
+    token: int = -1
+    #: The gate closed it to make room for a newer connection.
+    evicted: bool = False
+
+    def progressed(self) -> None:
+        """It sent a valid opening: no longer the first to be dropped."""
+        self.gate.progressed(self.token)
+
+    def done(self) -> None:
+        """Authenticated, or closed: its slot is free."""
+        self.gate.done(self.token)
+
+    def why_closed(self, peer: str) -> ConnectError:
+        return ConnectError(
+            peer, f"closed: idle while {self.gate.limit} unauthenticated connections were open"
+        )
+
+
+def admit_stream(gate: PendingGate, writer: asyncio.StreamWriter, peer: str) -> Pending:
+    """Admit a new incoming connection to ``gate``. Making room aborts the oldest idle
+    connection (its :class:`Pending` says ``evicted``).
+
+    Raises:
+        ConnectError: refused (every slot is in its handshake); the connection is
+            aborted already.
+    """
+    pending = Pending(gate)
+
+    def evict() -> None:
+        pending.evicted = True
+        writer.transport.abort()
+
+    token = gate.admit(evict)
+    if token is None:
+        writer.transport.abort()
+        raise ConnectError(
+            peer,
+            f"closed at once: {gate.limit} unauthenticated connections are in their handshake",
+        )
+    pending.token = token
+    return pending
+
+
+class _Listener:
+    """The secondary's side of every incoming connection (see :func:`serve`)."""
+
+    def __init__(
+        self,
+        key: bytes,
+        node_id: str,
+        on_link: Callable[[Link], Awaitable[None]],
+        *,
+        tls_on: bool,
+        handshake_timeout: float,
+        max_pending: int,
+        on_reject: Callable[[str, Exception], None] | None,
+    ) -> None:
+        self.key = key
+        self.node_id = node_id
+        self.on_link = on_link
+        self.tls_on = tls_on
+        self.timeout = handshake_timeout
+        self.gate = PendingGate(max_pending)
+        self.on_reject = on_reject
+        self.identity = tls.Identity.generate() if tls_on else None
+        self.context = self.identity.server_context() if self.identity is not None else None
+
+    def _reject(self, peer: str, err: Exception) -> None:
+        if self.on_reject is not None:
+            self.on_reject(peer, err)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        addr = writer.get_extra_info("peername")
+        peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+        try:
+            pending = admit_stream(self.gate, writer, peer)
+        except ConnectError as err:
+            self._reject(peer, err)
+            return
+        try:
+            link = await asyncio.wait_for(self._open(reader, writer, peer, pending), self.timeout)
+        except TimeoutError:
+            self._fail(
+                writer,
+                peer,
+                ConnectError(peer, f"handshake did not finish in {self.timeout:.1f} s"),
+            )
+            return
+        except (ProtocolError, ConnectError, OSError) as err:  # OSError: ssl.SSLError too
+            self._fail(writer, peer, self._why(err, pending, peer))
+            return
+        except asyncio.CancelledError:
+            # The loop is shutting down. Ending quietly: Python 3.11's stream server
+            # reports a cancelled handler as an error, and this one was never handed out.
+            writer.transport.abort()
+            return
+        finally:
+            pending.done()
+        await self.on_link(link)
+
+    @staticmethod
+    def _why(err: Exception, pending: Pending, peer: str) -> Exception:
+        """What to tell ``on_reject`` about a failed opening."""
+        if pending.evicted:
+            return pending.why_closed(peer)
+        if isinstance(err, OSError):
+            return ConnectError(peer, f"TLS or connection failure: {type(err).__name__} {err}")
+        return err
+
+    def _fail(self, writer: asyncio.StreamWriter, peer: str, err: Exception) -> None:
+        writer.close()
+        self._reject(peer, err)
+
+    async def _open(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        pending: Pending,
+    ) -> Link:
+        theirs = await _read_preamble(reader, peer)
+        pending.progressed()
+        # Ours only now: the primary starts TLS once it has it (see _open_client).
+        writer.write(tls.Preamble(tls=self.tls_on).encode())
+        await writer.drain()
+        if theirs.tls != self.tls_on:
+            raise ConnectError(
+                peer, tls.mismatch_reason(self.tls_on, theirs.tls, peer_is="primary")
+            )
+        session = wire.Session(
+            self.key,
+            role=wire.Role.SECONDARY,
+            node_id=self.node_id,
+            initiator=False,
+            accept_roles={wire.Role.PRIMARY},
+        )
+        if self.context is not None and self.identity is not None:
+            await writer.start_tls(self.context)
+            session.bind_channel(self.identity.binding)
+        _tune(writer)
+        return await _psk_handshake(reader, writer, session, peer)
 
 
 async def serve(
@@ -160,29 +456,42 @@ async def serve(
     key: bytes,
     node_id: str,
     on_link: Callable[[Link], Awaitable[None]],
-    handshake_timeout: float = 10.0,
+    tls: bool = True,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    max_pending: int = MAX_PENDING,
     on_reject: Callable[[str, Exception], None] | None = None,
-) -> asyncio.AbstractServer:
-    """Listen for primaries; hand each authenticated connection to ``on_link``."""
+) -> asyncio.Server:
+    """Listen for primaries; hand each authenticated connection to ``on_link``.
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")
-        peer = f"{addr[0]}:{addr[1]}" if addr else "?"
-        _tune(writer)
-        session = wire.Session(
-            key,
-            role=wire.Role.SECONDARY,
-            node_id=node_id,
-            initiator=False,
-            accept_roles={wire.Role.PRIMARY},
-        )
-        try:
-            link = await _handshake(reader, writer, session, peer, handshake_timeout)
-        except (AuthError, ProtocolError, ConnectError, ConnectionError) as err:
-            if on_reject is not None:
-                on_reject(peer, err)
-            writer.close()
-            return
-        await on_link(link)
+    With ``tls``, a fresh certificate is made for this listener (see :mod:`tls`).
+    ``on_reject(peer, error)`` hears every connection refused before a Link: a wrong
+    key or a relay (``AuthError``), a TLS mismatch, garbage, a timeout, the bound.
 
-    return await asyncio.start_server(handle, host, port, limit=READ_CHUNK * 4, reuse_address=True)
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    listener = _Listener(
+        key,
+        node_id,
+        on_link,
+        tls_on=tls,
+        handshake_timeout=handshake_timeout,
+        max_pending=max_pending,
+        on_reject=on_reject,
+    )
+    return await asyncio.start_server(
+        listener.handle, host, port, limit=READ_CHUNK * 4, reuse_address=True
+    )
+
+
+__all__ = [
+    "HANDSHAKE_TIMEOUT_S",
+    "MAX_PENDING",
+    "Link",
+    "Pending",
+    "PendingGate",
+    "admit_stream",
+    "connect",
+    "parse_listen",
+    "serve",
+]

@@ -37,7 +37,14 @@ pre-shared key fails on the first frame. Both derive::
 
 (on the replication link the primary connects, so nonce_initiator is the primary's)
 and each sends :class:`HelloProof` (sequence 1), an HMAC with its sending key over a
-hash of both Hello payloads. Every later frame is MACed with the sender's direction
+hash of both Hello payloads and, when the link runs inside TLS, of the channel binding
+(:meth:`Session.bind_channel`: the secondary's certificate, see ``tls.py``)::
+
+    transcript = "kemari-v1 proof" + sha256(len(hello_i) hello_i len(hello_r) hello_r
+                                            [ "channel" len(binding) binding ])
+
+Both ends must bind the same bytes: a relay that terminates TLS makes them differ, and
+both proofs fail. Every later frame is MACed with the sender's direction
 key. A recorded session cannot be replayed: the other end's nonce is fresh, so the
 keys differ. Reflection fails: a node rejects its own nonce and the two directions use
 different keys. Sequence numbers must increase by exactly one; a gap, a replay or a
@@ -263,6 +270,8 @@ class Session:
         self._recv_key: bytes | None = None
         self._own_hello: bytes | None = None  # the Hello payload we sent
         self._transcript = b""
+        #: The channel binding both proofs cover (empty: none); see :meth:`bind_channel`.
+        self._binding = b""
         self._proof_ok = False
         self._bye_sent = False
         self._bye_received = False
@@ -291,6 +300,17 @@ class Session:
     def failure(self) -> ProtocolError | None:
         """The error that failed the session, if any."""
         return self._failure
+
+    def bind_channel(self, binding: bytes) -> None:
+        """Cover ``binding`` (what this end saw of the channel underneath, e.g. the TLS
+        certificate's fingerprint) by the handshake proofs: the peer must bind the same.
+
+        Raises:
+            ValueError: the peer's Hello is already in (the proof is computed from it).
+        """
+        if self.peer is not None or self._failure is not None:
+            raise ValueError("bind the channel before the peer's Hello is fed")
+        self._binding = bytes(binding)
 
     # -- sending --------------------------------------------------------------------------
 
@@ -442,6 +462,8 @@ class Session:
         for h in hellos:
             t.update(_U32.pack(len(h)))
             t.update(h)
+        if self._binding:
+            t.update(b"channel" + _U32.pack(len(self._binding)) + self._binding)
         self._transcript = _LABEL + b" proof" + t.digest()
         self._queue(HelloProof(_hmac(self._send_key, self._transcript)), self._send_key)
 
@@ -449,7 +471,9 @@ class Session:
         assert self._recv_key is not None
         if not hmac.compare_digest(proof.mac, _hmac(self._recv_key, self._transcript)):
             raise AuthError(
-                "handshake proof mismatch (wrong key, or a replayed handshake)", HelloProof.TYPE
+                "handshake proof mismatch (wrong key, a replayed handshake, or a different"
+                " TLS channel on each end: a relay in the middle)",
+                HelloProof.TYPE,
             )
         self._proof_ok = True
 

@@ -34,6 +34,7 @@ from kemari_suite.config import KemariConfig
 # package); re-exported here for the callers that still take it from compat.
 from kemari_suite.disk import guest_disk_size
 from kemari_suite.errors import KemariError, ReplicationError
+from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only
 from kemari_suite.protocol.link import Link
 from kemari_suite.replica import verbs
 from kemari_suite.service.metrics import Artifacts
@@ -120,8 +121,10 @@ def trial_ram_path(cfg: KemariConfig, spec: VMSpec) -> Path:
 
 
 def copy_replica(src: Path, dst: Path) -> None:
-    """Copy the replica RAM file (tmpfs to tmpfs, in the kernel)."""
-    with open(src, "rb") as fsrc, open(dst, "wb") as fdst:
+    """Copy the replica RAM file (tmpfs to tmpfs, in the kernel) to a new file ``dst``,
+    mode 0600 (it is guest memory), in a folder made 0700 if missing."""
+    mkdir_owner_only(dst.parent)
+    with open(src, "rb") as fsrc, open_owner_only(dst, "wb") as fdst:
         size = os.fstat(fsrc.fileno()).st_size
         done = 0
         while done < size:

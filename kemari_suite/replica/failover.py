@@ -18,6 +18,14 @@ Any failure after FAILING_OVER ends in STOPPED and raises
 :class:`~kemari_suite.errors.FailoverError`; for a switchover the lease is given back
 first, so the old primary can resume its stopped VM. Answering the primary is the
 caller's (the wire is the agent's).
+
+A copy is *stale* when the primary ran without a secondary after this standby's last
+commit: the tiebreaker says so (the holder went solo, or its generation is newer than
+the one this copy's sidecar records). An automatic failover never gets there (the
+tiebreaker refuses a stale takeover); an operator's goes through
+:func:`operator_failover_check` first, which refuses a stale copy unless the operator
+accepts the data loss (an alert is raised). Storage both hosts write (shared, DRBD)
+never replays a stale copy's logs: they would overwrite newer data.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from kemari_suite.alerts import AlertKind
 from kemari_suite.config import KemariConfig, ReplicationConfig
 from kemari_suite.errors import ConnectError, FailoverError
 from kemari_suite.ha.tiebreak import Tiebreaker
@@ -248,11 +257,23 @@ class Failover:
         """Bring the disk to ``epoch`` before the guest resumes.
 
         Raises:
-            FailoverError: the built-in copy is not at ``epoch``.
+            FailoverError: the built-in copy is not at ``epoch``, or shared storage
+                holds newer data than this stale copy (nothing is replayed).
         """
         if self.store.disk is not None:
             await asyncio.to_thread(self.store.disk.prepare_failover, epoch)
-        elif self.cfg.disk.path and logs:
+        elif self.cfg.disk.path:
+            # Storage both hosts write: a stale copy's memory and logs are older than
+            # what is on the disk; neither replaying nor resuming is safe, whatever
+            # data loss the operator accepted.
+            why = await copy_staleness(self.witness, None)
+            if why:
+                raise FailoverError(
+                    f"not replaying {len(logs)} committed I/O logs onto {self.cfg.disk.path} "
+                    f"nor resuming over it: {why}; the disk holds newer writes, boot the "
+                    "guest from it instead"
+                )
+        if self.store.disk is None and self.cfg.disk.path and logs:
             # Shared storage: replay what was committed but maybe not yet applied by the
             # primary (writes are idempotent).
             await asyncio.to_thread(replay_committed, self.cfg, logs)
@@ -316,6 +337,60 @@ def switch_refusal(
     return ""
 
 
+async def copy_staleness(witness: Tiebreaker | None, sidecar_generation: int | None) -> str:
+    """Why this standby's copy is known to be stale ("" when it is not known to be):
+    the tiebreaker's holder ran without a secondary, or its generation is newer than
+    the one recorded with this copy (``sidecar_generation``; None: not recorded).
+    An unreachable tiebreaker or none at all knows nothing."""
+    if witness is None:
+        return ""
+    try:
+        d = await witness.ask("query")
+    except ConnectError as err:
+        log.warning("failover: cannot ask the tiebreaker whether this copy is stale: %s", err)
+        return ""
+    if d.stale:
+        return (
+            f"{d.owner or 'the last holder'} ran without a secondary after this copy's last "
+            f"checkpoint (generation {d.generation}): this copy is stale"
+        )
+    if sidecar_generation is not None and d.generation > sidecar_generation and not d.granted:
+        return (
+            f"the tiebreaker is at generation {d.generation}, this copy holds generation "
+            f"{sidecar_generation}: {d.owner or 'another host'} wrote past it, the copy is stale"
+        )
+    return ""
+
+
+async def operator_failover_check(
+    witness: Tiebreaker | None,
+    sidecar_generation: int | None,
+    artifacts: Artifacts,
+    *,
+    accept_data_loss: bool,
+) -> None:
+    """Before an operator's failover (``kemari failover --yes``): refuse a copy known to
+    be stale, unless ``accept_data_loss``, which raises an alert instead.
+
+    Raises:
+        FailoverError: the copy is stale and the data loss was not accepted.
+    """
+    why = await copy_staleness(witness, sidecar_generation)
+    if not why:
+        return
+    if not accept_data_loss:
+        artifacts.event("failover-refused", reason=why)
+        raise FailoverError(
+            f"{why}; resuming it loses what the primary acknowledged since. "
+            "Add --accept-data-loss to resume it anyway"
+        )
+    reason = f"operator accepted data loss: resuming a stale copy ({why})"
+    artifacts.event("failover-data-loss-accepted", reason=reason)
+    if artifacts.alerter is not None:
+        # Two histories of the guest from here on: the abandoned solo run and this one.
+        artifacts.alerter.emit(AlertKind.DATA_LOSS, reason, event="failover-data-loss-accepted")
+
+
 async def renew_lease(witness: Tiebreaker, interval_s: float) -> None:
     """Keep the lease after a failover with no primary role to renew it (until cancelled)."""
     while True:
@@ -331,6 +406,8 @@ __all__ = [
     "PendingSwitch",
     "ProbeFn",
     "Takeover",
+    "copy_staleness",
+    "operator_failover_check",
     "renew_lease",
     "switch_refusal",
 ]

@@ -193,6 +193,8 @@ def replay_committed(cfg: KemariConfig, logs: Sequence[bytes]) -> None:
 
     Raises:
         ConfigError: the disk is missing.
+        LeaseError: another host holds the lease, or ran alone since (this copy's logs
+            are stale).
         ProtocolError: a log is malformed.
         DiskError, OSError: the disk failed.
     """
@@ -202,6 +204,8 @@ def replay_committed(cfg: KemariConfig, logs: Sequence[bytes]) -> None:
     try:
         if disk.caps.replays_log and logs:
             disk.attach()
+            # The writer's role (and, fenced, the lease: a stale copy is refused here).
+            disk.promote()
             replay(disk, list(logs))
     finally:
         disk.close()

@@ -40,11 +40,18 @@ import numpy as np
 
 from kemari_suite.alerts import Alerter
 from kemari_suite.config import KemariConfig
-from kemari_suite.errors import ConnectError, FailoverError, ProtocolError, ReplicationError
+from kemari_suite.errors import (
+    AuthError,
+    ConnectError,
+    FailoverError,
+    ProtocolError,
+    ReplicationError,
+)
 from kemari_suite.ha.tiebreak import make_tiebreaker
-from kemari_suite.protocol import wire
-from kemari_suite.protocol.link import Link, serve
-from kemari_suite.replica import verbs
+from kemari_suite.protocol import tls, wire
+from kemari_suite.protocol.keys import load_replication_key
+from kemari_suite.protocol.link import Link, parse_listen, serve
+from kemari_suite.replica import commands, verbs
 from kemari_suite.replica.compat import CompatCheck
 from kemari_suite.replica.failover import (
     Failover,
@@ -65,7 +72,6 @@ from kemari_suite.service.control import ControlServer
 from kemari_suite.service.lifecycle import Lifecycle, Transition
 from kemari_suite.service.metrics import Artifacts
 from kemari_suite.tap.guestio import GuestIO
-from kemari_suite.testing import faults
 from kemari_suite.vm.guestram import GuestRAM
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
@@ -92,9 +98,10 @@ class SecondaryAgent:
     ) -> None:
         self.cfg = cfg
         self.rcfg = cfg.replication
-        if not self.rcfg.key:
-            raise ReplicationError("replication.key is empty: refusing an unauthenticated link")
-        self.key = self.rcfg.key.encode()
+        self.key = load_replication_key(cfg)
+        # Checked before anything starts: an explicit address, a known TLS mode.
+        self.listen = parse_listen(self.rcfg.listen)
+        self.tls = tls.enabled(self.rcfg.tls)
         # The failover start uses the very same command line, on the replica, incoming.
         self.spec = spec.replace(incoming=True)
         self.node_id = node_id
@@ -223,19 +230,19 @@ class SecondaryAgent:
         self.store.open()
         self.control = ControlServer(
             self.vm.paths.run_dir / "control.sock",
-            {
-                "status": self._h_status,
-                "failover": self._h_failover,
-                "stop": self._h_stop,
-                "switchover": self._h_switchover,
-                **({"fault": faults.control_handler} if faults.enabled() else {}),
-            },
+            commands.handlers(self),
         )
         await self.control.start()
         self.watch.witness = make_tiebreaker(self.cfg, self.node_id, format_lease=False)
-        host, _, port = self.rcfg.listen.rpartition(":")
+        host, port = self.listen
         self._server = await serve(
-            host or "0.0.0.0", int(port), key=self.key, node_id=self.node_id, on_link=self._on_link
+            host,
+            port,
+            key=self.key,
+            node_id=self.node_id,
+            on_link=self._on_link,
+            tls=self.tls,
+            on_reject=_log_reject,
         )
         monitor = asyncio.create_task(self.watch.run())
         try:
@@ -278,35 +285,6 @@ class SecondaryAgent:
         self.artifacts.close()
 
     # ---- control socket ------------------------------------------------------------
-
-    async def _h_status(self, req: dict[str, Any]) -> Any:
-        return self.status_dict()
-
-    async def _h_failover(self, req: dict[str, Any]) -> Any:
-        if self.state is S.ACTIVE:
-            return {"already": True, "report": self.report.__dict__ if self.report else None}
-        if self.state is S.STOPPED:
-            raise FailoverError(f"this standby is stopped: {self.reason}")
-        if self.committed_epoch < 0:
-            raise FailoverError("no committed checkpoint yet: nothing to fail over to")
-        if self.state is not S.FAILING_OVER:
-            self.watch.request("operator command")
-        # Wait for it to finish so the operator sees the result.
-        while self.state is not S.ACTIVE:
-            if self.state is S.STOPPED:
-                raise FailoverError(self.reason)
-            await asyncio.sleep(0.05)
-        return self.report.__dict__ if self.report else {}
-
-    async def _h_switchover(self, req: dict[str, Any]) -> Any:
-        raise ReplicationError(
-            f"this host is the {self.state.value} standby: run `kemari switchover` on the "
-            "host that runs the VM"
-        )
-
-    async def _h_stop(self, req: dict[str, Any]) -> Any:
-        self.request_stop()
-        return {"stopping": True}
 
     # ---- the replication link ------------------------------------------------------
 
@@ -468,6 +446,15 @@ class SecondaryAgent:
         if self.watch.witness is not None and not req.operator:
             interval = self.rcfg.heartbeat_interval_ms / 1000
             self._renewer = asyncio.create_task(renew_lease(self.watch.witness, interval))
+
+
+def _log_reject(peer: str, err: Exception) -> None:
+    """A connection refused before it was authenticated. A wrong key, a relay or a TLS
+    mismatch is the operator's business; scans and floods are not worth a line each."""
+    if isinstance(err, AuthError) or "replication.tls" in str(err):
+        log.error("secondary: refused %s: %s", peer, err)
+    else:
+        log.debug("secondary: refused %s: %s", peer, err)
 
 
 async def _ignore(link: Link, msg: wire.Message) -> None:

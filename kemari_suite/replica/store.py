@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,13 @@ from typing import Any
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ProtocolError
 from kemari_suite.protocol import wire
+from kemari_suite.protocol.files import mkdir_owner_only, write_owner_only
 from kemari_suite.replica.receiver import CommitObserver, EpochReceiver, OpenEpoch
 from kemari_suite.replica.replicadisk import BuiltinCopy
 from kemari_suite.service.metrics import Artifacts
 from kemari_suite.testing.probes import CommitProbeLog
 from kemari_suite.vm import guestmem
-from kemari_suite.vm.guestram import GuestRAM
+from kemari_suite.vm.guestram import GuestRAM, create_ram_file
 
 PAGE = 4096
 
@@ -56,14 +56,15 @@ class ReplicaStore:
 
     def open(self, observers: Sequence[CommitObserver] = ()) -> None:
         """Create and map the RAM file (zeros), open the disk copy, start receiving.
+        The RAM file is 0600, the run directory (if created here) 0700.
 
         Raises:
             ReplicationError: the RAM file cannot be mapped.
             ConfigError, DiskError: the disk copy is missing or cannot be opened.
         """
-        self.ram_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.ram_path, "wb") as f:
-            f.truncate(self.n_pages * PAGE)
+        # Guest memory and device state: readable by their owner alone (0600, 0700).
+        create_ram_file(self.ram_path, self.n_pages * PAGE)
+        mkdir_owner_only(self.run_dir)
         self.ram = GuestRAM(self.ram_path, writable=True)
         self.disk = BuiltinCopy.open(self.cfg)
         self.receiver = EpochReceiver(self.ram.pages, disk=self.disk)
@@ -127,10 +128,7 @@ class ReplicaStore:
             epoch = receiver.end(msg)
             devstate = receiver.committed_devstate
             assert devstate is not None
-            path = self.run_dir / "devstate.committed"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(devstate)
-            os.replace(tmp, path)
+            write_owner_only(self.run_dir / "devstate.committed", devstate)
             await after(epoch, devstate)
         return epoch
 

@@ -2,13 +2,13 @@
 
 A run writes ``<artifacts>/checkpoints.jsonl`` (one object per checkpoint),
 ``events.jsonl`` (state changes, failovers, refusals) and ``status.json`` (the latest
-status, rewritten atomically).
+status, rewritten atomically). The folder is 0700 and every file 0600: they tell what
+the guest did.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.alerts import Alerter, AlertKind
+from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
 
 
 @dataclass
@@ -81,9 +82,9 @@ class Artifacts:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self._ckpt = (root / "checkpoints.jsonl").open("a", buffering=1)
-        self._events = (root / "events.jsonl").open("a", buffering=1)
+        mkdir_owner_only(root)
+        self._ckpt = open_owner_only(root / "checkpoints.jsonl", "a", buffering=1)
+        self._events = open_owner_only(root / "events.jsonl", "a", buffering=1)
         #: Where the events operators must hear about also go (hook, system log).
         self.alerter: Alerter | None = None
 
@@ -103,9 +104,7 @@ class Artifacts:
                 self.alerter.emit(alert[0], alert[1], event=kind, **details)
 
     def status(self, status: dict[str, Any]) -> None:
-        tmp = self.root / "status.json.tmp"
-        tmp.write_text(json.dumps(status, indent=2, default=str))
-        os.replace(tmp, self.root / "status.json")
+        write_owner_only(self.root / "status.json", json.dumps(status, indent=2, default=str))
 
     def alert_history(self, n: int = 5) -> list[dict[str, Any]]:
         """The last ``n`` alerts sent (for ``kemari status``)."""

@@ -34,10 +34,10 @@ from kemari_suite.tap import (
     NBDServer,
     SyncScheduler,
     TapMode,
-    check_tapped,
     open_tap,
 )
 from kemari_suite.tap.events import EventSink
+from kemari_suite.tap.outputs import check_wired
 from kemari_suite.vm.qemu import VMPaths, VMSpec, io_paths
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class GuestIO:
             netdev = f"stream,server=off,addr.type=unix,addr.path={self.paths.net}"
         spec = spec.replace(netdev=netdev, blockdev=blockdev)
         if self.tapped:
-            check_tapped(
+            check_wired(
+                self.cfg,
                 spec,
                 net_socket=self.paths.net if self.net else None,
                 nbd_socket=self.paths.nbd if self.block else None,

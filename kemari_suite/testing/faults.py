@@ -9,6 +9,11 @@ string comparison.
 ``KEMARI_FAULT_TARGET=<pidfile>`` turns the kill outward: instead of dying, the agent
 SIGKILLs the process whose PID is in that file and carries on. The kill campaigns use it
 on the secondary to kill the *primary* at the moment the secondary is applying pages.
+
+``KEMARI_FAULT=<point>:<n>:raise`` (or ``arm(point, action="raise")``) makes the step
+*fail* instead: :func:`hit` raises :class:`InjectedFault` once, as a QMP command, a
+capture or the link would, and the agent goes on. The stopped-window tests use it to
+check that no failure leaves the guest stopped.
 """
 
 from __future__ import annotations
@@ -17,23 +22,46 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Literal
+
+from kemari_suite.errors import ReplicationError
+
+Action = Literal["kill", "raise"]
 
 #: Every point an agent passes, in the order of a checkpoint's life.
 POINTS: dict[str, str] = {
     "precopy": "primary, during the initial pre-copy of all guest RAM",
+    "window-stop": "primary, right after QMP stop answered (the guest is stopped)",
     "window-capture": "primary, guest stopped, before the device-state capture",
+    "window-scan": "primary, guest stopped, before the dirty-page scan",
+    "window-stage": "primary, guest stopped, before the dirty pages are staged",
     "stopped": "primary, inside the stopped window (device state captured, pages staged)",
+    "window-cont": "primary, guest stopped, before the cont that ends the window "
+    "(speculative: in the window; classic: after the acknowledgement)",
+    "window-send": "primary, window closed, before the epoch's pages are sent "
+    "(classic: the guest is still stopped)",
     "mid-transfer": "primary, after part of an epoch's pages were sent, before its end",
     "before-ack": "primary, epoch end sent, acknowledgement not yet received "
     "(the secondary is verifying and applying)",
+    "ack-wait": "primary, about to wait for the acknowledgement (classic: guest stopped)",
     "after-ack": "primary, right after an acknowledgement arrived",
     "secondary-apply": "secondary, while applying a received batch of pages",
 }
 
 _spec = os.environ.get("KEMARI_FAULT", "")
-_point, _, _arg = _spec.partition(":")
+_point, _, _rest = _spec.partition(":")
+_arg, _, _how = _rest.partition(":")
+_action: Action = "raise" if _how == "raise" else "kill"
 _count = 0
 _target = os.environ.get("KEMARI_FAULT_TARGET", "")
+
+
+class InjectedFault(ReplicationError):
+    """The failure an armed ``raise`` fault point stands for (``point`` names it)."""
+
+    def __init__(self, point: str) -> None:
+        super().__init__(f"injected fault at {point}")
+        self.point = point
 
 
 def enabled() -> bool:
@@ -45,18 +73,28 @@ def enabled() -> bool:
     return os.environ.get("KEMARI_FAULTS") == "1"
 
 
-def arm(point: str, count: int = 1, target: str = "") -> None:
-    """Arm ``point`` now: fire the ``count``-th time it is passed from here on.
+def arm(point: str, count: int = 1, target: str = "", action: str = "kill") -> None:
+    """Arm ``point`` now: fire the ``count``-th time it is passed from here on; ``action``
+    "kill" dies (or kills ``target``), "raise" raises :class:`InjectedFault` once.
 
     Raises:
-        ValueError: unknown point or count below 1.
+        ValueError: unknown point or action, or count below 1.
     """
-    global _point, _arg, _count, _target
+    global _point, _arg, _count, _target, _action
     if point not in POINTS and point != "random":
         raise ValueError(f"unknown fault point {point!r} (known: {', '.join(POINTS)})")
     if count < 1:
         raise ValueError("count must be at least 1")
+    if action not in ("kill", "raise"):
+        raise ValueError(f"unknown fault action {action!r} (known: kill, raise)")
     _point, _arg, _count, _target = point, str(count), 0, target
+    _action = "raise" if action == "raise" else "kill"
+
+
+def disarm() -> None:
+    """Forget the armed point (tests arm one per case)."""
+    global _point, _arg, _count, _target, _action
+    _point, _arg, _count, _target, _action = "", "", 0, "", "kill"
 
 
 def armed_point() -> str | None:
@@ -77,12 +115,19 @@ def random_delay() -> float | None:
 
 
 def hit(point: str) -> None:
-    """Die here if this point is armed and its count is reached."""
-    global _count
+    """Die here if this point is armed and its count is reached.
+
+    Raises:
+        InjectedFault: the point is armed with the "raise" action (once).
+    """
+    global _count, _point
     if point != _point:
         return
     _count += 1
     if _count >= int(_arg or "1"):
+        if _action == "raise":
+            _point = ""  # once only
+            raise InjectedFault(point)
         if _target:
             kill_target(point, _target)
         else:
@@ -121,7 +166,12 @@ async def control_handler(req: dict[str, object]) -> object:
             answers it as an error.
     """
     try:
-        arm(str(req["point"]), int(str(req.get("count", 1))), str(req.get("target", "")))
+        arm(
+            str(req["point"]),
+            int(str(req.get("count", 1))),
+            str(req.get("target", "")),
+            str(req.get("action", "kill")),
+        )
     except KeyError as err:
         raise ValueError(f"bad fault request: missing {err}") from err
     return {"armed": req["point"]}

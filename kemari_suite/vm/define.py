@@ -163,6 +163,9 @@ def vm_spec(
         blockdev=blockdev,
         netns=v.netns or None,
         display=v.display,
+        # The same on both hosts: the failover start runs under the same filter and user.
+        sandbox=v.sandbox,
+        runas=v.runas,
         image_id=image_id,
         image_source=source,
         image_reason=reason,

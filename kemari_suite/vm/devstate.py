@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import socket
 import time
 from pathlib import Path
@@ -35,6 +36,10 @@ class DeviceStateCapturer:
     """Captures device state from a stopped VM, reusing one listening socket."""
 
     def __init__(self, vm: AsyncVM, sock_path: Path, *, timeout: float = 30.0) -> None:
+        """Raises:
+        KeyError: ``vm.spec.runas`` names no user.
+        OSError: the socket cannot be made.
+        """
         self.vm = vm
         self.sock_path = sock_path
         self.timeout = timeout
@@ -42,6 +47,14 @@ class DeviceStateCapturer:
             sock_path.unlink()
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._srv.bind(str(sock_path))
+        # Connecting needs write permission: only the owner may feed or read this
+        # socket (device state is guest data). Before listen(), so nobody got in. A
+        # QEMU running as another user (-runas) is that owner.
+        os.chmod(sock_path, 0o600)
+        runas = getattr(getattr(vm, "spec", None), "runas", "")
+        if runas:
+            pw = pwd.getpwnam(runas)
+            os.chown(sock_path, pw.pw_uid, pw.pw_gid)
         self._srv.listen(1)
         self._srv.setblocking(False)
         self._buf = bytearray(1 << 20)

@@ -17,6 +17,7 @@ from types import TracebackType
 import numpy as np
 
 from kemari_suite.errors import ReplicationError
+from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only
 
 #: Guest page size. x86 guests with 4 KiB pages; the RAM file must be a multiple of it.
 PAGE_SIZE = 4096
@@ -24,6 +25,22 @@ PAGE_SIZE = 4096
 # Pre-fault the whole mapping at map time, so that the first scan of a sync point (VM
 # stopped) does not take one minor fault per page. Linux only; 0 elsewhere.
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def create_ram_file(path: Path, size: int) -> Path:
+    """Create the guest RAM file ``path`` of ``size`` bytes of zeros, mode 0600 (it holds
+    guest memory), in a folder created 0700 if missing. A stale file is emptied first.
+
+    QEMU keeps the mode of a RAM file that exists when it starts; one it creates itself
+    gets QEMU's umask (the agent's: 0o077).
+
+    Raises:
+        OSError: the file cannot be created.
+    """
+    mkdir_owner_only(path.parent)
+    with open_owner_only(path, "wb") as f:
+        f.truncate(size)
+    return path
 
 
 class GuestRAM:

@@ -10,6 +10,15 @@ removes both; starting a VM whose previous controller crashed removes the stale 
 first (after checking that no QEMU still runs from them). QEMU is started with a
 parent-death signal so that it dies with the process that controls it: no guest outlives
 the agent that holds its replication state.
+
+Every file here holds guest data or leads to it (RAM, console, QMP), so all of them are
+readable by their owner alone: the folders and the files this module writes are made
+through :mod:`kemari_suite.protocol.files` (0700, 0600), and QEMU runs with umask 0o077,
+so the files it creates itself (pid file, console log, a RAM file nobody prepared, the
+sockets) are 0600 too. QEMU runs under its seccomp filter unless ``spec.sandbox`` is off,
+and as ``spec.runas`` when set (see :data:`kemari_suite.vm.spec.SANDBOX` and
+docs/security.md); such a QEMU is given its run directory, where it makes its incoming
+migration socket.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import ctypes
 import enum
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import threading
@@ -33,6 +43,12 @@ from qemu.qmp import ExecuteError as _QMPExecuteError
 from qemu.qmp import QMPClient
 
 from kemari_suite.errors import QEMUStartError, QMPCommandError, VMError
+from kemari_suite.protocol.files import (
+    OWNER_ONLY_UMASK,
+    mkdir_owner_only,
+    open_owner_only,
+    write_owner_only,
+)
 
 # The command line and the spec live in spec.py; they are part of this module's API.
 from kemari_suite.vm.spec import (
@@ -63,10 +79,25 @@ class VMState(enum.Enum):
 
 
 def _set_pdeathsig() -> None:
-    """Runs in the child between fork and exec: die with the parent."""
+    """Runs in the child between fork and exec: die with the parent, and create every
+    file owner-only (the agent sets this umask at start too; a library caller or a test
+    may not have)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setsid()
+    os.umask(OWNER_ONLY_UMASK)
+
+
+def _give_run_dir(run_dir: Path, user: str) -> None:
+    """Make ``run_dir`` (mode 0700) the ``-runas`` user's: QEMU, once it has changed its
+    user, creates its incoming migration socket there and reaches the agent's sockets.
+
+    Raises:
+        KeyError: no such user.
+        OSError: the folder cannot be changed.
+    """
+    pw = pwd.getpwnam(user)
+    os.chown(run_dir, pw.pw_uid, pw.pw_gid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,13 +211,21 @@ class AsyncVM:
             raise VMError(self.spec.name, f"cannot start from state {self.state.value}")
         self._set_state(VMState.STARTING)
         clean_stale(self.spec.name, self.run_root, self.shm_dir, keep_ram=self.keep_ram)
-        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        self.paths.ram.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mkdir_owner_only(self.paths.run_dir)
+            mkdir_owner_only(self.paths.ram.parent)
+            if self.spec.runas:
+                _give_run_dir(self.paths.run_dir, self.spec.runas)
+        except (OSError, KeyError) as err:
+            self._set_state(VMState.STOPPED)
+            raise QEMUStartError(
+                self.spec.name, f"cannot prepare {self.paths.run_dir}: {err}"
+            ) from err
         if prepare_ram is not None:
             prepare_ram(self.paths.ram)
         argv = qemu_argv(self.spec, self.paths)
-        (self.paths.run_dir / "cmdline").write_text(" ".join(argv) + "\n")
-        stderr = self.paths.stderr.open("wb")
+        write_owner_only(self.paths.run_dir / "cmdline", " ".join(argv) + "\n")
+        stderr = open_owner_only(self.paths.stderr, "wb")
         try:
             self.proc = subprocess.Popen(
                 argv,

@@ -16,6 +16,18 @@ from typing import Any
 
 QEMU_BINARY = "qemu-system-x86_64"
 
+#: QEMU's seccomp filter (``-sandbox``) for a protected VM: obsolete system calls,
+#: new processes (fork, execve), privilege changes (set*uid/gid) and scheduler or
+#: affinity changes are refused; a QEMU that tries one is killed (SIGSYS). Nothing the
+#: agents ask of QEMU needs them: the NIC is a TAP opened by name (``script=no``) or the
+#: frame proxy's socket, the disk a file or the block tap's socket, and device state
+#: goes to a unix socket (``migrate unix:``), never through ``exec:``.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: The same with ``-runas``: QEMU changes its user itself after its files are open,
+#: which ``elevateprivileges=deny`` would kill it for (QEMU 7.2 installs the filter
+#: before it drops privileges). The user change is the privilege drop.
+SANDBOX_RUNAS = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+
 
 def choose_accel(requested: str = "auto") -> tuple[str, str]:
     """Pick the accelerator and say why.
@@ -78,6 +90,16 @@ class VMSpec:
     display: str = "none"
     #: Extra ``-device`` option strings (e.g. "virtio-rng-pci"), in this order on both hosts.
     devices: tuple[str, ...] = ()
+    #: Run QEMU under its seccomp filter (:data:`SANDBOX`); ``vm.sandbox``.
+    sandbox: bool = True
+    #: Run QEMU as this user once its files are open (``-runas``); ``vm.runas``. Empty:
+    #: as the agent. The user must be able to reach the VM's run directory (the
+    #: device-state sockets are made there).
+    runas: str = ""
+    #: Outputs the operator accepted outside output commit (``unprotected_output = true``
+    #: in a VM definition): "nic", "disk", or a ``-device`` string. Not on the command
+    #: line; the taps' check and ``kemari status`` read it (:mod:`kemari_suite.tap.outputs`).
+    unprotected_outputs: tuple[str, ...] = ()
     # The three image fields below say which guest image boots and why; they are not part
     # of the command line (``kernel``/``initrd`` are) and :func:`qemu_argv` ignores them.
     #: The image's id: the build key of a ``kemari image build`` image, or "sha256:..."
@@ -198,6 +220,10 @@ def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
         # agent forwards it instead of mistaking the exit for a host failure.
         "-no-shutdown",
     ]
+    if spec.sandbox:
+        argv += ["-sandbox", SANDBOX_RUNAS if spec.runas else SANDBOX]
+    if spec.runas:
+        argv += ["-runas", spec.runas]
     if spec.netdev is not None:
         argv += [
             "-netdev",
@@ -239,6 +265,8 @@ def io_paths(paths: VMPaths) -> IOPaths:
 
 __all__ = [
     "QEMU_BINARY",
+    "SANDBOX",
+    "SANDBOX_RUNAS",
     "IOPaths",
     "VMPaths",
     "VMSpec",

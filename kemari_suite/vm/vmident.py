@@ -56,7 +56,7 @@ def identity(defn: VMDefinition, host: str | None = None) -> dict[str, Any]:
             except OSError:
                 size = None
         disk_ids.append({"name": d.name, "backend": d.backend, "size_mib": size})
-    return {
+    ident: dict[str, Any] = {
         "format": 1,
         "name": defn.name,
         "machine": defn.machine,
@@ -69,6 +69,11 @@ def identity(defn: VMDefinition, host: str | None = None) -> dict[str, Any]:
         "nics": [{"mac": n.mac, "model": n.model, "ip": n.ip} for n in nics],
         "devices": [d.qemu_arg() for d in defn.devices],
     }
+    unprotected = defn.unprotected_outputs(host)
+    if unprotected:
+        # Only when present, so that the digests of fully tapped VMs stay as they were.
+        ident["unprotected_outputs"] = list(unprotected)
+    return ident
 
 
 def identity_digest(defn: VMDefinition | Mapping[str, Any], host: str | None = None) -> str:
@@ -142,8 +147,11 @@ def check_warnings(defn: VMDefinition) -> list[str]:
             'accel = "auto": each host picks KVM or TCG on its own; pin "tcg" or "kvm" so '
             "that both run the same accelerator"
         )
-    if not defn.replication.key:
-        out.append("replication.key is empty: the agents refuse to start without a key")
+    if not defn.replication.key and not defn.replication.key_file:
+        out.append(
+            "replication.key_file and replication.key are empty: the agents refuse to "
+            "start without a key (`kemari key generate -o FILE` writes one)"
+        )
     if (
         defn.boot.mode == "kernel"
         and defn.display == "none"
@@ -162,7 +170,24 @@ def check_warnings(defn: VMDefinition) -> list[str]:
                     f"exist there as a port of it (ip tuntap add {tap} mode tap; ip link set "
                     f"{tap} master {nic.bridge} up)"
                 )
+    for i, nic in enumerate(defn.nics):
+        if nic.unprotected_output:
+            out.append(
+                f"nic[{i}].unprotected_output = true: the guest's frames leave before their "
+                "checkpoint commits (no frame proxy); a failover can rewind what clients saw"
+            )
+    for i, dev in enumerate(defn.devices):
+        if dev.unprotected_output:
+            out.append(
+                f"device[{i}] {dev.driver}: unprotected_output = true: its output is not "
+                "held for the checkpoint"
+            )
     for i, d in enumerate(defn.disks):
+        if d.unprotected_output:
+            out.append(
+                f"disk[{i}].unprotected_output = true: QEMU writes it directly (no block "
+                "tap) and it is not replicated; after a failover the standby's copy is stale"
+            )
         if d.size_mib is None:
             out.append(
                 f"disk[{i}].size_mib is not set: the hosts compare the sizes they measure; "

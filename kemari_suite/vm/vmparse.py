@@ -61,10 +61,22 @@ _MAX_CMDLINE = 2047
 
 _BOOT_KEYS = frozenset({"kernel", "initrd", "cmdline", "firmware"})
 _DISK_KEYS = frozenset(
-    {"name", "path", "backend", "size_mib", "resource", "lease_device", "lease_offset"}
+    {
+        "name",
+        "path",
+        "backend",
+        "size_mib",
+        "resource",
+        "lease_device",
+        "lease_offset",
+        "unprotected_output",
+    }
 )
-_NIC_KEYS = frozenset({"mac", "model", "tap", "bridge", "ip", "vhost"})
-_DEVICE_KEYS = frozenset({"driver", "props"})
+_NIC_KEYS = frozenset({"mac", "model", "tap", "bridge", "ip", "vhost", "unprotected_output"})
+_DEVICE_KEYS = frozenset({"driver", "props", "unprotected_output"})
+#: Extra devices refused because they are an output path of their own: accepted with
+#: ``unprotected_output = true`` (the others break replication itself and never are).
+_OUTPUT_DEVICES = frozenset({"virtio-serial-pci", "usb-redir"})
 #: Keys of the sections that the definition derives per host.
 _DERIVED = {
     "replication.listen": "derived per host from hosts.<name>.address and port",
@@ -102,6 +114,11 @@ class Reader:
             raise self.error(key, f"expected an integer, got {tname(value)}")
         if not lo <= value <= hi:
             raise self.error(key, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def bool_(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {tname(value)}")
         return value
 
     def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> str:
@@ -231,6 +248,13 @@ def parse_disks(r: Reader, raw: Any) -> tuple[DiskDef, ...]:
         if lease_device:
             check_abs(r, f"{k}.lease_device", lease_device)
         lease_offset = r.int_(t.get("lease_offset", 0), f"{k}.lease_offset", 0, 1 << 62)
+        unprotected = r.bool_(t.get("unprotected_output", False), f"{k}.unprotected_output")
+        if unprotected and backend != "builtin":
+            raise r.error(
+                f"{k}.unprotected_output",
+                f'only a backend = "builtin" disk can be unprotected: a {backend} disk is '
+                "shared with the standby, which would see writes its memory never made",
+            )
         disks.append(
             DiskDef(
                 name=name,
@@ -240,6 +264,7 @@ def parse_disks(r: Reader, raw: Any) -> tuple[DiskDef, ...]:
                 resource=resource,
                 lease_device=lease_device,
                 lease_offset=lease_offset,
+                unprotected_output=unprotected,
             )
         )
     if len(disks) > MAX_DISKS:
@@ -304,7 +329,12 @@ def parse_nics(r: Reader, raw: Any) -> tuple[NicDef, ...]:
                 ipaddress.IPv4Interface(ip)
             except ValueError as err:
                 raise r.error(f"{k}.ip", f"{ip!r}: {err}") from err
-        nics.append(NicDef(mac=mac, model=model, tap=tap, bridge=bridge, ip=ip))
+        unprotected = r.bool_(t.get("unprotected_output", False), f"{k}.unprotected_output")
+        nics.append(
+            NicDef(
+                mac=mac, model=model, tap=tap, bridge=bridge, ip=ip, unprotected_output=unprotected
+            )
+        )
     if len(nics) > MAX_NICS:
         raise r.error(
             f"nic[{MAX_NICS}]",
@@ -313,9 +343,21 @@ def parse_nics(r: Reader, raw: Any) -> tuple[NicDef, ...]:
     return tuple(nics)
 
 
-def device_refusal(driver: str) -> str | None:
-    """Why ``driver`` cannot be an extra device, or None when it is allowed."""
+def device_refusal(driver: str, *, unprotected: bool = False) -> str | None:
+    """Why ``driver`` cannot be an extra device, or None when it is allowed.
+    ``unprotected``: the operator accepts its output path (``unprotected_output``), which
+    admits a device refused only for being an output or unknown, never one that breaks
+    replication (passthrough, vhost, ballooning) or the NIC and disk of their own tables."""
     if driver in ALLOWED_DEVICES:
+        return None
+    if unprotected and (
+        driver in _OUTPUT_DEVICES
+        or (
+            driver not in _REFUSED_DEVICES
+            and not driver.startswith(("vfio", "vhost"))
+            and not driver.startswith(("virtio-net", "virtio-blk", "virtio-balloon"))
+        )
+    ):
         return None
     if driver in _REFUSED_DEVICES:
         return _REFUSED_DEVICES[driver]
@@ -334,7 +376,8 @@ def parse_devices(r: Reader, raw: Any) -> tuple[DeviceDef, ...]:
         if "driver" not in t:
             raise r.error(f"{k}.driver", "missing (required)")
         driver = r.str_(t["driver"], f"{k}.driver")
-        why = device_refusal(driver)
+        unprotected = r.bool_(t.get("unprotected_output", False), f"{k}.unprotected_output")
+        why = device_refusal(driver, unprotected=unprotected)
         if why is not None:
             raise r.error(f"{k}.driver", f"{driver!r} is not supported: {why}")
         props: list[tuple[str, str]] = []
@@ -354,7 +397,7 @@ def parse_devices(r: Reader, raw: Any) -> tuple[DeviceDef, ...]:
             else:
                 raise r.error(pkey, f"expected a string, integer or boolean, got {tname(pv)}")
             props.append((pk, value))
-        devices.append(DeviceDef(driver=driver, props=tuple(props)))
+        devices.append(DeviceDef(driver=driver, props=tuple(props), unprotected_output=unprotected))
     return tuple(devices)
 
 

@@ -94,6 +94,9 @@ class DiskDef:
     resource: str = ""
     lease_device: str = ""
     lease_offset: int = 0
+    #: The operator accepts this disk without the block tap: QEMU writes it directly,
+    #: ahead of the checkpoint, and nothing replicates it (``unprotected_output``).
+    unprotected_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class NicDef:
     bridge: str = ""
     #: Guest address "A.B.C.D/NN" for the project's own initramfs (``kemari.ip=``).
     ip: str = ""
+    #: The operator accepts this NIC without the frame proxy: QEMU opens the TAP itself
+    #: and the guest's frames leave before their checkpoint (``unprotected_output``).
+    unprotected_output: bool = False
 
     def host_tap(self, vm_name: str) -> str:
         """The TAP the frame proxy opens: ``tap``, or ``kt-<vm>`` for a bridge-only NIC."""
@@ -120,6 +126,9 @@ class DeviceDef:
 
     driver: str
     props: tuple[tuple[str, str], ...] = ()
+    #: The operator accepts the device's output path without output commit
+    #: (``unprotected_output``).
+    unprotected_output: bool = False
 
     def qemu_arg(self) -> str:
         """The ``-device`` option string (commas in values doubled, as QEMU wants)."""
@@ -173,6 +182,21 @@ class VMDefinition:
     def host_names(self) -> tuple[str, ...]:
         return tuple(h.name for h in self.hosts)
 
+    def unprotected_outputs(self, host: str | None = None) -> tuple[str, ...]:
+        """The outputs this definition accepts without output commit, as
+        ``VMSpec.unprotected_outputs`` names them: ``"nic"``, ``"disk"``, or the
+        ``-device`` string of a ``[[device]]``."""
+        hdef = self.host(host) if host is not None else None
+        disks = hdef.disks if hdef is not None else self.disks
+        nics = hdef.nics if hdef is not None else self.nics
+        out: list[str] = []
+        if any(n.unprotected_output for n in nics):
+            out.append("nic")
+        if any(d.unprotected_output for d in disks):
+            out.append("disk")
+        out += [d.qemu_arg() for d in self.devices if d.unprotected_output]
+        return tuple(out)
+
     def host(self, name: str) -> HostDef:
         """The host called ``name``.
 
@@ -213,6 +237,9 @@ class VMDefinition:
         disk = me.disks[0] if me.disks else None
         nic = me.nics[0] if me.nics else None
         accel, why = resolve_accel(self.accel)
+        # An accepted unprotected NIC is QEMU's own TAP, an accepted disk QEMU's own file:
+        # the agents then neither proxy nor serve them.
+        direct_nic = nic is not None and nic.unprotected_output
         cfg = KemariConfig(
             paths=me.paths,
             image=ImageConfig(
@@ -226,24 +253,20 @@ class VMDefinition:
                 accel=self.accel,
                 append=self.boot.cmdline,
                 mac=nic.mac if nic else VMConfig.mac,
-                # The frame proxy wires the NIC (tap.host_tap); no direct -netdev.
-                netdev="",
+                # The frame proxy wires the NIC (tap.host_tap); no direct -netdev, unless
+                # the operator accepted the NIC unprotected.
+                netdev=_direct_netdev(nic, self.name) if nic and direct_nic else "",
                 netns=me.netns,
                 ip=nic.ip if nic else "",
+                unprotected_output=direct_nic,
             ),
             replication=dataclasses.replace(
                 self.replication, listen=me.replication_address, peer=peer.replication_address
             ),
-            tap=dataclasses.replace(self.tap, host_tap=nic.host_tap(self.name) if nic else ""),
-            disk=DiskConfig(
-                backend=disk.backend,
-                path=disk.path,
-                size_mib=disk.size_mib if disk.size_mib is not None else _measured_mib(disk),
-                lease_device=disk.lease_device,
-                lease_offset=disk.lease_offset,
-            )
-            if disk
-            else DiskConfig(),
+            tap=dataclasses.replace(
+                self.tap, host_tap=nic.host_tap(self.name) if nic and not direct_nic else ""
+            ),
+            disk=_disk_config(disk),
             alerts=self.alerts,
         )
         spec = VMSpec(
@@ -255,7 +278,7 @@ class VMDefinition:
             vcpus=self.vcpus,
             machine=self.machine,
             accel=accel,
-            netdev=f"tap,ifname={nic.host_tap(self.name)},script=no,downscript=no" if nic else None,
+            netdev=_direct_netdev(nic, self.name) if nic else None,
             mac=nic.mac if nic else VMSpec.mac,
             blockdev=_blockdev(disk.path) if disk else None,
             netns=me.netns or None,
@@ -269,6 +292,7 @@ class VMDefinition:
                 else "the VM definition boots from its disk (firmware)"
             ),
         )
+        spec = with_unprotected(spec, self.unprotected_outputs(host))
         paths = VMPaths.for_vm(self.name, me.paths.run_dir, me.paths.shm_dir)
         return HostView(
             host=me.name,
@@ -303,14 +327,13 @@ class HostView:
         """The spec as the agents start it: the NIC on the frame proxy's socket, the disk
         on the block tap's NBD export (the same wiring as ``GuestIO.start``)."""
         io = io_paths(self.paths)
-        return self.spec.replace(
-            netdev=f"stream,server=off,addr.type=unix,addr.path={io.net}"
-            if self.spec.netdev is not None
-            else None,
-            blockdev=f"driver=nbd,server.type=unix,server.path={io.nbd},export=disk0"
-            if self.spec.blockdev is not None
-            else None,
-        )
+        netdev = self.spec.netdev
+        if netdev is not None and self.config.tap.host_tap:
+            netdev = f"stream,server=off,addr.type=unix,addr.path={io.net}"
+        blockdev = self.spec.blockdev
+        if blockdev is not None and self.config.disk.path:
+            blockdev = f"driver=nbd,server.type=unix,server.path={io.nbd},export=disk0"
+        return self.spec.replace(netdev=netdev, blockdev=blockdev)
 
     def argv(self, *, tapped: bool = True, incoming: bool = False) -> list[str]:
         """This host's QEMU command line (``incoming``: the secondary's failover start)."""
@@ -352,6 +375,32 @@ def _replace_token(arg: str, value: str, placeholder: str) -> str:
     """Replace ``value`` where it is a whole option value or a path prefix."""
     pattern = r"(?<![\w/.-])" + re.escape(value) + r"(?=$|[,/])"
     return re.sub(pattern, lambda _m: placeholder, arg)
+
+
+def _disk_config(disk: DiskDef | None) -> DiskConfig:
+    """The agents' ``[disk]``: the disk behind the block tap, or, for a disk the operator
+    accepted unprotected (QEMU opens it itself), only its lease."""
+    if disk is None:
+        return DiskConfig()
+    if disk.unprotected_output:
+        return DiskConfig(lease_device=disk.lease_device, lease_offset=disk.lease_offset)
+    return DiskConfig(
+        backend=disk.backend,
+        path=disk.path,
+        size_mib=disk.size_mib if disk.size_mib is not None else _measured_mib(disk),
+        lease_device=disk.lease_device,
+        lease_offset=disk.lease_offset,
+    )
+
+
+def _direct_netdev(nic: NicDef, vm_name: str) -> str:
+    return f"tap,ifname={nic.host_tap(vm_name)},script=no,downscript=no"
+
+
+def with_unprotected(spec: VMSpec, names: tuple[str, ...]) -> VMSpec:
+    """``spec`` carrying the accepted unprotected outputs ``names`` (its
+    ``unprotected_outputs``), so that the taps' check honours them."""
+    return spec.replace(unprotected_outputs=names) if names else spec
 
 
 def guest_cmdline(cmdline: str, ip: str) -> str:
@@ -424,4 +473,5 @@ __all__ = [
     "guest_cmdline",
     "masked_argv",
     "size_bytes",
+    "with_unprotected",
 ]

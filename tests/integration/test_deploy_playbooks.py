@@ -278,11 +278,14 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
         assert (
             f"ExecStart=/opt/kemari/bin/kemari {commands[role]} -c /etc/kemari/kemari.toml" in unit
         )
+        # Guest memory, logs, artifacts: owner only, for the agent and its QEMU.
+        assert "\nUMask=0077\n" in unit
         assert not (root / "etc/systemd/system" / units[other]).exists()
         wants = root / "etc/systemd/system/multi-user.target.wants"
         assert os.readlink(wants / units[role]) == f"/etc/systemd/system/{units[role]}"
         link_unit = (root / "etc/systemd/system/kemari-link.service").read_text()
         assert "mtu 9000" in link_unit and env.lay.repl_if_for(role) in link_unit
+        assert "\nUMask=0077\n" in link_unit
         link_target = os.readlink(wants / "kemari-link.service")
         assert link_target == "/etc/systemd/system/kemari-link.service"
         # The wheel built from this checkout, installed in the host's venv.

@@ -59,17 +59,25 @@ def test_kinds_values_and_severities() -> None:
     crit = {k for k in AlertKind if k.severity == syslog.LOG_CRIT}
     warn = {k for k in AlertKind if k.severity == syslog.LOG_WARNING}
     notice = {k for k in AlertKind if k.severity == syslog.LOG_NOTICE}
-    assert crit == {AlertKind.FAILOVER_FAILED, AlertKind.SPLIT_BRAIN, AlertKind.FENCED}
+    assert crit == {
+        AlertKind.FAILOVER_FAILED,
+        AlertKind.SPLIT_BRAIN,
+        AlertKind.FENCED,
+        AlertKind.HELD_LIMIT,
+        AlertKind.DATA_LOSS,
+    }
     assert warn == {
         AlertKind.UNPROTECTED,
         AlertKind.FAILOVER_REFUSED,
         AlertKind.FAILOVER,
         AlertKind.GUEST,
+        AlertKind.UNPROTECTED_OUTPUT,
     }
     assert notice == {AlertKind.PROTECTED, AlertKind.SWITCHOVER}
     assert {k.value for k in AlertKind} == {
         "unprotected", "protected", "failover", "failover-failed", "failover-refused",
-        "split-brain", "switchover", "fenced", "guest",
+        "split-brain", "switchover", "fenced", "guest", "unprotected-output",
+        "held-limit", "data-loss",
     }  # fmt: skip
 
 

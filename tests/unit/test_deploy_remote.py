@@ -20,7 +20,7 @@ from kemari_suite.deploy.inventory import HostSpec
 from kemari_suite.errors import DeployError
 from kemari_suite.remote import ops, probe
 
-KEY = "s3cret-pre-shared-key"
+KEY = "s3cret-pre-shared-key-of-32-bytes-or-more"
 
 
 def host(root: Path, **kw: Any) -> HostSpec:

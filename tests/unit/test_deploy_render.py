@@ -51,7 +51,7 @@ def test_render_config_is_loadable_by_the_agent(tmp_path: Path) -> None:
         {
             "vm": {"name": "web1", "memory_mib": 512},
             "replication": {
-                "key": "s3cret",
+                "key": "s3cret-pre-shared-key-of-32-bytes-or-more",
                 "peer": "172.16.0.2:7410",
                 "tiebreaker": "witness",
                 "witness": "10.0.0.1:7411",

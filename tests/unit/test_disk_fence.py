@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -14,13 +15,21 @@ from kemari_suite.ha.fence import EXIT_OUTDATE_SELF, EXIT_PEER_FENCED, EXIT_UNDE
 from kemari_suite.ha.witness import WitnessServer
 
 
-def _cfg(witness: str):  # type: ignore[no-untyped-def]
+def _cfg(witness: str, key_file: Path):  # type: ignore[no-untyped-def]
+    if not key_file.exists():
+        key_file.write_bytes(b"k" * 32)
+        key_file.chmod(0o600)
     base = load(None)
-    rep = dataclasses.replace(base.replication, key="k" * 32, tiebreaker="witness", witness=witness)
+    rep = dataclasses.replace(
+        base.replication,
+        tiebreaker="witness",
+        witness=witness,
+        witness_key_file=str(key_file),
+    )
     return dataclasses.replace(base, replication=rep)
 
 
-def test_exit_codes_follow_the_witness() -> None:
+def test_exit_codes_follow_the_witness(tmp_path: Path) -> None:
     loop = asyncio.new_event_loop()
     server = WitnessServer(b"k" * 32, 3.0, "127.0.0.1", 0)
     loop.run_until_complete(server.start())
@@ -29,7 +38,7 @@ def test_exit_codes_follow_the_witness() -> None:
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     try:
-        cfg = _cfg(f"127.0.0.1:{port}")
+        cfg = _cfg(f"127.0.0.1:{port}", tmp_path / "pair.key")
         assert fence_peer(cfg, "alpha")[0] == EXIT_PEER_FENCED  # first claim: ours
         code, reason = fence_peer(cfg, "beta")
         assert code == EXIT_OUTDATE_SELF and "alpha" in reason
@@ -37,7 +46,9 @@ def test_exit_codes_follow_the_witness() -> None:
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
     # Nobody answers: I/O stays frozen.
-    assert fence_peer(_cfg(f"127.0.0.1:{port}"), "alpha")[0] == EXIT_UNDECIDED
+    assert (
+        fence_peer(_cfg(f"127.0.0.1:{port}", tmp_path / "pair.key"), "alpha")[0] == EXIT_UNDECIDED
+    )
 
 
 def test_needs_a_tiebreaker() -> None:

@@ -17,6 +17,7 @@ from kemari_suite.lab import configs as labconfigs
 from kemari_suite.lab import layout, registry
 from kemari_suite.lab.configs import PairOptions
 from kemari_suite.lab.pair import LabPair
+from kemari_suite.protocol.keys import load_replication_key
 
 LAB = "q7"
 
@@ -65,11 +66,12 @@ def test_hosts_listen_on_their_own_address_and_know_the_other(
     assert pri.replication.peer == sec.replication.listen
     assert sec.replication.peer == pri.replication.listen
     assert pri.replication.witness == sec.replication.witness == f"{lay.lan_client_ip}:7411"
-    assert (
-        pri.replication.key
-        == sec.replication.key
-        == load(written.configs["witness"]).replication.key
-    )
+    # One replication key for both hosts; the witness has its own pair key, never it.
+    assert load_replication_key(pri) == load_replication_key(sec)
+    wit = load(written.configs["witness"])
+    assert wit.replication.key == wit.replication.key_file == ""
+    assert pri.replication.witness_key_file == str(written.witness_key_file)
+    assert written.witness_key_file.parent == wit.witness.keys_dir
     assert (pri.vm.netns, sec.vm.netns) == (lay.ns_primary, lay.ns_secondary)
     assert pri.vm.ip == sec.vm.ip == f"{lay.guest_ip}/24"
 

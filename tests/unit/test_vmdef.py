@@ -81,6 +81,10 @@ def env(tmp_path: Path) -> Env:
     return Env(tmp_path, kernel, initrd, disks[0], disks[1])
 
 
+#: A replication key of the accepted length (at least 32 bytes).
+KEY = "kemari-test-replication-key-of-32+bytes"
+KEY_LINE = f'key = "{KEY}"'
+
 BASE = """\
 name = "web1"
 machine = "pc-i440fx-7.2"
@@ -108,7 +112,7 @@ ip = "10.0.0.50/24"
 driver = "virtio-rng-pci"
 
 [replication]
-key = "k"
+key = "kemari-test-replication-key-of-32+bytes"
 max_interval_ms = 50
 
 [tap]
@@ -160,7 +164,7 @@ def test_loads_and_derives_both_hosts(env: Env) -> None:
     assert a.config.replication.peer == "10.0.0.2:7420"
     assert b.config.replication.listen == "10.0.0.2:7420"
     assert b.config.replication.peer == "10.0.0.1:7410"
-    assert a.config.replication.key == "k" and a.config.replication.max_interval_ms == 50
+    assert a.config.replication.key == KEY and a.config.replication.max_interval_ms == 50
     assert a.config.disk.path == str(env.disk_a) and b.config.disk.path == str(env.disk_b)
     assert a.config.disk.size_mib == 8 and a.config.disk.backend == "builtin"
     assert a.config.tap.host_tap == "ktap0" and b.config.tap.host_tap == "ktap1"
@@ -334,10 +338,10 @@ def test_real_qemu_machine_list_is_cached() -> None:
             ("backend",),
         ),
         ("size_mib = 8", "size_mib = 16", "disk[0].path", ("size mismatch", "16")),
-        ('key = "k"', 'key = "k"\npeer = "1.2.3.4:1"', "replication.peer", ("derived",)),
-        ('key = "k"', 'key = "k"\nlisten = "0.0.0.0:1"', "replication.listen", ("derived",)),
-        ('key = "k"', 'key = "k"\nmode = "fast"', "replication.mode", ("not one of",)),
-        ('key = "k"', 'key = "k"\ntypo = 1', "replication.typo", ("unknown key",)),
+        (KEY_LINE, KEY_LINE + '\npeer = "1.2.3.4:1"', "replication.peer", ("derived",)),
+        (KEY_LINE, KEY_LINE + '\nlisten = "0.0.0.0:1"', "replication.listen", ("derived",)),
+        (KEY_LINE, KEY_LINE + '\nmode = "fast"', "replication.mode", ("not one of",)),
+        (KEY_LINE, KEY_LINE + "\ntypo = 1", "replication.typo", ("unknown key",)),
         ('policy = "adaptive"', 'host_tap = "x"', "tap.host_tap", ("derived",)),
         ("syslog = false", "syslog = 1", "alerts.syslog", ("true or false",)),
         (
@@ -450,7 +454,7 @@ def test_bridge_only_nic_gets_a_derived_tap_and_a_warning(env: Env) -> None:
 
 
 def test_lease_tiebreaker_needs_a_lease_device(env: Env) -> None:
-    text = BASE.replace('key = "k"', 'key = "k"\ntiebreaker = "lease"')
+    text = BASE.replace(KEY_LINE, KEY_LINE + '\ntiebreaker = "lease"')
     expect_error(env, text, "disk[0].lease_device", "lease")
     with_lease = text.replace("size_mib = 8", 'size_mib = 8\nlease_device = "{env.disk_a}"')
     view = load(env, with_lease).for_host("a", resolve_accel=tcg)

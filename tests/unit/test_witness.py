@@ -85,7 +85,8 @@ def test_solo_owner_blocks_takeover_even_after_expiry() -> None:
 
 
 def test_malformed_and_oversized_requests_get_signed_refusals() -> None:
-    """Raw JSON lines: a bad frame is refused (signed), an oversized one ends the talk."""
+    """Raw JSON lines, each sent with the connection's current challenge: a bad frame is
+    refused (signed), an oversized one ends the talk."""
     key = b"k" * 32
 
     async def main() -> None:
@@ -94,22 +95,31 @@ def test_malformed_and_oversized_requests_get_signed_refusals() -> None:
         port = port_of(server)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            req: dict[str, Any] = {"op": "renew", "vm": "vm", "node": "pri", "nonce": "n1"}
-            good = framing.encode({**req, "mac": _mac(key, req)})
-            bad_op = {**req, "op": "steal"}
-            writer.write(
-                b"not json\n"
-                + framing.encode({**req, "mac": "0" * 64})
-                + framing.encode({**bad_op, "mac": _mac(key, bad_op)})
-                + good
-                + b"{" * (MAX_MESSAGE + 1)
-                + b"\n"
-                + good
-            )
-            await writer.drain()
+            hello = await framing.read_frame(reader, MAX_MESSAGE, 5)
+            assert hello is not None
+            challenge = hello["challenge"]
             replies = []
-            while (rep := await framing.read_frame(reader, MAX_MESSAGE, 5)) is not None:
+
+            def signed(obj: dict[str, Any]) -> bytes:
+                obj = {**obj, "challenge": challenge}
+                return framing.encode({**obj, "mac": _mac(key, obj)})
+
+            req: dict[str, Any] = {"op": "renew", "vm": "vm", "node": "pri", "nonce": "n1"}
+            frames = [
+                lambda: b"not json\n",
+                lambda: framing.encode({**req, "challenge": challenge, "mac": "0" * 64}),
+                lambda: signed({**req, "op": "steal"}),
+                lambda: signed(req),
+                lambda: b"{" * (MAX_MESSAGE + 1) + b"\n",
+            ]
+            for frame in frames:
+                writer.write(frame())
+                await writer.drain()
+                rep = await framing.read_frame(reader, MAX_MESSAGE, 5)
+                assert rep is not None
                 replies.append(rep)
+                challenge = rep.get("challenge", "")
+            assert await framing.read_frame(reader, MAX_MESSAGE, 5) is None  # hung up
             writer.close()
         finally:
             await server.close()
@@ -121,7 +131,6 @@ def test_malformed_and_oversized_requests_get_signed_refusals() -> None:
         assert "unknown witness op 'steal'" in errors[2]
         assert replies[3]["granted"] and replies[3]["nonce"] == "n1"
         assert f"exceeds the limit of {MAX_MESSAGE} bytes" in errors[4]
-        assert len(replies) == 5  # the connection closed after the oversized frame
 
     asyncio.run(main())
 
@@ -129,6 +138,7 @@ def test_malformed_and_oversized_requests_get_signed_refusals() -> None:
 def test_a_silent_or_garbage_witness_is_a_connect_error() -> None:
     async def main(reply: bytes) -> None:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b'{"challenge":"c"}\n')
             await reader.readline()
             writer.write(reply)
             await writer.drain()

@@ -1,0 +1,74 @@
+"""The secondary's control-socket commands (``kemari status``, ``failover``, ``stop``;
+``switchover`` only says where to run it; ``fault`` only with KEMARI_FAULTS=1), as a
+table for the control server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from kemari_suite.errors import FailoverError, ReplicationError
+from kemari_suite.replica.failover import operator_failover_check
+from kemari_suite.replica.states import SecondaryState as S
+from kemari_suite.testing import faults
+
+if TYPE_CHECKING:
+    from kemari_suite.replica.secondary import SecondaryAgent
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
+    """The command table of ``agent``'s control socket."""
+
+    async def status(req: dict[str, Any]) -> Any:
+        return agent.status_dict()
+
+    async def failover(req: dict[str, Any]) -> Any:
+        """``kemari failover --yes``: resume the VM here, unless the tiebreaker knows
+        this copy to be stale and the operator did not accept the data loss."""
+        if agent.state is S.ACTIVE:
+            return {"already": True, "report": agent.report.__dict__ if agent.report else None}
+        if agent.state is S.STOPPED:
+            raise FailoverError(f"this standby is stopped: {agent.reason}")
+        if agent.committed_epoch < 0:
+            raise FailoverError("no committed checkpoint yet: nothing to fail over to")
+        if agent.state is not S.FAILING_OVER:
+            await operator_failover_check(
+                agent.watch.witness,
+                None,
+                agent.artifacts,
+                accept_data_loss=bool(req.get("accept_data_loss")),
+            )
+            agent.watch.request("operator command")
+        # Wait for it to finish so the operator sees the result.
+        while agent.state is not S.ACTIVE:
+            if agent.state is S.STOPPED:
+                raise FailoverError(agent.reason)
+            await asyncio.sleep(0.05)
+        return agent.report.__dict__ if agent.report else {}
+
+    async def switchover(req: dict[str, Any]) -> Any:
+        raise ReplicationError(
+            f"this host is the {agent.state.value} standby: run `kemari switchover` on the "
+            "host that runs the VM"
+        )
+
+    async def stop(req: dict[str, Any]) -> Any:
+        agent.request_stop()
+        return {"stopping": True}
+
+    table: dict[str, Handler] = {
+        "status": status,
+        "failover": failover,
+        "stop": stop,
+        "switchover": switchover,
+    }
+    if faults.enabled():
+        table["fault"] = faults.control_handler
+    return table
+
+
+__all__ = ["handlers"]
