@@ -138,7 +138,9 @@ class ReplicationConfig:
     tls: TlsMode = "on"
     #: Address of the secondary's replication listener (host:port) as seen from the primary.
     peer: str = ""
-    listen: str = "0.0.0.0:7410"
+    #: This host's own replication address (host:port); must be set: never every
+    #: address by default (an explicit 0.0.0.0:7410 is taken, with a warning).
+    listen: str = ""
     #: speculative resumes the VM right after staging; classic waits for the acknowledgement.
     mode: SyncMode = "speculative"
     tracker: TrackerKind = "compare"

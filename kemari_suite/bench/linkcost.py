@@ -102,9 +102,11 @@ def run(epoch_pages: int = 4000, epochs: int = 20) -> list[LinkCost]:
     """The MAC-only row, then the TLS row.
 
     Raises:
-        BenchmarkError: an epoch was not acknowledged as sent.
+        BenchmarkError: no epoch or page to send, or an epoch not acknowledged as sent.
         KemariError: the link could not be set up.
     """
+    if epochs < 1 or epoch_pages < 1:
+        raise BenchmarkError("linkcost", f"{epochs} epochs of {epoch_pages} pages: nothing to time")
     return [asyncio.run(_measure(tls_on, epoch_pages, epochs)) for tls_on in (False, True)]
 
 
@@ -133,30 +135,38 @@ def tls_cost(phases: Sequence[PhaseFigures]) -> dict[str, float]:
     return out
 
 
-def markdown(rows: Sequence[tuple[str, dict[str, float], list[dict[str, Any]]]]) -> list[str]:
+def markdown(
+    rows: Sequence[tuple[str, dict[str, float], list[dict[str, Any]], str | None]],
+) -> list[str]:
     """The TLS section of the memsync results, from the recorded figures: per profile,
-    its :func:`tls_cost` and its link rows (:class:`LinkCost` as dicts)."""
+    its :func:`tls_cost`, its link rows (:class:`LinkCost` as dicts) and why they are
+    missing, if they are."""
     lines = ["", "TLS 1.3 against the MAC-only link (`replication.tls`), compressible pages:", ""]
-    for profile, c, _ in rows:
-        if c:
-            lines.append(
-                f"- {profile}: pause p50 {c.get('pause_ms_p50_delta', 0.0):+.2f} ms, "
-                f"p99 {c.get('pause_ms_p99_delta', 0.0):+.2f} ms, throughput vs base "
-                f"{c.get('throughput_ratio_delta', 0.0):+.3f}"
-            )
+    for profile, c, _, _ in rows:
+        if not c:
+            lines.append(f"- {profile}: not measured (a protected run has no figures)")
+            continue
+        lines.append(
+            f"- {profile}: pause p50 {c.get('pause_ms_p50_delta', 0.0):+.2f} ms, "
+            f"p99 {c.get('pause_ms_p99_delta', 0.0):+.2f} ms, throughput vs base "
+            f"{c.get('throughput_ratio_delta', 0.0):+.3f}"
+        )
     lines += [
         "",
         "The link alone (loopback, one epoch of incompressible pages at a time, sent and "
         "acknowledged; `kemari_suite/bench/linkcost.py`):",
         "",
-        "| profile | tls | pages per epoch | epochs | epoch ms p50 | epoch ms p99 | MiB/s |",
-        "|---|---|---|---|---|---|---|",
+        "| profile | tls | version | pages per epoch | epochs | epoch ms p50 | epoch ms p99 "
+        "| MiB/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for profile, _, link in rows:
+    for profile, _, link, error in rows:
+        if error:
+            lines.append(f"| {profile} | - | - | - | - | failed: {error} | | |")
         for c in link:
             lines.append(
-                f"| {profile} | {c['tls']} | {c['epoch_pages']} | {c['epochs']} "
-                f"| {c['epoch_ms_p50']:.1f} | {c['epoch_ms_p99']:.1f} "
+                f"| {profile} | {c['tls']} | {c['tls_version'] or 'none'} | {c['epoch_pages']} "
+                f"| {c['epochs']} | {c['epoch_ms_p50']:.1f} | {c['epoch_ms_p99']:.1f} "
                 f"| {c['throughput_mib_s']:.0f} |"
             )
     return lines

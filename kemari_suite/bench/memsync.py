@@ -49,7 +49,7 @@ from kemari_suite.bench.touchprobe import BenchImage, bench_image
 from kemari_suite.checkpoint.tracker import allocate_index, allocate_pages, make_tracker
 from kemari_suite.checkpoint.window import StoppedWindow, WindowResult
 from kemari_suite.config import KemariConfig
-from kemari_suite.errors import BenchmarkError
+from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.pair import LabPair, PairOptions
 from kemari_suite.vm import guestmem
 from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
@@ -116,8 +116,10 @@ class Result:
     heartbeat_timeout_ms: int = 0
     #: The link alone, MAC-only then TLS (:class:`linkcost.LinkCost` as dicts).
     link: list[dict[str, Any]] = field(default_factory=list)
-    #: TLS against MAC-only, compressible pages: pause p50 (ms) and throughput ratio.
+    #: TLS minus MAC-only, compressible pages (:func:`linkcost.tls_cost`).
     tls_cost: dict[str, float] = field(default_factory=dict)
+    #: Why the link rows are missing (the protected runs are kept).
+    link_error: str | None = None
     checks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -482,9 +484,13 @@ def run(
                 res.failover_ms = fo
     finally:
         labmod.down(lab_id)
-    say(f"link: MAC-only beside TLS, {link_epochs} epochs of {pages_per_100ms} pages")
-    res.link = [asdict(c) for c in linkcost.run(pages_per_100ms, link_epochs)]
     res.tls_cost = linkcost.tls_cost(res.phases)
+    say(f"link: MAC-only beside TLS, {link_epochs} epochs of {pages_per_100ms} pages")
+    try:
+        res.link = [asdict(c) for c in linkcost.run(pages_per_100ms, link_epochs)]
+    except KemariError as err:
+        # Minutes of protected runs are worth more than this row: record, go on.
+        res.link_error = str(err)
     _check(res)
     return res
 
@@ -543,6 +549,9 @@ def _check(res: Result) -> None:
         c["failover_within_1s_of_timeout"] = res.failover_ms <= 1000
     if res.warmup:
         c["baseline_warmup_took_hold"] = bool(res.warmup.get("ok"))
+    tls_rows = [row for row in res.link if row["tls"] == "on"]
+    if tls_rows:
+        c["link_tls_is_1_3"] = all(row["tls_version"] == "TLSv1.3" for row in tls_rows)
 
 
 def to_dict(res: Result) -> dict[str, Any]:
@@ -571,15 +580,15 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
         return "-" if v is None else fmt.format(v)
 
     for r in results:
+        fo = f"{f(r.failover_ms)} ({r.heartbeat_timeout_ms} ms timeout)"
         for i, p in enumerate(r.phases):
             lines.append(
                 f"| {r.profile} | {p.pattern} | {p.tls} | {f(r.floor_ms_p50)} "
                 f"| {f(p.pause_ms_p50)} | {f(p.pause_ms_p99)} | {f(p.paused_share, '{:.1%}')} "
                 f"| {f(p.throughput_ratio, '{:.2f}')} | {f(p.bytes_per_dirty_page, '{:.0f}')} "
-                f"| {f(r.failover_ms) if i == 0 else ''} "
-                f"({r.heartbeat_timeout_ms} ms timeout) |"
+                f"| {fo if i == 0 else ''} |"
             )
-    lines += linkcost.markdown([(r.profile, r.tls_cost, r.link) for r in results])
+    lines += linkcost.markdown([(r.profile, r.tls_cost, r.link, r.link_error) for r in results])
     lines += ["", "Baseline warm-up (device-state captures first; docs/benchmarks.md):", ""]
     for r in results:
         if r.warmup:

@@ -55,6 +55,7 @@ from kemari_suite.disk.base import (
 )
 from kemari_suite.errors import DiskError
 from kemari_suite.ha.lease import LeaseTiebreaker
+from kemari_suite.protocol.files import FILE_MODE, open_owner_only
 
 #: Size of one chunk of a full disk copy (one I/O log record each).
 DISK_COPY_CHUNK = 4 << 20

@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,8 @@ Op = Literal["renew", "takeover", "release", "query", "solo", "paired"]
 OPS: frozenset[str] = frozenset(get_args(Op))
 #: Largest request or reply frame, in bytes (a real one is about 300).
 MAX_MESSAGE = 4096
+#: Decisions kept in :attr:`WitnessServer.log`.
+LOG_DECISIONS = 1000
 
 
 @dataclass
@@ -258,7 +261,8 @@ class WitnessServer:
         self.timeout = handshake_timeout
         self.gate = PendingGate(max_pending)
         self.on_reject = on_reject
-        self.log: list[dict[str, Any]] = []
+        #: The latest decisions (a witness runs for months: bounded).
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_DECISIONS)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

@@ -68,6 +68,7 @@ from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError, LabInUseError
 from kemari_suite.lab import registry
 from kemari_suite.lab.profiles import LinkProfile, get_profile, profile_for_rate
+from kemari_suite.protocol.files import mkdir_owner_only, write_owner_only
 
 Role = Literal["primary", "secondary", "client"]
 HostRole = Literal["primary", "secondary"]
@@ -351,8 +352,8 @@ def _lab_lock(lab_id: str) -> Iterator[None]:
     directory: two callers with different run directories still share one lock.
     """
     try:
-        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        mkdir_owner_only(LOCK_FILE.parent)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as err:
         raise LabError(lab_id, f"cannot open the lab lock {LOCK_FILE}: {err}") from err
     try:
@@ -542,10 +543,8 @@ def _write_state(lay: LabLayout, paths: PathsConfig) -> None:
         "layout": asdict(lay),
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        mkdir_owner_only(path.parent)
+        write_owner_only(path, json.dumps(record, indent=2) + "\n")
     except OSError as err:
         raise LabError(lay.lab_id, f"cannot write {path}: {err}") from err
 

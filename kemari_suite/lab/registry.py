@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import LabError
+from kemari_suite.protocol.files import mkdir_owner_only, write_owner_only
 
 #: Fixed, machine-wide: never derived from the environment.
 REGISTRY_DIR = Path("/run/kemari/labs")
@@ -77,10 +78,8 @@ def record(rec: LabRecord) -> Path:
     path = registry_file(rec.lab_id)
     rec = rec if rec.created_unix else replace(rec, created_unix=time.time())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(rec.to_json(), indent=2) + "\n")
-        tmp.replace(path)
+        mkdir_owner_only(path.parent)
+        write_owner_only(path, json.dumps(rec.to_json(), indent=2) + "\n")
     except OSError as err:
         raise LabError(rec.lab_id, f"cannot write the lab registry entry {path}: {err}") from err
     return path

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import ctypes
 import enum
+import grp
 import logging
 import os
 import pwd
@@ -91,13 +92,37 @@ def _set_pdeathsig() -> None:
 def _give_run_dir(run_dir: Path, user: str) -> None:
     """Make ``run_dir`` (mode 0700) the ``-runas`` user's: QEMU, once it has changed its
     user, creates its incoming migration socket there and reaches the agent's sockets.
+    Every folder above it must let that user pass (search permission); this is checked
+    here, so that a folder in the way fails the start and not the first checkpoint.
 
     Raises:
         KeyError: no such user.
         OSError: the folder cannot be changed.
+        PermissionError: a folder above ``run_dir`` does not let the user pass.
     """
     pw = pwd.getpwnam(user)
+    for folder in run_dir.resolve().parents:
+        st = folder.stat()
+        if st.st_uid == pw.pw_uid:
+            passes = bool(st.st_mode & 0o100)
+        elif st.st_gid == pw.pw_gid or user in _group_members(st.st_gid):
+            passes = bool(st.st_mode & 0o010)
+        else:
+            passes = bool(st.st_mode & 0o001)
+        if not passes:
+            raise PermissionError(
+                f"vm.runas user {user} cannot pass through {folder} (mode "
+                f"{st.st_mode & 0o7777:04o}); it must reach {run_dir}: give it search "
+                f"permission only (chmod o+x {folder}), or choose another paths.run_dir"
+            )
     os.chown(run_dir, pw.pw_uid, pw.pw_gid)
+
+
+def _group_members(gid: int) -> list[str]:
+    try:
+        return list(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        return []
 
 
 def _pid_alive(pid: int) -> bool:
@@ -214,8 +239,13 @@ class AsyncVM:
         try:
             mkdir_owner_only(self.paths.run_dir)
             mkdir_owner_only(self.paths.ram.parent)
+            # The VM's own folder (not a shared one): narrowed even if an older run
+            # left it wider, and taken back from a former ``runas`` user.
+            os.chmod(self.paths.run_dir, 0o700)
             if self.spec.runas:
                 _give_run_dir(self.paths.run_dir, self.spec.runas)
+            elif self.paths.run_dir.stat().st_uid != os.geteuid():
+                os.chown(self.paths.run_dir, os.geteuid(), os.getegid())
         except (OSError, KeyError) as err:
             self._set_state(VMState.STOPPED)
             raise QEMUStartError(

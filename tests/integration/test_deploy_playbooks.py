@@ -34,6 +34,7 @@ from kemari_suite import lab
 from kemari_suite.deploy import render
 from kemari_suite.deploy.runner import DeployOptions, DeployResult, deploy
 from kemari_suite.errors import ConfigError, DeployError
+from kemari_suite.protocol.keys import read_key_file
 from kemari_suite.remote import labhosts
 
 
@@ -234,6 +235,11 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
     psk = psk_file.read_text().strip()
     assert len(psk) == 64 and psk.isalnum()
     assert stat.S_IMODE(psk_file.stat().st_mode) == 0o600
+    # The pair's own key at the witness (tiebreaker = "witness"), never the replication key.
+    wpsk_file = inv.parent / "credentials" / "kemari-kemari-witness.psk"
+    wpsk = wpsk_file.read_text().strip()
+    assert len(wpsk) == 64 and wpsk != psk
+    assert stat.S_IMODE(wpsk_file.stat().st_mode) == 0o600
 
     units = {"primary": "kemari-protect.service", "secondary": "kemari-standby.service"}
     commands = {"primary": "protect", "secondary": "standby"}
@@ -265,7 +271,17 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
         assert stat.S_IMODE(toml.stat().st_mode) == 0o600
         cfg = configmod.load(toml)
         assert cfg.vm.name == "web1" and cfg.vm.memory_mib == 128
-        assert cfg.replication.key == psk
+        # The keys are files (0600), named by the config, which holds no key itself.
+        assert cfg.replication.key == "" and psk not in toml.read_text()
+        assert cfg.replication.key_file == "/etc/kemari/replication.key"
+        assert cfg.replication.witness_key_file == "/etc/kemari/witness.key"
+        for key_path, value in (("replication.key", psk), ("witness.key", wpsk)):
+            host_key = root / "etc/kemari" / key_path
+            assert stat.S_IMODE(host_key.stat().st_mode) == 0o600, host_key
+            assert host_key.read_text() == value + "\n"
+            # As the agents read it: owner-only, long enough.
+            assert read_key_file(host_key, what=key_path) == value.encode()
+        assert stat.S_IMODE((root / "etc/kemari").stat().st_mode) == 0o700
         assert cfg.replication.peer == f"{env.lay.repl_ip_for(other)}:7410"
         assert cfg.replication.listen == f"{env.lay.repl_ip_for(role)}:7410"
         assert cfg.replication.tiebreaker == "witness"
@@ -320,6 +336,7 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
         assert counts["changed"] == 0, (host, changed_tasks)
         assert counts["failed"] == 0 and counts["unreachable"] == 0
     assert psk_file.read_text().strip() == psk
+    assert wpsk_file.read_text().strip() == wpsk
     assert before == {r: (roots[r] / "etc/kemari/kemari.toml").stat().st_mtime_ns for r in roots}
 
     # `kemari remote status`: both hosts, deployed, agents not running.

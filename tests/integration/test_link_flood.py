@@ -20,10 +20,10 @@ IDLE = 4 * linkmod.MAX_PENDING
 
 
 #: The flood, run in a process of its own (a thread would share the GIL with the
-#: listener and stall). argv: port, status file, the preamble to send before garbage.
-#: It opens connections as fast as it can: half stay idle (the oldest is dropped beyond
-#: IDLE), half send garbage, every other one after a valid preamble. It writes how many
-#: it opened to the status file.
+#: listener and stall). argv: port, status file, the opening (hex) to send before
+#: garbage, IDLE. It opens connections as fast as it can: half stay idle (the oldest is
+#: dropped beyond IDLE), half send garbage, every other one after a valid opening. It
+#: writes how many it opened to the status file.
 FLOOD = """
 import os, socket, sys, time
 from collections import deque
@@ -55,13 +55,16 @@ while True:
 
 
 class Flood:
-    """The flood process (see ``FLOOD``); stopped by its PID."""
+    """The flood process (see ``FLOOD``); stopped by its PID. ``opening``: the valid
+    start some of its garbage connections send (the link preamble by default;
+    ``test_witness_flood`` gives a witness request with a wrong MAC)."""
 
-    def __init__(self, port: int, status: Path) -> None:
+    def __init__(self, port: int, status: Path, opening: bytes | None = None) -> None:
         self.status = status
-        preamble = tls.Preamble(tls=True).encode().hex()
+        if opening is None:
+            opening = tls.Preamble(tls=True).encode()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", FLOOD, str(port), str(status), preamble, str(IDLE)]
+            [sys.executable, "-c", FLOOD, str(port), str(status), opening.hex(), str(IDLE)]
         )
 
     @property

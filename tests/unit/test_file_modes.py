@@ -181,3 +181,41 @@ def test_devstate_socket_is_owner_only(tmp_path: Path) -> None:
             c.connect(str(sock))
     finally:
         cap.close()
+
+
+@pytest.mark.usefixtures("wide_umask")
+def test_builtin_disk_sidecar_and_full_copy_are_owner_only(tmp_path: Path) -> None:
+    from kemari_suite.disk.base import CopyState
+    from kemari_suite.disk.builtin import BuiltinDisk, write_sidecar
+
+    image = tmp_path / "disk.img"
+    with open_owner_only(image, "wb") as f:
+        f.truncate(1 << 20)
+    # A stale temporary sidecar with a wide mode: narrowed, not kept.
+    sidecar = tmp_path / "disk.img.kemari.json"
+    stale = sidecar.with_name(f".{sidecar.name}.tmp")
+    stale.write_text("{}")
+    os.chmod(stale, 0o666)
+    write_sidecar(sidecar, CopyState("L", 3))
+    assert _mode(sidecar) == 0o600
+    disk = BuiltinDisk(image)
+    disk.attach()
+    try:
+        disk.begin_copy(full=True)
+        assert _mode(disk.next_path) == 0o600
+        disk.commit_copy("L2", 4)
+        assert _mode(image) == 0o600 and _mode(disk.state_path) == 0o600
+    finally:
+        disk.close()
+
+
+@pytest.mark.usefixtures("wide_umask")
+def test_trial_restore_ram_copy_is_owner_only(tmp_path: Path) -> None:
+    from kemari_suite.replica.compat import copy_replica
+
+    src = tmp_path / "replica.ram"
+    src.write_bytes(b"\x05" * 8192)
+    dst = tmp_path / "shm" / "kemari-g-check.ram"
+    copy_replica(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert _mode(dst) == 0o600 and _mode(dst.parent) == 0o700

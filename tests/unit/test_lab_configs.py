@@ -82,6 +82,8 @@ def test_output_commit_puts_the_nic_behind_the_proxy(base: KemariConfig, tmp_pat
     assert tapped.vm.netdev == "" and tapped.tap.host_tap == lay.tap_secondary
     plain = load(_write(base, tmp_path / "b", tapped_net=False).configs["secondary"])
     assert plain.tap.host_tap == "" and f"ifname={lay.tap_secondary}" in plain.vm.netdev
+    # A plain TAP is accepted only because the config says so, explicitly.
+    assert plain.vm.unprotected_output and not tapped.vm.unprotected_output
 
 
 def test_the_witness_config_is_the_key_and_the_timeout(base: KemariConfig, tmp_path: Path) -> None:

@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pwd
 from pathlib import Path
 
+import pytest
+
 from kemari_suite.config import KemariConfig, VMConfig
+from kemari_suite.vm.define import vm_spec
+from kemari_suite.vm.image import GuestImage
+from kemari_suite.vm.qemu import _give_run_dir
 from kemari_suite.vm.spec import SANDBOX, SANDBOX_RUNAS, VMPaths, VMSpec, qemu_argv
 
 PATHS = VMPaths.for_vm("g", Path("/r"), Path("/s"))
@@ -43,3 +51,27 @@ def test_failover_line_still_differs_only_in_incoming() -> None:
     spec = VMSpec(name="g", kernel=None, initrd=None, runas="u")
     a, b = qemu_argv(spec, PATHS), qemu_argv(spec.replace(incoming=True), PATHS)
     assert b[: len(a)] == a and b[len(a) :] == ["-incoming", "defer"]
+
+
+def test_the_config_reaches_the_spec() -> None:
+    img = GuestImage(kernel=Path("/k"), initrd=Path("/i"), kernel_version="?", key="x", cached=True)
+    assert vm_spec(KemariConfig(), img).sandbox is True
+    cfg = KemariConfig(vm=dataclasses.replace(VMConfig(), sandbox=False, runas="kq"))
+    spec = vm_spec(cfg, img)
+    assert (spec.sandbox, spec.runas) == (False, "kq")
+    argv = qemu_argv(spec, PATHS)
+    assert "-sandbox" not in argv and _opt(argv, "-runas") == "kq"
+
+
+def test_runas_refuses_a_run_root_the_user_cannot_pass(tmp_path: Path) -> None:
+    closed = tmp_path / "closed"
+    run_dir = closed / "kemari-g"
+    run_dir.mkdir(parents=True)
+    os.chmod(closed, 0o700)
+    user = pwd.getpwnam("nobody")
+    if os.getuid() == user.pw_uid:
+        pytest.skip("runs as nobody")
+    with pytest.raises(PermissionError, match=f"cannot pass through {closed} .*chmod o\\+x"):
+        _give_run_dir(run_dir, "nobody")
+    with pytest.raises(KeyError):
+        _give_run_dir(run_dir, "no-such-user-kemari")
