@@ -33,7 +33,8 @@ e2e: setup image
 	KEMARI_KILLS_PER_POINT=$(KILLS) KEMARI_RECORD=$(CURDIR)/benchmarks/results/failover-campaign.jsonl \
 		$(BIN)/pytest -n $(PYTEST_WORKERS) -m "slow or e2e" tests/e2e; \
 		rc=$$?; $(BIN)/python benchmarks/summarize_campaign.py \
-		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign; \
+		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign \
+		--min-trials $$((25 * $(KILLS))) || rc=1; \
 		$(BIN)/kemari bench service --kills 10 -o benchmarks/results || rc=1; exit $$rc
 
 clean:

@@ -314,9 +314,19 @@ class LabPair:
         except (OSError, ValueError):
             return None
 
-    def arm_fault(self, role: str, point: str, count: int = 1, *, target: str = "") -> None:
-        """Arm a fault-injection point in a running agent."""
-        control.request(self.control_path(role), "fault", point=point, count=count, target=target)
+    def arm_fault(
+        self, role: str, point: str, count: int = 1, *, target: str = "", action: str = "kill"
+    ) -> None:
+        """Arm a fault-injection point in a running agent (``action``: see
+        :mod:`kemari_suite.testing.faults`)."""
+        control.request(
+            self.control_path(role),
+            "fault",
+            point=point,
+            count=count,
+            target=target,
+            action=action,
+        )
 
     def kill(self, role: str) -> None:
         """SIGKILL the agent of ``role`` and its QEMU, by PID."""

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +143,15 @@ class GuestIO:
             await self.net.start()
             netdev = f"stream,server=off,addr.type=unix,addr.path={self.paths.net}"
         spec = spec.replace(netdev=netdev, blockdev=blockdev)
+        if spec.runas:
+            # QEMU may connect after it changed user (-runas): the sockets are its.
+            pw = pwd.getpwnam(spec.runas)
+            for sock in (
+                self.paths.nbd if self.nbd else None,
+                self.paths.net if self.net else None,
+            ):
+                if sock is not None:
+                    os.chown(sock, pw.pw_uid, pw.pw_gid)
         if self.tapped:
             check_wired(
                 self.cfg,

@@ -14,19 +14,31 @@ on the secondary to kill the *primary* at the moment the secondary is applying p
 *fail* instead: :func:`hit` raises :class:`InjectedFault` once, as a QMP command, a
 capture or the link would, and the agent goes on. The stopped-window tests use it to
 check that no failure leaves the guest stopped.
+
+``arm(point, target=<file>, action="pause")`` makes the agent *wait* there instead, once:
+it writes ``<file>`` (its PID and the point) and blocks, event loop included, until
+that file is removed or :data:`PAUSE_MAX_S` have passed, then goes on. A test holds an
+agent at an exact phase of a checkpoint that way, changes the world (cuts the
+replication link, say) and lets it continue into the change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Literal
 
 from kemari_suite.errors import ReplicationError
 
-Action = Literal["kill", "raise"]
+Action = Literal["kill", "raise", "pause"]
+ACTIONS: tuple[Action, ...] = ("kill", "raise", "pause")
+#: The longest a ``pause`` holds an agent, seconds: a test that never lets go must not
+#: leave the agent frozen (its lease renewals stop with it).
+PAUSE_MAX_S = 10.0
 
 #: Every point an agent passes, in the order of a checkpoint's life.
 POINTS: dict[str, str] = {
@@ -51,7 +63,7 @@ POINTS: dict[str, str] = {
 _spec = os.environ.get("KEMARI_FAULT", "")
 _point, _, _rest = _spec.partition(":")
 _arg, _, _how = _rest.partition(":")
-_action: Action = "raise" if _how == "raise" else "kill"
+_action: Action = "raise" if _how == "raise" else "kill"  # pause: run time only
 _count = 0
 _target = os.environ.get("KEMARI_FAULT_TARGET", "")
 
@@ -75,20 +87,23 @@ def enabled() -> bool:
 
 def arm(point: str, count: int = 1, target: str = "", action: str = "kill") -> None:
     """Arm ``point`` now: fire the ``count``-th time it is passed from here on; ``action``
-    "kill" dies (or kills ``target``), "raise" raises :class:`InjectedFault` once.
+    "kill" dies (or kills ``target``), "raise" raises :class:`InjectedFault` once,
+    "pause" holds the agent there once while the file ``target`` exists (it is created).
 
     Raises:
-        ValueError: unknown point or action, or count below 1.
+        ValueError: unknown point or action, count below 1, or a pause without a file.
     """
     global _point, _arg, _count, _target, _action
     if point not in POINTS and point != "random":
         raise ValueError(f"unknown fault point {point!r} (known: {', '.join(POINTS)})")
     if count < 1:
         raise ValueError("count must be at least 1")
-    if action not in ("kill", "raise"):
-        raise ValueError(f"unknown fault action {action!r} (known: kill, raise)")
+    if action not in ACTIONS:
+        raise ValueError(f"unknown fault action {action!r} (known: {', '.join(ACTIONS)})")
+    if action == "pause" and not target:
+        raise ValueError("a pause needs a target file (removing it lets the agent go on)")
     _point, _arg, _count, _target = point, str(count), 0, target
-    _action = "raise" if action == "raise" else "kill"
+    _action = "raise" if action == "raise" else "pause" if action == "pause" else "kill"
 
 
 def disarm() -> None:
@@ -128,10 +143,32 @@ def hit(point: str) -> None:
         if _action == "raise":
             _point = ""  # once only
             raise InjectedFault(point)
+        if _action == "pause":
+            pause(point, _target)
+            return
         if _target:
             kill_target(point, _target)
         else:
             die(point)
+
+
+def pause(point: str, flag: str) -> None:
+    """Write ``flag`` and wait (blocking) until it is removed, at most
+    :data:`PAUSE_MAX_S`; once."""
+    global _point
+    _point = ""  # once only
+    path = Path(flag)
+    try:
+        path.write_text(f"{os.getpid()} {point}\n")
+    except OSError as err:
+        os.write(2, f"KEMARI-FAULT-MISS {point}: cannot write {flag}: {err}\n".encode())
+        return
+    os.write(2, f"KEMARI-FAULT-HIT {point} (paused)\n".encode())
+    deadline = time.monotonic() + PAUSE_MAX_S
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def kill_target(point: str, pidfile: str) -> None:

@@ -74,11 +74,16 @@ class KillResult:
 
 class CounterWatcher:
     """A client reading the guest's counter over the LAN, over and over, in a thread;
-    it remembers every value with the time it arrived."""
+    it remembers every value with the time it arrived.
 
-    def __init__(self, pair: LabPair, interval: float = 0.05) -> None:
+    ``timeout`` bounds one read: with output commit an answer waits for its epoch's
+    acknowledgement, which takes longer than a second on a loaded machine.
+    """
+
+    def __init__(self, pair: LabPair, interval: float = 0.05, timeout: float = 1.0) -> None:
         self.pair = pair
         self.interval = interval
+        self.timeout = timeout
         self.seen: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="counter-watch", daemon=True)
@@ -94,7 +99,7 @@ class CounterWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                value = self.pair.read_counter(timeout=1.0)
+                value = self.pair.read_counter(timeout=self.timeout)
             except (ConnectError, OSError):
                 pass
             else:
@@ -109,6 +114,16 @@ class CounterWatcher:
         after = [v for at, v in self.seen if at >= t]
         return after[0] if after else None
 
+    def wait_fresh(self, timeout: float) -> int | None:
+        """Wait for a value that arrives from now on; it, or None after ``timeout``."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            value = self.first_after(start)
+            if value is not None:
+                return value
+            time.sleep(0.02)
+        return None
+
     def rewinds(self) -> int:
         values = [v for _, v in self.seen]
         return sum(1 for a, b in itertools.pairwise(values) if b < a)
@@ -116,7 +131,9 @@ class CounterWatcher:
 
 def kill_once(lab: LabLayout, base: KemariConfig, point: str, timeout_ms: int = 3000) -> KillResult:
     count = POINTS[point][1]
-    opts = PairOptions(heartbeat_timeout_ms=timeout_ms)
+    # Output commit on: the client must receive only acknowledged output, or the
+    # headline check would hold only as long as the failover outlasts the lost epochs.
+    opts = PairOptions(heartbeat_timeout_ms=timeout_ms, tapped_net=True)
     pair = LabPair(lab, base, opts)
     if point == "precopy":
         opts.env_primary = {"KEMARI_FAULT": f"precopy:{count}"}
@@ -127,7 +144,9 @@ def kill_once(lab: LabLayout, base: KemariConfig, point: str, timeout_ms: int = 
         pair.wait_state("primary", {"protected"}, 180)
         pair.wait_counter(120)
         pair.settle()
-        with CounterWatcher(pair) as watch:
+        with CounterWatcher(pair, timeout=3.0) as watch:
+            if watch.wait_fresh(30) is None:
+                raise ConnectError(f"{pair.lab.guest_ip}", "the client cannot read the counter")
             return _kill_watched(pair, watch, point, timeout_ms)
     except KemariError as err:
         return KillResult(point, True, False, point != "precopy", None, None, None, None, str(err))
