@@ -136,7 +136,7 @@ def test_the_release_command_through_the_control_socket(
         conf = tmp_path / "kemari.toml"
         conf.write_text(
             f'[vm]\nname = "{a.spec.name}"\n'
-            f'[paths]\nrun_dir = "{run_paths.run_dir}"\nshm_dir = "{run_paths.shm_dir}"\n'
+            f'[paths]\nrun_dir = "{rig.cfg.paths.run_dir}"\nshm_dir = "{run_paths.shm_dir}"\n'
         )
         try:
             await _held(rig)

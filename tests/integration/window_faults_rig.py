@@ -14,7 +14,9 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,8 +62,11 @@ def make_config(
     image = tmp / "disk.img"
     with image.open("wb") as f:
         f.truncate(DISK_MIB << 20)
+    # The sockets live in the run folder: a pytest folder under an xdist worker is too
+    # long a path for AF_UNIX (108 bytes). A short one of our own, removed by Rig.close.
+    short = Path(tempfile.mkdtemp(prefix="kwf-", dir="/tmp"))
     return KemariConfig(
-        paths=paths,
+        paths=dataclasses.replace(paths, run_dir=short),
         vm=VMConfig(qmp_timeout_ms=qmp_timeout_ms),
         replication=dataclasses.replace(
             ReplicationConfig(),
@@ -220,3 +225,4 @@ class Rig:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(a.vm.pid, signal.SIGCONT)
         await a.shutdown()
+        shutil.rmtree(self.cfg.paths.run_dir, ignore_errors=True)
