@@ -21,7 +21,6 @@ file readable by group or others, or shorter than :data:`MIN_KEY_BYTES`, is refu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ConfigError
+from kemari_suite.protocol.files import write_owner_only
 
 STATE_VERSION = 1
 #: Shortest key accepted (HMAC-SHA256 wants at least its output size).
@@ -100,14 +100,6 @@ class PairKeys:
 # ---- the lease table on disk --------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_state(path: Path, pairs: dict[str, dict[str, Any]]) -> None:
     """Replace the state file: temporary file (mode 0600), fsync, rename, directory
     fsync. The directory is created (mode 0700) when missing.
@@ -116,23 +108,8 @@ def save_state(path: Path, pairs: dict[str, dict[str, Any]]) -> None:
         OSError: any step failed (the old file, if any, is still in place).
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = json.dumps({"version": STATE_VERSION, "pairs": pairs}, sort_keys=True).encode()
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    data = json.dumps({"version": STATE_VERSION, "pairs": pairs}, sort_keys=True)
+    write_owner_only(path, data, durable=True)
 
 
 def _pair(name: str, raw: Any, where: str) -> dict[str, Any]:
