@@ -33,7 +33,7 @@ from kemari_suite.errors import ConfigError
 Accel = Literal["auto", "tcg", "kvm"]
 LinkProfileName = Literal["1g", "10g", "unlimited"]
 SyncMode = Literal["speculative", "classic"]
-TrackerKind = Literal["compare", "soft-dirty"]
+TrackerKind = Literal["auto", "uffd-wp", "soft-dirty", "compare"]
 Compression = Literal["zstd", "lz4", "none"]
 SyncPolicy = Literal["kemari", "remus", "adaptive"]
 Tiebreaker = Literal["none", "witness", "lease"]
@@ -143,7 +143,12 @@ class ReplicationConfig:
     listen: str = ""
     #: speculative resumes the VM right after staging; classic waits for the acknowledgement.
     mode: SyncMode = "speculative"
-    tracker: TrackerKind = "compare"
+    #: Dirty-page tracker: "auto" probes uffd-wp (Linux 6.7+, a helper loaded into
+    #: QEMU), then soft-dirty, then compare (works everywhere; 3x guest RAM beside it).
+    tracker: TrackerKind = "auto"
+    #: Check the tracker against the compare tracker at every scan and fail on any page
+    #: it missed (costs what compare costs). For tests and diagnosis.
+    tracker_verify: bool = False
     compression: Compression = "zstd"
     #: A sync point is forced after this long without one.
     max_interval_ms: int = 100

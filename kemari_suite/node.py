@@ -21,7 +21,7 @@ from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
 from kemari_suite.replica.secondary import Handover, SecondaryAgent
 from kemari_suite.tap.outputs import check_outputs, unprotected_outputs
-from kemari_suite.vm import guestmem
+from kemari_suite.vm import guestmem, wphelper
 from kemari_suite.vm.define import select_image, vm_spec
 from kemari_suite.vm.qemu import VMPaths, VMSpec
 
@@ -133,6 +133,9 @@ async def run_node(
         spec = vm_spec(cfg, choice)
         warn = choice.differs_from_last_build
         check_outputs(cfg, spec)
+    # The uffd-wp tracker's helper, on both hosts: the failover start becomes a primary.
+    spec = await asyncio.to_thread(wphelper.attach, cfg, spec)
+    log.info("uffd-wp helper: %s", spec.wp_helper_reason)
     handover: Handover | None = None
     while True:
         folder = artifacts_dir(cfg, role)

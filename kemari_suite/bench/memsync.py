@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -46,7 +47,8 @@ from kemari_suite import lab as labmod
 from kemari_suite.bench import linkcost
 from kemari_suite.bench import warmup as wu
 from kemari_suite.bench.touchprobe import BenchImage, bench_image
-from kemari_suite.checkpoint.tracker import allocate_index, allocate_pages, make_tracker
+from kemari_suite.checkpoint.sender import Buffers
+from kemari_suite.checkpoint.tracker import make_tracker
 from kemari_suite.checkpoint.window import StoppedWindow, WindowResult
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
@@ -145,17 +147,26 @@ def product_window(
     with contextlib.ExitStack() as stack:
         ram = stack.enter_context(GuestRAM(vm.paths.ram))
         n = ram.n_pages
-        trk = make_tracker(tracker, n_pages=n, qemu_pid=vm.pid, ram_path=vm.paths.ram, threads=2)
+        trk = make_tracker(
+            tracker,
+            n_pages=n,
+            qemu_pid=vm.pid,
+            ram_path=vm.paths.ram,
+            threads=2,
+            wp_socket=vm.paths.wp_socket if vm.spec.wp_helper else None,
+            wp_unavailable=vm.spec.wp_helper_reason,
+        )
         stack.callback(trk.close)
         cap = DeviceStateCapturer(vm, vm.paths.migration_socket)
         stack.callback(cap.close)
+        buffers = Buffers.allocate(n, trk.caps)
         window = StoppedWindow(
             vm,
             cap,
             trk,
             ram.pages,
-            staging=allocate_pages(n),
-            index=allocate_index(n),
+            staging=buffers.staging,
+            index=buffers.index,
             overlap_scan=cfg.replication.overlap_scan,
             scan_threads=2,
         )
@@ -164,10 +175,13 @@ def product_window(
 
 
 async def initial_sync(window: StoppedWindow) -> None:
-    """Give the window's tracker its baseline as the engine does: stage every page and
-    reset the tracker from the staged bytes, with the guest stopped around it when the
-    tracker says so (``caps.reset_needs_stop``)."""
+    """Give the window's tracker its baseline as the engine does: a tracker with a
+    shadow takes every page, staged, with the guest stopped around it when the tracker
+    says so (``caps.reset_needs_stop``); one without is armed."""
     tracker = window.tracker
+    if not tracker.caps.keeps_shadow:
+        tracker.reset(window.pages)
+        return
     all_idx = np.arange(tracker.n_pages, dtype=np.int64)
     stop = tracker.caps.reset_needs_stop
     if stop:
@@ -177,6 +191,33 @@ async def initial_sync(window: StoppedWindow) -> None:
     finally:
         if stop:
             await window.vm.execute("cont")
+
+
+async def complete(window: StoppedWindow, res: WindowResult) -> WindowResult:
+    """Commit a window's pages as the engine does, and the result as the engine times it.
+
+    A spill (more dirty pages than the staging buffer holds) left the guest stopped:
+    its pages are staged piece by piece (the engine sends each piece) and the guest
+    resumed; the returned result's pause and stage times include that.
+    """
+    if res.staged is not None:
+        window.tracker.commit(res.idx, res.staged)
+        return res
+    t = time.perf_counter()
+    step = len(window.staging)
+    for start in range(0, len(res.idx), step):
+        part = res.idx[start : start + step]
+        window.tracker.commit(part, window.tracker.stage(window.pages, part, window.staging))
+    t_staged = time.perf_counter()
+    await window.cont()
+    t_end = time.perf_counter()
+    return dataclasses.replace(
+        res,
+        stage_ms=res.stage_ms + (t_staged - t) * 1e3,
+        pause_ms=(t_end - res.t_start) * 1e3,
+        t_end=t_end,
+        resumed=True,
+    )
 
 
 def window_row(res: WindowResult, *, overlapped: bool) -> dict[str, float]:
@@ -321,8 +362,7 @@ async def _floor_and_baseline(
             await initial_sync(win)
             for _ in range(samples):
                 await asyncio.sleep(0.1)
-                r = await win.run(resume=True)
-                win.tracker.commit(r.idx, r.staged)
+                r = await complete(win, await win.run(resume=True))
                 rows.append(window_row(r, overlapped=win.overlap))
         return rows, rate, check
     finally:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from kemari_suite.bench.memsync import (
+    complete,
     initial_sync,
     machine_info,
     pct,
@@ -454,8 +455,7 @@ async def _vm_sync_points(
             say(f"vm {memory_mib} MiB: booted in {boot_s:.0f} s, {samples} sync points")
             for i in range(samples + 2):
                 await asyncio.sleep(interval_s)
-                r = await window.run(resume=True)
-                window.tracker.commit(r.idx, r.staged)
+                r = await complete(window, await window.run(resume=True))
                 if i < 2:
                     continue  # the first scans after reset carry the boot's leftovers
                 rows.append(

@@ -39,6 +39,7 @@ from kemari_suite.checkpoint.switchover import run_switchover
 from kemari_suite.checkpoint.syncpoint import SyncPoints
 from kemari_suite.checkpoint.tracker import DirtyTracker, make_tracker
 from kemari_suite.checkpoint.triggers import Triggers
+from kemari_suite.checkpoint.uffdwp import refuse_qemu_userfaultfd
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig
 from kemari_suite.disk import guest_disk_size
@@ -225,14 +226,21 @@ class PrimaryAgent:
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
         self.ram = GuestRAM(self.vm.paths.ram)
         # Two threads for the stop-time scan: the vCPUs are idle then.
-        self.tracker = make_tracker(
+        await refuse_qemu_userfaultfd(self.vm, self.rcfg.tracker, self.spec.wp_helper)
+        self.tracker = await asyncio.to_thread(
+            make_tracker,
             self.rcfg.tracker,
             n_pages=n_pages,
             qemu_pid=self.vm.pid,
             ram_path=self.vm.paths.ram,
             threads=2,
+            wp_socket=self.vm.paths.wp_socket if self.spec.wp_helper else None,
+            wp_unavailable=self.spec.wp_helper_reason,
+            verify=self.rcfg.tracker_verify,
         )
-        self.buffers = Buffers.allocate(n_pages)
+        log.info("dirty-page tracker %s: %s", self.tracker.name, self.tracker.reason)
+        self.artifacts.event("tracker", name=self.tracker.name, reason=self.tracker.reason)
+        self.buffers = Buffers.allocate(n_pages, self.tracker.caps)
         self.capturer = DeviceStateCapturer(self.vm, self.vm.paths.migration_socket)
         self.window = StoppedWindow(
             self.vm,

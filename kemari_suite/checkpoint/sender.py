@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kemari_suite.checkpoint.shadow import TrackerCaps
 from kemari_suite.checkpoint.tracker import DirtyTracker
 from kemari_suite.protocol import wire
 from kemari_suite.protocol.codec import PageEncoder
@@ -34,6 +35,13 @@ BATCH_PAGES = 4096
 #: Initial-sync pre-copy stops iterating when a round finds fewer dirty pages than this.
 PRECOPY_CONVERGED = 2048
 PRECOPY_MAX_ROUNDS = 8
+#: A tracker without a shadow stages at most 1/8 of guest RAM at once...
+STAGING_FRACTION = 8
+#: ...and at least this many pages (16 MiB) if RAM is larger.
+STAGING_MIN_PAGES = 4096
+SHADOW_CAPS = TrackerCaps(
+    keeps_shadow=True, gives_previous=True, scan_during_capture=True, reset_needs_stop=False
+)
 
 Send = Callable[[wire.Message], Awaitable[int]]
 
@@ -105,6 +113,33 @@ class EpochSender:
         self.digest = None
         return sent
 
+    async def from_ram(
+        self,
+        tracker: DirtyTracker,
+        pages: np.ndarray,
+        idx: np.ndarray,
+        buf: Buffers,
+        *,
+        precopy: bool = False,
+    ) -> tuple[int, float]:
+        """Stage, commit and send pages ``idx`` as many at a time as the staging buffer
+        holds: (bytes sent, encode s).
+
+        Each piece is committed once staged (the bytes that are sent, by the one rule)
+        and encoded before the next reuses the buffer.
+        """
+        sent, enc_s = 0, 0.0
+        step = len(buf.staging)
+        for start in range(0, len(idx), step):
+            part = idx[start : start + step]
+            staged = tracker.stage(pages, part, buf.staging)
+            prev = tracker.previous(part, buf.prev)
+            tracker.commit(part, staged)
+            n, e = await self.pages(part, staged, prev, precopy=precopy)
+            sent += n
+            enc_s += e
+        return sent, enc_s
+
     async def precopy_round(self, tracker: DirtyTracker, pages: np.ndarray, buf: Buffers) -> int:
         """One pre-copy round with the guest running: scan on one thread, stage, send.
 
@@ -113,11 +148,7 @@ class EpochSender:
         k = await asyncio.to_thread(tracker.scan, pages, out=buf.index, threads=1)
         if k == 0:
             return 0
-        idx = buf.index[:k].copy()
-        staged = tracker.stage(pages, idx, buf.staging)
-        prev = tracker.previous(idx, buf.prev)
-        tracker.commit(idx, staged)
-        await self.pages(idx, staged, prev, precopy=True)
+        await self.from_ram(tracker, pages, buf.index[:k].copy(), buf, precopy=True)
         return k
 
     async def full_copy(
@@ -133,9 +164,15 @@ class EpochSender:
 
         The staged bytes (exactly what is sent) become the tracker's baseline. A tracker
         whose reset clears kernel state is reset with the guest stopped (``stop`` /
-        ``cont``), so no write falls between the copy and the clear.
+        ``cont``), so no write falls between the copy and the clear. A tracker without a
+        shadow is armed first and the copy taken after, piece by piece, with the guest
+        running: a write during the copy is reported by its next scan.
         """
         all_idx = np.arange(self.n_pages, dtype=np.int64)
+        if not tracker.caps.keeps_shadow:
+            tracker.reset(pages)
+            await self.from_ram(tracker, pages, all_idx, buf, precopy=True)
+            return
         if tracker.caps.reset_needs_stop:
             await stop()
         staged = tracker.stage(pages, all_idx, buf.staging)
@@ -153,11 +190,19 @@ class EpochSender:
             k = await asyncio.to_thread(tracker.scan, pages, out=buf.index)
             if k < PRECOPY_CONVERGED:
                 return
-            idx = buf.index[:k].copy()
-            staged = tracker.stage(pages, idx, buf.staging)
-            prev = tracker.previous(idx, buf.prev)
-            tracker.commit(idx, staged)
-            await self.pages(idx, staged, prev, precopy=True)
+            await self.from_ram(tracker, pages, buf.index[:k].copy(), buf, precopy=True)
+
+
+def staging_pages(n_pages: int, caps: TrackerCaps) -> int:
+    """Pages the staging buffer holds: all of RAM for a shadow tracker (whose full copy
+    is staged at once), else an eighth of it (at least :data:`STAGING_MIN_PAGES`).
+
+    A sync point that finds more dirty pages than that keeps the guest stopped while
+    it sends them piece by piece (see :class:`~.window.StoppedWindow`).
+    """
+    if caps.keeps_shadow:
+        return n_pages
+    return min(n_pages, max(n_pages // STAGING_FRACTION, STAGING_MIN_PAGES))
 
 
 @dataclass
@@ -165,17 +210,26 @@ class Buffers:
     """The sync point's preallocated buffers (no allocation inside the window)."""
 
     staging: np.ndarray
+    #: The XOR-delta bases; empty for a tracker that gives none.
     prev: np.ndarray
     index: np.ndarray
 
     @classmethod
-    def allocate(cls, n_pages: int) -> Buffers:
+    def allocate(cls, n_pages: int, caps: TrackerCaps | None = None) -> Buffers:
+        """Buffers for a tracker with ``caps`` (None: one with a shadow)."""
+        caps = caps or SHADOW_CAPS
         # Touched once here, so the stopped window never takes their page faults.
+        staging = np.ones((staging_pages(n_pages, caps), PAGE), dtype=np.uint8)
+        prev_pages = len(staging) if caps.gives_previous else 0
         return cls(
-            staging=np.ones((n_pages, PAGE), dtype=np.uint8),
-            prev=np.ones((n_pages, PAGE), dtype=np.uint8),
+            staging=staging,
+            prev=np.ones((prev_pages, PAGE), dtype=np.uint8),
             index=np.zeros(n_pages, dtype=np.int64),
         )
 
+    @property
+    def nbytes(self) -> int:
+        return self.staging.nbytes + self.prev.nbytes + self.index.nbytes
 
-__all__ = ["BATCH_PAGES", "Buffers", "EpochSender"]
+
+__all__ = ["BATCH_PAGES", "Buffers", "EpochSender", "staging_pages"]

@@ -63,6 +63,8 @@ class ShadowTracker:
         if n_pages <= 0:
             raise ValueError(f"n_pages must be positive, not {n_pages}")
         self.n_pages = n_pages
+        #: Why this tracker runs; set by make_tracker.
+        self.reason = ""
         # Faulted in by reset(), which writes every page of it.
         self._shadow = np.empty((n_pages, PAGE_SIZE), dtype=np.uint8)
         self._shadow64 = self._shadow.view(np.uint64)

@@ -150,6 +150,10 @@ class SyncPoints:
             try:
                 sent, enc_s, t_sent, ack, (precopied, precopy_bytes) = await self._send(w, epoch)
                 t_resume = w.t_end
+                if w.spilled and not classic:
+                    # Sent from RAM while stopped: resume now, the ack comes later.
+                    await a.window.cont()
+                    t_resume = time.perf_counter()
                 if classic:
                     faults.hit("ack-wait")
                     await a.session.wait_ack(ack, epoch)
@@ -157,7 +161,7 @@ class SyncPoints:
                         await a.window.cont()
                     t_resume = time.perf_counter()
             except Exception as err:
-                if classic and resume:
+                if (classic or w.spilled) and resume:
                     # Stopped since the window: the epoch is not acknowledged (its output
                     # stays held) or the cont itself failed.
                     await self.resume_guest(str(err), hung=_hung(err))
@@ -185,9 +189,14 @@ class SyncPoints:
         io_log = a.io.io_log(epoch) if a.io is not None else b""
         # The shadow (the XOR base) changes only at commit, so reading it now is as
         # good as inside the window.
-        prev = a.tracker.previous(w.idx, a.buffers.prev)
-        sent, enc_s = await a.sender.pages(w.idx, w.staged, prev)
-        a.tracker.commit(w.idx, w.staged)
+        assert a.ram is not None
+        if w.staged is None:
+            # A spill: more dirty pages than the staging buffer holds, the guest stopped.
+            sent, enc_s = await a.sender.from_ram(a.tracker, a.ram.pages, w.idx, a.buffers)
+        else:
+            prev = a.tracker.previous(w.idx, a.buffers.prev)
+            sent, enc_s = await a.sender.pages(w.idx, w.staged, prev)
+            a.tracker.commit(w.idx, w.staged)
         sent += await a.sender.end(n_pages=w.dirty_pages, devstate=w.devstate, io_log=io_log)
         t_sent = time.perf_counter()
         faults.hit("before-ack")
@@ -251,7 +260,7 @@ class SyncPoints:
             devstate_bytes=len(w.devstate),
             bytes_sent=sent,
             encode_ms=enc_s * 1e3,
-            transfer_ms=(t_sent - t_resume) * 1e3 if not classic else 0.0,
+            transfer_ms=max(0.0, (t_sent - t_resume) * 1e3) if not classic else 0.0,
             t_wall=time.time(),
         )
         qp = qemu_pause(self.agent.vm.events, w.t_start_wall - 0.01)

@@ -1,8 +1,14 @@
 """Dirty-page tracking: which guest pages differ from what the secondary was sent.
 
 The contract (:class:`DirtyTracker`, with the capabilities each tracker declares in
-:class:`TrackerCaps`), the buffers a sync point needs, and :func:`make_tracker`. Two
-trackers implement it, each in its own module:
+:class:`TrackerCaps`), the buffers a sync point needs, and :func:`make_tracker`, which
+picks one by probing (``replication.tracker = "auto"``: uffd-wp, then soft-dirty, then
+compare) and says why. Three trackers implement it, each in its own module:
+
+- :class:`~.uffdwp.UffdWpTracker` (:mod:`.uffdwp`) reads the pages QEMU wrote from
+  userfaultfd write-protect marks with one ``PAGEMAP_SCAN`` ioctl, which protects them
+  again. Its cost follows the dirty set, and it keeps no shadow. Needs Linux 6.7 and
+  the helper loaded into QEMU (:mod:`kemari_suite.vm.wphelper`).
 
 - :class:`~.compare.CompareTracker` (:mod:`.compare`) keeps a *shadow* copy of guest
   RAM and compares it with RAM in chunks. Works on every kernel. The scan is
@@ -13,8 +19,10 @@ trackers implement it, each in its own module:
   false positives. Needs ``CONFIG_MEM_SOFT_DIRTY=y``: see
   :func:`~.softdirty.probe_soft_dirty`.
 
-Both keep the shadow (:class:`~.shadow.ShadowTracker`), which is also the base for
-XOR-delta encoding (:meth:`DirtyTracker.previous`).
+The last two keep the shadow (:class:`~.shadow.ShadowTracker`), which is also the base
+for XOR-delta encoding (:meth:`DirtyTracker.previous`). ``replication.tracker_verify``
+runs the compare tracker beside a fast one and fails on any page it missed
+(:mod:`.verifying`).
 
 The one rule that keeps the replica exact: **the shadow holds the bytes that were staged
 (and so sent), never bytes re-read from RAM.** QEMU may write guest RAM at any time,
@@ -69,10 +77,15 @@ from kemari_suite.checkpoint.softdirty import (
     find_ram_mapping,
     probe_soft_dirty,
 )
+from kemari_suite.checkpoint.uffdwp import PagemapScan, UffdWpTracker, protect_ram
+from kemari_suite.checkpoint.verifying import TrackerMissed, VerifyingTracker
 from kemari_suite.errors import ConfigError, ReplicationError
 from kemari_suite.vm.guestram import PAGE_SIZE
+from kemari_suite.vm.wphelper import probe_kernel
 
-TRACKER_KINDS = ("compare", "soft-dirty")
+TRACKER_KINDS = ("auto", "uffd-wp", "soft-dirty", "compare")
+#: The order in which ``auto`` tries them.
+PROBE_ORDER = ("uffd-wp", "soft-dirty", "compare")
 
 
 def allocate_pages(n_pages: int) -> np.ndarray:
@@ -93,8 +106,10 @@ def allocate_index(n_pages: int) -> np.ndarray:
 class DirtyTracker(Protocol):
     """Finds changed guest pages and keeps the last version sent of every page."""
 
-    #: "compare" or "soft-dirty".
+    #: "uffd-wp", "soft-dirty" or "compare" ("...+verify" with tracker_verify).
     name: str
+    #: Why this tracker runs (the probe's answer, or the config); set by make_tracker.
+    reason: str
     n_pages: int
     caps: TrackerCaps
 
@@ -146,27 +161,41 @@ class DirtyTracker(Protocol):
         ...
 
 
-def make_tracker(
+def _uffd_wp(
+    n_pages: int, qemu_pid: int | None, ram_path: Path | None, wp_socket: Path | None, why_not: str
+) -> UffdWpTracker:
+    ok, reason = probe_kernel()
+    if not ok:
+        raise ReplicationError(f"uffd-wp tracking unavailable: {reason}")
+    if wp_socket is None:
+        raise ReplicationError(
+            f"uffd-wp tracking unavailable: its helper is not loaded into QEMU ({why_not or 'off'})"
+        )
+    if qemu_pid is None or ram_path is None:
+        raise ReplicationError("uffd-wp tracking needs the QEMU pid and the RAM file path")
+    size = n_pages * PAGE_SIZE
+
+    def arm() -> None:
+        protect_ram(wp_socket, ram_path, size)
+
+    address = protect_ram(wp_socket, ram_path, size)
+    tracker = UffdWpTracker(n_pages, scanner=PagemapScan(qemu_pid, address, n_pages), arm=arm)
+    tracker.reason = reason
+    return tracker
+
+
+def _one(
     kind: str,
     *,
     n_pages: int,
     qemu_pid: int | None,
     ram_path: Path | None,
-    threads: int = 1,
+    threads: int,
+    wp_socket: Path | None,
+    wp_unavailable: str,
 ) -> DirtyTracker:
-    """Build the tracker named by ``replication.tracker`` for QEMU process ``qemu_pid``
-    mapping guest RAM from ``ram_path``.
-
-    ``threads`` is the most helper threads one scan may use (pass the stop-time scan's
-    count; pre-copy asks for fewer per scan). Trackers without helpers ignore it.
-
-    Raises:
-        ConfigError: unknown ``kind``.
-        ReplicationError: soft-dirty on a kernel that cannot track it (the probe's
-            reason), no QEMU pid or RAM path for it, or QEMU's /proc files unusable.
-    """
-    if kind == "compare":
-        return CompareTracker(n_pages, threads=threads)
+    if kind == "uffd-wp":
+        return _uffd_wp(n_pages, qemu_pid, ram_path, wp_socket, wp_unavailable)
     if kind == "soft-dirty":
         ok, reason = probe_soft_dirty()
         if not ok:
@@ -174,15 +203,82 @@ def make_tracker(
         if qemu_pid is None or ram_path is None:
             raise ReplicationError("soft-dirty tracking needs the QEMU pid and the RAM file path")
         source = ProcPagemap(qemu_pid, ram_path, n_pages)
-        return SoftDirtyTracker(n_pages, source=source)
+        sd = SoftDirtyTracker(n_pages, source=source)
+        sd.reason = reason
+        return sd
+    if kind == "compare":
+        return CompareTracker(n_pages, threads=threads)
     raise ConfigError(
         f"unknown dirty-page tracker {kind!r} (expected one of {', '.join(TRACKER_KINDS)})",
         key="replication.tracker",
     )
 
 
+def make_tracker(
+    kind: str,
+    *,
+    n_pages: int,
+    qemu_pid: int | None,
+    ram_path: Path | None,
+    threads: int = 1,
+    wp_socket: Path | None = None,
+    wp_unavailable: str = "",
+    verify: bool = False,
+) -> DirtyTracker:
+    """Build the tracker named by ``replication.tracker`` for QEMU process ``qemu_pid``
+    mapping guest RAM from ``ram_path``; its ``reason`` says why it runs.
+
+    ``auto`` tries uffd-wp, soft-dirty, then compare, and keeps the first that works.
+    ``wp_socket`` is where the uffd-wp helper inside that QEMU listens (None: not
+    loaded, because of ``wp_unavailable``). ``threads`` is the most helper threads one
+    scan may use (pass the stop-time scan's count; pre-copy asks for fewer per scan).
+    ``verify`` wraps the tracker in a :class:`~.verifying.VerifyingTracker`.
+
+    Raises:
+        ConfigError: unknown ``kind``.
+        ReplicationError: a tracker named explicitly cannot run here (the probe's
+            reason), no QEMU pid or RAM path for it, or QEMU's /proc files unusable.
+    """
+
+    def build(name: str) -> DirtyTracker:
+        return _one(
+            name,
+            n_pages=n_pages,
+            qemu_pid=qemu_pid,
+            ram_path=ram_path,
+            threads=threads,
+            wp_socket=wp_socket,
+            wp_unavailable=wp_unavailable,
+        )
+
+    tracker: DirtyTracker
+    if kind == "auto":
+        passed: list[str] = []
+        for candidate in PROBE_ORDER:
+            try:
+                tracker = build(candidate)
+            except ReplicationError as err:
+                passed.append(str(err))
+                continue
+            tracker.reason = "; ".join(
+                [f"chosen by probing ({tracker.reason or 'works everywhere'})", *passed]
+            )
+            break
+    else:
+        tracker = build(kind)
+        tracker.reason = f"replication.tracker = {kind!r}" + (
+            f" ({tracker.reason})" if tracker.reason else ""
+        )
+    if verify and tracker.name != "compare":
+        checked = VerifyingTracker(tracker, CompareTracker(n_pages, threads=threads))
+        checked.reason = f"{tracker.reason}; checked by the compare tracker (tracker_verify)"
+        return checked
+    return tracker
+
+
 __all__ = [
     "PRESENT_BIT",
+    "PROBE_ORDER",
     "SOFT_DIRTY_BIT",
     "TRACKER_KINDS",
     "CompareTracker",
@@ -191,6 +287,9 @@ __all__ = [
     "ProcPagemap",
     "SoftDirtyTracker",
     "TrackerCaps",
+    "TrackerMissed",
+    "UffdWpTracker",
+    "VerifyingTracker",
     "allocate_index",
     "allocate_pages",
     "find_ram_mapping",

@@ -85,8 +85,10 @@ class WindowResult:
     devstate: bytes
     #: Indices of the dirty pages (a copy: the index buffer is reused).
     idx: np.ndarray
-    #: Their bytes, a view into the preallocated staging buffer.
-    staged: np.ndarray
+    #: Their bytes, a view into the preallocated staging buffer; None when there were
+    #: more than it holds (a *spill*): the guest was left stopped, for the caller to
+    #: send them piece by piece from RAM before it resumes.
+    staged: np.ndarray | None
     stop_ms: float
     devstate_ms: float
     scan_ms: float
@@ -104,12 +106,19 @@ class WindowResult:
     def dirty_pages(self) -> int:
         return len(self.idx)
 
+    @property
+    def spilled(self) -> bool:
+        return self.staged is None
+
 
 class StoppedWindow:
     """Runs sync points' stopped windows for one VM.
 
-    ``staging`` is a preallocated ``(n_pages, PAGE)`` buffer and ``index`` an ``int64``
-    buffer of ``n_pages`` slots; neither is allocated inside the window.
+    ``staging`` is a preallocated ``(pages, PAGE)`` buffer (all of RAM for a tracker
+    with a shadow, a fraction otherwise: :func:`~.sender.staging_pages`) and ``index``
+    an ``int64`` buffer of ``n_pages`` slots; neither is allocated inside the window.
+    When a scan finds more dirty pages than ``staging`` holds, the window stages none and
+    leaves the guest stopped (``WindowResult.staged`` is None) whatever ``resume`` says.
     """
 
     def __init__(
@@ -221,7 +230,13 @@ class StoppedWindow:
             step = "stage"
             faults.hit("window-stage")
             idx = self.index[:k].copy()
-            staged = self.tracker.stage(self.pages, idx, self.staging)
+            staged: np.ndarray | None = None
+            if k <= len(self.staging):
+                staged = self.tracker.stage(self.pages, idx, self.staging)
+            else:
+                # More than the staging buffer holds: the guest stays stopped while
+                # the caller sends them from RAM (the bound on the agent's memory).
+                resume = False
             t_stage = time.perf_counter()
             step = "epoch switch"
             if while_stopped is not None:

@@ -60,6 +60,7 @@ from kemari_suite.vm.spec import (
     choose_accel,
     io_paths,
     qemu_argv,
+    qemu_env,
 )
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class AsyncVM:
         if prepare_ram is not None:
             prepare_ram(self.paths.ram)
         argv = qemu_argv(self.spec, self.paths)
+        extra_env = qemu_env(self.spec, self.paths)
         write_owner_only(self.paths.run_dir / "cmdline", " ".join(argv) + "\n")
         stderr = open_owner_only(self.paths.stderr, "wb")
         try:
@@ -264,6 +266,7 @@ class AsyncVM:
                 stderr=stderr,
                 preexec_fn=_set_pdeathsig,
                 close_fds=True,
+                env={**os.environ, **extra_env} if extra_env else None,
             )
         except OSError as err:
             self._set_state(VMState.STOPPED)

@@ -111,6 +111,13 @@ class VMSpec:
     image_source: str = ""
     #: One line saying why this image boots (and whether it differs from the last build).
     image_reason: str = ""
+    #: The uffd-wp tracker's helper (:mod:`kemari_suite.vm.wphelper`), loaded into QEMU
+    #: on both hosts (the failover start becomes the next primary); None: not loaded.
+    wp_helper: Path | None = None
+    #: How QEMU loads it: "plugin" (``-plugin``) or "preload" (``LD_PRELOAD``).
+    wp_helper_mode: str = "plugin"
+    #: Why the helper is loaded, or why not (shown with the tracker's choice).
+    wp_helper_reason: str = ""
 
     def replace(self, **changes: Any) -> VMSpec:
         from dataclasses import replace
@@ -145,6 +152,11 @@ class VMPaths:
     def migration_socket(self) -> Path:
         return self.run_dir / "devstate.sock"
 
+    @property
+    def wp_socket(self) -> Path:
+        """Where the uffd-wp helper inside QEMU listens."""
+        return self.run_dir / "wp.sock"
+
     def qemu_files(self) -> list[Path]:
         """The files QEMU and its controller create in the run directory."""
         return [
@@ -153,6 +165,7 @@ class VMPaths:
             self.console,
             self.stderr,
             self.migration_socket,
+            self.wp_socket,
             self.run_dir / "cmdline",
         ]
 
@@ -243,12 +256,21 @@ def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
         ]
     for device in spec.devices:
         argv += ["-device", device]
+    if spec.wp_helper is not None and spec.wp_helper_mode == "plugin":
+        argv += ["-plugin", f"{spec.wp_helper},sock={paths.wp_socket}"]
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
     if spec.netns is not None:
         argv = ["ip", "netns", "exec", spec.netns, *argv]
     return argv
+
+
+def qemu_env(spec: VMSpec, paths: VMPaths) -> dict[str, str]:
+    """Environment QEMU needs beyond the agent's: the helper, when it is preloaded."""
+    if spec.wp_helper is None or spec.wp_helper_mode != "preload":
+        return {}
+    return {"LD_PRELOAD": str(spec.wp_helper), "KEMARI_WP_SOCK": str(paths.wp_socket)}
 
 
 @dataclass(frozen=True)
@@ -273,4 +295,5 @@ __all__ = [
     "choose_accel",
     "io_paths",
     "qemu_argv",
+    "qemu_env",
 ]

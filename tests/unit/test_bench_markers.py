@@ -225,4 +225,6 @@ def test_kbench_runs_natively_and_its_markers_assemble(tmp_path: Path) -> None:
     assert by[("iozone_wbuf", 2)].bytes == 256 * 1024
     assert by[("iozone_osync", 2)].ops == 16
     for lp in asm.loops:
-        assert lp.host_s > 0 and lp.guest_ns > 0
+        # Host stamps are taken when the tail reads a line: a short loop's begin and
+        # end can arrive in one read on a busy host (same stamp), never out of order.
+        assert lp.host_s >= 0 and lp.guest_ns > 0

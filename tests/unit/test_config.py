@@ -36,7 +36,7 @@ def test_defaults_without_a_file() -> None:
     assert isinstance(cfg, KemariConfig)
     assert cfg.vm.memory_mib == 128
     assert cfg.replication.mode == "speculative"
-    assert cfg.replication.tracker == "compare"
+    assert cfg.replication.tracker == "auto"
 
 
 def test_values_are_read_and_typed(tmp_path: Path) -> None:
