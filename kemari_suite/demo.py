@@ -52,6 +52,9 @@ class DemoResult:
     initial_pause_ms: float | None = None
     memory_mib: int = 0
     accel: str = ""
+    #: The dirty-page tracker the primary ran, and why (its probe, or the config).
+    tracker: str = ""
+    tracker_reason: str = ""
     profile: str = ""
     image_cached: bool = False
     pause_ms_p50: float | None = None
@@ -144,6 +147,8 @@ def run_demo(
                 mark(f"counter {value}, epoch {st['last_committed_epoch']} committed")
         st = pair.status("primary")
         res.checkpoints = int(st["checkpoints"])
+        res.tracker, res.tracker_reason = st.get("tracker") or "", st.get("tracker_reason") or ""
+        mark(f"dirty-page tracker: {res.tracker} ({res.tracker_reason})")
         with contextlib.suppress(KemariError):
             res.counter_before_kill = pair.read_counter()
         mark("kill -9 of the primary's agent and QEMU")

@@ -38,6 +38,7 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "qemu_pid": agent.vm.pid,
         "mode": agent.rcfg.mode,
         "tracker": agent.tracker.name if agent.tracker else None,
+        "tracker_reason": agent.tracker.reason if agent.tracker else None,
         "disk_resync": agent.resync,
         "io": agent.io.status() if agent.io is not None else None,
         **agent.held.status(),

@@ -69,7 +69,11 @@ class PairOptions:
     heartbeat_interval_ms: int = 200
     heartbeat_timeout_ms: int = 3000
     tiebreaker: str = "witness"
-    tracker: str = "compare"
+    #: ``replication.tracker`` ("auto": uffd-wp where it runs, see DESIGN.md).
+    tracker: str = "auto"
+    #: ``replication.tracker_verify``: the compare tracker checks the tracker at every
+    #: scan and a missed page fails the sync point.
+    tracker_verify: bool = False
     compression: str = "zstd"
     #: ``replication.tls``: TLS 1.3 on the replication link ("on") or MAC only ("off").
     tls: str = "on"
@@ -108,6 +112,7 @@ def options_from_config(cfg: KemariConfig) -> PairOptions:
     return PairOptions(
         mode=r.mode,
         tracker=r.tracker,
+        tracker_verify=r.tracker_verify,
         compression=r.compression,
         tls=r.tls,
         max_interval_ms=r.max_interval_ms,
@@ -249,6 +254,7 @@ def _host_tree(
             "listen": f"{lab.repl_ip_for(role)}:{REPL_PORT}",
             "mode": o.mode,
             "tracker": o.tracker,
+            "tracker_verify": o.tracker_verify,
             "compression": o.compression,
             "tls": o.tls,
             "max_interval_ms": o.max_interval_ms,
