@@ -72,8 +72,12 @@ class PairOptions:
     #: ``replication.tracker`` ("auto": uffd-wp where it runs, see DESIGN.md).
     tracker: str = "auto"
     #: ``replication.tracker_verify``: the compare tracker checks the tracker at every
-    #: scan and a missed page fails the sync point.
-    tracker_verify: bool = False
+    #: scan and a missed page fails the sync point. Default: on when
+    #: ``$KEMARI_TRACKER_VERIFY`` is 1 (the test suite sets it, so every lab test checks
+    #: the tracker it runs).
+    tracker_verify: bool = field(
+        default_factory=lambda: os.environ.get("KEMARI_TRACKER_VERIFY") == "1"
+    )
     compression: str = "zstd"
     #: ``replication.tls``: TLS 1.3 on the replication link ("on") or MAC only ("off").
     tls: str = "on"

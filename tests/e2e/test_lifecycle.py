@@ -14,6 +14,7 @@ import pytest
 from kemari_suite.config import KemariConfig
 from kemari_suite.lab.pair import LabPair, PairOptions
 from kemari_suite.service import control
+from kemari_suite.vm import wphelper
 from tests.conftest import needs_root
 
 pytestmark = [pytest.mark.e2e, needs_root]
@@ -65,14 +66,20 @@ def test_states_through_protect_failover_reprotect_and_switchover(
         assert st["role"] == "primary" and st["failover"]["epoch"] >= res["epoch"]
         # Host a comes back as the standby; host b re-protects towards it.
         pair.start_standby_on("primary")
-        pair.wait_state("secondary", {"protected"}, 180)
+        st = pair.wait_state("secondary", {"protected"}, 180)
         pair.wait_state("primary", {"standby"}, 30)
+        # The QEMU the failover started carries the uffd-wp helper too: the new primary
+        # tracks with it (checked against the compare tracker, KEMARI_TRACKER_VERIFY).
+        if wphelper.probe_kernel()[0]:
+            assert st["tracker"].startswith("uffd-wp"), st["tracker_reason"]
 
         # Planned switchover: the VM goes back to host a.
         out = pair.switchover("secondary")
         assert out["switched"] is True
-        pair.wait_state("primary", {"protected"}, 180)
+        st = pair.wait_state("primary", {"protected"}, 180)
         pair.wait_state("secondary", {"standby"}, 60)
+        if wphelper.probe_kernel()[0]:
+            assert st["tracker"].startswith("uffd-wp"), st["tracker_reason"]
     finally:
         pair.stop()
 

@@ -81,10 +81,12 @@ class Writer:
     def tracker(self) -> UffdWpTracker:
         size = N_PAGES * PAGE_SIZE
         address = protect_ram(self.sock, self.ram, size)
+
+        def arm() -> None:
+            protect_ram(self.sock, self.ram, size)
+
         tracker = UffdWpTracker(
-            N_PAGES,
-            scanner=PagemapScan(self.proc.pid, address, N_PAGES),
-            arm=lambda: None if protect_ram(self.sock, self.ram, size) else None,
+            N_PAGES, scanner=PagemapScan(self.proc.pid, address, N_PAGES), arm=arm
         )
         tracker.reset(np.empty((0, PAGE_SIZE), dtype=np.uint8))
         return tracker
