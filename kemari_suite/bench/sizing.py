@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from kemari_suite.bench import trackers
 from kemari_suite.bench.memsync import (
     complete,
     initial_sync,
@@ -595,8 +596,12 @@ def run_sizing(
     vm_sizes_mib: Sequence[int] | None = None,
     vm_samples: int = 20,
     vm_budget_s: float = 300.0,
+    tracker_sizes_mib: Sequence[int] = trackers.SIZES_MIB,
+    tracker_samples: int = 30,
 ) -> dict[str, Any]:
-    """Measure the compare tracker's cost per GiB of guest RAM (see the module doc).
+    """Measure the trackers side by side (:mod:`.trackers`) and the compare tracker's
+    cost per GiB of guest RAM (see the module doc); ``sizes_mib`` ``()`` skips the
+    latter (``--quick``).
 
     ``vm_sizes_mib`` (default: ``sizes_mib``) are booted in ascending order while the VM
     part has used less than ``vm_budget_s``; ``()`` boots none. A VM that fails is
@@ -619,10 +624,13 @@ def run_sizing(
             "max_interval_ms": cfg.replication.max_interval_ms,
         },
         "soft_dirty": {"available": soft_ok, "reason": soft_reason},
+        "trackers": {},
         "scan": [],
         "vm": [],
         "memory": {"primary": [], "secondary": []},
     }
+    if tracker_sizes_mib:
+        res["trackers"] = trackers.run_trackers(cfg, tracker_sizes_mib, tracker_samples, say)
     # Two passes, ascending then descending sizes, pooled: a load that changes during
     # the run (a shared machine) then weighs on every size alike and tilts no line.
     first = max(1, samples // 2)
@@ -700,7 +708,7 @@ def format_report(res: dict[str, Any], command: str) -> str:
     m = res["machine"]
     fits = res.get("fits", {})
     lines = [
-        "# Sizing: cost per GiB of guest RAM, compare tracker",
+        "# Sizing: cost per GiB of guest RAM, per dirty-page tracker",
         "",
         f"Command: `{command}`  ",
         f"Machine: {m.get('cpu') or '?'} ({m.get('cpus')} CPUs), kernel {m.get('kernel')}, "
@@ -710,7 +718,15 @@ def format_report(res: dict[str, Any], command: str) -> str:
         f"Soft-dirty tracking: {'available' if res['soft_dirty']['available'] else 'NOT available'}"
         f" ({res['soft_dirty']['reason']})",
         "",
-        "## Per GiB of guest RAM (least-squares lines over the points below)",
+    ]
+    if res.get("trackers"):
+        lines += [trackers.format_section(res["trackers"])]
+        if res.get("plot"):
+            lines += [f"![pause p50 per tracker and guest RAM size]({res['plot']})", ""]
+    if not res.get("scan"):
+        return "\n".join(lines) + "\n"
+    lines += [
+        "## The compare tracker per GiB of guest RAM (least-squares lines over the points below)",
         "",
         "| figure | line (per GiB) |",
         "|---|---|",
@@ -871,9 +887,47 @@ def _undo0(res: dict[str, Any]) -> list[dict[str, Any]]:
     return list(sec[0]["undo"]) if sec else []
 
 
+TRACKER_PLOT = "sizing-trackers.png"
+
+
+def plot_trackers(res: dict[str, Any], path: Path) -> bool:
+    """Pause p50 (and p99 as a band) against guest RAM, one line per tracker."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in res["trackers"].get("rows", []) if "error" not in r]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name in dict.fromkeys(r["tracker"] for r in rows):
+        mine = sorted((r for r in rows if r["tracker"] == name), key=lambda r: r["memory_mib"])
+        xs = [r["memory_mib"] for r in mine]
+        ax.plot(xs, [r["pause_ms_p50"] for r in mine], marker="o", label=f"{name} p50")
+        ax.fill_between(
+            xs, [r["pause_ms_p50"] for r in mine], [r["pause_ms_p99"] for r in mine], alpha=0.2
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("guest RAM (MiB)")
+    ax.set_ylabel("sync-point pause (ms)")
+    ax.set_title("Stopped window per tracker (band: p50 to p99)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
-    """Write ``sizing.json`` and ``sizing.md`` under ``folder``; returns the markdown path."""
+    """Write ``sizing.json``, ``sizing.md`` (and the trackers' plot) under ``folder``;
+    returns the markdown path."""
     folder.mkdir(parents=True, exist_ok=True)
+    if res.get("trackers") and plot_trackers(res, folder / TRACKER_PLOT):
+        res = {**res, "plot": TRACKER_PLOT}
     (folder / "sizing.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
     md = folder / "sizing.md"
     md.write_text(format_report(res, command))
@@ -888,11 +942,14 @@ def bench_sizing_command(
     samples: int = 10,
     vm_samples: int = 20,
     vm_budget_s: float = 300.0,
-    out_dir: Path = Path("benchmarks/results"),
+    tracker_sizes_mib: Sequence[int] = trackers.SIZES_MIB,
+    tracker_samples: int = 30,
+    out_dir: Path | None = Path("benchmarks/results"),
     command: str = "kemari bench sizing",
     progress: Progress | None = None,
-) -> Path:
-    """Run :func:`run_sizing` and write the results; returns the markdown path."""
+) -> tuple[Path | None, dict[str, Any]]:
+    """Run :func:`run_sizing` and write the results (unless ``out_dir`` is None);
+    returns the markdown path and the result."""
     res = run_sizing(
         cfg,
         sizes_mib,
@@ -901,8 +958,10 @@ def bench_sizing_command(
         vm_sizes_mib=vm_sizes_mib,
         vm_samples=vm_samples,
         vm_budget_s=vm_budget_s,
+        tracker_sizes_mib=tracker_sizes_mib,
+        tracker_samples=tracker_samples,
     )
-    return write_results(res, out_dir, command)
+    return (None if out_dir is None else write_results(res, out_dir, command)), res
 
 
 def _ints(text: str) -> list[int]:
@@ -926,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join([".venv/bin/python", "-m", "kemari_suite.bench.sizing", *raw])
-    md = bench_sizing_command(
+    md, _res = bench_sizing_command(
         load(args.config),
         sizes_mib=args.sizes,
         vm_sizes_mib=args.vm_sizes,
@@ -937,7 +996,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         command=command,
         progress=lambda msg: print(f"• {msg}", file=sys.stderr, flush=True),
     )
-    print(md.read_text())
+    if md is not None:
+        print(md.read_text())
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ PRECOPY_CONVERGED = 2048
 PRECOPY_MAX_ROUNDS = 8
 #: A tracker without a shadow stages at most 1/8 of guest RAM at once...
 STAGING_FRACTION = 8
-#: ...and at least this many pages (16 MiB) if RAM is larger.
-STAGING_MIN_PAGES = 4096
+#: ...and at least this many pages (24 MiB) if RAM is larger: a sync point of a small
+#: guest dirtying 4000 pages per interval still fits.
+STAGING_MIN_PAGES = 6144
 SHADOW_CAPS = TrackerCaps(
     keeps_shadow=True, gives_previous=True, scan_during_capture=True, reset_needs_stop=False
 )

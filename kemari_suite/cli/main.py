@@ -521,41 +521,69 @@ def bench_floor(
 def bench_sizing(
     config: ConfigOpt = None,
     sizes: Annotated[
-        str, typer.Option(help="Guest RAM sizes, MiB, comma-separated.")
+        str, typer.Option(help="Compare-scan sizes (no VM), MiB, comma-separated.")
     ] = "128,256,512,1024",
     vm_sizes: Annotated[
-        str | None, typer.Option(help="Sizes that boot a real guest (default all; '' none).")
+        str | None, typer.Option(help="Sizes that boot a compare-tracker guest ('' none).")
     ] = None,
     samples: Annotated[int, typer.Option(help="Scans per size and dirty case.")] = 20,
     vm_samples: Annotated[int, typer.Option(help="Sync points timed per VM.")] = 30,
     vm_budget: Annotated[float, typer.Option(help="Seconds allowed for the VM part.")] = 300.0,
-    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path(
-        "benchmarks/results"
-    ),
+    tracker_sizes: Annotated[
+        str, typer.Option(help="Guest sizes (MiB) at which every tracker is timed.")
+    ] = "128,1024,4096",
+    tracker_samples: Annotated[int, typer.Option(help="Sync points per tracker and size.")] = 30,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="Only the trackers, at 128 MiB and 4 GiB, 15 sync points each."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Last stdout line: the trackers' summary as JSON.")
+    ] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Results folder (default benchmarks/results; none with --quick)."
+        ),
+    ] = None,
 ) -> None:
-    """Sync-point pause and agent memory per GiB of guest RAM (compare tracker)."""
-    from kemari_suite.bench import sizing
+    """Sync-point pause and primary memory per tracker and guest RAM size, side by side,
+    and the compare tracker's cost per GiB."""
+    from kemari_suite.bench import sizing, trackers
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
     cfg = _load(config)
     command = ("kemari bench sizing " + " ".join(sys.argv[3:])).strip()
+    if out_dir is None and not quick:
+        out_dir = Path("benchmarks/results")
     with err.status("sizing") as st:
-        md = guard(
+        md, res = guard(
             lambda: sizing.bench_sizing_command(
                 cfg,
-                sizes_mib=ints(sizes),
-                vm_sizes_mib=None if vm_sizes is None else ints(vm_sizes),
+                sizes_mib=() if quick else ints(sizes),
+                vm_sizes_mib=() if quick else None if vm_sizes is None else ints(vm_sizes),
                 samples=samples,
                 vm_samples=vm_samples,
                 vm_budget_s=vm_budget,
+                tracker_sizes_mib=trackers.QUICK_SIZES_MIB if quick else ints(tracker_sizes),
+                tracker_samples=15 if quick else tracker_samples,
                 out_dir=out_dir,
                 command=command,
                 progress=st.update,
             )
         )
-    out.print(md.read_text())
+    if as_json:
+        if md is not None:
+            err.print(md.read_text())
+        print(json.dumps(trackers.summary(res["trackers"])))  # one line: the interface
+    elif md is not None:
+        out.print(md.read_text())
+    else:
+        out.print(trackers.format_section(res["trackers"]))
 
 
 @bench_app.command("service")

@@ -1,0 +1,316 @@
+"""Dirty-page trackers side by side: the engine's stopped window and the primary's
+memory, per tracker and guest RAM size, in one run (part of ``kemari bench sizing``).
+
+For each tracker (uffd-wp, soft-dirty where the kernel has it, compare) and each RAM
+size, a guest of that size boots with the uffd-wp helper loaded and runs ``memdirty``
+(about 4000 dirty pages per 100 ms interval over a 32 MiB working set). Its sync points
+run through the product's own stopped window
+(:func:`~kemari_suite.bench.memsync.product_window`: stop, device-state capture, scan,
+staging of the dirty pages, cont), built as the primary builds it: the same tracker, the
+same buffers (:class:`~kemari_suite.checkpoint.sender.Buffers`).
+
+Memory: the anonymous resident memory (``RssAnon``) that building the tracker and its
+buffers, the initial synchronization and the timed sync points added to the measuring
+process. Guest RAM itself (a shared file) is not in it. Each (tracker, size) runs in its
+own process, so one run's freed memory never hides the next one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kemari_suite.bench.memsync import (
+    complete,
+    initial_sync,
+    pct,
+    product_window,
+    window_row,
+    workload,
+)
+from kemari_suite.config import KemariConfig, load, with_overrides
+from kemari_suite.errors import BenchmarkError
+from kemari_suite.vm import wphelper
+
+Progress = Callable[[str], None]
+
+#: Dirty pages per second: about 4000 per 100 ms interval.
+PAGES_PER_S = 40000
+WORKING_SET_MIB = 32
+SIZES_MIB = (128, 1024, 4096)
+QUICK_SIZES_MIB = (128, 4096)
+
+
+def _rss_anon_kib() -> int:
+    for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def measure_one(
+    cfg: KemariConfig, tracker: str, memory_mib: int, samples: int, interval_s: float
+) -> dict[str, Any]:
+    """One tracker on one guest: its stopped windows and the memory they cost."""
+    from kemari_suite.vm.define import ensure_image
+    from kemari_suite.vm.devstate import enable_ignore_shared
+    from kemari_suite.vm.image import kernel_cmdline
+    from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
+
+    image = ensure_image(cfg)
+    accel, _ = choose_accel(cfg.vm.accel)
+    tag = f"trk{os.getpid()}-{memory_mib}"
+    run_root = cfg.paths.run_dir / f"kemari-{tag}"
+    spec = VMSpec(
+        name=tag,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        append=kernel_cmdline(run=workload("compressible", PAGES_PER_S, WORKING_SET_MIB)),
+        memory_mib=memory_mib,
+        accel=accel,
+    )
+    spec = wphelper.attach(cfg, spec)
+    vm = AsyncVM(spec, run_root=run_root, shm_dir=cfg.paths.shm_dir)
+    await vm.start()
+    try:
+        await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 300)
+        await asyncio.sleep(2.0)  # let memdirty start
+        await enable_ignore_shared(vm)
+        rows: list[dict[str, float]] = []
+        before = _rss_anon_kib()
+        with product_window(vm, cfg, tracker=tracker) as window:
+            name, reason = window.tracker.name, window.tracker.reason
+            staging_pages = len(window.staging)
+            await initial_sync(window)
+            for i in range(samples + 2):
+                await asyncio.sleep(interval_s)
+                r = await complete(window, await window.run(resume=True))
+                if i >= 2:  # the first scans carry the boot's leftovers
+                    rows.append(
+                        {**window_row(r, overlapped=window.overlap), "dirty": r.dirty_pages}
+                    )
+            extra_kib = _rss_anon_kib() - before
+    finally:
+        await vm.shutdown()
+        with contextlib.suppress(OSError):
+            run_root.rmdir()
+    totals = [r["total"] for r in rows]
+    return {
+        "tracker": name,
+        "reason": reason,
+        "memory_mib": memory_mib,
+        "accel": accel,
+        "samples": len(rows),
+        "pause_ms_p50": pct(totals, 50),
+        "pause_ms_p99": pct(totals, 99),
+        "scan_ms_p50": pct([r["scan"] for r in rows], 50),
+        "stage_ms_p50": pct([r["stage"] for r in rows], 50),
+        "devstate_ms_p50": pct([r["devstate"] for r in rows], 50),
+        "dirty_pages_p50": pct([r["dirty"] for r in rows], 50),
+        "staging_pages": staging_pages,
+        "primary_extra_mib": extra_kib / 1024,
+        "primary_extra_per_guest": extra_kib / 1024 / memory_mib,
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def available_trackers() -> tuple[list[str], dict[str, str]]:
+    """The trackers this host can run, and why each other one cannot."""
+    from kemari_suite.checkpoint.softdirty import probe_soft_dirty
+
+    names, why_not = [], {}
+    ok, why = wphelper.probe_kernel()
+    if ok:
+        names.append("uffd-wp")
+    else:
+        why_not["uffd-wp"] = why
+    ok, why = probe_soft_dirty()
+    if ok:
+        names.append("soft-dirty")
+    else:
+        why_not["soft-dirty"] = why
+    names.append("compare")
+    return names, why_not
+
+
+def run_trackers(
+    cfg: KemariConfig,
+    sizes_mib: Sequence[int] = SIZES_MIB,
+    samples: int = 30,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Every available tracker at every size, each in its own process."""
+    say = progress or (lambda _m: None)
+    names, why_not = available_trackers()
+    rows: list[dict[str, Any]] = []
+    # What the child needs of this config: where files go, the accelerator, the window.
+    settings = {
+        "paths": {k: str(v) for k, v in dataclasses.asdict(cfg.paths).items()},
+        "vm": {"accel": cfg.vm.accel},
+        "replication": {
+            "max_interval_ms": cfg.replication.max_interval_ms,
+            "overlap_scan": cfg.replication.overlap_scan,
+        },
+    }
+    for m in sorted(sizes_mib):
+        for name in names:
+            say(f"trackers: {name} on a {m} MiB guest, {samples} sync points")
+            t = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "kemari_suite.bench.trackers", name, str(m), str(samples)],
+                input=json.dumps(settings),
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=1800,
+            )
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                rows.append({"tracker": name, "memory_mib": m, "error": " | ".join(tail)})
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["took_s"] = round(time.monotonic() - t, 1)
+            rows.append(row)
+    return {"available": names, "unavailable": why_not, "rows": rows, "samples": samples}
+
+
+def _fit_slope(points: list[tuple[float, float]]) -> float | None:
+    if len(points) < 2:
+        return None
+    xs, ys = zip(*points, strict=True)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return None if den == 0 else sum((x - mx) * (y - my) for x, y in points) / den
+
+
+def tracker_summary(res: dict[str, Any], name: str) -> dict[str, Any]:
+    """One tracker's figures in the shape ``--json`` prints."""
+    rows = [r for r in res["rows"] if r.get("tracker") == name and "error" not in r]
+    extra = [(r["memory_mib"] / 1024, r["primary_extra_mib"]) for r in rows]
+    slope = _fit_slope(extra)
+    return {
+        "pause_ms_p50": {str(r["memory_mib"]): r["pause_ms_p50"] for r in rows},
+        "pause_ms_p99": {str(r["memory_mib"]): r["pause_ms_p99"] for r in rows},
+        "scan_ms_p50": {str(r["memory_mib"]): r["scan_ms_p50"] for r in rows},
+        "primary_extra_mib_per_gib": slope
+        if slope is not None
+        else (extra[0][1] / extra[0][0] if extra else None),
+    }
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """``{"tracker": NAME, "pause_ms_p50": {...}, ..., "compare": {...}}``: the fastest
+    tracker this host runs (the one ``auto`` picks) beside the compare tracker."""
+    names = res["available"]
+    first = names[0]
+    reason = next((r["reason"] for r in res["rows"] if r.get("tracker") == first), "")
+    out: dict[str, Any] = {"tracker": first, "reason": reason, **tracker_summary(res, first)}
+    out["compare"] = tracker_summary(res, "compare")
+    for other in names[1:-1]:
+        out[other] = tracker_summary(res, other)
+    errors = [r for r in res["rows"] if "error" in r]
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+def _n(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def format_section(res: dict[str, Any]) -> str:
+    """The trackers' table and targets, for sizing.md."""
+    lines = [
+        "## Trackers side by side (the engine's stopped window, guests under "
+        f"{next((r.get('accel') for r in res['rows'] if r.get('accel')), '?')})",
+        "",
+        f"About {PAGES_PER_S // 10} dirty pages per 100 ms interval over "
+        f"{WORKING_SET_MIB} MiB; {res['samples']} sync points per row. Primary extra "
+        "memory: the anonymous resident memory the tracker, its buffers and the sync "
+        "points added (guest RAM itself not counted).",
+        "",
+        "| tracker | guest MiB | pause p50 ms | pause p99 ms | scan p50 ms | stage p50 ms "
+        "| dirty pages p50 | primary extra MiB | extra / guest RAM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['tracker']} | {r['memory_mib']} | failed: {r['error']} |||||||")
+            continue
+        lines.append(
+            f"| {r['tracker']} | {r['memory_mib']} | {_n(r['pause_ms_p50'])} | "
+            f"{_n(r['pause_ms_p99'])} | {_n(r['scan_ms_p50'], '{:.2f}')} | "
+            f"{_n(r['stage_ms_p50'])} | {_n(r['dirty_pages_p50'], '{:.0f}')} | "
+            f"{_n(r['primary_extra_mib'], '{:.0f}')} | "
+            f"{_n(r['primary_extra_per_guest'], '{:.2f}')}x |"
+        )
+    for name, why in res["unavailable"].items():
+        lines.append(f"\n{name} is not measured here: {why}")
+    lines += ["", "Targets (issue 15):", ""]
+    lines += [f"- {t}" for t in targets(res)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(res: dict[str, Any]) -> list[str]:
+    """Each target of the fastest tracker, met or not, with its figures."""
+    s = summary(res)
+    p50, small, big = s["pause_ms_p50"], str(min(SIZES_MIB)), str(max(SIZES_MIB))
+    out = []
+
+    def check(label: str, ok: bool | None, detail: str) -> None:
+        verdict = "not measured" if ok is None else ("met" if ok else "NOT met")
+        out.append(f"{s['tracker']}: {label}: {verdict} ({detail})")
+
+    a, b = p50.get(small), p50.get(big)
+    check("pause p50 <= 6 ms at 128 MiB", None if a is None else a <= 6, f"{_n(a)} ms")
+    check("pause p50 <= 8 ms at 4 GiB", None if b is None else b <= 8, f"{_n(b)} ms")
+    growth = None if a is None or b is None or a == 0 else b / a
+    check(
+        "pause grows <= 1.5x from 128 MiB to 4 GiB",
+        None if growth is None else growth <= 1.5,
+        f"{_n(growth, '{:.2f}')}x",
+    )
+    per_gib = s["primary_extra_mib_per_gib"]
+    check(
+        "primary extra memory <= 0.25x guest RAM",
+        None if per_gib is None else per_gib <= 256,
+        f"{_n(per_gib, '{:.0f}')} MiB per GiB",
+    )
+    return out
+
+
+def main() -> None:
+    """``python -m kemari_suite.bench.trackers TRACKER MIB SAMPLES`` (the parent's
+    settings as JSON on stdin): one row, as JSON, on the last stdout line."""
+    name, mib, samples = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    cfg = with_overrides(load(None), **json.loads(sys.stdin.read()))
+    interval_s = cfg.replication.max_interval_ms / 1e3
+    try:
+        row = asyncio.run(measure_one(cfg, name, mib, samples, interval_s))
+    except Exception as err:
+        raise BenchmarkError(f"trackers ({name} at {mib} MiB)", str(err)) from err
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "QUICK_SIZES_MIB",
+    "SIZES_MIB",
+    "available_trackers",
+    "format_section",
+    "measure_one",
+    "run_trackers",
+    "summary",
+    "targets",
+]
