@@ -47,3 +47,6 @@ if [ ! -x .venv/bin/python ] || [ "$want" != "$have" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   echo "$want" > .venv/.kemari-setup
 fi
+
+# The uffd-wp tracker's helper, loaded into QEMU (compiled once per source, cached).
+.venv/bin/python -m kemari_suite.vm.wphelper >/dev/null

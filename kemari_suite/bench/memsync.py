@@ -64,7 +64,17 @@ Progress = Callable[[str], None]
 #: The parts of a floor row (ms), in the window's order (see :func:`window_row`).
 FLOOR_PARTS = ("stop", "devstate", "scan", "stage", "cont")
 #: The protected runs: page pattern and ``replication.tls``. The first has the failover.
-PHASES = (("compressible", "on"), ("incompressible", "on"), ("compressible", "off"))
+#: (pattern, tls, pre-copy, tracker) of each protected run. The defaults first
+#: ("auto": the tracker the probe picks); then pre-copy (pipelining) on, to choose its
+#: default by the figures; then the compare tracker, whose shadow gives every page an
+#: XOR base (the most a cache of previous versions could save in bytes per page).
+PHASES: tuple[tuple[str, str, bool, str], ...] = (
+    ("compressible", "on", False, "auto"),
+    ("incompressible", "on", False, "auto"),
+    ("compressible", "off", False, "auto"),
+    ("compressible", "on", True, "auto"),
+    ("compressible", "on", False, "compare"),
+)
 
 
 def workload(pattern: str, pages_per_s: int, mib: int) -> str:
@@ -84,6 +94,11 @@ class Phase:
     pattern: str
     #: ``replication.tls`` of the run: "on" (TLS 1.3) or "off" (MAC-only).
     tls: str = "on"
+    #: ``replication.pipelining`` (pre-copy between sync points).
+    pipelining: bool = False
+    #: The tracker the primary ran (its status), and why.
+    tracker: str = ""
+    tracker_reason: str = ""
     window_s: float = 0.0
     checkpoints: int = 0
     pause_ms_p50: float | None = None
@@ -393,15 +408,22 @@ def _protected(
     failover: bool,
 ) -> tuple[Phase, float | None]:
     pair = LabPair(lay, cfg, opts)
-    phase = Phase(pattern=pattern, tls=opts.tls)
+    phase = Phase(pattern=pattern, tls=opts.tls, pipelining=opts.pipelining)
     failover_ms = None
     try:
         pair.start()
-        pair.wait_state("primary", {"protected"}, 240)
+        st = pair.wait_state("primary", {"protected"}, 240)
+        phase.tracker, phase.tracker_reason = (
+            st.get("tracker") or "",
+            st.get("tracker_reason") or "",
+        )
         probe = SpinProbe(pair.shm_dir("primary") / f"kemari-{opts.vm_name}.ram")
         try:
             probe.wait(60)
-            say(f"protected ({pattern}, tls {opts.tls}): warming up {warmup:.0f} s")
+            say(
+                f"protected ({pattern}, tls {opts.tls}, {phase.tracker}, pre-copy "
+                f"{'on' if opts.pipelining else 'off'}): warming up {warmup:.0f} s"
+            )
             time.sleep(warmup)
             t0 = time.time()
             rate = probe.rate(window)
@@ -497,13 +519,15 @@ def run(
         }
         res.baseline_spin_rate = baseline
         res.warmup = check.to_dict() if check is not None else {}
-        for pattern, tls in PHASES:
+        for pattern, tls, precopy, tracker in PHASES:
             opts = PairOptions(
                 memory_mib=cfg.vm.memory_mib,
                 workload=workload(pattern, rate, working_set_mib),
                 mode=cfg.replication.mode,
                 max_interval_ms=cfg.replication.max_interval_ms,
-                pipelining=cfg.replication.pipelining,
+                pipelining=precopy,
+                tracker=tracker,
+                tracker_verify=False,
                 heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
                 compression=cfg.replication.compression,
                 tls=tls,
@@ -575,6 +599,13 @@ def _check(res: Result) -> None:
     """Compare with the targets of the memsync issue; record, never assert."""
     c = res.checks
     comp = next((p for p in res.phases if p.pattern == "compressible" and p.tls == "on"), None)
+    pre = next((p for p in res.phases if p.pipelining), None)
+    if comp is not None and pre is not None:
+        a, b = comp.pause_ms_p50, pre.pause_ms_p50
+        ra, rb = comp.throughput_ratio, pre.throughput_ratio
+        if a is not None and b is not None and ra is not None and rb is not None:
+            # Pre-copy pays when it shortens the pause without costing throughput.
+            c["precopy_pays"] = b < a and rb >= ra
     if comp is not None and res.floor_ms_p50 is not None and comp.pause_ms_p50 is not None:
         c["pause_p50_within_3ms_of_floor"] = comp.pause_ms_p50 <= res.floor_ms_p50 + 3
         if comp.pause_ms_p99 is not None:
@@ -611,9 +642,10 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
         f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel "
         f"{machine['kernel']}, {machine['date']}",
         "",
-        "| profile | pattern | tls | floor p50 ms | pause p50 ms | pause p99 ms | paused share "
-        "| throughput vs base | bytes/dirty page | failover ms (after timeout) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| profile | pattern | tls | tracker | pre-copy | floor p50 ms | pause p50 ms "
+        "| pause p99 ms | paused share | throughput vs base | bytes/dirty page "
+        "| failover ms (after timeout) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: float | None, fmt: str = "{:.1f}") -> str:
@@ -623,11 +655,21 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
         fo = f"{f(r.failover_ms)} ({r.heartbeat_timeout_ms} ms timeout)"
         for i, p in enumerate(r.phases):
             lines.append(
-                f"| {r.profile} | {p.pattern} | {p.tls} | {f(r.floor_ms_p50)} "
+                f"| {r.profile} | {p.pattern} | {p.tls} | {p.tracker} "
+                f"| {'on' if p.pipelining else 'off'} | {f(r.floor_ms_p50)} "
                 f"| {f(p.pause_ms_p50)} | {f(p.pause_ms_p99)} | {f(p.paused_share, '{:.1%}')} "
                 f"| {f(p.throughput_ratio, '{:.2f}')} | {f(p.bytes_per_dirty_page, '{:.0f}')} "
                 f"| {fo if i == 0 else ''} |"
             )
+    reasons = dict.fromkeys(
+        f"{p.tracker}: {p.tracker_reason}" for r in results for p in r.phases if p.tracker
+    )
+    lines += ["", "Trackers (why each ran):", "", *(f"- {why}" for why in reasons)]
+    lines += [
+        "",
+        "The floor is the stopped window alone on an unprotected guest, with the compare "
+        "tracker (the slowest); the last row runs that tracker in the product.",
+    ]
     lines += linkcost.markdown([(r.profile, r.tls_cost, r.link, r.link_error) for r in results])
     lines += ["", "Baseline warm-up (device-state captures first; docs/benchmarks.md):", ""]
     for r in results:

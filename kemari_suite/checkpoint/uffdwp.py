@@ -26,6 +26,7 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +42,8 @@ PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
 #: Regions one ioctl can return before it stops and is called again from ``walk_end``.
 VEC_REGIONS = 4096
+#: Guest pages (1 GiB) from which a scan with two threads walks the halves at once.
+SPLIT_PAGES = 1 << 18
 _PAGE_SHIFT = 12
 
 
@@ -116,24 +119,48 @@ class PagemapScan:
         self._end = address + n_pages * PAGE_SIZE
         self._vec = np.zeros((VEC_REGIONS, 3), dtype=np.uint64)
         self._arg = PmScanArg(size=ctypes.sizeof(PmScanArg))
+        # The second half's walker, made on the first split scan.
+        self._pool: ThreadPoolExecutor | None = None
+        self._arg2: PmScanArg | None = None
+        self._vec2: np.ndarray | None = None
+        self._out2: np.ndarray | None = None
         try:
             self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise ReplicationError(f"cannot open /proc/{pid}/pagemap: {err}") from err
 
-    def written(self, out: np.ndarray) -> int:
+    def written(self, out: np.ndarray, *, threads: int = 1) -> int:
         """Indices of pages written since the last call into ``out``, ascending; count.
 
-        They are write-protected again by the same call.
+        They are write-protected again by the same call. With ``threads`` > 1 and RAM of
+        at least :data:`SPLIT_PAGES`, the two halves are walked at once (the ioctl
+        releases the GIL; the kernel walks each half's page tables on its own core).
 
         Raises:
             ReplicationError: the ioctl failed (QEMU gone, or its RAM not registered).
         """
-        arg, vec = self._arg, self._vec
-        start, n = self.address, 0
-        while start < self._end:
+        if threads < 2 or self.n_pages < SPLIT_PAGES:
+            return self._walk(self.address, self._end, self._arg, self._vec, out)
+        mid = self.address + self.n_pages // 2 * PAGE_SIZE
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, "kemari-wpscan")
+            self._arg2 = PmScanArg(size=ctypes.sizeof(PmScanArg))
+            self._vec2 = np.zeros((VEC_REGIONS, 3), dtype=np.uint64)
+            self._out2 = np.zeros(self.n_pages - self.n_pages // 2, dtype=np.int64)
+        assert self._arg2 is not None and self._vec2 is not None and self._out2 is not None
+        upper = self._pool.submit(self._walk, mid, self._end, self._arg2, self._vec2, self._out2)
+        try:
+            n = self._walk(self.address, mid, self._arg, self._vec, out)
+        finally:
+            m = upper.result()
+        out[n : n + m] = self._out2[:m]
+        return n + m
+
+    def _walk(self, start: int, end: int, arg: PmScanArg, vec: np.ndarray, out: np.ndarray) -> int:
+        n = 0
+        while start < end:
             arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
-            arg.start, arg.end, arg.walk_end = start, self._end, 0
+            arg.start, arg.end, arg.walk_end = start, end, 0
             arg.vec, arg.vec_len, arg.max_pages = vec.ctypes.data, VEC_REGIONS, 0
             arg.category_inverted, arg.category_anyof_mask = 0, 0
             arg.category_mask = arg.return_mask = PAGE_IS_WRITTEN
@@ -164,6 +191,9 @@ class PagemapScan:
         return n + total
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -233,12 +263,13 @@ class UffdWpTracker:
         if not self._armed:
             raise ReplicationError("uffd-wp tracker is not armed: reset() must come first")
         self._check_out(out)
+        split = 1 if threads is None else threads
         if self._npending == 0:
-            n = self._scanner.written(out)
+            n = self._scanner.written(out, threads=split)
             self._pending[out[:n]] = True
             self._npending = n
             return n
-        k = self._scanner.written(self._new)
+        k = self._scanner.written(self._new, threads=split)
         self._pending[self._new[:k]] = True
         n = int(np.count_nonzero(self._pending))
         np.copyto(out[:n], np.flatnonzero(self._pending))
