@@ -24,14 +24,20 @@ copy ``L`` (a random id chosen by the primary for every full copy) with every co
 write through epoch ``E`` applied. It must never be ahead of the data, or an incremental
 resync would skip blocks the image lacks: :meth:`BuiltinDisk.write_state` flushes the
 image first, then writes the sidecar to a temporary file, fsyncs it, renames it over the
-old one and fsyncs the directory. A copy that diverges (failover, an in-place resync in
-progress) loses its sidecar first (unlink, directory fsync).
+old one and fsyncs the directory (:func:`~kemari_suite.protocol.files.write_owner_only`).
+A copy that diverges (failover, an in-place resync in progress) loses its sidecar first
+(unlink, directory fsync).
 
 The sidecar may also record ``"generation": G``, the tiebreaker's generation (fencing
 token) of the run whose data this copy holds (:attr:`BuiltinDisk.generation`, kept
-across later records that do not give one). A standby whose recorded generation is
+across later records that do not give one; :meth:`BuiltinDisk.record_generation` sets
+or drops it at once). It is what the lease block's generation is to the shared disk
+(:mod:`kemari_suite.disk.shared`): a standby records the generation of the primary
+streaming to it, and the standby that wins a takeover records its grant's before it
+resumes (:mod:`kemari_suite.replica.generation`). A standby whose recorded generation is
 older than the tiebreaker's holds a copy another host has written past since: it is
-stale, and a failover refuses it (:func:`kemari_suite.replica.failover.copy_staleness`).
+stale, and neither a takeover nor an operator's failover resumes it unless the operator
+accepts the data loss (:func:`kemari_suite.replica.failover.copy_staleness`).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from kemari_suite.disk.base import (
 )
 from kemari_suite.errors import DiskError
 from kemari_suite.ha.lease import LeaseTiebreaker
-from kemari_suite.protocol.files import FILE_MODE, open_owner_only
+from kemari_suite.protocol.files import open_owner_only, write_owner_only
 
 #: Size of one chunk of a full disk copy (one I/O log record each).
 DISK_COPY_CHUNK = 4 << 20
@@ -125,36 +131,22 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def write_sidecar(
     path: str | os.PathLike[str], state: CopyState, *, generation: int | None = None
 ) -> None:
-    """Replace the sidecar atomically and durably: temporary file, fsync, rename,
-    directory fsync. The caller has made the data durable first. ``generation``, when
-    given, is recorded beside the copy state.
+    """Replace the sidecar atomically and durably, mode 0600 (it names the copy's lineage
+    and generation), through :func:`~kemari_suite.protocol.files.write_owner_only`:
+    temporary file, fsync, rename, directory fsync. The caller has made the data durable
+    first. ``generation``, when given, is recorded beside the copy state.
 
     Raises:
-        DiskError: any step failed (the old sidecar, if any, is still in place).
+        DiskError: any step failed (the old sidecar, if any, is still in place unless
+            only the directory fsync failed).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     record: dict[str, Any] = state.to_dict()
     if generation is not None:
         record["generation"] = generation
-    data = json.dumps(record).encode()
     try:
-        # 0600 like the data: the sidecar names the copy's lineage and generation.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)  # a stale temporary file keeps its mode through O_CREAT
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_owner_only(path, json.dumps(record).encode(), durable=True)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise DiskError(NAME, f"cannot write {path}: {err.strerror}") from err
-    fsync_dir(path.parent)
+        raise DiskError(NAME, f"cannot write {path}: {err.strerror or err}") from err
 
 
 def remove_sidecar(path: str | os.PathLike[str]) -> None:
@@ -409,6 +401,22 @@ class BuiltinDisk:
     def read_generation(self) -> int | None:
         """The generation the sidecar records for this copy (None: unknown)."""
         return read_sidecar_generation(self.state_path)
+
+    def record_generation(self, generation: int | None) -> None:
+        """Record at once that this copy holds the data of tiebreaker generation
+        ``generation`` (None: drop the recorded one, not known), keeping the copy state
+        (lineage, epoch) as it is; later records keep it. A copy with no sidecar gets
+        one that names no lineage (nobody's replica) but the generation.
+
+        Raises:
+            DiskError: the flush or the sidecar write failed.
+        """
+        self.generation = generation
+        if generation is None and self.read_generation() is None:
+            return  # nothing recorded, nothing to drop
+        if self._file.attached:
+            self._file.flush()
+        write_sidecar(self.state_path, self.read_state(), generation=generation)
 
     def clear_state(self) -> None:
         remove_sidecar(self.state_path)

@@ -34,9 +34,9 @@ nonce (an old reply cannot be replayed to the client) and carries the next chall
 The MAC is over the object without ``mac``, as JSON with sorted keys. A request the
 witness cannot read or authenticate gets ``{"granted":false,"error":...,"nonce":null}``.
 
-The listener takes the replication link's protections (:func:`server_from_config`,
-:mod:`kemari_suite.protocol.link`): ``[witness] listen`` is an explicit address (an
-explicit ``0.0.0.0`` is taken with a warning); a connection must bring an authenticated
+The listener takes the replication link's protections (:func:`server_from_config`, the
+same :class:`~kemari_suite.protocol.listen.Door`): ``[witness] listen`` is an explicit
+address (an explicit ``0.0.0.0`` is taken with a warning); a connection must bring an authenticated
 request within ``handshake_timeout`` of its opening, and at most ``max_pending``
 connections may be without one at a time. Beyond that a newcomer pushes out the oldest
 (a real client sends its request one round trip after connecting). Once a request has
@@ -64,11 +64,11 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from kemari_suite.errors import ConnectError, ProtocolError
 from kemari_suite.ha.witness_state import PairKeys, load_state, save_state
 from kemari_suite.protocol import framing
-from kemari_suite.protocol.link import (
+from kemari_suite.protocol.listen import (
     HANDSHAKE_TIMEOUT_S,
     MAX_PENDING,
+    Door,
     PendingGate,
-    admit_stream,
     parse_listen,
 )
 
@@ -258,9 +258,10 @@ class WitnessServer:
             self.table.restore(load_state(state_file))
         self.host = host
         self.port = port
-        self.timeout = handshake_timeout
-        self.gate = PendingGate(max_pending)
         self.on_reject = on_reject
+        self.door = Door(
+            handshake_timeout=handshake_timeout, max_pending=max_pending, on_reject=self._reject
+        )
         #: The latest decisions (a witness runs for months: bounded).
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_DECISIONS)
         self._server: asyncio.AbstractServer | None = None
@@ -273,19 +274,26 @@ class WitnessServer:
         assert self._server is not None
         await self._server.serve_forever()
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a connection has to authenticate (then between requests)."""
+        return self.door.timeout
+
+    @property
+    def gate(self) -> PendingGate:
+        """The unauthenticated connections held now."""
+        return self.door.gate
+
     def _reject(self, peer: str, err: Exception) -> None:
         log.debug("witness: %s", err)
         if self.on_reject is not None:
             self.on_reject(peer, err)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")
-        peer = f"{addr[0]}:{addr[1]}" if addr else "?"
-        try:
-            pending = admit_stream(self.gate, writer, peer)
-        except ConnectError as err:
-            self._reject(peer, err)
+        admitted = self.door.admit(writer)
+        if admitted is None:
             return
+        peer, pending = admitted
         loop = asyncio.get_running_loop()
         # Until a request authenticates, the whole talk has one deadline: a peer without
         # the key cannot keep its slot by sending bad requests slowly.
@@ -411,7 +419,7 @@ class WitnessServer:
 
 def server_from_config(cfg: KemariConfig, listen: str) -> WitnessServer:
     """The witness of ``cfg`` on ``listen`` (host:port, see
-    :func:`~kemari_suite.protocol.link.parse_listen`): ``[witness] keys_dir`` and
+    :func:`~kemari_suite.protocol.listen.parse_listen`): ``[witness] keys_dir`` and
     ``state_file``; the lease period is ``replication.heartbeat_timeout_ms``. Each pair
     is served with its own key file only: never ``replication.key``.
 

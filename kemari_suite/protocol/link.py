@@ -9,63 +9,35 @@ handed out, so everything that reaches the agents is authenticated.
 The listener is exposed to whoever reaches its address, so :func:`serve` bounds what an
 unauthenticated peer can hold: the whole opening (preamble, TLS, handshake) must finish
 within ``handshake_timeout``, and at most ``max_pending`` connections may be in it at
-once (:class:`PendingGate`). Beyond that a newcomer pushes out the oldest connection
-that has not even sent its preamble, or is closed at once when every slot is busy with
-a handshake. A real primary sends its preamble as soon as it connects.
+once (:class:`~kemari_suite.protocol.listen.Door`, shared with the witness). Beyond
+that a newcomer pushes out the oldest connection that has not even sent its preamble,
+or is closed at once when every slot is busy with a handshake. A real primary sends its
+preamble as soon as it connects. The names of :mod:`~kemari_suite.protocol.listen` this
+module always exported (``parse_listen``, ``PendingGate``...) are still exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from kemari_suite.errors import ConfigError, ConnectError, ProtocolError
+from kemari_suite.errors import ConnectError, ProtocolError
 from kemari_suite.protocol import tls, wire
-
-log = logging.getLogger(__name__)
+from kemari_suite.protocol.listen import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_PENDING,
+    Door,
+    Pending,
+    PendingGate,
+    admit_stream,
+    parse_listen,
+)
 
 READ_CHUNK = 1 << 20
-#: The whole opening of an incoming connection (preamble, TLS, PSK handshake), seconds:
-#: a few round trips and two signatures, with room for two busy cores.
-HANDSHAKE_TIMEOUT_S = 5.0
-#: Unauthenticated connections the listener holds at once.
-MAX_PENDING = 8
-#: Addresses meaning every interface: allowed when given explicitly, with a warning.
-_WILDCARDS = ("0.0.0.0", "::")
-
-
-def parse_listen(
-    value: str, *, key: str = "replication.listen", example: str = "10.0.0.2:7410"
-) -> tuple[str, int]:
-    """A listener's address (``key`` in the config) as (host, port): an explicit address,
-    never implied. ``0.0.0.0`` or ``[::]`` is taken when written out, with a warning.
-
-    Raises:
-        ConfigError: (naming ``key``) empty, no host, or no valid port.
-    """
-    hint = f"give this host's own address on that network, e.g. {example}"
-    if not value:
-        raise ConfigError(f"not set: {hint}", key=key)
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host:
-        raise ConfigError(f"{value!r} names no host: {hint}", key=key)
-    if not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{value!r} has no valid port: {hint}", key=key)
-    if host in _WILDCARDS:
-        log.warning(
-            "%s = %s: the listener takes connections on every address of this host; %s",
-            key,
-            value,
-            hint,
-        )
-    return host, int(port)
 
 
 class Link:
@@ -259,96 +231,6 @@ async def connect(
         raise
 
 
-class PendingGate:
-    """The unauthenticated connections a listener holds, and which one to drop. No I/O.
-
-    A connection is *idle* from :meth:`admit` until :meth:`progressed` (it sent a valid
-    preamble), then in its handshake until :meth:`done`. With ``limit`` connections
-    held, :meth:`admit` closes the oldest idle one to make room, or refuses the newcomer
-    (returns None) when all are in their handshake.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("the bound on unauthenticated connections must be at least 1")
-        self.limit = limit
-        self._idle: dict[int, Callable[[], None]] = {}  # insertion order: oldest first
-        self._busy: set[int] = set()
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._idle) + len(self._busy)
-
-    def admit(self, close: Callable[[], None]) -> int | None:
-        """A token for a new connection (``close`` drops it if it must make room), or
-        None: refuse it."""
-        if len(self) >= self.limit:
-            if not self._idle:
-                return None
-            oldest = next(iter(self._idle))
-            self._idle.pop(oldest)()
-        token = self._next
-        self._next += 1
-        self._idle[token] = close
-        return token
-
-    def progressed(self, token: int) -> None:
-        if self._idle.pop(token, None) is not None:
-            self._busy.add(token)
-
-    def done(self, token: int) -> None:
-        self._idle.pop(token, None)
-        self._busy.discard(token)
-
-
-@dataclass
-class Pending:
-    """One connection admitted by :func:`admit_stream`, until it authenticates."""
-
-    gate: PendingGate
-    token: int = -1
-    #: The gate closed it to make room for a newer connection.
-    evicted: bool = False
-
-    def progressed(self) -> None:
-        """It sent a valid opening: no longer the first to be dropped."""
-        self.gate.progressed(self.token)
-
-    def done(self) -> None:
-        """Authenticated, or closed: its slot is free."""
-        self.gate.done(self.token)
-
-    def why_closed(self, peer: str) -> ConnectError:
-        return ConnectError(
-            peer, f"closed: idle while {self.gate.limit} unauthenticated connections were open"
-        )
-
-
-def admit_stream(gate: PendingGate, writer: asyncio.StreamWriter, peer: str) -> Pending:
-    """Admit a new incoming connection to ``gate``. Making room aborts the oldest idle
-    connection (its :class:`Pending` says ``evicted``).
-
-    Raises:
-        ConnectError: refused (every slot is in its handshake); the connection is
-            aborted already.
-    """
-    pending = Pending(gate)
-
-    def evict() -> None:
-        pending.evicted = True
-        writer.transport.abort()
-
-    token = gate.admit(evict)
-    if token is None:
-        writer.transport.abort()
-        raise ConnectError(
-            peer,
-            f"closed at once: {gate.limit} unauthenticated connections are in their handshake",
-        )
-    pending.token = token
-    return pending
-
-
 class _Listener:
     """The secondary's side of every incoming connection (see :func:`serve`)."""
 
@@ -367,31 +249,26 @@ class _Listener:
         self.node_id = node_id
         self.on_link = on_link
         self.tls_on = tls_on
-        self.timeout = handshake_timeout
-        self.gate = PendingGate(max_pending)
-        self.on_reject = on_reject
+        self.door = Door(
+            handshake_timeout=handshake_timeout, max_pending=max_pending, on_reject=on_reject
+        )
         self.identity = tls.Identity.generate() if tls_on else None
         self.context = self.identity.server_context() if self.identity is not None else None
 
-    def _reject(self, peer: str, err: Exception) -> None:
-        if self.on_reject is not None:
-            self.on_reject(peer, err)
-
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")
-        peer = f"{addr[0]}:{addr[1]}" if addr else "?"
-        try:
-            pending = admit_stream(self.gate, writer, peer)
-        except ConnectError as err:
-            self._reject(peer, err)
+        admitted = self.door.admit(writer)
+        if admitted is None:
             return
+        peer, pending = admitted
         try:
-            link = await asyncio.wait_for(self._open(reader, writer, peer, pending), self.timeout)
+            link = await asyncio.wait_for(
+                self._open(reader, writer, peer, pending), self.door.timeout
+            )
         except TimeoutError:
             self._fail(
                 writer,
                 peer,
-                ConnectError(peer, f"handshake did not finish in {self.timeout:.1f} s"),
+                ConnectError(peer, f"handshake did not finish in {self.door.timeout:.1f} s"),
             )
             return
         except (ProtocolError, ConnectError, OSError) as err:  # OSError: ssl.SSLError too
@@ -417,7 +294,7 @@ class _Listener:
 
     def _fail(self, writer: asyncio.StreamWriter, peer: str, err: Exception) -> None:
         writer.close()
-        self._reject(peer, err)
+        self.door.reject(peer, err)
 
     async def _open(
         self,

@@ -28,7 +28,8 @@ def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
 
     async def failover(req: dict[str, Any]) -> Any:
         """``kemari failover --yes``: resume the VM here, unless the tiebreaker knows
-        this copy to be stale and the operator did not accept the data loss."""
+        this copy to be stale (the holder ran solo, or its generation is newer than the
+        one the disk copy records) and the operator did not accept the data loss."""
         if agent.state is S.ACTIVE:
             return {"already": True, "report": agent.report.__dict__ if agent.report else None}
         if agent.state is S.STOPPED:
@@ -38,7 +39,7 @@ def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
         if agent.state is not S.FAILING_OVER:
             await operator_failover_check(
                 agent.watch.witness,
-                None,
+                agent.store.copy_generation(),
                 agent.artifacts,
                 accept_data_loss=bool(req.get("accept_data_loss")),
             )

@@ -8,8 +8,9 @@ or the standby's half of a planned switchover. Its steps, in order::
     roll the open epoch back, close the receiver         replica = last committed checkpoint
     read the probes, unmap the replica
     bring the disk to the committed epoch                built-in copy checked (diverged
-                                                         copies refused); shared storage:
-                                                         committed logs replayed
+                                                         copies refused), the grant's
+                                                         generation recorded; shared
+                                                         storage: committed logs replayed
     start QEMU on the replica RAM file, -incoming        taps unprotected
     restore the device state, cont, announce-self
     ACTIVE                                               FailoverReport, Handover
@@ -21,8 +22,9 @@ caller's (the wire is the agent's).
 
 A copy is *stale* when the primary ran without a secondary after this standby's last
 commit: the tiebreaker says so (the holder went solo, or its generation is newer than
-the one this copy's sidecar records). An automatic failover never gets there (the
-tiebreaker refuses a stale takeover); an operator's goes through
+the one this copy's sidecar records, :mod:`~kemari_suite.replica.generation`). An
+automatic failover never gets there (the tiebreaker refuses a stale takeover, and the
+watch does not ask for one with a copy older than the holder); an operator's goes through
 :func:`operator_failover_check` first, which refuses a stale copy unless the operator
 accepts the data loss (an alert is raised). Storage both hosts write (shared, DRBD)
 never replays a stale copy's logs: they would overwrite newer data.
@@ -46,6 +48,7 @@ from kemari_suite.errors import ConnectError, FailoverError
 from kemari_suite.ha.tiebreak import Tiebreaker
 from kemari_suite.protocol.link import Link
 from kemari_suite.replica import verbs
+from kemari_suite.replica.generation import copy_staleness
 from kemari_suite.replica.replicadisk import replay_committed
 from kemari_suite.replica.states import SecondaryState
 from kemari_suite.replica.store import ReplicaStore
@@ -149,6 +152,8 @@ class Failover:
         self.probe = probe
         #: Set once the VM runs here (before ACTIVE, so status at ACTIVE shows it).
         self.report: FailoverReport | None = None
+        #: The generation of the takeover the tiebreaker granted (None: none asked).
+        self.generation: int | None = None
 
     async def take_lease(self) -> str:
         """A switchover: the primary released the lease before asking; take it.
@@ -161,6 +166,7 @@ class Failover:
         except ConnectError as err:
             granted, why = False, f"tiebreaker unreachable: {err}"
         if granted:
+            self.generation = d.generation
             return ""
         self.artifacts.event("switchover-refused", reason=why)
         return why or "refused"
@@ -173,15 +179,19 @@ class Failover:
         tiebreak_ms: float = 0.0,
         switch: PendingSwitch | None = None,
         detach: Callable[[], None] = lambda: None,
+        generation: int | None = None,
     ) -> Takeover | None:
         """Resume the VM here from the last committed checkpoint. ``detach`` stops
         taking primaries (called once FAILING_OVER is set). A ``switch`` is answered
-        here; None when the tiebreaker refused it (still the standby).
+        here; None when the tiebreaker refused it (still the standby). ``generation``
+        is the takeover the tiebreaker granted (a switchover asks for its own): the
+        disk copy records it before the guest resumes.
 
         Raises:
             FailoverError: no committed checkpoint, a diverged disk copy, or QEMU could
                 not resume it (the state is then STOPPED).
         """
+        self.generation = generation
         if switch is not None:
             why = await self.take_lease()
             if why:
@@ -261,7 +271,11 @@ class Failover:
                 holds newer data than this stale copy (nothing is replayed).
         """
         if self.store.disk is not None:
-            await asyncio.to_thread(self.store.disk.prepare_failover, epoch)
+            # The copy's data is the run of our grant from here on (as the lease block
+            # of a shared disk names the generation of its writer).
+            await asyncio.to_thread(
+                self.store.disk.prepare_failover, epoch, generation=self.generation
+            )
         elif self.cfg.disk.path:
             # Storage both hosts write: a stale copy's memory and logs are older than
             # what is on the disk; neither replaying nor resuming is safe, whatever
@@ -334,31 +348,6 @@ def switch_refusal(
         )
     if restore_failure is not None:
         return f"the trial restore failed here: {restore_failure}"
-    return ""
-
-
-async def copy_staleness(witness: Tiebreaker | None, sidecar_generation: int | None) -> str:
-    """Why this standby's copy is known to be stale ("" when it is not known to be):
-    the tiebreaker's holder ran without a secondary, or its generation is newer than
-    the one recorded with this copy (``sidecar_generation``; None: not recorded).
-    An unreachable tiebreaker or none at all knows nothing."""
-    if witness is None:
-        return ""
-    try:
-        d = await witness.ask("query")
-    except ConnectError as err:
-        log.warning("failover: cannot ask the tiebreaker whether this copy is stale: %s", err)
-        return ""
-    if d.stale:
-        return (
-            f"{d.owner or 'the last holder'} ran without a secondary after this copy's last "
-            f"checkpoint (generation {d.generation}): this copy is stale"
-        )
-    if sidecar_generation is not None and d.generation > sidecar_generation and not d.granted:
-        return (
-            f"the tiebreaker is at generation {d.generation}, this copy holds generation "
-            f"{sidecar_generation}: {d.owner or 'another host'} wrote past it, the copy is stale"
-        )
     return ""
 
 

@@ -9,6 +9,8 @@ alone cannot tell a dead peer from a cut cable). Without a tiebreaker, or when i
 refuses or cannot be reached, the watch says why (once per cause) and the standby
 waits, for the primary to come back or for ``kemari failover``. An operator's command
 or a planned switchover asks for the failover at once (:meth:`PrimaryWatch.request`).
+A disk copy that records an older generation than the holder's is stale: the watch says
+so and does not take over (:mod:`~kemari_suite.replica.generation`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kemari_suite.errors import ConnectError, FailoverError
 from kemari_suite.ha.tiebreak import Tiebreaker
 from kemari_suite.protocol import wire
 from kemari_suite.protocol.link import Link
+from kemari_suite.replica.generation import copy_staleness
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class FailoverRequest:
     tiebreak_ms: float = 0.0
     #: Asked for (operator command, switchover), not decided by the watch.
     operator: bool = False
+    #: The generation the tiebreaker granted this host's takeover (None: no grant).
+    generation: int | None = None
 
 
 class PrimaryWatch:
@@ -45,7 +50,9 @@ class PrimaryWatch:
 
     ``standby()`` says whether the agent holds a committed checkpoint it may resume
     (the watch acts only then); ``fail_over(request)`` runs the failover; ``refused``
-    gets the reason a failover did not happen.
+    gets the reason a failover did not happen. ``copy_generation()`` is the tiebreaker
+    generation the disk copy records (None: none): a copy older than the holder's is
+    stale, and the watch does not even ask for the takeover.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class PrimaryWatch:
         standby: Callable[[], bool],
         fail_over: Callable[[FailoverRequest], Awaitable[None]],
         refused: Callable[[str], None],
+        copy_generation: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.timeout_s = rcfg.heartbeat_timeout_ms / 1000
         self.interval_s = rcfg.heartbeat_interval_ms / 1000
@@ -64,6 +72,9 @@ class PrimaryWatch:
         self._standby = standby
         self._fail_over = fail_over
         self._refused = refused
+        self._copy_generation = copy_generation
+        #: The generation of the last takeover the tiebreaker granted us.
+        self.granted_generation: int | None = None
         self.last_rx = time.monotonic()
         self._now = asyncio.Event()
         self._asked = ""
@@ -106,7 +117,8 @@ class PrimaryWatch:
             # heartbeat interval of margin on top of the witness's own expiry.
             await asyncio.sleep(self.interval_s)
             tiebreak_ms = (time.monotonic() - t0) * 1e3
-            if not await self._run(FailoverRequest(lost, detected, tiebreak_ms)):
+            req = FailoverRequest(lost, detected, tiebreak_ms, generation=self.granted_generation)
+            if not await self._run(req):
                 return
 
     async def _requested(self, timeout: float) -> bool:
@@ -132,12 +144,20 @@ class PrimaryWatch:
             return "no tiebreaker: waiting for `kemari failover`"
         if self.witness is None:
             return None
+        gen = self._copy_generation()
+        if gen is not None:
+            # Before the takeover: taking the lease for a copy that cannot resume would
+            # only keep the holder from coming back.
+            stale = await copy_staleness(self.witness, gen)
+            if stale:
+                return f"not taking over: {stale}"
         try:
             d = await self.witness.ask("takeover")
         except ConnectError as err:
             return f"witness unreachable: {err}: not failing over"
         if not d.granted:
             return f"tiebreaker refused: {d.reason}"
+        self.granted_generation = d.generation
         return ""
 
     def _refuse(self, cause: str, reason: str) -> None:

@@ -18,7 +18,7 @@ capability: a backend that ``streams_copy`` is a copy the engine keeps, one that
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.disk import DiskBackend, DiskRole, open_backend
@@ -78,9 +78,28 @@ class ReplicaDisk(Protocol):
         ...
 
 
+@runtime_checkable
+class GenerationRecord(Protocol):
+    """A disk whose sidecar also records the tiebreaker generation of its data
+    (:class:`~kemari_suite.disk.builtin.BuiltinDisk`)."""
+
+    #: Written with every later record (None: keep what the sidecar says).
+    generation: int | None
+
+    def read_generation(self) -> int | None: ...
+
+    def record_generation(self, generation: int | None) -> None: ...
+
+
 class BuiltinCopy:
     """This host's copy of a disk the engine streams (the built-in replicated disk);
-    see :class:`ReplicaDisk`. The backend keeps the sidecar crash-safely."""
+    see :class:`ReplicaDisk`. The backend keeps the sidecar crash-safely.
+
+    The sidecar also records the tiebreaker generation of the copy's data, where the
+    backend can (:class:`GenerationRecord`): the generation of the primary streaming to
+    it once learned (:meth:`learn_generation`), none for a new primary's commits until
+    then (:meth:`new_primary`), and the grant of a takeover (:meth:`prepare_failover`).
+    """
 
     def __init__(self, cfg: KemariConfig, disk: DiskBackend) -> None:
         self.cfg = cfg
@@ -89,6 +108,10 @@ class BuiltinCopy:
         #: Where the copy in progress is written (None: no copy in progress).
         self._target: DiskBackend | None = None
         self._pending_lineage = ""
+        #: The generation of the primary streaming to this copy (None: not learned on
+        #: this connection), and whether any primary connected since this copy opened.
+        self._primary_generation: int | None = None
+        self._new_primary = False
 
     @classmethod
     def open(cls, cfg: KemariConfig) -> BuiltinCopy | None:
@@ -130,6 +153,7 @@ class BuiltinCopy:
 
     def commit(self, epoch: int, logs: Sequence[bytes]) -> None:
         disk = self._require()
+        self._stamp_generation(disk)
         if self._target is not None:
             # A full copy replaces the old one in one rename; an in-place one is done.
             self._target = None
@@ -149,19 +173,52 @@ class BuiltinCopy:
         self._target = None
         self._pending_lineage = ""
 
+    def _stamp_generation(self, disk: DiskBackend) -> None:
+        """Before a commit's record: the generation it carries is the primary's, or
+        none while a new primary's is not known (it may be another run than the one
+        the sidecar names; unknown never refuses a failover, an old one would)."""
+        if not isinstance(disk, GenerationRecord):
+            return
+        if self._primary_generation is not None:
+            disk.generation = self._primary_generation
+        elif self._new_primary:
+            disk.record_generation(None)
+            self._new_primary = False
+
     # ---- the agent's side -----------------------------------------------------------
+
+    def new_primary(self) -> None:
+        """A primary connected: its generation is unknown until :meth:`learn_generation`
+        (the commits it brings until then record none)."""
+        self._primary_generation = None
+        self._new_primary = True
+
+    def learn_generation(self, generation: int) -> None:
+        """The tiebreaker generation of the primary streaming to this copy (its holder,
+        paired): recorded with every commit from now on."""
+        self._primary_generation = generation
+
+    def generation(self) -> int | None:
+        """The generation the sidecar records for this copy (None: unknown, or closed)."""
+        disk = self._disk
+        if disk is None or not isinstance(disk, GenerationRecord):
+            return None
+        return disk.read_generation()
 
     def state(self) -> dict[str, Any]:
         """The sidecar: ``{"lineage", "epoch"}``, or {} when this is nobody's copy."""
         st = self._require().read_state()
         return st.to_dict() if st.lineage else {}
 
-    def prepare_failover(self, epoch: int) -> None:
+    def prepare_failover(self, epoch: int, *, generation: int | None = None) -> None:
         """Hand the copy to the VM about to resume memory epoch ``epoch``: check that it
-        is that very epoch, flush it, and close it (the taps open it again).
+        is that very epoch, flush it, record ``generation`` (the takeover's grant: the
+        run the copy's data belongs to from now on; None: none recorded), and close it
+        (the taps open it again).
 
         Raises:
             FailoverError: the copy is at another epoch or is nobody's copy.
+            DiskError: the flush or the sidecar write failed.
         """
         disk = self._require()
         st = disk.read_state()
@@ -176,6 +233,8 @@ class BuiltinCopy:
         # From here on this copy diverges from any primary's: it is nobody's replica.
         disk.clear_state()
         disk.flush()
+        if generation is not None and isinstance(disk, GenerationRecord):
+            disk.record_generation(generation)
         self.close()
 
     def close(self) -> None:
@@ -216,4 +275,4 @@ def replay_nosync(disk: BlockBackend, data: bytes) -> None:
     apply_log(disk, data)
 
 
-__all__ = ["BuiltinCopy", "ReplicaDisk", "replay_committed", "replay_nosync"]
+__all__ = ["BuiltinCopy", "GenerationRecord", "ReplicaDisk", "replay_committed", "replay_nosync"]

@@ -19,6 +19,7 @@ The agent is a coordinator; each concern lives in its own module:
   durable marks, switchover) mapped to this agent's handlers, and the answers;
 - :mod:`~kemari_suite.replica.compat`: the protect-time compatibility check;
 - :mod:`~kemari_suite.replica.monitor`: heartbeat timeout -> tiebreaker -> failover;
+- :mod:`~kemari_suite.replica.rejects`: what the log says of refused connections;
 - :mod:`~kemari_suite.replica.failover`: the failover itself (and the standby's half of
   a planned switchover);
 - :mod:`~kemari_suite.replica.states`: the lifecycle's transition table.
@@ -41,7 +42,6 @@ import numpy as np
 from kemari_suite.alerts import Alerter
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import (
-    AuthError,
     ConnectError,
     FailoverError,
     ProtocolError,
@@ -61,9 +61,11 @@ from kemari_suite.replica.failover import (
     renew_lease,
     switch_refusal,
 )
+from kemari_suite.replica.generation import GenerationWatch
 from kemari_suite.replica.guestwatch import GuestWatch
 from kemari_suite.replica.monitor import FailoverRequest, PrimaryWatch, send_heartbeats
 from kemari_suite.replica.receiver import OpenEpoch
+from kemari_suite.replica.rejects import RejectLogger
 from kemari_suite.replica.replicadisk import replay_nosync
 from kemari_suite.replica.states import SECONDARY_TRANSITIONS, SecondaryState
 from kemari_suite.replica.store import ReplicaStore
@@ -138,7 +140,11 @@ class SecondaryAgent:
             standby=lambda: self.life.state is S.STANDBY,
             fail_over=self._fail_over,
             refused=self._failover_refused,
+            copy_generation=self.store.copy_generation,
         )
+        #: The tiebreaker generation of the primary streaming to us (for the disk copy).
+        self.generation = GenerationWatch(retry_s=self.rcfg.heartbeat_interval_ms / 1000)
+        self._learning: asyncio.Task[None] | None = None
         self.control: ControlServer | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
@@ -148,6 +154,9 @@ class SecondaryAgent:
         #: Set after a failover or switchover: the node runs the primary role on it.
         self.handover: Handover | None = None
         self._renewer: asyncio.Task[None] | None = None
+        #: The listener's refusals: a bad Hello is an error line, a stream of them one
+        #: summary per interval; scans and timeouts go to debug.
+        self.rejects = RejectLogger(log)
         self._handlers: dict[type[wire.Message], MessageHandler] = {
             wire.Heartbeat: _ignore,
             wire.GuestEvent: self.guest.forwarded,
@@ -242,7 +251,7 @@ class SecondaryAgent:
             node_id=self.node_id,
             on_link=self._on_link,
             tls=self.tls,
-            on_reject=_log_reject,
+            on_reject=self.rejects,
         )
         monitor = asyncio.create_task(self.watch.run())
         try:
@@ -260,6 +269,9 @@ class SecondaryAgent:
     async def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        self.rejects.close()
+        if self._learning is not None:
+            self._learning.cancel()
         if self.link is not None:
             self.link.close()
         await self.compat_check.close()
@@ -301,6 +313,10 @@ class SecondaryAgent:
         self.link = link
         self.watch.heard()
         self.artifacts.event("primary-connected", peer=link.peer)
+        peer = link.session.peer
+        self.generation.new_link(peer.node_id if peer is not None else "")
+        if self.store.disk is not None:
+            self.store.disk.new_primary()
         with contextlib.suppress(ConnectionError, ProtocolError):
             await verbs.send_disk_state(link, self.store.disk_state())
         hb = asyncio.create_task(
@@ -359,6 +375,27 @@ class SecondaryAgent:
 
         epoch = await self.store.end(msg, committed)
         await link.send(wire.Ack(epoch=epoch))
+        self._learn_generation()
+
+    def _learn_generation(self) -> None:
+        """While the primary's generation is unknown, ask the tiebreaker for it (in the
+        background: never in the way of an acknowledgement)."""
+        witness = self.watch.witness
+        if witness is None or self.store.disk is None or self._learning is not None:
+            return
+        if not self.generation.due(self.generation.clock()):
+            return
+
+        async def learn() -> None:
+            try:
+                gen = await self.generation.learn(witness)
+                if gen is not None and self.store.disk is not None:
+                    self.store.disk.learn_generation(gen)
+                    self.artifacts.event("primary-generation", generation=gen)
+            finally:
+                self._learning = None
+
+        self._learning = asyncio.create_task(learn())
 
     # ---- control messages (mapped by verbs.py) ----------------------------------------
 
@@ -431,6 +468,7 @@ class SecondaryAgent:
             tiebreak_ms=req.tiebreak_ms,
             switch=switch,
             detach=lambda: self._detach(keep_link=switch is not None),
+            generation=req.generation,
         )
         if took is None:
             return  # a switchover the tiebreaker refused: still the standby
@@ -446,15 +484,6 @@ class SecondaryAgent:
         if self.watch.witness is not None and not req.operator:
             interval = self.rcfg.heartbeat_interval_ms / 1000
             self._renewer = asyncio.create_task(renew_lease(self.watch.witness, interval))
-
-
-def _log_reject(peer: str, err: Exception) -> None:
-    """A connection refused before it was authenticated. A wrong key, a relay or a TLS
-    mismatch is the operator's business; scans and floods are not worth a line each."""
-    if isinstance(err, AuthError) or "replication.tls" in str(err):
-        log.error("secondary: refused %s: %s", peer, err)
-    else:
-        log.debug("secondary: refused %s: %s", peer, err)
 
 
 async def _ignore(link: Link, msg: wire.Message) -> None:

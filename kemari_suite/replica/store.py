@@ -89,6 +89,10 @@ class ReplicaStore:
         """Which disk copy this host holds (the sidecar), {} without a built-in disk."""
         return self.disk.state() if self.disk is not None else {}
 
+    def copy_generation(self) -> int | None:
+        """The tiebreaker generation the disk copy records (None: none, or no copy)."""
+        return self.disk.generation() if self.disk is not None else None
+
     def _receiver(self) -> EpochReceiver:
         if self.receiver is None:
             raise ProtocolError("no replica to receive into")

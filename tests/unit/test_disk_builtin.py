@@ -150,15 +150,19 @@ class SyscallLog:
         return call
 
 
-def expected_order(image: Path) -> list[tuple[str, str]]:
+def assert_durable_order(calls: list[tuple[str, str]], image: Path) -> None:
+    """The steps, in order, whatever the temporary record is called: the data, then the
+    new record (a file beside the sidecar) made durable, renamed over the sidecar, then
+    the directory (the rename itself)."""
     side = sidecar_path(image)
-    tmp = side.with_name(f".{side.name}.tmp")
-    return [
-        ("fdatasync", str(image)),  # the data first
-        ("fsync", str(tmp)),  # the new record, durable before it is visible
-        ("replace", f"{tmp} -> {side}"),
-        ("fsync", str(image.parent)),  # the rename itself
-    ]
+    assert [c for c, _ in calls] == ["fdatasync", "fsync", "replace", "fsync"], calls
+    (_, data), (_, record), (_, rename), (_, folder) = calls
+    assert data == str(image)  # the data first
+    tmp = Path(record)  # the new record, durable before it is visible
+    assert tmp.parent == side.parent and tmp != side and tmp != image
+    assert rename == f"{tmp} -> {side}"
+    assert folder == str(image.parent)
+    assert not tmp.exists()
 
 
 def test_write_state_flushes_data_then_replaces_the_sidecar_durably(
@@ -167,7 +171,7 @@ def test_write_state_flushes_data_then_replaces_the_sidecar_durably(
     disk.apply([(0, b"data")])
     log = SyscallLog(monkeypatch)
     disk.write_state("lin", 5)
-    assert log.calls == expected_order(image)
+    assert_durable_order(log.calls, image)
     assert json.loads(sidecar_path(image).read_text()) == {"lineage": "lin", "epoch": 5}
 
 
@@ -177,7 +181,7 @@ def test_write_disk_state_by_config_has_the_same_order(
     cfg = KemariConfig(disk=DiskConfig(path=str(image)))
     log = SyscallLog(monkeypatch)
     write_disk_state(cfg, "lin", 6)
-    assert log.calls == expected_order(image)
+    assert_durable_order(log.calls, image)
     assert read_disk_state(cfg) == {"lineage": "lin", "epoch": 6}
 
 

@@ -16,6 +16,7 @@ from kemari_suite.replica.monitor import FailoverRequest, PrimaryWatch
 class Decision:
     granted: bool
     reason: str = ""
+    generation: int = 0
 
 
 class FakeTiebreaker:
