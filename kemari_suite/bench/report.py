@@ -114,6 +114,8 @@ class ScenarioRaw:
     #: Per pass (Base rows): the device-state warm-up's check, in its results.json form
     #: (:meth:`kemari_suite.bench.warmup.WarmupCheck.to_dict`).
     warmup: list[dict[str, Any]] = field(default_factory=list)
+    #: The dirty-page tracker the primary ran, and why (Kemari rows, from its status).
+    tracker: str = ""
 
     def merge(self, part: ScenarioRaw) -> None:
         """Add one pass's figures (a pass that failed adds its error to ``failures``)."""
@@ -128,6 +130,7 @@ class ScenarioRaw:
         self.loadavg += part.loadavg
         self.guest_ready += part.guest_ready
         self.warmup += part.warmup
+        self.tracker = self.tracker or part.tracker
         self.guest_commands += [c for c in part.guest_commands if c not in self.guest_commands]
         if part.error:
             self.failures.append(part.error)
@@ -292,6 +295,7 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
     sc = raw.scenario
     out: dict[str, Any] = {
         "title": sc.title,
+        "tracker": raw.tracker,
         "kind": sc.kind,
         "profile": sc.profile,
         "disk": sc.disk,
@@ -578,6 +582,12 @@ def _warm_cell(row: dict[str, Any]) -> str:
     return ", ".join(cells) or "**none**"
 
 
+def _trackers(res: dict[str, Any]) -> list[str]:
+    """The trackers the Kemari rows ran (each with the reason), as recorded."""
+    seen = (sc.get("tracker") for sc in res.get("scenarios", {}).values())
+    return list(dict.fromkeys(t for t in seen if t))
+
+
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     """report.md from the results tree; ``plots`` maps a plot name to its file name."""
     sc = res["scenarios"]
@@ -804,15 +814,7 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         "synchronized at least every max_interval_ms whatever the workload does (the rule "
         "of this comparison), so a CPU-bound loop pays every periodic pause: the pause floor "
         "above.",
-        *(
-            [
-                "- The sync points are compare-tracked (no soft-dirty bits in this host "
-                "kernel): each one scans all of guest RAM while the VM is stopped, about 14 ms "
-                "for 128 MiB on these machines (DESIGN.md, Measuring honestly)."
-            ]
-            if res.get("meta", {}).get("replication", {}).get("tracker") == "compare"
-            else []
-        ),
+        *[f"- Dirty-page tracker of the Kemari rows: {t}." for t in _trackers(res)],
         "",
     ]
     notes = res.get("meta", {}).get("notes") or []

@@ -374,6 +374,8 @@ def run(
         pair.start_secondary()
         st = pair.wait_state("primary", {"protected"}, 300)
         res["protect"] = {"compat": st.get("compat"), "disk_resync": st.get("disk_resync")}
+        res["tracker"] = st.get("tracker")
+        res["tracker_reason"] = st.get("tracker_reason")
         w0 = time.time()
         res["protected"] = _measure(client, measure_s)
         res["protected"]["sync"] = sync_summary(pair, "primary", w0, time.time())
@@ -540,13 +542,13 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
     if sy:
         lines += [
             "",
-            "Why protection costs this much here: every sync point stops the guest for a "
-            "full compare scan of its RAM (this kernel has no soft-dirty tracking), about "
-            f"{f(sy['pause_p50_ms'])} ms for {res['memory_mib']} MiB, and the Kemari policy "
-            "takes one at every output the guest produces (each HTTP reply), so a busy "
-            "service spends much of its time stopped; under TCG the guest's own work is "
-            "slow to begin with. The pause is a floor of this tracker, not of the design: "
-            "see docs/sizing.md.",
+            f"Dirty-page tracker: {res.get('tracker') or '?'} "
+            f"({res.get('tracker_reason') or '?'}). "
+            f"Each sync point stopped the guest for {f(sy['pause_p50_ms'])} ms (p50) for "
+            f"{res['memory_mib']} MiB, and the Kemari policy takes one at every output the "
+            "guest produces (each HTTP reply), so a busy service spends that much of its "
+            "time stopped per reply; under TCG the guest's own work is slow to begin with. "
+            "See docs/sizing.md.",
         ]
     lines += [
         "",

@@ -421,6 +421,7 @@ class _Pass:
             st = pair.status("primary")
             if st.get("state") != "protected":
                 raise BenchmarkError(sc.name, f"primary left protection: {st.get('state')}")
+            self.raw.tracker = f"{st.get('tracker')}: {st.get('tracker_reason')}"
             first_wall = min(lp.wall_start for lp in asm.loops)
             if float(st.get("since", 0.0)) > first_wall:
                 raise BenchmarkError(
@@ -631,6 +632,7 @@ def _run_passes(
         "accel_reason": why,
         "memory_mib": cfg.vm.memory_mib,
         "replication": {
+            # The configured choice; each Kemari row records the tracker that ran.
             "tracker": cfg.replication.tracker,
             "mode": cfg.replication.mode,
             "compression": cfg.replication.compression,

@@ -211,7 +211,9 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     tracker this host runs (the one ``auto`` picks) beside the compare tracker."""
     names = res["available"]
     first = names[0]
-    reason = next((r["reason"] for r in res["rows"] if r.get("tracker") == first), "")
+    reason = next(
+        (r["reason"] for r in res["rows"] if r.get("tracker") == first and "reason" in r), ""
+    )
     out: dict[str, Any] = {"tracker": first, "reason": reason, **tracker_summary(res, first)}
     out["compare"] = tracker_summary(res, "compare")
     for other in names[1:-1]:

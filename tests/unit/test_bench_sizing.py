@@ -259,7 +259,9 @@ def test_tiny_real_run(tmp_path: Path) -> None:
         paths=PathsConfig(run_dir=tmp_path / "run", shm_dir=shm / f"kemari-test-{tmp_path.name}")
     )
     try:
-        res = sizing.run_sizing(cfg, sizes_mib=(64,), samples=2, vm_sizes_mib=())
+        res = sizing.run_sizing(
+            cfg, sizes_mib=(64,), samples=2, vm_sizes_mib=(), tracker_sizes_mib=()
+        )
     finally:
         import shutil
 
@@ -411,3 +413,50 @@ def test_window_row_takes_the_window_timings() -> None:
     res = _result(stop_ms=1.0, devstate_ms=10.0, scan_ms=9.0, stage_ms=2.0, pause_ms=16.0)
     assert memsync.window_row(res, overlapped=True)["cont"] == pytest.approx(3.0)
     assert set(memsync.window_row(res, overlapped=True)) == {"total", *memsync.FLOOR_PARTS}
+
+
+def test_trackers_summary_has_the_json_shape_and_targets() -> None:
+    from kemari_suite.bench import trackers
+
+    def row(name: str, mib: int, p50: float, extra: float) -> dict[str, object]:
+        return {
+            "tracker": name,
+            "reason": f"{name} works",
+            "memory_mib": mib,
+            "pause_ms_p50": p50,
+            "pause_ms_p99": p50 * 2,
+            "scan_ms_p50": p50 / 4,
+            "stage_ms_p50": 1.0,
+            "dirty_pages_p50": 4000.0,
+            "primary_extra_mib": extra,
+            "primary_extra_per_guest": extra / mib,
+            "accel": "tcg",
+        }
+
+    res = {
+        "available": ["uffd-wp", "compare"],
+        "unavailable": {"soft-dirty": "no bit 55"},
+        "samples": 5,
+        "rows": [
+            row("uffd-wp", 128, 5.0, 16.0),
+            row("compare", 128, 25.0, 384.0),
+            row("uffd-wp", 4096, 9.0, 512.0),
+            row("compare", 4096, 350.0, 12288.0),
+            {"tracker": "soft-dirty", "memory_mib": 128, "error": "boom"},
+        ],
+    }
+    s = trackers.summary(res)
+    assert s["tracker"] == "uffd-wp" and s["reason"] == "uffd-wp works"
+    assert s["pause_ms_p50"] == {"128": 5.0, "4096": 9.0}
+    assert s["pause_ms_p99"] == {"128": 10.0, "4096": 18.0}
+    # (512 - 16) MiB over (4 - 0.125) GiB
+    assert s["primary_extra_mib_per_gib"] == pytest.approx(496 / 3.875)
+    assert s["compare"]["pause_ms_p50"] == {"128": 25.0, "4096": 350.0}
+    assert s["errors"][0]["tracker"] == "soft-dirty"
+    text = "\n".join(trackers.targets(res))
+    assert "pause p50 <= 6 ms at 128 MiB: met" in text
+    assert "pause p50 <= 8 ms at 4 GiB: NOT met" in text
+    assert "pause grows <= 1.5x from 128 MiB to 4 GiB: NOT met (1.80x)" in text
+    assert "primary extra memory <= 0.25x guest RAM: met" in text
+    section = trackers.format_section(res)
+    assert "| uffd-wp | 4096 | 9.0 | 18.0 |" in section and "failed: boom" in section
