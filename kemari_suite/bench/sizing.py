@@ -52,7 +52,6 @@ from kemari_suite.bench.memsync import (
     pct,
     product_window,
     window_row,
-    workload,
 )
 from kemari_suite.checkpoint.tracker import (
     CompareTracker,
@@ -424,23 +423,13 @@ async def _vm_sync_points(
     device state and cont, less whatever of the capture the scan hid when it ran beside
     it. So at a measured size, fixed + scan + stage is the measured pause.
     """
-    from kemari_suite.vm.define import ensure_image
     from kemari_suite.vm.devstate import enable_ignore_shared
-    from kemari_suite.vm.image import kernel_cmdline
-    from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
+    from kemari_suite.vm.qemu import AsyncVM, wait_for_console
 
-    image = ensure_image(cfg)
-    accel, _ = choose_accel(cfg.vm.accel)
-    tag = f"sizing{os.getpid()}-{memory_mib}"
-    run_root = cfg.paths.run_dir / f"kemari-{tag}"
-    spec = VMSpec(
-        name=tag,
-        kernel=image.kernel,
-        initrd=image.initrd,
-        append=kernel_cmdline(run=workload("compressible", pages_per_s, working_set_mib)),
-        memory_mib=memory_mib,
-        accel=accel,
+    spec, run_root = trackers.memdirty_guest(
+        cfg, "sizing", memory_mib, pages_per_s, working_set_mib
     )
+    accel = spec.accel
     vm = AsyncVM(spec, run_root=run_root, shm_dir=cfg.paths.shm_dir)
     t_boot = time.monotonic()
     await vm.start()

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kemari_suite.bench.memsync import (
@@ -39,6 +40,7 @@ from kemari_suite.bench.memsync import (
 from kemari_suite.config import KemariConfig, load, with_overrides
 from kemari_suite.errors import BenchmarkError
 from kemari_suite.vm import wphelper
+from kemari_suite.vm.spec import VMSpec
 
 Progress = Callable[[str], None]
 
@@ -56,27 +58,38 @@ def _rss_anon_kib() -> int:
     return 0
 
 
-async def measure_one(
-    cfg: KemariConfig, tracker: str, memory_mib: int, samples: int, interval_s: float
-) -> dict[str, Any]:
-    """One tracker on one guest: its stopped windows and the memory they cost."""
+def memdirty_guest(
+    cfg: KemariConfig, prefix: str, memory_mib: int, pages_per_s: int, working_set_mib: int
+) -> tuple[VMSpec, Path]:
+    """The spec of a benchmark guest of ``memory_mib`` running ``memdirty`` (and the
+    spin counter), and the run folder it gets."""
     from kemari_suite.vm.define import ensure_image
-    from kemari_suite.vm.devstate import enable_ignore_shared
     from kemari_suite.vm.image import kernel_cmdline
-    from kemari_suite.vm.qemu import AsyncVM, VMSpec, choose_accel, wait_for_console
+    from kemari_suite.vm.qemu import choose_accel
 
     image = ensure_image(cfg)
     accel, _ = choose_accel(cfg.vm.accel)
-    tag = f"trk{os.getpid()}-{memory_mib}"
-    run_root = cfg.paths.run_dir / f"kemari-{tag}"
+    tag = f"{prefix}{os.getpid()}-{memory_mib}"
     spec = VMSpec(
         name=tag,
         kernel=image.kernel,
         initrd=image.initrd,
-        append=kernel_cmdline(run=workload("compressible", PAGES_PER_S, WORKING_SET_MIB)),
+        append=kernel_cmdline(run=workload("compressible", pages_per_s, working_set_mib)),
         memory_mib=memory_mib,
         accel=accel,
     )
+    return spec, cfg.paths.run_dir / f"kemari-{tag}"
+
+
+async def measure_one(
+    cfg: KemariConfig, tracker: str, memory_mib: int, samples: int, interval_s: float
+) -> dict[str, Any]:
+    """One tracker on one guest: its stopped windows and the memory they cost."""
+    from kemari_suite.vm.devstate import enable_ignore_shared
+    from kemari_suite.vm.qemu import AsyncVM, wait_for_console
+
+    spec, run_root = memdirty_guest(cfg, "trk", memory_mib, PAGES_PER_S, WORKING_SET_MIB)
+    accel = spec.accel
     spec = wphelper.attach(cfg, spec)
     vm = AsyncVM(spec, run_root=run_root, shm_dir=cfg.paths.shm_dir)
     await vm.start()
