@@ -81,13 +81,18 @@ def helper_dir(cache_dir: Path) -> Path:
     return cache_dir / "helpers"
 
 
-def build_helper(cache_dir: Path, note: Progress | None = None) -> Path:
+def build_helper(
+    cache_dir: Path, note: Progress | None = None, *, defines: tuple[str, ...] = ()
+) -> Path:
     """The helper's shared object, compiled with gcc unless this source is built already.
+
+    ``defines`` (``NAME=VALUE``, passed as ``-D``) build a variant, cached apart.
 
     Raises:
         SetupError: gcc is missing or the compile failed (its output quoted).
     """
-    out = helper_dir(cache_dir) / f"kemari_wp-{_key()}.so"
+    variant = "-" + hashlib.sha256(" ".join(defines).encode()).hexdigest()[:8] if defines else ""
+    out = helper_dir(cache_dir) / f"kemari_wp-{_key()}{variant}.so"
     if out.is_file():
         return out
     gcc = need_tool("gcc", "gcc")
@@ -98,7 +103,7 @@ def build_helper(cache_dir: Path, note: Progress | None = None) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [gcc, *CFLAGS, "-o", tmp, str(SOURCE)],
+            [gcc, *CFLAGS, *(f"-D{d}" for d in defines), "-o", tmp, str(SOURCE)],
             capture_output=True,
             text=True,
             check=False,

@@ -208,3 +208,16 @@ def test_verifying_tracker_fails_on_a_missed_page(writer: Writer) -> None:
     ram_rw.flush()
     with pytest.raises(TrackerMissed, match="missed 1 changed page"):
         checked.scan(np.ascontiguousarray(ram), out=out)
+
+
+def test_a_qemu_that_refuses_the_plugin_gets_it_preloaded(tmp_path: Path) -> None:
+    """A helper built for a plugin API this QEMU does not speak: the probe sees QEMU
+    refuse it and falls back to LD_PRELOAD, and says so."""
+    refused = wphelper.build_helper(tmp_path, defines=("KEMARI_WP_PLUGIN_API=99",))
+    mode, reason = wphelper.probe_loading(refused, tmp_path)
+    assert mode == "preload", reason
+    assert "refused the plugin" in reason and "API version 99" in reason
+    # The answer is cached per QEMU binary and helper build.
+    assert wphelper.probe_loading(refused, tmp_path) == (mode, reason)
+    normal = wphelper.build_helper(tmp_path)
+    assert wphelper.probe_loading(normal, tmp_path)[0] == "plugin"

@@ -54,8 +54,12 @@
 #define WANTED_FEATURES \
     (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED)
 
-/* The QEMU plugin ABI this helper speaks: the version QEMU 7.2 and 8.x accept. */
-__attribute__((visibility("default"))) int qemu_plugin_version = 1;
+/* The QEMU plugin ABI this helper speaks: the version QEMU 7.2 and 8.x accept. (Tests
+ * build it with another, to see a QEMU refuse the plugin and the preload take over.) */
+#ifndef KEMARI_WP_PLUGIN_API
+#define KEMARI_WP_PLUGIN_API 1
+#endif
+__attribute__((visibility("default"))) int qemu_plugin_version = KEMARI_WP_PLUGIN_API;
 
 static int started;
 static int uffd = -1;
