@@ -60,11 +60,13 @@ def test_suite_times_loops_on_the_host_clock(base_config: KemariConfig, tmp_path
     b_fork, k_fork = base["benchmarks"]["fork"], kem["benchmarks"]["fork"]
     # Base: the host and the guest agree on how long the loop took (markers cost ~1 ms).
     assert b_fork["stopped_share"] < 0.05, b_fork["loops"]
-    # Kemari: the VM stopped at sync points, which only the host's clock sees.
+    # Kemari: the VM stopped at sync points, which only the host's clock sees: the host
+    # time beyond the guest's is (most of) the pauses recorded inside each loop. A fast
+    # tracker makes them short, so compare with the pauses, not with a fixed share.
     for lp in k_fork["loops"]:
-        assert lp["host_s"] > lp["guest_s"] * 1.03, lp
-        assert lp["sync_points"] >= 1, lp
-    assert k_fork["stopped_share"] > 0.03
+        assert lp["sync_points"] >= 1 and lp["paused_s"] > 0, lp
+        assert lp["host_s"] - lp["guest_s"] > 0.5 * lp["paused_s"], lp
+    assert k_fork["stopped_share"] > 0
     # The O_SYNC writes drove sync points that the checkpoint records attribute to them.
     osync = kem["benchmarks"]["iozone_osync"]["sync_points"]
     assert osync["sync_points"] >= 1 and osync["dirtied_pages_mean"] > 0
