@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import random
 import shutil
@@ -223,6 +224,18 @@ def read_back(client: Client, records: dict[str, bytes], threads: int = 16) -> l
 
     with ThreadPoolExecutor(threads) as pool:
         return sorted(n for n in pool.map(bad, records.items()) if n is not None)
+
+
+def _final_events(pair: LabPair, role: str) -> list[dict[str, Any]]:
+    """The ``guest`` and ``final-checkpoint-failed`` events of ``role``'s agents."""
+    out: list[dict[str, Any]] = []
+    for f in sorted((pair.run_dir(role) / "artifacts").glob("*/events.jsonl")):
+        for line in f.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if ev.get("event") in ("guest", "final-checkpoint-failed"):
+                    out.append(ev)
+    return out[-6:]
 
 
 def sync_summary(pair: LabPair, role: str, t0: float, t1: float) -> dict[str, Any]:
@@ -450,6 +463,9 @@ def run(
             pair.wait_exit(active, 120)
         check = offline_check(disk, committed)
         res["check"] = {
+            # How the active host's last checkpoint went (the guest's writes on its way
+            # down reach its disk only through it): the events that say so.
+            "final_checkpoint": _final_events(pair, active),
             "committed": len(committed),
             "missing_live": missing_live,
             "stop_code": code,

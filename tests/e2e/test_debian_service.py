@@ -27,7 +27,11 @@ def test_nginx_records_survive_random_kills(lab_factory, base_config: KemariConf
     assert c["committed"] > 20, c
     assert not c["missing_live"], c["missing_live"][:10]
     assert c["fsck_clean"], c
-    assert c["offline_ok"], (c["offline_missing"][:10], c["offline_mismatched"][:10])
+    assert c["offline_ok"], (
+        c["offline_missing"][:10],
+        c["offline_mismatched"][:10],
+        c["final_checkpoint"],
+    )
     assert len(res["kills"]) == kills
     for k in res["kills"]:
         assert k["outage_s"] is not None and k["outage_s"] < 60, k
