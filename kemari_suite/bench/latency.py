@@ -43,6 +43,8 @@ class Run:
     p99_ms: float | None = None
     added_p50_ms: float | None = None
     samples_ms: list[float] = field(default_factory=list)
+    #: The dirty-page tracker the primary ran, and why (protected runs).
+    tracker: str = ""
 
 
 def _measure(lay: labmod.LabLayout, n: int, warmup: int) -> list[float]:
@@ -108,16 +110,16 @@ async def _base(
         await vm.shutdown()
 
 
-def _protected(
-    cfg: KemariConfig, lay: labmod.LabLayout, policy: str, n: int, warmup: int
-) -> list[float]:
+def _protected(cfg: KemariConfig, lay: labmod.LabLayout, policy: str, n: int, warmup: int) -> Run:
     pair = LabPair(lay, cfg, PairOptions(workload=WORKLOAD, tapped_net=True, policy=policy))
     try:
         pair.start()
-        pair.wait_state("primary", {"protected"}, 240)
+        st = pair.wait_state("primary", {"protected"}, 240)
         _wait_service(lay, 60)
         time.sleep(5)
-        return _measure(lay, n, warmup)
+        run = Run(policy, samples_ms=_measure(lay, n, warmup))
+        run.tracker = f"{st.get('tracker')}: {st.get('tracker_reason')}"
+        return run
     finally:
         pair.stop()
 
@@ -152,9 +154,7 @@ def run(
         for policy in ("kemari", "remus"):
             say(f"{policy} policy, output committed")
             lay = fresh()
-            runs.append(
-                Run(policy, samples_ms=_protected(agent_cfg, lay, policy, requests, warmup))
-            )
+            runs.append(_protected(agent_cfg, lay, policy, requests, warmup))
     finally:
         labmod.down(lab_id)
     base_p50 = pct(runs[0].samples_ms, 50)
@@ -206,6 +206,8 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         )
     verdict = "met" if res["kemari_adds_less_than_remus"] else "NOT met"
     lines += ["", f"Kemari adds less latency than Remus: {verdict}."]
+    trackers = dict.fromkeys(r.get("tracker") for r in res["runs"] if r.get("tracker"))
+    lines += ["", *(f"Dirty-page tracker of the protected runs: {t}." for t in trackers)]
     bw = res.get("base_warmup") or {}
     lines += ["", f"Base warm-up (device-state captures first): {wu.describe(bw) if bw else '-'}."]
     loud = wu.alarm(wu.summarize([bw] if bw else []))
