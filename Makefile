@@ -31,7 +31,7 @@ KILLS ?= 20
 e2e: setup image
 	rm -f benchmarks/results/failover-campaign.jsonl
 	KEMARI_KILLS_PER_POINT=$(KILLS) KEMARI_RECORD=$(CURDIR)/benchmarks/results/failover-campaign.jsonl \
-		$(BIN)/pytest -n $(PYTEST_WORKERS) -m "slow or e2e" tests/e2e; \
+		$(BIN)/pytest -n $(PYTEST_WORKERS) -m "slow or e2e" tests/e2e tests/klab; \
 		rc=$$?; $(BIN)/python benchmarks/summarize_campaign.py \
 		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign \
 		--min-trials $$((25 * $(KILLS))) || rc=1; \

@@ -29,6 +29,9 @@ app.add_typer(image_app, name="image")
 from kemari_suite.cli.lab import app as lab_app  # noqa: E402
 
 app.add_typer(lab_app, name="lab")
+from kemari_suite.cli.klab import app as klab_app  # noqa: E402
+
+app.add_typer(klab_app, name="klab")
 from kemari_suite.cli import deploy as deploy_cli  # noqa: E402
 from kemari_suite.cli import remote as remote_cli  # noqa: E402
 

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("demo", "bench"),
     ("remote",),
     ("deploy",),
-    ("lab",),
+    ("lab", "klab"),
     ("node",),
     ("checkpoint", "replica"),
     ("tap",),

@@ -1,0 +1,166 @@
+"""``kemari klab``: the kernel lab (L1 hosts under TCG with Debian's stock kernel).
+
+``image`` builds (or finds) the L1 image; ``drbd-power-loss`` and ``kvm-power-loss`` run
+the DRBD scenarios of :mod:`kemari_suite.klab.drbdfailover` and
+:mod:`kemari_suite.klab.kvmrecords` on two L1s and stop them again. Progress goes to
+stderr; ``--json`` makes the last stdout line one JSON object. The L1s live only as long
+as the command (see docs/kernel-lab.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from kemari_suite import config as configmod
+from kemari_suite.cli.common import guard
+from kemari_suite.config import KemariConfig
+from kemari_suite.errors import KemariError
+
+if TYPE_CHECKING:
+    from kemari_suite.klab.image import HostImage
+    from kemari_suite.klab.pair import L1Pair
+
+app = typer.Typer(no_args_is_help=True, help="The kernel lab: L1 hosts with Debian's kernel.")
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config (paths.cache_dir, ...).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")]
+
+
+def _progress(t0: float) -> Callable[[str], None]:
+    def note(msg: str) -> None:
+        err.print(f"[dim]{time.monotonic() - t0:7.1f}s[/] {msg}")
+
+    return note
+
+
+NestedOpt = Annotated[
+    bool, typer.Option("--nested", help="The image with QEMU inside, for L2 guests.")
+]
+
+
+def _build(cache_dir: Path, nested: bool, note: Callable[[str], None]) -> HostImage:
+    from kemari_suite.klab.image import build_host_image
+    from kemari_suite.klab.l2 import NESTED_PACKAGES, NESTED_SIZE_MIB
+
+    if nested:
+        return build_host_image(
+            cache_dir, packages=NESTED_PACKAGES, size_mib=NESTED_SIZE_MIB, progress=note
+        )
+    return build_host_image(cache_dir, progress=note)
+
+
+@contextmanager
+def _pair(cfg: KemariConfig, img: HostImage, slot: int) -> Iterator[L1Pair]:
+    """Two L1s in a temporary folder; stopped and removed whatever happens."""
+    from kemari_suite.klab.pair import L1Pair, PairSpec
+
+    work = Path(tempfile.mkdtemp(prefix="klab-", dir=os.environ.get("TMPDIR", "/tmp")))
+    shm = cfg.paths.shm_dir / work.name
+    shm.mkdir(parents=True, exist_ok=True)
+    pair = L1Pair(
+        PairSpec(f"c{slot}", slot=slot, data_disk_mib=64),
+        img,
+        lab_dir=work / "lab",
+        run_root=work / "run",
+        shm_dir=shm,
+    )
+    try:
+        yield pair
+    finally:
+        try:
+            pair.stop()
+        except KemariError as e:
+            err.print(f"[bold red]error:[/] stopping the L1s: {e}")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def _report(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        out.print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            out.print(f"{key}: {value}")
+    if not result.get("ok"):
+        raise typer.Exit(1)
+
+
+@app.command("image")
+def image(config: ConfigOpt = None, as_json: JsonOpt = False, nested: NestedOpt = False) -> None:
+    """Build (or find in the cache) the L1 host image."""
+    cfg = configmod.load(config)
+    img = guard(lambda: _build(cfg.paths.cache_dir, nested, _progress(time.monotonic())))
+    if as_json:
+        out.print(
+            json.dumps(
+                {
+                    "key": img.key,
+                    "disk": str(img.disk),
+                    "kernel": str(img.kernel),
+                    "kernel_version": img.kernel_version,
+                    "cached": img.cached,
+                }
+            )
+        )
+    else:
+        out.print(f"{img.disk}\n{img.kernel} ({img.kernel_version})")
+
+
+SlotOpt = Annotated[int, typer.Option(help="Link slot (UDP ports) of the lab, 0..199.")]
+
+
+@app.command("drbd-power-loss")
+def drbd_power_loss(
+    config: ConfigOpt = None, as_json: JsonOpt = False, slot: SlotOpt = 190
+) -> None:
+    """DRBD on two L1s: kill the primary, promote, resync the old one, check offline."""
+    from kemari_suite.klab.drbdfailover import run_power_loss
+
+    cfg = configmod.load(config)
+    note = _progress(time.monotonic())
+    img = guard(lambda: _build(cfg.paths.cache_dir, False, note))
+    with _pair(cfg, img, slot) as pair:
+
+        def scenario() -> dict[str, object]:
+            pair.start()
+            note(f"both L1s ready ({pair[0].boot_s:.1f} s, {pair[1].boot_s:.1f} s)")
+            return run_power_loss(pair, progress=note).as_dict()
+
+        result = guard(scenario)
+    _report(result, as_json)
+
+
+@app.command("kvm-power-loss")
+def kvm_power_loss(config: ConfigOpt = None, as_json: JsonOpt = False, slot: SlotOpt = 191) -> None:
+    """A KVM guest writes records on DRBD; its L1 dies; no acknowledged record is lost."""
+    from kemari_suite.klab.kvmrecords import run_kvm_power_loss
+    from kemari_suite.vm.define import ensure_image
+
+    cfg = configmod.load(config)
+    note = _progress(time.monotonic())
+    img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
+    guest = guard(lambda: ensure_image(cfg, note))
+    with _pair(cfg, img, slot) as pair:
+
+        def scenario() -> dict[str, object]:
+            pair.start()
+            note(f"both L1s ready ({pair[0].boot_s:.1f} s, {pair[1].boot_s:.1f} s)")
+            return run_kvm_power_loss(pair, guest, progress=note).as_dict()
+
+        result = guard(scenario)
+    _report(result, as_json)
