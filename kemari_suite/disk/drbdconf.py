@@ -239,27 +239,65 @@ def _address(node: DrbdNode) -> str:
     return f"ipv4 {addr}:{node.port}"
 
 
-def render_resource(cfg: DrbdConfig) -> str:
-    """The resource file for ``cfg`` (drbd.conf syntax, DRBD 9)."""
-    r = cfg.resource
-    opts = [f"quorum {cfg.quorum.quorum};"]
+#: Resource-file dialects :func:`render_resource` writes: DRBD 9, and the 8.4 that
+#: Debian's kernels carry (drbd-utils 9 drives both).
+DIALECTS = ("9", "8.4")
+
+
+def _check_84(cfg: DrbdConfig) -> None:
+    if len(cfg.nodes) != 2:
+        raise ConfigError("DRBD 8.4 resources have exactly two nodes", key="drbd.nodes")
+    if any(cfg.disk_of(n) == "none" for n in cfg.nodes):
+        raise ConfigError("DRBD 8.4 has no diskless tiebreaker node", key="drbd.nodes")
     if cfg.quorum.quorum != "off":
-        opts.append(f"on-no-quorum {cfg.quorum.on_no_quorum};")
-    opts.append(f"auto-promote {'yes' if cfg.auto_promote else 'no'};")
+        raise ConfigError("DRBD 8.4 has no quorum", key="drbd.quorum.quorum")
+
+
+def render_resource(cfg: DrbdConfig, *, dialect: str = "9") -> str:
+    """The resource file for ``cfg`` (drbd.conf syntax) in ``dialect``: "9" (options with
+    quorum, node ids, a connection mesh) or "8.4" (two nodes, fencing in ``disk``).
+
+    Raises:
+        ConfigError: an unknown dialect, or what 8.4 cannot express (more than two
+            nodes, a diskless node, quorum).
+    """
+    if dialect not in DIALECTS:
+        raise ConfigError(f"unknown DRBD dialect {dialect!r}", key="drbd.dialect")
+    v84 = dialect == "8.4"
+    if v84:
+        _check_84(cfg)
+    r = cfg.resource
     handlers = []
     if cfg.fence_peer_handler:
         handlers.append(f'fence-peer "{cfg.fence_peer_handler.format(resource=r)}";')
     if cfg.split_brain_handler:
         handlers.append(f'split-brain "{cfg.split_brain_handler.format(resource=r)}";')
-    lines = [
-        f"# Kemari Suite: DRBD resource {r}. Generated; edit the Kemari config instead.",
-        f"resource {r} {{",
-        "  options {",
-        *(f"    {o}" for o in opts),
-        "  }",
-        "  net {",
-        "    protocol C;",
-        f"    fencing {cfg.fencing};",
+    if v84:
+        lines = [
+            f"# Kemari Suite: DRBD resource {r} (DRBD 8.4). Generated; edit the Kemari config.",
+            f"resource {r} {{",
+            "  disk {",
+            f"    fencing {cfg.fencing};",
+            "  }",
+            "  net {",
+            "    protocol C;",
+        ]
+    else:
+        opts = [f"quorum {cfg.quorum.quorum};"]
+        if cfg.quorum.quorum != "off":
+            opts.append(f"on-no-quorum {cfg.quorum.on_no_quorum};")
+        opts.append(f"auto-promote {'yes' if cfg.auto_promote else 'no'};")
+        lines = [
+            f"# Kemari Suite: DRBD resource {r}. Generated; edit the Kemari config instead.",
+            f"resource {r} {{",
+            "  options {",
+            *(f"    {o}" for o in opts),
+            "  }",
+            "  net {",
+            "    protocol C;",
+            f"    fencing {cfg.fencing};",
+        ]
+    lines += [
         f"    verify-alg {cfg.verify_alg};",
         f"    after-sb-0pri {cfg.after_sb_0pri};",
         f"    after-sb-1pri {cfg.after_sb_1pri};",
@@ -271,9 +309,10 @@ def render_resource(cfg: DrbdConfig) -> str:
         lines += ["  handlers {", *(f"    {h}" for h in handlers), "  }"]
     for n in cfg.nodes:
         disk = cfg.disk_of(n)
+        lines += [f"  on {n.name} {{"]
+        if not v84:
+            lines.append(f"    node-id {n.node_id};")
         lines += [
-            f"  on {n.name} {{",
-            f"    node-id {n.node_id};",
             f"    address {_address(n)};",
             "    volume 0 {",
             f"      device minor {cfg.minor};",
@@ -284,13 +323,9 @@ def render_resource(cfg: DrbdConfig) -> str:
             meta = "internal" if cfg.meta_disk == "internal" else f'"{cfg.meta_disk}"'
             lines += [f'      disk "{disk}";', f"      meta-disk {meta};"]
         lines += ["    }", "  }"]
-    lines += [
-        "  connection-mesh {",
-        f"    hosts {' '.join(n.name for n in cfg.nodes)};",
-        "  }",
-        "}",
-        "",
-    ]
+    if not v84:
+        lines += ["  connection-mesh {", f"    hosts {' '.join(n.name for n in cfg.nodes)};", "  }"]
+    lines += ["}", ""]
     return "\n".join(lines)
 
 
@@ -314,6 +349,7 @@ def drbd_config_from_dict(
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
+    "DIALECTS",
     "MAX_MINOR",
     "MAX_NODE_ID",
     "DrbdConfig",

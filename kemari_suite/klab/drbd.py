@@ -27,7 +27,7 @@ from typing import Protocol
 
 from kemari_suite.disk.drbdadm import CommandResult, DrbdResource, DrbdTools
 from kemari_suite.disk.drbdconf import DrbdConfig, render_resource
-from kemari_suite.errors import ConfigError, DrbdError, VMError
+from kemari_suite.errors import DrbdError, VMError
 from kemari_suite.klab.agent import RunResult
 
 
@@ -39,59 +39,13 @@ class Runner(Protocol):
     ) -> RunResult: ...
 
 
-def _address(address: str, port: int) -> str:
-    return f"ipv6 [{address}]:{port}" if ":" in address else f"ipv4 {address}:{port}"
-
-
 def render_resource_84(cfg: DrbdConfig) -> str:
-    """The resource file for ``cfg`` in the DRBD 8.4 dialect.
+    """The resource file for ``cfg`` in the DRBD 8.4 dialect (the project's renderer).
 
     Raises:
         ConfigError: what 8.4 cannot express: more than two nodes, a diskless node, quorum.
     """
-    if len(cfg.nodes) != 2:
-        raise ConfigError("DRBD 8.4 resources have exactly two nodes", key="drbd.nodes")
-    if any(cfg.disk_of(n) == "none" for n in cfg.nodes):
-        raise ConfigError("DRBD 8.4 has no diskless tiebreaker node", key="drbd.nodes")
-    if cfg.quorum.quorum != "off":
-        raise ConfigError("DRBD 8.4 has no quorum", key="drbd.quorum.quorum")
-    r = cfg.resource
-    lines = [
-        f"# Kemari Suite: DRBD resource {r} (DRBD 8.4). Generated; edit the Kemari config.",
-        f"resource {r} {{",
-        "  disk {",
-        f"    fencing {cfg.fencing};",
-        "  }",
-        "  net {",
-        "    protocol C;",
-        f"    verify-alg {cfg.verify_alg};",
-        f"    after-sb-0pri {cfg.after_sb_0pri};",
-        f"    after-sb-1pri {cfg.after_sb_1pri};",
-        f"    after-sb-2pri {cfg.after_sb_2pri};",
-        "    rr-conflict disconnect;",
-        "  }",
-    ]
-    handlers = []
-    if cfg.fence_peer_handler:
-        handlers.append(f'fence-peer "{cfg.fence_peer_handler.format(resource=r)}";')
-    if cfg.split_brain_handler:
-        handlers.append(f'split-brain "{cfg.split_brain_handler.format(resource=r)}";')
-    if handlers:
-        lines += ["  handlers {", *(f"    {h}" for h in handlers), "  }"]
-    meta = "internal" if cfg.meta_disk == "internal" else f'"{cfg.meta_disk}"'
-    for n in cfg.nodes:
-        lines += [
-            f"  on {n.name} {{",
-            f"    address {_address(n.address, n.port)};",
-            "    volume 0 {",
-            f"      device minor {cfg.minor};",
-            f'      disk "{cfg.disk_of(n)}";',
-            f"      meta-disk {meta};",
-            "    }",
-            "  }",
-        ]
-    lines += ["}", ""]
-    return "\n".join(lines)
+    return render_resource(cfg, dialect="8.4")
 
 
 def render_for_kernel(cfg: DrbdConfig, module_version: str) -> str:
