@@ -46,7 +46,14 @@ from kemari_suite.vm.apt import (
     extract_deb,
     resolve_kernel_package,
 )
-from kemari_suite.vm.buildkit import Progress, locked, need_tool, publish_build, run_step
+from kemari_suite.vm.buildkit import (
+    Progress,
+    ext4_image,
+    locked,
+    need_tool,
+    publish_build,
+    run_step,
+)
 from kemari_suite.vm.debian import SUITE, default_mirror
 
 #: Bump when the build steps change in a way the hashed inputs do not show.
@@ -278,17 +285,10 @@ def build_host_image(
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
                     target.mkdir()
-            (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-            (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
             versions = _installed(root)
             note(f"mkfs.ext4 -d into {size_mib} MiB")
             disk = tmp / "disk.img"
-            with disk.open("wb") as fh:
-                fh.truncate(size_mib << 20)
-            run_step(
-                [mkfs, "-q", "-F", "-t", "ext4", "-L", "klab-root", "-d", str(root), str(disk)],
-                "mkfs.ext4",
-            )
+            ext4_image(mkfs, root, disk, size_mib, "klab-root")
             shutil.copyfile(vmlinuz, tmp / "vmlinuz")
             _remove_build(root)
             manifest: dict[str, Any] = {

@@ -98,4 +98,28 @@ def publish_build(
             raise
 
 
-__all__ = ["TAIL_LINES", "Progress", "locked", "need_tool", "publish_build", "run_step", "tail"]
+def ext4_image(mkfs: str, root: Path, disk: Path, size_mib: int, label: str) -> None:
+    """A raw ext4 image of ``size_mib`` at ``disk`` holding the tree ``root``
+    (``mkfs.ext4 -d``: no loop device, no mount), with apt's empty folders in place.
+
+    Raises:
+        ImageError: mkfs.ext4 failed (its output quoted).
+    """
+    # apt expects these to exist if anyone runs it in the guest.
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+    with disk.open("wb") as fh:
+        fh.truncate(size_mib << 20)
+    run_step([mkfs, "-q", "-F", "-t", "ext4", "-L", label, "-d", str(root), str(disk)], "mkfs.ext4")
+
+
+__all__ = [
+    "TAIL_LINES",
+    "Progress",
+    "ext4_image",
+    "locked",
+    "need_tool",
+    "publish_build",
+    "run_step",
+    "tail",
+]

@@ -53,7 +53,15 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ImageError, SetupError
-from kemari_suite.vm.buildkit import Progress, locked, need_tool, publish_build, run_step, tail
+from kemari_suite.vm.buildkit import (
+    Progress,
+    ext4_image,
+    locked,
+    need_tool,
+    publish_build,
+    run_step,
+    tail,
+)
 from kemari_suite.vm.debiancheck import OfflineCheck, offline_check, read_file
 from kemari_suite.vm.debianfiles import (
     CLEAN_PATHS,
@@ -448,19 +456,11 @@ def build_debian_image(
                 target = root / path.lstrip("/")
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
-            # apt expects these to exist if anyone runs it in the guest.
-            (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-            (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
             rootfs_bytes = _tree_bytes(root)
 
             note(f"mkfs.ext4 -d: {rootfs_bytes >> 20} MiB of files into {size_mib} MiB")
             disk = tmp / "disk.img"
-            with disk.open("wb") as fh:
-                fh.truncate(size_mib << 20)
-            run_step(
-                [mkfs, "-q", "-F", "-t", "ext4", "-L", "kemari-root", "-d", str(root), str(disk)],
-                "mkfs.ext4",
-            )
+            ext4_image(mkfs, root, disk, size_mib, "kemari-root")
             _remove_tree(root)
             build_s = time.monotonic() - t0
             manifest: dict[str, Any] = {
