@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kemari_suite.bench.fits import linear_fit, read_status
 from kemari_suite.bench.memsync import (
     complete,
     initial_sync,
@@ -49,13 +50,6 @@ PAGES_PER_S = 40000
 WORKING_SET_MIB = 32
 SIZES_MIB = (128, 1024, 4096)
 QUICK_SIZES_MIB = (128, 4096)
-
-
-def _rss_anon_kib() -> int:
-    for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
 
 
 def memdirty_guest(
@@ -98,7 +92,7 @@ async def measure_one(
         await asyncio.sleep(2.0)  # let memdirty start
         await enable_ignore_shared(vm)
         rows: list[dict[str, float]] = []
-        before = _rss_anon_kib()
+        before = read_status()["RssAnon"]
         with product_window(vm, cfg, tracker=tracker) as window:
             name, reason = window.tracker.name, window.tracker.reason
             staging_pages = len(window.staging)
@@ -110,7 +104,7 @@ async def measure_one(
                     rows.append(
                         {**window_row(r, overlapped=window.overlap), "dirty": r.dirty_pages}
                     )
-            extra_kib = _rss_anon_kib() - before
+            extra_kib = read_status()["RssAnon"] - before
     finally:
         await vm.shutdown()
         with contextlib.suppress(OSError):
@@ -195,20 +189,12 @@ def run_trackers(
     return {"available": names, "unavailable": why_not, "rows": rows, "samples": samples}
 
 
-def _fit_slope(points: list[tuple[float, float]]) -> float | None:
-    if len(points) < 2:
-        return None
-    xs, ys = zip(*points, strict=True)
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return None if den == 0 else sum((x - mx) * (y - my) for x, y in points) / den
-
-
 def tracker_summary(res: dict[str, Any], name: str) -> dict[str, Any]:
     """One tracker's figures in the shape ``--json`` prints."""
     rows = [r for r in res["rows"] if r.get("tracker") == name and "error" not in r]
     extra = [(r["memory_mib"] / 1024, r["primary_extra_mib"]) for r in rows]
-    slope = _fit_slope(extra)
+    fit = linear_fit([x for x, _ in extra], [y for _, y in extra])
+    slope = fit["slope"] if fit else None
     return {
         "pause_ms_p50": {str(r["memory_mib"]): r["pause_ms_p50"] for r in rows},
         "pause_ms_p99": {str(r["memory_mib"]): r["pause_ms_p99"] for r in rows},
