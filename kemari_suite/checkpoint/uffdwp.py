@@ -298,8 +298,9 @@ class UffdWpTracker:
     def commit(self, idx: np.ndarray, staged: np.ndarray | None = None) -> None:
         """Pages ``idx`` were handed to the sender: no longer pending."""
         if len(idx):
+            # O(len(idx)), not a pass over every page's mark at each commit.
+            self._npending -= int(np.count_nonzero(self._pending[idx]))
             self._pending[idx] = False
-            self._npending = int(np.count_nonzero(self._pending))
 
     def rearm(self) -> None:
         """Nothing to do: the scan itself re-protects."""
