@@ -40,7 +40,7 @@ from kemari_suite.vm.wphelper import PAGEMAP_SCAN, PmScanArg
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
-#: Regions one ioctl can return before it stops and is called again from ``walk_end``.
+#: Regions one ioctl can return before it stops and is called again after the last one.
 VEC_REGIONS = 4096
 #: Guest pages (1 GiB) from which a scan with two threads walks the halves at once.
 SPLIT_PAGES = 1 << 18
@@ -170,9 +170,18 @@ class PagemapScan:
                 raise ReplicationError(f"PAGEMAP_SCAN on /proc/{self.pid}/pagemap: {err}") from err
             if regions:
                 n = self._expand(vec[:regions], out, n)
-            if arg.walk_end <= start:
+            if regions < len(vec):
+                # Room was left in ``vec``: the kernel walked to ``end``. Its walk_end is
+                # not to be trusted then: it keeps the point where the kernel's own
+                # 512-region buffer last filled, and a second call from there would
+                # report again a page written since this one protected it.
+                return n
+            # ``vec`` is full: go on after the last region reported. (Pages between it
+            # and the kernel's stop were not written; a new write there is news.)
+            resume = int(vec[regions - 1, 1])
+            if resume <= start:
                 raise ReplicationError(f"PAGEMAP_SCAN on /proc/{self.pid}/pagemap made no progress")
-            start = arg.walk_end
+            start = resume
         return n
 
     def _expand(self, vec: np.ndarray, out: np.ndarray, n: int) -> int:
