@@ -531,6 +531,9 @@ def run(
                 heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms,
                 compression=cfg.replication.compression,
                 tls=tls,
+                # A pair of its own per phase: the witness remembers who took over
+                # after the first phase's failover, and would refuse the next primary.
+                vm_name=f"memsync{len(res.phases)}",
             )
             phase, fo = _protected(
                 agent_cfg,

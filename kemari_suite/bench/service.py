@@ -473,6 +473,11 @@ def run(
             "fsck_clean": check.fsck_clean,
             "offline_missing": list(check.missing),
             "offline_mismatched": list(check.mismatched),
+            # What the disk holds instead (zeros: data blocks that never reached it;
+            # another body: an older write), for the first few.
+            "offline_found": {
+                n: check.records[n][:80].decode(errors="replace") for n in check.mismatched[:5]
+            },
         }
     finally:
         client.stop()

@@ -30,7 +30,9 @@ def test_nginx_records_survive_random_kills(lab_factory, base_config: KemariConf
     assert c["offline_ok"], (
         c["offline_missing"][:10],
         c["offline_mismatched"][:10],
+        c["offline_found"],
         c["final_checkpoint"],
+        res["kills"],
     )
     assert len(res["kills"]) == kills
     for k in res["kills"]:
