@@ -262,6 +262,7 @@ class SyncPoints:
             encode_ms=enc_s * 1e3,
             transfer_ms=max(0.0, (t_sent - t_resume) * 1e3) if not classic else 0.0,
             t_wall=time.time(),
+            tracker=self.agent.tracker.name if self.agent.tracker is not None else "",
         )
         qp = qemu_pause(self.agent.vm.events, w.t_start_wall - 0.01)
         if qp is not None:

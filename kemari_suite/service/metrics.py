@@ -46,6 +46,9 @@ class CheckpointMetrics:
     guest_pause_ms: float | None = None
     #: Wall-clock time of QEMU's STOP event.
     stopped_at: float | None = None
+    #: The dirty tracker whose scan this was (uffd-wp, soft-dirty, compare; "+verify"
+    #: when checked against the compare tracker).
+    tracker: str = ""
 
 
 def _event_time(ev: dict[str, Any]) -> float | None:

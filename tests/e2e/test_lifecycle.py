@@ -55,9 +55,16 @@ def test_states_through_protect_failover_reprotect_and_switchover(
     pair = LabPair(lay, base_config, PairOptions(reprotect=True))
     try:
         pair.start()
-        pair.wait_state("primary", {"protected"}, 180)
+        first = pair.wait_state("primary", {"protected"}, 180)
         res = control.request(pair.control_path("primary"), "checkpoint", timeout=30)
         assert res["epoch"] >= 1
+        # Every checkpoint's metrics row names the tracker that status names.
+        rows = [
+            json.loads(line)
+            for f in pair.run_dir("primary").glob("artifacts/*/checkpoints.jsonl")
+            for line in f.read_text().splitlines()
+        ]
+        assert rows and {r["tracker"] for r in rows} == {first["tracker"]}
         pair.wait_state("secondary", {"standby"}, 30)
 
         # Failover: host a dies, host b resumes the VM and protects it again as primary.
