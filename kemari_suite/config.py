@@ -152,12 +152,12 @@ class ReplicationConfig:
     compression: Compression = "zstd"
     #: A sync point is forced after this long without one.
     max_interval_ms: int = 100
-    #: Background pre-copy of dirty pages between sync points. Off by default: with the
-    #: compare tracker it costs a second full RAM scan per epoch, which on a 2-core host
-    #: took more guest throughput than it saved in pause time (see
-    #: benchmarks/results/memsync.md). Worth it where cores are plentiful or with
-    #: soft-dirty tracking.
-    pipelining: bool = False
+    #: Background pre-copy of dirty pages between sync points: true, false, or "auto"
+    #: (the default): on with a tracker whose scan follows the dirty set (uffd-wp; it
+    #: shortened the pause and kept more throughput in benchmarks/results/memsync.md),
+    #: off with a tracker that compares a shadow (compare, soft-dirty), where the second
+    #: scan per epoch took more guest throughput than it saved on two cores.
+    pipelining: bool | Literal["auto"] = "auto"
     #: Run the compare tracker's stop-time scan beside QEMU's device-state capture (the
     #: pause came out about 7% shorter for 128 MiB on two cores). Off only for A/B
     #: measurements; trackers that must scan after the capture ignore it.

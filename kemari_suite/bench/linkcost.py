@@ -115,6 +115,8 @@ class PhaseFigures(Protocol):
 
     pattern: str
     tls: str
+    tracker: str
+    pipelining: bool
     pause_ms_p50: float | None
     pause_ms_p99: float | None
     throughput_ratio: float | None
@@ -122,11 +124,27 @@ class PhaseFigures(Protocol):
 
 def tls_cost(phases: Sequence[PhaseFigures]) -> dict[str, float]:
     """TLS minus MAC-only on the compressible runs: pause p50 and p99 (ms) and the
-    throughput ratio against the baseline (negative: throughput TLS took)."""
-    by_tls = {p.tls: p for p in phases if p.pattern == "compressible"}
-    on, off = by_tls.get("on"), by_tls.get("off")
+    throughput ratio against the baseline (negative: throughput TLS took).
+
+    The MAC-only run is set beside the TLS run that differs from it in TLS alone (same
+    tracker, same pre-copy), not beside whichever TLS run came last.
+    """
     out: dict[str, float] = {}
-    if on is None or off is None:
+    off = next((p for p in phases if p.pattern == "compressible" and p.tls == "off"), None)
+    if off is None:
+        return out
+    on = next(
+        (
+            p
+            for p in phases
+            if p.pattern == "compressible"
+            and p.tls == "on"
+            and p.tracker == off.tracker
+            and p.pipelining == off.pipelining
+        ),
+        None,
+    )
+    if on is None:
         return out
     for name in ("pause_ms_p50", "pause_ms_p99", "throughput_ratio"):
         a, b = getattr(on, name), getattr(off, name)

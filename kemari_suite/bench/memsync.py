@@ -408,7 +408,7 @@ def _protected(
     failover: bool,
 ) -> tuple[Phase, float | None]:
     pair = LabPair(lay, cfg, opts)
-    phase = Phase(pattern=pattern, tls=opts.tls, pipelining=opts.pipelining)
+    phase = Phase(pattern=pattern, tls=opts.tls, pipelining=opts.pipelining is True)
     failover_ms = None
     try:
         pair.start()
@@ -417,6 +417,8 @@ def _protected(
             st.get("tracker") or "",
             st.get("tracker_reason") or "",
         )
+        # What the agent does, not what was asked ("auto" decides by the tracker).
+        phase.pipelining = bool(st.get("precopy", phase.pipelining))
         probe = SpinProbe(pair.shm_dir("primary") / f"kemari-{opts.vm_name}.ram")
         try:
             probe.wait(60)

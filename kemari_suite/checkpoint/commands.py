@@ -39,6 +39,7 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "mode": agent.rcfg.mode,
         "tracker": agent.tracker.name if agent.tracker else None,
         "tracker_reason": agent.tracker.reason if agent.tracker else None,
+        "precopy": agent.syncs.precopy,
         "disk_resync": agent.resync,
         "io": agent.io.status() if agent.io is not None else None,
         **agent.held.status(),

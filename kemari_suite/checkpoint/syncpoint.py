@@ -36,9 +36,18 @@ from kemari_suite.testing import faults
 
 if TYPE_CHECKING:
     from kemari_suite.checkpoint.primary import PrimaryAgent
+    from kemari_suite.checkpoint.tracker import DirtyTracker
 
 #: Pipelining pre-copies between sync points only when the last epoch was this dirty.
 PRECOPY_MIN_PAGES = 256
+
+
+def precopy_on(setting: bool | str, tracker: DirtyTracker) -> bool:
+    """``replication.pipelining`` for this tracker: "auto" pre-copies when its scan
+    follows the dirty set (no shadow to compare: uffd-wp), not when it compares one."""
+    if setting == "auto":
+        return not tracker.caps.keeps_shadow
+    return bool(setting)
 
 
 class SyncPoints:
@@ -50,12 +59,18 @@ class SyncPoints:
         self.last_sync = time.monotonic()
         self.last_dirty = 0
 
+    @property
+    def precopy(self) -> bool:
+        """Whether pages are pre-copied between sync points (``replication.pipelining``)."""
+        tracker = self.agent.tracker
+        return tracker is not None and precopy_on(self.agent.rcfg.pipelining, tracker)
+
     async def wait_trigger(self, session: PeerSession) -> str:
         """Wait for a sync trigger; meanwhile pre-copy dirty pages (pipelining)."""
         a = self.agent
         interval = a.rcfg.max_interval_ms / 1000
         deadline = self.last_sync + interval
-        if a.rcfg.pipelining and self.last_dirty >= PRECOPY_MIN_PAGES:
+        if self.precopy and self.last_dirty >= PRECOPY_MIN_PAGES:
             # Half-way through the interval, send what changed so far: the stop then
             # carries only what changes after this.
             why = await a.triggers.wait_until(self.last_sync + interval / 2)

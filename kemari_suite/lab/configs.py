@@ -81,7 +81,8 @@ class PairOptions:
     compression: str = "zstd"
     #: ``replication.tls``: TLS 1.3 on the replication link ("on") or MAC only ("off").
     tls: str = "on"
-    pipelining: bool = False
+    #: ``replication.pipelining``: True, False or "auto" (the product's default).
+    pipelining: bool | str = "auto"
     #: ``replication.reprotect``: after a failover the survivor protects the VM again
     #: as soon as the failed host comes back as a standby.
     reprotect: bool = False

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import tempfile
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +71,7 @@ def test_values_are_read_and_typed(tmp_path: Path) -> None:
         ('[vm]\nname = "a b"\n', "vm.name", "letters"),
         ("[nosuch]\nx = 1\n", "nosuch", "unknown key"),
         ("[vm]\npipelining = true\n", "vm.pipelining", "unknown key"),
+        ('[replication]\npipelining = "yes"\n', "replication.pipelining", "'auto'"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, text: str, key: str, words: str) -> None:
@@ -151,6 +153,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     """Values of a config annotation, as the dataclass tree holds them."""
     if get_origin(tp) is Literal:
         return st.sampled_from(get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return st.one_of(*(strategy_for(arm) for arm in get_args(tp)))
     if get_origin(tp) is tuple:
         return st.lists(strategy_for(get_args(tp)[0]), max_size=3).map(tuple)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
