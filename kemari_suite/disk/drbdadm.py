@@ -10,6 +10,13 @@
   (``drbdsetup events2``).
 * :class:`DrbdResource` adds the :class:`~kemari_suite.disk.drbdconf.DrbdConfig` it
   renders and writes (:meth:`DrbdResource.write_config`).
+
+Both speak a dialect: "9" (the default) or "8.4", for the DRBD 8.4 module of Debian's
+stock kernels. In "8.4" the resource file is rendered for drbdadm-84, ``events2`` goes
+without ``--color`` (drbdsetup-84 refuses it, as it refuses ``status --json``), and
+:meth:`DrbdAdm.status` is read from ``drbdsetup events2 RES --now --statistics``
+(:func:`~kemari_suite.disk.drbd84.status_from_events`). :func:`detect_dialect` asks
+``drbdadm --version`` which one the loaded module speaks.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from typing import Any
 
 import sh
 
-from kemari_suite.disk.drbdconf import DEFAULT_CONFIG_DIR, DrbdConfig, render_resource
+from kemari_suite.disk.drbd84 import Pair84, dialect_of, parse_module_version, status_from_events
+from kemari_suite.disk.drbdconf import DEFAULT_CONFIG_DIR, DIALECTS, DrbdConfig, render_resource
 from kemari_suite.disk.drbdevents import DrbdEvent, parse_events2
 from kemari_suite.disk.drbdstatus import ResourceStatus, parse_status_json
-from kemari_suite.errors import DiskError, DrbdError
+from kemari_suite.errors import ConfigError, DiskError, DrbdError
 
 #: Extra places to look for drbd-utils (a non-root PATH often lacks sbin).
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -204,12 +212,33 @@ def _text(data: bytes | str | None) -> str:
     return data
 
 
+def detect_dialect(tools: DrbdTools | None = None) -> str:
+    """The dialect ("9" or "8.4") of the loaded DRBD module, from ``drbdadm --version``
+    run through ``tools`` (so inside an L1 too with the lab's tools).
+
+    Raises:
+        DrbdError: drbdadm failed.
+        DiskError: its output names no module version (no module loaded, or a dry run,
+            which prints nothing), or a version neither dialect covers.
+    """
+    tools = tools if tools is not None else DrbdTools()
+    res = tools.run("-", ("drbdadm", "--version"))
+    return dialect_of(parse_module_version(res.stdout))
+
+
 class DrbdAdm:
     """The operations on DRBD resource ``resource``, whose file exists already.
 
     The resource file lives at ``config_path`` (default ``/etc/drbd.d/RES.res``, which
     ``/etc/drbd.conf`` includes: the kernel runs handlers through plain ``drbdadm``, so
     on a real host the file must be there). Every drbdadm call names it with ``-c``.
+
+    ``dialect`` is the loaded module's: "9" or "8.4" (:func:`detect_dialect`). In "8.4",
+    ``pair`` names what 8.4 cannot report in :meth:`status`: the node ids of this host
+    and its peer, and the peer's name (default: 0, 1 and drbdsetup-84's ``peer``).
+
+    Raises:
+        ConfigError: an unknown dialect.
     """
 
     def __init__(
@@ -218,12 +247,18 @@ class DrbdAdm:
         *,
         config_path: str | os.PathLike[str] | None = None,
         tools: DrbdTools | None = None,
+        dialect: str = "9",
+        pair: Pair84 | None = None,
     ) -> None:
+        if dialect not in DIALECTS:
+            raise ConfigError(f"unknown DRBD dialect {dialect!r}", key="drbd.dialect")
         self.name = resource
         self.config_path = (
             Path(config_path) if config_path is not None else DEFAULT_CONFIG_DIR / f"{resource}.res"
         )
         self.tools = tools if tools is not None else DrbdTools()
+        self.dialect = dialect
+        self.pair = pair if pair is not None else Pair84()
 
     def drbdadm_argv(self, *args: str) -> tuple[str, ...]:
         return ("drbdadm", "-c", str(self.config_path), *args)
@@ -276,10 +311,14 @@ class DrbdAdm:
         return self._adm("verify", self.name)
 
     def status_argv(self) -> tuple[str, ...]:
+        """The command :meth:`status` runs: 8.4's drbdsetup has no ``status --json``."""
+        if self.dialect == "8.4":
+            return self.events_argv(now=True)
         return ("drbdsetup", "status", self.name, "--json")
 
     def status(self) -> ResourceStatus | None:
-        """The parsed ``drbdsetup status --json RES``; None when the resource is not up.
+        """The parsed ``drbdsetup status --json RES`` (in "8.4": built from ``events2 RES
+        --now --statistics``); None when the resource is not up.
 
         Raises:
             DrbdError: drbdsetup failed for another reason (no kernel module: rc 20).
@@ -292,6 +331,8 @@ class DrbdAdm:
             if err.rc == 10 and "No such resource" in err.stderr:
                 return None
             raise
+        if self.dialect == "8.4":
+            return status_from_events(parse_events2(res.stdout.splitlines()), self.name, self.pair)
         if not res.stdout.strip():
             return None  # dry run
         for r in parse_status_json(res.stdout):
@@ -307,7 +348,8 @@ class DrbdAdm:
             *(["--now"] if now else []),
             "--statistics",
             "--timestamps",
-            "--color=never",
+            # 8.4's drbdsetup has no --color (exit 20) and never colours events2.
+            *(["--color=never"] if self.dialect == "9" else []),
         )
 
     def events_now(self) -> list[DrbdEvent]:
@@ -337,10 +379,12 @@ class DrbdAdm:
 
 
 class DrbdResource(DrbdAdm):
-    """A resource whose file this host renders from ``config``, as seen from ``node``.
+    """A resource whose file this host renders from ``config`` in ``dialect``, as seen
+    from ``node``. In "8.4" the status takes the node ids and the peer's name from
+    ``config``.
 
     Raises:
-        ConfigError: ``node`` is not a node of the resource.
+        ConfigError: ``node`` is not a node of the resource, or an unknown dialect.
     """
 
     def __init__(
@@ -350,19 +394,26 @@ class DrbdResource(DrbdAdm):
         *,
         config_path: str | os.PathLike[str] | None = None,
         tools: DrbdTools | None = None,
+        dialect: str = "9",
     ) -> None:
-        config.node(node)  # raises ConfigError for a stranger
-        super().__init__(config.resource, config_path=config_path, tools=tools)
+        me = config.node(node)  # raises ConfigError for a stranger
+        peers = [n for n in config.nodes if n.name != node]
+        # 8.4 resources have exactly two nodes (render_resource refuses more).
+        pair = Pair84(me.node_id, peers[0].node_id, peers[0].name) if len(peers) == 1 else None
+        super().__init__(
+            config.resource, config_path=config_path, tools=tools, dialect=dialect, pair=pair
+        )
         self.config = config
         self.node = node
 
     def write_config(self) -> Path:
-        """Write the rendered resource file atomically (mode 0644).
+        """Write the resource file, rendered in the dialect, atomically (mode 0644).
 
         Raises:
+            ConfigError: the 8.4 dialect cannot express the config.
             DiskError: the file cannot be written.
         """
-        text = render_resource(self.config)
+        text = render_resource(self.config, dialect=self.dialect)
         tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
         try:
             self.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,4 +450,5 @@ __all__ = [
     "DrbdResource",
     "DrbdTools",
     "check_with_drbdadm",
+    "detect_dialect",
 ]

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from kemari_suite.config import KemariConfig
+from kemari_suite.disk.drbdadm import DrbdResource, detect_dialect
 from kemari_suite.disk.drbdconf import DrbdConfig, DrbdNode
 from kemari_suite.disk.drbdevents import EventObject, parse_events2
+from kemari_suite.disk.drbdstatus import ConnectionState, DiskState
 from kemari_suite.klab.drbd import L1DrbdResource, load_module
 from kemari_suite.klab.guestfiles import FENCE_HANDLER
 from kemari_suite.klab.host import L1Host
@@ -145,11 +147,22 @@ def test_drbd_84_events2_parses_with_the_projects_parser(l1: L1Host, drbd_up: ob
     assert events[EventObject.CONNECTION]["connection"] == "Connecting"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="disk/drbdadm.py asks for `status --json` and `events2 --color=never`, which "
-    "DRBD 8.4's drbdsetup refuses (exit 20); see the patch in issue 14's report",
-)
 def test_the_projects_drbd_wrapper_reads_84_state(drbd_up: L1DrbdResource) -> None:
-    assert drbd_up.events_now()
-    assert drbd_up.status() is not None
+    dialect = detect_dialect(drbd_up.tools)
+    assert dialect == "8.4"
+    res = DrbdResource(
+        drbd_up.config,
+        drbd_up.node,
+        config_path=drbd_up.config_path,
+        tools=drbd_up.tools,
+        dialect=dialect,
+    )
+    events = res.events_now()
+    assert events and events[-1].initial_state_done
+    status = res.status()
+    assert status is not None
+    assert status.devices[0].disk_state is DiskState.INCONSISTENT
+    assert status.connections[0].connection_state is ConnectionState.CONNECTING
+    # What 8.4 cannot report comes from the config: this host is node 0, its peer node 1.
+    assert status.node_id == 0
+    assert (status.connections[0].peer_node_id, status.connections[0].name) == (1, PAIR.hosts[1])
