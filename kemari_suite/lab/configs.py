@@ -36,7 +36,7 @@ from typing import Any
 
 from kemari_suite.config import ImageConfig, KemariConfig, PathsConfig, dump_toml
 from kemari_suite.errors import LabError
-from kemari_suite.lab.lab import HOST_ROLES, HostRole, LabLayout
+from kemari_suite.lab.addressing import HOST_ROLES, HostRole, LabLayout
 from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
 from kemari_suite.protocol.keys import check_key_length, generate_key
 

@@ -1,58 +1,29 @@
-"""The local host-pair lab: three network namespaces standing in for two hosts and a LAN.
+"""Bringing a lab up and down: its namespaces, its state file, its registry entry.
 
-::
-
-     kemari-<id>-pri                                      kemari-<id>-sec
-    +---------------------------+   replication link   +---------------------------+
-    |  krep-<id>-p  ------------+---- veth, tbf -------+------------  krep-<id>-s  |
-    |  (repl_primary_ip)        |   (profile rate)     |       (repl_secondary_ip) |
-    |                           |                      |                           |
-    |  br0 (lan_primary_ip)     |                      |   br0 (lan_secondary_ip)  |
-    |   +- ktap-<id>-p  (TAP)   |                      |   (TAP)  ktap-<id>-s -+   |
-    |   +- klan-<id>-p          |                      |          klan-<id>-s -+   |
-    +-----------|---------------+                      +----------------|----------+
-                |              kemari-<id>-cli                          |
-                |            +---------------------------+              |
-                +- veth -----+- klan-<id>-cp             |              |
-                             |   lan (bridge,            |              |
-                             |        lan_client_ip)     |              |
-                             |  klan-<id>-cs ------------+----- veth ---+
-                             +---------------------------+
-
-The guest's frames leave through the TAP of the host running it (the agent's frame proxy
-opens that TAP inside the host's namespace with ``IFF_TAP | IFF_NO_PI``), cross ``br0``
-and the LAN veth, and reach the ``lan`` bridge in the client namespace, where clients
-and the witness live. After a failover the same guest MAC appears behind the other
-host's TAP and ``announce-self`` moves it in the bridges' forwarding tables.
-
-Address plan (``subnet_index`` is a number 1..65535 derived from the lab id)::
-
-    LAN          10.<i // 256>.<i % 256>.0/24    client .1, primary .2, secondary .3,
-                                                 guest .10
-    replication  172.16.0.0/14 + 4*i, a /30      primary .1, secondary .2 (of the /30)
-
-Lab ids of up to three lowercase letters or digits map one to one onto indices
-1..50652 (the id read as a base-37 number with digits 1..36), so such labs never share
-a subnet; any other id (four characters, upper case) is hashed into 50653..65535, where
-two ids can meet. :func:`up` refuses an id whose index another live lab already uses.
-Every lab lives in its own namespaces, with no link to the root namespace, so these
-ranges cannot disturb the machine's own networks; they are chosen to be distinct
-per lab for the day a lab is bridged out.
+This module owns what a lab leaves on the machine: the three network namespaces
+and everything built inside them (:func:`up`, :func:`down`), the state file, the entry
+in the machine-wide registry (:mod:`kemari_suite.lab.registry`), the lock that
+serialises creation, and the processes still running in the namespaces when the lab
+goes down. The names and addresses come from :mod:`kemari_suite.lab.addressing`, which
+also draws the topology; the live view of the links and the link operations
+(:func:`~kemari_suite.lab.links.status`, :func:`~kemari_suite.lab.links.partition`, ...)
+are in :mod:`kemari_suite.lab.links`, which uses this module's command helpers, its
+readiness wait and its reader of the state file.
 
 Files: :func:`up` records the lab in ``<run_dir>/lab-<id>.json`` (``/run/kemari`` unless
 ``KEMARI_RUN`` says otherwise), and in the machine-wide registry
 (``/run/kemari/labs/<id>.json``, :mod:`kemari_suite.lab.registry`), which says which run
 and shm directories it used. Everything else a lab's users leave behind is named
 ``kemari-<id>-...`` in the run directory or the shm directory (``/dev/shm``; for
-example ``/dev/shm/kemari-<id>-pri.ram``). :func:`status` and :func:`down` find all of
-it through the registry, whatever the environment says now, and :func:`down` removes it.
+example ``/dev/shm/kemari-<id>-pri.ram``). :func:`~kemari_suite.lab.links.status` and
+:func:`down` find all of it through the registry, whatever the environment says now,
+and :func:`down` removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -62,224 +33,32 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError, LabInUseError
 from kemari_suite.lab import registry
-from kemari_suite.lab.profiles import LinkProfile, get_profile, profile_for_rate
+from kemari_suite.lab.addressing import (
+    _NS_SUFFIX,
+    HOST_ROLES,
+    NS_PREFIX,
+    HostRole,
+    LabLayout,
+    layout,
+    subnet_index,
+    validate_lab_id,
+)
 from kemari_suite.protocol.files import mkdir_owner_only, write_owner_only
-
-Role = Literal["primary", "secondary", "client"]
-HostRole = Literal["primary", "secondary"]
-LinkKind = Literal["repl", "lan"]
-HOST_ROLES: tuple[HostRole, HostRole] = ("primary", "secondary")
 
 #: Where ``ip netns add`` mounts named namespaces (iproute2's NETNS_RUN_DIR).
 NETNS_DIR = Path("/run/netns")
 #: Held while a lab's namespaces are checked and created.
 LOCK_FILE = Path("/run/lock/kemari-lab.lock")
-NS_PREFIX = "kemari-"
-_NS_SUFFIX: dict[Role, str] = {"primary": "pri", "secondary": "sec", "client": "cli"}
-HOST_BRIDGE = "br0"
-CLIENT_BRIDGE = "lan"
-LAN_PREFIX = 24
-REPL_PREFIX = 30
-LAN_MTU = 1500
-#: Longest interface name the kernel accepts (IFNAMSIZ - 1).
-IFNAME_MAX = 15
-
-_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-#: Indices 1..50652 belong to ids of up to three [0-9a-z] characters, one to one.
-_DIRECT_LIMIT = 37**3
-_INDEX_LIMIT = 1 << 16
 
 _KILL_GRACE_S = 2.0
 #: Carrier changes reach bridges through the kernel's linkwatch, which batches
 #: non-urgent events for up to a second per hop; allow several hops and a busy machine.
 _READY_TIMEOUT_S = 10.0
-
-
-def validate_lab_id(lab_id: str) -> str:
-    """Return ``lab_id`` if it is 1-4 ASCII letters or digits.
-
-    Raises:
-        LabError: it is not (it becomes part of namespace and interface names).
-    """
-    if not (1 <= len(lab_id) <= 4 and lab_id.isascii() and lab_id.isalnum()):
-        raise LabError(lab_id, "a lab id must be 1-4 letters or digits")
-    return lab_id
-
-
-def subnet_index(lab_id: str) -> int:
-    """The number (1..65535) that places a lab's subnets; see the module docstring.
-
-    Raises:
-        LabError: ``lab_id`` is not a valid lab id.
-    """
-    validate_lab_id(lab_id)
-    if len(lab_id) <= 3 and all(c in _ID_ALPHABET for c in lab_id):
-        n = 0
-        for c in lab_id:
-            n = n * 37 + _ID_ALPHABET.index(c) + 1
-        return n
-    digest = hashlib.sha256(f"kemari-lab:{lab_id}".encode()).digest()
-    return _DIRECT_LIMIT + int.from_bytes(digest[:4], "big") % (_INDEX_LIMIT - _DIRECT_LIMIT)
-
-
-def worker_lab_id(worker: str | None, slot: int) -> str:
-    """A lab id for test worker ``worker`` (a pytest-xdist id such as "gw3", or None).
-
-    Tests on parallel workers must never share a lab or its subnets. Workers 0..35
-    get ``t<worker><slot>`` in base 36 (e.g. "t3a"): three characters from [0-9a-z],
-    so distinct (worker, slot) pairs never share subnets. Workers from 36 on get a
-    four-character id ``w<worker:2><slot>``, whose subnets are hashed: :func:`up`
-    refuses a collision rather than sharing.
-
-    Raises:
-        LabError: ``slot`` is not in 0..35 or the worker number is above 1295.
-    """
-    digits = "".join(c for c in (worker or "") if c.isdigit())
-    number = int(digits) if digits else 0
-    if not 0 <= slot < 36 or number >= 36 * 36:
-        raise LabError(f"{worker}/{slot}", "worker numbers go to 1295 and slots to 35")
-    if number < 36:
-        return f"t{_ID_ALPHABET[number]}{_ID_ALPHABET[slot]}"
-    return f"w{_ID_ALPHABET[number // 36]}{_ID_ALPHABET[number % 36]}{_ID_ALPHABET[slot]}"
-
-
-@dataclass(frozen=True)
-class LabLayout:
-    """Every name and address of one lab, computed from its id and profile alone."""
-
-    lab_id: str
-    profile: LinkProfile
-    subnet_index: int
-    ns_primary: str
-    ns_secondary: str
-    ns_client: str
-    #: Replication veth ends (in the primary / secondary namespace).
-    repl_primary_if: str
-    repl_secondary_if: str
-    repl_primary_ip: str
-    repl_secondary_ip: str
-    repl_prefix: int
-    #: LAN veth ends on the host side (members of ``br0`` in each host namespace) ...
-    lan_primary_if: str
-    lan_secondary_if: str
-    #: ... and their peers in the client namespace (members of the ``lan`` bridge).
-    lan_client_primary_if: str
-    lan_client_secondary_if: str
-    host_bridge: str
-    client_bridge: str
-    lan_client_ip: str
-    lan_primary_ip: str
-    lan_secondary_ip: str
-    guest_ip: str
-    lan_prefix: int
-    #: TAP devices inside the primary / secondary namespace, members of ``br0``.
-    tap_primary: str
-    tap_secondary: str
-
-    @property
-    def namespaces(self) -> tuple[str, str, str]:
-        """The three namespaces: primary, secondary, client."""
-        return (self.ns_primary, self.ns_secondary, self.ns_client)
-
-    @property
-    def repl_subnet(self) -> str:
-        """The replication link's network in CIDR notation."""
-        return f"{_network(self.repl_primary_ip, self.repl_prefix)}/{self.repl_prefix}"
-
-    @property
-    def lan_subnet(self) -> str:
-        """The LAN's network in CIDR notation."""
-        return f"{_network(self.lan_client_ip, self.lan_prefix)}/{self.lan_prefix}"
-
-    def ns_for(self, role: Role) -> str:
-        """The namespace of ``role``."""
-        return {
-            "primary": self.ns_primary,
-            "secondary": self.ns_secondary,
-            "client": self.ns_client,
-        }[role]
-
-    def repl_if_for(self, role: HostRole) -> str:
-        """The replication veth end in ``role``'s namespace."""
-        return self.repl_primary_if if role == "primary" else self.repl_secondary_if
-
-    def repl_ip_for(self, role: HostRole) -> str:
-        """``role``'s address on the replication link."""
-        return self.repl_primary_ip if role == "primary" else self.repl_secondary_ip
-
-    def lan_if_for(self, role: HostRole) -> str:
-        """The host-side LAN veth end in ``role``'s namespace."""
-        return self.lan_primary_if if role == "primary" else self.lan_secondary_if
-
-    def lan_ip_for(self, role: Role) -> str:
-        """``role``'s own address on the LAN."""
-        return {
-            "primary": self.lan_primary_ip,
-            "secondary": self.lan_secondary_ip,
-            "client": self.lan_client_ip,
-        }[role]
-
-    def tap_for(self, role: HostRole) -> str:
-        """The TAP device in ``role``'s namespace."""
-        return self.tap_primary if role == "primary" else self.tap_secondary
-
-
-def _network(ip: str, prefix: int) -> str:
-    value = _ip_to_int(ip) & ~((1 << (32 - prefix)) - 1) & 0xFFFFFFFF
-    return _int_to_ip(value)
-
-
-def _ip_to_int(ip: str) -> int:
-    a, b, c, d = (int(x) for x in ip.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
-
-
-def _int_to_ip(value: int) -> str:
-    return ".".join(str((value >> shift) & 0xFF) for shift in (24, 16, 8, 0))
-
-
-def layout(lab_id: str, profile: str = "1g") -> LabLayout:
-    """Compute the names and addresses of lab ``lab_id`` (no side effects).
-
-    Raises:
-        LabError: the lab id is invalid or the profile unknown.
-    """
-    index = subnet_index(lab_id)
-    prof = get_profile(profile, lab_id=lab_id)
-    lan_base = (10 << 24) | (index << 8)
-    repl_base = _ip_to_int("172.16.0.0") + 4 * index
-    i = lab_id
-    return LabLayout(
-        lab_id=lab_id,
-        profile=prof,
-        subnet_index=index,
-        ns_primary=f"{NS_PREFIX}{i}-pri",
-        ns_secondary=f"{NS_PREFIX}{i}-sec",
-        ns_client=f"{NS_PREFIX}{i}-cli",
-        repl_primary_if=f"krep-{i}-p",
-        repl_secondary_if=f"krep-{i}-s",
-        repl_primary_ip=_int_to_ip(repl_base + 1),
-        repl_secondary_ip=_int_to_ip(repl_base + 2),
-        repl_prefix=REPL_PREFIX,
-        lan_primary_if=f"klan-{i}-p",
-        lan_secondary_if=f"klan-{i}-s",
-        lan_client_primary_if=f"klan-{i}-cp",
-        lan_client_secondary_if=f"klan-{i}-cs",
-        host_bridge=HOST_BRIDGE,
-        client_bridge=CLIENT_BRIDGE,
-        lan_client_ip=_int_to_ip(lan_base + 1),
-        lan_primary_ip=_int_to_ip(lan_base + 2),
-        lan_secondary_ip=_int_to_ip(lan_base + 3),
-        guest_ip=_int_to_ip(lan_base + 10),
-        lan_prefix=LAN_PREFIX,
-        tap_primary=f"ktap-{i}-p",
-        tap_secondary=f"ktap-{i}-s",
-    )
 
 
 def netns_exec_argv(ns: str, argv: Sequence[str]) -> list[str]:
@@ -701,282 +480,3 @@ def _kill_namespace_processes(ns: str) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------- status
-
-
-@dataclass(frozen=True)
-class LinkState:
-    """One interface found in a lab namespace."""
-
-    ns: str
-    name: str
-    #: "veth", "bridge", "tun", or None (loopback).
-    kind: str | None
-    admin_up: bool
-    carrier: bool
-    mtu: int
-    master: str | None
-    addresses: tuple[str, ...]
-    #: Root qdisc kind ("tbf", "noqueue", ...) and, for tbf, its shaping.
-    qdisc: str | None
-    rate_bit: int | None
-    burst_bytes: int | None
-
-
-@dataclass(frozen=True)
-class LabStatus:
-    """What is actually there for one lab id."""
-
-    lab_id: str
-    #: At least one of the lab's namespaces exists (``up`` would refuse).
-    exists: bool
-    #: All three namespaces and every expected interface, address and qdisc are present.
-    complete: bool
-    namespaces: tuple[str, ...]
-    missing_namespaces: tuple[str, ...]
-    links: tuple[LinkState, ...]
-    #: From the state file, else recognised from the replication link's tbf rate.
-    profile: str | None
-    layout: LabLayout | None
-    state_file: Path | None
-    #: Human-readable differences from the expected lab (empty when complete).
-    problems: tuple[str, ...]
-    #: The lab's entry in the machine-wide registry, when it has one.
-    registry_file: Path | None = None
-    #: The run and shm directories the registry recorded for its files.
-    run_dir: Path | None = None
-    shm_dir: Path | None = None
-    #: Every place looked at: the namespaces' mount points, the registry entry, the
-    #: state files tried (what to say when nothing was found).
-    looked_in: tuple[Path, ...] = ()
-
-    def link(self, ns: str, name: str) -> LinkState | None:
-        """The interface ``name`` in namespace ``ns``, if found."""
-        for link in self.links:
-            if link.ns == ns and link.name == name:
-                return link
-        return None
-
-
-def status(lab_id: str, *, paths: PathsConfig | None = None) -> LabStatus:
-    """Inspect lab ``lab_id`` without changing anything.
-
-    Raises:
-        LabError: the id is invalid, or iproute2 failed on a namespace that exists.
-    """
-    bare = layout(lab_id)
-    existing = _existing_namespaces()
-    present = tuple(ns for ns in bare.namespaces if ns in existing)
-    missing = tuple(ns for ns in bare.namespaces if ns not in existing)
-    links: list[LinkState] = []
-    for ns in present:
-        links.extend(_links_in(lab_id, ns))
-
-    rec = registry.lookup(lab_id)
-    tried = [_state_path(run_dir, lab_id) for run_dir, _ in _lab_dirs(lab_id, paths)]
-    found = next(((f, d) for f in tried if (d := _read_state(f)) is not None), None)
-    profile: str | None = None
-    if found is not None and isinstance(found[1].get("profile"), str):
-        profile = found[1]["profile"]
-    elif rec is not None:
-        profile = rec.profile
-    else:
-        repl = next((x for x in links if x.name == bare.repl_primary_if), None)
-        guess = profile_for_rate(repl.rate_bit) if repl is not None else None
-        profile = guess.name if guess is not None else None
-    lay = None
-    if profile is not None:
-        try:
-            lay = layout(lab_id, profile)
-        except LabError:
-            lay = None
-
-    problems = [f"namespace {ns} is missing" for ns in missing]
-    if present and lay is None:
-        problems.append("cannot tell the link profile (no state file, unknown tbf rate)")
-    if lay is not None and present:
-        problems.extend(_check(lay, links))
-    if rec is not None and not present:
-        problems.append(f"the registry entry {registry.registry_file(lab_id)} is stale")
-    return LabStatus(
-        lab_id=lab_id,
-        exists=bool(present),
-        complete=bool(present) and not missing and not problems,
-        namespaces=present,
-        missing_namespaces=missing,
-        links=tuple(links),
-        profile=profile,
-        layout=lay,
-        state_file=found[0] if found is not None else None,
-        problems=tuple(problems),
-        registry_file=registry.registry_file(lab_id) if rec is not None else None,
-        run_dir=rec.run_dir if rec is not None else None,
-        shm_dir=rec.shm_dir if rec is not None else None,
-        looked_in=(
-            *(NETNS_DIR / ns for ns in bare.namespaces),
-            registry.registry_file(lab_id),
-            *tried,
-        ),
-    )
-
-
-def _links_in(lab_id: str, ns: str) -> list[LinkState]:
-    addrs = _run_json(lab_id, ["ip", "-n", ns, "-j", "-d", "addr", "show"])
-    qdiscs = _run_json(lab_id, ["tc", "-n", ns, "-j", "qdisc", "show"])
-    root_qdisc: dict[str, dict[str, Any]] = {
-        str(q.get("dev")): q for q in qdiscs if q.get("root") and "dev" in q
-    }
-    links: list[LinkState] = []
-    for entry in addrs:
-        name = str(entry.get("ifname", ""))
-        flags = entry.get("flags", [])
-        q = root_qdisc.get(name)
-        options = q.get("options", {}) if q else {}
-        rate = options.get("rate") if q and q.get("kind") == "tbf" else None
-        burst = options.get("burst") if q and q.get("kind") == "tbf" else None
-        links.append(
-            LinkState(
-                ns=ns,
-                name=name,
-                kind=(entry.get("linkinfo") or {}).get("info_kind"),
-                admin_up="UP" in flags,
-                carrier="LOWER_UP" in flags,
-                mtu=int(entry.get("mtu", 0)),
-                master=entry.get("master"),
-                addresses=tuple(
-                    f"{a['local']}/{a['prefixlen']}"
-                    for a in entry.get("addr_info", [])
-                    if a.get("family") == "inet"
-                ),
-                qdisc=str(q["kind"]) if q else entry.get("qdisc"),
-                # tc reports tbf rates in bytes per second.
-                rate_bit=int(rate) * 8 if isinstance(rate, int) else None,
-                burst_bytes=int(burst) if isinstance(burst, int) else None,
-            )
-        )
-    return links
-
-
-def _check(lay: LabLayout, links: list[LinkState]) -> list[str]:
-    problems: list[str] = []
-    found = {(x.ns, x.name): x for x in links}
-
-    def need(ns: str, name: str, *, master: str | None = None, addr: str | None = None) -> None:
-        link = found.get((ns, name))
-        if link is None:
-            problems.append(f"{name} is missing in {ns}")
-            return
-        if not link.admin_up:
-            problems.append(f"{name} in {ns} is down")
-        if master is not None and link.master != master:
-            problems.append(f"{name} in {ns} is not in bridge {master}")
-        if addr is not None and addr not in link.addresses:
-            problems.append(f"{name} in {ns} lacks address {addr}")
-
-    for role in HOST_ROLES:
-        ns = lay.ns_for(role)
-        repl_if = lay.repl_if_for(role)
-        need(ns, repl_if, addr=f"{lay.repl_ip_for(role)}/{lay.repl_prefix}")
-        need(ns, lay.host_bridge, addr=f"{lay.lan_ip_for(role)}/{lay.lan_prefix}")
-        need(ns, lay.lan_if_for(role), master=lay.host_bridge)
-        need(ns, lay.tap_for(role), master=lay.host_bridge)
-        repl = found.get((ns, repl_if))
-        if repl is not None:
-            if repl.mtu != lay.profile.mtu:
-                problems.append(f"{repl_if} in {ns} has MTU {repl.mtu}, not {lay.profile.mtu}")
-            if repl.rate_bit != lay.profile.rate_bit:
-                want = lay.profile.rate_bit or "no tbf"
-                problems.append(f"{repl_if} in {ns} is shaped to {repl.rate_bit}, not {want}")
-    cli = lay.ns_client
-    need(cli, lay.client_bridge, addr=f"{lay.lan_client_ip}/{lay.lan_prefix}")
-    need(cli, lay.lan_client_primary_if, master=lay.client_bridge)
-    need(cli, lay.lan_client_secondary_if, master=lay.client_bridge)
-    return problems
-
-
-# --------------------------------------------------------------------------- partitions
-
-
-def set_link_up(
-    lab_id: str, role: Role, up: bool, *, link: LinkKind = "repl", wait: bool = True
-) -> None:
-    """Set one host's end of the replication link (or its LAN veth) administratively up or down.
-
-    Taking one end down drops the carrier on the other end too, like a pulled cable,
-    and takes effect at once. The tbf qdisc and the addresses stay; bringing the end up
-    restores the route. With ``wait``, bringing an end up returns only once both ends
-    of that link are operationally UP again (when the other end is admin-up too).
-
-    Raises:
-        LabError: ``role`` has no such link (the client has no replication link), the
-            lab is not up, ``ip`` failed, or the link did not come up in time.
-    """
-    lay = layout(lab_id)
-    if role == "client":
-        raise LabError(lab_id, f"the {role} namespace has no {link} link of its own")
-    ns = lay.ns_for(role)
-    if ns not in _existing_namespaces():
-        raise LabError(lab_id, f"namespace {ns} does not exist (is the lab up?)")
-    if link == "repl":
-        dev = lay.repl_if_for(role)
-        other_role: HostRole = "secondary" if role == "primary" else "primary"
-        peer = (lay.ns_for(other_role), lay.repl_if_for(other_role))
-    else:
-        dev = lay.lan_if_for(role)
-        client_end = lay.lan_client_primary_if if role == "primary" else lay.lan_client_secondary_if
-        peer = (lay.ns_client, client_end)
-    _run(lab_id, ["ip", "-n", ns, "link", "set", "dev", dev, "up" if up else "down"])
-    if up and wait and _admin_up(lab_id, *peer):
-        _wait_until_up(lay, [(ns, dev), peer])
-
-
-def wait_tap_forwarding(lab_id: str, role: HostRole, timeout_s: float = _READY_TIMEOUT_S) -> None:
-    """Wait until ``role``'s TAP forwards frames in ``br0``.
-
-    The TAP has no carrier until a process opens it; after the frame proxy opens it,
-    the bridge starts forwarding on it only once the kernel's linkwatch has seen the
-    carrier (up to a second). Call this before relying on frames crossing the TAP.
-
-    Raises:
-        LabError: the port is not forwarding after ``timeout_s``, or ``bridge`` failed.
-    """
-    lay = layout(lab_id)
-    ns, tap = lay.ns_for(role), lay.tap_for(role)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ports = _run_json(lab_id, ["bridge", "-n", ns, "-j", "link", "show", "dev", tap])
-        state = str(ports[0].get("state")) if ports else "absent"
-        if state == "forwarding":
-            return
-        if time.monotonic() >= deadline:
-            raise LabError(
-                lab_id, f"TAP {tap} in {ns} is {state}, not forwarding, after {timeout_s:g} s"
-            )
-        time.sleep(0.02)
-
-
-def _admin_up(lab_id: str, ns: str, dev: str) -> bool:
-    entries = _run_json(lab_id, ["ip", "-n", ns, "-j", "link", "show", "dev", dev])
-    return bool(entries) and "UP" in entries[0].get("flags", [])
-
-
-def partition(lab_id: str) -> None:
-    """Cut the replication link (both ends down); the LAN stays up.
-
-    Raises:
-        LabError: as :func:`set_link_up`.
-    """
-    set_link_up(lab_id, "primary", False)
-    set_link_up(lab_id, "secondary", False)
-
-
-def heal(lab_id: str) -> None:
-    """Restore the replication link (both ends up).
-
-    Raises:
-        LabError: as :func:`set_link_up`.
-    """
-    set_link_up(lab_id, "primary", True, wait=False)
-    set_link_up(lab_id, "secondary", True)

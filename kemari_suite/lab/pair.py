@@ -22,6 +22,7 @@ from typing import Any
 from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import ConnectError, KemariError, LabError
 from kemari_suite.lab import configs as labconfigs
+from kemari_suite.lab.addressing import HostRole, LabLayout
 from kemari_suite.lab.configs import (
     COUNTER_PORT,
     REPL_PORT,
@@ -30,7 +31,6 @@ from kemari_suite.lab.configs import (
     role_run_dir,
     role_shm_dir,
 )
-from kemari_suite.lab.lab import HostRole, LabLayout
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
 from kemari_suite.protocol.keys import generate_key

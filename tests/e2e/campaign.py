@@ -23,7 +23,7 @@ from typing import Any
 
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConnectError, KemariError
-from kemari_suite.lab.lab import LabLayout
+from kemari_suite.lab.addressing import LabLayout
 from kemari_suite.lab.pair import LabPair, PairOptions
 
 #: point -> (which agent carries the fault, the count at which it fires). Except for

@@ -56,7 +56,7 @@ from typing import Any
 
 from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import KemariError
-from kemari_suite.lab.lab import LabLayout
+from kemari_suite.lab.addressing import LabLayout
 from kemari_suite.lab.pair import REPL_PORT, LabPair, PairOptions
 from kemari_suite.protocol import wire
 from kemari_suite.protocol.files import write_owner_only
