@@ -126,6 +126,10 @@ class BlockTap:
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._draining = False
+        #: Write-throughs the guest sent that are not on the disk yet.
+        self._through_in_flight = 0
+        self._through_idle = asyncio.Event()
+        self._through_idle.set()
         if mode is TapMode.UNPROTECTED:
             self._drained.set()
         self._unflushed = False
@@ -253,17 +257,30 @@ class BlockTap:
         await self._write_through([], flush=True)
 
     async def _write_through(self, writes: list[tuple[int, bytes]], *, flush: bool) -> None:
-        # Logged epochs first: their overlay must be gone before this write is visible.
-        await self._drained.wait()
-        if self.error is not None:
-            raise self.error
-        loop = asyncio.get_running_loop()
+        self._through_in_flight += 1
+        self._through_idle.clear()
         try:
-            await loop.run_in_executor(self._io, self._apply_sync, writes, flush)
-        except (DiskError, OSError) as err:
-            self.stats.errors += 1
-            raise TapError(self.name, f"write-through: {err}") from err
-        self.stats.written_through += 1
+            # Logged epochs first: their overlay must be gone before this write is visible.
+            await self._drained.wait()
+            if self.error is not None:
+                raise self.error
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._io, self._apply_sync, writes, flush)
+            except (DiskError, OSError) as err:
+                self.stats.errors += 1
+                raise TapError(self.name, f"write-through: {err}") from err
+            self.stats.written_through += 1
+        finally:
+            self._through_in_flight -= 1
+            if not self._through_in_flight:
+                self._through_idle.set()
+
+    async def write_through_idle(self) -> None:
+        """Resolve once every write-through already sent has reached the backend (or
+        failed). After :meth:`set_protected` no new one starts, so the disk a copy reads
+        then holds every unprotected write."""
+        await self._through_idle.wait()
 
     def _apply_sync(self, writes: list[tuple[int, bytes]], flush: bool) -> None:
         # Runs on the single apply thread only, so _dirty needs no lock.

@@ -229,9 +229,12 @@ class GuestIO:
                 if self.disk is not None:
                     self.disk.tracking = True
                 await self.block.set_unprotected()
+            self.block.set_protected()
+            # Write-throughs still queued land tracked (the resync sends their blocks),
+            # and before any disk copy reads.
+            await self.block.write_through_idle()
             if self.disk is not None:
                 self.disk.tracking = False
-            self.block.set_protected()
         if self.net is not None:
             self.net.set_protected()
         self.mode = TapMode.PROTECTED

@@ -8,7 +8,8 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -230,5 +231,48 @@ def test_unprotected_writes_are_tracked_for_the_next_resync(
         finally:
             await rig.close(io)
         assert rig.image.read_bytes()[500_000:500_001] == b"y"
+
+    run(go)
+
+
+def test_a_write_through_in_flight_when_protection_starts_is_tracked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write the guest sent unprotected may still be queued for the disk when a new
+    # secondary arrives. It must be marked for the resync: the incremental copy sends
+    # only the marked blocks, and an unmarked one would leave the standby stale.
+    rig = Rig(tmp_path, monkeypatch)
+
+    async def go() -> None:
+        disk = open_backend(rig.cfg, role=DiskRole.PRIMARY)
+        assert disk is not None
+        disk.attach()
+        disk.promote()
+        gate = threading.Event()
+        apply = disk.apply
+
+        def slow_apply(writes: Sequence[tuple[int, bytes]]) -> None:
+            if any(off == 300_000 for off, _ in writes):
+                gate.wait(TIMEOUT)
+            apply(writes)
+
+        monkeypatch.setattr(disk, "apply", slow_apply)
+        io = rig.guest_io(epoch=1, disk=disk)
+        await rig.start(io)
+        try:
+            assert io.block is not None
+            await io.unprotect()
+            io.clear_dirty()
+            write = asyncio.create_task(io.block.write(300_000, b"in flight"))
+            await asyncio.sleep(0.05)  # on the apply thread, held at the gate
+            protect = asyncio.create_task(io.protect(2))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.gather(write, protect)
+            assert [o for o, _ in io.dirty_chunks()] == [262_144]
+            assert disk.read(300_000, 9) == b"in flight"
+        finally:
+            gate.set()
+            await rig.close(io)
 
     run(go)
