@@ -12,6 +12,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static cpio gzip zstd xz-utils kmod
   gcc libc6-dev make iproute2 iputils-ping drbd-utils openssh-server openssh-client
   fio python3 python3-venv python3-dev ca-certificates debootstrap e2fsprogs curl
+  resource-agents pacemaker-cli-utils libxml2-utils
 )
 
 if [ "$(id -u)" != 0 ]; then
