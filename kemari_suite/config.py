@@ -35,7 +35,7 @@ LinkProfileName = Literal["1g", "10g", "unlimited"]
 SyncMode = Literal["speculative", "classic"]
 TrackerKind = Literal["auto", "uffd-wp", "soft-dirty", "compare"]
 Compression = Literal["zstd", "lz4", "none"]
-SyncPolicy = Literal["kemari", "remus", "adaptive"]
+SyncPolicy = Literal["output", "kemari", "remus", "adaptive"]
 Tiebreaker = Literal["none", "witness", "lease"]
 DiskBackendKind = Literal["builtin", "drbd", "shared"]
 CommitProbe = Literal["", "stream"]
@@ -196,7 +196,16 @@ class WitnessConfig:
 class TapConfig:
     """Event taps and the sync policy they drive."""
 
-    policy: SyncPolicy = "kemari"
+    #: "output" (the default) syncs where output becomes visible: at each frame the
+    #: guest sends, never for a disk write or flush (they ride the open epoch; see
+    #: docs/sync-policy.md, "Why disk writes need no sync point of their own").
+    #: "kemari" is the seed's rule, a sync at every outbound I/O, disk included. "remus":
+    #: fixed epochs of
+    #: ``remus_interval_ms``. "adaptive": event-driven with a minimum spacing.
+    policy: SyncPolicy = "output"
+    #: A sync point is due once the open epoch has logged this many MiB of disk writes
+    #: (it bounds the primary's memory and the standby's replay, whatever the policy).
+    epoch_log_limit_mib: int = 8
     #: Epoch length for the remus policy.
     remus_interval_ms: int = 25
     #: Minimum spacing between event-triggered sync points for the adaptive policy.
@@ -243,6 +252,15 @@ class AlertConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The agent's Prometheus exporter (``/metrics``; see docs/prometheus.md)."""
+
+    #: host:port to serve ``/metrics`` on, e.g. "10.0.0.1:9410"; empty (the default):
+    #: no exporter. An explicit 0.0.0.0 or [::] serves every address, with a warning.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class TestingConfig:
     """Test instruments that production leaves off."""
 
@@ -265,6 +283,7 @@ class KemariConfig:
     disk: DiskConfig = field(default_factory=DiskConfig)
     witness: WitnessConfig = field(default_factory=WitnessConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
 
@@ -378,6 +397,20 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
                 path=path,
                 key=f"{prefix}.held_limit_mib",
             )
+    if isinstance(obj, TapConfig) and obj.epoch_log_limit_mib < 1:
+        raise ConfigError(
+            "must be at least 1 (MiB of disk writes one epoch may log)",
+            path=path,
+            key=f"{prefix}.epoch_log_limit_mib",
+        )
+    if isinstance(obj, MetricsConfig) and obj.listen:
+        problem = _address_problem(obj.listen)
+        if problem:
+            raise ConfigError(
+                f"{problem} (host:port, e.g. 10.0.0.1:9410; empty for no exporter)",
+                path=path,
+                key=f"{prefix}.listen",
+            )
     if isinstance(obj, LabConfig) and (
         not obj.lab_id or len(obj.lab_id) > 4 or not obj.lab_id.isalnum()
     ):
@@ -386,6 +419,19 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
             path=path,
             key=f"{prefix}.lab_id",
         )
+
+
+def _address_problem(value: str) -> str:
+    """What is wrong with a listener address "host:port" ("[v6]:port"), or ""."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep:
+        return f"{value!r} is not host:port"
+    if not host:
+        return f"{value!r} names no host"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{value!r} has no valid port"
+    return ""
 
 
 def load(path: str | os.PathLike[str] | None = None) -> KemariConfig:

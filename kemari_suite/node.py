@@ -12,20 +12,31 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kemari_suite.checkpoint.primary import PrimaryAgent
+from kemari_suite.checkpoint.states import PrimaryState
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
 from kemari_suite.replica.secondary import Handover, SecondaryAgent
+from kemari_suite.replica.states import SecondaryState
 from kemari_suite.tap.outputs import check_outputs, unprotected_outputs
 from kemari_suite.vm import guestmem, wphelper
 from kemari_suite.vm.define import select_image, vm_spec
 from kemari_suite.vm.qemu import VMPaths, VMSpec
 
+if TYPE_CHECKING:
+    from kemari_suite.service.prometheus import Exporter
+
 log = logging.getLogger(__name__)
+
+#: Every state of each role, as the exporter lists them (``kemari_state``).
+ROLE_STATES = {
+    "primary": [s.value for s in PrimaryState],
+    "secondary": [s.value for s in SecondaryState],
+}
 
 
 def control_path(cfg: KemariConfig) -> Path:
@@ -76,6 +87,20 @@ def _log_image(spec: VMSpec, *, warn: bool) -> None:
     )
 
 
+def _serve_metrics(cfg: KemariConfig, vm: str) -> Exporter | None:
+    """The Prometheus exporter ``[metrics]`` asks for, or None (the default). Imported
+    only then: an agent that exports nothing runs without prometheus_client.
+
+    Raises:
+        ConfigError: ``metrics.listen`` cannot be served (a bad address, a port in use).
+    """
+    if not cfg.metrics.listen:
+        return None
+    from kemari_suite.service import prometheus
+
+    return prometheus.serve(cfg.metrics, vm=vm, states=ROLE_STATES)
+
+
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,7 +144,8 @@ async def run_node(
     Raises:
         ConfigError: a guest output escapes output commit (an untapped NIC, disk, serial
             channel or USB redirection) and was not accepted with ``unprotected_output``;
-            nothing has started then.
+            nothing has started then. Or ``metrics.listen`` cannot be served (a port
+            in use): the VM has not started then either.
     """
     # Refuse untapped output before anything starts (and before an image is built).
     check_outputs(cfg, spec)
@@ -136,6 +162,29 @@ async def run_node(
     # The uffd-wp tracker's helper, on both hosts: the failover start becomes a primary.
     spec = await asyncio.to_thread(wphelper.attach, cfg, spec)
     log.info("uffd-wp helper: %s", spec.wp_helper_reason)
+    # Bound before the VM starts (a port in use is a ConfigError), for the node's whole
+    # run: a switchover changes the agent, not the scrape target.
+    exporter = _serve_metrics(cfg, spec.name)
+    try:
+        return await _run_roles(
+            cfg, role, node_id=node_id, spec=spec, warn=warn, stop=stop, exporter=exporter
+        )
+    finally:
+        if exporter is not None:
+            exporter.close()
+
+
+async def _run_roles(
+    cfg: KemariConfig,
+    role: str,
+    *,
+    node_id: str,
+    spec: VMSpec,
+    warn: bool,
+    stop: asyncio.Event,
+    exporter: Exporter | None,
+) -> PrimaryAgent | SecondaryAgent:
+    """:func:`run_node`'s loop: one agent per role, until ``stop`` is set."""
     handover: Handover | None = None
     while True:
         folder = artifacts_dir(cfg, role)
@@ -146,6 +195,8 @@ async def run_node(
         agent: PrimaryAgent | SecondaryAgent
         if role == "primary":
             agent = PrimaryAgent(cfg, spec, node_id=node_id, artifacts=folder)
+            if exporter is not None:
+                exporter.attach(agent, role)
             if handover is not None:
                 report = handover.report.__dict__ if handover.report is not None else None
                 await agent.adopt(
@@ -160,13 +211,20 @@ async def run_node(
             handover = None
         else:
             agent = SecondaryAgent(cfg, spec, node_id=node_id, artifacts=folder, probe=probe_guest)
+            if exporter is not None:
+                exporter.attach(agent, role)
         task = asyncio.create_task(agent.run())
+        sampler = exporter.sample(agent.status_dict) if exporter is not None else None
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             agent.request_stop()
         stopper.cancel()
-        await task
+        try:
+            await task
+        finally:
+            if sampler is not None:
+                sampler.cancel()
         if stop.is_set():
             return agent
         if isinstance(agent, PrimaryAgent) and agent.outcome == "standby":

@@ -290,6 +290,16 @@ def _loop_record(lp: Loop, checkpoints: Sequence[dict[str, Any]] | None) -> dict
     return rec
 
 
+def _policy_text(entry: dict[str, Any]) -> str:
+    """How a protected row synchronized, in words (older results name no policy)."""
+    policy = entry.get("policy") or "kemari"
+    if policy == "remus":
+        return f"remus, fixed {entry.get('remus_interval_ms')} ms epochs"
+    if policy == "output":
+        return "output (the default: a sync point where output becomes visible)"
+    return "kemari (the seed's: a sync point at every outbound I/O, disk included)"
+
+
 def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
     """The results.json entry of one scenario."""
     sc = raw.scenario
@@ -301,6 +311,10 @@ def summarize_scenario(raw: ScenarioRaw) -> dict[str, Any]:
         "disk": sc.disk,
         "tiebreaker": sc.tiebreaker if sc.protected else None,
         "max_interval_ms": sc.max_interval_ms if sc.protected else None,
+        "policy": sc.policy if sc.protected else None,
+        "remus_interval_ms": sc.remus_interval_ms
+        if sc.protected and sc.policy == "remus"
+        else None,
         "published_row": sc.published,
         "guest_commands": raw.guest_commands,
         "ready_after_s": raw.ready_after_s,
@@ -606,6 +620,9 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         "shown separately and labelled as such. Cells are `median (min-max)` over the kept",
         "rounds. Every Kemari row uses the same maximum sync interval "
         f"({', '.join(sorted({str(sc[n]['max_interval_ms']) for n in kemari})) or '-'} ms).",
+        "Sync policies: "
+        + ("; ".join(f"{sc[n]['title']}: {_policy_text(sc[n])}" for n in kemari) or "-")
+        + ".",
         "",
         "## lmbench-style, microseconds per operation",
         "",

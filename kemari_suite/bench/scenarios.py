@@ -9,6 +9,8 @@ A scenario file says how the guest is run::
     disk = "shared"                     # kemari: "shared" or "builtin"; base: "file"
     tiebreaker = "lease"                # kemari: "witness" or "lease"
     max_interval_ms = 100               # kemari: the same for every Kemari row
+    policy = "output"                   # kemari: tap.policy (output, kemari, remus)
+    remus_interval_ms = 100             # kemari with policy "remus": the fixed epoch
     published = "Kemari(10GbE) + FC"    # the published row it is set beside
     order = 3                           # position in tables
 
@@ -32,6 +34,9 @@ _KINDS = ("base", "kemari")
 _PROFILES = ("1g", "10g", "unlimited")
 _DISKS = {"base": ("file",), "kemari": ("shared", "builtin")}
 _TIEBREAKERS = ("witness", "lease")
+#: ``output`` is the product's default; ``kemari`` the seed's rule (a sync point at
+#: every outbound I/O, disk included); ``remus`` fixed epochs.
+_POLICIES = ("output", "kemari", "remus")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Scenario:
     disk: str
     tiebreaker: str = "witness"
     max_interval_ms: int = 100
+    policy: str = "output"
+    remus_interval_ms: int = 100
     published: str = ""
     order: int = 0
 
@@ -67,6 +74,8 @@ def parse_scenario(data: dict[str, Any], *, path: str = "<scenario>") -> Scenari
         "disk": str,
         "tiebreaker": str,
         "max_interval_ms": int,
+        "policy": str,
+        "remus_interval_ms": int,
         "published": str,
         "order": int,
     }
@@ -89,6 +98,8 @@ def parse_scenario(data: dict[str, Any], *, path: str = "<scenario>") -> Scenari
         disk=data["disk"],
         tiebreaker=data.get("tiebreaker", "witness"),
         max_interval_ms=data.get("max_interval_ms", 100),
+        policy=data.get("policy", "output"),
+        remus_interval_ms=data.get("remus_interval_ms", 100),
         published=data.get("published", ""),
         order=data.get("order", 0),
     )
@@ -108,6 +119,10 @@ def parse_scenario(data: dict[str, Any], *, path: str = "<scenario>") -> Scenari
         )
     if sc.max_interval_ms <= 0:
         raise ConfigError("must be positive", path=path, key="max_interval_ms")
+    if sc.policy not in _POLICIES:
+        raise ConfigError(f"{sc.policy!r} is not one of {_POLICIES}", path=path, key="policy")
+    if sc.remus_interval_ms <= 0:
+        raise ConfigError("must be positive", path=path, key="remus_interval_ms")
     if not sc.name or not all(c.isalnum() or c in "-_" for c in sc.name):
         raise ConfigError("letters, digits, '-' or '_'", path=path, key="name")
     return sc

@@ -324,7 +324,7 @@ def run(
     lab_id: str = "sv",
     lay: labmod.LabLayout | None = None,
     seed: int | None = None,
-    policy: str = "kemari",
+    policy: str = "output",
     min_spacing_ms: int = 5,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -566,10 +566,10 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
             f"Dirty-page tracker: {res.get('tracker') or '?'} "
             f"({res.get('tracker_reason') or '?'}). "
             f"Each sync point stopped the guest for {f(sy['pause_p50_ms'])} ms (p50) for "
-            f"{res['memory_mib']} MiB, and the Kemari policy takes one at every output the "
-            "guest produces (each HTTP reply), so a busy service spends that much of its "
-            "time stopped per reply; under TCG the guest's own work is slow to begin with. "
-            "See docs/sizing.md.",
+            f"{res['memory_mib']} MiB, and the {res.get('policy', 'kemari')} policy takes one "
+            "at every frame the guest sends (each HTTP reply), so a busy service spends "
+            "that much of its time stopped per reply; under TCG the guest's own work is "
+            "slow to begin with. See docs/sizing.md.",
         ]
     lines += [
         "",

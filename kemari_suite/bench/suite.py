@@ -390,7 +390,8 @@ class _Pass:
             disk_mib=p.disk_mib,
             # A tapped disk requires every output tapped: the NIC goes behind the proxy.
             tapped_net=True,
-            policy="kemari",
+            policy=sc.policy,
+            remus_interval_ms=sc.remus_interval_ms,
         )
         # Files of an earlier run in this lab (console, artifacts, disks) must not mix in.
         root = cfg.paths.run_dir / f"kemari-{self.lab_id}-pair"

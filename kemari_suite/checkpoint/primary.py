@@ -428,7 +428,8 @@ class PrimaryAgent:
 
     def _on_io(self, kind: IOEvent, epoch: int) -> None:
         """The taps' event sink: the sync policy, and the bound on held output."""
-        self.sched.notify(kind, epoch)
+        logged = self.io.logged_bytes(epoch) if kind is IOEvent.WRITE and self.io else 0
+        self.sched.notify(kind, epoch, logged)
         self.held.on_io(kind, epoch)
 
     def _on_durable(self, epoch: int) -> None:

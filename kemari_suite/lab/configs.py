@@ -91,7 +91,9 @@ class PairOptions:
     disk_mib: int = 16
     #: Put the guest NIC behind the frame proxy (output commit) instead of a plain tap.
     tapped_net: bool = False
-    policy: str = "kemari"
+    #: ``tap.policy``: the product's default ("output") unless a test names another.
+    policy: str = "output"
+    remus_interval_ms: int = 25
     adaptive_min_spacing_ms: int = 5
     display: str = "none"
     #: ``alerts.hook`` for both agents (a command; see docs/alerts.md).
@@ -126,6 +128,7 @@ def options_from_config(cfg: KemariConfig) -> PairOptions:
         pipelining=r.pipelining,
         reprotect=r.reprotect,
         policy=t.policy,
+        remus_interval_ms=t.remus_interval_ms,
         adaptive_min_spacing_ms=t.adaptive_min_spacing_ms,
         alert_hook=cfg.alerts.hook,
         image=cfg.image,
@@ -279,6 +282,7 @@ def _host_tree(
         tree["tap"] = {
             "host_tap": tap,
             "policy": o.policy,
+            "remus_interval_ms": o.remus_interval_ms,
             "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms,
         }
     if o.disk:

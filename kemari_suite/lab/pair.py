@@ -292,7 +292,11 @@ class LabPair:
                 }
             ],
             "replication": rep,
-            "tap": {"policy": o.policy, "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms},
+            "tap": {
+                "policy": o.policy,
+                "remus_interval_ms": o.remus_interval_ms,
+                "adaptive_min_spacing_ms": o.adaptive_min_spacing_ms,
+            },
             **({"alerts": {"hook": o.alert_hook}} if o.alert_hook else {}),
             "hosts": hosts,
         }

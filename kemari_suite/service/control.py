@@ -33,6 +33,17 @@ def _error(reason: str) -> dict[str, Any]:
     return {"ok": False, "error": reason}
 
 
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class ControlServer:
     """Serves control requests with the handlers given."""
 
@@ -42,6 +53,14 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        """Listen at ``path``; a stale socket file (no one answers) is replaced.
+
+        Raises:
+            KemariError: a live agent already answers at ``path`` (a second agent for the
+                same VM would cut the first one off from its operators).
+        """
+        if _answers(self.path):
+            raise KemariError(f"another agent already answers at {self.path}: stop it first")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)

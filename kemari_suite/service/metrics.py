@@ -3,20 +3,24 @@
 A run writes ``<artifacts>/checkpoints.jsonl`` (one object per checkpoint),
 ``events.jsonl`` (state changes, failovers, refusals) and ``status.json`` (the latest
 status, rewritten atomically). The folder is 0700 and every file 0600: they tell what
-the guest did.
+the guest did. Each record also goes to the metrics sink, when one is attached (the
+Prometheus exporter, :mod:`kemari_suite.service.prometheus`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kemari_suite.alerts import Alerter, AlertKind
 from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +84,16 @@ def qemu_pause(events: Sequence[dict[str, Any]], since: float) -> tuple[float, f
     return None
 
 
+class MetricsSink(Protocol):
+    """Where the artifacts' records also go, as they are written (on the event loop)."""
+
+    def checkpoint(self, m: CheckpointMetrics) -> None: ...
+
+    def event(self, kind: str, fields: Mapping[str, Any]) -> None: ...
+
+    def status(self, status: Mapping[str, Any]) -> None: ...
+
+
 class Artifacts:
     """The artifact folder of one agent run."""
 
@@ -90,16 +104,23 @@ class Artifacts:
         self._events = open_owner_only(root / "events.jsonl", "a", buffering=1)
         #: Where the events operators must hear about also go (hook, system log).
         self.alerter: Alerter | None = None
+        #: Where every record also goes (the Prometheus exporter); detached at close.
+        self.metrics: MetricsSink | None = None
+        self._sink_failed = False
 
     def checkpoint(self, m: CheckpointMetrics) -> None:
         if not self._ckpt.closed:
             self._ckpt.write(json.dumps(asdict(m)) + "\n")
+        if self.metrics is not None:
+            self._feed(self.metrics.checkpoint, m)
 
     def event(self, kind: str, **fields: Any) -> None:
         rec = {"t": time.time(), "event": kind, **fields}
         # A task that ends after the agent stopped may still report: keep it quiet.
         if not self._events.closed:
             self._events.write(json.dumps(rec, default=str) + "\n")
+        if self.metrics is not None:
+            self._feed(self.metrics.event, kind, fields)
         if self.alerter is not None:
             alert = alert_for(kind, fields)
             if alert is not None:
@@ -108,12 +129,27 @@ class Artifacts:
 
     def status(self, status: dict[str, Any]) -> None:
         write_owner_only(self.root / "status.json", json.dumps(status, indent=2, default=str))
+        if self.metrics is not None:
+            self._feed(self.metrics.status, status)
+
+    def _feed(self, fn: Callable[..., None], *args: Any) -> None:
+        """Give a record to the metrics sink: a failing sink is logged (once) and never
+        gets in the way of the agent."""
+        try:
+            fn(*args)
+        except Exception:
+            if not self._sink_failed:
+                log.exception("metrics: a record was not exported")
+            self._sink_failed = True
 
     def alert_history(self, n: int = 5) -> list[dict[str, Any]]:
         """The last ``n`` alerts sent (for ``kemari status``)."""
         return self.alerter.history[-n:] if self.alerter is not None else []
 
     def close(self) -> None:
+        # Late reports (a task ending after the agent stopped) must not reach the next
+        # agent's metrics.
+        self.metrics = None
         self._ckpt.close()
         self._events.close()
         if self.alerter is not None:

@@ -54,6 +54,7 @@ from kemari_suite.tap.net import FrameProxy
 from kemari_suite.tap.policy import (
     AdaptivePolicy,
     KemariPolicy,
+    OutputPolicy,
     RemusPolicy,
     SyncPolicy,
     SyncScheduler,
@@ -75,6 +76,7 @@ __all__ = [
     "NBDServer",
     "OpKind",
     "OpenEpoch",
+    "OutputPolicy",
     "RemusPolicy",
     "SyncPolicy",
     "SyncScheduler",

@@ -254,6 +254,11 @@ class GuestIO:
     def io_log(self, epoch: int) -> bytes:
         return self.block.io_log(epoch) if self.block is not None else b""
 
+    def logged_bytes(self, epoch: int) -> int:
+        """Bytes of disk writes logged in ``epoch`` so far (0 once it is applied)."""
+        rec = self.block.log.record(epoch) if self.block is not None else None
+        return rec.data_bytes if rec is not None else 0
+
     def committed(self, epoch: int) -> None:
         """Epoch ``epoch`` is acknowledged: apply its writes, then release its output."""
         if self.block is not None:
@@ -361,6 +366,7 @@ def make_scheduler(cfg: KemariConfig) -> SyncScheduler:
             max_interval_ms=cfg.replication.max_interval_ms,
             remus_interval_ms=cfg.tap.remus_interval_ms,
             adaptive_min_spacing_ms=cfg.tap.adaptive_min_spacing_ms,
+            epoch_log_limit_mib=cfg.tap.epoch_log_limit_mib,
         )
     )
 

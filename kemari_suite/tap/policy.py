@@ -1,17 +1,22 @@
 """Sync policies: given the taps' I/O events and the clock, when to start a sync point.
 
-Three policies, one small pure class each (no I/O, no clock of their own: every call
+Four policies, one small pure class each (no I/O, no clock of their own: every call
 gets ``now``, in seconds of a monotonic clock)::
 
-    kemari    sync at each outbound I/O event; events that arrive while a sync is in
-              flight are coalesced into one sync after it
+    output    the default: sync where output becomes visible, at each frame the guest
+              sends; disk writes and flushes ride the open epoch (they reach the disk
+              only after its commit, and nothing outside saw their acknowledgement)
+    kemari    the seed's rule: sync at each outbound I/O event, disk included; events
+              that arrive while a sync is in flight are coalesced into one sync after it
     remus     fixed epochs: a sync every ``interval`` seconds (start to start); events
               do not matter
     adaptive  event-driven like kemari, but never two syncs closer than
               ``min_spacing``; without events, one after ``max_interval``
 
 Every policy also honours ``max_interval`` (a sync point at least that often, measured
-from the start of the previous one) and on-demand requests (:meth:`SyncPolicy.demand`).
+from the start of the previous one), ``log_limit`` (a sync point once the open epoch has
+logged that many bytes of disk writes: events report the bytes logged so far) and
+on-demand requests (:meth:`SyncPolicy.demand`).
 At most one sync is in flight: :meth:`next_sync` says nothing while one runs.
 
 Events carry their epoch. A sync point covers every event of the epoch it closes
@@ -21,7 +26,7 @@ another sync point. Only events of a later epoch are pending.
 
 The protocol between the primary and a policy::
 
-    policy.event(kind, epoch, now)       each tap event (through SyncScheduler.notify)
+    policy.event(kind, epoch, now, logged)  each tap event (through SyncScheduler.notify)
     policy.next_sync()                   -> Due(at, reason) or None
     policy.sync_started(epoch, now)      the primary closes ``epoch`` (its epoch switch)
     policy.sync_finished(now)            acknowledged, or failed
@@ -37,6 +42,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kemari_suite.errors import ConfigError
 from kemari_suite.tap.events import IOEvent
@@ -59,12 +65,19 @@ class SyncPolicy:
     name = "base"
 
     def __init__(
-        self, *, max_interval: float | None = None, triggers: frozenset[IOEvent] = ALL_EVENTS
+        self,
+        *,
+        max_interval: float | None = None,
+        triggers: frozenset[IOEvent] = ALL_EVENTS,
+        log_limit: int | None = None,
     ) -> None:
         if max_interval is not None and max_interval <= 0:
             raise ValueError(f"max_interval must be positive, not {max_interval}")
+        if log_limit is not None and log_limit <= 0:
+            raise ValueError(f"log_limit must be positive, not {log_limit}")
         self.max_interval = max_interval
         self.triggers = triggers
+        self.log_limit = log_limit
         self.in_flight = False
         #: The last epoch a sync point closed; its events are covered.
         self.closed_through = -1
@@ -81,18 +94,22 @@ class SyncPolicy:
         self.covered_events = 0
         self.syncs = 0
 
-    def event(self, kind: IOEvent | str, epoch: int, now: float) -> None:
-        """A tap saw outbound I/O of ``kind`` in ``epoch``."""
+    def event(self, kind: IOEvent | str, epoch: int, now: float, logged: int = 0) -> None:
+        """A tap saw outbound I/O of ``kind`` in ``epoch``, which has now logged
+        ``logged`` bytes of disk writes."""
         self.events += 1
         kind = IOEvent(kind)
         if epoch <= self.closed_through:
             self.covered_events += 1
             return
+        reason = kind.value
         if kind not in self.triggers:
-            return
+            if self.log_limit is None or logged < self.log_limit:
+                return
+            reason = "log-size"
         if self.pending_since is None:
             self.pending_since = now
-            self.pending_reason = kind.value
+            self.pending_reason = reason
         self.pending_events += 1
         self._pending_max_epoch = max(self._pending_max_epoch, epoch)
 
@@ -149,15 +166,35 @@ class KemariPolicy(SyncPolicy):
         return self._earliest(demand, event, self._interval_due())
 
 
+class OutputPolicy(KemariPolicy):
+    """Sync at each frame the guest sends (and at the log and interval bounds).
+
+    A disk write needs no sync point of its own: the block tap acknowledges it to the
+    guest, holds it in the open epoch and applies it only after that epoch's commit. If
+    the primary dies first, the standby resumes from a state in which the guest never
+    saw the acknowledgement, and nothing outside can have depended on it, because the
+    frames the guest sent after it are held until the same commit.
+    """
+
+    name = "output"
+
+    def __init__(self, *, max_interval: float | None = None, log_limit: int | None = None) -> None:
+        super().__init__(
+            max_interval=max_interval, triggers=frozenset({IOEvent.NET}), log_limit=log_limit
+        )
+
+
 class RemusPolicy(SyncPolicy):
     """Fixed epochs of ``interval`` seconds, start to start."""
 
     name = "remus"
 
-    def __init__(self, interval: float, *, max_interval: float | None = None) -> None:
+    def __init__(
+        self, interval: float, *, max_interval: float | None = None, log_limit: int | None = None
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, not {interval}")
-        super().__init__(max_interval=max_interval, triggers=frozenset())
+        super().__init__(max_interval=max_interval, triggers=frozenset(), log_limit=log_limit)
         self.interval = interval
 
     def next_sync(self) -> Due | None:
@@ -165,7 +202,11 @@ class RemusPolicy(SyncPolicy):
             return None
         demand = Due(self.demanded_at, "demand") if self.demanded_at is not None else None
         base = self.last_start if self.last_start is not None else -math.inf
-        return self._earliest(demand, Due(base + self.interval, "interval"), self._interval_due())
+        # Events do not matter here, the log bound does.
+        full = Due(self.pending_since, "log-size") if self.pending_since is not None else None
+        return self._earliest(
+            demand, full, Due(base + self.interval, "interval"), self._interval_due()
+        )
 
 
 class AdaptivePolicy(SyncPolicy):
@@ -180,10 +221,11 @@ class AdaptivePolicy(SyncPolicy):
         min_spacing: float,
         max_interval: float,
         triggers: frozenset[IOEvent] = ALL_EVENTS,
+        log_limit: int | None = None,
     ) -> None:
         if min_spacing < 0:
             raise ValueError(f"min_spacing must not be negative, not {min_spacing}")
-        super().__init__(max_interval=max_interval, triggers=triggers)
+        super().__init__(max_interval=max_interval, triggers=triggers, log_limit=log_limit)
         self.min_spacing = min_spacing
 
     def next_sync(self) -> Due | None:
@@ -205,25 +247,32 @@ def make_policy(
     max_interval_ms: int,
     remus_interval_ms: int = 25,
     adaptive_min_spacing_ms: int = 5,
+    epoch_log_limit_mib: int | None = None,
 ) -> SyncPolicy:
-    """A policy by its config name (``tap.policy``; intervals from ``tap.*`` and
-    ``replication.max_interval_ms``).
+    """A policy by its config name (``tap.policy``; intervals and the log bound from
+    ``tap.*`` and ``replication.max_interval_ms``).
 
     Raises:
-        ConfigError: unknown name or a non-positive interval.
+        ConfigError: unknown name or a non-positive interval or bound.
     """
+    bounds: dict[str, Any] = {
+        "max_interval": max_interval_ms / 1000,
+        "log_limit": epoch_log_limit_mib << 20 if epoch_log_limit_mib is not None else None,
+    }
     try:
+        if name == "output":
+            return OutputPolicy(**bounds)
         if name == "kemari":
-            return KemariPolicy(max_interval=max_interval_ms / 1000)
+            return KemariPolicy(**bounds)
         if name == "remus":
-            return RemusPolicy(remus_interval_ms / 1000, max_interval=max_interval_ms / 1000)
+            return RemusPolicy(remus_interval_ms / 1000, **bounds)
         if name == "adaptive":
-            return AdaptivePolicy(
-                min_spacing=adaptive_min_spacing_ms / 1000, max_interval=max_interval_ms / 1000
-            )
+            return AdaptivePolicy(min_spacing=adaptive_min_spacing_ms / 1000, **bounds)
     except ValueError as err:
         raise ConfigError(str(err), key="tap") from err
-    raise ConfigError(f"unknown sync policy {name!r} (kemari, remus, adaptive)", key="tap.policy")
+    raise ConfigError(
+        f"unknown sync policy {name!r} (output, kemari, remus, adaptive)", key="tap.policy"
+    )
 
 
 class SyncScheduler:
@@ -244,9 +293,10 @@ class SyncScheduler:
         self.clock = clock
         self._wake = asyncio.Event()
 
-    def notify(self, kind: IOEvent, epoch: int) -> None:
-        """The taps' ``on_event``."""
-        self.policy.event(kind, epoch, self.clock())
+    def notify(self, kind: IOEvent, epoch: int, logged: int = 0) -> None:
+        """The taps' ``on_event`` (``logged``: the bytes of disk writes ``epoch`` logged
+        so far, for the policy's log bound)."""
+        self.policy.event(kind, epoch, self.clock(), logged)
         self._wake.set()
 
     def demand(self) -> None:
@@ -286,6 +336,7 @@ __all__ = [
     "AdaptivePolicy",
     "Due",
     "KemariPolicy",
+    "OutputPolicy",
     "RemusPolicy",
     "SyncPolicy",
     "SyncScheduler",

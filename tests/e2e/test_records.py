@@ -45,13 +45,20 @@ def _writer(pair: LabPair, acked: list[int], stop: threading.Event) -> None:
             n += 1
 
 
-@pytest.mark.parametrize("backend", ["builtin", "shared"])
+# "output" (the default) lets the records' disk writes ride the open epoch: the kill
+# lands in epochs full of writes the guest saw acknowledged and the world did not.
+# "kemari" (the seed's rule) syncs at each of them.
+@pytest.mark.parametrize(
+    ("backend", "policy"), [("builtin", "output"), ("shared", "output"), ("builtin", "kemari")]
+)
 @pytest.mark.parametrize("run", range(int(os.environ.get("KEMARI_KILLS_PER_POINT", "1"))))
 def test_acknowledged_records_survive_failover(
-    run: int, backend: str, lab_factory, base_config: KemariConfig
+    run: int, backend: str, policy: str, lab_factory, base_config: KemariConfig
 ) -> None:
     lay = lab_factory()
-    opts = PairOptions(disk=backend, tapped_net=True, workload="records -d /dev/vda -p 7000")
+    opts = PairOptions(
+        disk=backend, tapped_net=True, workload="records -d /dev/vda -p 7000", policy=policy
+    )
     pair = LabPair(lay, base_config, opts)
     stop = threading.Event()
     acked: list[int] = []
@@ -80,9 +87,25 @@ def test_acknowledged_records_survive_failover(
         # Every acknowledged record, before and after the failover, is on the disk.
         assert highest >= max(acked), (highest, max(acked), seen_before_kill)
         assert max(acked) > seen_before_kill, "no record written after the failover"
+        triggers = {row["trigger"] for row in _checkpoints(pair, "primary")}
+        if policy == "output":
+            # Disk writes and flushes never asked for a sync point: frames did.
+            assert not triggers & {"policy:write", "policy:flush"}, triggers
+            assert "policy:net" in triggers, triggers
+        else:
+            assert triggers & {"policy:write", "policy:flush"}, triggers
     finally:
         stop.set()
         pair.stop()
+
+
+def _checkpoints(pair: LabPair, role: str) -> list[dict]:
+    import json
+
+    out = []
+    for f in (pair.run_dir(role) / "artifacts").glob("*/checkpoints.jsonl"):
+        out += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return out
 
 
 def _events(pair: LabPair, role: str) -> list[dict]:

@@ -26,8 +26,17 @@ def test_shipped_scenarios() -> None:
         "kemari-10g-builtin",
         "kemari-1g-shared",
         "kemari-1g-builtin",
+        "remus-10g-builtin",
+        "seed-10g-builtin",
     ]
     kemari = [s for s in scs if s.protected]
+    # The Kemari rows run the product's default policy; Remus and the seed's rule beside.
+    assert {s.name: s.policy for s in kemari if s.policy != "output"} == {
+        "remus-10g-builtin": "remus",
+        "seed-10g-builtin": "kemari",
+    }
+    assert all(s.policy == "output" for s in kemari if s.name.startswith("kemari-"))
+    assert {s.remus_interval_ms for s in kemari if s.policy == "remus"} == {100}
     assert {s.max_interval_ms for s in kemari} == {100}
     assert all(("1g" in s.name) != ("10g" in s.name) for s in kemari)
     assert {s.profile for s in kemari if "10g" in s.name} == {"10g"}
@@ -49,6 +58,14 @@ BASE = 'name = "base"\nkind = "base"\nprofile = "unlimited"\ndisk = "file"\n'
         ('name = "k"\nkind = "kemari"\nprofile = "1g"\ndisk = "shared"\nspeed = 1\n', "speed"),
         ('name = "k"\nkind = "kemari"\nprofile = "1g"\n', "disk"),
         ('name = "k"\nkind = "kemari"\nprofile = "1g"\ndisk = "shared"\norder = "1"\n', "order"),
+        (
+            'name = "k"\nkind = "kemari"\nprofile = "1g"\ndisk = "shared"\npolicy = "colo"\n',
+            "policy",
+        ),
+        (
+            'name = "k"\nkind = "kemari"\nprofile = "1g"\ndisk = "shared"\nremus_interval_ms = 0\n',
+            "remus_interval_ms",
+        ),
     ],
 )
 def test_bad_scenario_is_refused(tmp_path: Path, text: str, needle: str) -> None:
@@ -125,7 +142,8 @@ def test_schedule_brackets_kemari_rows_with_base() -> None:
     assert [(k, sc.name) for k, sc in plan][:2] == [(1, "base"), (1, "kemari-10g-shared")]
     assert plan[-1][0] == 3 and plan[-1][1].name == "base"
     assert [k for k, sc in plan if sc.name == "base"] == [1, 2, 3]
-    assert len(plan) == 11
+    # Base three times, six protected rows in each of two passes.
+    assert len(plan) == 15
     only_base = [s for s in scs if not s.protected]
     assert [k for k, _ in suite.schedule(only_base, 2)] == [1, 2]
 

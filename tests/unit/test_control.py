@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,31 @@ def test_request_and_reply(sock_path: Path) -> None:
             await asyncio.to_thread(control.request, sock_path, "nope", timeout=5)
         with pytest.raises(KemariError, match="epoch 3: not protected"):
             await asyncio.to_thread(control.request, sock_path, "refuse", timeout=5)
+
+    with_server(sock_path, body)
+
+
+def test_a_second_agent_never_takes_a_live_agents_socket(sock_path: Path) -> None:
+    async def body() -> None:
+        second = ControlServer(sock_path, dict(HANDLERS))
+        with pytest.raises(KemariError, match="another agent already answers"):
+            await second.start()
+        # The first agent still answers.
+        result = await asyncio.to_thread(control.request, sock_path, "status", timeout=5)
+        assert result["state"] == "protected"
+
+    with_server(sock_path, body)
+
+
+def test_a_stale_socket_file_is_replaced(sock_path: Path) -> None:
+    # A crashed agent leaves its socket file behind; no one listens on it.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(sock_path))
+    assert sock_path.exists()
+
+    async def body() -> None:
+        result = await asyncio.to_thread(control.request, sock_path, "status", timeout=5)
+        assert result["state"] == "protected"
 
     with_server(sock_path, body)
 

@@ -12,6 +12,7 @@ from kemari_suite.tap.policy import (
     AdaptivePolicy,
     Due,
     KemariPolicy,
+    OutputPolicy,
     RemusPolicy,
     SyncPolicy,
     SyncScheduler,
@@ -111,10 +112,46 @@ def test_make_policy_from_config_values() -> None:
     pol = make_policy("adaptive", max_interval_ms=100, adaptive_min_spacing_ms=5)
     assert isinstance(pol, AdaptivePolicy) and pol.min_spacing == 0.005
     assert isinstance(make_policy("kemari", max_interval_ms=100), KemariPolicy)
+    out = make_policy("output", max_interval_ms=100)
+    assert isinstance(out, OutputPolicy) and out.triggers == {IOEvent.NET}
     with pytest.raises(ConfigError, match="unknown sync policy"):
         make_policy("colo", max_interval_ms=100)
     with pytest.raises(ConfigError):
         make_policy("remus", max_interval_ms=100, remus_interval_ms=0)
+
+
+def test_output_policy_syncs_at_frames_and_lets_disk_writes_ride_the_epoch() -> None:
+    pol = OutputPolicy(max_interval=1.0, log_limit=1000)
+    pol.sync_started(0, 0.0)
+    pol.sync_finished(0.01)
+    pol.event(IOEvent.WRITE, 1, now=0.1, logged=400)
+    pol.event(IOEvent.FLUSH, 1, now=0.2)
+    assert pol.next_sync() == Due(1.0, "interval")  # no sync point of their own
+    pol.event(IOEvent.NET, 1, now=0.3)
+    assert pol.next_sync() == Due(0.3, "net")
+    sync(pol, 1, 0.3, 0.31)
+    # The log bound: a write that takes the open epoch's log to the limit asks for one.
+    pol.event(IOEvent.WRITE, 2, now=0.4, logged=999)
+    assert pol.next_sync() == Due(1.3, "interval")
+    pol.event(IOEvent.WRITE, 2, now=0.5, logged=1000)
+    assert pol.next_sync() == Due(0.5, "log-size")
+    sync(pol, 2, 0.5, 0.52)
+    assert pol.next_sync() == Due(1.5, "interval")
+
+
+def test_the_log_bound_holds_for_every_policy() -> None:
+    for name in ("kemari", "remus", "adaptive", "output"):
+        pol = make_policy(name, max_interval_ms=1000, epoch_log_limit_mib=1)
+        assert pol.log_limit == 1 << 20
+        pol.sync_started(0, 0.0)
+        pol.sync_finished(0.0)
+        pol.triggers = frozenset()  # only the bound is left
+        pol.event(IOEvent.WRITE, 1, now=0.01, logged=(1 << 20) - 1)
+        assert pol.pending_since is None, name
+        pol.event(IOEvent.WRITE, 1, now=0.02, logged=1 << 20)
+        assert pol.next_sync() == Due(0.02, "log-size"), name
+    with pytest.raises(ConfigError, match="log_limit"):
+        make_policy("output", max_interval_ms=100, epoch_log_limit_mib=0)
 
 
 def test_scheduler_wakes_on_events_and_deadlines() -> None:
