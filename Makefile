@@ -35,7 +35,7 @@ e2e: setup image
 		rc=$$?; $(BIN)/python benchmarks/summarize_campaign.py \
 		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign \
 		--min-trials $$((25 * $(KILLS))) || rc=1; \
-		$(BIN)/kemari bench service --kills 10 -o benchmarks/results || rc=1; exit $$rc
+		$(BIN)/kemari bench service --kills 10 --soak-minutes 30 -o benchmarks/results || rc=1; exit $$rc
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis build *.egg-info

@@ -16,6 +16,7 @@ failover), never from the serial console, which repeats output after a failover.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,9 @@ DEMO_LAB_ID = "dm"
 class DemoResult:
     resumed: bool = False
     failover_ms: float | None = None
+    #: From the kill to the first answer the client got from the resumed guest, on the
+    #: host clock (the client asks every 20 ms, each try waiting up to 0.5 s).
+    client_outage_ms: float | None = None
     heartbeat_timeout_ms: int = 0
     checkpoints: int = 0
     last_committed_epoch: int = -1
@@ -152,8 +156,10 @@ def run_demo(
         with contextlib.suppress(KemariError):
             res.counter_before_kill = pair.read_counter()
         mark("kill -9 of the primary's agent and QEMU")
-        pair.kill("primary")
+        prober = OutageProbe(pair)
         t_kill = time.monotonic()
+        pair.kill("primary")
+        prober.start(t_kill)
         sec = pair.wait_state("secondary", {"active"}, opts.heartbeat_timeout_ms / 1000 + 60)
         report = sec.get("failover") or {}
         res.failover_ms = report.get("failover_ms")
@@ -167,6 +173,10 @@ def run_demo(
             else "secondary resumed"
         )
         res.counter_after_resume = pair.wait_counter(30)
+        outage = prober.wait(30)
+        res.client_outage_ms = round(outage * 1e3, 1) if outage is not None else None
+        if outage is not None:
+            mark(f"the client was answered again {outage:.2f} s after the kill")
         # Resumed from the last committed checkpoint, and never behind anything the
         # client saw before the kill (output commit).
         res.resumed = (
@@ -193,6 +203,38 @@ def run_demo(
             pair.stop()
             labmod.down(lab_id)
     return res
+
+
+class OutageProbe:
+    """Asks the guest's counter from the client namespace every 20 ms from a moment
+    on, and keeps when the first answer came: the outage a client sees."""
+
+    def __init__(self, pair: LabPair, every_s: float = 0.02, try_s: float = 0.5) -> None:
+        self.pair, self.every_s, self.try_s = pair, every_s, try_s
+        self.answered: float | None = None
+        self._t0 = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outage-probe", daemon=True)
+
+    def start(self, t0: float) -> None:
+        self._t0 = t0
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pair.read_counter(timeout=self.try_s)
+            except KemariError:
+                self._stop.wait(self.every_s)
+                continue
+            self.answered = time.monotonic()
+            return
+
+    def wait(self, timeout: float) -> float | None:
+        """Seconds from ``t0`` to the first answer (None: none within ``timeout``)."""
+        self._thread.join(timeout)
+        self._stop.set()
+        return None if self.answered is None else self.answered - self._t0
 
 
 def initial_sync(

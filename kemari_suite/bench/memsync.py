@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -272,7 +273,32 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": source_commit(),
     }
+
+
+def source_commit() -> str | None:
+    """The git commit the running code comes from, with ``-dirty`` when the checkout
+    has changes to tracked files; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
 
 
 class SpinProbe:
@@ -644,6 +670,7 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
         "# memsync benchmark",
         "",
         f"Command: `{command}`  ",
+        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
         f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel "
         f"{machine['kernel']}, {machine['date']}",
         "",

@@ -559,6 +559,7 @@ def _machine_lines(res: dict[str, Any]) -> list[str]:
     mach = m.get("machine", {})
     return [
         f"- Command: `{m.get('command', '')}`",
+        f"- Commit: `{mach.get('commit') or 'unknown'}`",
         f"- Machine: {mach.get('cpu', '?')} ({mach.get('cpus', '?')} CPUs), kernel "
         f"{mach.get('kernel', '?')}, accelerator {m.get('accel', '?')}, {mach.get('date', '')}",
         f"- Guest: {m.get('memory_mib', '?')} MiB, 1 vCPU, kernel {m.get('guest_kernel', '?')}; "

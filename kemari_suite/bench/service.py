@@ -30,6 +30,7 @@ only once the checkpoint holding that state is acknowledged by the standby.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import itertools
 import json
 import os
@@ -38,7 +39,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from kemari_suite import lab as labmod
 from kemari_suite.bench.memsync import machine_info, pct
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
+from kemari_suite.lab.netclient import enter_netns
 from kemari_suite.lab.pair import LabPair, PairOptions
 from kemari_suite.vm.debian import (
     DEFAULT_SIZE_MIB,
@@ -63,6 +65,10 @@ MEMORY_MIB = 256
 VCPUS = 2
 #: The default Debian image (shared with the image tests, so CI builds it once).
 DISK_MIB = DEFAULT_SIZE_MIB
+#: Concurrent writers of the throughput phases (``kemari bench service --clients``).
+CLIENT_COUNTS = (4, 16, 64)
+#: After the writers change, this long before a measurement starts.
+SETTLE_S = 2.0
 
 
 @dataclass
@@ -75,19 +81,26 @@ class Request:
 
 
 class Client:
-    """``workers`` threads storing records with curl until stopped.
+    """``workers`` threads storing records until stopped.
 
-    Each thread PUTs ``/records/<worker>-<n>`` with a random body; a 201 (or 204) means
-    committed. A failure (no answer, reset) is recorded and the next request gets a
-    new name, like a client that gives up on one request and goes on.
+    Each thread keeps one HTTP/1.1 connection to nginx open (from inside the client
+    namespace) and PUTs ``/records/g<start>w<worker>-<n>`` with a random body on it; a
+    201 (or 204) means committed. A failure (no answer, reset) is recorded and the next
+    request gets a new name on a new connection, like a client that gives up on one
+    request and goes on. The one-off requests (``put``, ``get``, ``control_stop``) use
+    Debian's curl.
     """
 
-    def __init__(self, ns: str, ip: str, workers: int = 4, timeout_s: float = 20.0) -> None:
+    def __init__(
+        self, ns: str, ip: str, workers: int = 4, timeout_s: float = 20.0, port: int = 80
+    ) -> None:
         self.ns, self.ip, self.workers, self.timeout_s = ns, ip, workers, timeout_s
+        self.port = port
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._gen = 0
         self.curl = shutil.which("curl") or "curl"
 
     def put(self, name: str, body: bytes, timeout: float | None = None) -> int:
@@ -123,25 +136,58 @@ class Client:
         out = p.stdout.decode(errors="replace").strip()
         return int(out) if out.isdigit() else 0
 
-    def _worker(self, w: int) -> None:
+    def _worker(self, w: int, gen: int, stop: threading.Event) -> None:
+        # This thread alone enters the client namespace; its connections live there and
+        # are kept alive between requests, as a load balancer or an API client does.
+        enter_netns(self.ns)
+        conn: http.client.HTTPConnection | None = None
         n = 0
-        rnd = random.Random(os.getpid() * 100 + w)
-        while not self._stop.is_set():
-            name = f"w{w}-{n:06d}"
-            n += 1
-            body = f"{name} {rnd.getrandbits(64):016x}\n".encode()
-            r = Request(name, body, time.monotonic())
-            r.code = self.put(name, body)
-            r.t1 = time.monotonic()
-            with self._lock:
-                self.requests.append(r)
-            if r.code == 0:
-                time.sleep(0.2)
+        rnd = random.Random(os.getpid() * 1000 + gen * 100 + w)
+        try:
+            while not stop.is_set():
+                name = f"g{gen}w{w}-{n:06d}"
+                n += 1
+                body = f"{name} {rnd.getrandbits(64):016x}\n".encode()
+                r = Request(name, body, time.monotonic())
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.ip, self.port, timeout=self.timeout_s)
+                r.code, conn = self._keepalive_put(conn, name, body)
+                r.t1 = time.monotonic()
+                with self._lock:
+                    self.requests.append(r)
+                if r.code == 0:
+                    stop.wait(0.2)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _keepalive_put(
+        self, conn: http.client.HTTPConnection, name: str, body: bytes
+    ) -> tuple[int, http.client.HTTPConnection | None]:
+        """One PUT on a kept-alive connection: (status or 0, the connection to go on
+        with). A connection the server closed while idle (nginx does after a number of
+        requests) fails at once; the same PUT, idempotent, is sent again on a new one."""
+        for attempt in (0, 1):
+            try:
+                conn.request("PUT", f"/records/{name}", body=body)
+                resp = conn.getresponse()
+                resp.read()
+                return resp.status, conn
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                if attempt:
+                    return 0, None
+                conn = http.client.HTTPConnection(self.ip, self.port, timeout=self.timeout_s)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                return 0, None
+        return 0, None
 
     def start(self) -> None:
-        self._stop.clear()
+        self._gen += 1
+        stop = self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._worker, args=(w,), daemon=True)
+            threading.Thread(target=self._worker, args=(w, self._gen, stop), daemon=True)
             for w in range(self.workers)
         ]
         for t in self._threads:
@@ -151,6 +197,12 @@ class Client:
         self._stop.set()
         for t in self._threads:
             t.join(self.timeout_s + 30)
+
+    def set_workers(self, workers: int) -> None:
+        """Go on with ``workers`` writers (the running ones finish their request)."""
+        self.stop()
+        self.workers = workers
+        self.start()
 
     def committed(self) -> dict[str, bytes]:
         with self._lock:
@@ -180,6 +232,10 @@ class Kill:
     victim: str
     at_s: float
     outage_s: float | None = None
+    #: From the kill to the survivor's heartbeat timeout, and to its guest running
+    #: (host wall clock; the agents report both).
+    detected_s: float | None = None
+    resumed_s: float | None = None
     agent_failover_ms: float | None = None
     reprotected_s: float | None = None
     spot_checked: int = 0
@@ -214,16 +270,56 @@ def _measure(client: Client, seconds: float) -> dict[str, Any]:
     }
 
 
-def read_back(client: Client, records: dict[str, bytes], threads: int = 16) -> list[str]:
-    """The records that the running guest does not return, or returns changed."""
-    from concurrent.futures import ThreadPoolExecutor
+def read_back(client: Client, records: dict[str, bytes], threads: int = 64) -> list[str]:
+    """The records that the running guest does not return, or returns changed (read on
+    kept-alive connections from the client namespace, ``threads`` at a time: every
+    answer waits for a sync point, so many in flight share each one)."""
+    items = sorted(records.items())
+    bad: list[str] = []
+    checked: set[str] = set()
+    lock = threading.Lock()
 
-    def bad(item: tuple[str, bytes]) -> str | None:
-        name, body = item
-        return None if client.get(name) == body else name
+    def reader(part: list[tuple[str, bytes]]) -> None:
+        enter_netns(client.ns)
+        conn = http.client.HTTPConnection(client.ip, client.port, timeout=client.timeout_s)
+        try:
+            for name, body in part:
+                got = _keepalive_get(conn, name)
+                if got is None:  # a closed connection: once more on a new one
+                    conn.close()
+                    conn = http.client.HTTPConnection(
+                        client.ip, client.port, timeout=client.timeout_s
+                    )
+                    got = _keepalive_get(conn, name)
+                with lock:
+                    checked.add(name)
+                    if got != body:
+                        bad.append(name)
+        finally:
+            conn.close()
 
-    with ThreadPoolExecutor(threads) as pool:
-        return sorted(n for n in pool.map(bad, records.items()) if n is not None)
+    workers = [
+        threading.Thread(target=reader, args=(items[i::threads],), daemon=True)
+        for i in range(threads)
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    # A reader that died (no namespace, an error) leaves its records unchecked: missing.
+    bad += [name for name, _ in items if name not in checked]
+    return sorted(bad)
+
+
+def _keepalive_get(conn: http.client.HTTPConnection, name: str) -> bytes | None:
+    """The record's body (b"" for a 404), or None when the connection failed."""
+    try:
+        conn.request("GET", f"/records/{name}")
+        resp = conn.getresponse()
+        data = resp.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    return data if resp.status == 200 else b""
 
 
 def _final_events(pair: LabPair, role: str) -> list[dict[str, Any]]:
@@ -269,21 +365,119 @@ def sync_summary(pair: LabPair, role: str, t0: float, t1: float) -> dict[str, An
 
 
 def _warm_baseline(
-    pair: LabPair, client: Client, opts: PairOptions, measure_s: float, say: Progress
-) -> dict[str, Any]:
-    """The unprotected baseline on a warm guest: the standby killed, the primary alone
-    (its guest captured at every sync point until then), then protected again."""
+    pair: LabPair,
+    client: Client,
+    opts: PairOptions,
+    measure_s: float,
+    counts: Sequence[int],
+    say: Progress,
+) -> dict[int, dict[str, Any]]:
+    """The unprotected baseline on a warm guest, for each client count: the standby
+    killed, the primary alone (its guest captured at every sync point until then), then
+    protected again."""
     say("unprotected, warm: killing the standby")
     pair.kill("secondary")
     st = pair.wait_state("primary", {"unprotected", "held"}, opts.heartbeat_timeout_ms / 1e3 + 60)
     if st.get("state") != "unprotected":
         raise BenchmarkError("service", f"the primary alone is {st.get('state')}, not unprotected")
-    time.sleep(1.0)
-    warm = _measure(client, measure_s)
-    say(f"unprotected, warm: {warm['per_s']:.1f} records/s; the standby comes back")
+    out: dict[int, dict[str, Any]] = {}
+    for c in counts:
+        client.set_workers(c)
+        time.sleep(SETTLE_S)
+        out[c] = _measure(client, measure_s)
+        say(f"unprotected, warm, {c} clients: {out[c]['per_s']:.1f} records/s")
+    say("the standby comes back")
+    client.set_workers(counts[0])
     pair.start_standby_on("secondary")
     pair.wait_state("primary", {"protected"}, 300)
-    return warm
+    return out
+
+
+#: Events that no fault-free run should show: a takeover, a fence, a lost peer or
+#: witness, an epoch rolled back, a guest paused by the held-output bound.
+DISRUPTIVE = (
+    "failover",
+    "fenced",
+    "failover-refused",
+    "secondary-lost",
+    "primary-disconnected",
+    "witness-unreachable",
+    "rollback",
+    "held-limit",
+)
+
+
+def _events_between(pair: LabPair, t0: float, t1: float) -> dict[str, int]:
+    """How many of each :data:`DISRUPTIVE` event both hosts' agents logged in [t0, t1]."""
+    counts: dict[str, int] = {}
+    for role in ("primary", "secondary"):
+        for f in sorted((pair.run_dir(role) / "artifacts").glob("*/events.jsonl")):
+            for line in f.read_text().splitlines():
+                with contextlib.suppress(ValueError, TypeError):
+                    ev = json.loads(line)
+                    if ev.get("event") in DISRUPTIVE and t0 <= float(ev.get("t", 0)) <= t1:
+                        counts[ev["event"]] = counts.get(ev["event"], 0) + 1
+    return counts
+
+
+def soak(pair: LabPair, client: Client, seconds: float, say: Progress) -> dict[str, Any]:
+    """Protected, under the client's load, with no fault, for ``seconds``: the primary's
+    state every 2 s, and every disruptive event either agent logged meanwhile. A
+    failover or a fence here is a false one."""
+    active = _active(pair)
+    w0, t0 = time.time(), time.monotonic()
+    samples = not_protected = 0
+    states: dict[str, int] = {}
+    next_say = t0 + 60
+    while (now := time.monotonic()) < t0 + seconds:
+        time.sleep(min(2.0, t0 + seconds - now))
+        samples += 1
+        try:
+            state = str(pair.status(active, timeout=10).get("state"))
+        except (KemariError, OSError):
+            state = "no answer"
+        if state != "protected":
+            not_protected += 1
+            states[state] = states.get(state, 0) + 1
+        if time.monotonic() >= next_say:
+            next_say += 60
+            done = time.monotonic() - t0
+            say(
+                f"soak: {done / 60:.0f}/{seconds / 60:.0f} min, "
+                f"{len(client.committed())} records stored, {not_protected} samples not protected"
+            )
+    w1 = time.time()
+    reqs = client.window(t0, time.monotonic())
+    events = _events_between(pair, w0, w1)
+    return {
+        "seconds": seconds,
+        "clients": client.workers,
+        "false_failovers": events.get("failover", 0) + events.get("fenced", 0),
+        "events": events,
+        "samples": samples,
+        "not_protected_samples": not_protected,
+        "not_protected_states": states,
+        "stored": sum(1 for r in reqs if r.code in (201, 204)),
+        "failed": sum(1 for r in reqs if r.code not in (201, 204)),
+        "sync": sync_summary(pair, active, w0, w1),
+    }
+
+
+def by_clients_figures(protected: dict[str, Any], unprotected: dict[str, Any]) -> dict[str, Any]:
+    """One client count's figures: throughput ratio and the latency the protection
+    adds (p50 against p50), beside the sync points' pause p50 (target: added <= 2x)."""
+    un, pr = unprotected.get("per_s"), protected.get("per_s")
+    lp, lu = protected.get("latency_p50_ms"), unprotected.get("latency_p50_ms")
+    added = lp - lu if lp is not None and lu is not None else None
+    pause = (protected.get("sync") or {}).get("pause_p50_ms")
+    return {
+        "protected": protected,
+        "unprotected": unprotected,
+        "throughput_ratio": pr / un if un and pr is not None else None,
+        "added_latency_p50_ms": added,
+        "pause_p50_ms": pause,
+        "added_latency_over_pause": added / pause if added is not None and pause else None,
+    }
 
 
 def warmup_figures(cold: dict[str, Any], warm: dict[str, Any]) -> dict[str, Any]:
@@ -319,21 +513,31 @@ def run(
     *,
     kills: int = 10,
     measure_s: float = 20.0,
-    workers: int = 4,
+    clients: Sequence[int] = CLIENT_COUNTS,
+    soak_s: float = 0.0,
     profile: str = "10g",
     lab_id: str = "sv",
     lay: labmod.LabLayout | None = None,
     seed: int | None = None,
-    policy: str = "output",
+    policy: str | None = None,
     min_spacing_ms: int = 5,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the campaign of the module docstring; returns its figures and verdicts.
 
+    The agents run the product's defaults (``cfg``'s heartbeat, interval and sync
+    policy) unless ``policy`` names another. ``clients``: the concurrent writers of the
+    throughput phases (the first count also runs during the soak and the kills).
+
     Raises:
         BenchmarkError: the guest or the agents did not come up.
     """
     say = progress or (lambda _m: None)
+    if not clients or min(clients) < 1:
+        raise BenchmarkError("service", f"client counts must be 1 or more, not {clients}")
+    counts = list(clients)
+    r = cfg.replication
+    policy = policy or cfg.tap.policy
     rnd = random.Random(seed)
     say("images: kernel + initramfs, Debian with nginx (cached)")
     image = build_image(cfg.paths.cache_dir, kernel_package=cfg.image.kernel_package)
@@ -349,6 +553,9 @@ def run(
         tiebreaker="witness",
         policy=policy,
         adaptive_min_spacing_ms=min_spacing_ms,
+        max_interval_ms=r.max_interval_ms,
+        heartbeat_interval_ms=r.heartbeat_interval_ms,
+        heartbeat_timeout_ms=r.heartbeat_timeout_ms,
     )
     pair = LabPair(lay, cfg, opts)
     disk_a, disk_b = pair.root / "disk-a.img", pair.root / "disk-b.img"
@@ -364,13 +571,17 @@ def run(
         disk_b=disk_b,
         accel=accel,
     )
-    client = Client(lay.ns_client, lay.guest_ip, workers=workers)
+    client = Client(lay.ns_client, lay.guest_ip, workers=counts[0])
     res: dict[str, Any] = {
         "profile": profile,
         "memory_mib": MEMORY_MIB,
         "vcpus": VCPUS,
         "policy": policy,
         "min_spacing_ms": min_spacing_ms if policy == "adaptive" else None,
+        "max_interval_ms": r.max_interval_ms,
+        "heartbeat_interval_ms": r.heartbeat_interval_ms,
+        "heartbeat_timeout_ms": r.heartbeat_timeout_ms,
+        "clients": counts,
     }
     kill_log: list[Kill] = []
     t_start = time.monotonic()
@@ -389,18 +600,31 @@ def run(
         res["protect"] = {"compat": st.get("compat"), "disk_resync": st.get("disk_resync")}
         res["tracker"] = st.get("tracker")
         res["tracker_reason"] = st.get("tracker_reason")
-        w0 = time.time()
-        res["protected"] = _measure(client, measure_s)
-        res["protected"]["sync"] = sync_summary(pair, "primary", w0, time.time())
-        say(f"protected: {res['protected']['per_s']:.1f} records/s")
-        res["unprotected"] = _warm_baseline(pair, client, opts, measure_s, say)
+        protected: dict[int, dict[str, Any]] = {}
+        for c in counts:
+            client.set_workers(c)
+            time.sleep(SETTLE_S)
+            w0 = time.time()
+            protected[c] = _measure(client, measure_s)
+            protected[c]["sync"] = sync_summary(pair, "primary", w0, time.time())
+            say(f"protected, {c} clients: {protected[c]['per_s']:.1f} records/s")
+        client.set_workers(counts[0])
+        if soak_s > 0:
+            say(f"soak: {soak_s / 60:.1f} min protected with {counts[0]} clients, no fault")
+            res["soak"] = soak(pair, client, soak_s, say)
+            say(f"soak: {res['soak']['false_failovers']} false failovers")
+        unprotected = _warm_baseline(pair, client, opts, measure_s, counts, say)
+        res["by_clients"] = {
+            str(c): by_clients_figures(protected[c], unprotected[c]) for c in counts
+        }
+        res["protected"], res["unprotected"] = protected[counts[0]], unprotected[counts[0]]
         res["warmup"] = warmup_figures(res["unprotected_cold"], res["unprotected"])
         for i in range(kills):
             victim = _active(pair)
             survivor = _other(victim)
             time.sleep(rnd.uniform(1.0, 4.0))
             k = Kill(victim=victim, at_s=time.monotonic() - t_start)
-            t_kill = time.monotonic()
+            t_kill, w_kill = time.monotonic(), time.time()
             say(f"kill {i + 1}/{kills}: {victim} host")
             pair.kill(victim)
             st = pair.wait_state(survivor, {"unprotected", "held", "syncing", "protected"}, 120)
@@ -408,6 +632,10 @@ def run(
                 raise BenchmarkError("service", f"{survivor} did not take the VM over: {st}")
             fo = st.get("failover") or {}
             k.agent_failover_ms = fo.get("failover_ms")
+            if isinstance(fo.get("detected_at"), int | float):
+                k.detected_s = round(float(fo["detected_at"]) - w_kill, 3)
+                if isinstance(k.agent_failover_ms, int | float):
+                    k.resumed_s = round(k.detected_s + k.agent_failover_ms / 1e3, 3)
             deadline = time.monotonic() + 120
             while (first := client.first_success_after(t_kill)) is None:
                 if time.monotonic() > deadline:
@@ -427,7 +655,8 @@ def run(
             k.reprotected_s = time.monotonic() - t_kill
             kill_log.append(k)
             say(
-                f"kill {i + 1}: outage {k.outage_s:.2f} s, agent failover "
+                f"kill {i + 1}: outage {k.outage_s:.2f} s (timeout at {k.detected_s} s, "
+                f"guest running at {k.resumed_s} s), agent failover "
                 f"{k.agent_failover_ms or 0:.0f} ms, protected again after "
                 f"{k.reprotected_s:.0f} s"
             )
@@ -490,6 +719,9 @@ def run(
     res["outage_max_s"] = max(outages) if outages else None
     un, pr = res["unprotected"]["per_s"], res["protected"]["per_s"]
     res["throughput_ratio"] = pr / un if un else None
+    res["throughput_ratios"] = {
+        k: v["throughput_ratio"] for k, v in res.get("by_clients", {}).items()
+    }
     c = res["check"]
     res["ok"] = (
         len(kill_log) == kills
@@ -497,6 +729,7 @@ def run(
         and c["offline_ok"]
         and all(not k.spot_missing for k in kill_log)
         and all(w["client_failed"] == 0 for w in res.get("switchovers", []))
+        and (res.get("soak") or {}).get("false_failovers", 0) == 0
     )
     return res
 
@@ -518,10 +751,15 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         "# A real service through failover: nginx in a Debian guest",
         "",
         f"Command: `{command}`  ",
+        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
         f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel {machine['kernel']}, "
         f"{machine['date']}. Guest: Debian 12 with Debian's nginx, {res['vcpus']} vCPUs, "
-        f"{res['memory_mib']} MiB, TCG; link profile {res['profile']}; client: Debian's "
-        "curl, 4 parallel writers, each PUT a new record file (HTTP 201 = stored).",
+        f"{res['memory_mib']} MiB, TCG; link profile {res['profile']}; agents: sync "
+        f"policy {res.get('policy', '?')}, heartbeat {res.get('heartbeat_interval_ms', '?')} ms"
+        f" / timeout {res.get('heartbeat_timeout_ms', '?')} ms, interval bound "
+        f"{res.get('max_interval_ms', '?')} ms. Client: parallel writers on kept-alive "
+        "HTTP/1.1 connections, each PUT a new record file (HTTP 201 = stored); "
+        f"{(res.get('clients') or [4])[0]} writers unless a row says otherwise.",
         "",
         "## Throughput (same run, host clock)",
         "",
@@ -545,6 +783,32 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
             f"{f(sy['pause_p50_ms'])} ms / p99 {f(sy['pause_p99_ms'])} ms, acknowledgement "
             f"p50 {f(sy['ack_p50_ms'])} ms after sending, dirty pages per sync p50 "
             f"{f(sy['dirty_pages_p50'], '.0f')}; triggers {sy['triggers']}.",
+        ]
+    bc = res.get("by_clients") or {}
+    if bc:
+        lines += [
+            "",
+            "## By concurrent clients (same run; unprotected = the warm baseline)",
+            "",
+            "| clients | unprotected records/s | protected records/s | protected / "
+            "unprotected | latency p50 ms unprotected / protected | added p50 ms | pause "
+            "p50 ms | added / pause | sync points/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k, v in bc.items():
+            pu, pp = v["unprotected"], v["protected"]
+            sy_k = pp.get("sync") or {}
+            lines.append(
+                f"| {k} | {f(pu['per_s'])} | {f(pp['per_s'])} | "
+                f"{f(v['throughput_ratio'], '.2f')} | {f(pu['latency_p50_ms'])} / "
+                f"{f(pp['latency_p50_ms'])} | {f(v['added_latency_p50_ms'])} | "
+                f"{f(v['pause_p50_ms'])} | {f(v['added_latency_over_pause'], '.2f')} | "
+                f"{f(sy_k.get('syncs_per_s'))} |"
+            )
+        lines += [
+            "",
+            "Targets (issue 16): protected / unprotected at least 0.7 at 16 or more "
+            "clients; added latency p50 at most 2x the pause p50.",
         ]
     wu = res.get("warmup") or {}
     lines += [
@@ -575,21 +839,23 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         "",
         "## Kills of the host running the VM",
         "",
-        "| # | killed | client outage s | agent failover ms | protected again after s "
-        "| spot-checked records |",
-        "|---|---|---|---|---|---|",
+        "| # | killed | client outage s | heartbeat timeout at s | guest running at s "
+        "| agent failover ms | protected again after s | spot-checked records |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for i, k in enumerate(res["kills"], 1):
         spot = f"{k['spot_checked'] - len(k['spot_missing'])}/{k['spot_checked']}"
         lines.append(
             f"| {i} | {k['victim']} | {f(k['outage_s'], '.2f')} "
+            f"| {f(k.get('detected_s'), '.2f')} | {f(k.get('resumed_s'), '.2f')} "
             f"| {f(k['agent_failover_ms'], '.0f')} | {f(k['reprotected_s'], '.0f')} | {spot} |"
         )
     lines += [
         "",
         f"Client outage p50 {f(res['outage_p50_s'], '.2f')} s, max "
         f"{f(res['outage_max_s'], '.2f')} s (from the kill to the answer to the first "
-        "request sent after it; it includes the 3 s heartbeat timeout).",
+        "request sent after it; it includes the "
+        f"{f((res.get('heartbeat_timeout_ms') or 3000) / 1e3, '.1f')} s heartbeat timeout).",
         "",
         "## Planned switchover and failback (client writing throughout)",
         "",
@@ -602,6 +868,7 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
             for w in res.get("switchovers", [])
         ],
         "",
+        *soak_lines(res.get("soak")),
         "## Every committed record present",
         "",
         f"- Records the client saw stored: {c['committed']}.",
@@ -615,3 +882,44 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
     md = folder / "service.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def soak_lines(sk: dict[str, Any] | None) -> list[str]:
+    """The soak's section of the report (none when no soak ran)."""
+    if not sk:
+        return []
+    sy = sk.get("sync") or {}
+    events = ", ".join(f"{k} {v}" for k, v in sorted(sk["events"].items())) or "none"
+    return [
+        f"## Soak: {sk['seconds'] / 60:.0f} min protected, {sk['clients']} clients, no fault",
+        "",
+        f"- False failovers (a takeover or a fence with both hosts alive): "
+        f"**{sk['false_failovers']}**.",
+        f"- Disruptive events logged by either agent: {events}.",
+        f"- The primary's state, sampled every 2 s: {sk['samples']} samples, "
+        f"{sk['not_protected_samples']} not protected {sk['not_protected_states'] or ''}.",
+        f"- Records stored {sk['stored']}, failed requests {sk['failed']}; "
+        f"{sy.get('syncs_per_s', 0):.1f} sync points/s.",
+        "",
+    ]
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The one-line JSON of ``kemari bench service --json`` (an interface: keep its keys)."""
+    bc = res.get("by_clients") or {}
+    sk = res.get("soak")
+    return {
+        "throughput_ratio": {k: v["throughput_ratio"] for k, v in bc.items()},
+        "added_latency_p50_ms": {k: v["added_latency_p50_ms"] for k, v in bc.items()},
+        "pause_p50_ms": {k: v["pause_p50_ms"] for k, v in bc.items()},
+        "outage_s_p50": res.get("outage_p50_s"),
+        "outage_s_max": res.get("outage_max_s"),
+        "switchover_gap_s_max": max(
+            (w["client_longest_gap_s"] for w in res.get("switchovers", [])), default=None
+        ),
+        "false_failovers": None if not sk else sk["false_failovers"],
+        "policy": res.get("policy"),
+        "heartbeat_timeout_ms": res.get("heartbeat_timeout_ms"),
+        "records_committed": res["check"]["committed"],
+        "ok": res["ok"],
+    }

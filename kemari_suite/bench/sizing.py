@@ -660,6 +660,7 @@ def format_report(res: dict[str, Any], command: str) -> str:
         "# Sizing: cost per GiB of guest RAM, per dirty-page tracker",
         "",
         f"Command: `{command}`  ",
+        f"Commit: `{m.get('commit') or 'unknown'}`  ",
         f"Machine: {m.get('cpu') or '?'} ({m.get('cpus')} CPUs), kernel {m.get('kernel')}, "
         f"{m.get('date')} (load average at start "
         f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_start', []))}, at end "

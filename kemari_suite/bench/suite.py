@@ -509,10 +509,12 @@ def run_suite(
     scenario_dir: Path | None = None,
     params: SuiteParams | None = None,
     command: str | None = None,
+    rows: list[Scenario] | None = None,
 ) -> dict[str, Any]:
-    """Run the scenarios, write results.json, report.md, report.html and the plots into
-    ``out_dir``, and return the results tree (its ``ratios`` maps each Kemari scenario to
-    its ratio to Base per lmbench benchmark).
+    """Run the scenarios (``rows`` instead of the scenario files: a sweep), write
+    results.json, report.md, report.html and the plots into ``out_dir``, and return the
+    results tree (its ``ratios`` maps each Kemari scenario to its ratio to Base per
+    lmbench benchmark).
 
     Every pass runs Base, then each Kemari row (see :func:`pass_order`). The first Base
     boot calibrates the loops; every later boot gets the same iteration counts. A Kemari
@@ -526,7 +528,7 @@ def run_suite(
     """
     t_suite = time.monotonic()
     p = params or (QUICK if quick else FULL)
-    chosen = select(load_scenarios(scenario_dir or SCENARIO_DIR), scenarios)
+    chosen = rows or select(load_scenarios(scenario_dir or SCENARIO_DIR), scenarios)
     per = p.rounds + 1
     total = float(len(schedule(chosen, p.passes)) * per)
     emit: Progress = progress or (lambda _p: None)

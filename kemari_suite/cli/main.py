@@ -506,6 +506,54 @@ def bench_latency(
     out.print(md.read_text())
 
 
+@bench_app.command("interval")
+def bench_interval(
+    config: ConfigOpt = None,
+    intervals: Annotated[
+        str, typer.Option(help="Values of replication.max_interval_ms to run, comma-separated.")
+    ] = "100,250,500,1000",
+    quick: Annotated[bool, typer.Option(help="The suite's short preset.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Last stdout line: the sweep's summary as JSON.")
+    ] = False,
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Results folder.")] = Path(
+        "benchmarks/results/interval"
+    ),
+) -> None:
+    """Choose the sync interval bound by measurement: lmbench ratios, sync points/s and
+    the stopped share of the default Kemari row at each interval, beside Base."""
+    from kemari_suite.bench import interval
+    from kemari_suite.bench.suite import SuiteProgress
+
+    try:
+        values = [int(x) for x in intervals.split(",") if x.strip()]
+    except ValueError:
+        err.print(f"[bold red]error:[/] --intervals: not a list of numbers: {intervals!r}")
+        raise typer.Exit(2) from None
+    cfg = _load(config)
+    command = ("kemari bench interval " + " ".join(sys.argv[3:])).strip()
+    with err.status("interval sweep") as st:
+
+        def progress(p: SuiteProgress) -> None:
+            st.update(f"{p.message} ({100 * p.done / max(p.total, 1):.0f}%)")
+
+        summary, md = guard(
+            lambda: interval.run_sweep(
+                cfg,
+                intervals=values,
+                quick=quick,
+                out_dir=out_dir,
+                command=command,
+                progress=progress,
+            )
+        )
+    if as_json:
+        err.print(md.read_text())
+        print(json.dumps(summary))  # one line: the interface
+    else:
+        out.print(md.read_text())
+
+
 @bench_app.command("floor")
 def bench_floor(
     config: ConfigOpt = None,
@@ -594,17 +642,41 @@ def bench_service(
     config: ConfigOpt = None,
     kills: Annotated[int, typer.Option(help="Random kills of the host running the VM.")] = 10,
     seconds: Annotated[
-        float, typer.Option(help="Throughput measurement, unprotected and protected.")
+        float, typer.Option(help="Each throughput measurement, unprotected and protected.")
     ] = 20.0,
+    clients: Annotated[
+        str, typer.Option(help="Concurrent writers of the throughput phases, comma-separated.")
+    ] = "4,16,64",
+    soak_minutes: Annotated[
+        float, typer.Option(help="Protected under load with no fault; false failovers counted.")
+    ] = 0.0,
     profile: Annotated[str, typer.Option(help="Replication link profile: 1g or 10g.")] = "10g",
-    output: Annotated[Path, typer.Option("-o", help="Results folder.")] = Path(
-        "benchmarks/results"
-    ),
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="2 kills, 8 s per measurement, no soak, no result files."),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Last stdout line: the figures as one JSON object.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", help="Results folder (default benchmarks/results; none with --quick)."),
+    ] = None,
 ) -> None:
     """nginx in a Debian guest through random kills: throughput protected vs
-    unprotected, failover time, and every stored record checked (benchmarks/results)."""
+    unprotected by client count, failover outage, switchovers, an optional soak, and
+    every stored record checked (benchmarks/results/service.md)."""
     from kemari_suite.bench import service
 
+    try:
+        counts = [int(x) for x in clients.split(",") if x.strip()]
+    except ValueError:
+        err.print(f"[bold red]error:[/] --clients: not a list of numbers: {clients!r}")
+        raise typer.Exit(2) from None
+    if quick:
+        kills, seconds, soak_minutes = min(kills, 2), min(seconds, 8.0), 0.0
+    if output is None and not quick:
+        output = Path("benchmarks/results")
     cfg = _load(config)
     with err.status("service") as st:
 
@@ -613,10 +685,23 @@ def bench_service(
             err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}")
 
         res = guard(
-            lambda: service.run(cfg, kills=kills, measure_s=seconds, profile=profile, progress=say)
+            lambda: service.run(
+                cfg,
+                kills=kills,
+                measure_s=seconds,
+                clients=counts,
+                soak_s=soak_minutes * 60,
+                profile=profile,
+                progress=say,
+            )
         )
-    md = service.write_results(res, output, "kemari " + " ".join(sys.argv[1:]))
-    out.print(f"results: {md}")
+    if output is not None:
+        md = service.write_results(res, output, "kemari " + " ".join(sys.argv[1:]))
+        err.print(f"results: {md}")
+    if as_json:
+        print(json.dumps(service.summary(res)))  # one line: the interface
+    else:
+        out.print_json(json.dumps(service.summary(res)))
     if not res["ok"]:
         raise typer.Exit(1)
 

@@ -59,7 +59,9 @@ def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> T
             r.witness,
             cfg.vm.name,
             node_id,
-            timeout=r.heartbeat_interval_ms / 1000 * 2,
+            # One request may wait longer than a heartbeat interval on two busy cores;
+            # within half a lease a late answer still leaves time to act on it.
+            timeout=min(timeout_s / 2, max(0.5, r.heartbeat_interval_ms / 1000 * 2)),
         )
     if r.tiebreaker == "lease":
         from kemari_suite.ha.lease import Lease, LeaseTiebreaker

@@ -18,7 +18,13 @@ _CLONE_NEWNET = 0x40000000
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
-def _setns(ns: str) -> None:
+def enter_netns(ns: str) -> None:
+    """Move the calling thread (only it) into network namespace ``ns``; sockets it
+    opens from then on live there.
+
+    Raises:
+        LabError: the namespace does not exist or setns failed.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
@@ -40,7 +46,7 @@ def tcp_request(ns: str, host: str, port: int, data: bytes = b"", timeout: float
 
     def work() -> None:
         try:
-            _setns(ns)
+            enter_netns(ns)
             with socket.create_connection((host, port), timeout=timeout) as s:
                 if data:
                     s.sendall(data)
@@ -78,7 +84,7 @@ def open_connection(ns: str, host: str, port: int, timeout: float = 5.0) -> sock
 
     def work() -> None:
         try:
-            _setns(ns)
+            enter_netns(ns)
             result["sock"] = socket.create_connection((host, port), timeout=timeout)
         except (OSError, LabError) as err:
             result["error"] = err
@@ -104,7 +110,7 @@ def open_packet_socket(ns: str, ifname: str) -> socket.socket:
 
     def work() -> None:
         try:
-            _setns(ns)
+            enter_netns(ns)
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
             s.bind((ifname, 0))
             s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

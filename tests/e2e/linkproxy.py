@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kemari_suite.lab.netclient import _setns
+from kemari_suite.lab.netclient import enter_netns
 from kemari_suite.protocol import tls, wire
 from kemari_suite.protocol.fields import encode_payload
 
@@ -276,7 +276,7 @@ class LinkProxy:
 
         def work() -> None:
             try:
-                _setns(self.ns)
+                enter_netns(self.ns)
                 result["sock"] = fn()
             except Exception as err:  # reported below
                 result["error"] = err

@@ -84,6 +84,10 @@ def test_every_file_the_demo_creates_is_owner_only(
     res = run_demo(cfg, lab_id=next_lab_id(), run_seconds=1.0, progress=progress)
     assert res.resumed, res.error or res.timeline
     assert set(seen) == set(SNAPSHOT_STEPS), f"steps not reached: {res.timeline}"
+    # The client's outage: the witness lets the standby take over only once the lease
+    # ran out, so no answer can come sooner than the heartbeat timeout after the kill.
+    assert res.client_outage_ms is not None, res.timeline
+    assert res.client_outage_ms >= res.heartbeat_timeout_ms, res.to_dict()
     for step, (bad, files) in seen.items():
         # The run holds configs, keys, logs, artifacts, RAM files: dozens of files.
         assert files >= 15, f"{step}: only {files} files found under {roots}"
