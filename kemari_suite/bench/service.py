@@ -67,6 +67,8 @@ VCPUS = 2
 DISK_MIB = DEFAULT_SIZE_MIB
 #: Concurrent writers of the throughput phases (``kemari bench service --clients``).
 CLIENT_COUNTS = (4, 16, 64)
+#: Record names the writers of one start share (they cycle through them).
+NAMES_PER_START = 1024
 #: After the writers change, this long before a measurement starts.
 SETTLE_S = 2.0
 
@@ -85,17 +87,26 @@ class Client:
 
     Each thread keeps one HTTP/1.1 connection to nginx open (from inside the client
     namespace) and PUTs ``/records/g<start>w<worker>-<n>`` with a random body on it; a
-    201 (or 204) means committed. A failure (no answer, reset) is recorded and the next
+    201 (or 204) means committed. The writers of one start share ``names`` record
+    names, each writer cycling through its own, so a long run rewrites records instead
+    of filling the guest's disk with new files (every new body is checked as the
+    record's content, :meth:`committed`). A failure (no answer, reset) is recorded and the next
     request gets a new name on a new connection, like a client that gives up on one
     request and goes on. The one-off requests (``put``, ``get``, ``control_stop``) use
     Debian's curl.
     """
 
     def __init__(
-        self, ns: str, ip: str, workers: int = 4, timeout_s: float = 20.0, port: int = 80
+        self,
+        ns: str,
+        ip: str,
+        workers: int = 4,
+        timeout_s: float = 20.0,
+        port: int = 80,
+        names: int = NAMES_PER_START,
     ) -> None:
         self.ns, self.ip, self.workers, self.timeout_s = ns, ip, workers, timeout_s
-        self.port = port
+        self.port, self.names = port, names
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -142,10 +153,11 @@ class Client:
         enter_netns(self.ns)
         conn: http.client.HTTPConnection | None = None
         n = 0
+        cycle = max(4, self.names // self.workers)
         rnd = random.Random(os.getpid() * 1000 + gen * 100 + w)
         try:
             while not stop.is_set():
-                name = f"g{gen}w{w}-{n:06d}"
+                name = f"g{gen}w{w}-{n % cycle:06d}"
                 n += 1
                 body = f"{name} {rnd.getrandbits(64):016x}\n".encode()
                 r = Request(name, body, time.monotonic())
@@ -205,8 +217,16 @@ class Client:
         self.start()
 
     def committed(self) -> dict[str, bytes]:
+        """Each record's body as last stored. A name whose last request failed is left
+        out: the guest may hold that request's body or the one stored before it."""
         with self._lock:
-            return {r.name: r.body for r in self.requests if r.code in (201, 204)}
+            last = {r.name: r for r in self.requests}
+        return {n: r.body for n, r in last.items() if r.code in (201, 204)}
+
+    def settled(self) -> dict[str, bytes]:
+        """:meth:`committed` records of earlier starts: no writer touches them now."""
+        current = f"g{self._gen}w"
+        return {n: b for n, b in self.committed().items() if not n.startswith(current)}
 
     def window(self, t0: float, t1: float) -> list[Request]:
         with self._lock:
@@ -643,9 +663,8 @@ def run(
                 time.sleep(0.1)
             k.outage_s = first - t_kill
             # A few records committed before the kill, read back from the resumed guest.
-            before = [n for n, _ in list(client.committed().items())]
-            sample = rnd.sample(before, min(5, len(before)))
-            committed = client.committed()
+            committed = client.settled()
+            sample = rnd.sample(sorted(committed), min(5, len(committed)))
             for name in sample:
                 k.spot_checked += 1
                 if client.get(name) != committed[name]:

@@ -245,3 +245,17 @@ def test_by_clients_figures_and_the_json_line(tmp_path: Path) -> None:
     assert "False failovers (a takeover or a fence with both hosts alive): **0**" in md
     assert "rollback 1" in md
     assert "includes the 1.0 s heartbeat timeout" in md
+
+
+def test_a_rewritten_record_counts_with_its_last_body_and_a_failed_rewrite_drops_it() -> None:
+    c = Client("ns", "10.0.0.2")
+    c.requests = [
+        Request("g1w0-000000", b"one", 0.0, 0.1, 201),
+        Request("g1w0-000001", b"two", 0.1, 0.2, 201),
+        Request("g1w0-000000", b"three", 0.2, 0.3, 201),
+        Request("g1w0-000001", b"four", 0.3, 5.0, 0),  # no answer: either body may be there
+        Request("g2w0-000000", b"five", 5.0, 5.1, 201),
+    ]
+    assert c.committed() == {"g1w0-000000": b"three", "g2w0-000000": b"five"}
+    c._gen = 2  # the writers started a second time: g2 names are being written now
+    assert c.settled() == {"g1w0-000000": b"three"}
