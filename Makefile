@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint unit integration e2e image clean
+.PHONY: setup demo test lint unit integration e2e bench image clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,14 @@ e2e: setup image
 		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign \
 		--min-trials $$((25 * $(KILLS))) || rc=1; \
 		$(BIN)/kemari bench service --kills 10 --soak-minutes 30 -o benchmarks/results || rc=1; exit $$rc
+
+# The benchmark results kept under benchmarks/results (a quiet machine, about 40 min):
+# the interval sweep, the lmbench/IOzone suite, and the latency comparison. The service
+# benchmark with its kills and soak runs in `make e2e`.
+bench: setup image
+	$(BIN)/kemari bench interval -o benchmarks/results/interval
+	$(BIN)/kemari bench -o benchmarks/results/suite --json
+	$(BIN)/kemari bench latency --out benchmarks/results
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis build *.egg-info
