@@ -12,22 +12,24 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from kemari_suite.checkpoint.baseline import SwitchBaseline, arm_at_resume
 from kemari_suite.checkpoint.primary import PrimaryAgent
 from kemari_suite.checkpoint.states import PrimaryState
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
-from kemari_suite.replica.secondary import Handover, SecondaryAgent
+from kemari_suite.replica.secondary import Handover, KeptRAM, SecondaryAgent
 from kemari_suite.replica.states import SecondaryState
 from kemari_suite.tap.outputs import check_outputs, unprotected_outputs
 from kemari_suite.vm import guestmem, wphelper
 from kemari_suite.vm.define import select_image, vm_spec
-from kemari_suite.vm.qemu import VMPaths, VMSpec
+from kemari_suite.vm.qemu import AsyncVM, VMPaths, VMSpec
 
 if TYPE_CHECKING:
+    from kemari_suite.checkpoint.tracker import DirtyTracker
     from kemari_suite.service.prometheus import Exporter
 
 log = logging.getLogger(__name__)
@@ -137,9 +139,12 @@ async def run_node(
     """Run this host's agent, changing roles at a planned switchover, until stopped.
 
     A switchover ends the primary agent with ``outcome == "standby"`` (its VM handed
-    to the peer): the node goes on as the standby. It ends the secondary agent with a
-    ``handover`` (the resumed VM and its taps): the node goes on as the primary,
-    protecting that very VM towards its peer. Returns the last agent.
+    to the peer): the node goes on as the standby, with the stopped guest's RAM kept as
+    its replica. It ends the secondary agent with a ``handover`` (the resumed VM, its
+    taps, and the dirty tracking armed before it resumed): the node goes on as the
+    primary, protecting that very VM towards its peer, first with a delta on the kept
+    RAM when both prove they hold the same checkpoint
+    (:mod:`kemari_suite.checkpoint.baseline`). Returns the last agent.
 
     Raises:
         ConfigError: a guest output escapes output commit (an untapped NIC, disk, serial
@@ -186,6 +191,11 @@ async def _run_roles(
 ) -> PrimaryAgent | SecondaryAgent:
     """:func:`run_node`'s loop: one agent per role, until ``stop`` is set."""
     handover: Handover | None = None
+    kept: KeptRAM | None = None
+
+    async def before_cont(vm: AsyncVM) -> DirtyTracker:
+        return await arm_at_resume(cfg, vm)
+
     while True:
         folder = artifacts_dir(cfg, role)
         _log_to(folder)
@@ -205,12 +215,23 @@ async def _run_roles(
                     handover.epoch,
                     failover=report,
                     guest_events=handover.guest_events,
+                    tracker=cast("DirtyTracker | None", handover.tracking),
+                    baseline=SwitchBaseline(handover.epoch, handover.lineage, handover.ram_digest),
                 )
             else:
                 await agent.start_vm()
             handover = None
         else:
-            agent = SecondaryAgent(cfg, spec, node_id=node_id, artifacts=folder, probe=probe_guest)
+            agent = SecondaryAgent(
+                cfg,
+                spec,
+                node_id=node_id,
+                artifacts=folder,
+                probe=probe_guest,
+                kept=kept,
+                before_cont=before_cont,
+            )
+            kept = None
             if exporter is not None:
                 exporter.attach(agent, role)
         task = asyncio.create_task(agent.run())
@@ -225,10 +246,15 @@ async def _run_roles(
         finally:
             if sampler is not None:
                 sampler.cancel()
+        switched = isinstance(agent, PrimaryAgent) and agent.outcome == "standby"
         if stop.is_set():
+            if switched:
+                # The RAM kept for a standby that will not run.
+                agent.vm.paths.ram.unlink(missing_ok=True)
             return agent
-        if isinstance(agent, PrimaryAgent) and agent.outcome == "standby":
+        if isinstance(agent, PrimaryAgent) and switched:
             log.info("node %s: switched over, standing by", node_id)
+            kept = KeptRAM(agent.vm.paths.ram, agent.switched_epoch, agent.switched_lineage)
             role = "secondary"
             continue
         if isinstance(agent, SecondaryAgent) and agent.handover is not None:

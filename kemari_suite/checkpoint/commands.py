@@ -41,6 +41,7 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "tracker_reason": agent.tracker.reason if agent.tracker else None,
         "precopy": agent.syncs.precopy,
         "disk_resync": agent.resync,
+        "initial_sync": agent.initial_sync,
         "io": agent.io.status() if agent.io is not None else None,
         **agent.held.status(),
         "compat": agent.peer.compat,

@@ -1,6 +1,7 @@
 """What the secondary told this primary over one connection: its verdicts on running
-the VM (profile, then trial restore), the disk copy it holds, and its answer to a
-switchover. The primary's dispatch table sends those typed messages here.
+the VM (profile, then trial restore), the disk copy it holds, the switchover checkpoint
+it keeps in RAM, and its answer to a switchover. The primary's dispatch table sends those
+typed messages here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class PeerState:
         #: The disk copy it holds (``{"lineage", "epoch"}``), once it said.
         self.disk: dict[str, Any] = {}
         self.disk_known = asyncio.Event()
+        #: The switchover checkpoint it keeps in RAM (epoch NO_EPOCH: none), once it said.
+        self.ram: wire.RamState | None = None
+        self.ram_known = asyncio.Event()
         #: A switchover request's answer, while one is awaited.
         self.switch_reply: asyncio.Future[dict[str, Any]] | None = None
         self.session: PeerSession | None = None
@@ -41,12 +45,15 @@ class PeerState:
         self.restore_ok.clear()
         self.disk = {}
         self.disk_known.clear()
+        self.ram = None
+        self.ram_known.clear()
 
     def handlers(self) -> dict[type[wire.Message], Callable[[Any], None]]:
         return {
             wire.CompatVerdict: self._on_compat,
             wire.Switched: self._on_switched,
             wire.DiskState: self._on_disk_state,
+            wire.RamState: self._on_ram_state,
         }
 
     def _on_compat(self, msg: wire.CompatVerdict) -> None:
@@ -68,6 +75,10 @@ class PeerState:
     def _on_disk_state(self, msg: wire.DiskState) -> None:
         self.disk = msg.as_dict()
         self.disk_known.set()
+
+    def _on_ram_state(self, msg: wire.RamState) -> None:
+        self.ram = msg
+        self.ram_known.set()
 
     async def wait(self, event: asyncio.Event, what: str, timeout: float) -> None:
         """Wait for the secondary's answer to ``what`` (or the loss of the session).

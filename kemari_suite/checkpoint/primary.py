@@ -7,7 +7,8 @@ A thin coordinator. The parts it wires together each own their state:
 - :class:`~.peer.PeerSession` and :class:`~.peer.AckTracker`: the link to the
   secondary, its frames dispatched by type, heartbeats, acknowledgements;
 - :class:`~.arbiter.LeaseKeeper`: the lease, and what losing the secondary means;
-- :func:`~.switchover.run_switchover` and :mod:`.diskcopy`: procedures of their own;
+- :func:`~.switchover.run_switchover`, :mod:`.diskcopy` and :mod:`.baseline` (the
+  first epoch after a switchover, a delta when safe): procedures of their own;
 - :class:`~kemari_suite.service.lifecycle.Lifecycle` with
   :data:`~.states.PRIMARY_TRANSITIONS`: the states, checked.
 
@@ -29,6 +30,7 @@ from typing import Any
 from kemari_suite.alerts import Alerter
 from kemari_suite.checkpoint import commands, diskcopy, loss
 from kemari_suite.checkpoint.arbiter import LeaseKeeper
+from kemari_suite.checkpoint.baseline import SwitchBaseline, build_tracker
 from kemari_suite.checkpoint.guestevents import GuestEvents
 from kemari_suite.checkpoint.held import HeldBound
 from kemari_suite.checkpoint.peer import AckTracker, PeerSession
@@ -37,9 +39,8 @@ from kemari_suite.checkpoint.sender import Buffers, EpochSender
 from kemari_suite.checkpoint.states import PRIMARY_TRANSITIONS, PrimaryState
 from kemari_suite.checkpoint.switchover import run_switchover
 from kemari_suite.checkpoint.syncpoint import SyncPoints
-from kemari_suite.checkpoint.tracker import DirtyTracker, make_tracker
+from kemari_suite.checkpoint.tracker import DirtyTracker
 from kemari_suite.checkpoint.triggers import Triggers
-from kemari_suite.checkpoint.uffdwp import refuse_qemu_userfaultfd
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig
 from kemari_suite.disk import guest_disk_size
@@ -131,9 +132,18 @@ class PrimaryAgent:
         self.peer = PeerState(self.artifacts)
         #: Our last disk resync towards the secondary.
         self.resync: dict[str, Any] = {}
+        #: Our last initial synchronization: its mode (full, delta), why, pages, time.
+        self.initial_sync: dict[str, Any] = {}
+        #: The checkpoint a switchover resumed here, while the first epoch may be a
+        #: delta on it (taken by the first initial synchronization, whatever it decides).
+        self.baseline: SwitchBaseline | None = None
+        #: A tracker armed before the resume's ``cont`` (used by :meth:`_attach`).
+        self._armed: DirtyTracker | None = None
         #: A switchover the operator asked for.
         self.switch_req: asyncio.Future[dict[str, Any]] | None = None
         self.switched_epoch = -1
+        #: The lineage the switchover request named (with the epoch: our kept checkpoint).
+        self.switched_lineage = ""
         #: "stopped", or "standby" after a switchover (the node then runs the standby).
         self.outcome = "stopped"
         self.failover_report: dict[str, Any] | None = None
@@ -204,11 +214,17 @@ class PrimaryAgent:
         epoch: int,
         failover: dict[str, Any] | None = None,
         guest_events: GuestEventLog | None = None,
+        *,
+        tracker: DirtyTracker | None = None,
+        baseline: SwitchBaseline | None = None,
     ) -> None:
         """Take over a VM this host already runs (a standby's, after a switchover or,
         with ``replication.reprotect``, after a failover: ``failover`` is its report),
-        with the guest's events so far."""
+        with the guest's events so far. After a switchover, ``tracker`` was armed before
+        the guest resumed ``baseline``: the first epoch may then be a delta on it."""
         self.failover_report = failover
+        self._armed = tracker
+        self.baseline = baseline if tracker is not None else None
         if guest_events is not None:
             self.guest.log = guest_events
         self.vm = vm
@@ -225,21 +241,15 @@ class PrimaryAgent:
         await enable_ignore_shared(self.vm)
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
         self.ram = GuestRAM(self.vm.paths.ram)
-        # Two threads for the stop-time scan: the vCPUs are idle then.
-        await refuse_qemu_userfaultfd(self.vm, self.rcfg.tracker, self.spec.wp_helper)
-        self.tracker = await asyncio.to_thread(
-            make_tracker,
-            self.rcfg.tracker,
-            n_pages=n_pages,
-            qemu_pid=self.vm.pid,
-            ram_path=self.vm.paths.ram,
-            threads=2,
-            wp_socket=self.vm.paths.wp_socket if self.spec.wp_helper else None,
-            wp_unavailable=self.spec.wp_helper_reason,
-            verify=self.rcfg.tracker_verify,
-        )
+        armed, self._armed = self._armed, None
+        self.tracker = armed if armed is not None else await build_tracker(self.cfg, self.vm)
         log.info("dirty-page tracker %s: %s", self.tracker.name, self.tracker.reason)
-        self.artifacts.event("tracker", name=self.tracker.name, reason=self.tracker.reason)
+        self.artifacts.event(
+            "tracker",
+            name=self.tracker.name,
+            reason=self.tracker.reason,
+            armed_at_resume=armed is not None,
+        )
         self.buffers = Buffers.allocate(n_pages, self.tracker.caps)
         self.capturer = DeviceStateCapturer(self.vm, self.vm.paths.migration_socket)
         self.window = StoppedWindow(
@@ -315,6 +325,10 @@ class PrimaryAgent:
         if self.ram is not None:
             self.ram.close()
             self.ram = None
+        if self.outcome == "standby":
+            # The stopped guest's RAM is the switchover checkpoint: kept, the standby's
+            # replica from here on (see :mod:`.baseline`).
+            self.vm.keep_ram = True
         await self.vm.shutdown()
         if self.io is not None:
             await self.io.close()

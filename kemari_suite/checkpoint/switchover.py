@@ -4,7 +4,8 @@
 
     final sync point (guest stays stopped) ─► released output, flushed disk
       ─► stop renewing, release the lease ─► SwitchoverRequest(epoch, lineage)
-      ─► Switched(done)     : SWITCHED, this host becomes the standby
+      ─► Switched(done)     : SWITCHED, this host becomes the standby, keeping its
+                              stopped guest's RAM as the replica (:mod:`.baseline`)
       ─► Switched(refused)  : take the lease back, ``cont``; the VM runs on here
       ─► no answer, no tiebreaker: HELD, the VM stays stopped (the peer may run it)
 
@@ -69,6 +70,7 @@ async def run_switchover(agent: PrimaryAgent, result: asyncio.Future[dict[str, A
         }
         agent.artifacts.event("switchover", **info)
         agent.switched_epoch = epoch
+        agent.switched_lineage = agent.io.lineage if agent.io is not None else ""
         agent.outcome = "standby"
         agent.set_state(PrimaryState.SWITCHED, f"the VM runs on {agent.rcfg.peer} now")
         agent.request_stop()

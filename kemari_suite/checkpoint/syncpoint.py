@@ -9,7 +9,10 @@
 
 The initial synchronization is an epoch of kind FULL: every page while the guest
 runs, the built-in disk copy, pre-copy rounds until few pages change, then an
-ordinary sync point closes it.
+ordinary sync point closes it. After a planned switchover it is a DELTA instead when
+the standby proves it keeps the checkpoint this host resumed (:mod:`.baseline`): no
+full copy, only the pages the guest changed since (its tracker was armed before the
+resume), the disk's dirty blocks, and the sync point.
 
 No exit leaves the guest stopped by accident. A failure while it is stopped (a step of
 the window, the send or the acknowledgement in classic mode) resumes it at once: the
@@ -27,7 +30,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from kemari_suite.checkpoint import diskcopy, loss
+from kemari_suite.checkpoint import baseline, diskcopy, loss
 from kemari_suite.checkpoint.peer import PeerSession
 from kemari_suite.checkpoint.window import QMPTimeout, WindowError, WindowResult
 from kemari_suite.protocol import wire
@@ -90,20 +93,59 @@ class SyncPoints:
         async with self.lock:
             await a.sender.precopy_round(a.tracker, a.ram.pages, a.buffers)
 
+    async def first_epoch_kind(self) -> tuple[wire.EpochKind, str]:
+        """FULL, or DELTA on the standby's kept switchover checkpoint when it is the one
+        this host resumed (:func:`.baseline.delta_refusal`); with why not. The baseline
+        serves once: a later synchronization (a reconnection) is FULL."""
+        a = self.agent
+        ours, a.baseline = a.baseline, None
+        if ours is None:
+            return wire.EpochKind.FULL, "no switchover checkpoint resumed here"
+        why = baseline.delta_refusal(ours, await baseline.peer_ram_state(a))
+        return (wire.EpochKind.FULL, why) if why else (wire.EpochKind.DELTA, "")
+
     async def initial_sync(self) -> None:
-        """Iterative pre-copy of all RAM while the VM runs, then the first checkpoint."""
+        """Iterative pre-copy of all RAM while the VM runs (or, after a switchover, the
+        pages changed since the resume), then the first checkpoint."""
         a = self.agent
         assert a.ram is not None and a.tracker is not None and a.sender is not None
         assert a.buffers is not None
-        assert a.window is not None
-        window = a.window
         epoch = a.epoch + 1
+        # Decided before protection starts: the wait for the standby's word holds no output.
+        kind, why = await self.first_epoch_kind()
+        t0 = time.monotonic()
         if a.io is not None:
             # From here on writes are logged (in this epoch) and output is held.
             await a.io.protect(epoch)
         # The writes a HELD bound paused the guest for are on the disk now.
         await a.held.resume("a secondary is back: the held writes are applied")
-        await a.sender.begin(epoch, wire.EpochKind.FULL)
+        await a.sender.begin(epoch, kind)
+        if kind is wire.EpochKind.FULL:
+            await self._full_copy()
+        # The disk copy is taken while no committed write can reach the disk (the tap
+        # logs them in this epoch; they follow in its I/O log).
+        await diskcopy.send_copy(a, epoch)
+        await a.sender.converge(a.tracker, a.ram.pages, a.buffers)
+        a.epoch = epoch
+        await self.sync_point("initial")
+        a.initial_sync = {
+            "mode": "full" if kind is wire.EpochKind.FULL else "delta",
+            "reason": why,
+            "epoch": epoch,
+            # Pre-copied and stop-time pages of the epoch.
+            "pages": self.last_dirty,
+            "ram_pages": a.ram.n_pages,
+            "ms": round((time.monotonic() - t0) * 1e3, 1),
+        }
+        a.artifacts.event("initial-sync", **a.initial_sync)
+
+    async def _full_copy(self) -> None:
+        """Round 0 of a FULL initial sync: every page, the guest resumed at once if a
+        tracker's reset stops it and the copy fails."""
+        a = self.agent
+        assert a.ram is not None and a.tracker is not None and a.sender is not None
+        assert a.buffers is not None and a.window is not None
+        window = a.window
         stopped = False
 
         async def stop() -> None:
@@ -122,12 +164,6 @@ class SyncPoints:
             if stopped:
                 await self.resume_guest(f"the initial copy failed: {err}", hung=_hung(err))
             raise
-        # The disk copy is taken while no committed write can reach the disk (the tap
-        # logs them in this epoch; they follow in its I/O log).
-        await diskcopy.send_copy(a, epoch)
-        await a.sender.converge(a.tracker, a.ram.pages, a.buffers)
-        a.epoch = epoch
-        await self.sync_point("initial")
 
     async def sync_point(self, trigger: str, *, resume: bool = True) -> None:
         """Take one sync point; returns once its epoch is acknowledged.

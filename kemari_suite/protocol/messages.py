@@ -11,11 +11,12 @@ Message types::
                                    Ack, Nack, Resync
     0x20-0x22  liveness, events    Heartbeat, GuestEvent, Bye
     0x30-0x31  retired             never reused: a frame of either is a ProtocolError
-    0x40-0x46  control verbs       CONTROL_MESSAGES, below
+    0x40-0x47  control verbs       CONTROL_MESSAGES, below
 
 Control verbs, in the order a connection uses them (P = primary, S = secondary)::
 
     S -> P  DiskState          which disk copy S holds, first thing on a new link
+    S -> P  RamState           the switchover checkpoint S holds in RAM, if any
     P -> S  VmProfile          P's VM; S compares it with its own
     S -> P  CompatVerdict      PROFILE stage: S can (or cannot) run this VM
     P -> S  DiskCopy           in the first FULL epoch: the disk follows as IOLog
@@ -71,6 +72,7 @@ __all__ = [
     "Message",
     "Nack",
     "Pages",
+    "RamState",
     "Resync",
     "Role",
     "SwitchOutcome",
@@ -423,6 +425,34 @@ class Switched(Message):
         return {"ok": ok, "epoch": self.epoch, "resume_ms": self.resume_ms, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class RamState(Message):
+    """S -> P, right after :class:`DiskState`: the switchover checkpoint S holds in RAM.
+
+    A host that handed its VM over in a planned switchover keeps its stopped guest's RAM
+    as its replica: checkpoint ``epoch`` of the switchover whose disk copy is
+    ``lineage``, with ``digest`` (:func:`~kemari_suite.vm.guestram.ram_digest`) of its
+    bytes. The new primary, which resumed that very checkpoint, may then send only what
+    its guest changed since (a DELTA first epoch) when all three match its own. ``epoch``
+    is :data:`NO_EPOCH` (and the digest empty) when S holds no such checkpoint.
+
+    Layout: ``!q`` epoch; lineage as text; digest as a blob (32 bytes, or empty).
+    """
+
+    TYPE: ClassVar[int] = 0x47
+    LAYOUT: ClassVar[Layout] = (("epoch", "i64"), ("lineage", "text"), ("digest", "blob"))
+    MAX: ClassVar[int] = 4096
+    epoch: int
+    lineage: str = ""
+    digest: Blob = b""
+
+    def __post_init__(self) -> None:
+        if self.epoch < NO_EPOCH:
+            raise ValueError(f"epoch is {self.epoch}, below NO_EPOCH ({NO_EPOCH})")
+        if len(self.digest) not in (0, 32):
+            raise ValueError(f"digest is {len(self.digest)} bytes, not 32 (or empty)")
+
+
 #: The typed control verbs, for dispatch tables ``{cls: handler}``.
 CONTROL_MESSAGES: tuple[type[Message], ...] = (
     VmProfile,
@@ -432,6 +462,7 @@ CONTROL_MESSAGES: tuple[type[Message], ...] = (
     Durable,
     SwitchoverRequest,
     Switched,
+    RamState,
 )
 
 _ALL: tuple[type[Message], ...] = (

@@ -20,6 +20,30 @@ if TYPE_CHECKING:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
+def status(agent: SecondaryAgent) -> dict[str, Any]:
+    """The secondary's status (``kemari status``)."""
+    return {
+        "role": "secondary",
+        "vm": agent.spec.name,
+        "state": agent.state.value,
+        "protected": agent.state is S.STANDBY,
+        "since": agent.life.since,
+        "reason": agent.reason,
+        "last_committed_epoch": agent.committed_epoch,
+        "epochs_committed": agent.store.epochs_committed,
+        "kept_checkpoint": agent.store.kept_status(),
+        "qemu_pid": agent.vm.pid,
+        "failover": None if agent.report is None else agent.report.__dict__,
+        "guest_events": agent.guest.log.status(),
+        "compat": agent.compat,
+        "alerts": agent.artifacts.alert_history(),
+        "states": agent.life.sequence(),
+        "image_id": agent.spec.image_id,
+        "image_source": agent.spec.image_source,
+        "image_reason": agent.spec.image_reason,
+    }
+
+
 def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
     """The command table of ``agent``'s control socket."""
 
@@ -34,7 +58,8 @@ def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
             return {"already": True, "report": agent.report.__dict__ if agent.report else None}
         if agent.state is S.STOPPED:
             raise FailoverError(f"this standby is stopped: {agent.reason}")
-        if agent.committed_epoch < 0:
+        if not agent.store.resumable:
+            # (A kept switchover checkpoint is no checkpoint: it has no device state.)
             raise FailoverError("no committed checkpoint yet: nothing to fail over to")
         if agent.state is not S.FAILING_OVER:
             await operator_failover_check(
@@ -72,4 +97,4 @@ def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
     return table
 
 
-__all__ = ["handlers"]
+__all__ = ["handlers", "status"]

@@ -12,8 +12,18 @@ or the standby's half of a planned switchover. Its steps, in order::
                                                          generation recorded; shared
                                                          storage: committed logs replayed
     start QEMU on the replica RAM file, -incoming        taps unprotected
+    (switchover) arm the primary role's dirty tracking   before_cont; the replica's
+                                                         digest, hashed meanwhile
     restore the device state, cont, announce-self
     ACTIVE                                               FailoverReport, Handover
+
+A planned switchover hands the primary role a VM whose every change since the resumed
+checkpoint is tracked (the tracker is armed while the guest is still stopped, so no write
+escapes it), with the digest of that checkpoint (:func:`~kemari_suite.vm.guestram.ram_digest`
+of the replica, hashed on a thread while QEMU starts): the old primary, now the standby,
+keeps the same bytes, and when its digest matches, the first epoch is a delta
+(:mod:`kemari_suite.checkpoint.baseline`). Neither step can fail the switchover: without
+them the new primary makes a full copy, as after a failover.
 
 Any failure after FAILING_OVER ends in STOPPED and raises
 :class:`~kemari_suite.errors.FailoverError`; for a switchover the lease is given back
@@ -36,9 +46,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -59,6 +69,7 @@ from kemari_suite.tap import TapMode
 from kemari_suite.tap.guestio import GuestIO
 from kemari_suite.vm.devstate import restore
 from kemari_suite.vm.guestevents import GuestEventLog
+from kemari_suite.vm.guestram import file_digest
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -68,6 +79,17 @@ ProbeFn = Callable[[np.ndarray], dict[str, Any]]
 
 #: ``announce-self`` arguments: the network learns where the guest lives now.
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+class ResumeTracking(Protocol):
+    """The primary role's dirty tracking, armed on a resumed VM (opaque here)."""
+
+    def close(self) -> None: ...
+
+
+#: Arms the primary role's dirty tracking on the started, still stopped QEMU of a
+#: switchover (given by the node, which knows both roles).
+BeforeCont = Callable[[AsyncVM], Awaitable[ResumeTracking]]
 
 
 @dataclass
@@ -81,6 +103,9 @@ class FailoverReport:
     start_ms: float = 0.0
     restore_ms: float = 0.0
     cont_ms: float = 0.0
+    #: A switchover: arming the primary role's tracking, then waiting for the digest.
+    arm_ms: float = 0.0
+    digest_wait_ms: float = 0.0
     #: heartbeat-timeout expiry (or command) -> guest running
     failover_ms: float = 0.0
     probes: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +125,10 @@ class Handover:
     report: FailoverReport | None = None
     #: What the guest did so far (forwarded by the old primary, or seen here).
     guest_events: GuestEventLog | None = None
+    #: Digest of the resumed checkpoint's RAM (b"": unknown, the first epoch is FULL).
+    ram_digest: bytes = b""
+    #: Dirty tracking armed before ``cont`` (None: none, the first epoch is FULL).
+    tracking: ResumeTracking | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +169,7 @@ class Failover:
         store: ReplicaStore,
         witness: Tiebreaker | None,
         probe: ProbeFn | None,
+        before_cont: BeforeCont | None = None,
     ) -> None:
         self.cfg = cfg
         self.vm = vm
@@ -154,6 +184,10 @@ class Failover:
         self.report: FailoverReport | None = None
         #: The generation of the takeover the tiebreaker granted (None: none asked).
         self.generation: int | None = None
+        self.before_cont = before_cont
+        #: A switchover's tracking and checkpoint digest, for the handover.
+        self.tracking: ResumeTracking | None = None
+        self.ram_digest = b""
 
     async def take_lease(self) -> str:
         """A switchover: the primary released the lease before asking; take it.
@@ -234,6 +268,12 @@ class Failover:
                     report.probes = self.probe(receiver.pages)
             store.unmap()
         io: GuestIO | None = None
+        # The replica is the checkpoint until ``cont``: hash it while QEMU starts.
+        digest = (
+            asyncio.ensure_future(asyncio.to_thread(file_digest, store.ram_path))
+            if switch is not None
+            else None
+        )
         try:
             t0 = time.monotonic()
             await self._disk_to(epoch, logs)
@@ -244,10 +284,18 @@ class Failover:
                 on_event=None,
                 mode=TapMode.UNPROTECTED,
             )
-            await self._resume(io, devstate, report, t0)
+            await self._resume(io, devstate, report, t0, digest)
         except Exception as err:
             self.life.set(SecondaryState.STOPPED, f"failover failed: {err}")
             self.artifacts.event("failover-failed", reason=str(err))
+            if digest is not None:
+                digest.cancel()
+                with contextlib.suppress(BaseException):
+                    await digest
+            if self.tracking is not None:
+                with contextlib.suppress(Exception):
+                    self.tracking.close()
+                self.tracking = None
             if io is not None:
                 with contextlib.suppress(Exception):
                     await io.close()
@@ -294,21 +342,48 @@ class Failover:
             self.artifacts.event("disk-replayed", epochs=len(logs))
 
     async def _resume(
-        self, io: GuestIO, devstate: bytes, report: FailoverReport, t0: float
+        self,
+        io: GuestIO,
+        devstate: bytes,
+        report: FailoverReport,
+        t0: float,
+        digest: asyncio.Future[bytes] | None,
     ) -> None:
-        """Start QEMU on the replica, restore, cont, announce-self; times into ``report``."""
+        """Start QEMU on the replica, (a switchover) arm tracking, restore, cont,
+        announce-self; times into ``report``."""
         self.vm.spec = await io.start(self.spec)
         await self.vm.start()
         t1 = time.monotonic()
         report.start_ms = (t1 - t0) * 1e3
+        if digest is not None:
+            await self._arm_tracking()
+            report.arm_ms = (time.monotonic() - t1) * 1e3
         sock = self.vm.paths.run_dir / "in.sock"
         report.restore_ms = await restore(self.vm, devstate, sock) * 1e3
+        if digest is not None:
+            t_wait = time.monotonic()
+            try:
+                self.ram_digest = await digest
+            except Exception as err:
+                self.artifacts.event("switchover-digest-failed", reason=str(err))
+            report.digest_wait_ms = (time.monotonic() - t_wait) * 1e3
         t2 = time.monotonic()
         await self.vm.execute("cont")
         report.cont_ms = (time.monotonic() - t2) * 1e3
         report.failover_ms = (time.time() - report.detected_at) * 1e3
         with contextlib.suppress(Exception):
             await self.vm.execute("announce-self", ANNOUNCE)
+
+    async def _arm_tracking(self) -> None:
+        """Arm the primary role's tracking (``before_cont``) with the guest stopped; a
+        failure leaves it unarmed (the first epoch is then FULL), never the VM."""
+        if self.before_cont is None:
+            return
+        try:
+            self.tracking = await self.before_cont(self.vm)
+        except Exception as err:
+            log.warning("switchover: dirty tracking not armed at resume: %s", err)
+            self.artifacts.event("switchover-tracking-failed", reason=str(err))
 
     def _handover(
         self, io: GuestIO, epoch: int, report: FailoverReport, switch: SwitchRequest | None
@@ -321,7 +396,15 @@ class Failover:
                 io.lineage = switch.lineage
                 io.acked_at_loss = epoch
                 io.disk.tracking = True
-            return Handover(vm=self.vm, io=io, epoch=epoch, lineage=switch.lineage)
+            tracking, self.tracking = self.tracking, None
+            return Handover(
+                vm=self.vm,
+                io=io,
+                epoch=epoch,
+                lineage=switch.lineage,
+                ram_digest=self.ram_digest if tracking is not None else b"",
+                tracking=tracking,
+            )
         rcfg = self.cfg.replication
         if rcfg.reprotect and rcfg.peer:
             # The node runs the primary role on this VM, which renews the lease and
@@ -389,11 +472,13 @@ async def renew_lease(witness: Tiebreaker, interval_s: float) -> None:
 
 
 __all__ = [
+    "BeforeCont",
     "Failover",
     "FailoverReport",
     "Handover",
     "PendingSwitch",
     "ProbeFn",
+    "ResumeTracking",
     "Takeover",
     "copy_staleness",
     "operator_failover_check",

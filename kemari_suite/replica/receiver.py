@@ -14,10 +14,17 @@ the epoch, for the caller to acknowledge. Anything else raises, and the caller r
 the epoch back (:meth:`EpochReceiver.rollback`), which restores every page it touched:
 the replica is always exactly the last committed checkpoint when no epoch is open.
 
-The disk copy of a FULL epoch (built-in replicated disk) goes through a
-:class:`~kemari_suite.replica.replicadisk.ReplicaDisk`; without one, the committed I/O
-logs are kept for a replay on shared storage at failover, until the primary says its
-disk holds them (:meth:`EpochReceiver.durable`).
+A replica may also start from a *baseline* (:meth:`EpochReceiver.adopt_baseline`): after
+a planned switchover, the old primary keeps its stopped guest's RAM, which is exactly the
+checkpoint the new primary resumed. The first epoch may then be a DELTA that follows it
+(carrying, like a FULL epoch, the disk copy). A baseline is no committed checkpoint: it
+has no device state, so it is never resumed (:attr:`EpochReceiver.resumable` stays
+false until an epoch commits on top of it).
+
+The disk copy of a FULL epoch, or of the DELTA on a baseline (built-in replicated
+disk), goes through a :class:`~kemari_suite.replica.replicadisk.ReplicaDisk`; without
+one, the committed I/O logs are kept for a replay on shared storage at failover, until
+the primary says its disk holds them (:meth:`EpochReceiver.durable`).
 
 Errors: :class:`~kemari_suite.errors.ProtocolError` for a message that breaks the order
 (or a digest mismatch), :class:`~kemari_suite.errors.ReplicationError` for an epoch
@@ -78,12 +85,31 @@ class EpochReceiver:
         self.committed_iologs: list[tuple[int, bytes]] = []
         self.durable_epoch = -1
         self.epochs_committed = 0
+        #: The switchover checkpoint this replica holds without device state (-1: none).
+        self.baseline_epoch = -1
         self.closed = False
         self._observers: list[CommitObserver] = []
 
     def on_commit(self, fn: CommitObserver) -> None:
         """Call ``fn(epoch, pages)`` after every commit (in commit order)."""
         self._observers.append(fn)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the replica holds a committed checkpoint a failover can resume."""
+        return self.committed_devstate is not None
+
+    def adopt_baseline(self, epoch: int) -> None:
+        """Take the replica's pages as switchover checkpoint ``epoch`` (not resumable):
+        a DELTA ``epoch + 1`` may follow.
+
+        Raises:
+            ProtocolError: an epoch was already received or is open.
+        """
+        if self.open is not None or self.committed_epoch >= 0 or self.closed:
+            raise ProtocolError("a baseline is taken only by a fresh replica")
+        self.committed_epoch = epoch
+        self.baseline_epoch = epoch
 
     # ---- the messages of one epoch, in order --------------------------------------
 
@@ -115,14 +141,18 @@ class EpochReceiver:
         self.open = OpenEpoch(msg.epoch, msg.kind, wire.EpochDigest(msg.epoch))
 
     def disk_copy(self, lineage: str, *, incremental: bool) -> int:
-        """The primary copies its disk in the open FULL epoch; returns that epoch.
+        """The primary copies its disk in the open FULL epoch (or the DELTA on a
+        baseline); returns that epoch.
 
         Raises:
-            ProtocolError: no FULL epoch is open.
+            ProtocolError: no FULL epoch (nor DELTA on a baseline) is open.
             ReplicationError: this host has no disk copy to write.
         """
         ep = self.open
-        if ep is None or ep.kind is not wire.EpochKind.FULL:
+        on_baseline = (
+            ep is not None and self.baseline_epoch >= 0 and ep.epoch == self.baseline_epoch + 1
+        )
+        if ep is None or (ep.kind is not wire.EpochKind.FULL and not on_baseline):
             raise ProtocolError("disk copy outside a FULL epoch")
         if self.disk is None:
             raise ReplicationError("the primary copies a disk, this secondary has none", ep.epoch)
@@ -198,6 +228,7 @@ class EpochReceiver:
         # Committed: the undo log is no longer needed.
         self.committed_epoch = ep.epoch
         self.committed_devstate = ep.devstate
+        self.baseline_epoch = -1
         self.open = None
         self.epochs_committed += 1
         for fn in self._observers:

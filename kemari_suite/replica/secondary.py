@@ -3,6 +3,7 @@
 Life of the secondary (every edge: :data:`~kemari_suite.replica.states.SECONDARY_TRANSITIONS`)::
 
     WAITING -> RECEIVING (initial synchronization) -> STANDBY (a committed checkpoint held)
+    WAITING (a kept switchover checkpoint) -> RECEIVING (its DELTA) -> STANDBY
     STANDBY --primary lost, tiebreaker won (or `kemari failover`)--> FAILING_OVER -> ACTIVE
     STANDBY --primary lost, tiebreaker lost--> STANDBY (says why; the primary lives on)
 
@@ -54,6 +55,7 @@ from kemari_suite.protocol.link import Link, parse_listen, serve
 from kemari_suite.replica import commands, verbs
 from kemari_suite.replica.compat import CompatCheck
 from kemari_suite.replica.failover import (
+    BeforeCont,
     Failover,
     FailoverReport,
     Handover,
@@ -68,7 +70,7 @@ from kemari_suite.replica.receiver import OpenEpoch
 from kemari_suite.replica.rejects import RejectLogger
 from kemari_suite.replica.replicadisk import replay_nosync
 from kemari_suite.replica.states import SECONDARY_TRANSITIONS, SecondaryState
-from kemari_suite.replica.store import ReplicaStore
+from kemari_suite.replica.store import KeptRAM, ReplicaStore
 from kemari_suite.replica.verbs import SwitchRequest
 from kemari_suite.service.control import ControlServer
 from kemari_suite.service.lifecycle import Lifecycle, Transition
@@ -97,6 +99,8 @@ class SecondaryAgent:
         node_id: str = "secondary",
         artifacts: Path | None = None,
         probe: Callable[[np.ndarray], dict[str, Any]] | None = None,
+        kept: KeptRAM | None = None,
+        before_cont: BeforeCont | None = None,
     ) -> None:
         self.cfg = cfg
         self.rcfg = cfg.replication
@@ -123,9 +127,12 @@ class SecondaryAgent:
         self.reason = ""
         self.n_pages = spec.memory_mib * 1024 * 1024 // PAGE
         #: The replica RAM file, its epoch receiver and the disk copy.
+        #: ``kept``: this host's RAM as of the switchover that made it the standby.
         self.store = ReplicaStore(
-            cfg, self.vm.paths.ram, self.vm.paths.run_dir, self.n_pages, self.artifacts
+            cfg, self.vm.paths.ram, self.vm.paths.run_dir, self.n_pages, self.artifacts, kept
         )
+        #: Arms the primary role's dirty tracking on a switchover's resumed VM.
+        self._before_cont = before_cont
         #: The taps of the VM resumed here (after a failover).
         self.io: GuestIO | None = None
         self.link: Link | None = None
@@ -211,25 +218,8 @@ class SecondaryAgent:
         self.artifacts.status(self.status_dict())
 
     def status_dict(self) -> dict[str, Any]:
-        return {
-            "role": "secondary",
-            "vm": self.spec.name,
-            "state": self.state.value,
-            "protected": self.state is S.STANDBY,
-            "since": self.life.since,
-            "reason": self.reason,
-            "last_committed_epoch": self.committed_epoch,
-            "epochs_committed": self.store.epochs_committed,
-            "qemu_pid": self.vm.pid,
-            "failover": None if self.report is None else self.report.__dict__,
-            "guest_events": self.guest.log.status(),
-            "compat": self.compat,
-            "alerts": self.artifacts.alert_history(),
-            "states": self.life.sequence(),
-            "image_id": self.spec.image_id,
-            "image_source": self.spec.image_source,
-            "image_reason": self.spec.image_reason,
-        }
+        """What ``kemari status`` shows (see :func:`.commands.status`)."""
+        return commands.status(self)
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -319,6 +309,7 @@ class SecondaryAgent:
             self.store.disk.new_primary()
         with contextlib.suppress(ConnectionError, ProtocolError):
             await verbs.send_disk_state(link, self.store.disk_state())
+            await verbs.send_ram_state(link, *self.store.ram_state())
         hb = asyncio.create_task(
             send_heartbeats(link, self.watch.interval_s, lambda: self.state.value)
         )
@@ -344,7 +335,7 @@ class SecondaryAgent:
             if self.link is link:
                 self.link = None
             await self.store.roll_back("the primary connection ended mid-epoch")
-            if self.committed_epoch < 0 and self.state is S.RECEIVING:
+            if not self.store.resumable and self.state is S.RECEIVING:
                 self.life.set(
                     S.WAITING,
                     "the primary was lost during the initial synchronization: "
@@ -357,12 +348,13 @@ class SecondaryAgent:
         raise ConnectionError(f"primary said goodbye: {msg.reason}")
 
     async def _on_begin(self, link: Link, msg: wire.EpochBegin) -> None:
-        full = msg.kind is wire.EpochKind.FULL
-        if full and not self.life.can(S.RECEIVING):
-            raise ProtocolError(f"FULL epoch {msg.epoch} while {self.state.value}")
+        # A FULL epoch, or the first DELTA on a kept switchover checkpoint: a synchronization.
+        sync = self.store.synchronization(msg)
+        if sync and not self.life.can(S.RECEIVING):
+            raise ProtocolError(f"{msg.kind.name} epoch {msg.epoch} while {self.state.value}")
         await self.store.begin(msg)
-        if full:
-            self.life.set(S.RECEIVING, f"full synchronization, epoch {msg.epoch}")
+        if sync and self.state is not S.RECEIVING:
+            self.life.set(S.RECEIVING, sync)
 
     async def _on_end(self, link: Link, msg: wire.EpochEnd) -> None:
         async def committed(epoch: int, devstate: bytes) -> None:
@@ -461,6 +453,7 @@ class SecondaryAgent:
             store=self.store,
             witness=self.watch.witness,
             probe=self.probe,
+            before_cont=self._before_cont,
         )
         took = await self._failover.run(
             req.reason,
@@ -493,6 +486,7 @@ async def _ignore(link: Link, msg: wire.Message) -> None:
 __all__ = [
     "FailoverReport",
     "Handover",
+    "KeptRAM",
     "SecondaryAgent",
     "SecondaryState",
     "replay_nosync",

@@ -2,7 +2,8 @@
 
 ::
 
-    WAITING -> RECEIVING (a FULL epoch: initial synchronization) -> STANDBY (committed)
+    WAITING -> RECEIVING (a FULL epoch: initial synchronization; or, on a kept switchover
+        checkpoint, its first DELTA) -> STANDBY (committed)
     STANDBY --a new FULL epoch (new primary connection, resync)--> RECEIVING
     RECEIVING --primary lost before any commit--> WAITING
     STANDBY --primary lost, tiebreaker won (or `kemari failover`, a switchover)-->

@@ -8,6 +8,7 @@ answers from the plain dicts the rest of the secondary keeps.
 In the order a connection uses them (P = primary, S = secondary)::
 
     S -> P  DiskState           which copy this host holds       send_disk_state
+    S -> P  RamState            a kept switchover checkpoint     send_ram_state
     P -> S  VmProfile           the primary's VM profile         VerbHandler.on_vm_profile
     S -> P  CompatVerdict       profile, then trial restore      send_compat
     P -> S  DiskCopy            a disk copy in the FULL epoch    VerbHandler.on_disk_copy
@@ -80,6 +81,12 @@ async def send_disk_state(link: Link, state: dict[str, Any]) -> None:
     await link.send(wire.DiskState(lineage=lineage, epoch=max(epoch, wire.NO_EPOCH)))
 
 
+async def send_ram_state(link: Link, epoch: int, lineage: str, digest: bytes) -> None:
+    """The switchover checkpoint this host keeps in RAM (``epoch`` -1: none), right after
+    :func:`send_disk_state`."""
+    await link.send(wire.RamState(epoch=max(epoch, wire.NO_EPOCH), lineage=lineage, digest=digest))
+
+
 _STAGES = {"profile": wire.CompatStage.PROFILE, "restore": wire.CompatStage.RESTORE}
 
 
@@ -115,5 +122,6 @@ __all__ = [
     "handlers",
     "send_compat",
     "send_disk_state",
+    "send_ram_state",
     "send_switched",
 ]

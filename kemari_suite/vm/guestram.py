@@ -9,8 +9,10 @@ and applies committed pages to it. :attr:`GuestRAM.pages` is a view of shape
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -25,6 +27,9 @@ PAGE_SIZE = 4096
 # Pre-fault the whole mapping at map time, so that the first scan of a sync point (VM
 # stopped) does not take one minor fault per page. Linux only; 0 elsewhere.
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)
+
+#: Pages per piece of :func:`ram_digest` (16 MiB): the pieces are hashed on two threads.
+DIGEST_PIECE_PAGES = 4096
 
 
 def create_ram_file(path: Path, size: int) -> Path:
@@ -41,6 +46,44 @@ def create_ram_file(path: Path, size: int) -> Path:
     with open_owner_only(path, "wb") as f:
         f.truncate(size)
     return path
+
+
+def ram_digest(pages: np.ndarray, *, threads: int = 2) -> bytes:
+    """SHA-256 over every page of guest RAM ``pages`` (``(n_pages, PAGE_SIZE)`` uint8).
+
+    The RAM is hashed in fixed pieces of :data:`DIGEST_PIECE_PAGES` pages, on
+    ``threads`` threads (hashlib releases the GIL), and the digest is that of the size and
+    the pieces' digests in order: the same bytes give the same digest whatever the
+    thread count. Both hosts of a switchover compute it over the checkpoint they hold
+    (about 100 ms for 256 MiB on two threads here).
+    """
+    n = pages.shape[0]
+    flat = pages.reshape(-1)
+    step = DIGEST_PIECE_PAGES * PAGE_SIZE
+
+    def piece(start: int) -> bytes:
+        return hashlib.sha256(flat[start : start + step].data).digest()
+
+    starts = range(0, n * PAGE_SIZE, step)
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="kemari-digest") as pool:
+            parts = list(pool.map(piece, starts))
+    else:
+        parts = [piece(s) for s in starts]
+    total = hashlib.sha256(f"kemari-ram {n} {PAGE_SIZE}".encode())
+    for part in parts:
+        total.update(part)
+    return total.digest()
+
+
+def file_digest(path: Path) -> bytes:
+    """:func:`ram_digest` of the guest RAM file ``path``.
+
+    Raises:
+        ReplicationError: the file is missing, unreadable or not whole pages.
+    """
+    with GuestRAM(path, populate=False) as ram:
+        return ram_digest(ram.pages)
 
 
 class GuestRAM:

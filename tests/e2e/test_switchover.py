@@ -1,6 +1,7 @@
 """Planned switchover and failback: the VM moves to the standby and back, with a client
-connected throughout, nothing lost, and each host ending in the other role; and the
-protect-time compatibility check refuses a standby that cannot run the VM."""
+connected throughout, nothing lost, each host ending in the other role, and the new
+primary's first epoch a delta on the RAM the old primary kept; and the protect-time
+compatibility check refuses a standby that cannot run the VM."""
 
 from __future__ import annotations
 
@@ -43,6 +44,31 @@ def _progress(reader: Reader, lines: int, timeout: float = 60.0) -> None:
     assert reader.expected >= target, f"stream stalled at {reader.expected}"
 
 
+def _switch(pair: LabPair, reader: Reader, old: str, new: str) -> float:
+    """Switch the VM from host ``old`` to host ``new``; returns the client's longest gap
+    between received data across it (from the request until 200 more lines)."""
+    reader.longest_gap = 0.0
+    res = pair.switchover(old)
+    assert res["switched"] is True
+    assert res["pause_ms"] > 0
+    st = pair.wait_state(new, {"protected"}, 180)
+    assert st["role"] == "primary"
+    assert pair.wait_state(old, {"standby"}, 60)["role"] == "secondary"
+    _progress(reader, 200)
+    gap = reader.longest_gap
+    sync = st["initial_sync"]
+    print(f"switchover {old} -> {new}: client's longest gap {gap:.3f} s; first epoch {sync}")
+    # The old primary kept its RAM: only what the guest changed since the resume went over.
+    assert sync["mode"] == "delta", sync
+    assert sync["pages"] < sync["ram_pages"] // 8, sync
+    # The old primary's disk copy was current: only blocks written since went over.
+    assert st["disk_resync"]["mode"] == "incremental", st["disk_resync"]
+    # Loose: this machine is shared, and what the client waits for here is mostly the
+    # guest's TCP retransmission timeout (see docs/operations.md), not the resync.
+    assert gap < 5.0, gap
+    return gap
+
+
 def test_switchover_and_failback_with_client_connected(
     lab_factory, base_config: KemariConfig
 ) -> None:
@@ -59,27 +85,10 @@ def test_switchover_and_failback_with_client_connected(
         reader.start()
         _progress(reader, 100)
 
-        # Switchover: primary host -> secondary host.
-        res = pair.switchover("primary")
-        assert res["switched"] is True
-        assert res["pause_ms"] > 0
-        st = pair.wait_state("secondary", {"protected"}, 180)
-        assert st["role"] == "primary"
-        old = pair.wait_state("primary", {"standby"}, 60)
-        assert old["role"] == "secondary"
-        _progress(reader, 200)
-        # The old primary's disk copy was current: only blocks written since went over.
-        assert st["disk_resync"]["mode"] == "incremental", st["disk_resync"]
-
-        # Failback: secondary host -> primary host.
-        res = pair.switchover("secondary")
-        assert res["switched"] is True
-        st = pair.wait_state("primary", {"protected"}, 180)
-        assert st["role"] == "primary"
-        assert pair.wait_state("secondary", {"standby"}, 60)["role"] == "secondary"
-        _progress(reader, 200)
+        # Switchover: primary host -> secondary host; then failback.
+        _switch(pair, reader, "primary", "secondary")
+        _switch(pair, reader, "secondary", "primary")
         assert not reader.errors, reader.errors
-        assert reader.longest_gap < 30, reader.longest_gap
     except BaseException:
         for role in ("primary", "secondary"):
             print(f"---- {role}.out alive={pair.alive(role)} ----\n{pair.output(role)[-4000:]}")

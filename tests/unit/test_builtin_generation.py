@@ -222,7 +222,7 @@ def test_an_operator_failover_checks_the_sidecar_generation(tmp_path: Path) -> N
         committed_epoch=3,
         report=None,
         artifacts=Artifacts(tmp_path / "art"),
-        store=SimpleNamespace(copy_generation=lambda: 4),
+        store=SimpleNamespace(copy_generation=lambda: 4, resumable=True),
     )
 
     def request(reason: str) -> None:

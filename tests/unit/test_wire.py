@@ -44,6 +44,7 @@ from kemari_suite.protocol.wire import (
     Message,
     Nack,
     Pages,
+    RamState,
     Resync,
     Role,
     Session,
@@ -128,6 +129,8 @@ SAMPLES: list[Message] = [
     SwitchoverRequest(epoch=12, lineage="3f2a9c1d00b4e7a1"),
     Switched(outcome=SwitchOutcome.DONE, epoch=12, resume_ms=41.25),
     Switched(outcome=SwitchOutcome.REFUSED, epoch=12, reason="this host is waiting"),
+    RamState(epoch=NO_EPOCH),
+    RamState(epoch=12, lineage="3f2a9c1d00b4e7a1", digest=hashlib.sha256(b"ram").digest()),
     Bye(reason="operator asked"),
 ]
 
@@ -615,6 +618,7 @@ def test_control_verbs_have_their_own_type_codes() -> None:
         "Durable": 0x44,
         "SwitchoverRequest": 0x45,
         "Switched": 0x46,
+        "RamState": 0x47,
     }
     assert all(MESSAGE_TYPES[cls.TYPE] is cls for cls in CONTROL_MESSAGES)
 
@@ -664,7 +668,19 @@ CONTROL_GOLDEN: list[tuple[Message, bytes]] = [
         Switched(SwitchOutcome.REFUSED, 12, reason="busy"),
         struct.pack("!BQd", 1, 12, 0.0) + text(b"busy"),
     ),
+    (RamState(epoch=NO_EPOCH), struct.pack("!q", -1) + text(b"")),
+    (
+        RamState(epoch=12, lineage="ab", digest=bytes(range(32))),
+        struct.pack("!q", 12) + text(b"ab") + bytes(range(32)),
+    ),
 ]
+
+
+def test_ram_state_refuses_a_malformed_digest_or_epoch() -> None:
+    with pytest.raises(ValueError, match="digest"):
+        RamState(epoch=3, digest=b"short")
+    with pytest.raises(ValueError, match="NO_EPOCH"):
+        RamState(epoch=-2)
 
 
 @pytest.mark.parametrize(("msg", "payload"), CONTROL_GOLDEN)
