@@ -5,6 +5,10 @@
     EpochBegin(e) ─► Pages(e)* ─► [IOLog(e) disk copy]* ─► Pages(e)* ─► DeviceState(e)
                   ─► IOLog(e) ─► EpochEnd(e, n_pages, digest) ─► EpochBegin(e+1) ...
 
+DeviceState(e) goes as a DeviceStateDelta(e) (the change since epoch e-1's, which the
+secondary just committed) whenever that is much smaller
+(:mod:`~kemari_suite.protocol.devstatedelta`).
+
 An epoch is opened right after the previous one closed, so pages pre-copied while the
 guest runs (pipelining) have somewhere to go. Every frame of an epoch is folded into
 its :class:`~kemari_suite.protocol.wire.EpochDigest`, which the secondary verifies
@@ -27,6 +31,7 @@ from kemari_suite.checkpoint.shadow import TrackerCaps
 from kemari_suite.checkpoint.tracker import DirtyTracker
 from kemari_suite.protocol import wire
 from kemari_suite.protocol.codec import PageEncoder
+from kemari_suite.protocol.devstatedelta import encode_delta
 from kemari_suite.testing import faults
 
 PAGE = 4096
@@ -56,6 +61,9 @@ class EpochSender:
         self.n_pages = n_pages
         self.digest: wire.EpochDigest | None = None
         self.open_epoch = -1
+        #: The device state of the last epoch sent on this connection, and its epoch:
+        #: the base of the next epoch's DeviceStateDelta.
+        self._devstate: tuple[int, bytes] | None = None
         #: Pages (and bytes) pre-copied into the open epoch before its stop.
         self.precopied = 0
         self.precopy_bytes = 0
@@ -70,7 +78,9 @@ class EpochSender:
         self.precopied = 0
         self.precopy_bytes = 0
 
-    async def part(self, msg: wire.Pages | wire.DeviceState | wire.IOLog) -> int:
+    async def part(
+        self, msg: wire.Pages | wire.DeviceState | wire.DeviceStateDelta | wire.IOLog
+    ) -> int:
         """Send one frame that belongs to the open epoch (folded into its digest)."""
         assert self.digest is not None
         self.digest.update(msg)
@@ -106,7 +116,19 @@ class EpochSender:
         """Close the open epoch: device state, I/O log, then the end with its digest."""
         assert self.digest is not None
         epoch = self.open_epoch
-        sent = await self.part(wire.DeviceState(epoch=epoch, data=devstate))
+        delta = None
+        if self._devstate is not None and self._devstate[0] == epoch - 1:
+            delta = await asyncio.to_thread(encode_delta, self._devstate[1], devstate)
+        if delta is not None:
+            assert self._devstate is not None
+            msg: wire.DeviceState | wire.DeviceStateDelta = wire.DeviceStateDelta(
+                epoch=epoch, base_epoch=self._devstate[0], size=len(devstate), data=delta
+            )
+        else:
+            msg = wire.DeviceState(epoch=epoch, data=devstate)
+        sent = await self.part(msg)
+        # The next epoch's delta is against this one (sent on this connection, in order).
+        self._devstate = (epoch, bytes(devstate))
         sent += await self.part(wire.IOLog(epoch=epoch, data=io_log))
         sent += await self.send(
             wire.EpochEnd(epoch=epoch, n_pages=n_pages, digest=self.digest.digest())

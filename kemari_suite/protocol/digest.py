@@ -12,7 +12,7 @@ import hmac
 import struct
 
 from kemari_suite.errors import ProtocolError
-from kemari_suite.protocol.messages import DeviceState, EpochEnd, IOLog, Pages
+from kemari_suite.protocol.messages import DeviceState, DeviceStateDelta, EpochEnd, IOLog, Pages
 
 _LABEL = b"kemari-v1 epoch"
 
@@ -31,7 +31,7 @@ class EpochDigest:
         self.n_parts = 0
         self._h = hashlib.sha256(_LABEL + epoch.to_bytes(8, "big"))
 
-    def update(self, msg: Pages | DeviceState | IOLog) -> None:
+    def update(self, msg: Pages | DeviceState | DeviceStateDelta | IOLog) -> None:
         """Add one message's content.
 
         Raises:

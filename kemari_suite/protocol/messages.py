@@ -57,6 +57,7 @@ __all__ = [
     "CompatStage",
     "CompatVerdict",
     "DeviceState",
+    "DeviceStateDelta",
     "DiskCopy",
     "DiskCopyMode",
     "DiskState",
@@ -197,6 +198,28 @@ class DeviceState(Message):
     LAYOUT: ClassVar[Layout] = (("epoch", "u64"), ("data", "blob"))
     MAX: ClassVar[int] = MAX_PAYLOAD
     epoch: int
+    data: Blob
+
+
+@dataclass(frozen=True)
+class DeviceStateDelta(Message):
+    """The epoch's device state as a change to the previous epoch's, which the receiver
+    committed just before: ``data`` is the zstd-compressed XOR of the two (same length,
+    ``size``). Most of QEMU's device state (firmware and option ROMs, idle devices)
+    does not change between sync points. Layout: ``!Q Q Q`` epoch, base_epoch, size,
+    then the bytes."""
+
+    TYPE: ClassVar[int] = 0x18
+    LAYOUT: ClassVar[Layout] = (
+        ("epoch", "u64"),
+        ("base_epoch", "u64"),
+        ("size", "u64"),
+        ("data", "blob"),
+    )
+    MAX: ClassVar[int] = MAX_PAYLOAD
+    epoch: int
+    base_epoch: int
+    size: int
     data: Blob
 
 
@@ -471,6 +494,7 @@ _ALL: tuple[type[Message], ...] = (
     EpochBegin,
     Pages,
     DeviceState,
+    DeviceStateDelta,
     IOLog,
     EpochEnd,
     Ack,

@@ -43,6 +43,7 @@ import numpy.typing as npt
 from kemari_suite.errors import ProtocolError, ReplicationError
 from kemari_suite.protocol import wire
 from kemari_suite.protocol.codec import parse_pages
+from kemari_suite.protocol.devstatedelta import apply_delta
 from kemari_suite.replica.replicadisk import ReplicaDisk
 from kemari_suite.testing import faults
 
@@ -187,6 +188,27 @@ class EpochReceiver:
         ep = self._expect_open(msg.epoch)
         ep.digest.update(msg)
         ep.devstate = bytes(msg.data)
+
+    def device_state_delta(self, msg: wire.DeviceStateDelta) -> None:
+        """Keep the epoch's device state, sent as a change to the last committed one
+        (:mod:`~kemari_suite.protocol.devstatedelta`).
+
+        Raises:
+            ProtocolError: no such open epoch, a base other than the last committed
+                epoch's device state, or a delta that does not apply.
+        """
+        ep = self._expect_open(msg.epoch)
+        base = self.committed_devstate
+        if base is None or msg.base_epoch != self.committed_epoch:
+            raise ProtocolError(
+                f"device state delta of epoch {msg.epoch} on epoch {msg.base_epoch}, but "
+                f"the last committed device state is epoch {self.committed_epoch}'s"
+                if base is not None
+                else f"device state delta of epoch {msg.epoch} with no committed device state",
+                msg.TYPE,
+            )
+        ep.digest.update(msg)
+        ep.devstate = apply_delta(base, msg.data, msg.size)
 
     def io_log(self, msg: wire.IOLog) -> None:
         """Keep the epoch's I/O log; a disk copy in progress takes it at once.

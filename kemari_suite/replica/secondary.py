@@ -172,6 +172,7 @@ class SecondaryAgent:
             wire.EpochBegin: self._on_begin,
             wire.Pages: lambda _link, msg: self.store.pages(msg),
             wire.DeviceState: lambda _link, msg: self.store.device_state(msg),
+            wire.DeviceStateDelta: lambda _link, msg: self.store.device_state_delta(msg),
             wire.IOLog: lambda _link, msg: self.store.io_log(msg),
             wire.EpochEnd: self._on_end,
         }

@@ -193,6 +193,10 @@ class ReplicaStore:
         async with self.lock:
             self._receiver().device_state(msg)
 
+    async def device_state_delta(self, msg: wire.DeviceStateDelta) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self._receiver().device_state_delta, msg)
+
     async def io_log(self, msg: wire.IOLog) -> None:
         async with self.lock:
             # A disk copy in progress writes the log into its file at once.
