@@ -23,6 +23,7 @@ from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
 from kemari_suite.replica.secondary import Handover, KeptRAM, SecondaryAgent
 from kemari_suite.replica.states import SecondaryState
+from kemari_suite.service.sdnotify import AgentNotifier
 from kemari_suite.tap.outputs import check_outputs, unprotected_outputs
 from kemari_suite.vm import guestmem, wphelper
 from kemari_suite.vm.define import select_image, vm_spec
@@ -170,11 +171,21 @@ async def run_node(
     # Bound before the VM starts (a port in use is a ConfigError), for the node's whole
     # run: a switchover changes the agent, not the scrape target.
     exporter = _serve_metrics(cfg, spec.name)
+    notifier = AgentNotifier.from_environ()
+    notifier.start(stop)
     try:
         return await _run_roles(
-            cfg, role, node_id=node_id, spec=spec, warn=warn, stop=stop, exporter=exporter
+            cfg,
+            role,
+            node_id=node_id,
+            spec=spec,
+            warn=warn,
+            stop=stop,
+            exporter=exporter,
+            notifier=notifier,
         )
     finally:
+        notifier.close()
         if exporter is not None:
             exporter.close()
 
@@ -188,6 +199,7 @@ async def _run_roles(
     warn: bool,
     stop: asyncio.Event,
     exporter: Exporter | None,
+    notifier: AgentNotifier,
 ) -> PrimaryAgent | SecondaryAgent:
     """:func:`run_node`'s loop: one agent per role, until ``stop`` is set."""
     handover: Handover | None = None
@@ -234,6 +246,7 @@ async def _run_roles(
             kept = None
             if exporter is not None:
                 exporter.attach(agent, role)
+        notifier.attach(agent, role)
         task = asyncio.create_task(agent.run())
         sampler = exporter.sample(agent.status_dict) if exporter is not None else None
         stopper = asyncio.create_task(stop.wait())

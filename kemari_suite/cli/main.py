@@ -261,8 +261,23 @@ def status(
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits (then exit 1).")] = 120.0,
+    all_vms: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Every agent on this host: the VMs of /etc/kemari/vms/*.toml, "
+            "/etc/kemari/kemari.toml, -c CONFIG, and every control socket in their run "
+            "dirs (with --json: a list, one object per VM).",
+        ),
+    ] = False,
 ) -> None:
-    """Show the live state of the agent on this host (or wait for one)."""
+    """Show the live state of the agent on this host (or wait for one, or list all)."""
+    if all_vms:
+        from kemari_suite.cli import statusall
+
+        extra = [config] if config is not None else []
+        statusall.show(out, [*extra, *statusall.config_files()], json_out=json_out)
+        return
     wanted = {w.strip() for item in wait or () for w in item.split(",") if w.strip()}
     st = _wait_status(config, wanted, timeout) if wanted else _control(config, "status")
     if json_out:

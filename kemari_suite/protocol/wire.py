@@ -3,9 +3,8 @@
 A :class:`Session` is the whole pure protocol state of one connection: the handshake,
 the per-direction session keys and sequence numbers. Bytes go in through
 :meth:`Session.feed` (or the :class:`Decoder`'s ``get_buffer``/``buffer_updated`` pair,
-which fits ``asyncio.BufferedProtocol`` and reads large frames without an extra copy);
-frames come out of :meth:`Session.encode` / :meth:`Session.encode_parts`. The caller
-owns the socket.
+which fits ``asyncio.BufferedProtocol`` and reads large frames without an extra copy),
+frames out of :meth:`Session.encode` / :meth:`Session.encode_parts`. No sockets here.
 
 The protocol in modules, each importable through this one (``wire.Pages``...)::
 

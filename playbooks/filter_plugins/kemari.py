@@ -3,7 +3,9 @@
 ``kemari_config`` turns a tree of sections into ``kemari.toml`` after checking it as the
 agent will (:func:`kemari_suite.deploy.render.render_config`); ``kemari_drbd_resource``
 produces the DRBD resource file with the disk layer's renderer
-(:func:`kemari_suite.deploy.render.render_drbd`). Both run on the controller.
+(:func:`kemari_suite.deploy.render.render_drbd`); ``kemari_vm_plan`` allocates ports,
+units and configs for the inventory's ``kemari_vms`` list
+(:func:`kemari_suite.deploy.vms.plan`). All run on the controller.
 
 The controller's Python must be able to import ``kemari_suite``: run Ansible from the
 suite's virtual environment (``kemari deploy`` does), or from anywhere with the
@@ -78,6 +80,21 @@ def kemari_drbd_resource(drbd: Any, nodes: Any, source: str | None = None) -> st
         raise AnsibleFilterError(f"DRBD resource: the disk layer is not importable: {err}") from err
 
 
+def kemari_vm_plan(vms: Any, source: str | None = None, **kw: Any) -> list[dict[str, Any]]:
+    """The inventory's ``kemari_vms`` as this host runs them (ports, units, configs):
+    :func:`kemari_suite.deploy.vms.plan`."""
+    _render()  # puts the checkout on the path when needed
+    from kemari_suite.deploy import vms as vmsmod
+    from kemari_suite.errors import KemariError
+
+    args = {k: _plain(v) for k, v in kw.items()}
+    try:
+        planned = vmsmod.plan(_plain(vms or []), source=source, **args)
+    except KemariError as err:
+        raise AnsibleFilterError(f"kemari_vms: {err}") from err
+    return [p.to_dict() for p in planned]
+
+
 class FilterModule:
     """Kemari Suite filters."""
 
@@ -85,4 +102,5 @@ class FilterModule:
         return {
             "kemari_config": kemari_config,
             "kemari_drbd_resource": kemari_drbd_resource,
+            "kemari_vm_plan": kemari_vm_plan,
         }

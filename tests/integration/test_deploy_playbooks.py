@@ -137,7 +137,12 @@ def host_vars(env: Env, role: lab.HostRole, root: Path) -> dict[str, Any]:
 
 
 def write_inventory(
-    env: Env, directory: Path, *, packages: bool = False, **host_overrides: dict[str, Any]
+    env: Env,
+    directory: Path,
+    *,
+    packages: bool = False,
+    group_vars: dict[str, Any] | None = None,
+    **host_overrides: dict[str, Any],
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     roots = {r: directory / "roots" / r[:3] for r in lab.HOST_ROLES}
@@ -175,6 +180,7 @@ def write_inventory(
             }
         }
     }
+    data["all"]["children"]["kemari"]["vars"].update(group_vars or {})
     path = directory / "hosts.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -421,3 +427,70 @@ def test_malformed_pair_is_refused_before_ansible_runs(env: Env) -> None:
     with pytest.raises(ConfigError) as info:
         run_deploy(env, inv)
     assert str(inv) in str(info.value) and "sec.kemari_role" in str(info.value)
+
+
+def test_playbooks_deploy_a_list_of_vms_with_primaries_on_both_hosts(env: Env) -> None:
+    from kemari_suite.node import control_path
+
+    vms = [
+        {"name": "web", "drbd": {"disk": "/dev/kemari/web"}},
+        {"name": "db", "primary": "sec", "vm": {"memory_mib": 256}},
+        {"name": "app", "repl_port": 7500, "drbd": {"disk": "/dev/kemari/app"}},
+    ]
+    inv = write_inventory(env, env.work / "vms", group_vars={"kemari_vms": vms})
+    roots = {"primary": inv.parent / "roots" / "pri", "secondary": inv.parent / "roots" / "sec"}
+    result = run_deploy(env, inv)
+    assert result.ok, result.failures or result.stdout_tail
+
+    ports = {"web": 7410, "db": 7411, "app": 7500}
+    runs_primary = {"primary": {"web", "app"}, "secondary": {"db"}}
+    for role in lab.HOST_ROLES:
+        root = roots[role]
+        sockets: set[Path] = set()
+        other: lab.HostRole = "secondary" if role == "primary" else "primary"
+        system = root / "etc/systemd/system"
+        wants = system / "multi-user.target.wants"
+        # The single-VM files are not written for a list.
+        assert not (root / "etc/kemari/kemari.toml").exists()
+        assert not (system / "kemari-protect.service").exists()
+        for template, command in (
+            ("kemari-protect@.service", "protect"),
+            ("kemari-standby@.service", "standby"),
+        ):
+            unit = (system / template).read_text()
+            assert f"ExecStart=/opt/kemari/bin/kemari {command} -c /etc/kemari/vms/%i.toml" in unit
+            for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "UMask=0077"):
+                assert f"\n{line}\n" in unit, (template, line)
+        macs = set()
+        for name, port in ports.items():
+            toml = root / "etc/kemari/vms" / f"{name}.toml"
+            assert stat.S_IMODE(toml.stat().st_mode) == 0o600
+            cfg = configmod.load(toml)
+            assert cfg.vm.name == name
+            assert cfg.vm.memory_mib == (256 if name == "db" else 128)
+            assert cfg.replication.listen == f"{env.lay.repl_ip_for(role)}:{port}"
+            assert cfg.replication.peer == f"{env.lay.repl_ip_for(other)}:{port}"
+            assert cfg.replication.key_file == "/etc/kemari/replication.key"
+            assert cfg.replication.witness_key_file == "/etc/kemari/witness.key"
+            macs.add(cfg.vm.mac)
+            sockets.add(control_path(cfg))
+            first = "primary" if name in runs_primary[role] else "secondary"
+            unit = f"kemari-{'protect' if first == 'primary' else 'standby'}@{name}.service"
+            template = unit.replace(f"@{name}.", "@.")
+            assert os.readlink(wants / unit) == f"/etc/systemd/system/{template}"
+            not_here = f"kemari-{'standby' if first == 'primary' else 'protect'}@{name}.service"
+            assert not (wants / not_here).is_symlink()
+        assert len(macs) == 3
+        # One DRBD resource per VM: its own port and minor; node 0 is the VM's primary.
+        for i, name in enumerate(("web", "db", "app")):
+            res = (root / "etc/drbd.d" / f"{name}.res").read_text()
+            assert f"resource {name}" in res and f"minor {3 + i}" in res
+            assert f":{7789 + i}" in res
+        assert "/dev/kemari/web" in (root / "etc/drbd.d/web.res").read_text()
+        # Control sockets (and so QMP, RAM file, artifacts): one per VM.
+        assert len(sockets) == 3
+
+    # Again: nothing changes.
+    second = run_deploy(env, inv)
+    assert second.ok, second.failures or second.stdout_tail
+    assert second.changed == 0, second.stdout_tail

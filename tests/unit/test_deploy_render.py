@@ -123,7 +123,7 @@ def test_ansible_filters_wrap_the_renderers() -> None:
     from ansible.errors import AnsibleFilterError
 
     filters = load_filters().FilterModule().filters()
-    assert set(filters) == {"kemari_config", "kemari_drbd_resource"}
+    assert set(filters) == {"kemari_config", "kemari_drbd_resource", "kemari_vm_plan"}
     text = filters["kemari_config"]({"vm": {"name": "web1"}, "disk": {}})
     assert tomllib.loads(text) == {"vm": {"name": "web1"}}
     res = filters["kemari_drbd_resource"]({"resource": "web1", "disk": "/dev/x"}, NODES)
