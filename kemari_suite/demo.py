@@ -112,7 +112,14 @@ def run_demo(
     lay = labmod.up(lab_id, profile)
     # The guest NIC goes through the frame proxy: the client never sees a counter value
     # whose checkpoint is not on the secondary (output commit).
-    opts = PairOptions(heartbeat_timeout_ms=cfg.replication.heartbeat_timeout_ms, tapped_net=True)
+    # The product's heartbeat and interval defaults (the lab's own are for tests).
+    r = cfg.replication
+    opts = PairOptions(
+        heartbeat_interval_ms=r.heartbeat_interval_ms,
+        heartbeat_timeout_ms=r.heartbeat_timeout_ms,
+        max_interval_ms=r.max_interval_ms,
+        tapped_net=True,
+    )
     res.heartbeat_timeout_ms = opts.heartbeat_timeout_ms
     res.memory_mib = opts.memory_mib
     pair = LabPair(lay, cfg, opts)

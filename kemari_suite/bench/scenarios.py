@@ -8,7 +8,8 @@ A scenario file says how the guest is run::
     profile = "10g"                     # replication link: 1g, 10g or unlimited
     disk = "shared"                     # kemari: "shared" or "builtin"; base: "file"
     tiebreaker = "lease"                # kemari: "witness" or "lease"
-    max_interval_ms = 100               # kemari: the same for every Kemari row
+    max_interval_ms = 500               # kemari: the same for every Kemari row (default:
+                                        # the product's replication.max_interval_ms)
     policy = "output"                   # kemari: tap.policy (output, kemari, remus)
     remus_interval_ms = 100             # kemari with policy "remus": the fixed epoch
     published = "Kemari(10GbE) + FC"    # the published row it is set beside
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kemari_suite.config import ReplicationConfig
 from kemari_suite.errors import ConfigError
 
 #: Where the scenario files live in a checkout.
@@ -49,7 +51,7 @@ class Scenario:
     profile: str
     disk: str
     tiebreaker: str = "witness"
-    max_interval_ms: int = 100
+    max_interval_ms: int = ReplicationConfig().max_interval_ms
     policy: str = "output"
     remus_interval_ms: int = 100
     published: str = ""
@@ -97,7 +99,7 @@ def parse_scenario(data: dict[str, Any], *, path: str = "<scenario>") -> Scenari
         profile=data["profile"],
         disk=data["disk"],
         tiebreaker=data.get("tiebreaker", "witness"),
-        max_interval_ms=data.get("max_interval_ms", 100),
+        max_interval_ms=data.get("max_interval_ms", ReplicationConfig().max_interval_ms),
         policy=data.get("policy", "output"),
         remus_interval_ms=data.get("remus_interval_ms", 100),
         published=data.get("published", ""),
