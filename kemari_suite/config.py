@@ -8,7 +8,7 @@ A config file mirrors the tree::
 
     [replication]
     key = "..."            # pre-shared key for the replication link (HMAC-SHA256)
-    max_interval_ms = 500
+    max_interval_ms = 1000
 
 Unknown keys and values of the wrong type are rejected with a ``ConfigError`` naming the
 file and the key, so that a typo never silently falls back to a default.
@@ -152,10 +152,10 @@ class ReplicationConfig:
     compression: Compression = "zstd"
     #: A sync point is forced after this long without one. It bounds how much guest
     #: work a failover redoes and how big an epoch grows, not safety (output waits for
-    #: its checkpoint whatever the interval). 500 ms: the shortest interval at which a
-    #: CPU-bound guest kept every lmbench ratio within 1.05 and below the seed's
+    #: its checkpoint whatever the interval). 1000 ms: the shortest interval at which
+    #: a CPU-bound guest kept every lmbench ratio within 1.05 and below the seed's
     #: (``kemari bench interval``, benchmarks/results/interval/sweep.md).
-    max_interval_ms: int = 500
+    max_interval_ms: int = 1000
     #: Background pre-copy of dirty pages between sync points: true, false, or "auto"
     #: (the default): on with a tracker whose scan follows the dirty set (uffd-wp; it
     #: shortened the pause and kept more throughput in benchmarks/results/memsync.md),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.bench.memsync import machine_info
+from kemari_suite.bench.report import target_check
 from kemari_suite.bench.scenarios import SCENARIO_DIR, Scenario, load_scenarios
 from kemari_suite.bench.suite import SuiteProgress, run_suite
 from kemari_suite.config import KemariConfig
@@ -71,10 +72,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         if sc.get("kind") != "kemari":
             continue
         ratios = res["ratios"].get(name) or {}
-        targets = (res.get("targets") or {}).get(name) or {}
         sync = sc.get("lmbench_sync") or {}
         worst = max((v for v in ratios.values() if v is not None), default=None)
-        below_seed = bool(targets.get("all_met"))
+        below_seed = bool(ratios) and target_check(name, ratios)["all_met"]
         rows.append(
             {
                 "scenario": name,
@@ -94,9 +94,12 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     return {"max_ratio": MAX_RATIO, "rows": rows, "chosen_ms": chosen}
 
 
-def write_sweep(summary: dict[str, Any], folder: Path, command: str) -> Path:
-    """``sweep.json`` and ``sweep.md`` in ``folder``; returns the markdown's path."""
-    machine = machine_info()
+def write_sweep(
+    summary: dict[str, Any], folder: Path, command: str, machine: dict[str, Any] | None = None
+) -> Path:
+    """``sweep.json`` and ``sweep.md`` in ``folder``; returns the markdown's path.
+    ``machine``: the run that measured (default: this one)."""
+    machine = machine or machine_info()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.json").write_text(
         json.dumps({"command": command, "machine": machine, **summary}, indent=1)
@@ -176,4 +179,20 @@ def run_sweep(
     return summary, write_sweep(summary, out_dir, command)
 
 
-__all__ = ["run_sweep", "summarize", "sweep_rows", "write_sweep"]
+def report_again(folder: Path) -> tuple[dict[str, Any], Path]:
+    """Summarize the sweep recorded in ``folder/results.json`` again (its command,
+    machine and commit kept), rewriting ``sweep.json`` and ``sweep.md``.
+
+    Raises:
+        ConfigError: no readable results.json there.
+    """
+    try:
+        res = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"no sweep results: {err}", path=str(folder / "results.json")) from err
+    meta = res.get("meta") or {}
+    summary = summarize(res)
+    return summary, write_sweep(summary, folder, meta.get("command", "?"), meta.get("machine"))
+
+
+__all__ = ["report_again", "run_sweep", "summarize", "sweep_rows", "write_sweep"]

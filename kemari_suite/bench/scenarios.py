@@ -8,7 +8,7 @@ A scenario file says how the guest is run::
     profile = "10g"                     # replication link: 1g, 10g or unlimited
     disk = "shared"                     # kemari: "shared" or "builtin"; base: "file"
     tiebreaker = "lease"                # kemari: "witness" or "lease"
-    max_interval_ms = 500               # kemari: the same for every Kemari row (default:
+    max_interval_ms = 1000              # kemari: the same for every Kemari row (default:
                                         # the product's replication.max_interval_ms)
     policy = "output"                   # kemari: tap.policy (output, kemari, remus)
     remus_interval_ms = 100             # kemari with policy "remus": the fixed epoch

@@ -534,11 +534,21 @@ def bench_interval(
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Results folder.")] = Path(
         "benchmarks/results/interval"
     ),
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Summarize the run recorded in --out again.")
+    ] = False,
 ) -> None:
     """Choose the sync interval bound by measurement: lmbench ratios, sync points/s and
     the stopped share of the default Kemari row at each interval, beside Base."""
     from kemari_suite.bench import interval
     from kemari_suite.bench.suite import SuiteProgress
+
+    if report_only:
+        summary, md = guard(lambda: interval.report_again(out_dir))
+        out.print(md.read_text())
+        if as_json:
+            print(json.dumps(summary))
+        return
 
     try:
         values = [int(x) for x in intervals.split(",") if x.strip()]

@@ -110,7 +110,8 @@ def test_select_always_keeps_base() -> None:
 
 def test_parse_defaults() -> None:
     sc = parse_scenario({"name": "x", "kind": "kemari", "profile": "1g", "disk": "builtin"})
-    assert (sc.title, sc.tiebreaker, sc.max_interval_ms) == ("x", "witness", 500)
+    default = ReplicationConfig().max_interval_ms
+    assert (sc.title, sc.tiebreaker, sc.max_interval_ms) == ("x", "witness", default)
 
 
 def test_guest_command_fits_the_kernel_command_line() -> None:
