@@ -279,8 +279,11 @@ def machine_info() -> dict[str, Any]:
 
 def source_commit() -> str | None:
     """The git commit the running code comes from, with ``-dirty`` when the checkout
-    has changes to tracked files; None outside a git checkout."""
+    has changes to tracked files other than results (a benchmark that writes its own
+    files under benchmarks/results/ does not make the next one's code dirty); None
+    outside a git checkout."""
     root = Path(__file__).resolve().parents[2]
+    status = ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"]
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -290,7 +293,7 @@ def source_commit() -> str | None:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            [*status, "--", ".", ":(exclude)benchmarks/results"],
             capture_output=True,
             text=True,
             timeout=30,
