@@ -462,9 +462,10 @@ def soak(pair: LabPair, client: Client, seconds: float, say: Progress) -> dict[s
         if time.monotonic() >= next_say:
             next_say += 60
             done = time.monotonic() - t0
+            stored = sum(1 for r in client.window(t0, time.monotonic()) if r.code in (201, 204))
             say(
-                f"soak: {done / 60:.0f}/{seconds / 60:.0f} min, "
-                f"{len(client.committed())} records stored, {not_protected} samples not protected"
+                f"soak: {done / 60:.0f}/{seconds / 60:.0f} min, {stored} records stored, "
+                f"{not_protected} samples not protected"
             )
     w1 = time.time()
     reqs = client.window(t0, time.monotonic())
