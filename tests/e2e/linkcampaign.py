@@ -75,7 +75,8 @@ TARGETS: dict[Direction, tuple[tuple[int, ...], ...]] = {
     "p2s": (
         (wire.Pages.TYPE,),
         (wire.EpochEnd.TYPE,),
-        (wire.DeviceState.TYPE,),
+        # After the first epoch the device state travels as a change to the previous.
+        (wire.DeviceState.TYPE, wire.DeviceStateDelta.TYPE),
         (wire.EpochBegin.TYPE,),
         (wire.Heartbeat.TYPE,),
     ),

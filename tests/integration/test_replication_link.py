@@ -60,11 +60,13 @@ async def _send_epoch(
 
 
 async def _reply(link: Link) -> wire.Message:
-    """The next message that answers us (heartbeats, the disk state and compatibility
-    verdicts skipped)."""
+    """The next message that answers us (heartbeats, the disk and RAM state and
+    compatibility verdicts skipped)."""
     while True:
         msg = await asyncio.wait_for(link.recv(), 10)
-        if not isinstance(msg, wire.Heartbeat | wire.DiskState | wire.CompatVerdict):
+        if not isinstance(
+            msg, wire.Heartbeat | wire.DiskState | wire.RamState | wire.CompatVerdict
+        ):
             return msg
 
 

@@ -128,6 +128,7 @@ class Replica:
             wire.EpochBegin: rx.begin,
             wire.Pages: rx.receive_pages,
             wire.DeviceState: rx.device_state,
+            wire.DeviceStateDelta: rx.device_state_delta,
             wire.IOLog: rx.io_log,
         }
         await self.link.send(wire.DiskState(lineage="", epoch=wire.NO_EPOCH))
