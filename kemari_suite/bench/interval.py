@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kemari_suite.bench.memsync import machine_info
+from kemari_suite.bench.memsync import header_lines, machine_info
 from kemari_suite.bench.report import target_check
 from kemari_suite.bench.scenarios import SCENARIO_DIR, Scenario, load_scenarios
 from kemari_suite.bench.suite import SuiteProgress, run_suite
@@ -109,14 +109,14 @@ def write_sweep(
         return "-" if v is None else format(v, spec)
 
     lines = [
-        "# The sync interval bound, chosen by measurement",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
-        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel {machine['kernel']}, "
-        f"{machine['date']}. Rows: the suite's Base and `{SWEPT_ROW}` (sync policy "
-        "output) at each interval, in one run; lmbench ratios to Base, host-timed. The "
-        "full suite report of this run is `report.md` beside this file.",
+        *header_lines(
+            "The sync interval bound, chosen by measurement",
+            command,
+            machine,
+            f". Rows: the suite's Base and `{SWEPT_ROW}` (sync policy "
+            "output) at each interval, in one run; lmbench ratios to Base, host-timed. The "
+            "full suite report of this run is `report.md` beside this file.",
+        ),
         "",
         "| interval ms | " + " | ".join(COLUMNS) + " | worst | sync points/s "
         "| stopped share | pause p50 ms | below the seed | meets |",

@@ -24,7 +24,7 @@ from typing import Any
 
 from kemari_suite import lab as labmod
 from kemari_suite.bench import warmup as wu
-from kemari_suite.bench.memsync import machine_info, pct
+from kemari_suite.bench.memsync import header_lines, machine_info, pct
 from kemari_suite.bench.touchprobe import BenchImage, bench_image
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
@@ -205,13 +205,12 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         json.dumps({"command": command, "machine": machine, **res}, indent=1)
     )
     lines = [
-        "# Added request/response latency: Kemari vs Remus policy",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
-        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel {machine['kernel']}, "
-        f"{machine['date']}. Link profile {res['profile']}; Remus epochs "
-        f"{res['remus_interval_ms']} ms.",
+        *header_lines(
+            "Added request/response latency: Kemari vs Remus policy",
+            command,
+            machine,
+            f". Link profile {res['profile']}; Remus epochs {res['remus_interval_ms']} ms.",
+        ),
         "",
         "| run | requests | p50 ms | p90 ms | p99 ms | added p50 ms |",
         "|---|---|---|---|---|---|",

@@ -277,6 +277,20 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def header_lines(title: str, command: str, machine: dict[str, Any], tail: str = "") -> list[str]:
+    """The head every benchmark report starts with: its title, the command that measured
+    it, the commit and the machine (from :func:`machine_info`); ``tail`` continues the
+    machine line (what the run measured, in the report's own words)."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
+        f"Machine: {machine.get('cpu') or '?'} ({machine.get('cpus')} CPUs), kernel "
+        f"{machine.get('kernel')}, {machine.get('date')}{tail}",
+    ]
+
+
 def source_commit() -> str | None:
     """The git commit the running code comes from, with ``-dirty`` when the checkout
     has changes to tracked files other than results (a benchmark that writes its own
@@ -670,12 +684,7 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
     data = {"command": command, "machine": machine, "results": [asdict(r) for r in results]}
     (folder / "memsync.json").write_text(json.dumps(data, indent=1))
     lines = [
-        "# memsync benchmark",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
-        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel "
-        f"{machine['kernel']}, {machine['date']}",
+        *header_lines("memsync benchmark", command, machine),
         "",
         "| profile | pattern | tls | tracker | pre-copy | floor p50 ms | pause p50 ms "
         "| pause p99 ms | paused share | throughput vs base | bytes/dirty page "

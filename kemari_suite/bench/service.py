@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite import lab as labmod
-from kemari_suite.bench.memsync import machine_info, pct
+from kemari_suite.bench.memsync import header_lines, machine_info, pct
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.netclient import enter_netns
@@ -768,18 +768,18 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         return "-" if v is None else format(v, spec)
 
     lines = [
-        "# A real service through failover: nginx in a Debian guest",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: `{machine.get('commit') or 'unknown'}`  ",
-        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), kernel {machine['kernel']}, "
-        f"{machine['date']}. Guest: Debian 12 with Debian's nginx, {res['vcpus']} vCPUs, "
-        f"{res['memory_mib']} MiB, TCG; link profile {res['profile']}; agents: sync "
-        f"policy {res.get('policy', '?')}, heartbeat {res.get('heartbeat_interval_ms', '?')} ms"
-        f" / timeout {res.get('heartbeat_timeout_ms', '?')} ms, interval bound "
-        f"{res.get('max_interval_ms', '?')} ms. Client: parallel writers on kept-alive "
-        "HTTP/1.1 connections, each PUT a new record file (HTTP 201 = stored); "
-        f"{(res.get('clients') or [4])[0]} writers unless a row says otherwise.",
+        *header_lines(
+            "A real service through failover: nginx in a Debian guest",
+            command,
+            machine,
+            f". Guest: Debian 12 with Debian's nginx, {res['vcpus']} vCPUs, "
+            f"{res['memory_mib']} MiB, TCG; link profile {res['profile']}; agents: sync "
+            f"policy {res.get('policy', '?')}, heartbeat {res.get('heartbeat_interval_ms', '?')} ms"
+            f" / timeout {res.get('heartbeat_timeout_ms', '?')} ms, interval bound "
+            f"{res.get('max_interval_ms', '?')} ms. Client: parallel writers on kept-alive "
+            "HTTP/1.1 connections, each PUT a new record file (HTTP 201 = stored); "
+            f"{(res.get('clients') or [4])[0]} writers unless a row says otherwise.",
+        ),
         "",
         "## Throughput (same run, host clock)",
         "",

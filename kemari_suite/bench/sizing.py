@@ -48,6 +48,7 @@ from kemari_suite.bench import trackers
 from kemari_suite.bench.fits import linear_fit, read_status, status_delta_mib
 from kemari_suite.bench.memsync import (
     complete,
+    header_lines,
     initial_sync,
     machine_info,
     pct,
@@ -657,14 +658,14 @@ def format_report(res: dict[str, Any], command: str) -> str:
     m = res["machine"]
     fits = res.get("fits", {})
     lines = [
-        "# Sizing: cost per GiB of guest RAM, per dirty-page tracker",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: `{m.get('commit') or 'unknown'}`  ",
-        f"Machine: {m.get('cpu') or '?'} ({m.get('cpus')} CPUs), kernel {m.get('kernel')}, "
-        f"{m.get('date')} (load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_start', []))}, at end "
-        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_end', []))})  ",
+        *header_lines(
+            "Sizing: cost per GiB of guest RAM, per dirty-page tracker",
+            command,
+            m,
+            " (load average at start "
+            f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_start', []))}, at end "
+            f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_end', []))})  ",
+        ),
         f"Soft-dirty tracking: {'available' if res['soft_dirty']['available'] else 'NOT available'}"
         f" ({res['soft_dirty']['reason']})",
         "",
