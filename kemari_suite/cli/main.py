@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -83,6 +84,16 @@ err = Console(stderr=True)
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file (defaults if omitted).")
 ]
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    """Comma-separated integers given to ``option`` (empty items are skipped); exits 2,
+    naming the option, when an item is not an integer."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        err.print(f"[bold red]error:[/] {option}: not a list of numbers: {text!r}")
+        raise typer.Exit(2) from None
 
 
 def _load(path: Path | None) -> KemariConfig:
@@ -550,11 +561,7 @@ def bench_interval(
             print(json.dumps(summary))
         return
 
-    try:
-        values = [int(x) for x in intervals.split(",") if x.strip()]
-    except ValueError:
-        err.print(f"[bold red]error:[/] --intervals: not a list of numbers: {intervals!r}")
-        raise typer.Exit(2) from None
+    values = _int_list("--intervals", intervals)
     cfg = _load(config)
     command = ("kemari bench interval " + " ".join(sys.argv[3:])).strip()
     with err.status("interval sweep") as st:
@@ -591,6 +598,50 @@ def bench_floor(
     with err.status("floor") as st:
         res = guard(lambda: memsync.run_floor(cfg, samples=samples, progress=st.update))
     out.print_json(json.dumps(res))
+
+
+@bench_app.command("multivm")
+def bench_multivm(
+    config: ConfigOpt = None,
+    window: Annotated[float, typer.Option(help="Seconds of each measurement window.")] = 10.0,
+    profile: Annotated[str, typer.Option(help="Replication link profile: 1g or 10g.")] = "1g",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Last stdout line: the figures as one JSON object.")
+    ] = False,
+) -> None:
+    """Four VMs protected on one pair against each alone, in one run: pause p50 and
+    throughput ratios (at most 1.2), then the loss of the host holding most of them."""
+    from kemari_suite.bench import multivm
+
+    if os.geteuid() != 0:
+        err.print("[bold red]error:[/] the benchmark creates network namespaces: run it as root")
+        raise typer.Exit(2)
+    cfg = _load(config)
+    with err.status("multivm") as st:
+
+        def say(msg: str) -> None:
+            st.update(msg)
+            err.print(f"[dim]•[/] {msg}", highlight=False)
+
+        res = guard(lambda: multivm.run(cfg, window_s=window, profile=profile, progress=say))
+    if as_json:
+        print(json.dumps(res.to_dict()))
+    else:
+        t = Table(title=f"{len(res.vms)} VMs on one pair vs each alone (bound {res.bound}x)")
+        for col in ("vm", "pause p50 alone", "together", "ratio", "throughput ratio", "ok"):
+            t.add_column(col)
+        for f in res.vms:
+            p50s = [w.pause_ms_p50 for w in (f.alone, f.together)]
+            t.add_row(
+                f.name,
+                *("-" if v is None else f"{v:.1f} ms" for v in p50s),
+                str(f.pause_ratio),
+                str(f.throughput_ratio),
+                str(f.ok),
+            )
+        out.print(t)
+    if not res.ok:
+        raise typer.Exit(1)
 
 
 @bench_app.command("sizing")
@@ -693,11 +744,7 @@ def bench_service(
     every stored record checked (benchmarks/results/service.md)."""
     from kemari_suite.bench import service
 
-    try:
-        counts = [int(x) for x in clients.split(",") if x.strip()]
-    except ValueError:
-        err.print(f"[bold red]error:[/] --clients: not a list of numbers: {clients!r}")
-        raise typer.Exit(2) from None
+    counts = _int_list("--clients", clients)
     if quick:
         kills, seconds, soak_minutes = min(kills, 2), min(seconds, 8.0), 0.0
     if output is None and not quick:
@@ -743,27 +790,69 @@ def demo(
     ] = False,
     seconds: Annotated[float, typer.Option(help="How long the protected guest runs.")] = 4.0,
     keep: Annotated[bool, typer.Option(help="Leave the lab and agents for inspection.")] = False,
+    vms: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=99,
+            help="Protect this many guests on the pair, in both directions, and kill the "
+            "host holding most primaries.",
+        ),
+    ] = 1,
+    pacemaker: Annotated[
+        bool,
+        typer.Option(
+            "--pacemaker",
+            help="Run the demo under a real Corosync + Pacemaker cluster in the lab "
+            "(ocf:kemari:vm, qnetd as the third vote, a stand-in fence device); the link "
+            "profile is 1g.",
+        ),
+    ] = False,
 ) -> None:
     """Failover demo: protect a guest in the lab, kill -9 the primary, watch it go on."""
-    from kemari_suite.demo import run_demo
-
     if os.geteuid() != 0:
         err.print("[bold red]error:[/] the demo creates network namespaces: run it as root")
         raise typer.Exit(2)
+    if pacemaker and vms > 1:
+        err.print("[bold red]error:[/] --pacemaker runs one VM: leave out --vms")
+        raise typer.Exit(2)
     cfg = _load(config)
+    if pacemaker:
+        _demo_pacemaker(cfg, seconds=seconds, keep=keep, json_out=json_out)
+    elif vms > 1:
+        _demo_multi(cfg, vms, profile=profile, seconds=seconds, keep=keep, json_out=json_out)
+    else:
+        _demo_one(cfg, profile=profile, seconds=seconds, keep=keep, json_out=json_out)
+
+
+def _with_progress(json_out: bool, call: Callable[[Callable[[str], None] | None], Any]) -> Any:
+    """``call(progress)`` under :func:`guard`: quiet for ``--json`` (stdout keeps the
+    JSON line alone), else each step printed and shown in a live status line."""
 
     def run() -> Any:
         if json_out:
-            return run_demo(cfg, profile=profile, run_seconds=seconds, keep=keep)
+            return call(None)
         with err.status("starting") as st:
 
             def say(msg: str) -> None:
                 st.update(msg)
                 out.print(f"[dim]•[/] {msg}", highlight=False)
 
-            return run_demo(cfg, profile=profile, run_seconds=seconds, progress=say, keep=keep)
+            return call(say)
 
-    res = guard(run)
+    return guard(run)
+
+
+def _demo_one(
+    cfg: KemariConfig, *, profile: str, seconds: float, keep: bool, json_out: bool
+) -> None:
+    """``kemari demo``: see :mod:`kemari_suite.demo`."""
+    from kemari_suite.demo import run_demo
+
+    res = _with_progress(
+        json_out,
+        lambda say: run_demo(cfg, profile=profile, run_seconds=seconds, progress=say, keep=keep),
+    )
     if json_out:
         print(json.dumps(res.to_dict()))
         return
@@ -776,6 +865,55 @@ def demo(
         out.print("[bold green]the guest survived the loss of its host[/]")
     else:
         out.print("[bold red]the guest did not resume correctly[/]")
+        raise typer.Exit(1)
+
+
+def _demo_multi(
+    cfg: KemariConfig, count: int, *, profile: str, seconds: float, keep: bool, json_out: bool
+) -> None:
+    """``kemari demo --vms N`` (N > 1): see :mod:`kemari_suite.demo.multi`."""
+    from kemari_suite.demo.multi import run_multi_demo
+
+    res = _with_progress(
+        json_out,
+        lambda say: run_multi_demo(
+            cfg, count=count, profile=profile, run_seconds=seconds, progress=say, keep=keep
+        ),
+    )
+    if json_out:
+        print(json.dumps(res.to_dict()))
+    else:
+        t = Table(title=f"Kemari failover demo, {count} VMs")
+        for col in ("vm", "primary on", "outcome", "resumed", "pause p50", "records lost"):
+            t.add_column(col)
+        for v in res.vms:
+            p50 = "-" if v.pause_ms_p50 is None else f"{v.pause_ms_p50:.1f} ms"
+            t.add_row(v.name, v.primary_host, v.outcome, str(v.resumed), p50, str(v.records_lost))
+        out.print(t)
+        out.print(f"prometheus samples parsed: {res.prometheus_samples}")
+    if not res.resumed:
+        if not json_out:
+            out.print("[bold red]not every guest was served again[/]")
+        raise typer.Exit(1)
+
+
+def _demo_pacemaker(cfg: KemariConfig, *, seconds: float, keep: bool, json_out: bool) -> None:
+    """``kemari demo --pacemaker``: see :mod:`kemari_suite.demo.pacemaker`."""
+    from kemari_suite.demo.pacemaker import run_pacemaker_demo
+
+    res = _with_progress(
+        json_out, lambda say: run_pacemaker_demo(cfg, say, run_seconds=seconds, keep=keep)
+    )
+    if json_out:
+        print(json.dumps(res))
+    else:
+        t = Table(title="Kemari failover demo under Pacemaker", show_header=False)
+        for k, v in res.items():
+            t.add_row(k, _human(k, v))
+        out.print(t)
+    if not res["resumed"]:
+        if not json_out:
+            out.print("[bold red]the guest did not resume correctly under Pacemaker[/]")
         raise typer.Exit(1)
 
 

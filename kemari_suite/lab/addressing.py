@@ -48,6 +48,7 @@ to be distinct per lab for the day a lab is bridged out.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -253,4 +254,111 @@ def layout(lab_id: str, profile: str = "1g") -> LabLayout:
         lan_prefix=LAN_PREFIX,
         tap_primary=f"ktap-{i}-p",
         tap_secondary=f"ktap-{i}-s",
+    )
+
+
+# --------------------------------------------------------------------------- VMs of a pair
+
+#: The lab's original VM name: slot 0, today's single-VM ports and addresses.
+DEFAULT_VM = "guest"
+#: Names ending in a number 0..99 (``vm0``, ``db7``) take slot number + 1, one to one.
+_VM_DIRECT = 100
+#: Every other name is hashed into slots 101..244; two names there can meet.
+VM_SLOTS = 245
+#: The first guest address of the LAN /24 (slot 0): slots go up to .254.
+GUEST_HOST = 10
+#: Replication listeners: slot 0 keeps the lab's 7410; slot s listens on 7500 + s.
+LAB_REPL_PORT = 7410
+REPL_PORT_BASE = 7500
+#: Each agent's ``/metrics``: 9400 + slot, on its host's LAN address.
+METRICS_PORT_BASE = 9400
+
+
+def vm_slot(name: str) -> int:
+    """The slot (0..244) that places VM ``name`` on a lab pair: its guest address, MAC,
+    TAPs and ports. ``guest`` is slot 0; a name ending in a number n < 100 is slot n + 1
+    (so ``vm0``..``vm99`` never meet); any other name is hashed into 101..244.
+
+    Raises:
+        LabError: ``name`` is empty or not a plain name (it becomes part of file names).
+    """
+    if not name or not all(c.isalnum() or c in "-_" for c in name) or not name.isascii():
+        raise LabError(name, "a VM name must be letters, digits, '-' or '_'")
+    if name == DEFAULT_VM:
+        return 0
+    digits = len(name) - len(name.rstrip("0123456789"))
+    if 0 < digits < len(name) and int(name[-digits:]) < _VM_DIRECT:
+        return int(name[-digits:]) + 1
+    digest = hashlib.sha256(f"kemari-vm:{name}".encode()).digest()
+    return _VM_DIRECT + 1 + int.from_bytes(digest[:4], "big") % (VM_SLOTS - _VM_DIRECT - 1)
+
+
+def vm_slots(names: Sequence[str]) -> dict[str, int]:
+    """The slot of every VM of one lab pair, by name.
+
+    Raises:
+        LabError: a name is invalid or given twice, or two names take the same slot
+            (the message names both and the slot: rename one).
+    """
+    slots: dict[str, int] = {}
+    owner: dict[int, str] = {}
+    for name in names:
+        if name in slots:
+            raise LabError(name, f"VM {name!r} is given twice")
+        slot = vm_slot(name)
+        if slot in owner:
+            raise LabError(
+                name,
+                f"VMs {owner[slot]!r} and {name!r} both take slot {slot} (guest address, "
+                "ports, TAPs): rename one (names ending in distinct numbers below 100, "
+                "such as vm1 and vm2, never clash)",
+            )
+        owner[slot] = name
+        slots[name] = slot
+    return slots
+
+
+@dataclass(frozen=True)
+class VmAddresses:
+    """Everything of one VM on a lab pair that must differ from every other VM's."""
+
+    name: str
+    slot: int
+    guest_ip: str
+    mac: str
+    #: The VM's TAP in the primary / secondary namespace (members of ``br0``).
+    tap_primary: str
+    tap_secondary: str
+    repl_port: int
+    metrics_port: int
+
+    def tap_for(self, role: HostRole) -> str:
+        """The VM's TAP in host ``role``'s namespace."""
+        return self.tap_primary if role == "primary" else self.tap_secondary
+
+
+def vm_addresses(lab: LabLayout, name: str) -> VmAddresses:
+    """The addresses, MAC, TAPs and ports of VM ``name`` on ``lab`` (slot 0, ``guest``:
+    the lab's own guest address, TAPs and replication port).
+
+    Raises:
+        LabError: ``name`` is not a valid VM name.
+    """
+    slot = vm_slot(name)
+    lan_base = _ip_to_int(lab.lan_client_ip) - 1
+    if slot == 0:
+        taps = (lab.tap_primary, lab.tap_secondary)
+        mac, repl = "52:54:00:12:34:56", LAB_REPL_PORT
+    else:
+        taps = (f"{lab.tap_primary}{slot}", f"{lab.tap_secondary}{slot}")
+        mac, repl = f"52:54:00:4b:00:{slot:02x}", REPL_PORT_BASE + slot
+    return VmAddresses(
+        name=name,
+        slot=slot,
+        guest_ip=_int_to_ip(lan_base + GUEST_HOST + slot),
+        mac=mac,
+        tap_primary=taps[0],
+        tap_secondary=taps[1],
+        repl_port=repl,
+        metrics_port=METRICS_PORT_BASE + slot,
     )

@@ -18,6 +18,11 @@ What each role gets, and why::
                     it runs in the client namespace (the LAN), listening on the
                     client's address
 
+Several VMs on one pair (``PairOptions.slotted``): each VM's guest address, MAC, TAPs,
+replication and ``/metrics`` ports come from its name (:func:`~kemari_suite.lab.
+addressing.vm_addresses`), its folders are ``<vm>`` below the hosts', its primary runs
+on either host (``reverse``), and one witness folder of pair keys serves them all.
+
 Keys are files, never inline, each mode 0600: ``replication.key`` (both hosts'
 ``replication.key_file``) and ``witness.d/<vm>.key``, the pair's own key at the witness
 (the hosts' ``replication.witness_key_file``, the witness's ``keys_dir``): the witness
@@ -36,13 +41,21 @@ from typing import Any
 
 from kemari_suite.config import ImageConfig, KemariConfig, PathsConfig, dump_toml
 from kemari_suite.errors import LabError
-from kemari_suite.lab.addressing import HOST_ROLES, HostRole, LabLayout
+from kemari_suite.lab.addressing import (
+    DEFAULT_VM,
+    HOST_ROLES,
+    LAB_REPL_PORT,
+    HostRole,
+    LabLayout,
+    VmAddresses,
+    vm_addresses,
+)
 from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
 from kemari_suite.protocol.keys import check_key_length, generate_key
 
 COUNTER_PORT = 7000
 WITNESS_PORT = 7411
-REPL_PORT = 7410
+REPL_PORT = LAB_REPL_PORT
 #: The config files written, in the order their agents start.
 ROLES = ("witness", "secondary", "primary")
 #: The command the three agents run, by role.
@@ -109,6 +122,32 @@ class PairOptions:
     #: The guest image both agents boot (``image.add``/``init``, or a prebuilt
     #: ``kernel``/``initrd``); None: the base config's ``[image]``.
     image: ImageConfig | None = None
+    #: One of several VMs on the pair: its guest address, MAC, TAPs and ports come from
+    #: its name (:func:`~kemari_suite.lab.addressing.vm_addresses`), and its run and shm
+    #: folders are ``<vm name>`` subfolders of the hosts'. False: the lab's one VM
+    #: (``guest``'s addresses whatever its name, the hosts' folders themselves).
+    slotted: bool = False
+    #: The primary runs in the lab's *secondary* namespace and the standby in the
+    #: primary's: VMs of one pair can run in either direction.
+    reverse: bool = False
+    #: ``[metrics] listen`` for each agent: its host's LAN address, port 9400 + slot.
+    metrics: bool = True
+    #: The witness's folder of pair keys, shared by every VM of the pair; empty:
+    #: ``witness.d`` in the pair's own configs folder.
+    witness_keys_dir: str = ""
+
+    def addresses(self, lab: LabLayout) -> VmAddresses:
+        """This VM's guest address, MAC, TAPs and ports on ``lab``.
+
+        Raises:
+            LabError: ``slotted`` and the VM name is not valid.
+        """
+        return vm_addresses(lab, self.vm_name if self.slotted else DEFAULT_VM)
+
+    def host_of(self, role: str) -> HostRole:
+        """The lab host (namespace) the agent of ``role`` runs on."""
+        primary = role == "primary"
+        return "primary" if primary != self.reverse else "secondary"
 
 
 def options_from_config(cfg: KemariConfig) -> PairOptions:
@@ -148,6 +187,19 @@ def role_shm_dir(paths: PathsConfig, lab_id: str, role: str) -> Path:
     return paths.shm_dir / f"kemari-{lab_id}-{role[:3]}"
 
 
+def agent_run_dir(paths: PathsConfig, lab_id: str, opts: PairOptions, role: str) -> Path:
+    """The run directory of ``role``'s agent for the VM of ``opts``: its host's own,
+    and with several VMs on the pair (``opts.slotted``) a ``<vm name>`` subfolder."""
+    base = role_run_dir(paths, lab_id, opts.host_of(role))
+    return base / opts.vm_name if opts.slotted else base
+
+
+def agent_shm_dir(paths: PathsConfig, lab_id: str, opts: PairOptions, role: str) -> Path:
+    """The shm directory (guest RAM files) of ``role``'s agent; see :func:`agent_run_dir`."""
+    base = role_shm_dir(paths, lab_id, opts.host_of(role))
+    return base / opts.vm_name if opts.slotted else base
+
+
 def default_dir(paths: PathsConfig, lab_id: str) -> Path:
     """Where ``kemari lab up`` writes the configs unless told (removed by ``lab down``)."""
     return paths.run_dir / f"kemari-{lab_id}-configs"
@@ -175,7 +227,13 @@ def replication_key_file(directory: Path) -> Path:
 
 def witness_key_file(directory: Path, opts: PairOptions) -> Path:
     """The pair's key at the witness: ``<keys_dir>/<vm name>.key``."""
-    return directory / WITNESS_KEYS_DIR / f"{opts.vm_name}.key"
+    return witness_keys_dir(directory, opts) / f"{opts.vm_name}.key"
+
+
+def witness_keys_dir(directory: Path, opts: PairOptions) -> Path:
+    """The witness's folder of pair keys (``opts.witness_keys_dir`` when the VMs of a
+    pair share one witness)."""
+    return Path(opts.witness_keys_dir) if opts.witness_keys_dir else directory / WITNESS_KEYS_DIR
 
 
 # --------------------------------------------------------------------------- rendering
@@ -194,13 +252,17 @@ def render(
         role: _host_tree(lab, base, opts, role, directory) for role in HOST_ROLES
     }
     trees["witness"] = {
-        "paths": _paths_tree(base, lab.lab_id, "witness"),
+        "paths": _paths_tree(
+            base,
+            role_run_dir(base.paths, lab.lab_id, "witness"),
+            role_shm_dir(base.paths, lab.lab_id, "witness"),
+        ),
         "replication": {
             "heartbeat_interval_ms": opts.heartbeat_interval_ms,
             "heartbeat_timeout_ms": opts.heartbeat_timeout_ms,
         },
         "witness": {
-            "keys_dir": str(directory / WITNESS_KEYS_DIR),
+            "keys_dir": str(witness_keys_dir(directory, opts)),
             # Its own run folder: removed with the lab, never shared with another lab.
             "state_file": str(role_run_dir(base.paths, lab.lab_id, "witness") / "witness.json"),
         },
@@ -208,11 +270,11 @@ def render(
     return trees
 
 
-def _paths_tree(base: KemariConfig, lab_id: str, role: str) -> dict[str, Any]:
+def _paths_tree(base: KemariConfig, run_dir: Path, shm_dir: Path) -> dict[str, Any]:
     return {
         "cache_dir": str(base.paths.cache_dir),
-        "run_dir": str(role_run_dir(base.paths, lab_id, role)),
-        "shm_dir": str(role_shm_dir(base.paths, lab_id, role)),
+        "run_dir": str(run_dir),
+        "shm_dir": str(shm_dir),
     }
 
 
@@ -234,10 +296,16 @@ def _host_tree(
     role: HostRole,
     directory: Path,
 ) -> dict[str, Any]:
-    other: HostRole = "secondary" if role == "primary" else "primary"
-    tap = lab.tap_for(role)
+    # ``role`` is the agent's (primary, secondary); ``host`` the namespace it runs in.
+    host, other = o.host_of(role), o.host_of("secondary" if role == "primary" else "primary")
+    addr = o.addresses(lab)
+    tap = addr.tap_for(host)
     tree: dict[str, Any] = {
-        "paths": _paths_tree(base, lab.lab_id, role),
+        "paths": _paths_tree(
+            base,
+            agent_run_dir(base.paths, lab.lab_id, o, role),
+            agent_shm_dir(base.paths, lab.lab_id, o, role),
+        ),
         "image": _image_tree(o.image if o.image is not None else base.image),
         "vm": {
             "name": o.vm_name,
@@ -249,8 +317,8 @@ def _host_tree(
             # A plain TAP is untapped output: the agents refuse it unless the config says
             # the lab accepts that (``tapped_net=False`` is that explicit opt-out).
             "unprotected_output": not o.tapped_net,
-            "netns": lab.ns_for(role),
-            "ip": f"{lab.guest_ip}/{lab.lan_prefix}",
+            "netns": lab.ns_for(host),
+            "ip": f"{addr.guest_ip}/{lab.lan_prefix}",
             "run": o.workload,
             "display": o.display,
         },
@@ -258,8 +326,8 @@ def _host_tree(
             "key_file": str(replication_key_file(directory)),
             # Each host listens on its own address and knows the other's: after a
             # switchover the roles swap.
-            "peer": f"{lab.repl_ip_for(other)}:{REPL_PORT}",
-            "listen": f"{lab.repl_ip_for(role)}:{REPL_PORT}",
+            "peer": f"{lab.repl_ip_for(other)}:{addr.repl_port}",
+            "listen": f"{lab.repl_ip_for(host)}:{addr.repl_port}",
             "mode": o.mode,
             "tracker": o.tracker,
             "tracker_verify": o.tracker_verify,
@@ -276,6 +344,10 @@ def _host_tree(
     }
     if o.tiebreaker == "witness":
         tree["replication"]["witness_key_file"] = str(witness_key_file(directory, o))
+    if o.slotted:
+        tree["vm"]["mac"] = addr.mac
+    if o.metrics:
+        tree["metrics"] = {"listen": f"{lab.lan_ip_for(host)}:{addr.metrics_port}"}
     if o.alert_hook:
         tree["alerts"] = {"hook": o.alert_hook}
     if o.tapped_net:
@@ -355,29 +427,44 @@ class LabConfigs:
         raise KeyError(role)
 
 
-def launches(lab: LabLayout, configs: dict[str, Path]) -> tuple[Launch, ...]:
+def launches(
+    lab: LabLayout, configs: dict[str, Path], opts: PairOptions | None = None
+) -> tuple[Launch, ...]:
     """The three agents' commands, in start order (the standby before the primary)."""
+    opts = opts if opts is not None else PairOptions()
     items = []
     for role in ROLES:
         args: tuple[str, ...] = (AGENT_COMMANDS[role], "-c", str(configs[role]))
         if role == "witness":
             args += ("--listen", witness_listen(lab))
-        ns = lab.ns_client if role == "witness" else lab.ns_for(_host(role))
+        ns = lab.ns_client if role == "witness" else lab.ns_for(opts.host_of(role))
         items.append(Launch(role=role, namespace=ns, config=configs[role], args=args))
     return tuple(items)
-
-
-def _host(role: str) -> HostRole:
-    return "primary" if role == "primary" else "secondary"
 
 
 def ports(lab: LabLayout, opts: PairOptions, guest_ports: tuple[int, ...] = ()) -> tuple[Port, ...]:
     """Every TCP port in play: replication on both hosts, the witness, the guest's services
     (the counter workload's, when it runs, and ``guest_ports``)."""
+    addr = opts.addresses(lab)
     found = [
-        Port(REPL_PORT, lab.repl_ip_for(r), lab.ns_for(r), f"replication: the {r} listens")
+        Port(
+            addr.repl_port,
+            lab.repl_ip_for(opts.host_of(r)),
+            lab.ns_for(opts.host_of(r)),
+            f"replication: the {r} listens",
+        )
         for r in HOST_ROLES
     ]
+    if opts.metrics:
+        found += [
+            Port(
+                addr.metrics_port,
+                lab.lan_ip_for(opts.host_of(r)),
+                lab.ns_for(opts.host_of(r)),
+                f"/metrics of the {r}'s agent (Prometheus)",
+            )
+            for r in HOST_ROLES
+        ]
     if opts.tiebreaker == "witness":
         found.append(Port(WITNESS_PORT, lab.lan_client_ip, lab.ns_client, "the witness"))
     counter = opts.workload == DEFAULT_WORKLOAD
@@ -385,9 +472,9 @@ def ports(lab: LabLayout, opts: PairOptions, guest_ports: tuple[int, ...] = ()) 
     reach = f"reach it from {lab.ns_client}"
     if counter:
         what = f"the guest's counter workload ({reach})"
-        found.append(Port(COUNTER_PORT, lab.guest_ip, lab.ns_client, what))
+        found.append(Port(COUNTER_PORT, addr.guest_ip, lab.ns_client, what))
     what = f"your guest's service ({reach})"
-    found += [Port(p, lab.guest_ip, lab.ns_client, what) for p in served]
+    found += [Port(p, addr.guest_ip, lab.ns_client, what) for p in served]
     return tuple(found)
 
 
@@ -464,7 +551,7 @@ def write(
         directory=directory,
         configs=configs,
         env_file=env_file,
-        launches=launches(lab, configs),
+        launches=launches(lab, configs, opts),
         ports=ports(lab, opts, guest_ports),
         key_file=key_file,
         witness_key_file=wkey_file,

@@ -44,6 +44,7 @@ from kemari_suite.lab.addressing import (
     NS_PREFIX,
     HostRole,
     LabLayout,
+    VmAddresses,
     layout,
     subnet_index,
     validate_lab_id,
@@ -268,6 +269,26 @@ def _build(lay: LabLayout) -> None:
         ipn(ns, "addr", "add", f"{lay.lan_ip_for(role)}/{lay.lan_prefix}", "dev", lay.host_bridge)
         for dev in (tap, host_end, lay.host_bridge):
             ipn(ns, "link", "set", "dev", dev, "up")
+
+
+def add_vm_taps(lay: LabLayout, vms: Sequence[VmAddresses]) -> None:
+    """Give each VM of ``vms`` a TAP of its own in both host namespaces, on ``br0``
+    (a TAP serves one frame proxy; the lab's own TAPs are slot 0's). TAPs already
+    there are kept; they go with the namespaces at :func:`down`.
+
+    Raises:
+        LabError: a command failed.
+    """
+    for role in HOST_ROLES:
+        ns = lay.ns_for(role)
+        have = {row.get("ifname") for row in _run_json(lay.lab_id, ["ip", "-n", ns, "-j", "link"])}
+        for vm in vms:
+            tap = vm.tap_for(role)
+            if tap in have:
+                continue
+            _run(lay.lab_id, ["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])
+            _run(lay.lab_id, ["ip", "-n", ns, "link", "set", "dev", tap, "master", lay.host_bridge])
+            _run(lay.lab_id, ["ip", "-n", ns, "link", "set", "dev", tap, "up"])
 
 
 def _ready_interfaces(lay: LabLayout) -> list[tuple[str, str]]:

@@ -9,10 +9,12 @@ status, the guest's counter over the network, fault injection, kills by PID, tea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -22,21 +24,33 @@ from typing import Any
 from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import ConnectError, KemariError, LabError
 from kemari_suite.lab import configs as labconfigs
-from kemari_suite.lab.addressing import HostRole, LabLayout
+from kemari_suite.lab.addressing import HostRole, LabLayout, vm_slots
 from kemari_suite.lab.configs import (
     COUNTER_PORT,
     REPL_PORT,
     WITNESS_PORT,
     PairOptions,
-    role_run_dir,
+    agent_run_dir,
+    agent_shm_dir,
     role_shm_dir,
 )
+from kemari_suite.lab.lab import add_vm_taps
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
 from kemari_suite.protocol.keys import generate_key
 from kemari_suite.service import control
 
-__all__ = ["COUNTER_PORT", "REPL_PORT", "WITNESS_PORT", "LabPair", "PairOptions"]
+__all__ = [
+    "COUNTER_PORT",
+    "REPL_PORT",
+    "WITNESS_PORT",
+    "HostLoss",
+    "LabPair",
+    "PairOptions",
+    "after_host_loss",
+    "kill_host",
+    "several_pairs",
+]
 
 
 class LabPair:
@@ -49,6 +63,10 @@ class LabPair:
         #: The replication key, also in :attr:`key_file` (the configs name the file).
         self.key = generate_key()
         self.root = base.paths.run_dir / f"kemari-{lab.lab_id}-pair"
+        if opts.slotted:
+            self.root = self.root / opts.vm_name
+        #: The VM's guest address, MAC, TAPs and ports on the lab.
+        self.addresses = opts.addresses(lab)
         mkdir_owner_only(self.root)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         written = labconfigs.write(lab, base, opts, self.root, key=self.key)
@@ -59,10 +77,20 @@ class LabPair:
     # ---- configuration -----------------------------------------------------------------
 
     def run_dir(self, role: str) -> Path:
-        return role_run_dir(self.base.paths, self.lab.lab_id, role)
+        return agent_run_dir(self.base.paths, self.lab.lab_id, self.opts, role)
 
     def shm_dir(self, role: str) -> Path:
-        return role_shm_dir(self.base.paths, self.lab.lab_id, role)
+        if role == "witness":
+            return role_shm_dir(self.base.paths, self.lab.lab_id, role)
+        return agent_shm_dir(self.base.paths, self.lab.lab_id, self.opts, role)
+
+    def namespace(self, role: str) -> str:
+        """The namespace (lab host) the agent of ``role`` runs in."""
+        return self.lab.ns_for(self.opts.host_of(role))
+
+    @property
+    def guest_ip(self) -> str:
+        return self.addresses.guest_ip
 
     # ---- processes ---------------------------------------------------------------------
 
@@ -80,7 +108,7 @@ class LabPair:
         log.close()
 
     def start_witness(self) -> None:
-        launch = labconfigs.launches(self.lab, self.configs)[0]
+        launch = labconfigs.launches(self.lab, self.configs, self.opts)[0]
         self._spawn("witness", list(launch.args), launch.namespace, {})
 
     #: Host names in a lab VM definition, by role.
@@ -99,7 +127,7 @@ class LabPair:
         self._spawn(
             role,
             self._agent_args("standby", role),
-            self.lab.ns_for("primary" if role == "primary" else "secondary"),
+            self.namespace(role),
             self.opts.env_secondary if role == "secondary" else self.opts.env_primary,
         )
 
@@ -107,7 +135,7 @@ class LabPair:
         self._spawn(
             "primary",
             self._agent_args("protect", "primary"),
-            self.lab.ns_primary,
+            self.namespace("primary"),
             self.opts.env_primary,
         )
         # For KEMARI_FAULT_TARGET on the secondary: who to kill at its fault point.
@@ -117,8 +145,10 @@ class LabPair:
     def primary_pidfile(self) -> Path:
         return self.root / "primary.pid"
 
-    def start(self) -> None:
-        if self.opts.tiebreaker == "witness":
+    def start(self, *, witness: bool = True) -> None:
+        """Start the agents: the witness (unless ``witness`` is False: one witness
+        already serves the lab), the standby, and once it answers, the primary."""
+        if self.opts.tiebreaker == "witness" and witness:
             self.start_witness()
         self.start_secondary()
         self.wait_control("secondary", 60)
@@ -194,16 +224,16 @@ class LabPair:
 
     def read_counter(self, timeout: float = 3.0) -> int:
         """The guest's counter, over the LAN from the client namespace."""
-        data = tcp_request(self.lab.ns_client, self.lab.guest_ip, COUNTER_PORT, timeout=timeout)
+        data = tcp_request(self.lab.ns_client, self.guest_ip, COUNTER_PORT, timeout=timeout)
         text = data.decode(errors="replace").strip()
         if not text.isdigit():
-            raise ConnectError(f"{self.lab.guest_ip}:{COUNTER_PORT}", f"unexpected reply {text!r}")
+            raise ConnectError(f"{self.guest_ip}:{COUNTER_PORT}", f"unexpected reply {text!r}")
         return int(text)
 
     def request(self, line: str, port: int = COUNTER_PORT, timeout: float = 5.0) -> str:
         """One line to a guest service from the client namespace; its one-line answer."""
         data = tcp_request(
-            self.lab.ns_client, self.lab.guest_ip, port, (line + "\n").encode(), timeout=timeout
+            self.lab.ns_client, self.guest_ip, port, (line + "\n").encode(), timeout=timeout
         )
         return data.decode(errors="replace").strip()
 
@@ -216,7 +246,7 @@ class LabPair:
             except ConnectError as e:
                 err = e
                 time.sleep(0.2)
-        raise ConnectError(f"{self.lab.guest_ip}:{COUNTER_PORT}", f"no counter: {err}")
+        raise ConnectError(f"{self.guest_ip}:{COUNTER_PORT}", f"no counter: {err}")
 
     def settle(self, epochs: int = 3, timeout: float = 60) -> int:
         """Wait until the primary committed ``epochs`` more checkpoints; returns the last.
@@ -376,3 +406,119 @@ class LabPair:
         for role in ("primary", "secondary", "witness"):
             shutil.rmtree(self.shm_dir(role), ignore_errors=True)
         self.procs.clear()
+
+
+# --------------------------------------------------------------------------- several VMs
+
+
+def several_pairs(
+    lab: LabLayout, base: KemariConfig, template: PairOptions, names: list[str], on_b: int
+) -> list[LabPair]:
+    """One :class:`LabPair` per VM of ``names`` on ``lab``, from ``template`` (with
+    ``slotted`` options: addresses, ports and folders from each name), the last
+    ``on_b`` with their primary on host B (``reverse``), all with one witness folder of
+    pair keys; gives each VM its TAPs. Start the witness once (``start_witness`` of the
+    first), then each pair's agents.
+
+    Raises:
+        LabError: two names clash (:func:`~kemari_suite.lab.addressing.vm_slots`), or a
+            TAP cannot be made.
+    """
+    vm_slots(names)
+    keys_dir = base.paths.run_dir / f"kemari-{lab.lab_id}-pair" / "witness.d"
+    pairs = [
+        LabPair(
+            lab,
+            base,
+            dataclasses.replace(
+                template,
+                vm_name=name,
+                slotted=True,
+                reverse=i >= len(names) - on_b,
+                witness_keys_dir=str(keys_dir),
+            ),
+        )
+        for i, name in enumerate(names)
+    ]
+    add_vm_taps(lab, [p.addresses for p in pairs])
+    return pairs
+
+
+# --------------------------------------------------------------------------- host loss
+
+
+@dataclasses.dataclass
+class HostLoss:
+    """What became of one VM of a lab pair after the loss of a host (:func:`kill_host`).
+
+    ``records_lost``: counter values the client read before the loss (acknowledged:
+    output commit released them) that the VM no longer has, i.e. the highest value
+    read before minus the first read after, when that is lower; 0 otherwise, None when
+    the VM never answered after the loss.
+    """
+
+    name: str
+    #: The lab host its primary ran on before the kill ("primary" = A, "secondary" = B).
+    primary_host: str
+    #: "failed_over": its primary was on the killed host and its standby resumed it;
+    #: "unprotected": its standby was on the killed host, its primary went on alone.
+    outcome: str
+    #: Served its counter over the LAN after the kill, with no record lost, by an agent
+    #: still alive.
+    resumed: bool = False
+    #: The agent serving it after the kill, and that agent's state.
+    role: str = ""
+    state: str = ""
+    #: Median sync-point pause of its primary before the kill, and how many there were.
+    pause_ms_p50: float | None = None
+    checkpoints: int = 0
+    records_lost: int | None = None
+    counter_before_kill: int | None = None
+    counter_after: int | None = None
+    failover_ms: float | None = None
+    guest_ip: str = ""
+
+
+def kill_host(pairs: list[LabPair], victim: HostRole) -> None:
+    """The loss of lab host ``victim``: SIGKILL, by PID, of every agent of ``pairs`` in
+    its namespace and their QEMUs (primaries running there, standbys of the others)."""
+    for p in pairs:
+        p.kill("primary" if p.opts.host_of("primary") == victim else "secondary")
+
+
+def after_host_loss(pair: LabPair, before: int | None, victim: HostRole) -> HostLoss:
+    """Wait (bounded) until ``pair``'s VM is served again after :func:`kill_host` of
+    ``victim``: by its standby, resumed (``active``), when its primary was there; else by
+    its primary, alone (``unprotected``). ``before``: the highest counter the client
+    read before the kill. Never raises for the VM: what did not happen stays None."""
+    failed_over = pair.opts.host_of("primary") == victim
+    role = "secondary" if failed_over else "primary"
+    v = HostLoss(
+        name=pair.opts.vm_name,
+        primary_host=pair.opts.host_of("primary"),
+        outcome="failed_over" if failed_over else "unprotected",
+        role=role,
+        counter_before_kill=before,
+        guest_ip=pair.guest_ip,
+    )
+    pauses: list[float] = []
+    for rec in pair.artifact_records("primary", "checkpoints.jsonl"):
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            pauses.append(float(rec["pause_ms"]))
+    v.pause_ms_p50 = statistics.median(pauses) if pauses else None
+    v.checkpoints = len(pauses)
+    timeout = pair.opts.heartbeat_timeout_ms / 1000 + 120
+    with contextlib.suppress(KemariError):
+        if failed_over:
+            st = pair.wait_state("secondary", {"active"}, timeout)
+            v.failover_ms = (st.get("failover") or {}).get("failover_ms")
+        else:
+            # Alone: once the standby's heartbeat is gone, it runs on unprotected.
+            st = pair.wait_state("primary", {"unprotected"}, timeout)
+        v.state = str(st.get("state", ""))
+    with contextlib.suppress(KemariError):
+        v.counter_after = pair.wait_counter(60)
+    if v.counter_after is not None:
+        v.records_lost = max(0, before - v.counter_after) if before is not None else 0
+        v.resumed = pair.alive(role) and v.records_lost == 0
+    return v

@@ -146,6 +146,8 @@ def test_every_port_is_listed(base: KemariConfig, tmp_path: Path) -> None:
         (lay.repl_secondary_ip, 7410),
         (lay.lan_client_ip, 7411),
         (lay.guest_ip, 7000),
+        (lay.lan_primary_ip, 9400),
+        (lay.lan_secondary_ip, 9400),
     }
     own = labconfigs.ports(lay, PairOptions(workload=""), guest_ports=(8000,))
     assert (lay.guest_ip, 8000) in {(p.address, p.port) for p in own}

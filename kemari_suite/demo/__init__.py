@@ -70,7 +70,7 @@ class DemoResult:
         return asdict(self)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
@@ -199,9 +199,9 @@ def run_demo(
             f"counter after resume: {res.counter_after_resume} "
             f"(at the last committed checkpoint: {res.counter_at_last_commit})"
         )
-        pauses = _pauses(pair)
-        res.pause_ms_p50 = _percentile(pauses, 50)
-        res.pause_ms_p99 = _percentile(pauses, 99)
+        pauses = checkpoint_pauses(pair)
+        res.pause_ms_p50 = percentile(pauses, 50)
+        res.pause_ms_p99 = percentile(pauses, 99)
     except KemariError as err:
         res.error = str(err)
         raise
@@ -287,7 +287,8 @@ def _protected_line(res: DemoResult) -> str:
     return line
 
 
-def _pauses(pair: LabPair) -> list[float]:
+def checkpoint_pauses(pair: LabPair) -> list[float]:
+    """Every sync point's pause (ms) in the primary's ``checkpoints.jsonl``."""
     out: list[float] = []
     for rec in pair.artifact_records("primary", "checkpoints.jsonl"):
         with contextlib.suppress(TypeError, ValueError, KeyError):
