@@ -36,7 +36,7 @@ SyncMode = Literal["speculative", "classic"]
 TrackerKind = Literal["auto", "uffd-wp", "soft-dirty", "compare"]
 Compression = Literal["zstd", "lz4", "none"]
 SyncPolicy = Literal["output", "kemari", "remus", "adaptive"]
-Tiebreaker = Literal["none", "witness", "lease"]
+Tiebreaker = Literal["none", "witness", "lease", "pacemaker"]
 DiskBackendKind = Literal["builtin", "drbd", "shared"]
 CommitProbe = Literal["", "stream"]
 DisplayKind = Literal["none", "std", "virtio", "qxl"]
@@ -176,6 +176,8 @@ class ReplicationConfig:
     #: cannot fail over alone: the tiebreaker refuses while the primary renews. With
     #: ``tiebreaker = "none"`` a timeout only makes the standby ask for an operator.
     heartbeat_timeout_ms: int = 800
+    #: Who decides a takeover: "witness", "lease", "pacemaker" (the cluster promotes
+    #: the ``ocf:kemari:vm`` clone; docs/pacemaker.md) or "none" (an operator).
     tiebreaker: Tiebreaker = "none"
     #: After a failover, protect the VM again from this host as soon as a standby
     #: answers at ``peer`` (the failed host, repaired and restarted as a standby). Off:

@@ -13,6 +13,7 @@ PACKAGES=(
   gcc libc6-dev make iproute2 iputils-ping drbd-utils openssh-server openssh-client
   fio python3 python3-venv python3-dev ca-certificates debootstrap e2fsprogs curl
   resource-agents pacemaker-cli-utils libxml2-utils
+  pacemaker corosync corosync-qdevice corosync-qnetd
 )
 
 if [ "$(id -u)" != 0 ]; then

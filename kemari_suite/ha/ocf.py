@@ -46,6 +46,12 @@ knows to be stale is refused by ``kemari failover`` itself, and a diverged disk 
 the failover. Scores are set with ``crm_attribute --promotion`` (lifetime reboot), as
 ocf:linbit:drbd and ocf:pacemaker:Stateful do; outside a cluster (no crm_attribute, or
 it fails) the agent logs that and answers all the same.
+
+With ``replication.tiebreaker = "pacemaker"`` (:mod:`kemari_suite.ha.pacemaker`) start
+refuses a cluster without fencing (OCF_ERR_CONFIGURED), and the agent records the
+cluster's promotion in a grant file that the standby's tiebreaker reads: promote writes
+it, so does a ``pre`` notification of a transition that promotes this node (the peer's
+demote then hands the VM over here); start, stop and demote remove it.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ from kemari_suite.ha.ocfspec import (
     metadata,
     validate,
 )
+from kemari_suite.ha.pacemaker import PromotionGrant, grant_path, require_fencing
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,8 @@ SECONDARY_UNPROMOTED = frozenset({"waiting", "receiving", "standby", "stopped"})
 MARGIN_S = 5.0
 #: Poll interval while waiting for the agent.
 POLL_S = 0.25
+#: How long a grant from a notification lasts: the peer's demote, then our promote.
+GRANT_MOVE_S = float(ACTION_TIMEOUTS["demote"] + ACTION_TIMEOUTS["promote"])
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,21 @@ class VmResource:
 
     # ---- helpers ---------------------------------------------------------------------
 
+    @property
+    def under_pacemaker(self) -> bool:
+        return self.cfg.replication.tiebreaker == "pacemaker"
+
+    def grant(self, why: str, seconds: float) -> None:
+        """Record that Pacemaker promotes this node (``tiebreaker = "pacemaker"``)."""
+        if self.under_pacemaker:
+            node = self.env.get("OCF_RESKEY_CRM_meta_on_node", "") or socket.gethostname()
+            PromotionGrant(node, time.time() + seconds, why).write(grant_path(self.cfg))
+            log.info("promotion grant for %s: %s", node, why)
+
+    def revoke(self) -> None:
+        if self.under_pacemaker:
+            PromotionGrant.clear(grant_path(self.cfg))
+
     def budget(self) -> float:
         """Seconds this action may take: Pacemaker's timeout less a margin."""
         raw = self.env.get("OCF_RESKEY_CRM_meta_timeout", "")
@@ -273,6 +297,12 @@ class VmResource:
         return obs.rc
 
     def start(self) -> OcfRc:
+        self.revoke()
+        if self.under_pacemaker:
+            try:
+                require_fencing()
+            except ConfigError as err:
+                raise Refused(str(err), OcfRc.ERR_CONFIGURED) from err
         obs = self.observe()
         if obs.rc in (OcfRc.SUCCESS, OcfRc.RUNNING_PROMOTED):
             log.info("start: already running (%s)", obs.reason)
@@ -289,6 +319,7 @@ class VmResource:
 
     def stop(self) -> OcfRc:
         self.score.set(None)
+        self.revoke()
         if self.control.status() is None and not self.process.alive():
             self.process.forget()
             return OcfRc.SUCCESS
@@ -297,6 +328,7 @@ class VmResource:
         return OcfRc.SUCCESS
 
     def promote(self) -> OcfRc:
+        self.grant("promote", self.budget() + MARGIN_S)
         obs = self.observe()
         if obs.rc is OcfRc.RUNNING_PROMOTED:
             return self._promoted(obs)
@@ -325,6 +357,8 @@ class VmResource:
             # the attempt ended (anything but an unpromoted standby on its way).
             if o.rc is OcfRc.RUNNING_PROMOTED:
                 return o.role == "primary" or o.state == "active"
+            if o.status is None and o.rc is OcfRc.ERR_GENERIC:
+                return False  # a primary just spawned: its control socket is not up yet
             return o.rc is not OcfRc.SUCCESS
 
         obs = self.wait_for(settled, self.budget())
@@ -369,6 +403,7 @@ class VmResource:
         return self._promoted(self.observe())
 
     def demote(self) -> OcfRc:
+        self.revoke()
         obs = self.observe()
         if obs.rc is OcfRc.NOT_RUNNING:
             return OcfRc.NOT_RUNNING
@@ -404,13 +439,26 @@ class VmResource:
             raise Refused(f"switched over, but this host is not the standby: {obs.reason}")
         return OcfRc.SUCCESS
 
+    def _handed_over_here(self, me: str) -> bool:
+        """This transition promotes this node and demotes a peer that stays up (a move,
+        not a failover: a lost peer's instance is stopped too, after fencing)."""
+        names = {
+            k: set(self.env.get(f"OCF_RESKEY_CRM_meta_notify_{k}_uname", "").split())
+            for k in ("promote", "demote", "stop")
+        }
+        demoted = names["demote"] - {me}
+        return me in names["promote"] and bool(demoted) and not demoted & names["stop"]
+
     def notify(self) -> OcfRc:
         kind = self.env.get("OCF_RESKEY_CRM_meta_notify_type", "")
         op = self.env.get("OCF_RESKEY_CRM_meta_notify_operation", "")
         log.info("notify: %s-%s", kind, op)
+        me = self.env.get("OCF_RESKEY_CRM_meta_on_node", "") or socket.gethostname()
+        if kind == "pre" and self._handed_over_here(me):
+            # A planned move: the peer's demote hands the VM over before our promote.
+            self.grant(f"pre-{op} notification: the peer hands over to this node", GRANT_MOVE_S)
         if not (self.params.release_solo_on_peer_stop and kind == "post" and op == "stop"):
             return OcfRc.SUCCESS
-        me = self.env.get("OCF_RESKEY_CRM_meta_on_node", "") or socket.gethostname()
         stopped = self.env.get("OCF_RESKEY_CRM_meta_notify_stop_uname", "").split()
         obs = self.observe()
         if stopped and me not in stopped and obs.role == "primary" and obs.state == "held":

@@ -1,5 +1,6 @@
-"""The failover tiebreaker of a config: a witness over the LAN, or a lease on shared
-storage. Both answer ``ask("renew" | "takeover" | "release" | "query")`` with a
+"""The failover tiebreaker of a config: a witness over the LAN, a lease on shared
+storage, or the Pacemaker cluster (:mod:`kemari_suite.ha.pacemaker`). All answer
+``ask("renew" | "takeover" | "release" | "query")`` with a
 :class:`~kemari_suite.ha.witness.Decision`."""
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def witness_key(cfg: KemariConfig) -> bytes:
 def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> Tiebreaker | None:
     """The configured tiebreaker, or None for ``tiebreaker = "none"``.
 
+    With ``"pacemaker"`` the cluster must have fencing (stonith-enabled and a stonith
+    resource): the agents refuse to run protected without it.
+
     ``format_lease`` (the primary) writes a free lease block on a device that has never
     held one; an existing lease is never overwritten.
 
     Raises:
-        ConfigError: the lease device is not configured, or the witness key is missing
-            or unsafe.
+        ConfigError: the lease device is not configured, the witness key is missing
+            or unsafe, or (``"pacemaker"``) the cluster has no fencing or does not answer.
     """
     r = cfg.replication
     timeout_s = r.heartbeat_timeout_ms / 1000
@@ -63,6 +67,12 @@ def make_tiebreaker(cfg: KemariConfig, node_id: str, *, format_lease: bool) -> T
             # within half a lease a late answer still leaves time to act on it.
             timeout=min(timeout_s / 2, max(0.5, r.heartbeat_interval_ms / 1000 * 2)),
         )
+    if r.tiebreaker == "pacemaker":
+        from kemari_suite.ha.pacemaker import PacemakerTiebreaker, grant_path, require_fencing
+
+        fencing = require_fencing()
+        log.info("tiebreaker: pacemaker (fencing devices: %s)", ", ".join(fencing.devices))
+        return PacemakerTiebreaker(grant_path(cfg), node_id)
     if r.tiebreaker == "lease":
         from kemari_suite.ha.lease import Lease, LeaseTiebreaker
 

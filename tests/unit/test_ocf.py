@@ -16,9 +16,10 @@ import pytest
 
 from kemari_suite.checkpoint.states import PrimaryState
 from kemari_suite.config import load
-from kemari_suite.errors import KemariError
+from kemari_suite.errors import ConfigError, KemariError
 from kemari_suite.ha import ocf
 from kemari_suite.ha.ocf import OcfRc, classify
+from kemari_suite.ha.pacemaker import PromotionGrant, grant_path
 from kemari_suite.replica.states import SecondaryState
 
 DTD = Path("/usr/share/resource-agents/ra-api-1.dtd")
@@ -305,9 +306,9 @@ class FakeProcess(ocf.AgentProcess):
 
 
 def resource(
-    tmp_path: Path, control: FakeControl, **params: str
+    tmp_path: Path, control: FakeControl, *, cfg_extra: str = "", **params: str
 ) -> tuple[ocf.VmResource, FakeProcess, list[int | None]]:
-    cfg_path = write_config(tmp_path)
+    cfg_path = write_config(tmp_path, cfg_extra)
     p = ocf.Params.from_env(env_for(cfg_path, **params))
     scores: list[int | None] = []
 
@@ -406,6 +407,27 @@ def test_promote_bootstrap_cold_boots(tmp_path: Path) -> None:
     assert [a[1] for a in proc.spawned] == ["protect"]
 
 
+def test_promote_bootstrap_waits_for_the_new_primarys_socket(tmp_path: Path) -> None:
+    # Under a real cluster: the primary just spawned runs but does not answer yet.
+    ctl = FakeControl(status("secondary", "waiting", -1))
+    ctl.on_request["stop"] = [None]
+    res, proc, _ = resource(tmp_path, ctl, bootstrap="true")
+    alive = {"now": True}
+    proc.alive = lambda: alive["now"]  # type: ignore[method-assign]
+
+    def spawn(argv: list[str]) -> int:
+        proc.spawned.append(argv)
+        ctl.statuses = [None, None, None, status("primary", "starting"), status("primary", "held")]
+        return 1
+
+    def end_agent(timeout: float) -> None:
+        ctl.statuses = [None]
+
+    proc.spawn = spawn  # type: ignore[method-assign]
+    res._end_agent = end_agent  # type: ignore[method-assign]
+    assert res.promote() is OcfRc.SUCCESS
+
+
 def test_demote_switches_over(tmp_path: Path) -> None:
     ctl = FakeControl(status("primary", "protected"))
     ctl.on_request["switchover"] = [
@@ -460,6 +482,67 @@ def test_notify_releases_only_when_asked(tmp_path: Path) -> None:
     res.env = env
     assert res.notify() is OcfRc.SUCCESS
     assert ctl.requests == [("release", {"solo": True})]
+
+
+# ---- tiebreaker = "pacemaker": the promotion grant -----------------------------------------
+
+PACEMAKER = 'tiebreaker = "pacemaker"'
+
+
+def test_promote_records_the_clusters_grant(tmp_path: Path) -> None:
+    ctl = FakeControl(status("secondary", "standby", 4))
+    ctl.on_request["failover"] = [status("secondary", "active", 4)]
+    res, _, _ = resource(tmp_path, ctl, cfg_extra=PACEMAKER)
+    assert res.promote() is OcfRc.SUCCESS
+    grant = PromotionGrant.read(grant_path(res.cfg))
+    assert grant is not None and grant.why == "promote"
+    ctl.statuses = [status("primary", "protected")]
+    ctl.on_request["switchover"] = [status("secondary", "waiting", -1)]
+    assert res.demote() is OcfRc.SUCCESS
+    assert PromotionGrant.read(grant_path(res.cfg)) is None
+
+
+def test_no_grant_without_the_pacemaker_tiebreaker(tmp_path: Path) -> None:
+    ctl = FakeControl(status("secondary", "standby", 4))
+    ctl.on_request["failover"] = [status("secondary", "active", 4)]
+    res, _, _ = resource(tmp_path, ctl)
+    assert res.promote() is OcfRc.SUCCESS
+    assert not grant_path(res.cfg).exists()
+
+
+@pytest.mark.parametrize(
+    ("demote", "stop", "granted"),
+    [("peer", "", True), ("peer", "peer", False), ("", "", False)],
+    ids=["move", "failover-after-fencing", "no-demote"],
+)
+def test_notify_grants_only_a_move(tmp_path: Path, demote: str, stop: str, granted: bool) -> None:
+    ctl = FakeControl(status("secondary", "standby", 4))
+    res, _, _ = resource(tmp_path, ctl, cfg_extra=PACEMAKER)
+    res.env = {
+        "OCF_RESKEY_CRM_meta_notify_type": "pre",
+        "OCF_RESKEY_CRM_meta_notify_operation": "demote",
+        "OCF_RESKEY_CRM_meta_notify_promote_uname": "me",
+        "OCF_RESKEY_CRM_meta_notify_demote_uname": demote,
+        "OCF_RESKEY_CRM_meta_notify_stop_uname": stop,
+        "OCF_RESKEY_CRM_meta_on_node": "me",
+    }
+    assert res.notify() is OcfRc.SUCCESS
+    assert (PromotionGrant.read(grant_path(res.cfg)) is not None) is granted
+
+
+def test_start_refuses_a_cluster_without_fencing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fencing() -> None:
+        raise ConfigError("the cluster has no fencing device", key="replication.tiebreaker")
+
+    monkeypatch.setattr(ocf, "require_fencing", no_fencing)
+    ctl = FakeControl(None)
+    res, proc, _ = resource(tmp_path, ctl, cfg_extra=PACEMAKER)
+    with pytest.raises(ocf.Refused, match="no fencing device") as err:
+        res.start()
+    assert err.value.rc is OcfRc.ERR_CONFIGURED
+    assert proc.spawned == []
 
 
 def test_entry_point_prints_metadata() -> None:
