@@ -25,14 +25,17 @@ agents of the other protected VMs still compete for CPU in the together window
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kemari_suite import lab as labmod
+from kemari_suite.bench.memsync import header_lines, machine_info
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.configs import COUNTER_PORT
@@ -249,3 +252,71 @@ def _describe(w: Window) -> str:
     p50 = "-" if w.pause_ms_p50 is None else f"{w.pause_ms_p50:.1f} ms"
     rate = "-" if w.throughput is None else f"{w.throughput:,.0f}/s"
     return f"pause p50 {p50} over {w.sync_points} sync points, throughput {rate}"
+
+
+def write_report(res: MultiVmResult, folder: Path, command: str) -> Path:
+    """``multivm.json`` (the result, the command and the machine) and ``multivm.md`` in
+    ``folder``; returns the markdown's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    data = {"command": command, "machine": machine, **res.to_dict()}
+    (folder / "multivm.json").write_text(json.dumps(data, indent=1))
+
+    def f(v: float | None, spec: str = ".1f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        *header_lines(
+            f"{len(res.vms)} VMs protected on one host pair, against each alone",
+            command,
+            machine,
+            f". {res.vcpus} guests of {MEMORY_MIB} MiB under TCG on {res.cores} cores, each "
+            f"running `{WORKLOAD}`; windows of {res.window_s:g} s, all in one run.",
+        ),
+        "",
+        "| vm | primary on | pause p50 ms alone | together | pause ratio | sync points "
+        "alone / together | throughput alone /s | together /s | throughput ratio | "
+        f"within {res.bound}x |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in res.vms:
+        a, t = v.alone, v.together
+        lines.append(
+            f"| {v.name} | {v.primary_host} | {f(a.pause_ms_p50)} | {f(t.pause_ms_p50)} "
+            f"| {f(v.pause_ratio, '.2f')} | {a.sync_points} / {t.sync_points} "
+            f"| {f(a.throughput, ',.0f')} | {f(t.throughput, ',.0f')} "
+            f"| {f(v.throughput_ratio, '.2f')} | {'yes' if v.ok else 'no'} |"
+        )
+    lines += [
+        "",
+        "Pause ratio = together / alone; throughput ratio = alone / together (the counter's "
+        f"increments per host second, read over the LAN). Both must be at most {res.bound}. "
+        f"The machine has {res.cores} cores for {res.vcpus} guest vCPUs and their agents: "
+        "a VM protected alone still shares the CPU with the other guests, which run "
+        "unprotected, but not with their agents.",
+        "",
+        "## Loss of host A (every agent and QEMU there killed)",
+        "",
+        "| vm | primary was on | outcome | served again | records lost |",
+        "|---|---|---|---|---|",
+    ]
+    for h in res.host_loss:
+        lines.append(
+            f"| {h.name} | {h.primary_host} | {h.outcome} | {'yes' if h.resumed else 'no'} "
+            f"| {'-' if h.records_lost is None else h.records_lost} |"
+        )
+    met = sum(1 for v in res.vms if v.ok)
+    survived = all(h.resumed for h in res.host_loss) and bool(res.host_loss)
+    lines += [
+        "",
+        f"Verdict: {met} of {len(res.vms)} VMs within {res.bound}x of themselves alone; "
+        + (
+            "every VM served again after the host loss."
+            if survived
+            else "NOT every VM was served again after the host loss."
+        )
+        + (f" Error: {res.error}" if res.error else ""),
+    ]
+    out = folder / "multivm.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

@@ -608,6 +608,10 @@ def bench_multivm(
     as_json: Annotated[
         bool, typer.Option("--json", help="Last stdout line: the figures as one JSON object.")
     ] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write multivm.json and multivm.md in this folder."),
+    ] = None,
 ) -> None:
     """Four VMs protected on one pair against each alone, in one run: pause p50 and
     throughput ratios (at most 1.2), then the loss of the host holding most of them."""
@@ -624,6 +628,9 @@ def bench_multivm(
             err.print(f"[dim]•[/] {msg}", highlight=False)
 
         res = guard(lambda: multivm.run(cfg, window_s=window, profile=profile, progress=say))
+    if out_dir is not None:
+        report = multivm.write_report(res, out_dir, " ".join(["kemari", *sys.argv[1:]]))
+        err.print(f"report: {report}")
     if as_json:
         print(json.dumps(res.to_dict()))
     else:
