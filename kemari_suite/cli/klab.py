@@ -2,7 +2,8 @@
 
 ``image`` builds (or finds) the L1 image; ``drbd-power-loss`` and ``kvm-power-loss`` run
 the DRBD scenarios of :mod:`kemari_suite.klab.drbdfailover` and
-:mod:`kemari_suite.klab.kvmrecords` on two L1s and stop them again. Progress goes to
+:mod:`kemari_suite.klab.kvmrecords` on two L1s and stop them again; ``protect-demo``
+runs Kemari's own engine in them (:mod:`kemari_suite.klab.protectdemo`). Progress goes to
 stderr; ``--json`` makes the last stdout line one JSON object. The L1s live only as long
 as the command (see docs/kernel-lab.md).
 """
@@ -65,7 +66,16 @@ def _build(cache_dir: Path, nested: bool, note: Callable[[str], None]) -> HostIm
 
 
 @contextmanager
-def _pair(cfg: KemariConfig, img: HostImage, slot: int) -> Iterator[L1Pair]:
+def _pair(
+    cfg: KemariConfig,
+    img: HostImage,
+    slot: int,
+    *,
+    share: str = "",
+    lan: bool = False,
+    memory_mib: int = 768,
+    data_disk_mib: int = 64,
+) -> Iterator[L1Pair]:
     """Two L1s in a temporary folder; stopped and removed whatever happens."""
     from kemari_suite.klab.pair import L1Pair, PairSpec
 
@@ -73,7 +83,14 @@ def _pair(cfg: KemariConfig, img: HostImage, slot: int) -> Iterator[L1Pair]:
     shm = cfg.paths.shm_dir / work.name
     shm.mkdir(parents=True, exist_ok=True)
     pair = L1Pair(
-        PairSpec(f"c{slot}", slot=slot, data_disk_mib=64),
+        PairSpec(
+            f"c{slot}",
+            slot=slot,
+            data_disk_mib=data_disk_mib,
+            share=share,
+            lan=lan,
+            memory_mib=memory_mib,
+        ),
         img,
         lab_dir=work / "lab",
         run_root=work / "run",
@@ -161,6 +178,81 @@ def kvm_power_loss(config: ConfigOpt = None, as_json: JsonOpt = False, slot: Slo
             pair.start()
             note(f"both L1s ready ({pair[0].boot_s:.1f} s, {pair[1].boot_s:.1f} s)")
             return run_kvm_power_loss(pair, guest, progress=note).as_dict()
+
+        result = guard(scenario)
+    _report(result, as_json)
+
+
+TreeOpt = Annotated[
+    Path | None,
+    typer.Option(help="The suite's checkout the L1s run (shared read-only); default: this one."),
+]
+AccelOpt = Annotated[str, typer.Option(help="The guest's accelerator: auto, kvm or tcg.")]
+
+
+def _checkout() -> Path:
+    """The checkout this CLI runs from (the folder holding ``kemari_suite``)."""
+    import kemari_suite
+
+    return Path(kemari_suite.__file__).resolve().parent.parent
+
+
+def protect_demo_result(run: dict[str, object]) -> dict[str, object]:
+    """The JSON of ``protect-demo``: the demo's keys first, then everything measured."""
+    keys: tuple[str, ...] = (
+        "resumed", "accel", "disk_backend", "records_acked", "records_lost", "failover_ms",
+    )  # fmt: skip
+    if run.get("disk_backend") == "drbd":
+        keys += ("promoted",)
+    return {**{k: run.get(k) for k in keys}, **run}
+
+
+@app.command("protect-demo")
+def protect_demo(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    slot: SlotOpt = 192,
+    tree: TreeOpt = None,
+    accel: AccelOpt = "auto",
+    disk: Annotated[
+        str, typer.Option(help="The engine's disk backend: builtin or drbd (8.4 in the L1s).")
+    ] = "builtin",
+    min_acks: Annotated[int, typer.Option(help="Records acknowledged before the kill.")] = 30,
+) -> None:
+    """Kemari inside two L1s: standby in one, protect in the other (the guest under
+    nested KVM), records over TCP, power loss of the primary L1, resumed on the other."""
+    from kemari_suite.klab.protectdemo import run_protect_demo
+    from kemari_suite.vm.define import ensure_image
+
+    cfg = configmod.load(config)
+    note = _progress(time.monotonic())
+    img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
+    guest = guard(lambda: ensure_image(cfg, note))
+    if disk not in ("builtin", "drbd"):
+        err.print(f"[bold red]error:[/] --disk {disk}: builtin or drbd")
+        raise typer.Exit(2)
+    share = (tree or _checkout()).resolve()
+    data_mib = 64 if disk == "drbd" else 0
+    with _pair(
+        cfg, img, slot, share=str(share), lan=True, memory_mib=1024, data_disk_mib=data_mib
+    ) as pair:
+
+        def scenario() -> dict[str, object]:
+            pair.start()
+            note(f"both L1s ready ({pair[0].boot_s:.1f} s, {pair[1].boot_s:.1f} s)")
+            work = pair[0].folder.parent / "engine"
+            run = run_protect_demo(
+                pair,
+                guest,
+                tree=str(share),
+                work=work,
+                host_paths=cfg.paths,
+                accel=accel,
+                disk_backend=disk,
+                min_acks=min_acks,
+                progress=note,
+            )
+            return protect_demo_result(run.as_dict())
 
         result = guard(scenario)
     _report(result, as_json)

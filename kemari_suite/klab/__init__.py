@@ -14,6 +14,9 @@ Modules, by what they own::
     drbdfailover.py  the DRBD power-loss scenario (promotion, re-protection, offline check)
     l2.py          guests inside an L1 (L2), under nested KVM
     kvmrecords.py  a KVM guest's acknowledged records on DRBD through a power loss
+    share.py       the suite's tree inside an L1: virtiofsd on the host, mounted read-only
+    engine.py      Kemari's engine in the L1s: role configs, agents by PID, the host's witness
+    protectdemo.py Kemari protecting an L2 KVM guest through a power loss of its L1
 
 See docs/kernel-lab.md.
 """

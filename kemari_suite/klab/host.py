@@ -6,6 +6,10 @@ kernel with ``init=/sbin/klab-init`` (see :mod:`kemari_suite.klab.guestfiles`)::
     -device nvme      root: a qcow2 overlay of the cached image (one per host, discarded)
     -device virtio-blk   optional data disk (/dev/vda in the L1): a sparse raw file
     -device virtio-net   eth0: a QEMU socket netdev (the replication link, see pair.py)
+    -device virtio-net   eth1 (``lan``): QEMU's user network; the host's 127.0.0.1 is
+                         10.0.2.2 from the L1 (the witness listens there)
+    vhost-user-fs-pci    (``share``) a host folder through virtiofsd (share.py), mounted
+                         read-only at the same path in the L1: the suite's live tree
     virtserialport klab.agent   the control channel (agent.py <-> guestagent.py)
 
 QEMU is started and stopped by :class:`kemari_suite.vm.qemu.VM` (by PID: SIGKILL for a
@@ -26,12 +30,15 @@ from kemari_suite.errors import VMError
 from kemari_suite.klab.agent import AgentClient, RunResult
 from kemari_suite.klab.guestfiles import l1_cmdline
 from kemari_suite.klab.image import HostImage
+from kemari_suite.klab.share import SHARE_TAG, SharedFolder, share_socket
 from kemari_suite.klab.wire import Pong
 from kemari_suite.vm.buildkit import need_tool, run_step
 from kemari_suite.vm.qemu import VM, VMSpec, console_tail
 
 AGENT_CHARDEV = "klabagent"
 ROOT_DRIVE = "klabroot"
+SHARE_CHARDEV = "klabfs"
+LAN_NETDEV = "klablan"
 #: L1 boot under TCG took 3-10 s here; a loaded host can stretch that a lot.
 BOOT_TIMEOUT_S = 240.0
 
@@ -52,6 +59,17 @@ class L1Spec:
     memory_mib: int = 768
     vcpus: int = 1
     data_disk_mib: int = 0
+    #: A host folder given to the L1 through virtiofs (tag :data:`SHARE_TAG`); "": none.
+    share: str = ""
+    #: A second NIC on QEMU's user network (eth1), to reach the host's loopback.
+    lan: bool = False
+
+
+def lan_mac(mac: str) -> str:
+    """The MAC of the ``lan`` NIC: ``mac`` with its fourth byte changed (pure)."""
+    parts = mac.split(":")
+    parts[3] = "6c"
+    return ":".join(parts)
 
 
 class HostState(enum.Enum):
@@ -76,6 +94,13 @@ def l1_vm_spec(name: str, spec: L1Spec, image: HostImage, folder: Path) -> VMSpe
         "-chardev",
         f"socket,id={AGENT_CHARDEV},path={folder / 'agent.sock'},server=on,wait=off",
     ]
+    if spec.share:
+        # The L1's RAM is a shared file already (vm.spec), as vhost-user needs.
+        extra += ["-chardev", f"socket,id={SHARE_CHARDEV},path={share_socket(folder)}"]
+        devices.append(f"vhost-user-fs-pci,chardev={SHARE_CHARDEV},tag={SHARE_TAG}")
+    if spec.lan:
+        extra += ["-netdev", f"user,id={LAN_NETDEV}"]
+        devices.append(f"virtio-net-pci,netdev={LAN_NETDEV},mac={lan_mac(spec.mac)},romfile=")
     return VMSpec(
         name=name,
         kernel=image.kernel,
@@ -118,6 +143,7 @@ class L1Host:
         self.shm_dir = Path(shm_dir)
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
+        self.share: SharedFolder | None = None
         self.state = HostState.NEW
         self.state_history: list[HostState] = [HostState.NEW]
         #: Seconds from QEMU's start to the agent's first answer.
@@ -172,6 +198,9 @@ class L1Host:
         if self.state not in (HostState.NEW, HostState.STOPPED):
             raise VMError(self.name, f"cannot start from state {self.state.value}")
         self.prepare(fresh_data=fresh_data)
+        if self.spec.share:
+            self.share = SharedFolder(Path(self.spec.share), share_socket(self.folder))
+            self.share.start()
         vm = VM(
             l1_vm_spec(self.name, self.spec, self.image, self.folder),
             run_root=self.run_root,
@@ -182,6 +211,8 @@ class L1Host:
             vm.start()
         except BaseException:
             vm.close()
+            if self.share is not None:
+                self.share.stop()
             raise
         self.vm = vm
         self.agent = AgentClient(self.spec.host, self.folder / "agent.sock", alive=self.alive)
@@ -235,6 +266,8 @@ class L1Host:
     def _finish(self) -> None:
         if self.agent is not None:
             self.agent.close()
+        if self.share is not None:
+            self.share.stop()
         self._set_state(HostState.STOPPED)
 
     def kill(self) -> None:

@@ -46,6 +46,10 @@ class PairSpec:
     hosts: tuple[str, str] = ("l1a", "l1b")
     memory_mib: int = 768
     data_disk_mib: int = 0
+    #: A host folder both L1s mount read-only at the same path (virtiofs; see share.py).
+    share: str = ""
+    #: Give both L1s a NIC on QEMU's user network (eth1: the host is 10.0.2.2).
+    lan: bool = False
 
     @property
     def subnet(self) -> str:
@@ -69,6 +73,8 @@ class PairSpec:
                     mac=f"52:54:00:6b:{self.slot % 256:02x}:{i + 1:02x}",
                     memory_mib=self.memory_mib,
                     data_disk_mib=self.data_disk_mib,
+                    share=self.share,
+                    lan=self.lan,
                 )
             )
         return specs[0], specs[1]

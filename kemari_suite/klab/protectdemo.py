@@ -1,0 +1,366 @@
+"""Kemari protecting an L2 guest across two L1s, through a power loss of the primary L1.
+
+::
+
+    both     the suite's tree mounted (virtiofs, read-only), eth1 up (the witness),
+             modprobe kvm_amd (KVM if both have /dev/kvm, else TCG), the guest copied in,
+             the role's config, keys, TAP and disk file (engine.py)
+    host     kemari witness on 127.0.0.1
+    l1b      kemari standby                       l1a  kemari protect: the guest boots
+             under -accel kvm and runs guest/workloads/records.c (O_DSYNC records on
+             its disk, "W n" -> "OK n" over TCP through the frame proxy and ktap0)
+    l1a      a client writes records 0, 1, 2... and logs each acknowledgement: every
+             "OK" left the primary only once its epoch was committed on l1b
+    host     reads the log, then SIGKILLs l1a's QEMU at once (l1a's engine, its L2,
+             its page cache and the client die mid-stream)
+    l1b      the standby wins the witness, replays the committed disk writes and
+             resumes the guest; a client in l1b asks the same guest "R" (how many
+             records are on its disk) and writes one more record
+    host     records_lost = acknowledged - found; failover_ms = SIGKILL to that answer
+
+Nothing here reads the guest's disk offline: the resumed guest itself answers, which is
+the point of Kemari (its memory, device state and disk are the committed ones).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kemari_suite.config import PathsConfig
+from kemari_suite.errors import LabError
+from kemari_suite.klab.drbdfailover import RESOURCE as DRBD_RESOURCE
+from kemari_suite.klab.drbdfailover import PowerLossScenario
+from kemari_suite.klab.engine import (
+    GUEST_IP,
+    EngineProcess,
+    EngineSpec,
+    HostWitness,
+    Keys,
+    check_tree,
+    l1_trees,
+    lan_up,
+    prepare_l1,
+)
+from kemari_suite.klab.guestfiles import FENCE_LOG
+from kemari_suite.klab.l2 import enable_kvm, push_guest
+from kemari_suite.klab.pair import L1Pair
+from kemari_suite.klab.share import mount_command
+from kemari_suite.vm.image import GuestImage
+
+RECORDS_PORT = 7000
+ACK_LOG = "/run/klab-acks"
+#: Runs in the primary L1: waits for the guest's records service (it boots under the
+#: engine), then writes records 0, 1, ... and appends each acknowledged number to ACK_LOG.
+WRITER = f"""
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        s = socket.create_connection(("{GUEST_IP}", {RECORDS_PORT}), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("the guest's records service never answered")
+        time.sleep(0.5)
+s.settimeout(120)
+f = s.makefile("rwb", buffering=0)
+log = open("{ACK_LOG}", "a", buffering=1)
+for n in range(int(sys.argv[1])):
+    f.write(b"W %d\\n" % n)
+    line = f.readline().split()
+    if line != [b"OK", str(n).encode()]:
+        sys.exit(f"bad answer to W {{n}}: {{line}}")
+    log.write(f"{{n}}\\n")
+"""
+#: Runs in the surviving L1: asks the resumed guest "R", then writes the next record.
+#: Prints one JSON object: the highest valid record and whether the write was answered.
+CHECKER = f"""
+import json, socket, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+t0 = time.monotonic()
+while True:
+    try:
+        s = socket.create_connection(("{GUEST_IP}", {RECORDS_PORT}), timeout=2)
+        s.settimeout(10)
+        f = s.makefile("rwb", buffering=0)
+        f.write(b"R\\n")
+        answer = f.readline().split()
+        if answer[:1] == [b"R"]:
+            break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("the guest never answered after the failover")
+    time.sleep(0.2)
+t_answer = time.monotonic()
+last = int(answer[1])
+f.write(b"W %d\\n" % (last + 1))
+wrote = f.readline().split() == [b"OK", str(last + 1).encode()]
+after = time.monotonic() - t_answer
+print(json.dumps({{"last": last, "wrote_next": wrote, "after_s": round(after, 3)}}))
+"""
+
+
+@dataclass
+class ProtectRun:
+    """What one run measured (host clock unless named) and found."""
+
+    accel: str = ""
+    disk_backend: str = "builtin"
+    tracker: str = ""
+    #: The primary's state and committed epochs just before the kill.
+    protected: bool = False
+    epochs_committed: int = 0
+    checkpoints: int = 0
+    records_acked: int = 0
+    records_found: int = 0
+    wrote_after_resume: bool = False
+    resumed: bool = False
+    #: DRBD only: the survivor is DRBD Primary after the failover, and how many times
+    #: the lab's fence-peer handler was called there.
+    promoted: bool | None = None
+    fence_peer_calls: int | None = None
+    #: SIGKILL of l1a's QEMU to the resumed guest's first answer in l1b (includes the
+    #: heartbeat timeout).
+    failover_ms: float | None = None
+    #: The standby's own figure (its status' failover report).
+    engine_failover_ms: float | None = None
+    boot_s: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+
+    @property
+    def records_lost(self) -> int:
+        return max(0, self.records_acked - self.records_found)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.resumed
+            and self.protected
+            and self.records_acked > 0
+            and self.records_lost == 0
+            and self.wrote_after_resume
+            and self.promoted is not False
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "records_lost": self.records_lost, "ok": self.ok}
+
+
+class ProtectScenario:
+    """The steps of :func:`run_protect_demo`, one method each (the pair already runs)."""
+
+    def __init__(
+        self,
+        pair: L1Pair,
+        work: Path,
+        host_paths: PathsConfig,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.pair, self.work, self.host_paths = pair, Path(work), host_paths
+        self.progress = progress
+        self.run = ProtectRun()
+        self.spec: EngineSpec | None = None
+        self.witness: HostWitness | None = None
+        self.agents: dict[str, EngineProcess] = {}
+        self._t = time.monotonic()
+
+    def note(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(msg)
+
+    def step(self, name: str, detail: str) -> None:
+        """Record the time since the last step under ``name``; ``detail`` is shown."""
+        now = time.monotonic()
+        self.run.steps[name] = round(now - self._t, 2)
+        self.note(f"{detail} ({now - self._t:.1f} s)")
+        self._t = now
+
+    def drbd_up(self) -> None:
+        """DRBD 8.4 on both L1s' data disks, l1a Primary, the initial sync done (the
+        steps of the DRBD power-loss scenario); the resource is named after the VM."""
+        sc = PowerLossScenario(self.pair, self.progress)
+        sc.bring_up()
+        sc.initial_sync()
+        self.run.steps.update({f"drbd {k}": v for k, v in sc.steps.items()})
+        self._t = time.monotonic()
+
+    def prepare(
+        self, guest: GuestImage, tree: str, *, accel: str = "auto", disk_backend: str = "builtin"
+    ) -> EngineSpec:
+        """Mount the tree, eth1, KVM, the guest; the configs checked on the host."""
+        kvm = []
+        for h in self.pair.hosts:
+            h.run(mount_command(tree), timeout=300)
+            lan_up(h)
+            kvm.append(enable_kvm(h) if accel != "tcg" else False)
+        chosen = "kvm" if all(kvm) else "tcg"
+        if accel == "kvm" and chosen != "kvm":
+            raise LabError(self.pair.spec.lab_id, "no /dev/kvm in an L1")
+        self.run.accel = chosen
+        paths = [push_guest(h, guest) for h in self.pair.hosts]
+        spec = EngineSpec(
+            lab_id=self.pair.spec.lab_id,
+            slot=self.pair.spec.slot,
+            tree=tree,
+            kernel=paths[0][0],
+            initrd=paths[0][1],
+            accel=chosen,
+            workload=f"records -d /dev/vda -p {RECORDS_PORT}",
+            disk_backend=disk_backend,
+            # The engine names the DRBD resource after the VM (disk.factory), as the
+            # playbooks do: the VM takes the lab resource's name.
+            vm_name=DRBD_RESOURCE if disk_backend == "drbd" else "klabvm",
+        )
+        self.run.disk_backend = disk_backend
+        self.spec = spec
+        trees = l1_trees(spec, (self.pair.spec.address(0), self.pair.spec.address(1)))
+        keys = Keys.new()
+        self.work.mkdir(parents=True, exist_ok=True)
+        for i, role in enumerate(("primary", "secondary")):
+            check_tree(trees[role], self.work / f"{role}.toml")
+            prepare_l1(self.pair[i], spec, role, trees[role], keys)
+        self.witness = HostWitness(spec, self.work / "witness", self.host_paths)
+        self.witness.start(keys)
+        self.step("prepare", f"L1s prepared (accel {chosen})")
+        return spec
+
+    def protect(self, timeout: float = 900.0) -> None:
+        """Standby in l1b, protect in l1a, until the primary is protected."""
+        assert self.spec is not None
+        a, b = self.pair[0], self.pair[1]
+        self.agents["secondary"] = sb = EngineProcess(b, self.spec, "secondary")
+        sb.start()
+        sb.wait_state({"waiting", "receiving", "standby"}, 300, self.note)
+        self.step("standby", "kemari standby answers in l1b")
+        self.agents["primary"] = pr = EngineProcess(a, self.spec, "primary")
+        pr.start()
+        st = pr.wait_state({"protected"}, timeout, self.note)
+        self.run.protected = True
+        self.run.tracker = str(st.get("tracker") or "")
+        self.step("protect", f"kemari protect in l1a: protected (tracker {self.run.tracker})")
+
+    def write_records(self, min_acks: int, max_records: int = 100000) -> None:
+        a = self.pair[0]
+        a.run(f"rm -f {ACK_LOG}; cat > /run/klab-writer.py", stdin=WRITER.encode())
+        a.run(
+            f"nohup python3 /run/klab-writer.py {max_records} 600 </dev/null "
+            ">/run/klab-writer.log 2>&1 &"
+        )
+        t0 = time.monotonic()
+        acked = 0
+        while acked < min_acks:
+            if time.monotonic() - t0 > 900:
+                log = a.run("cat /run/klab-writer.log", check=False).stdout
+                raise LabError(self.pair.spec.lab_id, f"{acked} acks after 900 s: {log}")
+            time.sleep(2.0)
+            lines = a.run(f"tail -n 1 {ACK_LOG} 2>/dev/null || true").stdout.split()
+            acked = int(lines[-1]) + 1 if lines else 0
+        st = self.agents["primary"].status()
+        self.run.epochs_committed = int(st.get("last_committed_epoch") or 0)
+        self.run.checkpoints = int(st.get("checkpoints") or 0)
+        # Read once more and kill at once: every record acknowledged up to this read
+        # must survive; those acknowledged after it may or may not.
+        lines = a.run(f"tail -n 1 {ACK_LOG} 2>/dev/null || true").stdout.split()
+        self.run.records_acked = int(lines[-1]) + 1 if lines else acked
+        self.step("records", f"{self.run.records_acked} records acknowledged")
+
+    def power_loss(self, timeout: float = 600.0) -> None:
+        """SIGKILL l1a's QEMU; wait for the guest to answer from l1b."""
+        a, b = self.pair[0], self.pair[1]
+        t_kill = time.monotonic()
+        a.kill()
+        self.agents.pop("primary", None)
+        b.run("cat > /run/klab-checker.py", stdin=CHECKER.encode())
+        r = b.run(f"python3 /run/klab-checker.py {timeout:.0f}", timeout=timeout + 60)
+        answer = json.loads(r.stdout.strip().splitlines()[-1])
+        # The first answer came ``after_s`` before the checker ended (an upper bound:
+        # the agent's return trip is counted in).
+        t_answer = time.monotonic() - float(answer["after_s"])
+        self.run.failover_ms = round((t_answer - t_kill) * 1e3, 1)
+        self.run.records_found = int(answer["last"]) + 1
+        self.run.wrote_after_resume = bool(answer["wrote_next"])
+        if self.spec is not None and self.spec.disk_backend == "drbd":
+            role = b.run("cat /proc/drbd", check=False).stdout
+            self.run.promoted = "ro:Primary/" in role
+            fence = b.run(f"cat {FENCE_LOG} 2>/dev/null || true").stdout
+            self.run.fence_peer_calls = sum(1 for ln in fence.splitlines() if "fence-peer" in ln)
+        st = self.agents["secondary"].wait_state({"active"}, 300)
+        report = st.get("failover") or {}
+        if report.get("failover_ms") is not None:
+            self.run.engine_failover_ms = round(float(report["failover_ms"]), 1)
+        self.run.resumed = True
+        self.step(
+            "failover",
+            f"resumed in l1b: {self.run.records_found} records on the guest's disk, "
+            f"{self.run.failover_ms:.0f} ms after the kill",
+        )
+
+    def report_logs(self) -> None:
+        """Send the tails of the agents' output in the L1s still up to ``progress``."""
+        for role, agent in self.agents.items():
+            try:
+                self.note(f"--- {role} output\n{agent.output()}")
+            except Exception:  # a report on a failure must not hide the failure
+                pass
+
+    def close(self) -> None:
+        """Stop the agents still running (by PID) and the witness."""
+        for agent in list(self.agents.values()):
+            try:
+                agent.stop()
+            except Exception:  # the L1 may be gone already; the pair stops it anyway
+                pass
+        self.agents.clear()
+        if self.witness is not None:
+            self.witness.stop()
+
+
+def run_protect_demo(
+    pair: L1Pair,
+    guest: GuestImage,
+    *,
+    tree: str,
+    work: Path,
+    host_paths: PathsConfig,
+    accel: str = "auto",
+    disk_backend: str = "builtin",
+    min_acks: int = 30,
+    progress: Callable[[str], None] | None = None,
+) -> ProtectRun:
+    """Run the scenario on a started pair (built with ``share=tree`` and ``lan=True``;
+    with ``disk_backend="drbd"`` also with a data disk, DRBD's backing device).
+
+    The agents and the witness are stopped at the end; the L1s are the caller's.
+
+    Raises:
+        LabError: an agent exited, a state or an answer did not come in time.
+        AgentError, VMError: an L1 did not answer.
+        ConfigError: the suite refused a rendered config.
+    """
+    t0 = time.monotonic()
+    sc = ProtectScenario(pair, work, host_paths, progress)
+    sc.run.boot_s = {h.spec.host: round(h.boot_s or 0.0, 2) for h in pair.hosts}
+    try:
+        if disk_backend == "drbd":
+            sc.drbd_up()
+        sc.prepare(guest, tree, accel=accel, disk_backend=disk_backend)
+        sc.protect()
+        sc.write_records(min_acks)
+        sc.power_loss()
+    except Exception:
+        sc.report_logs()
+        raise
+    finally:
+        sc.close()
+    sc.run.total_s = round(time.monotonic() - t0, 2)
+    return sc.run
+
+
+__all__ = ["ProtectRun", "ProtectScenario", "run_protect_demo"]
