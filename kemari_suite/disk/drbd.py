@@ -30,7 +30,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from kemari_suite.disk.base import DiskCaps, DiskRole, DiskStatus, FileDisk, PlainCapabilities
+from kemari_suite.disk.base import (
+    DiskCaps,
+    DiskRole,
+    DiskStatus,
+    FileDisk,
+    PlainCapabilities,
+    device_size,
+)
 from kemari_suite.disk.drbdadm import (
     CommandResult,
     DrbdAdm,
@@ -101,9 +108,12 @@ class DrbdBackend(PlainCapabilities):
         *,
         config_path: str | os.PathLike[str] | None = None,
         tools: DrbdTools | None = None,
+        dialect: str = "9",
     ) -> DrbdBackend:
-        """The backend of an existing resource file (nothing is rendered or written)."""
-        return cls(DrbdAdm(resource, config_path=config_path, tools=tools), device_path=device_path)
+        """The backend of an existing resource file (nothing is rendered or written);
+        ``dialect`` is the loaded module's, "9" or "8.4" (:func:`detect_dialect`)."""
+        adm = DrbdAdm(resource, config_path=config_path, tools=tools, dialect=dialect)
+        return cls(adm, device_path=device_path)
 
     @property
     def size(self) -> int:
@@ -211,18 +221,10 @@ class DrbdBackend(PlainCapabilities):
 
 
 def _device_size(path: Path) -> int:
-    """Size of the device, 0 where it cannot be opened (a DRBD 8.4 Secondary, a dry run
-    without the device): known at the latest once promoted."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)
+    """Size of the device (a DRBD 8.4 Secondary, which refuses to open, from sysfs), 0
+    where none can be read (a dry run without the device): known at the latest once
+    promoted."""
+    return device_size(path) or 0
 
 
 __all__ = [

@@ -19,16 +19,16 @@ shared     ``disk.path`` = the device both hosts see;      replays_log, reserved
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from kemari_suite.config import KemariConfig
-from kemari_suite.disk.base import DiskBackend, DiskRole
+from kemari_suite.disk.base import DiskBackend, DiskRole, device_size
 from kemari_suite.disk.builtin import BuiltinDisk
 from kemari_suite.disk.drbd import DrbdBackend, DrbdTools
+from kemari_suite.disk.drbdadm import detect_dialect
 from kemari_suite.disk.shared import SharedDiskBackend, SharedDiskConfig
-from kemari_suite.errors import ConfigError
+from kemari_suite.errors import ConfigError, DiskError
 from kemari_suite.ha.lease import Lease
 
 _BY_RES = re.compile(r"^/dev/drbd/by-res/([^/]+)(?:/\d+)?$")
@@ -97,7 +97,9 @@ def open_backend(
         return None
     if d.backend == "drbd":
         # The device appears with `drbdadm up`: attach brings it up.
-        return DrbdBackend.for_resource(drbd_resource_name(cfg), d.path, tools=drbd_tools)
+        return DrbdBackend.for_resource(
+            drbd_resource_name(cfg), d.path, tools=drbd_tools, dialect=_dialect(drbd_tools)
+        )
     if not Path(d.path).exists():
         raise ConfigError(f"{d.path} does not exist", key="disk.path")
     if d.backend == "shared":
@@ -117,16 +119,21 @@ def guest_disk_size(cfg: KemariConfig) -> int:
     the image or device is missing; a shared device's reserved head is not counted."""
     if not cfg.disk.path:
         return 0
-    try:
-        fd = os.open(cfg.disk.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    size = device_size(cfg.disk.path)
+    if size is None:
         return -1
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
     backend = open_backend(cfg, role=DiskRole.SECONDARY)
     return size - (backend.caps.reserved_bytes if backend is not None else 0)
+
+
+def _dialect(tools: DrbdTools | None) -> str:
+    """The loaded DRBD module's dialect ("9" or "8.4"); "9", the renderer's default,
+    where no module answers (a dry run, a machine without the module: every status call
+    then fails with drbd-utils' own error)."""
+    try:
+        return detect_dialect(tools)
+    except DiskError:
+        return "9"
 
 
 __all__ = [

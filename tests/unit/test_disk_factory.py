@@ -196,7 +196,9 @@ def test_drbd_from_config_in_dry_run(tmp_path: Path) -> None:
         disk.apply([(0, b"x")])
     disk.close()
     conf = "/etc/drbd.d/kemari0.res"
+    # The module's dialect is asked first (a dry run names none: the "9" default).
     assert tools.recorded == [
+        ("drbdadm", "--version"),
         ("drbdadm", "-c", conf, "adjust", "kemari0"),
         ("drbdadm", "-c", conf, "primary", "kemari0"),
         ("drbdadm", "-c", conf, "secondary", "kemari0"),
@@ -229,3 +231,40 @@ def test_capability_methods_do_nothing_without_the_capability(tmp_path: Path) ->
     with pytest.raises(DiskError, match="streamed copy"):
         disk.begin_copy(full=True)
     disk.close()
+
+
+def test_a_block_device_that_refuses_to_open_is_sized_from_sysfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DRBD 8.4 Secondary refuses open() (the module is not on this machine: the refusal
+    # is simulated for a real block device); the kernel's sysfs entry still has its size.
+    import errno
+    import os
+
+    from kemari_suite.disk import base
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * 4096)
+    assert base.device_size(image) == 4096
+    assert base.device_size(tmp_path / "missing") is None
+    blk = next((p for p in Path("/dev").iterdir() if p.is_block_device()), None)
+    if blk is None:
+        pytest.skip("no block device node in /dev")
+    st = os.stat(blk)
+    sysfs = tmp_path / "sys"
+    entry = sysfs / "dev" / "block" / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    entry.mkdir(parents=True)
+    (entry / "size").write_text("2048\n")
+    real_open = os.open
+
+    def refuse(path, *args, **kw):  # type: ignore[no-untyped-def]
+        if str(path) == str(blk):
+            raise OSError(errno.EMEDIUMTYPE, "Wrong medium type", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(base.os, "open", refuse)
+    assert base.device_size(blk, sysfs=sysfs) == 2048 * 512
+    (entry / "size").write_text("garbage")
+    assert base.device_size(blk, sysfs=sysfs) is None
+    # Not a block device and not openable: no size.
+    assert base.device_size(tmp_path / "missing", sysfs=sysfs) is None
