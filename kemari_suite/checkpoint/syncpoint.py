@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kemari_suite.checkpoint import baseline, diskcopy, loss
+from kemari_suite.checkpoint.forward import FrameForwarder
 from kemari_suite.checkpoint.peer import PeerSession
 from kemari_suite.checkpoint.window import QMPTimeout, WindowError, WindowResult
 from kemari_suite.protocol import wire
@@ -115,8 +116,10 @@ class SyncPoints:
         kind, why = await self.first_epoch_kind()
         t0 = time.monotonic()
         if a.io is not None:
-            # From here on writes are logged (in this epoch) and output is held.
-            await a.io.protect(epoch)
+            # From here on writes are logged (in this epoch) and output is held; the
+            # frames the guest receives are copied to the standby (:mod:`.forward`).
+            link = a.session.link if a.session is not None else None
+            await a.io.protect(epoch, forward=FrameForwarder(link) if link else None)
         # The writes a HELD bound paused the guest for are on the disk now.
         await a.held.resume("a secondary is back: the held writes are applied")
         await a.sender.begin(epoch, kind)

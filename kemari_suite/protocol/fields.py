@@ -16,6 +16,8 @@ Codecs (network byte order)::
     text         4 + n     u32 length, then UTF-8
     json         4 + n     text holding one JSON object (keys sorted, no NaN); a dict
     b32          32        exactly 32 bytes
+    frames       4 + ...   u32 count, then each frame as u32 length and its bytes; a
+                           tuple of bytes (the message checks each frame's length)
     an IntEnum   1         u8 holding a member of that enum (closed sets: Role, ...)
     blob         the rest  last field only; decoded as a read-only memoryview over the
                            frame's own buffer, without a copy
@@ -64,7 +66,7 @@ _NUMBERS = {
     "f64": struct.Struct("!d"),
 }
 _U32 = _NUMBERS["u32"]
-CODECS = frozenset((*_NUMBERS, "bool", "text", "json", "b32", "blob"))
+CODECS = frozenset((*_NUMBERS, "bool", "text", "json", "b32", "frames", "blob"))
 
 
 def enum_label(enum: type[IntEnum]) -> str:
@@ -111,6 +113,11 @@ def encode_payload(msg: Message) -> tuple[bytes, memoryview | None]:
                 if len(value) != 32:
                     raise ValueError(f"{name} must be 32 bytes, not {len(value)}")
                 small += value
+            elif codec == "frames":
+                small += _U32.pack(len(value))
+                for frame in value:
+                    small += _U32.pack(len(frame))
+                    small += frame
             else:  # blob
                 blob = memoryview(value).cast("B")
     except (struct.error, AttributeError, TypeError, ValueError, UnicodeEncodeError) as err:
@@ -168,6 +175,8 @@ class _Reader:
             return text if codec == "text" else self._json(name, text)
         if codec == "b32":
             return bytes(self.take(32))
+        if codec == "frames":
+            return self._frames(name)
         # blob: the rest, read-only, no copy
         return self.take(len(self._view) - self._pos).toreadonly()
 
@@ -180,6 +189,18 @@ class _Reader:
         if not isinstance(value, dict):
             raise self.fail(f"{name} is a JSON {type(value).__name__}, not an object")
         return value
+
+    def _frames(self, name: str) -> tuple[bytes, ...]:
+        count = _U32.unpack(self.take(4))[0]
+        left = len(self._view) - self._pos
+        if count * 4 > left:
+            raise self.fail(f"{name} says {count} frames, {left} bytes cannot hold them")
+        out = []
+        for i in range(count):
+            self._field = f"{name}[{i}]"
+            n = _U32.unpack(self.take(4))[0]
+            out.append(bytes(self.take(n)))
+        return tuple(out)
 
     def done(self) -> None:
         if self._pos != len(self._view):

@@ -80,6 +80,28 @@ class Link:
         await self.writer.drain()
         return n
 
+    def send_nowait(self, msg: wire.Message) -> int:
+        """Queue one message at once, in order with every other send, without waiting
+        for the transport to drain (from a callback that cannot await); returns the
+        bytes queued. The caller bounds what it queues with :attr:`backlog`.
+
+        Raises:
+            ConnectionError: the connection is gone.
+            ProtocolError: the session failed or was closed.
+        """
+        if self.closed or self.writer.is_closing():
+            raise ConnectionError(f"link to {self.peer} is closed")
+        parts = self.session.encode_parts(msg)
+        n = sum(len(p) for p in parts)
+        self.writer.writelines(parts)
+        self.bytes_sent += n
+        return n
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued on this link that the kernel has not taken yet."""
+        return self.writer.transport.get_write_buffer_size()
+
     async def recv(self) -> wire.Message:
         """The next message.
 

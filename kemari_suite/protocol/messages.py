@@ -10,6 +10,7 @@ Message types::
     0x10-0x17  epochs              EpochBegin, Pages, DeviceState, IOLog, EpochEnd,
                                    Ack, Nack, Resync
     0x20-0x22  liveness, events    Heartbeat, GuestEvent, Bye
+    0x23       inbound frames      GuestFrames: copies of what the LAN sent the guest
     0x30-0x31  retired             never reused: a frame of either is a ProtocolError
     0x40-0x47  control verbs       CONTROL_MESSAGES, below
 
@@ -47,6 +48,7 @@ from kemari_suite.protocol.fields import (
 
 __all__ = [
     "CONTROL_MESSAGES",
+    "MAX_GUEST_FRAME",
     "MAX_PAYLOAD",
     "MAX_SMALL_PAYLOAD",
     "MESSAGE_TYPES",
@@ -66,6 +68,7 @@ __all__ = [
     "EpochEnd",
     "EpochKind",
     "GuestEvent",
+    "GuestFrames",
     "Heartbeat",
     "Hello",
     "HelloProof",
@@ -303,6 +306,38 @@ class Bye(Message):
     reason: str
 
 
+#: The longest Ethernet frame a :class:`GuestFrames` carries: QEMU's NET_BUFSIZE, the
+#: longest frame its stream netdev passes (the tap's frame proxy reads no longer ones).
+MAX_GUEST_FRAME = 4096 + 65536
+
+
+@dataclass(frozen=True)
+class GuestFrames(Message):
+    """P -> S: copies of frames the primary's tap delivered to the guest (LAN -> guest)
+    while ``epoch`` was its open epoch, oldest first.
+
+    Not part of any epoch (no digest covers them, no ack answers them): the standby keeps
+    the ones its last committed checkpoint may not contain and replays them into the
+    guest it resumes (``replica/replay.py``; why that is safe: docs/sync-policy.md).
+    They travel on the replication link, so they arrive in order with the epochs and
+    are authenticated like everything else. Each frame is 1 to :data:`MAX_GUEST_FRAME`
+    bytes; a batch that would exceed ``MAX`` is sent as several messages.
+
+    Layout: ``!Q`` epoch; frames (``!I`` count, then ``!I`` length and bytes each).
+    """
+
+    TYPE: ClassVar[int] = 0x23
+    LAYOUT: ClassVar[Layout] = (("epoch", "u64"), ("frames", "frames"))
+    epoch: int
+    frames: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frames", tuple(self.frames))
+        for i, frame in enumerate(self.frames):
+            if not 1 <= len(frame) <= MAX_GUEST_FRAME:
+                raise ValueError(f"frame {i} is {len(frame)} bytes, not 1 to {MAX_GUEST_FRAME}")
+
+
 # --- control verbs -------------------------------------------------------------------------
 
 
@@ -503,6 +538,7 @@ _ALL: tuple[type[Message], ...] = (
     Heartbeat,
     GuestEvent,
     Bye,
+    GuestFrames,
     *CONTROL_MESSAGES,
 )
 MESSAGE_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in _ALL}

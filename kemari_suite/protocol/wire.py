@@ -43,11 +43,11 @@ hash of both Hello payloads and, when the link runs inside TLS, of the channel b
                                             [ "channel" len(binding) binding ])
 
 Both ends must bind the same bytes: a relay that terminates TLS makes them differ, and
-both proofs fail. Every later frame is MACed with the sender's direction
-key. A recorded session cannot be replayed: the other end's nonce is fresh, so the
-keys differ. Reflection fails: a node rejects its own nonce and the two directions use
-different keys. Sequence numbers must increase by exactly one; a gap, a replay or a
-reorder is an :class:`AuthError`.
+both proofs fail. Every later frame is MACed with the sender's direction key. A recorded
+session cannot be replayed: the other end's nonce is fresh, so the keys differ.
+Reflection fails: a node rejects its own nonce and the two directions use different
+keys. Sequence numbers must increase by exactly one; a gap, a replay or a reorder is an
+:class:`AuthError`.
 
 Errors: every decoding problem raises :class:`ProtocolError` (:class:`AuthError` for
 MAC, handshake and sequence failures) and nothing else. Errors are sticky: after one,
@@ -97,6 +97,7 @@ from kemari_suite.protocol.messages import (
     EpochEnd,
     EpochKind,
     GuestEvent,
+    GuestFrames,
     Heartbeat,
     Hello,
     HelloProof,
@@ -141,6 +142,7 @@ __all__ = [
     "EpochEnd",
     "EpochKind",
     "GuestEvent",
+    "GuestFrames",
     "Heartbeat",
     "Hello",
     "HelloProof",
@@ -527,8 +529,7 @@ class Decoder:
     def feed(self, data: Blob) -> list[Message]:
         """Feed received bytes; returns the application messages they complete.
 
-        Messages decoded earlier in the same call are dropped if a later frame fails:
-        the connection is unusable then anyway.
+        If a later frame fails, messages decoded earlier in the call are dropped.
 
         Raises:
             ProtocolError: malformed or unexpected frame (the session is then FAILED).
@@ -593,8 +594,7 @@ class Decoder:
         self._frame_type = frame_type
         self._in_body = True
         # One buffer per frame: the decoded message's blob views stay valid. Large ones
-        # come from numpy uninitialized (every byte is received before it is read),
-        # which saves bytearray's zero fill.
+        # come from numpy uninitialized (all of it is received before it is read).
         size = length + MAC_SIZE
         self._buf = np.empty(size, np.uint8).data if size > _SMALL else memoryview(bytearray(size))
         self._filled = 0

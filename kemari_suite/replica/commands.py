@@ -34,6 +34,7 @@ def status(agent: SecondaryAgent) -> dict[str, Any]:
         "kept_checkpoint": agent.store.kept_status(),
         "qemu_pid": agent.vm.pid,
         "failover": None if agent.report is None else agent.report.__dict__,
+        "replay": agent.replay.status(),
         "guest_events": agent.guest.log.status(),
         "compat": agent.compat,
         "alerts": agent.artifacts.alert_history(),

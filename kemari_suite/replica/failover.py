@@ -14,7 +14,9 @@ or the standby's half of a planned switchover. Its steps, in order::
     start QEMU on the replica RAM file, -incoming        taps unprotected
     (switchover) arm the primary role's dirty tracking   before_cont; the replica's
                                                          digest, hashed meanwhile
-    restore the device state, cont, announce-self
+    restore the device state, cont
+    replay the kept guest-bound frames                   ReplayBuffer.take(epoch)
+    announce-self
     ACTIVE                                               FailoverReport, Handover
 
 A planned switchover hands the primary role a VM whose every change since the resumed
@@ -59,6 +61,7 @@ from kemari_suite.ha.tiebreak import Tiebreaker
 from kemari_suite.protocol.link import Link
 from kemari_suite.replica import verbs
 from kemari_suite.replica.generation import copy_staleness
+from kemari_suite.replica.replay import ReplayBuffer
 from kemari_suite.replica.replicadisk import replay_committed
 from kemari_suite.replica.states import SecondaryState
 from kemari_suite.replica.store import ReplicaStore
@@ -108,6 +111,12 @@ class FailoverReport:
     digest_wait_ms: float = 0.0
     #: heartbeat-timeout expiry (or command) -> guest running
     failover_ms: float = 0.0
+    #: Guest-bound frames the checkpoint may lack, injected after ``cont``
+    #: (:mod:`.replay`): those that reached QEMU, those that found no guest, and those
+    #: the bound dropped before (each of the last two costs a client a retransmission).
+    replayed_frames: int = 0
+    replay_dropped: int = 0
+    replay_overflow_frames: int = 0
     probes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -170,6 +179,7 @@ class Failover:
         witness: Tiebreaker | None,
         probe: ProbeFn | None,
         before_cont: BeforeCont | None = None,
+        replay: ReplayBuffer | None = None,
     ) -> None:
         self.cfg = cfg
         self.vm = vm
@@ -188,6 +198,8 @@ class Failover:
         #: A switchover's tracking and checkpoint digest, for the handover.
         self.tracking: ResumeTracking | None = None
         self.ram_digest = b""
+        #: The guest-bound frames to replay after ``cont`` (None: none kept).
+        self.replay = replay
 
     async def take_lease(self) -> str:
         """A switchover: the primary released the lease before asking; take it.
@@ -371,8 +383,28 @@ class Failover:
         await self.vm.execute("cont")
         report.cont_ms = (time.monotonic() - t2) * 1e3
         report.failover_ms = (time.time() - report.detected_at) * 1e3
+        self._replay(io, report)
         with contextlib.suppress(Exception):
             await self.vm.execute("announce-self", ANNOUNCE)
+
+    def _replay(self, io: GuestIO, report: FailoverReport) -> None:
+        """Inject the kept guest-bound frames into the running guest, at once (no await
+        since ``cont``, so they precede what the LAN sends it from now on), and the ones
+        still arriving after them (a switchover's old primary forwards until it
+        leaves)."""
+        if self.replay is None:
+            return
+        frames = self.replay.take(report.epoch)
+        report.replay_overflow_frames = self.replay.stats.overflow_frames
+
+        def inject(frames: list[bytes]) -> int:
+            n = io.inject(frames)
+            report.replayed_frames += n
+            report.replay_dropped += len(frames) - n
+            return n
+
+        inject(frames)
+        self.replay.sink = inject
 
     async def _arm_tracking(self) -> None:
         """Arm the primary role's tracking (``before_cont``) with the guest stopped; a

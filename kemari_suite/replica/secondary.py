@@ -68,6 +68,7 @@ from kemari_suite.replica.guestwatch import GuestWatch
 from kemari_suite.replica.monitor import FailoverRequest, PrimaryWatch, send_heartbeats
 from kemari_suite.replica.receiver import OpenEpoch
 from kemari_suite.replica.rejects import RejectLogger
+from kemari_suite.replica.replay import ReplayBuffer
 from kemari_suite.replica.replicadisk import replay_nosync
 from kemari_suite.replica.states import SECONDARY_TRANSITIONS, SecondaryState
 from kemari_suite.replica.store import KeptRAM, ReplicaStore
@@ -135,6 +136,8 @@ class SecondaryAgent:
         self._before_cont = before_cont
         #: The taps of the VM resumed here (after a failover).
         self.io: GuestIO | None = None
+        #: Guest-bound frames the committed checkpoint may lack, for replay at failover.
+        self.replay = ReplayBuffer()
         self.link: Link | None = None
         #: What the guest did: forwarded by the primary, or seen here once active.
         self.guest = GuestWatch(self)
@@ -167,6 +170,7 @@ class SecondaryAgent:
         self._handlers: dict[type[wire.Message], MessageHandler] = {
             wire.Heartbeat: _ignore,
             wire.GuestEvent: self.guest.forwarded,
+            wire.GuestFrames: self.replay.on_message,
             wire.Bye: self._on_bye,
             **verbs.handlers(self),
             wire.EpochBegin: self._on_begin,
@@ -301,6 +305,7 @@ class SecondaryAgent:
         if self.link is not None:
             self.link.close()
         await self.store.roll_back("a new primary connection")
+        self.replay.clear()
         self.link = link
         self.watch.heard()
         self.artifacts.event("primary-connected", peer=link.peer)
@@ -359,6 +364,7 @@ class SecondaryAgent:
 
     async def _on_end(self, link: Link, msg: wire.EpochEnd) -> None:
         async def committed(epoch: int, devstate: bytes) -> None:
+            self.replay.committed(epoch)
             if self.state is S.RECEIVING:
                 self.life.set(S.STANDBY, f"committed epoch {epoch}")
             if self.compat_check.trial_pending:
@@ -455,6 +461,7 @@ class SecondaryAgent:
             witness=self.watch.witness,
             probe=self.probe,
             before_cont=self._before_cont,
+            replay=self.replay,
         )
         took = await self._failover.run(
             req.reason,

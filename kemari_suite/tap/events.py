@@ -31,6 +31,12 @@ class IOEvent(enum.StrEnum):
 #: must not block.
 EventSink = Callable[[IOEvent, int], None]
 
+#: Receives ``(epoch, frames)``: copies of the frames the network tap just delivered to
+#: the guest (LAN -> guest) while ``epoch`` was open, oldest first (the primary sends
+#: them to the standby, which replays them at a failover). Called on the event loop,
+#: must not block.
+InboundSink = Callable[[int, list[bytes]], None]
+
 
 class TapMode(enum.Enum):
     """Whether a tap holds output for a secondary or writes it straight through."""
@@ -66,4 +72,4 @@ class OpenEpoch:
         self._epoch = epoch
 
 
-__all__ = ["EventSink", "IOEvent", "OpenEpoch", "TapMode"]
+__all__ = ["EventSink", "IOEvent", "InboundSink", "OpenEpoch", "TapMode"]

@@ -38,7 +38,7 @@ from kemari_suite.tap import (
     TapMode,
     open_tap,
 )
-from kemari_suite.tap.events import EventSink
+from kemari_suite.tap.events import EventSink, InboundSink
 from kemari_suite.tap.outputs import check_wired
 from kemari_suite.vm.qemu import VMPaths, VMSpec, io_paths
 
@@ -210,9 +210,13 @@ class GuestIO:
 
     # ---- modes -------------------------------------------------------------------------
 
-    async def protect(self, epoch: int | None = None) -> None:
+    async def protect(
+        self, epoch: int | None = None, *, forward: InboundSink | None = None
+    ) -> None:
         """A secondary starts receiving: log writes, hold output from now on, in the
-        open epoch (``epoch`` when given: the first epoch the secondary gets).
+        open epoch (``epoch`` when given: the first epoch the secondary gets), and hand
+        copies of the frames delivered to the guest to ``forward`` (for the standby's
+        replay at a failover; None: no copies).
 
         Writes still in the log from an earlier protection are applied first (the new
         secondary gets a full copy of the disk as it is then).
@@ -236,6 +240,7 @@ class GuestIO:
             if self.disk is not None:
                 self.disk.tracking = False
         if self.net is not None:
+            self.net.forward = forward
             self.net.set_protected()
         self.mode = TapMode.PROTECTED
 
@@ -246,8 +251,14 @@ class GuestIO:
         if self.block is not None:
             await self.block.set_unprotected()
         if self.net is not None:
+            self.net.forward = None
             self.net.set_unprotected()
         self.mode = TapMode.UNPROTECTED
+
+    def inject(self, frames: list[bytes]) -> int:
+        """Replay guest-bound frames kept on the standby into the resumed guest (see
+        :meth:`FrameProxy.inject`); returns how many reached QEMU (0 without a NIC)."""
+        return self.net.inject(frames) if self.net is not None else 0
 
     # ---- commit and release ------------------------------------------------------------
 

@@ -23,6 +23,12 @@ frame, never show one early. Frames from the TAP go to the guest at once; when n
 is connected or QEMU has not drained ``guest_buffer_limit`` bytes, they are dropped and
 counted.
 
+Inbound copies and replay. While PROTECTED, the frames delivered to the guest in one
+wakeup are also handed to ``forward`` (an :data:`~kemari_suite.tap.events.InboundSink`)
+with the open epoch: the primary sends them to the standby. On the standby, after a
+failover's ``cont``, :meth:`FrameProxy.inject` writes the frames it kept into the
+resumed guest (``replayed_frames``); see docs/sync-policy.md for why that is safe.
+
 One class serves every role: the primary (PROTECTED, released per epoch), a primary
 without secondary or the secondary after failover (UNPROTECTED: pass-through), and a
 new primary protecting towards a new secondary (``set_protected()``). A newer QEMU
@@ -44,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.errors import ProtocolError, TapError
-from kemari_suite.tap.events import EventSink, IOEvent, OpenEpoch, TapMode
+from kemari_suite.tap.events import EventSink, InboundSink, IOEvent, OpenEpoch, TapMode
 from kemari_suite.tap.tun import TapDevice
 
 log = logging.getLogger(__name__)
@@ -124,6 +130,11 @@ class ProxyStats:
     to_guest_frames: int = 0
     to_guest_bytes: int = 0
     to_guest_dropped: int = 0
+    forwarded_frames: int = 0  # copies handed to ``forward`` (PROTECTED)
+    forwarded_bytes: int = 0
+    replayed_frames: int = 0  # kept frames injected after a failover
+    replayed_bytes: int = 0
+    replay_dropped: int = 0  # kept frames that found no guest (or a full buffer)
     guest_connections: int = 0
     protocol_errors: int = 0
 
@@ -171,6 +182,8 @@ class FrameProxy:
         mode: PROTECTED holds guest frames per epoch; UNPROTECTED passes them through.
         epoch: the primary's open epoch, switched by :meth:`switch_epoch`.
         on_event: told ``(IOEvent.NET, epoch)`` for each guest frame in PROTECTED mode.
+        forward: told ``(epoch, frames)`` for the frames delivered to the guest in each
+            wakeup, in PROTECTED mode (:attr:`forward`, set again on every protection).
     """
 
     def __init__(
@@ -181,6 +194,7 @@ class FrameProxy:
         mode: TapMode,
         epoch: int = 0,
         on_event: EventSink | None = None,
+        forward: InboundSink | None = None,
         hold_limit_bytes: int = 16 << 20,
         hold_limit_frames: int = 16384,
         guest_buffer_limit: int = 4 << 20,
@@ -192,6 +206,7 @@ class FrameProxy:
         self.open_epoch = OpenEpoch(name, epoch)
         self.mode = mode
         self.on_event = on_event
+        self.forward = forward
         self.hold_limit_bytes = hold_limit_bytes
         self.hold_limit_frames = hold_limit_frames
         self.guest_buffer_limit = guest_buffer_limit
@@ -393,33 +408,66 @@ class FrameProxy:
     # ---- TAP side ----------------------------------------------------------------------
 
     def _on_tap_readable(self) -> None:
+        copies: list[bytes] | None = (
+            [] if self.forward is not None and self.mode is TapMode.PROTECTED else None
+        )
         for _ in range(TAP_BURST):
             try:
                 frame = os.read(self.tap.fd, MAX_FRAME)
             except BlockingIOError:
-                return
+                break
             except OSError as err:
                 log.error("%s: TAP read failed: %s", self.name, err)
-                return
+                break
             if not frame:
-                return
-            guest = self._guest
-            transport = guest.transport if guest is not None else None
-            if (
-                transport is None
-                or transport.is_closing()
-                or transport.get_write_buffer_size() > self.guest_buffer_limit
-            ):
-                self.stats.to_guest_dropped += 1
-                continue
-            transport.write(encode_frame(frame))
-            self.stats.to_guest_frames += 1
-            self.stats.to_guest_bytes += len(frame)
+                break
+            if self._to_guest(frame) and copies is not None:
+                copies.append(frame)
+        if copies and self.forward is not None:
+            self.stats.forwarded_frames += len(copies)
+            self.stats.forwarded_bytes += sum(len(f) for f in copies)
+            try:
+                self.forward(self.open_epoch.value, copies)
+            except Exception:
+                log.exception("%s: forwarding inbound frames failed", self.name)
+
+    def _to_guest(self, frame: bytes) -> bool:
+        """Write one frame to the guest; False (counted) when none is connected or
+        QEMU has not drained ``guest_buffer_limit``."""
+        guest = self._guest
+        transport = guest.transport if guest is not None else None
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > self.guest_buffer_limit
+        ):
+            self.stats.to_guest_dropped += 1
+            return False
+        transport.write(encode_frame(frame))
+        self.stats.to_guest_frames += 1
+        self.stats.to_guest_bytes += len(frame)
+        return True
+
+    def inject(self, frames: list[bytes]) -> int:
+        """Write frames kept on the standby into the resumed guest, in order, as if
+        they came from the TAP now (a failover, right after ``cont``); returns how many
+        reached QEMU. Frames that find no guest or a full buffer are counted
+        (``replay_dropped``): each only costs the retransmission it costs without
+        replay."""
+        n = 0
+        for frame in frames:
+            if self._to_guest(frame):
+                n += 1
+                self.stats.replayed_frames += 1
+                self.stats.replayed_bytes += len(frame)
+            else:
+                self.stats.replay_dropped += 1
+        return n
 
     # ---- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {
+        out = {
             "state": self.state.value,
             "mode": self.mode.value,
             "tap": self.tap.name,
@@ -428,6 +476,10 @@ class FrameProxy:
             "overflowing": self.overflowing,
             **asdict(self.stats),
         }
+        forward_status = getattr(self.forward, "status", None)
+        if callable(forward_status):
+            out["forward"] = forward_status()
+        return out
 
 
 __all__ = [

@@ -38,6 +38,7 @@ from kemari_suite.protocol.wire import (
     EpochEnd,
     EpochKind,
     GuestEvent,
+    GuestFrames,
     Heartbeat,
     Hello,
     HelloProof,
@@ -121,6 +122,8 @@ SAMPLES: list[Message] = [
     Resync(reason="secondary restarted"),
     Heartbeat(seq=2**64 - 1, sent_ns=123456789, role_state="secondary/replicating"),
     GuestEvent(name="SHUTDOWN", data='{"guest": true}'),
+    GuestFrames(epoch=7, frames=(b"\xff" * 60, bytes(range(256)) * 5)),
+    GuestFrames(epoch=8, frames=()),
     VmProfile(profile={"machine": "pc-q35-8.2", "ram_mb": 2048, "cpu": {"model": "host"}}),
     CompatVerdict(stage=CompatStage.PROFILE, ok=True, details={"notes": ["cpu flags differ"]}),
     CompatVerdict(stage=CompatStage.RESTORE, ok=False, ms=812.5, reason="QEMU said: ü"),
@@ -398,6 +401,7 @@ def message_strategy() -> st.SearchStrategy[Message]:
         st.builds(Resync, text),
         st.builds(Heartbeat, u64, u64, text),
         st.builds(GuestEvent, text, text),
+        st.builds(GuestFrames, u64, st.lists(st.binary(min_size=1, max_size=200), max_size=5)),
         *control_strategies(),
     )
 
@@ -726,6 +730,10 @@ EPOCH_GOLDEN: list[tuple[Message, bytes]] = [
         struct.pack("!QQ", 2**64 - 1, 5) + text(b"s"),
     ),
     (GuestEvent(name="SHUTDOWN", data="{}"), text(b"SHUTDOWN") + text(b"{}")),
+    (
+        GuestFrames(epoch=9, frames=(b"ab", b"c")),
+        struct.pack("!QI", 9, 2) + text(b"ab") + text(b"c"),
+    ),
     (Bye(reason="done"), text(b"done")),
 ]
 
