@@ -257,6 +257,9 @@ class Kill:
     detected_s: float | None = None
     resumed_s: float | None = None
     agent_failover_ms: float | None = None
+    #: Guest-bound frames of the lost epochs the survivor replayed into the resumed
+    #: guest (the failover report's ``replayed_frames``).
+    replayed_frames: int | None = None
     reprotected_s: float | None = None
     spot_checked: int = 0
     spot_missing: list[str] = field(default_factory=list)
@@ -653,6 +656,7 @@ def run(
                 raise BenchmarkError("service", f"{survivor} did not take the VM over: {st}")
             fo = st.get("failover") or {}
             k.agent_failover_ms = fo.get("failover_ms")
+            k.replayed_frames = fo.get("replayed_frames")
             if isinstance(fo.get("detected_at"), int | float):
                 k.detected_s = round(float(fo["detected_at"]) - w_kill, 3)
                 if isinstance(k.agent_failover_ms, int | float):
@@ -860,15 +864,17 @@ def write_results(res: dict[str, Any], folder: Path, command: str) -> Path:
         "## Kills of the host running the VM",
         "",
         "| # | killed | client outage s | heartbeat timeout at s | guest running at s "
-        "| agent failover ms | protected again after s | spot-checked records |",
-        "|---|---|---|---|---|---|---|---|",
+        "| agent failover ms | frames replayed | protected again after s "
+        "| spot-checked records |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, k in enumerate(res["kills"], 1):
         spot = f"{k['spot_checked'] - len(k['spot_missing'])}/{k['spot_checked']}"
         lines.append(
             f"| {i} | {k['victim']} | {f(k['outage_s'], '.2f')} "
             f"| {f(k.get('detected_s'), '.2f')} | {f(k.get('resumed_s'), '.2f')} "
-            f"| {f(k['agent_failover_ms'], '.0f')} | {f(k['reprotected_s'], '.0f')} | {spot} |"
+            f"| {f(k['agent_failover_ms'], '.0f')} | {f(k.get('replayed_frames'), 'd')} "
+            f"| {f(k['reprotected_s'], '.0f')} | {spot} |"
         )
     lines += [
         "",

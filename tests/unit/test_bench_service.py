@@ -98,7 +98,7 @@ def test_report_states_the_figures(tmp_path: Path) -> None:
     assert "| unprotected (warm: the baseline) | 100.0 |" in md
     assert "Protected / unprotected throughput: 0.10" in md
     assert "never captured" not in md  # no cold figure recorded, no cold row
-    assert "| 1 | primary | 4.00 | - | - | 350 | 10 | 5/5 |" in md
+    assert "| 1 | primary | 4.00 | - | - | 350 | - | 10 | 5/5 |" in md
     assert "| primary host | 120 | 70 | 0.40 | 0 |" in md
     assert "70.0% of the time" in md
     assert "nothing lost" in md
