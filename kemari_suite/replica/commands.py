@@ -45,6 +45,27 @@ def status(agent: SecondaryAgent) -> dict[str, Any]:
     }
 
 
+async def cluster_promoted(agent: SecondaryAgent) -> None:
+    """Under ``tiebreaker = "pacemaker"`` the cluster decides where the VM runs: a
+    failover asked on the control socket (``kemari failover``, or the resource agent's
+    promote) goes ahead only while Pacemaker's promotion of this node is in force.
+
+    Raises:
+        FailoverError: this node is not promoted (the tiebreaker says why).
+    """
+    tiebreaker = agent.watch.witness
+    if agent.cfg.replication.tiebreaker != "pacemaker" or tiebreaker is None:
+        return
+    decision = await tiebreaker.ask("takeover")
+    if not decision.granted:
+        agent.artifacts.event("failover-refused", reason=decision.reason)
+        raise FailoverError(
+            f'{decision.reason}; with replication.tiebreaker = "pacemaker" the cluster '
+            "decides: move or promote the resource with pcs or crm (e.g. `crm resource "
+            "move RSC NODE`), never around it"
+        )
+
+
 def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
     """The command table of ``agent``'s control socket."""
 
@@ -63,6 +84,7 @@ def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
             # (A kept switchover checkpoint is no checkpoint: it has no device state.)
             raise FailoverError("no committed checkpoint yet: nothing to fail over to")
         if agent.state is not S.FAILING_OVER:
+            await cluster_promoted(agent)
             await operator_failover_check(
                 agent.watch.witness,
                 agent.store.copy_generation(),
@@ -98,4 +120,4 @@ def handlers(agent: SecondaryAgent) -> dict[str, Handler]:
     return table
 
 
-__all__ = ["handlers", "status"]
+__all__ = ["cluster_promoted", "handlers", "status"]
