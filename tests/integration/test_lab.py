@@ -596,6 +596,9 @@ def test_cli_lab_up_prints_configs_ports_and_commands(
         (lay.repl_secondary_ip, 7410),
         (lay.lan_client_ip, 7411),
         (lay.guest_ip, 7000),
+        # Each agent's /metrics (Prometheus), on its host's LAN address.
+        (lay.lan_primary_ip, 9400),
+        (lay.lan_secondary_ip, 9400),
     }
     for role, verb in (("witness", "witness"), ("secondary", "standby"), ("primary", "protect")):
         assert (directory / f"{role}.toml").is_file()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kemari_suite.config import ReplicationConfig
+from kemari_suite.config import ReplicationConfig, load
 from kemari_suite.disk.builtin import read_sidecar, read_sidecar_generation, sidecar_path
 from kemari_suite.errors import FailoverError
 from kemari_suite.ha.witness import Decision, WitnessClient, WitnessServer
@@ -223,6 +223,7 @@ def test_an_operator_failover_checks_the_sidecar_generation(tmp_path: Path) -> N
         report=None,
         artifacts=Artifacts(tmp_path / "art"),
         store=SimpleNamespace(copy_generation=lambda: 4, resumable=True),
+        cfg=load(None),
     )
 
     def request(reason: str) -> None:
