@@ -40,6 +40,8 @@ from kemari_suite.config import KemariConfig
 from kemari_suite.errors import BenchmarkError, KemariError
 from kemari_suite.lab.configs import COUNTER_PORT
 from kemari_suite.lab.pair import (
+    SEVERAL_HEARTBEAT_TIMEOUT_MS,
+    SEVERAL_MEMORY_MIB,
     HostLoss,
     LabPair,
     PairOptions,
@@ -52,9 +54,9 @@ from kemari_suite.vm.define import ensure_image
 LAB_ID = "bmv"
 BOUND = 1.2
 VMS = 4
-MEMORY_MIB = 96
+MEMORY_MIB = SEVERAL_MEMORY_MIB
 WORKLOAD = f"memdirty -m 16 -r 2000 -P compressible & counter -q -p {COUNTER_PORT} 0"
-HEARTBEAT_TIMEOUT_MS = 3000
+HEARTBEAT_TIMEOUT_MS = SEVERAL_HEARTBEAT_TIMEOUT_MS
 
 Progress = Callable[[str], None]
 
@@ -120,9 +122,7 @@ def run(
 
     names = [f"vm{i}" for i in range(1, VMS + 1)]
     ensure_image(cfg, progress=lambda m: say(f"image: {m}"))
-    if lab_id in labmod.list_labs():
-        labmod.down(lab_id)
-    lay = labmod.up(lab_id, profile)
+    lay = labmod.fresh(lab_id, profile, say=mark)
     r = cfg.replication
     template = PairOptions(
         memory_mib=MEMORY_MIB,

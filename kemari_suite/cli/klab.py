@@ -207,6 +207,10 @@ def protect_demo_result(run: dict[str, object]) -> dict[str, object]:
     return {**{k: run.get(k) for k in keys}, **run}
 
 
+#: The disk backends the kernel lab's demo runs with.
+KERNEL_LAB_DISKS = ("builtin", "drbd")
+
+
 @app.command("protect-demo")
 def protect_demo(
     config: ConfigOpt = None,
@@ -221,16 +225,42 @@ def protect_demo(
 ) -> None:
     """Kemari inside two L1s: standby in one, protect in the other (the guest under
     nested KVM), records over TCP, power loss of the primary L1, resumed on the other."""
+    run_kernel_lab_demo(
+        configmod.load(config),
+        disk=disk,
+        as_json=as_json,
+        slot=slot,
+        tree=tree,
+        accel=accel,
+        min_acks=min_acks,
+    )
+
+
+def run_kernel_lab_demo(
+    cfg: KemariConfig,
+    *,
+    disk: str,
+    as_json: bool,
+    slot: int = 192,
+    tree: Path | None = None,
+    accel: str = "auto",
+    min_acks: int = 30,
+) -> None:
+    """``klab protect-demo`` and ``demo --kernel-lab``: report the run (the last stdout
+    line with ``as_json``); exit 1 unless it resumed with nothing acknowledged lost,
+    2 for a disk backend the lab cannot run."""
     from kemari_suite.klab.protectdemo import run_protect_demo
     from kemari_suite.vm.define import ensure_image
 
-    cfg = configmod.load(config)
+    if disk not in KERNEL_LAB_DISKS:
+        err.print(
+            f"[bold red]error:[/] --disk {disk}: the kernel lab runs "
+            f"{' or '.join(KERNEL_LAB_DISKS)}"
+        )
+        raise typer.Exit(2)
     note = _progress(time.monotonic())
     img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
     guest = guard(lambda: ensure_image(cfg, note))
-    if disk not in ("builtin", "drbd"):
-        err.print(f"[bold red]error:[/] --disk {disk}: builtin or drbd")
-        raise typer.Exit(2)
     share = (tree or _checkout()).resolve()
     data_mib = 64 if disk == "drbd" else 0
     with _pair(

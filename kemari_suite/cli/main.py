@@ -815,16 +815,35 @@ def demo(
             "profile is 1g.",
         ),
     ] = False,
+    kernel_lab: Annotated[
+        bool,
+        typer.Option(
+            "--kernel-lab",
+            help="Run the demo in the kernel lab: two L1 hosts on Debian's kernel, the "
+            "guest under nested KVM (TCG if it has none), a power loss of the primary L1.",
+        ),
+    ] = False,
+    disk: Annotated[
+        str,
+        typer.Option(help="With --kernel-lab: the disk backend, builtin or drbd (8.4)."),
+    ] = "builtin",
 ) -> None:
     """Failover demo: protect a guest in the lab, kill -9 the primary, watch it go on."""
     if os.geteuid() != 0:
         err.print("[bold red]error:[/] the demo creates network namespaces: run it as root")
         raise typer.Exit(2)
-    if pacemaker and vms > 1:
-        err.print("[bold red]error:[/] --pacemaker runs one VM: leave out --vms")
+    if sum((pacemaker, vms > 1, kernel_lab)) > 1:
+        err.print("[bold red]error:[/] --pacemaker, --vms and --kernel-lab are separate demos")
+        raise typer.Exit(2)
+    if disk != "builtin" and not kernel_lab:
+        err.print("[bold red]error:[/] --disk chooses the kernel lab's backend: add --kernel-lab")
         raise typer.Exit(2)
     cfg = _load(config)
-    if pacemaker:
+    if kernel_lab:
+        from kemari_suite.cli.klab import run_kernel_lab_demo
+
+        run_kernel_lab_demo(cfg, disk=disk, as_json=json_out)
+    elif pacemaker:
         _demo_pacemaker(cfg, seconds=seconds, keep=keep, json_out=json_out)
     elif vms > 1:
         _demo_multi(cfg, vms, profile=profile, seconds=seconds, keep=keep, json_out=json_out)

@@ -105,11 +105,8 @@ def run_demo(
     mark("building the guest image (cached after the first run)")
     image = ensure_image(cfg, progress=lambda m: say(f"image: {m}"))
     res.image_cached = image.cached
-    if lab_id in labmod.list_labs():
-        mark(f"removing a stale lab {lab_id!r} left by an earlier demo")
-        labmod.down(lab_id)
     mark(f"lab {lab_id}: primary, secondary and client namespaces, {profile} replication link")
-    lay = labmod.up(lab_id, profile)
+    lay = labmod.fresh(lab_id, profile, say=mark)
     # The guest NIC goes through the frame proxy: the client never sees a counter value
     # whose checkpoint is not on the secondary (output commit).
     # The product's heartbeat and interval defaults (the lab's own are for tests).

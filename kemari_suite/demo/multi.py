@@ -35,6 +35,8 @@ from kemari_suite.errors import KemariError
 from kemari_suite.lab.addressing import HostRole
 from kemari_suite.lab.netclient import tcp_request
 from kemari_suite.lab.pair import (
+    SEVERAL_HEARTBEAT_TIMEOUT_MS,
+    SEVERAL_MEMORY_MIB,
     HostLoss,
     LabPair,
     PairOptions,
@@ -46,11 +48,8 @@ from kemari_suite.vm.define import ensure_image
 from kemari_suite.vm.qemu import choose_accel
 
 MULTI_LAB_ID = "dmm"
-#: Small guests: N of them boot at once under TCG on a shared machine.
-MULTI_MEMORY_MIB = 96
-#: The lab's heartbeat timeout: several TCG guests on two loaded cores must not take a
-#: slow heartbeat for a lost host.
-MULTI_HEARTBEAT_TIMEOUT_MS = 3000
+MULTI_MEMORY_MIB = SEVERAL_MEMORY_MIB
+MULTI_HEARTBEAT_TIMEOUT_MS = SEVERAL_HEARTBEAT_TIMEOUT_MS
 
 
 _HOST_NAMES: dict[HostRole, str] = {"primary": "A", "secondary": "B"}
@@ -165,11 +164,8 @@ def run_multi_demo(
     names = vm_names(count)
     mark(f"accelerator: {res.accel} ({why})")
     ensure_image(cfg, progress=lambda m: say(f"image: {m}"))
-    if lab_id in labmod.list_labs():
-        mark(f"removing a stale lab {lab_id!r} left by an earlier demo")
-        labmod.down(lab_id)
     mark(f"lab {lab_id}: two hosts, a client namespace, {profile} replication link")
-    lay = labmod.up(lab_id, profile)
+    lay = labmod.fresh(lab_id, profile, say=mark)
     r = cfg.replication
     template = PairOptions(
         memory_mib=memory_mib,

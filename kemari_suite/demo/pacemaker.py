@@ -328,10 +328,8 @@ def run_pacemaker_demo(
     }
     say("building the guest image (cached after the first run)")
     ensure_image(cfg, progress=lambda m: say(f"image: {m}"))
-    if lab_id in labmod.list_labs():
-        labmod.down(lab_id)
     say(f"lab {lab_id}: hosts a and b, qnetd on the LAN")
-    lay = labmod.up(lab_id, "1g")
+    lay = labmod.fresh(lab_id, "1g", say=say)
     opts = PairOptions(tapped_net=True)
     pp: PacemakerPair | None = None
     try:

@@ -21,6 +21,7 @@ from kemari_suite.lab.addressing import (
 from kemari_suite.lab.lab import (
     DownReport,
     down,
+    fresh,
     list_labs,
     netns_exec_argv,
     state_file,
@@ -50,6 +51,7 @@ __all__ = [
     "LinkState",
     "Role",
     "down",
+    "fresh",
     "get_profile",
     "heal",
     "layout",

@@ -30,7 +30,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,26 @@ def up(lab_id: str, profile: str = "1g", *, paths: PathsConfig | None = None) ->
                 registry.forget(lab_id)
         raise
     return lay
+
+
+def fresh(
+    lab_id: str,
+    profile: str = "1g",
+    *,
+    say: Callable[[str], None] | None = None,
+    paths: PathsConfig | None = None,
+) -> LabLayout:
+    """Lab ``lab_id`` built anew: a lab of that id left by an earlier run (a demo or a
+    bench that was interrupted) is taken down first, then :func:`up`.
+
+    Raises:
+        LabError: as :func:`up`.
+    """
+    if lab_id in list_labs():
+        if say is not None:
+            say(f"removing a stale lab {lab_id!r} left by an earlier run")
+        down(lab_id, paths=paths)
+    return up(lab_id, profile, paths=paths)
 
 
 def _build(lay: LabLayout) -> None:

@@ -43,6 +43,8 @@ from kemari_suite.service import control
 __all__ = [
     "COUNTER_PORT",
     "REPL_PORT",
+    "SEVERAL_HEARTBEAT_TIMEOUT_MS",
+    "SEVERAL_MEMORY_MIB",
     "WITNESS_PORT",
     "HostLoss",
     "LabPair",
@@ -409,6 +411,13 @@ class LabPair:
 
 
 # --------------------------------------------------------------------------- several VMs
+
+#: A guest's RAM when several share the lab: N of them boot at once under TCG on a
+#: shared machine (the multi-VM demo and benchmark).
+SEVERAL_MEMORY_MIB = 96
+#: The heartbeat timeout floor with several guests: several TCG guests on two loaded
+#: cores must not take a slow heartbeat for a lost host.
+SEVERAL_HEARTBEAT_TIMEOUT_MS = 3000
 
 
 def several_pairs(

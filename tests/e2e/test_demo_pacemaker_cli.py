@@ -55,4 +55,4 @@ def test_pacemaker_runs_one_vm_only() -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert "--pacemaker runs one VM" in proc.stderr
+    assert "separate demos" in proc.stderr

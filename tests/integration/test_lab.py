@@ -27,6 +27,7 @@ from kemari_suite.lab import (
     LabLayout,
     LinkProfile,
     down,
+    fresh,
     heal,
     layout,
     list_labs,
@@ -282,6 +283,17 @@ def test_up_of_an_existing_lab_is_refused(
     # The refused call must not have touched the running lab.
     st = status(lab_id, paths=paths)
     assert st.complete and st.profile == "1g", st.problems
+    _assert_lab_reachable(lay)
+
+
+def test_fresh_replaces_a_stale_lab(new_lab_id: Callable[[], str], paths: PathsConfig) -> None:
+    lab_id = new_lab_id()
+    up(lab_id, paths=paths)
+    said: list[str] = []
+    lay = fresh(lab_id, "10g", say=said.append, paths=paths)
+    assert any("stale lab" in m for m in said), said
+    st = status(lab_id, paths=paths)
+    assert st.complete and st.profile == "10g", st.problems
     _assert_lab_reachable(lay)
 
 
