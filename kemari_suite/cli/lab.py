@@ -14,7 +14,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -81,6 +81,18 @@ CommitOpt = Annotated[
 ]
 
 
+VmsOpt = Annotated[
+    int,
+    typer.Option(
+        "--vms",
+        min=1,
+        max=99,
+        help="Write configs for this many VMs, vm1..vmN, on the pair: the first half with "
+        "their primary on host A, the rest on host B, one witness for all.",
+    ),
+]
+
+
 @dataclasses.dataclass(frozen=True)
 class _VMChoices:
     """What the config-writing commands take from their options."""
@@ -120,17 +132,25 @@ def lab_up(
     disk: DiskOpt = "none",
     disk_mib: DiskMibOpt = 64,
     output_commit: CommitOpt = True,
+    vms: VmsOpt = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a lab, write ready-to-run configs for a VM in it, print how to start it.
 
     The lab: primary, secondary and client namespaces, a shaped replication link, a LAN.
-    The configs: primary.toml, secondary.toml, witness.toml and lab.env.
+    The configs: primary.toml, secondary.toml, witness.toml and lab.env (with ``--vms``:
+    one folder of them per VM, each VM with its own address, TAPs and ports).
     """
     choices = _VMChoices(
         name, memory, vcpus, tuple(add or ()), init, kernel, initrd, run,
         tuple(guest_port or ()), disk, disk_mib, output_commit,
     )  # fmt: skip
+    if vms > 1:
+        if name != "guest":
+            err.print("[bold red]error:[/] --name names one VM; --vms names them vm1..vmN")
+            raise typer.Exit(2)
+        _several_command(lab_id, config, out_dir, choices, vms, json_out=json_out, profile=profile)
+        return
     _configs_command(lab_id, config, out_dir, choices, json_out=json_out, profile=profile)
 
 
@@ -299,6 +319,116 @@ def _configs_command(
             guard(lambda: lab.down(lab_id, paths=cfg.paths))
         raise
     _show_configs(lay, written, opts, json_out=json_out, created=profile is not None)
+
+
+def _several_command(
+    lab_id: str,
+    config: Path | None,
+    out_dir: Path | None,
+    choices: _VMChoices,
+    count: int,
+    *,
+    json_out: bool,
+    profile: str,
+) -> None:
+    """``lab up --vms N``: the lab, then one folder of configs per VM (``<dir>/vmK``),
+    each VM's TAPs; the lab is taken down again if a step fails."""
+    from kemari_suite import lab
+    from kemari_suite.lab import configs as labconfigs
+    from kemari_suite.lab import registry
+    from kemari_suite.lab.lab import add_vm_taps
+
+    cfg = _load(config)
+    opts = guard(lambda: _options(cfg, choices))
+    directory = (out_dir or labconfigs.default_dir(cfg.paths, lab_id)).absolute()
+    names = [f"vm{i}" for i in range(1, count + 1)]
+    keys_dir = directory / labconfigs.WITNESS_KEYS_DIR
+    several = guard(
+        lambda: labconfigs.several_options(opts, names, on_b=count // 2, witness_keys_dir=keys_dir)
+    )
+    lay = guard(lambda: lab.up(lab_id, profile, paths=cfg.paths))
+
+    def write() -> list[tuple[PairOptions, LabConfigs]]:
+        done = []
+        for o in several:
+            written = labconfigs.write(
+                lay, cfg, o, directory / o.vm_name, guest_ports=choices.guest_ports
+            )
+            for path in written.configs.values():
+                configmod.load(path)
+            done.append((o, written))
+        add_vm_taps(lay, [o.addresses(lay) for o in several])
+        registry.note_configs(lab_id, directory)
+        return done
+
+    try:
+        done = guard(write)
+    except typer.Exit:
+        guard(lambda: lab.down(lab_id, paths=cfg.paths))
+        raise
+    _show_several(lay, done, json_out=json_out)
+
+
+def _show_several(
+    lay: LabLayout, done: list[tuple[PairOptions, LabConfigs]], *, json_out: bool
+) -> None:
+    prog = _kemari_prog()
+    kemari = shlex.join(prog)
+    witness = done[0][1].launch("witness").shell(prog)
+    vms: list[dict[str, Any]] = []
+    for o, w in done:
+        a = o.addresses(lay)
+        vms.append(
+            {
+                "name": o.vm_name,
+                "slot": a.slot,
+                "guest_ip": a.guest_ip,
+                "mac": a.mac,
+                "primary_host": "A" if o.host_of("primary") == "primary" else "B",
+                "taps": {r: a.tap_for(r) for r in ("primary", "secondary")},
+                "replication_port": a.repl_port,
+                "metrics_port": a.metrics_port if o.metrics else None,
+                "directory": str(w.directory),
+                "configs": {r: str(p) for r, p in w.configs.items() if r != "witness"},
+                "commands": {x.role: x.shell(prog) for x in w.launches if x.role != "witness"},
+                "status": {
+                    r: f"{kemari} status -c {shlex.quote(str(w.configs[r]))}"
+                    for r in ("primary", "secondary")
+                },
+            }
+        )
+    down = f"{kemari} lab down --id {lay.lab_id}"
+    if json_out:
+        print(
+            json.dumps(
+                {
+                    "lab_id": lay.lab_id,
+                    "profile": lay.profile.name,
+                    "namespaces": {r: lay.ns_for(r) for r in ("primary", "secondary", "client")},
+                    "lan": {r: lay.lan_ip_for(r) for r in ("primary", "secondary", "client")},
+                    "witness": witness,
+                    "vms": vms,
+                    "down": down,
+                }
+            )
+        )
+        return
+    out.print(f"lab {lay.lab_id} is up (profile {lay.profile.name}), {len(vms)} VMs on its pair:")
+    out.print(f"  {'VM':<6} {'guest IP':<15} {'primary on':<11} {'repl port':<10} metrics port")
+    for v in vms:
+        metrics = v["metrics_port"] if v["metrics_port"] is not None else "-"
+        out.print(
+            f"  {v['name']:<6} {v['guest_ip']:<15} host {v['primary_host']:<6} "
+            f"{v['replication_port']:<10} {metrics}"
+        )
+    out.print("")
+    out.print("start the witness, then each VM's standby before its primary:")
+    out.print(f"  {witness}")
+    for v in vms:
+        out.print(f"  {v['commands']['secondary']}")
+        out.print(f"  {v['commands']['primary']}")
+    out.print("take the lab down, agents included:")
+    out.print(f"  {down}")
 
 
 def _load(path: Path | None) -> KemariConfig:

@@ -33,8 +33,10 @@ never sees the replication key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from kemari_suite.lab.addressing import (
     LabLayout,
     VmAddresses,
     vm_addresses,
+    vm_slots,
 )
 from kemari_suite.protocol.files import mkdir_owner_only, open_owner_only, write_owner_only
 from kemari_suite.protocol.keys import check_key_length, generate_key
@@ -148,6 +151,29 @@ class PairOptions:
         """The lab host (namespace) the agent of ``role`` runs on."""
         primary = role == "primary"
         return "primary" if primary != self.reverse else "secondary"
+
+
+def several_options(
+    template: PairOptions, names: Sequence[str], *, on_b: int, witness_keys_dir: Path
+) -> list[PairOptions]:
+    """The options of each VM of ``names`` protected on one lab pair, from ``template``:
+    ``slotted`` (addresses, ports and folders from each name), the last ``on_b`` with
+    their primary on host B (``reverse``), all with one witness folder of pair keys.
+
+    Raises:
+        LabError: a name is invalid, given twice, or two names take the same slot.
+    """
+    vm_slots(names)
+    return [
+        dataclasses.replace(
+            template,
+            vm_name=name,
+            slotted=True,
+            reverse=i >= len(names) - on_b,
+            witness_keys_dir=str(witness_keys_dir),
+        )
+        for i, name in enumerate(names)
+    ]
 
 
 def options_from_config(cfg: KemariConfig) -> PairOptions:

@@ -24,7 +24,7 @@ from typing import Any
 from kemari_suite.config import KemariConfig, dump_toml
 from kemari_suite.errors import ConnectError, KemariError, LabError
 from kemari_suite.lab import configs as labconfigs
-from kemari_suite.lab.addressing import HostRole, LabLayout, vm_slots
+from kemari_suite.lab.addressing import HostRole, LabLayout
 from kemari_suite.lab.configs import (
     COUNTER_PORT,
     REPL_PORT,
@@ -33,6 +33,7 @@ from kemari_suite.lab.configs import (
     agent_run_dir,
     agent_shm_dir,
     role_shm_dir,
+    several_options,
 )
 from kemari_suite.lab.lab import add_vm_taps
 from kemari_suite.lab.netclient import tcp_request
@@ -433,22 +434,9 @@ def several_pairs(
         LabError: two names clash (:func:`~kemari_suite.lab.addressing.vm_slots`), or a
             TAP cannot be made.
     """
-    vm_slots(names)
     keys_dir = base.paths.run_dir / f"kemari-{lab.lab_id}-pair" / "witness.d"
-    pairs = [
-        LabPair(
-            lab,
-            base,
-            dataclasses.replace(
-                template,
-                vm_name=name,
-                slotted=True,
-                reverse=i >= len(names) - on_b,
-                witness_keys_dir=str(keys_dir),
-            ),
-        )
-        for i, name in enumerate(names)
-    ]
+    options = several_options(template, names, on_b=on_b, witness_keys_dir=keys_dir)
+    pairs = [LabPair(lab, base, opts) for opts in options]
     add_vm_taps(lab, [p.addresses for p in pairs])
     return pairs
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kemari_suite.config import PathsConfig
+from kemari_suite.config import load as config_load
 from kemari_suite.errors import LabError, LabInUseError
 from kemari_suite.lab import (
     PROFILES,
@@ -630,3 +631,48 @@ def test_cli_lab_up_prints_configs_ports_and_commands(
     absent = _kemari(["lab", "status", "--id", lab_id], bare)
     assert absent.returncode == 1
     assert f"no lab {lab_id}" in absent.stdout and f"/run/netns/{lay.ns_primary}" in absent.stdout
+
+
+def test_cli_lab_up_writes_configs_for_several_vms(
+    new_lab_id: Callable[[], str], paths: PathsConfig
+) -> None:
+    lab_id = new_lab_id()
+    env = {**os.environ, "KEMARI_RUN": str(paths.run_dir), "KEMARI_SHM": str(paths.shm_dir)}
+    res = _kemari(["lab", "up", "--id", lab_id, "--vms", "3", "--json"], env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    lay = layout(lab_id, "1g")
+    vms = data["vms"]
+    assert [v["name"] for v in vms] == ["vm1", "vm2", "vm3"]
+    # Nothing two VMs could fight over is shared.
+    for key in ("guest_ip", "mac", "replication_port", "metrics_port", "directory"):
+        assert len({v[key] for v in vms}) == 3, key
+    assert [v["primary_host"] for v in vms] == ["A", "A", "B"]  # both directions
+    keys_dirs = set()
+    for v in vms:
+        primary = config_load(Path(v["configs"]["primary"]))
+        secondary = config_load(Path(v["configs"]["secondary"]))
+        assert primary.vm.name == secondary.vm.name == v["name"]
+        assert primary.replication.listen.endswith(f":{v['replication_port']}")
+        # Each VM's TAPs exist in both host namespaces.
+        for role, ns in (("primary", lay.ns_primary), ("secondary", lay.ns_secondary)):
+            assert v["taps"][role] in json.dumps(_link(ns, v["taps"][role]))
+        keys_dirs.add(Path(v["directory"]) / "witness.toml")
+        ns_primary = lay.ns_primary if v["primary_host"] == "A" else lay.ns_secondary
+        assert v["commands"]["primary"].startswith(f"ip netns exec {ns_primary} ")
+    # One witness serves them all: every VM's pair key is in the one keys folder.
+    witness = config_load(Path(vms[0]["directory"]) / "witness.toml").witness
+    assert sorted(p.name for p in Path(witness.keys_dir).iterdir()) == [
+        "vm1.key",
+        "vm2.key",
+        "vm3.key",
+    ]
+    assert "witness -c " in data["witness"]
+    assert _kemari(["lab", "down", "--id", lab_id], env).returncode == 0
+    assert not any(d.exists() for d in keys_dirs)
+
+
+def test_cli_lab_up_several_vms_refuses_a_single_name(new_lab_id: Callable[[], str]) -> None:
+    res = _kemari(["lab", "up", "--id", new_lab_id(), "--vms", "2", "--name", "db"])
+    assert res.returncode == 2
+    assert "--vms names them vm1..vmN" in res.stderr
