@@ -286,3 +286,46 @@ def run_kernel_lab_demo(
 
         result = guard(scenario)
     _report(result, as_json)
+
+
+@app.command("serve", hidden=True)
+def serve(
+    lab_id: Annotated[str, typer.Option("--id", help="The standing lab's id.")],
+    profile: Annotated[str, typer.Option(help="Link profile: 1g, 10g, wan or unlimited.")] = "1g",
+    slot: Annotated[int | None, typer.Option(help="Link slot; default: from the id.")] = None,
+    nested: Annotated[bool, typer.Option(help="The image with QEMU, for L2 guests.")] = True,
+    share: Annotated[str, typer.Option(help="A host folder the L1s mount read-only.")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """The supervisor of a standing kernel lab (started by `kemari lab up --kernel`)."""
+    from kemari_suite.klab.standing import serve as run_serve
+
+    cfg = configmod.load(config)
+    code = run_serve(cfg.paths, lab_id, profile=profile, slot=slot, nested=nested, share=share)
+    raise typer.Exit(code)
+
+
+@app.command("exec")
+def exec_command(
+    lab_id: Annotated[str, typer.Option("--id", help="The standing lab's id.")],
+    command: Annotated[list[str], typer.Argument(help="The command (after --).")],
+    host: Annotated[str, typer.Option(help="The L1: l1a or l1b.")] = "l1a",
+    timeout: Annotated[float, typer.Option(help="Seconds before it is stopped.")] = 300.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a command in an L1 of a standing kernel lab (`kemari lab up --kernel`); its
+    output and exit status are the command's."""
+    import shlex
+
+    from kemari_suite.klab.standing import exec_in
+
+    cfg = configmod.load(config)
+    line = command[0] if len(command) == 1 else shlex.join(command)
+    res = guard(lambda: exec_in(cfg.paths, lab_id, host, line, timeout))
+    if res.stdout:
+        print(res.stdout, end="" if res.stdout.endswith("\n") else "\n")
+    if res.stderr:
+        err.print(res.stderr.rstrip("\n"), highlight=False, markup=False)
+    if res.timed_out:
+        err.print(f"[bold red]error:[/] timed out after {timeout:g} s")
+    raise typer.Exit(res.exit_code if not res.timed_out else 124)

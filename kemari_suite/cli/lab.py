@@ -54,8 +54,17 @@ AddOpt = Annotated[
 InitOpt = Annotated[
     str | None, typer.Option("--init", help="Command baked into the image for init to run.")
 ]
-KernelOpt = Annotated[Path | None, typer.Option("--kernel", help="Prebuilt guest kernel.")]
-InitrdOpt = Annotated[Path | None, typer.Option("--initrd", help="Prebuilt guest initramfs.")]
+KernelOpt = Annotated[Path | None, typer.Option("--guest-kernel", help="Prebuilt guest kernel.")]
+InitrdOpt = Annotated[Path | None, typer.Option("--guest-initrd", help="Prebuilt guest initramfs.")]
+KernelLabOpt = Annotated[
+    bool,
+    typer.Option(
+        "--kernel",
+        help="The kernel lab: two L1 hosts on Debian's kernel (DRBD, KVM, netem), kept "
+        "running by a supervisor until `lab down --kernel` (profiles 1g, 10g, wan, "
+        "unlimited).",
+    ),
+]
 RunOpt = Annotated[
     str | None,
     typer.Option(
@@ -133,6 +142,7 @@ def lab_up(
     disk_mib: DiskMibOpt = 64,
     output_commit: CommitOpt = True,
     vms: VmsOpt = 1,
+    kernel_lab: KernelLabOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a lab, write ready-to-run configs for a VM in it, print how to start it.
@@ -141,6 +151,9 @@ def lab_up(
     The configs: primary.toml, secondary.toml, witness.toml and lab.env (with ``--vms``:
     one folder of them per VM, each VM with its own address, TAPs and ports).
     """
+    if kernel_lab:
+        _kernel_up(lab_id, profile, config, json_out=json_out)
+        return
     choices = _VMChoices(
         name, memory, vcpus, tuple(add or ()), init, kernel, initrd, run,
         tuple(guest_port or ()), disk, disk_mib, output_commit,
@@ -187,6 +200,8 @@ def lab_configs(
 @app.command("down")
 def lab_down(
     lab_id: LabIdOpt = "0",
+    kernel_lab: KernelLabOpt = False,
+    config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove a lab and all it left: processes, namespaces, links, files.
@@ -194,6 +209,10 @@ def lab_down(
     Its files are found through the registry, wherever KEMARI_RUN pointed.
     """
     from kemari_suite import lab
+
+    if kernel_lab:
+        _kernel_down(lab_id, config, json_out=json_out)
+        return
 
     rep = guard(lambda: lab.down(lab_id))
     if json_out:
@@ -219,6 +238,8 @@ def lab_down(
 @app.command("status")
 def lab_status(
     lab_id: LabIdOpt = "0",
+    kernel_lab: KernelLabOpt = False,
+    config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show what exists of a lab (exit 1 unless it is complete).
@@ -226,6 +247,10 @@ def lab_status(
     Found through its namespaces and the registry, whatever the environment says.
     """
     from kemari_suite import lab
+
+    if kernel_lab:
+        _kernel_status(lab_id, config, json_out=json_out)
+        return
 
     st = guard(lambda: lab.status(lab_id))
     if json_out:
@@ -431,6 +456,74 @@ def _show_several(
     out.print(f"  {down}")
 
 
+def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool) -> None:
+    """``lab up --kernel``: start the supervisor, wait with a live status line."""
+    from kemari_suite.klab import standing
+
+    cfg = _load(config)
+    guard(lambda: standing.validate_id(lab_id))
+
+    def start() -> standing.StandingStatus:
+        if json_out:
+            return standing.up(cfg.paths, lab_id, profile=profile, config=config)
+        with err.status(f"kernel lab {lab_id}: starting") as st:
+            return standing.up(
+                cfg.paths, lab_id, profile=profile, config=config, progress=st.update
+            )
+
+    res = guard(start)
+    if json_out:
+        print(json.dumps(res.as_dict()))
+        return
+    _show_kernel(res)
+    out.print(f"run a command in an L1:  kemari klab exec --id {lab_id} --host l1a -- uname -a")
+    out.print(f"take it down:            kemari lab down --kernel --id {lab_id}")
+
+
+def _kernel_status(lab_id: str, config: Path | None, *, json_out: bool) -> None:
+    from kemari_suite.klab import standing
+
+    cfg = _load(config)
+    res = guard(lambda: standing.status(cfg.paths, lab_id))
+    if json_out:
+        print(json.dumps(res.as_dict()))
+    else:
+        _show_kernel(res)
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+def _show_kernel(res: Any) -> None:
+    if res.state == "absent":
+        out.print(f"no kernel lab {res.lab_id} (looked for {res.state_file})")
+        return
+    out.print(
+        f"kernel lab {res.lab_id}: {res.state}, link profile {res.profile} (netem in the "
+        f"L1s), supervisor PID {res.supervisor_pid}"
+    )
+    if res.error:
+        out.print(f"  error: {res.error}")
+    for h in res.hosts:
+        answer = {True: "agent answers", False: "agent silent", None: "-"}[h.answered]
+        link = ", ".join(f"{k} {v}" for k, v in h.qdisc.items()) or "no netem"
+        alive = "running" if h.alive else "gone"
+        out.print(f"  {h.name:<4} QEMU PID {h.pid} {alive}, {answer}, {h.kernel or '?'}, {link}")
+
+
+def _kernel_down(lab_id: str, config: Path | None, *, json_out: bool) -> None:
+    from kemari_suite.klab import standing
+
+    cfg = _load(config)
+    res = guard(lambda: standing.down(cfg.paths, lab_id))
+    if json_out:
+        print(json.dumps(dataclasses.asdict(res)))
+    elif not res.found:
+        out.print(f"no kernel lab {lab_id}: nothing to remove")
+    else:
+        killed = f"; SIGKILL to QEMU PIDs {res.killed}" if res.killed else ""
+        out.print(f"kernel lab {lab_id} removed{killed}")
+
+
 def _load(path: Path | None) -> KemariConfig:
     return guard(lambda: configmod.load(path))
 
@@ -468,7 +561,8 @@ def _options(cfg: KemariConfig, c: _VMChoices) -> PairOptions:
 
 
 def _image(base: ImageConfig, c: _VMChoices) -> ImageConfig:
-    """The base config's image with the command's --add/--init/--kernel/--initrd, paths
+    """The base config's image with the command's --add/--init/--guest-kernel/--guest-initrd,
+    paths
     made absolute (the agents may start anywhere)."""
     image = base
     if c.add:
@@ -482,10 +576,10 @@ def _image(base: ImageConfig, c: _VMChoices) -> ImageConfig:
     if c.init is not None:
         image = dataclasses.replace(image, init=c.init)
     if c.kernel is not None or c.initrd is not None:
-        for flag, value in (("--kernel", c.kernel), ("--initrd", c.initrd)):
+        for flag, value in (("--guest-kernel", c.kernel), ("--guest-initrd", c.initrd)):
             if value is None or not value.is_file():
                 raise ConfigError(
-                    f"{value} is not a file (give both --kernel and --initrd)", key=flag
+                    f"{value} is not a file (give both --guest-kernel and --guest-initrd)", key=flag
                 )
         assert c.kernel is not None and c.initrd is not None
         image = dataclasses.replace(

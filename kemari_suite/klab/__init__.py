@@ -17,6 +17,8 @@ Modules, by what they own::
     share.py       the suite's tree inside an L1: virtiofsd on the host, mounted read-only
     engine.py      Kemari's engine in the L1s: role configs, agents by PID, the host's witness
     protectdemo.py Kemari protecting an L2 KVM guest through a power loss of its L1
+    netem.py       the link profiles inside the L1s (1g, 10g, wan): netem on eth0
+    standing.py    a kernel lab kept up by a supervisor: lab up/status/down --kernel, exec
 
 See docs/kernel-lab.md.
 """

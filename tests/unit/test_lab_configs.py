@@ -236,10 +236,10 @@ def test_cli_refuses_half_a_prebuilt_image(tmp_path: Path, registry_dir: Path) -
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"")
     res = CliRunner().invoke(
-        app, ["lab", "configs", "--id", LAB, "-o", str(tmp_path), "--kernel", str(kernel)]
+        app, ["lab", "configs", "--id", LAB, "-o", str(tmp_path), "--guest-kernel", str(kernel)]
     )
     assert res.exit_code == 2
-    assert "--initrd" in res.output
+    assert "--guest-initrd" in res.output
 
 
 @pytest.mark.parametrize(
