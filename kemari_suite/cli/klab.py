@@ -295,13 +295,33 @@ def serve(
     slot: Annotated[int | None, typer.Option(help="Link slot; default: from the id.")] = None,
     nested: Annotated[bool, typer.Option(help="The image with QEMU, for L2 guests.")] = True,
     share: Annotated[str, typer.Option(help="A host folder the L1s mount read-only.")] = "",
+    netns: Annotated[str, typer.Option(help="The L1s' namespaces: A,B.")] = "",
+    link_ips: Annotated[str, typer.Option(help="The link's addresses there: A,B.")] = "",
     config: ConfigOpt = None,
 ) -> None:
     """The supervisor of a standing kernel lab (started by `kemari lab up --kernel`)."""
     from kemari_suite.klab.standing import serve as run_serve
 
+    def two(text: str, what: str) -> tuple[str, str] | None:
+        if not text:
+            return None
+        parts = text.split(",")
+        if len(parts) != 2 or not all(parts):
+            err.print(f"[bold red]error:[/] --{what} {text!r}: expected A,B")
+            raise typer.Exit(2)
+        return parts[0], parts[1]
+
     cfg = configmod.load(config)
-    code = run_serve(cfg.paths, lab_id, profile=profile, slot=slot, nested=nested, share=share)
+    code = run_serve(
+        cfg.paths,
+        lab_id,
+        profile=profile,
+        slot=slot,
+        nested=nested,
+        share=share,
+        namespaces=two(netns, "netns"),
+        link_ips=two(link_ips, "link-ips"),
+    )
     raise typer.Exit(code)
 
 

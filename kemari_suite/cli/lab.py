@@ -456,22 +456,39 @@ def _show_several(
     out.print(f"  {down}")
 
 
+#: The host lab's tbf profile under each kernel-lab profile (``wan`` is rated by netem).
+KERNEL_LAB_TBF = {"1g": "1g", "10g": "10g", "wan": "1g", "unlimited": "unlimited"}
+
+
 def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool) -> None:
     """``lab up --kernel``: start the supervisor, wait with a live status line."""
+    from kemari_suite import lab
     from kemari_suite.klab import standing
+    from kemari_suite.klab.netem import get_profile
 
     cfg = _load(config)
     guard(lambda: standing.validate_id(lab_id))
+    guard(lambda: get_profile(profile))
+    # The host lab's namespaces first: the L1s' link crosses its shaped veth pair.
+    lay = guard(lambda: lab.up(lab_id, KERNEL_LAB_TBF.get(profile, "1g"), paths=cfg.paths))
+    kw: dict[str, Any] = {
+        "profile": profile,
+        "config": config,
+        "namespaces": (lay.ns_primary, lay.ns_secondary),
+        "link_ips": (lay.repl_primary_ip, lay.repl_secondary_ip),
+    }
 
     def start() -> standing.StandingStatus:
         if json_out:
-            return standing.up(cfg.paths, lab_id, profile=profile, config=config)
+            return standing.up(cfg.paths, lab_id, **kw)
         with err.status(f"kernel lab {lab_id}: starting") as st:
-            return standing.up(
-                cfg.paths, lab_id, profile=profile, config=config, progress=st.update
-            )
+            return standing.up(cfg.paths, lab_id, progress=st.update, **kw)
 
-    res = guard(start)
+    try:
+        res = guard(start)
+    except typer.Exit:
+        guard(lambda: lab.down(lab_id, paths=cfg.paths))
+        raise
     if json_out:
         print(json.dumps(res.as_dict()))
         return
@@ -501,6 +518,8 @@ def _show_kernel(res: Any) -> None:
         f"kernel lab {res.lab_id}: {res.state}, link profile {res.profile} (netem in the "
         f"L1s), supervisor PID {res.supervisor_pid}"
     )
+    if res.namespaces:
+        out.print(f"  namespaces {', '.join(res.namespaces)} (the host lab's tbf on the link)")
     if res.error:
         out.print(f"  error: {res.error}")
     for h in res.hosts:
@@ -511,10 +530,14 @@ def _show_kernel(res: Any) -> None:
 
 
 def _kernel_down(lab_id: str, config: Path | None, *, json_out: bool) -> None:
+    from kemari_suite import lab
     from kemari_suite.klab import standing
 
     cfg = _load(config)
     res = guard(lambda: standing.down(cfg.paths, lab_id))
+    # Then the host lab the L1s ran in (its namespaces, its files).
+    if lab_id in lab.list_labs():
+        guard(lambda: lab.down(lab_id))
     if json_out:
         print(json.dumps(dataclasses.asdict(res)))
     elif not res.found:

@@ -63,6 +63,9 @@ class L1Spec:
     share: str = ""
     #: A second NIC on QEMU's user network (eth1), to reach the host's loopback.
     lan: bool = False
+    #: Run the L1's QEMU in this network namespace (a host of the namespace lab): its
+    #: link's UDP datagrams then cross that lab's shaped replication link.
+    netns: str | None = None
 
 
 def lan_mac(mac: str) -> str:
@@ -116,6 +119,7 @@ def l1_vm_spec(name: str, spec: L1Spec, image: HostImage, folder: Path) -> VMSpe
         ),
         devices=tuple(devices),
         extra_args=tuple(extra),
+        netns=spec.netns,
     )
 
 

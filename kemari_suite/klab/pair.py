@@ -50,6 +50,11 @@ class PairSpec:
     share: str = ""
     #: Give both L1s a NIC on QEMU's user network (eth1: the host is 10.0.2.2).
     lan: bool = False
+    #: Run each L1 in a network namespace of the host lab (its primary's, its
+    #: secondary's), the link's datagrams between the two namespaces' addresses
+    #: (``link_ips``) instead of 127.0.0.1: the lab's ``tbf`` then shapes the link.
+    namespaces: tuple[str, str] | None = None
+    link_ips: tuple[str, str] | None = None
 
     @property
     def subnet(self) -> str:
@@ -62,19 +67,22 @@ class PairSpec:
     def l1_specs(self) -> tuple[L1Spec, L1Spec]:
         a, b = link_ports(self.slot)
         ports = ((a, b), (b, a))
+        ips = self.link_ips or ("127.0.0.1", "127.0.0.1")
         specs = []
         for i, host in enumerate(self.hosts):
             mine, peer = ports[i]
+            here, there = ips[i], ips[1 - i]
             specs.append(
                 L1Spec(
                     host=host,
                     ip=f"{self.address(i)}/24",
-                    netdev=f"socket,udp=127.0.0.1:{peer},localaddr=127.0.0.1:{mine}",
+                    netdev=f"socket,udp={there}:{peer},localaddr={here}:{mine}",
                     mac=f"52:54:00:6b:{self.slot % 256:02x}:{i + 1:02x}",
                     memory_mib=self.memory_mib,
                     data_disk_mib=self.data_disk_mib,
                     share=self.share,
                     lan=self.lan,
+                    netns=self.namespaces[i] if self.namespaces else None,
                 )
             )
         return specs[0], specs[1]

@@ -107,6 +107,8 @@ class StandingStatus:
     profile: str = ""
     slot: int | None = None
     supervisor_pid: int | None = None
+    #: The host lab's namespaces the L1s run in (empty: the host's own network).
+    namespaces: list[str] = field(default_factory=list)
     hosts: list[HostStatus] = field(default_factory=list)
     error: str = ""
 
@@ -122,6 +124,7 @@ class StandingStatus:
             "profile": self.profile,
             "slot": self.slot,
             "supervisor_pid": self.supervisor_pid,
+            "namespaces": self.namespaces,
             "state_file": self.state_file,
             "hosts": [h.__dict__ for h in self.hosts],
             "error": self.error,
@@ -171,6 +174,8 @@ def serve(
     nested: bool = True,
     memory_mib: int = 1024,
     share: str = "",
+    namespaces: tuple[str, str] | None = None,
+    link_ips: tuple[str, str] | None = None,
 ) -> int:
     """The supervisor's body (``kemari klab serve``): boot the pair, write the state,
     wait for SIGTERM or SIGINT, stop the L1s. Returns the exit status (0: stopped as
@@ -187,6 +192,8 @@ def serve(
         "profile": prof.name,
         "slot": slot,
         "nested": nested,
+        "namespaces": list(namespaces or ()),
+        "link_ips": list(link_ips or ()),
         "hosts": {},
         "error": "",
         "started_at": time.time(),
@@ -200,7 +207,15 @@ def serve(
     try:
         image = _image(paths, nested)
         pair = L1Pair(
-            PairSpec(lab_id, slot=slot, memory_mib=memory_mib, share=share, lan=True),
+            PairSpec(
+                lab_id,
+                slot=slot,
+                memory_mib=memory_mib,
+                share=share,
+                lan=True,
+                namespaces=namespaces,
+                link_ips=link_ips,
+            ),
             image,
             # Short names: QEMU's sockets go in here, and a socket path has 107 bytes.
             lab_dir=folder / "h",
@@ -214,6 +229,7 @@ def serve(
                 "qemu_pid": host.pid,
                 "agent_socket": str(host.folder / "agent.sock"),
                 "ip": host.spec.ip,
+                "netns": host.spec.netns or "",
                 "boot_s": round(host.boot_s or 0.0, 1),
                 "kernel": image.kernel_version,
             }
@@ -259,6 +275,8 @@ def up(
     slot: int | None = None,
     nested: bool = True,
     share: str = "",
+    namespaces: tuple[str, str] | None = None,
+    link_ips: tuple[str, str] | None = None,
     config: Path | None = None,
     progress: Progress | None = None,
     timeout: float = UP_TIMEOUT_S,
@@ -287,6 +305,8 @@ def up(
     argv += ["--profile", profile] + (["--slot", str(slot)] if slot is not None else [])
     argv += [] if nested else ["--no-nested"]
     argv += ["--share", share] if share else []
+    argv += ["--netns", ",".join(namespaces)] if namespaces else []
+    argv += ["--link-ips", ",".join(link_ips)] if link_ips else []
     argv += ["--config", str(config)] if config is not None else []
     env = {**os.environ, "KEMARI_RUN": str(paths.run_dir), "KEMARI_SHM": str(paths.shm_dir)}
     env["KEMARI_CACHE"] = str(paths.cache_dir)
@@ -339,6 +359,7 @@ def status(paths: PathsConfig, lab_id: str, *, ask_agents: bool = True) -> Stand
     res.slot = st.get("slot")
     res.error = str(st.get("error", ""))
     res.supervisor_pid = st.get("supervisor_pid")
+    res.namespaces = [str(n) for n in st.get("namespaces") or ()]
     if not _pid_alive(res.supervisor_pid):
         res.state, res.error = "stale", res.error or "the supervisor is not running"
     for name, h in sorted((st.get("hosts") or {}).items()):
