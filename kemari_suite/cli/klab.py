@@ -297,6 +297,8 @@ def serve(
     share: Annotated[str, typer.Option(help="A host folder the L1s mount read-only.")] = "",
     netns: Annotated[str, typer.Option(help="The L1s' namespaces: A,B.")] = "",
     link_ips: Annotated[str, typer.Option(help="The link's addresses there: A,B.")] = "",
+    ssh_addresses: Annotated[str, typer.Option(help="Where each sshd is forwarded: A,B.")] = "",
+    ssh: Annotated[bool, typer.Option(help="Run sshd in the L1s.")] = True,
     config: ConfigOpt = None,
 ) -> None:
     """The supervisor of a standing kernel lab (started by `kemari lab up --kernel`)."""
@@ -321,6 +323,8 @@ def serve(
         share=share,
         namespaces=two(netns, "netns"),
         link_ips=two(link_ips, "link-ips"),
+        ssh_addresses=two(ssh_addresses, "ssh-addresses"),
+        ssh=ssh,
     )
     raise typer.Exit(code)
 

@@ -476,6 +476,7 @@ def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool
         "config": config,
         "namespaces": (lay.ns_primary, lay.ns_secondary),
         "link_ips": (lay.repl_primary_ip, lay.repl_secondary_ip),
+        "ssh_addresses": (lay.lan_primary_ip, lay.lan_secondary_ip),
     }
 
     def start() -> standing.StandingStatus:
@@ -493,6 +494,12 @@ def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool
         print(json.dumps(res.as_dict()))
         return
     _show_kernel(res)
+    if res.ssh_dir and res.hosts and res.hosts[0].ssh:
+        from kemari_suite.klab.sshd import ssh_command
+
+        address, port = res.hosts[0].ssh
+        ssh = shlex.join(ssh_command(Path(res.ssh_dir), address, port))
+        out.print(f"log in to l1a:           ip netns exec {lay.ns_client} {ssh}")
     out.print(f"run a command in an L1:  kemari klab exec --id {lab_id} --host l1a -- uname -a")
     out.print(f"take it down:            kemari lab down --kernel --id {lab_id}")
 
@@ -526,7 +533,10 @@ def _show_kernel(res: Any) -> None:
         answer = {True: "agent answers", False: "agent silent", None: "-"}[h.answered]
         link = ", ".join(f"{k} {v}" for k, v in h.qdisc.items()) or "no netem"
         alive = "running" if h.alive else "gone"
-        out.print(f"  {h.name:<4} QEMU PID {h.pid} {alive}, {answer}, {h.kernel or '?'}, {link}")
+        ssh = f", sshd at {h.ssh[0]}:{h.ssh[1]}" if h.ssh else ""
+        out.print(
+            f"  {h.name:<4} QEMU PID {h.pid} {alive}, {answer}, {h.kernel or '?'}, {link}{ssh}"
+        )
 
 
 def _kernel_down(lab_id: str, config: Path | None, *, json_out: bool) -> None:

@@ -66,6 +66,9 @@ class L1Spec:
     #: Run the L1's QEMU in this network namespace (a host of the namespace lab): its
     #: link's UDP datagrams then cross that lab's shaped replication link.
     netns: str | None = None
+    #: ``hostfwd`` rules of the ``lan`` NIC (QEMU's syntax, e.g.
+    #: "tcp:10.3.1.2:2222-:22"): bound in the namespace QEMU runs in.
+    lan_forwards: tuple[str, ...] = ()
 
 
 def lan_mac(mac: str) -> str:
@@ -102,7 +105,8 @@ def l1_vm_spec(name: str, spec: L1Spec, image: HostImage, folder: Path) -> VMSpe
         extra += ["-chardev", f"socket,id={SHARE_CHARDEV},path={share_socket(folder)}"]
         devices.append(f"vhost-user-fs-pci,chardev={SHARE_CHARDEV},tag={SHARE_TAG}")
     if spec.lan:
-        extra += ["-netdev", f"user,id={LAN_NETDEV}"]
+        forwards = "".join(f",hostfwd={rule}" for rule in spec.lan_forwards)
+        extra += ["-netdev", f"user,id={LAN_NETDEV}{forwards}"]
         devices.append(f"virtio-net-pci,netdev={LAN_NETDEV},mac={lan_mac(spec.mac)},romfile=")
     return VMSpec(
         name=name,

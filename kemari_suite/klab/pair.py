@@ -55,6 +55,8 @@ class PairSpec:
     #: (``link_ips``) instead of 127.0.0.1: the lab's ``tbf`` then shapes the link.
     namespaces: tuple[str, str] | None = None
     link_ips: tuple[str, str] | None = None
+    #: Forward these (address, port) of each host, on its side, to the L1's port 22.
+    ssh_forwards: tuple[tuple[str, int], tuple[str, int]] | None = None
 
     @property
     def subnet(self) -> str:
@@ -83,6 +85,11 @@ class PairSpec:
                     share=self.share,
                     lan=self.lan,
                     netns=self.namespaces[i] if self.namespaces else None,
+                    lan_forwards=(
+                        (f"tcp:{self.ssh_forwards[i][0]}:{self.ssh_forwards[i][1]}-:22",)
+                        if self.ssh_forwards
+                        else ()
+                    ),
                 )
             )
         return specs[0], specs[1]

@@ -50,6 +50,7 @@ from kemari_suite.klab.image import HostImage, build_host_image
 from kemari_suite.klab.l2 import NESTED_PACKAGES, NESTED_SIZE_MIB
 from kemari_suite.klab.netem import get_profile, parse_qdisc, tc_command
 from kemari_suite.klab.pair import L1Pair, PairSpec
+from kemari_suite.klab.sshd import SSH_PACKAGES, SSH_PORT, make_keys, start_sshd
 
 STATE_FILE = "state.json"
 LOG_FILE = "serve.log"
@@ -59,6 +60,10 @@ UP_TIMEOUT_S = 1200.0
 DOWN_TIMEOUT_S = 90.0
 #: Standing labs take link slots 20..99 (tests use 100+, the scenarios 190+).
 SLOT_BASE, SLOT_COUNT = 20, 80
+#: The L1's address on QEMU's user network and its gateway (QEMU's defaults).
+USER_NET_IP, USER_NET_GATEWAY = "10.0.2.15/24", "10.0.2.2"
+#: Without namespaces, L1 i of slot s has its sshd at 127.0.0.1:(this + 2s + i).
+SSH_LOCAL_BASE = 42000
 
 Progress = Callable[[str], None]
 
@@ -94,6 +99,8 @@ class HostStatus:
     answered: bool | None = None
     kernel: str = ""
     qdisc: dict[str, str] = field(default_factory=dict)
+    #: Where its sshd is reached: [address, port] (None: no sshd).
+    ssh: list[Any] | None = None
     error: str = ""
 
 
@@ -109,6 +116,8 @@ class StandingStatus:
     supervisor_pid: int | None = None
     #: The host lab's namespaces the L1s run in (empty: the host's own network).
     namespaces: list[str] = field(default_factory=list)
+    #: The folder of the client key and known_hosts; "" without sshd.
+    ssh_dir: str = ""
     hosts: list[HostStatus] = field(default_factory=list)
     error: str = ""
 
@@ -125,6 +134,7 @@ class StandingStatus:
             "slot": self.slot,
             "supervisor_pid": self.supervisor_pid,
             "namespaces": self.namespaces,
+            "ssh_dir": self.ssh_dir,
             "state_file": self.state_file,
             "hosts": [h.__dict__ for h in self.hosts],
             "error": self.error,
@@ -176,10 +186,15 @@ def serve(
     share: str = "",
     namespaces: tuple[str, str] | None = None,
     link_ips: tuple[str, str] | None = None,
+    ssh_addresses: tuple[str, str] | None = None,
+    ssh: bool = True,
 ) -> int:
     """The supervisor's body (``kemari klab serve``): boot the pair, write the state,
     wait for SIGTERM or SIGINT, stop the L1s. Returns the exit status (0: stopped as
-    asked; 1: the lab failed, the reason is in the state file)."""
+    asked; 1: the lab failed, the reason is in the state file).
+
+    With ``ssh`` each L1 runs sshd, forwarded from ``ssh_addresses[i]``:2222 on its
+    side (127.0.0.1 and a port from the slot without them); see :mod:`.sshd`."""
     prof = get_profile(profile)
     folder, shm = lab_folder(paths, lab_id), shm_folder(paths, lab_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,8 +219,17 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     pair: L1Pair | None = None
     status = 0
+    endpoints: dict[str, tuple[str, int]] = {}
+    if ssh:
+        for i, name in enumerate(("l1a", "l1b")):
+            endpoints[name] = (
+                (ssh_addresses[i], SSH_PORT)
+                if ssh_addresses
+                else ("127.0.0.1", SSH_LOCAL_BASE + 2 * slot + i)
+            )
     try:
-        image = _image(paths, nested)
+        image = _image(paths, nested, ssh)
+        keys = make_keys(folder / "ssh", list(endpoints), endpoints) if ssh else None
         pair = L1Pair(
             PairSpec(
                 lab_id,
@@ -215,6 +239,7 @@ def serve(
                 lan=True,
                 namespaces=namespaces,
                 link_ips=link_ips,
+                ssh_forwards=(endpoints["l1a"], endpoints["l1b"]) if ssh else None,
             ),
             image,
             # Short names: QEMU's sockets go in here, and a socket path has 107 bytes.
@@ -225,11 +250,21 @@ def serve(
         pair.start()
         for host in pair.hosts:
             host.run(tc_command(prof), timeout=60)
+            # eth1, QEMU's user network: sshd's forward, and through its NAT the lab's
+            # LAN (a witness in the client namespace) or the host's loopback (10.0.2.2).
+            host.run(
+                f"ip addr replace {USER_NET_IP} dev eth1 && ip link set eth1 up && "
+                f"ip route replace default via {USER_NET_GATEWAY}",
+                timeout=60,
+            )
+            if keys is not None:
+                start_sshd(host, keys)
             state["hosts"][host.spec.host] = {
                 "qemu_pid": host.pid,
                 "agent_socket": str(host.folder / "agent.sock"),
                 "ip": host.spec.ip,
                 "netns": host.spec.netns or "",
+                "ssh": list(endpoints[host.spec.host]) if ssh else None,
                 "boot_s": round(host.boot_s or 0.0, 1),
                 "kernel": image.kernel_version,
             }
@@ -258,7 +293,9 @@ def serve(
     return status
 
 
-def _image(paths: PathsConfig, nested: bool) -> HostImage:
+def _image(paths: PathsConfig, nested: bool, ssh: bool) -> HostImage:
+    if ssh:
+        return build_host_image(paths.cache_dir, packages=SSH_PACKAGES, size_mib=NESTED_SIZE_MIB)
     if nested:
         return build_host_image(paths.cache_dir, packages=NESTED_PACKAGES, size_mib=NESTED_SIZE_MIB)
     return build_host_image(paths.cache_dir)
@@ -277,6 +314,8 @@ def up(
     share: str = "",
     namespaces: tuple[str, str] | None = None,
     link_ips: tuple[str, str] | None = None,
+    ssh_addresses: tuple[str, str] | None = None,
+    ssh: bool = True,
     config: Path | None = None,
     progress: Progress | None = None,
     timeout: float = UP_TIMEOUT_S,
@@ -307,6 +346,8 @@ def up(
     argv += ["--share", share] if share else []
     argv += ["--netns", ",".join(namespaces)] if namespaces else []
     argv += ["--link-ips", ",".join(link_ips)] if link_ips else []
+    argv += ["--ssh-addresses", ",".join(ssh_addresses)] if ssh_addresses else []
+    argv += [] if ssh else ["--no-ssh"]
     argv += ["--config", str(config)] if config is not None else []
     env = {**os.environ, "KEMARI_RUN": str(paths.run_dir), "KEMARI_SHM": str(paths.shm_dir)}
     env["KEMARI_CACHE"] = str(paths.cache_dir)
@@ -360,10 +401,12 @@ def status(paths: PathsConfig, lab_id: str, *, ask_agents: bool = True) -> Stand
     res.error = str(st.get("error", ""))
     res.supervisor_pid = st.get("supervisor_pid")
     res.namespaces = [str(n) for n in st.get("namespaces") or ()]
+    if (folder / "ssh" / "known_hosts").exists():
+        res.ssh_dir = str(folder / "ssh")
     if not _pid_alive(res.supervisor_pid):
         res.state, res.error = "stale", res.error or "the supervisor is not running"
     for name, h in sorted((st.get("hosts") or {}).items()):
-        hs = HostStatus(name, h.get("qemu_pid"))
+        hs = HostStatus(name, h.get("qemu_pid"), ssh=h.get("ssh"))
         hs.alive = _pid_alive(hs.pid)
         if hs.alive and res.state in ("ready", "degraded") and ask_agents:
             _ask(hs, Path(h["agent_socket"]))
