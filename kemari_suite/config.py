@@ -38,6 +38,7 @@ Compression = Literal["zstd", "lz4", "none"]
 SyncPolicy = Literal["output", "kemari", "remus", "adaptive"]
 Tiebreaker = Literal["none", "witness", "lease", "pacemaker"]
 DiskBackendKind = Literal["builtin", "drbd", "shared"]
+DiskFencing = Literal["", "scsi-pr"]
 CommitProbe = Literal["", "stream"]
 DisplayKind = Literal["none", "std", "virtio", "qxl"]
 TlsMode = Literal["on", "off"]
@@ -243,6 +244,11 @@ class DiskConfig:
     lease_device: str = ""
     #: Byte offset of the 4 KiB lease block on that device.
     lease_offset: int = 0
+    #: How a shared disk fences the old writer: "" (the lease when
+    #: ``replication.tiebreaker = "lease"``, else the tiebreaker alone) or "scsi-pr":
+    #: SCSI-3 persistent reservations on the LUN at ``path`` (sg3-utils' sg_persist), as
+    #: fence_scsi does; the standby preempts-and-aborts the old writer's key at failover.
+    fencing: DiskFencing = ""
 
 
 @dataclass(frozen=True)
@@ -410,6 +416,12 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
                 path=path,
                 key=f"{prefix}.held_limit_mib",
             )
+    if isinstance(obj, DiskConfig) and obj.fencing == "scsi-pr" and obj.backend != "shared":
+        raise ConfigError(
+            f'"scsi-pr" fences a shared LUN: it needs backend = "shared", not "{obj.backend}"',
+            path=path,
+            key=f"{prefix}.fencing",
+        )
     if isinstance(obj, TapConfig) and obj.epoch_log_limit_mib < 1:
         raise ConfigError(
             "must be at least 1 (MiB of disk writes one epoch may log)",

@@ -183,6 +183,60 @@ def kvm_power_loss(config: ConfigOpt = None, as_json: JsonOpt = False, slot: Slo
     _report(result, as_json)
 
 
+@app.command("iscsi-pr")
+def iscsi_pr(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    slot: SlotOpt = 193,
+    backend: Annotated[
+        bool,
+        typer.Option(
+            "--backend", help="Through the engine's shared backend (the tree by virtiofs)."
+        ),
+    ] = False,
+) -> None:
+    """An iSCSI LUN on a third L1; SCSI-3 reservations fence the preempted host (its
+    writes refused by the target)."""
+    from kemari_suite.klab.image import build_host_image
+    from kemari_suite.klab.iscsi import ISCSI_PACKAGES, IscsiLab, IscsiLabSpec, run_pr_fencing
+    from kemari_suite.klab.iscsifence import run_backend_fencing
+
+    cfg = configmod.load(config)
+    note = _progress(time.monotonic())
+    img = guard(
+        lambda: build_host_image(cfg.paths.cache_dir, packages=ISCSI_PACKAGES, progress=note)
+    )
+    tree = str(_checkout()) if backend else ""
+    work = Path(tempfile.mkdtemp(prefix="klab-", dir=os.environ.get("TMPDIR", "/tmp")))
+    shm = cfg.paths.shm_dir / work.name
+    shm.mkdir(parents=True, exist_ok=True)
+    lab = IscsiLab(
+        IscsiLabSpec(f"c{slot}", slot=slot, share=tree),
+        img,
+        lab_dir=work / "lab",
+        run_root=work / "run",
+        shm_dir=shm,
+    )
+    try:
+
+        def scenario() -> dict[str, object]:
+            lab.start()
+            note("three L1s ready (" + ", ".join(f"{h.boot_s:.1f} s" for h in lab.hosts) + ")")
+            if backend:
+                return run_backend_fencing(lab, tree, progress=note).as_dict()
+            return run_pr_fencing(lab, progress=note).as_dict()
+
+        result = guard(scenario)
+    finally:
+        try:
+            lab.stop()
+        except KemariError as e:
+            err.print(f"[bold red]error:[/] stopping the L1s: {e}")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+    _report(result, as_json)
+
+
 TreeOpt = Annotated[
     Path | None,
     typer.Option(help="The suite's checkout the L1s run (shared read-only); default: this one."),

@@ -13,13 +13,15 @@ drbd       ``disk.path`` = the DRBD device (``/dev/drbd/    replays_log
 shared     ``disk.path`` = the device both hosts see;      replays_log, reserved_bytes
            the lease (with a node id and ``tiebreaker =    (1 MiB when the lease lives
            "lease"``) at ``disk.lease_offset`` of           on the data device), lease
-           ``disk.lease_device``
+           ``disk.lease_device``; ``disk.fencing =
+           "scsi-pr"``: SCSI-3 reservations on the LUN
 =========  =============================================  ==============================
 """
 
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 from kemari_suite.config import KemariConfig
@@ -63,6 +65,7 @@ def shared_disk_config(
         lease_s=lease_s,
         io_timeout_s=lease_s / 4,
         fenced=fenced,
+        scsi_pr=d.fencing == "scsi-pr",
     )
 
 
@@ -86,7 +89,9 @@ def open_backend(
     tiebreaker's, so both renew one object) or when ``node_id`` is given and
     ``replication.tiebreaker = "lease"`` (then use ``backend.tiebreaker()`` as the
     engine's tiebreaker); otherwise it is written unfenced and the engine's tiebreaker
-    alone keeps two hosts apart. ``drbd_tools`` replaces the drbd-utils runner (dry runs).
+    alone keeps two hosts apart. With ``disk.fencing = "scsi-pr"`` it is also fenced by
+    SCSI-3 persistent reservations, with a key derived from the node id (else the host
+    name). ``drbd_tools`` replaces the drbd-utils runner (dry runs).
 
     Raises:
         ConfigError: the image or shared device is missing, a shared disk without a node
@@ -108,8 +113,9 @@ def open_backend(
         )
         if fenced and not node_id:
             raise ConfigError("a fenced shared disk needs this host's node id", key="disk")
+        node = node_id or (socket.gethostname() if d.fencing == "scsi-pr" else "-")
         return SharedDiskBackend(
-            shared_disk_config(cfg, fenced=fenced, lease=lease), node_id or "-", lease=lease
+            shared_disk_config(cfg, fenced=fenced, lease=lease), node, lease=lease
         )
     return BuiltinDisk(d.path, role=role)
 

@@ -1,5 +1,13 @@
 """Shared storage: one block device (FC LUN, iSCSI, or any file both hosts open).
 
+Without a kernel at hand (tests, the namespace lab) the device is a shared file fenced by
+the lease below: the stand-in for an FC LUN. On a real LUN, ``scsi_pr`` adds SCSI-3
+persistent reservations (:mod:`kemari_suite.disk.scsipr`, ``disk.fencing = "scsi-pr"``):
+``promote`` registers this host's key and reserves the LUN ("write exclusive,
+registrants only"), or, at failover, preempts-and-aborts the old writer's key, after
+which the target itself refuses the old writer's writes. The kernel lab runs this on an
+iSCSI LUN served by LIO (``klab/iscsi.py``).
+
 Committed writes go straight to the shared device; there is one copy, so nothing needs
 resynchronising after a failover. What must be prevented is two hosts writing at once:
 a :class:`~kemari_suite.ha.lease.Lease` on the same storage fences them. The writer
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.disk.base import DiskCaps, DiskRole, DiskStatus, FileDisk, PlainCapabilities
+from kemari_suite.disk.scsipr import ScsiPr, SgPersist, format_key
 from kemari_suite.errors import ConfigError, DiskError, LeaseError
 from kemari_suite.ha.lease import LEASE_BLOCK, Lease, LeaseRecord, LeaseTiebreaker
 
@@ -71,6 +80,8 @@ class SharedDiskConfig:
     io_timeout_s: float = 0.5
     #: Take the lease before writing (False: another tiebreaker fences the writer).
     fenced: bool = True
+    #: Also fence with SCSI-3 persistent reservations on ``device`` (a real LUN).
+    scsi_pr: bool = False
 
     def __post_init__(self) -> None:
         if not self.device:
@@ -127,12 +138,21 @@ class SharedDiskBackend(PlainCapabilities):
 
     ``lease`` may be passed in (tests inject clocks through it; the engine passes its
     lease tiebreaker's, so that both renew one object); otherwise it is opened on attach
-    from the config (not at all without ``config.fenced``).
+    from the config (not at all without ``config.fenced``). With ``config.scsi_pr`` the
+    reservation key is derived from ``node`` and ``sg_persist`` runs through
+    ``pr_tools`` (default: on this host).
     """
 
     name = "shared"
 
-    def __init__(self, config: SharedDiskConfig, node: str, *, lease: Lease | None = None):
+    def __init__(
+        self,
+        config: SharedDiskConfig,
+        node: str,
+        *,
+        lease: Lease | None = None,
+        pr_tools: SgPersist | None = None,
+    ):
         if not node:
             raise ConfigError("missing", key="shared.node")
         if lease is not None and not config.fenced:
@@ -142,6 +162,7 @@ class SharedDiskBackend(PlainCapabilities):
         self.lease = lease
         self._own_lease = lease is None
         self.disk = FileDisk(config.device, offset=config.data_offset)
+        self.pr = ScsiPr(config.device, node, tools=pr_tools) if config.scsi_pr else None
         self.role = DiskRole.UNKNOWN
         self.tracking = False
 
@@ -202,17 +223,23 @@ class SharedDiskBackend(PlainCapabilities):
         every heartbeat while it watches the old holder); ``promote`` then finds the
         lease already ours.
 
+        With ``scsi_pr``, then register our key and reserve the LUN, or preempt-and-abort
+        the key that holds it (the old writer's: a failover calls this only once the
+        tiebreaker granted the takeover).
+
         Raises:
             LeaseError: another host holds the lease and was seen renewing it, or
                 another host ran without a secondary (this copy's logs are stale).
+            ScsiPrError: a reservation command failed (the role stays as it was).
         """
-        if not self.config.fenced:
+        if self.config.fenced:
+            lease = self._lease()
+            if lease.node != self.node or not lease.valid():
+                lease.acquire(self.node)
+        else:
             self.disk.promote()
-            self.role = DiskRole.PRIMARY
-            return
-        lease = self._lease()
-        if lease.node != self.node or not lease.valid():
-            lease.acquire(self.node)
+        if self.pr is not None:
+            self.pr.acquire()
         self.role = DiskRole.PRIMARY
 
     def renew(self) -> LeaseRecord:
@@ -231,14 +258,16 @@ class SharedDiskBackend(PlainCapabilities):
         """Write to the shared device, only while our lease is certainly valid.
 
         Raises:
-            DiskError: not the writer here.
+            DiskError: not the writer here, or the write failed (with ``scsi_pr``, when
+                another host preempted our key the message says so and the role is then
+                SECONDARY).
             LeaseError: our lease lapsed (locally judged), or the block holds a newer
                 generation than ours: writing could corrupt the disk the other host owns.
         """
         if self.role is not DiskRole.PRIMARY:
             raise DiskError(self.name, f"{self.config.device}: not the writer on this host")
         if not self.config.fenced:
-            self.disk.apply(writes)
+            self._write(writes)
             return
         lease = self._lease()
         if not lease.valid(margin_s=self.config.io_timeout_s):
@@ -250,7 +279,38 @@ class SharedDiskBackend(PlainCapabilities):
         except LeaseError:
             self.role = DiskRole.SECONDARY
             raise
-        self.disk.apply(writes)
+        self._write(writes)
+
+    def _write(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        try:
+            self.disk.apply(writes)
+        except DiskError as err:
+            self._check_fenced(err)
+            raise
+
+    def _check_fenced(self, err: DiskError) -> None:
+        """After a failed write or flush on a reserved LUN: if our key no longer holds
+        the reservation, the target refused us because another host preempted our key.
+        (The SCSI layer says EBADE to an O_DIRECT write, but a buffered write fails only
+        at the flush, with EIO: the reservation is what tells.)
+
+        Raises:
+            DiskError: fenced (the role is then SECONDARY), chained to ``err``.
+        """
+        if self.pr is None:
+            return
+        try:
+            holder = self.pr.read_reservation().key
+        except DiskError:
+            return  # the LUN is unreachable: the original error says enough
+        if holder != self.pr.key:
+            self.role = DiskRole.SECONDARY
+            raise DiskError(
+                self.name,
+                f"{self.config.device}: the target refused us; the reservation is held by "
+                f"{format_key(holder) if holder else 'nobody'}, not our key "
+                f"{format_key(self.pr.key)}: another host preempted it, we are fenced",
+            ) from err
 
     def read(self, offset: int, length: int) -> bytes:
         """Read the guest disk (any role: there is one copy).
@@ -261,20 +321,30 @@ class SharedDiskBackend(PlainCapabilities):
         return self.disk.read(offset, length)
 
     def flush(self) -> None:
-        self.disk.flush()
+        """Raises: DiskError: the flush failed (or, ``scsi_pr``, we were fenced)."""
+        try:
+            self.disk.flush()
+        except DiskError as err:
+            self._check_fenced(err)
+            raise
 
     def demote(self) -> None:
-        """Flush and release the lease (if we believe we hold it).
+        """Flush and release the lease (if we believe we hold it), and with ``scsi_pr``
+        the reservation (our key stays registered).
 
         Raises:
             LeaseError: the lease had been taken over meanwhile (we were no longer the
                 writer; the role is SECONDARY all the same).
+            ScsiPrError: the release failed (the role is SECONDARY all the same).
         """
+        was_writer = self.role is DiskRole.PRIMARY
         try:
-            if self.role is DiskRole.PRIMARY:
+            if was_writer:
                 self.disk.flush()
         finally:
             self.role = DiskRole.SECONDARY
+            if self.pr is not None and was_writer:
+                self.pr.release()
             lease = self.lease
             if lease is not None and lease.node == self.node:
                 lease.release()
@@ -284,6 +354,7 @@ class SharedDiskBackend(PlainCapabilities):
             "device": self.config.device,
             "lease_device": self.config.lease_path if self.config.fenced else None,
             "data_offset": self.config.data_offset,
+            "scsi_pr_key": format_key(self.pr.key) if self.pr is not None else None,
         }
         if not self.config.fenced:
             # One device, no lease to read: reachable is all there is to know.
