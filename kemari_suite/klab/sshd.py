@@ -7,8 +7,9 @@ written before anyone connects) and one client key that root may log in with. ss
 the L1 listens on port 22; QEMU's user network forwards a port of the host side to it
 (``hostfwd``, bound in the namespace the L1's QEMU runs in: its lab host's LAN address).
 
-The image for this carries ``openssh-server`` and ``python3-venv`` (the playbooks make
-a virtual environment) beside :data:`~kemari_suite.klab.l2.NESTED_PACKAGES`.
+The image for this carries ``openssh-server``, ``python3-venv`` and ``python3-packaging``
+(the playbooks make a virtual environment with Ansible's pip module) beside
+:data:`~kemari_suite.klab.l2.NESTED_PACKAGES`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from kemari_suite.errors import SetupError
 from kemari_suite.klab.host import L1Host
 from kemari_suite.klab.l2 import NESTED_PACKAGES
 
-SSH_PACKAGES: tuple[str, ...] = (*NESTED_PACKAGES, "openssh-server", "python3-venv")
+#: The L1s have no package index: what the playbooks' roles install (common, qemu,
+#: drbd) is in the image already, so that a deploy finds them present.
+SSH_PACKAGES: tuple[str, ...] = (
+    *NESTED_PACKAGES,
+    "openssh-server",
+    "python3-venv",
+    "python3-packaging",
+)
 #: The forwarded port on the host side: this plus the host's index (0, 1).
 SSH_PORT = 2222
 _CONFIG = "/etc/ssh/klab_sshd_config"
