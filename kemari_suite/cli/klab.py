@@ -16,9 +16,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -30,7 +30,9 @@ from kemari_suite.errors import KemariError
 
 if TYPE_CHECKING:
     from kemari_suite.klab.image import HostImage
-    from kemari_suite.klab.pair import L1Pair
+    from kemari_suite.klab.pair import L1Group, L1Pair
+
+G = TypeVar("G", bound="L1Group")
 
 app = typer.Typer(no_args_is_help=True, help="The kernel lab: L1 hosts with Debian's kernel.")
 out = Console(soft_wrap=True, highlight=False)
@@ -66,6 +68,26 @@ def _build(cache_dir: Path, nested: bool, note: Callable[[str], None]) -> HostIm
 
 
 @contextmanager
+def _group(cfg: KemariConfig, make: Callable[[Path, Path], G]) -> Iterator[G]:
+    """L1s made by ``make(work, shm)`` in a temporary folder (and one for their RAM);
+    stopped and removed whatever happens."""
+    work = Path(tempfile.mkdtemp(prefix="klab-", dir=os.environ.get("TMPDIR", "/tmp")))
+    shm = cfg.paths.shm_dir / work.name
+    shm.mkdir(parents=True, exist_ok=True)
+    try:
+        group = make(work, shm)
+        try:
+            yield group
+        finally:
+            try:
+                group.stop()
+            except KemariError as e:
+                err.print(f"[bold red]error:[/] stopping the L1s: {e}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 def _pair(
     cfg: KemariConfig,
     img: HostImage,
@@ -75,36 +97,24 @@ def _pair(
     lan: bool = False,
     memory_mib: int = 768,
     data_disk_mib: int = 64,
-) -> Iterator[L1Pair]:
+) -> AbstractContextManager[L1Pair]:
     """Two L1s in a temporary folder; stopped and removed whatever happens."""
     from kemari_suite.klab.pair import L1Pair, PairSpec
 
-    work = Path(tempfile.mkdtemp(prefix="klab-", dir=os.environ.get("TMPDIR", "/tmp")))
-    shm = cfg.paths.shm_dir / work.name
-    shm.mkdir(parents=True, exist_ok=True)
-    pair = L1Pair(
-        PairSpec(
-            f"c{slot}",
-            slot=slot,
-            data_disk_mib=data_disk_mib,
-            share=share,
-            lan=lan,
-            memory_mib=memory_mib,
-        ),
-        img,
-        lab_dir=work / "lab",
-        run_root=work / "run",
-        shm_dir=shm,
+    spec = PairSpec(
+        f"c{slot}",
+        slot=slot,
+        data_disk_mib=data_disk_mib,
+        share=share,
+        lan=lan,
+        memory_mib=memory_mib,
     )
-    try:
-        yield pair
-    finally:
-        try:
-            pair.stop()
-        except KemariError as e:
-            err.print(f"[bold red]error:[/] stopping the L1s: {e}")
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
+    return _group(
+        cfg,
+        lambda work, shm: L1Pair(
+            spec, img, lab_dir=work / "lab", run_root=work / "run", shm_dir=shm
+        ),
+    )
 
 
 def _report(result: dict[str, object], as_json: bool) -> None:
@@ -207,17 +217,13 @@ def iscsi_pr(
         lambda: build_host_image(cfg.paths.cache_dir, packages=ISCSI_PACKAGES, progress=note)
     )
     tree = str(_checkout()) if backend else ""
-    work = Path(tempfile.mkdtemp(prefix="klab-", dir=os.environ.get("TMPDIR", "/tmp")))
-    shm = cfg.paths.shm_dir / work.name
-    shm.mkdir(parents=True, exist_ok=True)
-    lab = IscsiLab(
-        IscsiLabSpec(f"c{slot}", slot=slot, share=tree),
-        img,
-        lab_dir=work / "lab",
-        run_root=work / "run",
-        shm_dir=shm,
-    )
-    try:
+    spec = IscsiLabSpec(f"c{slot}", slot=slot, share=tree)
+    with _group(
+        cfg,
+        lambda work, shm: IscsiLab(
+            spec, img, lab_dir=work / "lab", run_root=work / "run", shm_dir=shm
+        ),
+    ) as lab:
 
         def scenario() -> dict[str, object]:
             lab.start()
@@ -227,13 +233,6 @@ def iscsi_pr(
             return run_pr_fencing(lab, progress=note).as_dict()
 
         result = guard(scenario)
-    finally:
-        try:
-            lab.stop()
-        except KemariError as e:
-            err.print(f"[bold red]error:[/] stopping the L1s: {e}")
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
     _report(result, as_json)
 
 

@@ -56,8 +56,9 @@ from kemari_suite.disk.scsipr import (
 )
 from kemari_suite.errors import ConfigError, DiskError, VMError
 from kemari_suite.klab.drbd import Runner
-from kemari_suite.klab.host import BOOT_TIMEOUT_S, HostState, L1Host, L1Spec
+from kemari_suite.klab.host import L1Host, L1Spec
 from kemari_suite.klab.image import DEFAULT_PACKAGES, HostImage
+from kemari_suite.klab.pair import L1Group
 
 #: The lab image for this scenario: the default packages plus the initiator and
 #: sg3-utils (the target is the kernel's LIO, configured through configfs).
@@ -130,7 +131,7 @@ class IscsiLabSpec:
         return one(self.storage, -1), one(self.hosts[0], 0), one(self.hosts[1], 1)
 
 
-class IscsiLab:
+class IscsiLab(L1Group):
     """The three L1s of an :class:`IscsiLabSpec`: ``storage``, ``a`` and ``b``."""
 
     def __init__(
@@ -142,55 +143,16 @@ class IscsiLab:
         run_root: Path,
         shm_dir: Path,
     ) -> None:
-        self.spec = spec
-        self.hosts = tuple(
-            L1Host(
-                f"klab-{spec.lab_id}-{s.host}",
-                s,
-                image,
-                lab_dir=lab_dir,
-                run_root=run_root,
-                shm_dir=shm_dir,
-            )
-            for s in spec.l1_specs()
+        super().__init__(
+            spec.lab_id,
+            spec.l1_specs(),
+            image,
+            lab_dir=lab_dir,
+            run_root=run_root,
+            shm_dir=shm_dir,
         )
+        self.spec = spec
         self.storage, self.a, self.b = self.hosts
-
-    def start(self, timeout: float = BOOT_TIMEOUT_S) -> None:
-        """Start the three L1s and wait for their agents.
-
-        Raises:
-            VMError: a QEMU did not start or an agent did not answer in time (call
-                :meth:`stop` all the same).
-        """
-        for h in self.hosts:
-            h.start()
-        with ThreadPoolExecutor(max_workers=len(self.hosts)) as pool:
-            for fut in [pool.submit(h.wait_ready, timeout) for h in self.hosts]:
-                fut.result()
-
-    def stop(self) -> None:
-        """Stop every QEMU still running; the first error is raised after all were tried."""
-        errors = []
-        for h in self.hosts:
-            if h.state in (HostState.STARTED, HostState.READY):
-                try:
-                    h.stop()
-                except Exception as err:  # stop the others anyway
-                    errors.append(err)
-                    h.kill()
-        if errors:
-            raise errors[0]
-
-    def remove_files(self) -> None:
-        for h in self.hosts:
-            h.remove_files()
-
-    def __enter__(self) -> IscsiLab:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def target_script(

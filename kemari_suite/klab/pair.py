@@ -17,9 +17,11 @@ started, whatever happened (also as a context manager).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from kemari_suite.errors import ConfigError
 from kemari_suite.klab.host import BOOT_TIMEOUT_S, HostState, L1Host, L1Spec
@@ -95,37 +97,34 @@ class PairSpec:
         return specs[0], specs[1]
 
 
-class L1Pair:
-    """Both hosts of a :class:`PairSpec`; ``pair[0]``, ``pair[1]`` or ``pair.host(name)``."""
+class L1Group:
+    """L1 hosts booted from one image, each named ``klab-<lab_id>-<host>``, started
+    together and stopped together (also as a context manager)."""
 
     def __init__(
-        self, spec: PairSpec, image: HostImage, *, lab_dir: Path, run_root: Path, shm_dir: Path
+        self,
+        lab_id: str,
+        specs: Sequence[L1Spec],
+        image: HostImage,
+        *,
+        lab_dir: Path,
+        run_root: Path,
+        shm_dir: Path,
     ) -> None:
-        self.spec = spec
         self.hosts = tuple(
             L1Host(
-                f"klab-{spec.lab_id}-{s.host}",
+                f"klab-{lab_id}-{s.host}",
                 s,
                 image,
                 lab_dir=lab_dir,
                 run_root=run_root,
                 shm_dir=shm_dir,
             )
-            for s in spec.l1_specs()
+            for s in specs
         )
 
-    def __getitem__(self, index: int) -> L1Host:
-        return self.hosts[index]
-
-    def host(self, name: str) -> L1Host:
-        """Raises ConfigError for a name that is not one of the pair's."""
-        for h in self.hosts:
-            if h.spec.host == name:
-                return h
-        raise ConfigError(f"no L1 host {name!r} in lab {self.spec.lab_id}", key="klab.host")
-
     def start(self, timeout: float = BOOT_TIMEOUT_S) -> None:
-        """Start both L1s and wait for both agents.
+        """Start every L1 and wait for every agent.
 
         Raises:
             VMError: a QEMU did not start or an agent did not answer in time (the
@@ -139,13 +138,13 @@ class L1Pair:
 
     def stop(self) -> None:
         """Stop every QEMU still running (QMP quit, then signals); a failure to stop one
-        host does not keep the other running (the first error is raised after)."""
+        host does not keep the others running (the first error is raised after)."""
         errors = []
         for h in self.hosts:
             if h.state in (HostState.STARTED, HostState.READY):
                 try:
                     h.stop()
-                except Exception as err:  # stop the other one anyway
+                except Exception as err:  # stop the others anyway
                     errors.append(err)
                     h.kill()
         if errors:
@@ -155,11 +154,38 @@ class L1Pair:
         for h in self.hosts:
             h.remove_files()
 
-    def __enter__(self) -> L1Pair:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-__all__ = ["BASE_PORT", "MAX_SLOT", "L1Pair", "PairSpec", "link_ports"]
+class L1Pair(L1Group):
+    """Both hosts of a :class:`PairSpec`; ``pair[0]``, ``pair[1]`` or ``pair.host(name)``."""
+
+    def __init__(
+        self, spec: PairSpec, image: HostImage, *, lab_dir: Path, run_root: Path, shm_dir: Path
+    ) -> None:
+        super().__init__(
+            spec.lab_id,
+            spec.l1_specs(),
+            image,
+            lab_dir=lab_dir,
+            run_root=run_root,
+            shm_dir=shm_dir,
+        )
+        self.spec = spec
+
+    def __getitem__(self, index: int) -> L1Host:
+        return self.hosts[index]
+
+    def host(self, name: str) -> L1Host:
+        """Raises ConfigError for a name that is not one of the pair's."""
+        for h in self.hosts:
+            if h.spec.host == name:
+                return h
+        raise ConfigError(f"no L1 host {name!r} in lab {self.spec.lab_id}", key="klab.host")
+
+
+__all__ = ["BASE_PORT", "MAX_SLOT", "L1Group", "L1Pair", "PairSpec", "link_ports"]

@@ -51,6 +51,7 @@ from kemari_suite.klab.l2 import NESTED_PACKAGES, NESTED_SIZE_MIB
 from kemari_suite.klab.netem import get_profile, parse_qdisc, tc_command
 from kemari_suite.klab.pair import L1Pair, PairSpec
 from kemari_suite.klab.sshd import SSH_PACKAGES, SSH_PORT, make_keys, start_sshd
+from kemari_suite.vm.qemu import pid_alive
 
 STATE_FILE = "state.json"
 LOG_FILE = "serve.log"
@@ -139,23 +140,6 @@ class StandingStatus:
             "hosts": [h.__dict__ for h in self.hosts],
             "error": self.error,
         }
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0): read its state.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def read_state(paths: PathsConfig, lab_id: str) -> dict[str, Any] | None:
@@ -403,11 +387,11 @@ def status(paths: PathsConfig, lab_id: str, *, ask_agents: bool = True) -> Stand
     res.namespaces = [str(n) for n in st.get("namespaces") or ()]
     if (folder / "ssh" / "known_hosts").exists():
         res.ssh_dir = str(folder / "ssh")
-    if not _pid_alive(res.supervisor_pid):
+    if not pid_alive(res.supervisor_pid):
         res.state, res.error = "stale", res.error or "the supervisor is not running"
     for name, h in sorted((st.get("hosts") or {}).items()):
         hs = HostStatus(name, h.get("qemu_pid"), ssh=h.get("ssh"))
-        hs.alive = _pid_alive(hs.pid)
+        hs.alive = pid_alive(hs.pid)
         if hs.alive and res.state in ("ready", "degraded") and ask_agents:
             _ask(hs, Path(h["agent_socket"]))
         res.hosts.append(hs)
@@ -436,7 +420,7 @@ def run_in(
     Raises:
         AgentError: no agent (another client holds it, or the L1 is gone) or a timeout.
     """
-    client = AgentClient(host, sock, alive=lambda: _pid_alive(pid))
+    client = AgentClient(host, sock, alive=lambda: pid_alive(pid))
     try:
         client.wait_ready(min(timeout, 30.0))
         return client.run(command, timeout=timeout, check=False)
@@ -480,19 +464,19 @@ def down(paths: PathsConfig, lab_id: str, timeout: float = DOWN_TIMEOUT_S) -> Do
     res = DownResult(lab_id, st is not None or folder.exists())
     st = st or {}
     sup = st.get("supervisor_pid")
-    if isinstance(sup, int) and _pid_alive(sup):
+    if isinstance(sup, int) and pid_alive(sup):
         with contextlib.suppress(ProcessLookupError):
             os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _pid_alive(sup) and time.monotonic() < deadline:
+        while pid_alive(sup) and time.monotonic() < deadline:
             time.sleep(0.5)
-        res.supervisor_stopped = not _pid_alive(sup)
+        res.supervisor_stopped = not pid_alive(sup)
         if not res.supervisor_stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(sup, signal.SIGKILL)
     for h in (st.get("hosts") or {}).values():
         pid = h.get("qemu_pid")
-        if isinstance(pid, int) and _pid_alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             res.killed.append(pid)

@@ -126,7 +126,10 @@ def _group_members(gid: int) -> list[str]:
         return []
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; None or 0 is no process)."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -147,7 +150,7 @@ def _qemu_pid_owning(pidfile: Path, ram: Path) -> int | None:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -514,6 +517,7 @@ __all__ = [
     "clean_stale",
     "console_tail",
     "io_paths",
+    "pid_alive",
     "qemu_argv",
     "wait_for_console",
 ]
