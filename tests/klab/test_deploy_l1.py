@@ -34,11 +34,11 @@ from kemari_suite.klab.l2 import NESTED_SIZE_MIB
 from kemari_suite.klab.sshd import SSH_PACKAGES, ssh_command
 from kemari_suite.remote import labhosts
 from kemari_suite.vm.buildkit import locked
+from tests.integration.test_deploy_playbooks import snapshot_checkout
 from tests.klab.conftest import WORKER, needs_lab
 
 pytestmark = [*needs_lab, pytest.mark.slow, pytest.mark.timeout(2400)]
 
-REPO = Path(__file__).resolve().parents[2]
 LAB = f"kd{''.join(c for c in WORKER if c.isdigit())[-1:] or '0'}"
 
 
@@ -115,17 +115,6 @@ def inventory(st: dict[str, Any], directory: Path, source: Path) -> Path:
     return path
 
 
-def snapshot(dest: Path) -> Path:
-    """The sources the wheel is built from, frozen for both runs."""
-    dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, dest / name)
-    shutil.copytree(
-        REPO / "kemari_suite", dest / "kemari_suite", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    return dest
-
-
 def run(inv: Path, control: Path) -> DeployResult:
     options = DeployOptions(inventory=inv, env={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(control)})
     return labhosts.run_in_netns(lab.layout(LAB, "1g").ns_client, lambda: deploy(options))
@@ -136,7 +125,7 @@ def test_deploy_provisions_the_kernel_lab_hosts_over_ssh(
 ) -> None:
     control = Path(tempfile.mkdtemp(prefix="kdc-", dir="/tmp"))
     try:
-        inv = inventory(standing, tmp_path / "inv", snapshot(tmp_path / "src"))
+        inv = inventory(standing, tmp_path / "inv", snapshot_checkout(tmp_path / "src"))
         first = run(inv, control)
         assert first.ok, first.failures or first.stdout_tail
         assert set(first.stats) == {"l1a", "l1b"} and first.changed > 0
