@@ -670,6 +670,16 @@ def format_report(res: dict[str, Any], command: str) -> str:
         f" ({res['soft_dirty']['reason']})",
         "",
     ]
+    if res.get("l1"):
+        l1, host = res["l1"], res["l1"].get("host", {})
+        lines[-1:-1] = [
+            "",
+            f"Kernel lab: run inside an L1 VM (kernel {l1.get('kernel')}, "
+            f"{l1.get('memory_mib')} MiB, {l1.get('vcpus')} vCPUs, itself under "
+            f"{l1.get('accel_of_the_l1')} on {host.get('cpu', '?')}, kernel "
+            f"{host.get('kernel', '?')}); guests under "
+            f"{'KVM (nested)' if l1.get('kvm_in_the_l1') else 'TCG'}; {l1.get('note')}.",
+        ]
     if res.get("trackers"):
         lines += [trackers.format_section(res["trackers"])]
         if res.get("plot"):

@@ -159,7 +159,7 @@ def run_trackers(
     names, why_not = available_trackers()
     rows: list[dict[str, Any]] = []
     # What the child needs of this config: where files go, the accelerator, the window.
-    settings = {
+    settings: dict[str, Any] = {
         "paths": {k: str(v) for k, v in dataclasses.asdict(cfg.paths).items()},
         "vm": {"accel": cfg.vm.accel},
         "replication": {
@@ -167,6 +167,9 @@ def run_trackers(
             "overlap_scan": cfg.replication.overlap_scan,
         },
     }
+    if cfg.image.kernel and cfg.image.initrd:
+        # A prebuilt guest (the kernel lab copies one in): no image build in the child.
+        settings["image"] = {"kernel": cfg.image.kernel, "initrd": cfg.image.initrd}
     for m in sorted(sizes_mib):
         for name in names:
             say(f"trackers: {name} on a {m} MiB guest, {samples} sync points")

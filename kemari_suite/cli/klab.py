@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -234,6 +235,61 @@ def iscsi_pr(
 
         result = guard(scenario)
     _report(result, as_json)
+
+
+@app.command("sizing")
+def sizing(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    slot: SlotOpt = 194,
+    sizes: Annotated[str, typer.Option(help="Guest sizes, MiB, comma-separated.")] = "128,1024",
+    samples: Annotated[int, typer.Option(help="Sync points per tracker and size.")] = 15,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Results folder (none: no files).")
+    ] = None,
+) -> None:
+    """`kemari bench sizing`'s trackers inside an L1 on Debian's kernel (soft-dirty
+    beside compare, guests under nested KVM); only ratios count (the L1 is emulated)."""
+    from kemari_suite.bench.memsync import machine_info, source_commit
+    from kemari_suite.bench.sizing import write_results
+    from kemari_suite.klab.host import L1Spec
+    from kemari_suite.klab.pair import L1Group
+    from kemari_suite.klab.sizing import L1_MEMORY_MIB, run_sizing_in_l1
+    from kemari_suite.vm.define import ensure_image
+
+    cfg = configmod.load(config)
+    note = _progress(time.monotonic())
+    img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
+    guest = guard(lambda: ensure_image(cfg, note))
+    tree = str(_checkout())
+    spec = L1Spec(host="l1a", memory_mib=L1_MEMORY_MIB, vcpus=2, share=tree)
+    sizes_mib = [int(x) for x in sizes.split(",") if x.strip()]
+    with _group(
+        cfg,
+        lambda work, shm: L1Group(
+            f"z{slot}", [spec], img, lab_dir=work / "lab", run_root=work / "run", shm_dir=shm
+        ),
+    ) as group:
+
+        def scenario() -> dict[str, object]:
+            group.start()
+            res = run_sizing_in_l1(
+                group.hosts[0], guest, tree=tree, sizes_mib=sizes_mib, samples=samples,
+                progress=note,
+            )  # fmt: skip
+            res["machine"]["commit"] = source_commit()
+            res["l1"]["host"] = machine_info()
+            return res
+
+        result = guard(scenario)
+    if out_dir is not None:
+        command = "kemari klab sizing " + " ".join(sys.argv[3:])
+        note(f"wrote {write_results(result, out_dir, command.strip())}")
+    from kemari_suite.bench.trackers import summary
+
+    figures = {**summary(result["trackers"]), "l1": result["l1"]}  # type: ignore[arg-type]
+    figures["ok"] = not figures.get("errors")
+    _report(figures, as_json)
 
 
 TreeOpt = Annotated[
