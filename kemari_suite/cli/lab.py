@@ -143,6 +143,9 @@ def lab_up(
     output_commit: CommitOpt = True,
     vms: VmsOpt = 1,
     kernel_lab: KernelLabOpt = False,
+    ssh: Annotated[
+        bool, typer.Option("--ssh/--no-ssh", help="With --kernel: sshd in the L1s (port 2222).")
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a lab, write ready-to-run configs for a VM in it, print how to start it.
@@ -152,7 +155,7 @@ def lab_up(
     one folder of them per VM, each VM with its own address, TAPs and ports).
     """
     if kernel_lab:
-        _kernel_up(lab_id, profile, config, json_out=json_out)
+        _kernel_up(lab_id, profile, config, ssh=ssh, json_out=json_out)
         return
     choices = _VMChoices(
         name, memory, vcpus, tuple(add or ()), init, kernel, initrd, run,
@@ -460,7 +463,9 @@ def _show_several(
 KERNEL_LAB_TBF = {"1g": "1g", "10g": "10g", "wan": "1g", "unlimited": "unlimited"}
 
 
-def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool) -> None:
+def _kernel_up(
+    lab_id: str, profile: str, config: Path | None, *, ssh: bool, json_out: bool
+) -> None:
     """``lab up --kernel``: start the supervisor, wait with a live status line."""
     from kemari_suite import lab
     from kemari_suite.klab import standing
@@ -477,6 +482,7 @@ def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool
         "namespaces": (lay.ns_primary, lay.ns_secondary),
         "link_ips": (lay.repl_primary_ip, lay.repl_secondary_ip),
         "ssh_addresses": (lay.lan_primary_ip, lay.lan_secondary_ip),
+        "ssh": ssh,
     }
 
     def start() -> standing.StandingStatus:
@@ -498,8 +504,8 @@ def _kernel_up(lab_id: str, profile: str, config: Path | None, *, json_out: bool
         from kemari_suite.klab.sshd import ssh_command
 
         address, port = res.hosts[0].ssh
-        ssh = shlex.join(ssh_command(Path(res.ssh_dir), address, port))
-        out.print(f"log in to l1a:           ip netns exec {lay.ns_client} {ssh}")
+        login = shlex.join(ssh_command(Path(res.ssh_dir), address, port))
+        out.print(f"log in to l1a:           ip netns exec {lay.ns_client} {login}")
     out.print(f"run a command in an L1:  kemari klab exec --id {lab_id} --host l1a -- uname -a")
     out.print(f"take it down:            kemari lab down --kernel --id {lab_id}")
 
