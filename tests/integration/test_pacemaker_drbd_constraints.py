@@ -54,7 +54,7 @@ def render(name: str, **extra: object) -> ET.Element:
     return ET.fromstring(env.get_template(name).render(**params))
 
 
-def make_cib(path: Path, *, constraints: bool = True) -> Path:
+def make_cib(path: Path, *, constraints: bool = True, drbd: str = "r0") -> Path:
     """An empty CIB of the installed Pacemaker, two online nodes with quorum, fencing on,
     the role's resources and (``constraints``) its constraints."""
     cib = ET.fromstring(subprocess.run(["cibadmin", "--empty"], capture_output=True,
@@ -73,8 +73,12 @@ def make_cib(path: Path, *, constraints: bool = True) -> Path:
                       crmd="online", join="member", expected="member")  # fmt: skip
     conf.remove(conf.find("resources"))  # type: ignore[arg-type]
     conf.remove(conf.find("constraints"))  # type: ignore[arg-type]
-    conf.append(render("kemari-resources.xml.j2"))
-    conf.append(render("kemari-constraints.xml.j2") if constraints else ET.Element("constraints"))
+    conf.append(render("kemari-resources.xml.j2", pacemaker_drbd_resource=drbd))
+    conf.append(
+        render("kemari-constraints.xml.j2", pacemaker_drbd_resource=drbd)
+        if constraints
+        else ET.Element("constraints")
+    )
     ET.ElementTree(cib).write(path)
     return path
 
@@ -207,3 +211,18 @@ def test_moving_the_vm_alone_leaves_it_unpromoted(tmp_path: Path) -> None:
     _, actions, _ = simulate(promoted_then_banned(tmp_path, VM), tmp_path / "moved.xml")
     assert [n for _, n in find(actions, VM, "demote")] == ["a"]
     assert find(actions, VM, "promote") == [] and find(actions, DRBD, "demote") == []
+
+
+@pytest.mark.parametrize("drbd", ["r0", ""])
+def test_the_rendered_cib_is_valid(tmp_path: Path, drbd: str) -> None:
+    """What `cibadmin --modify` will be given passes Pacemaker's own schema check, with
+    and without DRBD."""
+    cib = make_cib(tmp_path / "cib.xml", drbd=drbd)
+    done = subprocess.run(["crm_verify", "-x", str(cib)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    conf = ET.parse(cib).getroot().find("configuration")
+    assert conf is not None
+    ids = [e.get("id") for part in ("resources", "constraints") for e in conf.find(part).iter()  # type: ignore[union-attr]
+           if e.get("id")]  # fmt: skip
+    assert len(ids) == len(set(ids))
+    assert (f"{DRBD}-clone" in ids) == bool(drbd)
