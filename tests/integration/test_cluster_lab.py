@@ -69,6 +69,8 @@ def test_cluster_on_lab_hosts(lab_factory, tmp_path: Path) -> None:
         assert probe.returncode != 0
         assert "no fencing device" in probe.stderr, probe.stderr
 
+        _load_the_playbooks_cib(cluster, tmp_path)
+
         cluster.stop_qnetd()
         time.sleep(3)
         assert cluster.quorate("a") and cluster.quorate("b")
@@ -93,3 +95,35 @@ def _online(cluster: ClusterLab) -> set[str]:
 
     tree = ET.fromstring(cluster.crm_mon_xml("a"))
     return {n.get("name", "") for n in tree.iter("node") if n.get("online") == "true"}
+
+
+def _load_the_playbooks_cib(cluster: ClusterLab, tmp_path: Path) -> None:
+    """The pacemaker role's resources and constraints (with DRBD), loaded into the live
+    CIB with the role's own cibadmin commands, in maintenance mode (nothing is started),
+    then removed again."""
+    from xml.etree import ElementTree as ET
+
+    from tests.integration.test_pacemaker_drbd_constraints import render
+
+    files = {}
+    for scope, template in (("resources", "kemari-resources.xml.j2"),
+                            ("constraints", "kemari-constraints.xml.j2")):  # fmt: skip
+        files[scope] = tmp_path / f"pacemaker-{scope}.xml"
+        files[scope].write_text(ET.tostring(render(template), encoding="unicode"))
+    prop = ["crm_attribute", "--type", "crm_config", "--name", "maintenance-mode"]
+    cluster.run("a", [*prop, "--update", "true"])
+    try:
+        for scope, path in files.items():
+            done = cluster.run("a", ["cibadmin", "--modify", "--allow-create", "--scope", scope,
+                                     "--xml-file", str(path)], check=False)  # fmt: skip
+            assert done.returncode == 0, f"cibadmin refused the role's {scope}: {done.stderr}"
+        live = cluster.run("b", ["cibadmin", "--query", "--scope", "configuration"]).stdout
+        for rid in ("kemari-vm-clone", "drbd-r0-clone", "o-drbd-r0-before-kemari-vm"):
+            assert f'id="{rid}"' in live, rid
+        verify = cluster.run("a", ["crm_verify", "--live-check"], check=False)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        for scope in ("constraints", "resources"):
+            cluster.run("a", ["cibadmin", "--replace", "--scope", scope, "--xml-text",
+                              f"<{scope}/>"], check=False)  # fmt: skip
+        cluster.run("a", [*prop, "--delete"], check=False)
