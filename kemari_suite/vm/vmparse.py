@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from kemari_suite.config import DiskBackendKind, build
+from kemari_suite.config import DiskBackendKind, DiskFencing, build
 from kemari_suite.errors import ConfigError, SetupError
 from kemari_suite.vm.machines import MachineCatalog, MachineProbe
 from kemari_suite.vm.vmtree import (
@@ -69,6 +69,7 @@ _DISK_KEYS = frozenset(
         "resource",
         "lease_device",
         "lease_offset",
+        "fencing",
         "unprotected_output",
     }
 )
@@ -248,6 +249,11 @@ def parse_disks(r: Reader, raw: Any) -> tuple[DiskDef, ...]:
         if lease_device:
             check_abs(r, f"{k}.lease_device", lease_device)
         lease_offset = r.int_(t.get("lease_offset", 0), f"{k}.lease_offset", 0, 1 << 62)
+        fencing = cast(DiskFencing, r.choice(t.get("fencing", ""), f"{k}.fencing", ("", "scsi-pr")))
+        if fencing and backend != "shared":
+            raise r.error(
+                f"{k}.fencing", f'"scsi-pr" fences a shared LUN: backend = "shared", not {backend}'
+            )
         unprotected = r.bool_(t.get("unprotected_output", False), f"{k}.unprotected_output")
         if unprotected and backend != "builtin":
             raise r.error(
@@ -264,6 +270,7 @@ def parse_disks(r: Reader, raw: Any) -> tuple[DiskDef, ...]:
                 resource=resource,
                 lease_device=lease_device,
                 lease_offset=lease_offset,
+                fencing=fencing,
                 unprotected_output=unprotected,
             )
         )

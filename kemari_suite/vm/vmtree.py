@@ -23,6 +23,7 @@ from kemari_suite.config import (
     AlertConfig,
     DiskBackendKind,
     DiskConfig,
+    DiskFencing,
     ImageConfig,
     KemariConfig,
     PathsConfig,
@@ -94,6 +95,8 @@ class DiskDef:
     resource: str = ""
     lease_device: str = ""
     lease_offset: int = 0
+    #: "scsi-pr": SCSI-3 reservations fence the old writer (backend = "shared").
+    fencing: DiskFencing = ""
     #: The operator accepts this disk without the block tap: QEMU writes it directly,
     #: ahead of the checkpoint, and nothing replicates it (``unprotected_output``).
     unprotected_output: bool = False
@@ -390,6 +393,7 @@ def _disk_config(disk: DiskDef | None) -> DiskConfig:
         size_mib=disk.size_mib if disk.size_mib is not None else _measured_mib(disk),
         lease_device=disk.lease_device,
         lease_offset=disk.lease_offset,
+        fencing=disk.fencing,
     )
 
 

@@ -527,8 +527,17 @@ def test_shared_example_overrides_the_disk_on_one_host() -> None:
     )
     a, b = (defn.for_host(h, resolve_accel=tcg) for h in ("a", "b"))
     assert a.config.disk.path != b.config.disk.path
+    assert a.config.disk.fencing == b.config.disk.fencing == "scsi-pr"
     assert identity(defn, "a") == identity(defn, "b")
     assert masked_argv(a) == masked_argv(b)
+
+
+def test_scsi_pr_fencing_needs_a_shared_disk(tmp_path: Path) -> None:
+    text = (REPO / "examples" / "vm" / "shared-lun.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('backend = "shared"', 'backend = "builtin"', 1))
+    with pytest.raises(ConfigError, match=r"disk\[0\]\.fencing.*shared LUN"):
+        load_vmdef(bad, machines=machines, check_files=False)
 
 
 # ---- written with dump_toml -------------------------------------------------------------
