@@ -11,9 +11,12 @@ Three layers, one module each:
   :class:`DrbdResource` (one whose file this host renders).
 * this module: :class:`DrbdBackend`, the :class:`~kemari_suite.disk.base.DiskBackend`:
   attach = (write the resource file and) ``drbdadm adjust`` (which is ``up`` for a
-  resource that is down, and idempotent otherwise), promote = ``drbdadm primary`` then
-  open the device, demote = flush, close, ``drbdadm secondary``, apply = pwrite to
-  ``/dev/drbdN``, status = the parsed ``drbdsetup status --json``.
+  resource that is down, and idempotent otherwise), promote = ``drbdadm primary``
+  (:func:`promote_resource`: at a takeover, once more when DRBD lost the peer meanwhile
+  or, bounded, once it has lost a peer it still counted as a connected Primary) then
+  open the device, demote = flush, close, ``drbdadm
+  secondary``, apply = pwrite to ``/dev/drbdN``, status = the parsed ``drbdsetup status
+  --json``.
 
 DRBD replicates the data itself: the backend declares ``replays_log`` (the standby keeps
 the committed I/O logs and replays them after ``promote`` at failover: with protocol C
@@ -26,7 +29,9 @@ import DrbdConfig, DrbdTools, ...`` keeps working.
 
 from __future__ import annotations
 
+import enum
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,8 +61,120 @@ from kemari_suite.disk.drbdconf import (
     render_resource,
     validate,
 )
-from kemari_suite.disk.drbdstatus import Role
-from kemari_suite.errors import DiskError
+from kemari_suite.disk.drbdstatus import ConnectionState, ResourceStatus, Role
+from kemari_suite.errors import DiskError, DrbdError
+
+#: Bounds ``drbdadm primary`` at a promotion: without its peer, the kernel runs the
+#: fence-peer handler (``kemari fence-peer``, a Python process asking the tiebreaker)
+#: before it answers, which takes seconds on a loaded host.
+PROMOTE_TIMEOUT_S = 180.0
+#: How long a promotion waits for DRBD to lose a peer it still counts as a connected
+#: Primary: 8.4 notices a dead peer after ``ping-int`` (10 s) plus the ping timeout
+#: (11-20 s measured in the kernel lab).
+PEER_LOSS_WAIT_S = 60.0
+
+
+class Promotion(enum.Enum):
+    """How :func:`promote_resource` made the resource Primary."""
+
+    #: The first ``drbdadm primary``.
+    DIRECT = "direct"
+    #: Refused, DRBD had lost the peer meanwhile; the second ``primary``.
+    PEER_LOST = "peer-lost"
+    #: Refused, the peer still a connected Primary; DRBD lost it while we waited; the
+    #: second ``primary``.
+    WAITED = "waited"
+
+
+def peer_still_primary(status: ResourceStatus | None) -> bool:
+    """DRBD still counts a peer as connected and Primary (its role is Unknown once the
+    connection is lost): why ``drbdadm primary`` is refused at a takeover before DRBD
+    noticed the dead primary (8.4: after ``ping-int`` plus the ping timeout)."""
+    if status is None or status.role is Role.PRIMARY:
+        return False
+    return any(c.peer_role is Role.PRIMARY for c in status.connections)
+
+
+def peer_lost(status: ResourceStatus | None) -> bool:
+    """The resource is up and no connection to a peer is established."""
+    if status is None:
+        return False
+    return all(c.connection_state is not ConnectionState.CONNECTED for c in status.connections)
+
+
+def promote_resource(
+    adm: DrbdAdm,
+    *,
+    timeout_s: float = PROMOTE_TIMEOUT_S,
+    peer_wait_s: float = PEER_LOSS_WAIT_S,
+    poll_s: float = 1.0,
+) -> Promotion:
+    """Make ``adm``'s resource Primary here, at a takeover the tiebreaker granted.
+
+    ``drbdadm primary``; when DRBD refuses it, its status says what next:
+
+    * DRBD lost the peer meanwhile (:func:`peer_lost`): ``drbdadm primary`` again. 8.4
+      gives a promotion that found the peer Primary one more try, a ping timeout later;
+      by then DRBD may have lost the peer and run the fence-peer handler, which outdated
+      the peer, but the tries are spent and the promotion is refused (seen in the lab);
+    * DRBD still counts the lost primary as its connected Primary peer
+      (:func:`peer_still_primary`): wait, polling the status every ``poll_s``, up to
+      ``peer_wait_s`` for DRBD to lose it, then ``drbdadm primary`` again. The
+      connection is never dropped from here: a peer that stays connected is alive
+      (a switchover whose old primary did not demote, an engine that died on a live
+      host), and promoting over it would split the brain;
+    * anything else (a connected peer that is not Primary, our data not up to date,
+      the resource down): the refusal is raised as it is.
+
+    Without a peer, fencing ``resource-and-stonith`` makes the kernel run the fence-peer
+    handler (``kemari fence-peer``: the tiebreaker) before the promotion: it lets it
+    through only on the host that holds the lease (elsewhere it outdates this host's
+    disk and ``primary`` fails).
+
+    Raises:
+        DrbdError: DRBD refused for another reason (the first ``primary``'s error, the
+            status read after it as its cause when that failed too); the peer was still
+            a connected Primary after ``peer_wait_s`` (the first refusal's command, exit
+            code and stderr, saying so); or the second ``primary`` failed (its error,
+            chained to the first refusal). Each names the command, exit code and stderr.
+    """
+    try:
+        adm.primary(timeout_s=timeout_s)
+        return Promotion.DIRECT
+    except DrbdError as refused:
+        status = _status_after(adm, refused)
+        if peer_lost(status):
+            how = Promotion.PEER_LOST
+        elif peer_still_primary(status):
+            deadline = time.monotonic() + peer_wait_s
+            while peer_still_primary(status) and time.monotonic() < deadline:
+                time.sleep(poll_s)
+                status = _status_after(adm, refused)
+            if peer_still_primary(status):
+                raise DrbdError(
+                    adm.name,
+                    refused.command,
+                    refused.rc,
+                    f"{refused.stderr.strip()}; the peer still counts as a connected Primary "
+                    f"after {peer_wait_s:.0f} s: it is alive, not promoting over it",
+                ) from refused
+            how = Promotion.WAITED
+        else:
+            raise
+        try:
+            adm.primary(timeout_s=timeout_s)
+        except DrbdError as err:
+            raise err from refused
+    return how
+
+
+def _status_after(adm: DrbdAdm, refused: DrbdError) -> ResourceStatus | None:
+    """The status after ``refused``; a status that cannot be read raises ``refused``
+    (what failed) with the read's error as its cause."""
+    try:
+        return adm.status()
+    except DiskError as unread:
+        raise refused from unread
 
 
 class DrbdBackend(PlainCapabilities):
@@ -97,6 +214,8 @@ class DrbdBackend(PlainCapabilities):
             self.resource = DrbdResource(config, node, config_path=config_path, tools=tools)
             self.device_path = Path(device_path if device_path is not None else config.device)
         self.tracking = False
+        #: How the last promotion went (None: not promoted here).
+        self.promotion: Promotion | None = None
         self._disk: FileDisk | None = None
         self._size = 0
 
@@ -132,13 +251,19 @@ class DrbdBackend(PlainCapabilities):
         self._size = _device_size(self.device_path)
 
     def promote(self) -> None:
-        """``drbdadm primary`` (never forced), then open the device for writing.
+        """``drbdadm primary`` (never forced; :func:`promote_resource`: once more when
+        DRBD lost the peer meanwhile or, bounded, once it has lost a peer it still
+        counted as a connected Primary), then open the device for writing. The engine
+        promotes only on the host the tiebreaker chose (a takeover it granted, or the
+        primary it lets run).
 
         Raises:
-            DrbdError: DRBD refused (the peer is Primary, no up-to-date data, no quorum).
+            DrbdError: DRBD refused (a live Primary peer, still connected or reported by
+                the fence-peer handler; no up-to-date data; no quorum), naming the
+                command, exit code and stderr.
             DiskError: the device cannot be opened.
         """
-        self.resource.primary()
+        self.promotion = promote_resource(self.resource)
         if self._disk is None:
             disk = FileDisk(self.device_path)
             disk.attach()
@@ -231,6 +356,8 @@ __all__ = [
     "DEFAULT_CONFIG_DIR",
     "MAX_MINOR",
     "MAX_NODE_ID",
+    "PEER_LOSS_WAIT_S",
+    "PROMOTE_TIMEOUT_S",
     "CommandResult",
     "DrbdAdm",
     "DrbdBackend",
@@ -238,9 +365,13 @@ __all__ = [
     "DrbdNode",
     "DrbdResource",
     "DrbdTools",
+    "Promotion",
     "QuorumOptions",
     "check_with_drbdadm",
     "drbd_config_from_dict",
+    "peer_lost",
+    "peer_still_primary",
+    "promote_resource",
     "render_resource",
     "validate",
 ]

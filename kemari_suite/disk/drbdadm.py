@@ -109,12 +109,13 @@ class DrbdTools:
         node: str | None = None,
         ok_codes: Sequence[int] = (0,),
         record: bool = True,
+        timeout_s: float | None = None,
     ) -> CommandResult:
         """Run ``argv`` (argv[0] is drbdadm, drbdsetup or drbdmeta).
 
         ``node`` sets ``__DRBD_NODE__`` (drbdadm then pretends to be that host); stdin is
         empty, so a tool that would ask a question gets end-of-file and fails instead of
-        hanging.
+        hanging. ``timeout_s`` replaces :attr:`timeout_s` for this command.
 
         Raises:
             DrbdError: the tool is missing, timed out, or exited with a code not in
@@ -125,13 +126,14 @@ class DrbdTools:
             self.recorded.append(argv)
             return CommandResult(argv, 0, "", "", 0.0, dry_run=True)
         command = shlex.join(argv)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
         try:
             proc = sh.Command(self._path(argv[0]))(
                 *argv[1:],
                 _env=self._env(node),
                 _in="",
-                _timeout=self.timeout_s,
+                _timeout=timeout,
                 _ok_code=list(ok_codes),
                 _return_cmd=True,
             )
@@ -140,7 +142,7 @@ class DrbdTools:
                 resource, command, 127, f"{argv[0]} not found: install drbd-utils"
             ) from err
         except sh.TimeoutException as err:
-            raise DrbdError(resource, command, 124, f"timed out after {self.timeout_s} s") from err
+            raise DrbdError(resource, command, 124, f"timed out after {timeout} s") from err
         except sh.ErrorReturnCode as err:
             raise DrbdError(
                 resource, command, err.exit_code, _text(err.stderr) or _text(err.stdout)
@@ -263,8 +265,8 @@ class DrbdAdm:
     def drbdadm_argv(self, *args: str) -> tuple[str, ...]:
         return ("drbdadm", "-c", str(self.config_path), *args)
 
-    def _adm(self, *args: str) -> CommandResult:
-        return self.tools.run(self.name, self.drbdadm_argv(*args))
+    def _adm(self, *args: str, timeout_s: float | None = None) -> CommandResult:
+        return self.tools.run(self.name, self.drbdadm_argv(*args), timeout_s=timeout_s)
 
     # ---- operations (each raises DrbdError when the tool fails) ---------------------
 
@@ -291,10 +293,14 @@ class DrbdAdm:
     def down(self) -> CommandResult:
         return self._adm("down", self.name)
 
-    def primary(self, *, force: bool = False) -> CommandResult:
+    def primary(self, *, force: bool = False, timeout_s: float | None = None) -> CommandResult:
         """Become Primary. ``force`` only for the very first sync of a new resource:
-        it declares this host's data good without an up-to-date peer."""
-        return self._adm("primary", *(["--force"] if force else []), self.name)
+        it declares this host's data good without an up-to-date peer.
+
+        Without the peer, fencing ``resource-and-stonith`` makes the kernel run the
+        fence-peer handler (the tiebreaker) before it answers: ``timeout_s`` bounds the
+        whole (default: the tools' timeout)."""
+        return self._adm("primary", *(["--force"] if force else []), self.name, timeout_s=timeout_s)
 
     def secondary(self) -> CommandResult:
         return self._adm("secondary", self.name)
@@ -303,8 +309,11 @@ class DrbdAdm:
         """Reconnect; ``discard_my_data`` on the split-brain *victim* only (see README)."""
         return self._adm("connect", *(["--discard-my-data"] if discard_my_data else []), self.name)
 
-    def disconnect(self) -> CommandResult:
-        return self._adm("disconnect", self.name)
+    def disconnect(self, *, force: bool = False) -> CommandResult:
+        """Drop the connection (StandAlone). A plain disconnect asks the peer first, and
+        a dead peer DRBD still counts as connected never answers: ``force`` drops it
+        here at once (``drbdsetup disconnect --force``, 8.4 and 9)."""
+        return self._adm("disconnect", *(["--force"] if force else []), self.name)
 
     def verify(self) -> CommandResult:
         """Start an online verify (uses ``verify-alg``); results arrive as events."""

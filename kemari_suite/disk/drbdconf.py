@@ -101,6 +101,11 @@ class DrbdConfig:
     quorum: QuorumOptions = field(default_factory=QuorumOptions)
     #: DRBD 9 promotes on open by default; Kemari promotes only on failover.
     auto_promote: bool = False
+    #: ``ping-int`` in seconds (1..120; None: DRBD's 10): how long a silent peer still
+    #: counts as connected. A takeover waits for DRBD to lose a dead primary it still
+    #: counts as connected (:func:`kemari_suite.disk.drbd.promote_resource`, bounded by
+    #: ``PEER_LOSS_WAIT_S``): keep it well under that.
+    ping_int_s: int | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -230,6 +235,9 @@ def validate(cfg: DrbdConfig) -> None:
         raise _bad("quorum.quorum", f"{q!r}: 'off', 'majority', 'all' or 1..{len(cfg.nodes)} nodes")
     if cfg.quorum.on_no_quorum not in ("io-error", "suspend-io"):
         raise _bad("quorum.on_no_quorum", f"{cfg.quorum.on_no_quorum!r}")
+    p = cfg.ping_int_s
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 120):
+        raise _bad("ping_int_s", f"{p!r} is not a number of seconds in 1..120")
 
 
 def _address(node: DrbdNode) -> str:
@@ -297,6 +305,8 @@ def render_resource(cfg: DrbdConfig, *, dialect: str = "9") -> str:
             "    protocol C;",
             f"    fencing {cfg.fencing};",
         ]
+    if cfg.ping_int_s is not None:
+        lines.append(f"    ping-int {cfg.ping_int_s};")
     lines += [
         f"    verify-alg {cfg.verify_alg};",
         f"    after-sb-0pri {cfg.after_sb_0pri};",

@@ -158,6 +158,26 @@ def wait_drbd(
         time.sleep(interval)
 
 
+def peer_lost_by(kernel_log: str) -> str:
+    """How DRBD 8.4 lost its peer, from its kernel messages (``dmesg``): "disconnect"
+    (``drbdadm disconnect`` here: ``conn( Connected -> Disconnecting )``), "network"
+    (DRBD noticed by itself: ``NetworkFailure``, ``Timeout``, ``BrokenPipe`` after a
+    missed ping or request), or "" (still connected, or never was); the first seen."""
+    for line in kernel_log.splitlines():
+        if "Connected -> Disconnecting" in line:
+            return "disconnect"
+        if re.search(r"Connected -> (NetworkFailure|Timeout|BrokenPipe|ProtocolError)", line):
+            return "network"
+    return ""
+
+
+def refused_state_changes(kernel_log: str) -> list[str]:
+    """The reasons of the state changes DRBD 8.4 refused, in order, from its kernel
+    messages (``State change failed: Refusing to be Primary while peer is not
+    outdated``): a promotion the engine had to try again shows here."""
+    return re.findall(r"State change failed: (.+?)\s*$", kernel_log, re.M)
+
+
 class GuestDrbdTools(DrbdTools):
     """drbd-utils inside an L1: each command runs through the L1's agent."""
 
@@ -173,8 +193,10 @@ class GuestDrbdTools(DrbdTools):
         node: str | None = None,
         ok_codes: Sequence[int] = (0,),
         record: bool = True,
+        timeout_s: float | None = None,
     ) -> CommandResult:
-        """Run ``argv`` inside the L1 (``LC_ALL=C``; ``__DRBD_NODE__`` when ``node``).
+        """Run ``argv`` inside the L1 (``LC_ALL=C``; ``__DRBD_NODE__`` when ``node``);
+        ``timeout_s`` replaces :attr:`timeout_s` for this command.
 
         Raises:
             DrbdError: exit code not in ``ok_codes`` (124 for a timeout, 255 when the
@@ -183,13 +205,14 @@ class GuestDrbdTools(DrbdTools):
         argv = tuple(argv)
         command = shlex.join(argv)
         env = "LC_ALL=C" + (f" __DRBD_NODE__={shlex.quote(node)}" if node else "")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
         try:
-            res = self.runner.run(f"{env} {command}", timeout=self.timeout_s, check=False)
+            res = self.runner.run(f"{env} {command}", timeout=timeout, check=False)
         except VMError as err:
             raise DrbdError(resource, command, 255, f"L1 agent: {err}") from err
         if res.timed_out:
-            raise DrbdError(resource, command, 124, f"timed out after {self.timeout_s} s")
+            raise DrbdError(resource, command, 124, f"timed out after {timeout} s")
         if res.exit_code not in ok_codes:
             raise DrbdError(resource, command, res.exit_code, res.stderr or res.stdout)
         return CommandResult(argv, res.exit_code, res.stdout, res.stderr, time.monotonic() - t0)
@@ -241,7 +264,9 @@ __all__ = [
     "Runner",
     "load_module",
     "parse_proc_drbd",
+    "peer_lost_by",
     "proc_drbd",
+    "refused_state_changes",
     "render_for_kernel",
     "render_resource_84",
     "wait_drbd",

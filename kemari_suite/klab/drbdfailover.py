@@ -98,8 +98,10 @@ class PowerLossRun:
         return {**asdict(self), "ok": self.ok}
 
 
-def resource_config(pair: L1Pair) -> DrbdConfig:
-    """The resource both hosts of ``pair`` run: their data disks, fenced by the lab's handler."""
+def resource_config(pair: L1Pair, fence_handler: str = FENCE_HANDLER) -> DrbdConfig:
+    """The resource both hosts of ``pair`` run: their data disks, fenced by
+    ``fence_handler`` (by default the lab's, which says "peer fenced"; the engine's demo
+    names a wrapper of ``kemari fence-peer``), called with the resource's name."""
     spec = pair.spec
     return DrbdConfig(
         resource=RESOURCE,
@@ -108,7 +110,7 @@ def resource_config(pair: L1Pair) -> DrbdConfig:
             for i, h in enumerate(pair.hosts)
         ),
         disk="/dev/vda",
-        fence_peer_handler=f"{FENCE_HANDLER} {{resource}}",
+        fence_peer_handler=f"{fence_handler} {{resource}}",
     )
 
 
@@ -130,10 +132,16 @@ def offline_check(image: Path, expect: Mapping[str, str]) -> tuple[bool, bool]:
 class PowerLossScenario:
     """The steps of :func:`run_power_loss`, one method each, on a started pair."""
 
-    def __init__(self, pair: L1Pair, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        pair: L1Pair,
+        progress: Callable[[str], None] | None = None,
+        *,
+        fence_handler: str = FENCE_HANDLER,
+    ) -> None:
         self.pair = pair
         self.a, self.b = pair[0], pair[1]
-        self.cfg = resource_config(pair)
+        self.cfg = resource_config(pair, fence_handler)
         self.res = {h.spec.host: L1DrbdResource(self.cfg, h.spec.host, h) for h in pair.hosts}
         self.steps: dict[str, float] = {}
         self._progress = progress

@@ -33,20 +33,23 @@ from typing import Any
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError
+from kemari_suite.klab.drbd import peer_lost_by, refused_state_changes
 from kemari_suite.klab.drbdfailover import RESOURCE as DRBD_RESOURCE
 from kemari_suite.klab.drbdfailover import PowerLossScenario
 from kemari_suite.klab.engine import (
+    FENCE_PEER,
+    FENCE_PEER_LOG,
     GUEST_IP,
     EngineProcess,
     EngineSpec,
     HostWitness,
     Keys,
     check_tree,
+    fence_peer_calls,
     l1_trees,
     lan_up,
     prepare_l1,
 )
-from kemari_suite.klab.guestfiles import FENCE_LOG
 from kemari_suite.klab.l2 import enable_kvm, push_guest
 from kemari_suite.klab.pair import L1Pair
 from kemari_suite.klab.share import mount_command
@@ -121,10 +124,18 @@ class ProtectRun:
     records_found: int = 0
     wrote_after_resume: bool = False
     resumed: bool = False
-    #: DRBD only: the survivor is DRBD Primary after the failover, and how many times
-    #: the lab's fence-peer handler was called there.
+    #: DRBD only: the survivor is DRBD Primary after the failover, how many times DRBD
+    #: called its fence-peer handler (the engine's ``kemari fence-peer``) there, and
+    #: the handler's exit codes (7: the peer is fenced, we hold the lease).
     promoted: bool | None = None
     fence_peer_calls: int | None = None
+    fence_peer_exits: list[int] | None = None
+    #: How l1b's DRBD lost the killed primary: "network" (DRBD noticed by itself),
+    #: "disconnect" (a ``drbdadm disconnect`` there), "" (neither: still connected).
+    drbd_peer_lost: str | None = None
+    #: The state changes l1b's DRBD refused (its kernel log): a promotion the engine
+    #: tried again (the peer lost meanwhile, or still a connected Primary) shows here.
+    drbd_refused: list[str] | None = None
     #: SIGKILL of l1a's QEMU to the resumed guest's first answer in l1b (includes the
     #: heartbeat timeout).
     failover_ms: float | None = None
@@ -147,6 +158,7 @@ class ProtectRun:
             and self.records_lost == 0
             and self.wrote_after_resume
             and self.promoted is not False
+            and (self.fence_peer_exits is None or 7 in self.fence_peer_exits)
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -184,8 +196,10 @@ class ProtectScenario:
 
     def drbd_up(self) -> None:
         """DRBD 8.4 on both L1s' data disks, l1a Primary, the initial sync done (the
-        steps of the DRBD power-loss scenario); the resource is named after the VM."""
-        sc = PowerLossScenario(self.pair, self.progress)
+        steps of the DRBD power-loss scenario); the resource is named after the VM and
+        fenced by the engine's ``kemari fence-peer`` (its wrapper is written with each
+        L1's config by :meth:`prepare`)."""
+        sc = PowerLossScenario(self.pair, self.progress, fence_handler=FENCE_PEER)
         sc.bring_up()
         sc.initial_sync()
         self.run.steps.update({f"drbd {k}": v for k, v in sc.steps.items()})
@@ -289,8 +303,13 @@ class ProtectScenario:
         if self.spec is not None and self.spec.disk_backend == "drbd":
             role = b.run("cat /proc/drbd", check=False).stdout
             self.run.promoted = "ro:Primary/" in role
-            fence = b.run(f"cat {FENCE_LOG} 2>/dev/null || true").stdout
-            self.run.fence_peer_calls = sum(1 for ln in fence.splitlines() if "fence-peer" in ln)
+            fence = b.run(f"cat {FENCE_PEER_LOG} 2>/dev/null || true").stdout
+            self.run.fence_peer_exits = fence_peer_calls(fence)
+            self.run.fence_peer_calls = len(self.run.fence_peer_exits)
+            kernel = b.run("dmesg | grep -i drbd", check=False).stdout
+            self.run.drbd_peer_lost = peer_lost_by(kernel)
+            self.run.drbd_refused = refused_state_changes(kernel)
+            self.note(f"fence-peer in l1b:\n{fence.rstrip()}")
         st = self.agents["secondary"].wait_state({"active"}, 300)
         report = st.get("failover") or {}
         if report.get("failover_ms") is not None:
@@ -303,11 +322,19 @@ class ProtectScenario:
         )
 
     def report_logs(self) -> None:
-        """Send the tails of the agents' output in the L1s still up to ``progress``."""
+        """Send the tails of the agents' output in the L1s still up to ``progress``
+        (with DRBD, also the survivor's DRBD kernel messages and fence-peer log)."""
         for role, agent in self.agents.items():
             try:
                 self.note(f"--- {role} output\n{agent.output()}")
+                self.note(f"--- {role} events\n{agent.events()}")
             except Exception:  # a report on a failure must not hide the failure
+                pass
+        if self.spec is not None and self.spec.disk_backend == "drbd":
+            try:
+                cmd = f"dmesg | grep -i drbd | tail -n 40; cat {FENCE_PEER_LOG} 2>/dev/null"
+                self.note(f"--- l1b drbd\n{self.pair[1].run(cmd, check=False).stdout}")
+            except Exception:  # as above
                 pass
 
     def close(self) -> None:

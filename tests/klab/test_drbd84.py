@@ -16,6 +16,8 @@ from kemari_suite.klab.drbd import (
     GuestDrbdTools,
     L1DrbdResource,
     parse_proc_drbd,
+    peer_lost_by,
+    refused_state_changes,
     render_for_kernel,
     render_resource_84,
 )
@@ -138,6 +140,33 @@ def test_proc_drbd_parses_states_and_out_of_sync() -> None:
         "WFConnection", "Unknown", "DUnknown", 12,
     )  # fmt: skip
     assert parse_proc_drbd("version: 8.4.11 (api:1/proto:86-101)\n").minors == {}
+
+
+def test_how_the_peer_was_lost_is_read_from_the_kernel_log() -> None:
+    """8.4's state-change lines (``print_st``) on the standby after the primary's kill."""
+    up = (
+        "[   12.1] drbd r0: conn( StandAlone -> Unconnected )\n"
+        "[   13.0] drbd r0: conn( WFReportParams -> Connected ) pdsk( DUnknown -> UpToDate )\n"
+    )
+    forced = up + (
+        "[  330.2] drbd r0: conn( Connected -> Disconnecting ) peer( Primary -> Unknown )\n"
+        "[  330.2] drbd r0: conn( Disconnecting -> StandAlone )\n"
+    )
+    noticed = up + (
+        "[  312.4] drbd r0: PingAck did not arrive in time.\n"
+        "[  312.4] drbd r0: peer( Primary -> Unknown ) conn( Connected -> NetworkFailure ) "
+        "pdsk( UpToDate -> DUnknown )\n"
+    )
+    assert peer_lost_by(forced) == "disconnect"
+    assert peer_lost_by(noticed) == "network"
+    assert peer_lost_by(up) == ""
+    refused = noticed + (
+        "[  312.5] block drbd0: State change failed: Refusing to be Primary while peer is "
+        "not outdated\n"
+        "[  312.5] block drbd0:   state = { cs:WFConnection ro:Secondary/Unknown }\n"
+    )
+    assert refused_state_changes(refused) == ["Refusing to be Primary while peer is not outdated"]
+    assert refused_state_changes(up) == []
 
 
 def test_proc_drbd_without_a_module_is_an_error() -> None:

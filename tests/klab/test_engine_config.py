@@ -10,10 +10,13 @@ from pathlib import Path
 from kemari_suite.cli.klab import protect_demo_result
 from kemari_suite.config import PathsConfig
 from kemari_suite.klab.engine import (
+    FENCE_PEER_LOG,
     GUEST_IP,
     TAP,
     EngineSpec,
     check_tree,
+    fence_peer_calls,
+    fence_peer_script,
     l1_trees,
     witness_port,
     witness_tree,
@@ -90,6 +93,34 @@ def test_the_l1_runs_the_shared_tree_with_its_own_python() -> None:
     assert cmd.endswith("python3 -m kemari_suite.cli.main standby -c /x/secondary.toml")
 
 
+def test_drbds_fence_peer_handler_is_the_engines_own_command() -> None:
+    """DRBD runs the handler with a bare environment: the wrapper runs the suite as the
+    agents do, with the role's config and node id, and logs each call and exit code."""
+    text = fence_peer_script(SPEC, "secondary")
+    assert text.startswith("#!/bin/sh\n")
+    line = next(ln for ln in text.splitlines() if "fence-peer -c" in ln)
+    assert line.startswith(
+        f"env {python_env('/work/main')} /usr/bin/python3 -m kemari_suite.cli.main"
+    )
+    assert (
+        'fence-peer -c /var/lib/kemari-klab/t7/secondary.toml --node secondary --resource "$1"'
+        in line
+    )
+    assert f"LOG={FENCE_PEER_LOG}" in text and text.rstrip().endswith("exit $rc")
+    assert "--node primary" in fence_peer_script(SPEC, "primary")
+
+
+def test_the_fence_peer_log_gives_each_calls_exit_code() -> None:
+    log = (
+        "1765080000.1 call r0 resource=r0 peer=l1a\n"
+        "fence-peer r0: we hold the lease (generation 3)\n"
+        "1765080004.2 exit 7\n"
+        "1765080010.0 call r0 resource=r0 peer=l1a\n"
+    )
+    assert fence_peer_calls(log) == [7, -1]
+    assert fence_peer_calls("") == []
+
+
 def test_a_run_is_ok_only_when_protected_resumed_and_nothing_acknowledged_is_lost() -> None:
     good = ProtectRun(accel="kvm", protected=True, resumed=True, records_acked=40,
                       records_found=41, wrote_after_resume=True)  # fmt: skip
@@ -101,6 +132,12 @@ def test_a_run_is_ok_only_when_protected_resumed_and_nothing_acknowledged_is_los
     drbd = ProtectRun(protected=True, resumed=True, records_acked=4, records_found=4,
                       wrote_after_resume=True, promoted=False)  # fmt: skip
     assert not drbd.ok
+    promoted = ProtectRun(protected=True, resumed=True, records_acked=4, records_found=4,
+                          wrote_after_resume=True, promoted=True, fence_peer_calls=1,
+                          fence_peer_exits=[7])  # fmt: skip
+    assert promoted.ok
+    # The handler said the peer holds the lease (or never answered): not a clean takeover.
+    assert not ProtectRun(**{**promoted.__dict__, "fence_peer_exits": [6]}).ok
 
 
 def test_the_demo_json_leads_with_the_demo_keys() -> None:
