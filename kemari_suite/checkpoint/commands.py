@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from kemari_suite.alerts import AlertKind
 from kemari_suite.checkpoint import held
 from kemari_suite.checkpoint.states import PrimaryState
+from kemari_suite.checkpoint.verifying import VerifyingTracker
 from kemari_suite.errors import ReplicationError
 from kemari_suite.tap.outputs import unprotected_outputs
 from kemari_suite.testing import faults
@@ -36,9 +37,11 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "checkpoints": agent.checkpoints,
         "peer": agent.rcfg.peer,
         "qemu_pid": agent.vm.pid,
+        "accel": agent.spec.accel,
         "mode": agent.rcfg.mode,
         "tracker": agent.tracker.name if agent.tracker else None,
         "tracker_reason": agent.tracker.reason if agent.tracker else None,
+        "tracker_verify": _verify_counts(agent.tracker),
         "precopy": agent.syncs.precopy,
         "disk_resync": agent.resync,
         "initial_sync": agent.initial_sync,
@@ -53,6 +56,19 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "image_source": agent.spec.image_source,
         "image_reason": agent.spec.image_reason,
         "unprotected_outputs": unprotected_outputs(agent.cfg, agent.spec),
+    }
+
+
+def _verify_counts(tracker: object) -> dict[str, int] | None:
+    """With ``replication.tracker_verify``: the scans checked against the compare
+    tracker, the pages the fast tracker reported, and how many of those had not changed
+    (over-reporting; a missed page stops the primary instead)."""
+    if not isinstance(tracker, VerifyingTracker):
+        return None
+    return {
+        "scans": tracker.scans,
+        "reported": tracker.reported,
+        "over_reported": tracker.over_reported,
     }
 
 

@@ -331,6 +331,14 @@ def protect_demo(
         str, typer.Option(help="The engine's disk backend: builtin or drbd (8.4 in the L1s).")
     ] = "builtin",
     min_acks: Annotated[int, typer.Option(help="Records acknowledged before the kill.")] = 30,
+    verify_tracker: Annotated[
+        bool,
+        typer.Option(
+            "--verify-tracker",
+            help="replication.tracker_verify: the compare tracker checks the fast one at "
+            "every scan (a missed page stops the primary; over-reporting is counted).",
+        ),
+    ] = False,
 ) -> None:
     """Kemari inside two L1s: standby in one, protect in the other (the guest under
     nested KVM), records over TCP, power loss of the primary L1, resumed on the other."""
@@ -342,6 +350,7 @@ def protect_demo(
         tree=tree,
         accel=accel,
         min_acks=min_acks,
+        tracker_verify=verify_tracker,
     )
 
 
@@ -354,6 +363,7 @@ def run_kernel_lab_demo(
     tree: Path | None = None,
     accel: str = "auto",
     min_acks: int = 30,
+    tracker_verify: bool = False,
 ) -> None:
     """``klab protect-demo`` and ``demo --kernel-lab``: report the run (the last stdout
     line with ``as_json``); exit 1 unless it resumed with nothing acknowledged lost,
@@ -389,6 +399,7 @@ def run_kernel_lab_demo(
                 accel=accel,
                 disk_backend=disk,
                 min_acks=min_acks,
+                tracker_verify=tracker_verify,
                 progress=note,
             )
             return protect_demo_result(run.as_dict())

@@ -105,6 +105,9 @@ class EngineSpec:
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 15000
     max_interval_ms: int = 1000
+    #: ``replication.tracker_verify``: the compare tracker checks the fast one at every
+    #: scan (a missed page stops the primary; over-reporting is counted in its status).
+    tracker_verify: bool = False
 
     @property
     def dir(self) -> str:
@@ -155,6 +158,7 @@ def _host_tree(spec: EngineSpec, role: str, addresses: tuple[str, str]) -> dict[
             "listen": f"{addresses[i]}:{REPL_PORT}",
             "peer": f"{addresses[1 - i]}:{REPL_PORT}",
             "max_interval_ms": spec.max_interval_ms,
+            "tracker_verify": spec.tracker_verify,
             "heartbeat_interval_ms": spec.heartbeat_interval_ms,
             "heartbeat_timeout_ms": spec.heartbeat_timeout_ms,
             "tiebreaker": "witness",

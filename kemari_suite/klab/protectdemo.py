@@ -116,6 +116,10 @@ class ProtectRun:
     accel: str = ""
     disk_backend: str = "builtin"
     tracker: str = ""
+    #: With ``tracker_verify``: the primary's count of scans checked against the compare
+    #: tracker, pages reported and pages over-reported (a missed page would have
+    #: stopped it), read just before the kill.
+    tracker_verify: dict[str, int] | None = None
     #: The primary's state and committed epochs just before the kill.
     protected: bool = False
     epochs_committed: int = 0
@@ -159,6 +163,7 @@ class ProtectRun:
             and self.wrote_after_resume
             and self.promoted is not False
             and (self.fence_peer_exits is None or 7 in self.fence_peer_exits)
+            and (self.tracker_verify is None or self.tracker_verify.get("scans", 0) > 0)
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -206,7 +211,13 @@ class ProtectScenario:
         self._t = time.monotonic()
 
     def prepare(
-        self, guest: GuestImage, tree: str, *, accel: str = "auto", disk_backend: str = "builtin"
+        self,
+        guest: GuestImage,
+        tree: str,
+        *,
+        accel: str = "auto",
+        disk_backend: str = "builtin",
+        tracker_verify: bool = False,
     ) -> EngineSpec:
         """Mount the tree, eth1, KVM, the guest; the configs checked on the host."""
         kvm = []
@@ -231,6 +242,7 @@ class ProtectScenario:
             # The engine names the DRBD resource after the VM (disk.factory), as the
             # playbooks do: the VM takes the lab resource's name.
             vm_name=DRBD_RESOURCE if disk_backend == "drbd" else "klabvm",
+            tracker_verify=tracker_verify,
         )
         self.run.disk_backend = disk_backend
         self.spec = spec
@@ -277,6 +289,7 @@ class ProtectScenario:
             lines = a.run(f"tail -n 1 {ACK_LOG} 2>/dev/null || true").stdout.split()
             acked = int(lines[-1]) + 1 if lines else 0
         st = self.agents["primary"].status()
+        self.run.tracker_verify = st.get("tracker_verify")
         self.run.epochs_committed = int(st.get("last_committed_epoch") or 0)
         self.run.checkpoints = int(st.get("checkpoints") or 0)
         # Read once more and kill at once: every record acknowledged up to this read
@@ -359,6 +372,7 @@ def run_protect_demo(
     accel: str = "auto",
     disk_backend: str = "builtin",
     min_acks: int = 30,
+    tracker_verify: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ProtectRun:
     """Run the scenario on a started pair (built with ``share=tree`` and ``lan=True``;
@@ -377,7 +391,9 @@ def run_protect_demo(
     try:
         if disk_backend == "drbd":
             sc.drbd_up()
-        sc.prepare(guest, tree, accel=accel, disk_backend=disk_backend)
+        sc.prepare(
+            guest, tree, accel=accel, disk_backend=disk_backend, tracker_verify=tracker_verify
+        )
         sc.protect()
         sc.write_records(min_acks)
         sc.power_loss()

@@ -33,6 +33,7 @@ def status(agent: SecondaryAgent) -> dict[str, Any]:
         "epochs_committed": agent.store.epochs_committed,
         "kept_checkpoint": agent.store.kept_status(),
         "qemu_pid": agent.vm.pid,
+        "accel": agent.spec.accel,
         "failover": None if agent.report is None else agent.report.__dict__,
         "replay": agent.replay.status(),
         "guest_events": agent.guest.log.status(),

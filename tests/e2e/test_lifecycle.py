@@ -74,7 +74,12 @@ def test_states_through_protect_failover_reprotect_and_switchover(
         # Host a comes back as the standby; host b re-protects towards it.
         pair.start_standby_on("primary")
         st = pair.wait_state("secondary", {"protected"}, 180)
-        pair.wait_state("primary", {"standby"}, 30)
+        standby = pair.wait_state("primary", {"standby"}, 30)
+        assert st["accel"] == standby["accel"] and st["accel"] in ("tcg", "kvm")
+        if st["tracker"].endswith("+verify"):
+            assert st["tracker_verify"]["scans"] > 0, st["tracker_verify"]
+        else:
+            assert st["tracker_verify"] is None
         # The QEMU the failover started carries the uffd-wp helper too: the new primary
         # tracks with it (checked against the compare tracker, KEMARI_TRACKER_VERIFY).
         if wphelper.probe_kernel()[0]:

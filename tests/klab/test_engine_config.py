@@ -70,6 +70,14 @@ def test_the_role_configs_load_and_carry_the_l1s_values(tmp_path: Path) -> None:
     assert pri.disk.path != sec.disk.path
 
 
+def test_tracker_verify_reaches_both_configs(tmp_path: Path) -> None:
+    assert l1_trees(SPEC, ADDRESSES)["primary"]["replication"]["tracker_verify"] is False
+    spec = EngineSpec("t7", 5, "/w", "/k", "/i", tracker_verify=True)
+    trees = l1_trees(spec, ADDRESSES)
+    pri = check_tree(trees["primary"], tmp_path / "primary.toml")
+    assert pri.replication.tracker_verify is True
+
+
 def test_the_drbd_configs_name_the_device() -> None:
     spec = EngineSpec("t7", 5, "/w", "/k", "/i", disk_backend="drbd", vm_name="r0")
     trees = l1_trees(spec, ADDRESSES)
