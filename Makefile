@@ -35,7 +35,10 @@ e2e: setup image
 		rc=$$?; $(BIN)/python benchmarks/summarize_campaign.py \
 		benchmarks/results/failover-campaign.jsonl benchmarks/results/failover-campaign \
 		--min-trials $$((25 * $(KILLS))) || rc=1; \
-		$(BIN)/kemari bench service --kills 10 --soak-minutes 30 -o benchmarks/results || rc=1; exit $$rc
+		$(BIN)/kemari bench service --kills 10 --soak-minutes 30 -o benchmarks/results || rc=1; \
+		$(BIN)/kemari klab power-loss --backend builtin --trials $(KILLS) -o benchmarks/results/klab || rc=1; \
+		$(BIN)/kemari klab power-loss --backend drbd --trials $(KILLS) -o benchmarks/results/klab || rc=1; \
+		$(BIN)/kemari klab sizing --sizes 128,1024 -o benchmarks/results/klab || rc=1; exit $$rc
 
 # The benchmark results kept under benchmarks/results (a quiet machine, about 40 min):
 # the interval sweep, the lmbench/IOzone suite, the latency comparison, and four VMs on one

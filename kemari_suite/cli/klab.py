@@ -292,6 +292,60 @@ def sizing(
     _report(figures, as_json)
 
 
+@app.command("power-loss")
+def power_loss(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    backend: Annotated[str, typer.Option(help="The disk backend: builtin or drbd.")] = "builtin",
+    trials: Annotated[int, typer.Option(min=1, help="Trials (victims alternate).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the random kill moments.")] = 1,
+    slot: SlotOpt = 195,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write power-loss-<backend>.jsonl and .md here."),
+    ] = None,
+) -> None:
+    """Power-loss campaign: Kemari in two L1s, one L1 killed at a random moment (primary
+    and standby in turn), every acknowledged record checked live and offline."""
+    from kemari_suite.bench.memsync import header_lines, machine_info
+    from kemari_suite.klab.campaign import run_campaign, summary, write_report
+    from kemari_suite.vm.define import ensure_image
+
+    if backend not in KERNEL_LAB_DISKS:
+        err.print(f"[bold red]error:[/] --backend {backend}: {' or '.join(KERNEL_LAB_DISKS)}")
+        raise typer.Exit(2)
+    cfg = configmod.load(config)
+    note = _progress(time.monotonic())
+    img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
+    guest = guard(lambda: ensure_image(cfg, note))
+    tree = str(_checkout())
+    record = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = out_dir / f"power-loss-{backend}.jsonl"
+        record.unlink(missing_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="klab-pl-", dir=os.environ.get("TMPDIR", "/tmp")))
+    try:
+        done = guard(
+            lambda: run_campaign(
+                lambda _n: _pair(cfg, img, slot, share=tree, lan=True, memory_mib=1024,
+                                 data_disk_mib=64 if backend == "drbd" else 0),
+                guest, tree=tree, work=work, host_paths=cfg.paths, backend=backend,
+                trials=trials, seed=seed, record=record, progress=note,
+            )
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = summary(done)
+    if out_dir is not None:
+        command = ("kemari klab power-loss " + " ".join(sys.argv[3:])).strip()
+        head = header_lines(
+            f"Power loss in the kernel lab: {backend} disk", command, machine_info()
+        )
+        note(f"wrote {write_report(done, out_dir, backend, head)}")
+    _report({**result, "ok": result["all_ok"]}, as_json)
+
+
 TreeOpt = Annotated[
     Path | None,
     typer.Option(help="The suite's checkout the L1s run (shared read-only); default: this one."),

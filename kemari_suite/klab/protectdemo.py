@@ -25,6 +25,7 @@ the point of Kemari (its memory, device state and disk are the committed ones).
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ from kemari_suite.klab.engine import (
 )
 from kemari_suite.klab.l2 import enable_kvm, push_guest
 from kemari_suite.klab.pair import L1Pair
-from kemari_suite.klab.share import mount_command
+from kemari_suite.klab.share import mount_command, python_env
 from kemari_suite.vm.image import GuestImage
 
 RECORDS_PORT = 7000
@@ -140,6 +141,12 @@ class ProtectRun:
     #: The state changes l1b's DRBD refused (its kernel log): a promotion the engine
     #: tried again (the peer lost meanwhile, or still a connected Primary) shows here.
     drbd_refused: list[str] | None = None
+    #: Whose L1 lost power: "primary" (l1a: the standby resumes the guest) or
+    #: "secondary" (l1b: the primary goes on alone).
+    victim: str = "primary"
+    #: The surviving copy read offline once its agent and guest were stopped: how many
+    #: records 0, 1, ... are valid on it (None: not checked).
+    records_offline: int | None = None
     #: SIGKILL of l1a's QEMU to the resumed guest's first answer in l1b (includes the
     #: heartbeat timeout).
     failover_ms: float | None = None
@@ -164,6 +171,7 @@ class ProtectRun:
             and self.promoted is not False
             and (self.fence_peer_exits is None or 7 in self.fence_peer_exits)
             and (self.tracker_verify is None or self.tracker_verify.get("scans", 0) > 0)
+            and (self.records_offline is None or self.records_offline >= self.records_acked)
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -179,10 +187,11 @@ class ProtectScenario:
         work: Path,
         host_paths: PathsConfig,
         progress: Callable[[str], None] | None = None,
+        run: ProtectRun | None = None,
     ) -> None:
         self.pair, self.work, self.host_paths = pair, Path(work), host_paths
         self.progress = progress
-        self.run = ProtectRun()
+        self.run = run if run is not None else ProtectRun()
         self.spec: EngineSpec | None = None
         self.witness: HostWitness | None = None
         self.agents: dict[str, EngineProcess] = {}
@@ -334,6 +343,46 @@ class ProtectScenario:
             f"{self.run.failover_ms:.0f} ms after the kill",
         )
 
+    def standby_loss(self, timeout: float = 600.0) -> None:
+        """SIGKILL l1b's QEMU (the standby's host); the primary goes on alone: the guest
+        in l1a still has every acknowledged record and takes the next one."""
+        a, b = self.pair[0], self.pair[1]
+        b.kill()
+        self.agents.pop("secondary", None)
+        st = self.agents["primary"].wait_state({"unprotected", "held"}, timeout, self.note)
+        a.run("cat > /run/klab-checker.py", stdin=CHECKER.encode())
+        r = a.run(f"python3 /run/klab-checker.py {timeout:.0f}", timeout=timeout + 60)
+        answer = json.loads(r.stdout.strip().splitlines()[-1])
+        self.run.records_found = int(answer["last"]) + 1
+        self.run.wrote_after_resume = bool(answer["wrote_next"])
+        # The guest never stopped: "resumed" is "still served".
+        self.run.resumed = True
+        self.step("standby lost", f"primary {st.get('state')}: {self.run.records_found} records")
+
+    def offline_check(self, survivor: int) -> None:
+        """Stop the survivor's agent (and with it its guest), then read the surviving
+        copy of the guest's disk in its L1: the records valid from the start."""
+        assert self.spec is not None
+        host = self.pair[survivor]
+        role = "primary" if survivor == 0 else "secondary"
+        agent = self.agents.pop(role, None)
+        if agent is not None:
+            agent.stop()
+        if self.spec.disk_backend == "drbd":
+            path = self.spec.disk_device
+        else:
+            path = f"{self.spec.dir}/disk-{role}.img"
+        limit = self.run.records_found + 16
+        script = (
+            "import sys; from pathlib import Path; "
+            "from kemari_suite.klab.kvmrecords import valid_records; "
+            "print(valid_records(Path(sys.argv[1]), int(sys.argv[2])))"
+        )
+        cmd = f"cd / && env {python_env(self.spec.tree)} python3 -c {shlex.quote(script)}"
+        r = host.run(f"{cmd} {shlex.quote(path)} {limit}", timeout=300)
+        self.run.records_offline = int(r.stdout.split()[-1])
+        self.step("offline check", f"{self.run.records_offline} valid records on {path}")
+
     def report_logs(self) -> None:
         """Send the tails of the agents' output in the L1s still up to ``progress``
         (with DRBD, also the survivor's DRBD kernel messages and fence-peer log)."""
@@ -373,10 +422,18 @@ def run_protect_demo(
     disk_backend: str = "builtin",
     min_acks: int = 30,
     tracker_verify: bool = False,
+    victim: str = "primary",
+    offline_check: bool = False,
     progress: Callable[[str], None] | None = None,
+    run: ProtectRun | None = None,
 ) -> ProtectRun:
     """Run the scenario on a started pair (built with ``share=tree`` and ``lan=True``;
     with ``disk_backend="drbd"`` also with a data disk, DRBD's backing device).
+
+    ``victim`` "secondary" kills the standby's L1 instead (the primary goes on alone);
+    ``offline_check`` then stops the survivor and reads its copy of the disk. ``run``
+    (optional) is filled in as the steps go, so that a caller keeps what was measured
+    when a step raises (``records_acked > 0``: the kill came).
 
     The agents and the witness are stopped at the end; the L1s are the caller's.
 
@@ -386,7 +443,7 @@ def run_protect_demo(
         ConfigError: the suite refused a rendered config.
     """
     t0 = time.monotonic()
-    sc = ProtectScenario(pair, work, host_paths, progress)
+    sc = ProtectScenario(pair, work, host_paths, progress, run)
     sc.run.boot_s = {h.spec.host: round(h.boot_s or 0.0, 2) for h in pair.hosts}
     try:
         if disk_backend == "drbd":
@@ -396,7 +453,13 @@ def run_protect_demo(
         )
         sc.protect()
         sc.write_records(min_acks)
-        sc.power_loss()
+        sc.run.victim = victim
+        if victim == "secondary":
+            sc.standby_loss()
+        else:
+            sc.power_loss()
+        if offline_check:
+            sc.offline_check(0 if victim == "secondary" else 1)
     except Exception:
         sc.report_logs()
         raise
