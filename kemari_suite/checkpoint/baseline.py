@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 #: How long the standby has to say which checkpoint it keeps (sent first thing on a link).
 RAM_STATE_TIMEOUT_S = 5.0
+#: :func:`delta_refusal`'s answer when both hold the same checkpoint but not the same bytes.
+DIGEST_MISMATCH = "the standby's RAM differs from the resumed checkpoint (digest mismatch)"
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def delta_refusal(ours: SwitchBaseline | None, theirs: wire.RamState | None) -> 
     if theirs.lineage != ours.lineage:
         return f"the standby's checkpoint is of lineage {theirs.lineage!r}, not {ours.lineage!r}"
     if not hmac.compare_digest(bytes(theirs.digest), ours.digest):
-        return "the standby's RAM differs from the resumed checkpoint (digest mismatch)"
+        return DIGEST_MISMATCH
     return ""
 
 
@@ -133,6 +135,7 @@ async def arm_at_resume(cfg: KemariConfig, vm: AsyncVM) -> DirtyTracker:
 
 
 __all__ = [
+    "DIGEST_MISMATCH",
     "RAM_STATE_TIMEOUT_S",
     "SwitchBaseline",
     "arm_at_resume",

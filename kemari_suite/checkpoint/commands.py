@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from kemari_suite.alerts import AlertKind
 from kemari_suite.checkpoint import held
 from kemari_suite.checkpoint.states import PrimaryState
-from kemari_suite.checkpoint.verifying import VerifyingTracker
 from kemari_suite.errors import ReplicationError
 from kemari_suite.tap.outputs import unprotected_outputs
 from kemari_suite.testing import faults
@@ -62,14 +61,9 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
 def _verify_counts(tracker: object) -> dict[str, int] | None:
     """With ``replication.tracker_verify``: the scans checked against the compare
     tracker, the pages the fast tracker reported, and how many of those had not changed
-    (over-reporting; a missed page stops the primary instead)."""
-    if not isinstance(tracker, VerifyingTracker):
-        return None
-    return {
-        "scans": tracker.scans,
-        "reported": tracker.reported,
-        "over_reported": tracker.over_reported,
-    }
+    (over-reporting; a missed page stops the primary instead). None otherwise."""
+    verification = getattr(tracker, "verification", None)
+    return verification() if callable(verification) else None
 
 
 def announce_unprotected(agent: PrimaryAgent) -> None:

@@ -240,7 +240,7 @@ class PrimaryAgent:
         """Map the running VM's RAM and set up the tracker, capturer and window."""
         await enable_ignore_shared(self.vm)
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
-        self.ram = GuestRAM(self.vm.paths.ram)
+        self.ram = GuestRAM(self.vm.paths.ram, populate=False).populate_in_background()
         armed, self._armed = self._armed, None
         self.tracker = armed if armed is not None else await build_tracker(self.cfg, self.vm)
         log.info("dirty-page tracker %s: %s", self.tracker.name, self.tracker.reason)

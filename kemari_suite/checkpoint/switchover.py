@@ -12,6 +12,10 @@
 The guest is never resumed here once the secondary has it: the secondary resumes
 exactly the checkpoint this host stopped at, so nothing the guest did is lost, and it
 pauses for about one sync point plus the secondary's resume.
+
+Where the pause goes is in the ``switchover`` event's ``spans_ms`` (and the peer's in its
+``failover`` event): the final sync point, its output released and its writes flushed,
+the lease handed back, then the peer's resume and answer.
 """
 
 from __future__ import annotations
@@ -42,13 +46,17 @@ async def run_switchover(agent: PrimaryAgent, result: asyncio.Future[dict[str, A
     assert agent.session is not None
     t0 = time.monotonic()
     epoch = agent.epoch
+    spans: dict[str, float] = {}
     try:
         await agent.sync_point("switchover", resume=False)
+        t = _span(spans, "final_sync", t0)
         # The final epoch's writes are on our disk and its output is out.
         if agent.io is not None:
             await asyncio.wait_for(agent.io.released(epoch), 30)
+            t = _span(spans, "released", t)
             if agent.io.disk is not None:
                 await asyncio.to_thread(agent.io.disk.flush)
+                t = _span(spans, "disk_flush", t)
     except (ReplicationError, TimeoutError) as err:
         await agent.vm.execute("cont")
         aborted = ReplicationError(f"switchover aborted: {err}")
@@ -59,7 +67,9 @@ async def run_switchover(agent: PrimaryAgent, result: asyncio.Future[dict[str, A
     # Let the peer take the lease at once: stop renewing it, then release it.
     await agent.lease.pause()
     await agent.lease.release()
+    t = _span(spans, "lease", t_stopped)
     reply = await _ask_peer(agent, epoch)
+    _span(spans, "peer", t)
     if reply.get("ok"):
         info = {
             "switched": True,
@@ -67,6 +77,7 @@ async def run_switchover(agent: PrimaryAgent, result: asyncio.Future[dict[str, A
             "stop_ms": round((t_stopped - t0) * 1e3, 1),
             "pause_ms": round((time.monotonic() - t0) * 1e3, 1),
             "peer_resume_ms": reply.get("resume_ms"),
+            "spans_ms": spans,
         }
         agent.artifacts.event("switchover", **info)
         agent.switched_epoch = epoch
@@ -97,6 +108,13 @@ async def run_switchover(agent: PrimaryAgent, result: asyncio.Future[dict[str, A
     if not result.done():
         result.set_exception(failure)
     return False
+
+
+def _span(spans: dict[str, float], name: str, since: float) -> float:
+    """Record step ``name`` as the time since ``since`` (monotonic); returns now."""
+    now = time.monotonic()
+    spans[name] = round((now - since) * 1e3, 1)
+    return now
 
 
 async def _ask_peer(agent: PrimaryAgent, epoch: int) -> dict[str, Any]:

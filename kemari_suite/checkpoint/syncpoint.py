@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ from kemari_suite.checkpoint.window import QMPTimeout, WindowError, WindowResult
 from kemari_suite.protocol import wire
 from kemari_suite.service.metrics import CheckpointMetrics, qemu_pause
 from kemari_suite.testing import faults
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kemari_suite.checkpoint.primary import PrimaryAgent
@@ -103,6 +106,11 @@ class SyncPoints:
         if ours is None:
             return wire.EpochKind.FULL, "no switchover checkpoint resumed here"
         why = baseline.delta_refusal(ours, await baseline.peer_ram_state(a))
+        if why == baseline.DIGEST_MISMATCH:
+            # The same checkpoint, other bytes: one host's copy was not exact. The full
+            # copy replaces the standby's; never a silent delta.
+            log.error("switchover epoch %d: %s; sending a full copy", ours.epoch, why)
+            a.artifacts.event("switchover-digest-mismatch", epoch=ours.epoch, reason=why)
         return (wire.EpochKind.FULL, why) if why else (wire.EpochKind.DELTA, "")
 
     async def initial_sync(self) -> None:

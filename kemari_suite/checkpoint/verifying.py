@@ -69,6 +69,10 @@ class VerifyingTracker:
         self.over_reported = 0
         self.reported = 0
 
+    def verification(self) -> dict[str, int]:
+        """The scans checked, pages reported, and pages reported that had not changed."""
+        return {"scans": self.scans, "reported": self.reported, "over_reported": self.over_reported}
+
     def reset(self, pages: np.ndarray) -> None:
         self.fast.reset(pages)
         self.compare.reset(pages)

@@ -22,7 +22,9 @@ or the standby's half of a planned switchover. Its steps, in order::
 A planned switchover hands the primary role a VM whose every change since the resumed
 checkpoint is tracked (the tracker is armed while the guest is still stopped, so no write
 escapes it), with the digest of that checkpoint (:func:`~kemari_suite.vm.guestram.ram_digest`
-of the replica, hashed on a thread while QEMU starts): the old primary, now the standby,
+of the replica, hashed on a thread while QEMU starts: only the pieces the last epochs
+wrote, the standby keeps the others' digests, :class:`~kemari_suite.vm.guestram.RamDigests`,
+so the resume does not wait for it): the old primary, now the standby,
 keeps the same bytes, and when its digest matches, the first epoch is a delta
 (:mod:`kemari_suite.checkpoint.baseline`). Neither step can fail the switchover: without
 them the new primary makes a full copy, as after a failover.
@@ -72,7 +74,6 @@ from kemari_suite.tap import TapMode
 from kemari_suite.tap.guestio import GuestIO
 from kemari_suite.vm.devstate import restore
 from kemari_suite.vm.guestevents import GuestEventLog
-from kemari_suite.vm.guestram import file_digest
 from kemari_suite.vm.qemu import AsyncVM, VMSpec
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ class FailoverReport:
     digest_wait_ms: float = 0.0
     #: heartbeat-timeout expiry (or command) -> guest running
     failover_ms: float = 0.0
+    #: Each step in order, ms (host clock): ``lease`` (a switchover's takeover),
+    #: ``checkpoint`` (roll back, probes, unmap), ``disk``, ``qemu`` (taps and start),
+    #: ``arm``, ``restore``, ``digest`` (its wait), ``cont``; after the guest runs:
+    #: ``replay``, ``announce``. Operators read where a slow failover spent its time.
+    spans_ms: dict[str, float] = field(default_factory=dict)
     #: Guest-bound frames the checkpoint may lack, injected after ``cont``
     #: (:mod:`.replay`): those that reached QEMU, those that found no guest, and those
     #: the bound dropped before (each of the last two costs a client a retransmission).
@@ -238,13 +244,14 @@ class Failover:
                 not resume it (the state is then STOPPED).
         """
         self.generation = generation
+        t_lease = time.monotonic()
         if switch is not None:
             why = await self.take_lease()
             if why:
                 await switch.answer(False, reason=f"tiebreaker refused: {why}")
                 return None
         try:
-            took = await self._take_over(reason, detected, tiebreak_ms, switch, detach)
+            took = await self._take_over(reason, detected, tiebreak_ms, switch, detach, t_lease)
         except FailoverError as err:
             if switch is not None:
                 await switch.answer(False, reason=f"resume failed here: {err.__cause__ or err}")
@@ -260,7 +267,10 @@ class Failover:
         tiebreak_ms: float,
         switch: PendingSwitch | None,
         detach: Callable[[], None],
+        t_lease: float,
     ) -> Takeover:
+        t = time.monotonic()
+        lease_ms = (t - t_lease) * 1e3
         self.life.set(SecondaryState.FAILING_OVER, reason)
         detach()
         store = self.store
@@ -275,20 +285,25 @@ class Failover:
             logs = receiver.pending_iologs()
             report = FailoverReport(reason=reason, epoch=epoch, detected_at=detected)
             report.tiebreak_ms = tiebreak_ms
+            if switch is not None:
+                report.spans_ms["lease"] = round(lease_ms, 1)
             if self.probe is not None:
                 with contextlib.suppress(Exception):
                     report.probes = self.probe(receiver.pages)
             store.unmap()
         io: GuestIO | None = None
-        # The replica is the checkpoint until ``cont``: hash it while QEMU starts.
+        # The replica is the checkpoint until ``cont`` (nothing writes it: the receiver
+        # is closed, QEMU not running): hash it while QEMU starts, only the pieces
+        # written since the standby's last refresh (:meth:`ReplicaStore.refresh_digests`).
         digest = (
-            asyncio.ensure_future(asyncio.to_thread(file_digest, store.ram_path))
+            asyncio.ensure_future(asyncio.to_thread(store.checkpoint_digest))
             if switch is not None
             else None
         )
         try:
-            t0 = time.monotonic()
+            t0 = _span(report, "checkpoint", t)
             await self._disk_to(epoch, logs)
+            _span(report, "disk", t0)
             io = GuestIO(
                 self.cfg,
                 self.vm.paths,
@@ -363,29 +378,34 @@ class Failover:
     ) -> None:
         """Start QEMU on the replica, (a switchover) arm tracking, restore, cont,
         announce-self; times into ``report``."""
+        t = time.monotonic()
         self.vm.spec = await io.start(self.spec)
         await self.vm.start()
-        t1 = time.monotonic()
+        t1 = _span(report, "qemu", t)
         report.start_ms = (t1 - t0) * 1e3
         if digest is not None:
             await self._arm_tracking()
-            report.arm_ms = (time.monotonic() - t1) * 1e3
+            report.arm_ms = (_span(report, "arm", t1) - t1) * 1e3
+        t = time.monotonic()
         sock = self.vm.paths.run_dir / "in.sock"
         report.restore_ms = await restore(self.vm, devstate, sock) * 1e3
+        t = _span(report, "restore", t)
         if digest is not None:
-            t_wait = time.monotonic()
             try:
                 self.ram_digest = await digest
             except Exception as err:
                 self.artifacts.event("switchover-digest-failed", reason=str(err))
-            report.digest_wait_ms = (time.monotonic() - t_wait) * 1e3
-        t2 = time.monotonic()
+            report.digest_wait_ms = (_span(report, "digest", t) - t) * 1e3
+        t = time.monotonic()
         await self.vm.execute("cont")
-        report.cont_ms = (time.monotonic() - t2) * 1e3
+        report.cont_ms = (_span(report, "cont", t) - t) * 1e3
         report.failover_ms = (time.time() - report.detected_at) * 1e3
+        t = time.monotonic()
         self._replay(io, report)
+        t = _span(report, "replay", t)
         with contextlib.suppress(Exception):
             await self.vm.execute("announce-self", ANNOUNCE)
+        _span(report, "announce", t)
 
     def _replay(self, io: GuestIO, report: FailoverReport) -> None:
         """Inject the kept guest-bound frames into the running guest, at once (no await
@@ -443,6 +463,14 @@ class Failover:
             # waits for a standby at ``peer``.
             return Handover(vm=self.vm, io=io, epoch=epoch, lineage="", report=report)
         return None
+
+
+def _span(report: FailoverReport, name: str, since: float) -> float:
+    """Record step ``name`` of ``report`` as the time since ``since`` (monotonic); returns
+    now, the next step's start."""
+    now = time.monotonic()
+    report.spans_ms[name] = round((now - since) * 1e3, 1)
+    return now
 
 
 def switch_refusal(

@@ -90,6 +90,9 @@ class EpochReceiver:
         self.baseline_epoch = -1
         self.closed = False
         self._observers: list[CommitObserver] = []
+        #: Told the page numbers of every write into the replica, *after* the write (an
+        #: apply or a rollback): keeps :class:`~kemari_suite.vm.guestram.RamDigests` exact.
+        self.written: Callable[[npt.NDArray[np.intp]], None] = lambda idx: None
 
     def on_commit(self, fn: CommitObserver) -> None:
         """Call ``fn(epoch, pages)`` after every commit (in commit order)."""
@@ -176,6 +179,7 @@ class EpochReceiver:
         ep.undo.append((idx, self.pages[idx]))
         faults.hit("secondary-apply")
         batch.apply_to(self.pages)
+        self.written(idx)
         ep.pages += len(idx)
         return len(idx)
 
@@ -267,6 +271,7 @@ class EpochReceiver:
             return None
         for idx, rows in reversed(ep.undo):
             self.pages[idx] = rows
+            self.written(idx)
         if ep.disk_copy and self.disk is not None:
             self.disk.abort()
         self.open = None

@@ -363,38 +363,26 @@ class SecondaryAgent:
             self.life.set(S.RECEIVING, sync)
 
     async def _on_end(self, link: Link, msg: wire.EpochEnd) -> None:
+        acked = False
+
         async def committed(epoch: int, devstate: bytes) -> None:
+            nonlocal acked
             self.replay.committed(epoch)
             if self.state is S.RECEIVING:
                 self.life.set(S.STANDBY, f"committed epoch {epoch}")
             if self.compat_check.trial_pending:
-                # The replica is exactly this committed checkpoint while the lock is
-                # held: the trial copies it now and runs beside the link.
+                # Acknowledged first: the primary's held output need not wait for the
+                # trial, which copies the replica now (the lock keeps it this checkpoint).
+                await link.send(wire.Ack(epoch=epoch))
+                acked = True
                 await self.compat_check.start_trial(link, devstate)
 
         epoch = await self.store.end(msg, committed)
-        await link.send(wire.Ack(epoch=epoch))
-        self._learn_generation()
-
-    def _learn_generation(self) -> None:
-        """While the primary's generation is unknown, ask the tiebreaker for it (in the
-        background: never in the way of an acknowledgement)."""
-        witness = self.watch.witness
-        if witness is None or self.store.disk is None or self._learning is not None:
-            return
-        if not self.generation.due(self.generation.clock()):
-            return
-
-        async def learn() -> None:
-            try:
-                gen = await self.generation.learn(witness)
-                if gen is not None and self.store.disk is not None:
-                    self.store.disk.learn_generation(gen)
-                    self.artifacts.event("primary-generation", generation=gen)
-            finally:
-                self._learning = None
-
-        self._learning = asyncio.create_task(learn())
+        if not acked:
+            await link.send(wire.Ack(epoch=epoch))
+        # Off the acknowledgement's path: a switchover then hashes only the last epochs.
+        self.store.refresh_digests()
+        _learn_generation(self)
 
     # ---- control messages (mapped by verbs.py) ----------------------------------------
 
@@ -485,6 +473,27 @@ class SecondaryAgent:
         if self.watch.witness is not None and not req.operator:
             interval = self.rcfg.heartbeat_interval_ms / 1000
             self._renewer = asyncio.create_task(renew_lease(self.watch.witness, interval))
+
+
+def _learn_generation(agent: SecondaryAgent) -> None:
+    """While the primary's generation is unknown, ask the tiebreaker for it (in the
+    background: never in the way of an acknowledgement)."""
+    witness = agent.watch.witness
+    if witness is None or agent.store.disk is None or agent._learning is not None:
+        return
+    if not agent.generation.due(agent.generation.clock()):
+        return
+
+    async def learn() -> None:
+        try:
+            gen = await agent.generation.learn(witness)
+            if gen is not None and agent.store.disk is not None:
+                agent.store.disk.learn_generation(gen)
+                agent.artifacts.event("primary-generation", generation=gen)
+        finally:
+            agent._learning = None
+
+    agent._learning = asyncio.create_task(learn())
 
 
 async def _ignore(link: Link, msg: wire.Message) -> None:

@@ -14,12 +14,20 @@ checkpoint the new primary resumed, so :meth:`ReplicaStore.open` maps it as it i
 :class:`KeptRAM`), takes it as the receiver's baseline and computes its digest, which
 :meth:`ReplicaStore.ram_state` tells every new primary connection. Anything unexpected
 (no file, another size) and the store starts from zeros as usual.
+
+The store keeps the replica's digest pieces (:class:`~kemari_suite.vm.guestram.RamDigests`,
+marked by every write of the receiver) for the standby's half of a switchover: after
+commits, at most every :data:`DIGEST_REFRESH_S`, :meth:`ReplicaStore.refresh_digests`
+re-hashes the pieces written since (in a thread, beside the link), so that the digest of
+the checkpoint a switchover resumes (:meth:`ReplicaStore.checkpoint_digest`) costs only
+the pieces the last epochs wrote, not all of the guest's RAM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +42,13 @@ from kemari_suite.replica.replicadisk import BuiltinCopy
 from kemari_suite.service.metrics import Artifacts
 from kemari_suite.testing.probes import CommitProbeLog
 from kemari_suite.vm import guestmem
-from kemari_suite.vm.guestram import GuestRAM, create_ram_file, ram_digest
+from kemari_suite.vm.guestram import BACKGROUND_NICE, GuestRAM, RamDigests, create_ram_file
 
 PAGE = 4096
+
+#: How often, at most, the standby refreshes its digest pieces after a commit: a
+#: switchover's resume then hashes about what this long of epochs wrote (a few MiB).
+DIGEST_REFRESH_S = 1.0
 
 #: Runs inside the apply lock right after a commit: (epoch, committed device state).
 AfterCommit = Callable[[int, bytes], Awaitable[None]]
@@ -81,6 +93,10 @@ class ReplicaStore:
         #: The kept switchover checkpoint and its digest, once taken as the baseline.
         self.kept: KeptRAM | None = None
         self.kept_digest = b""
+        #: The replica's digest pieces, marked by every write (None before :meth:`open`).
+        self.digests: RamDigests | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+        self._next_refresh = 0.0
 
     def open(self, observers: Sequence[CommitObserver] = ()) -> None:
         """Map the RAM file, open the disk copy, start receiving. The RAM file is created
@@ -99,7 +115,10 @@ class ReplicaStore:
             create_ram_file(self.ram_path, self.n_pages * PAGE)
             self.ram = GuestRAM(self.ram_path, writable=True)
         self.disk = BuiltinCopy.open(self.cfg)
+        if self.digests is None:
+            self.digests = RamDigests(self.ram.pages)
         self.receiver = EpochReceiver(self.ram.pages, disk=self.disk)
+        self.receiver.written = self.digests.touched
         if self.kept is not None:
             self.receiver.adopt_baseline(self.kept.epoch)
             self.artifacts.event(
@@ -120,10 +139,44 @@ class ReplicaStore:
         if why:
             self.artifacts.event("kept-checkpoint-dropped", reason=why)
             return None
-        ram = GuestRAM(self.ram_path, writable=True)
+        # Not populated here: the digest below reads every page, at a low priority.
+        ram = GuestRAM(self.ram_path, writable=True, populate=False)
         self.kept = kept
-        self.kept_digest = ram_digest(ram.pages)
+        # Hashed through the pieces: they are current from here on, should this host
+        # take the VM back soon.
+        self.digests = RamDigests(ram.pages)
+        # At a low priority: the new primary's guest has just resumed beside us (in the
+        # lab, on the same CPUs); the new primary waits for this only to protect it.
+        self.kept_digest = self.digests.digest(nice=BACKGROUND_NICE)
         return ram
+
+    def refresh_digests(self) -> None:
+        """After a commit: re-hash the digest pieces written since the last refresh, in
+        a thread (one core) beside the link; at most every :data:`DIGEST_REFRESH_S`, one
+        at a time."""
+        digests = self.digests
+        if digests is None or self._refreshing is not None:
+            return
+        if time.monotonic() < self._next_refresh:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(digests.refresh, nice=BACKGROUND_NICE)
+            finally:
+                self._refreshing = None
+                self._next_refresh = time.monotonic() + DIGEST_REFRESH_S
+
+        self._refreshing = asyncio.create_task(run())
+
+    def checkpoint_digest(self) -> bytes:
+        """:func:`~kemari_suite.vm.guestram.ram_digest` of the replica as it is; the
+        caller keeps it still (the receiver closed or the lock held, QEMU not running).
+        Hashes only the pieces written since :meth:`refresh_digests` last ran (after
+        a refresh still running: one at a time)."""
+        if self.digests is None:
+            raise ProtocolError("no replica to hash")
+        return self.digests.digest(threads=2)
 
     def ram_state(self) -> tuple[int, str, bytes]:
         """The switchover checkpoint held as a baseline: (epoch, lineage, digest), or
@@ -247,7 +300,10 @@ class ReplicaStore:
 
     def close(self, *, keep_file: bool) -> None:
         """Unmap, close the disk copy, and remove the RAM file unless ``keep_file``."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         self.unmap()
+        self.digests = None
         if self.disk is not None:
             self.disk.close()
         if self.commit_probe is not None:

@@ -9,9 +9,12 @@ and applies committed pages to it. :attr:`GuestRAM.pages` is a view of shape
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -28,8 +31,13 @@ PAGE_SIZE = 4096
 # stopped) does not take one minor fault per page. Linux only; 0 elsewhere.
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)
 
-#: Pages per piece of :func:`ram_digest` (16 MiB): the pieces are hashed on two threads.
-DIGEST_PIECE_PAGES = 4096
+#: The nice value of digests hashed in the background (:meth:`RamDigests.refresh`).
+BACKGROUND_NICE = 10
+
+#: Pages per piece of :func:`ram_digest` (16 KiB): small, so that a replica's digest
+#: after a few epochs costs about the pages they wrote (:class:`RamDigests`), not much
+#: more; larger pieces make a full digest cheaper (fewer calls) but an update dearer.
+DIGEST_PIECE_PAGES = 4
 
 
 def create_ram_file(path: Path, size: int) -> Path:
@@ -55,25 +63,87 @@ def ram_digest(pages: np.ndarray, *, threads: int = 2) -> bytes:
     ``threads`` threads (hashlib releases the GIL), and the digest is that of the size and
     the pieces' digests in order: the same bytes give the same digest whatever the
     thread count. Both hosts of a switchover compute it over the checkpoint they hold
-    (about 100 ms for 256 MiB on two threads here).
+    (about 100 ms for 256 MiB on two threads here); the standby keeps it current with
+    :class:`RamDigests`.
     """
-    n = pages.shape[0]
-    flat = pages.reshape(-1)
-    step = DIGEST_PIECE_PAGES * PAGE_SIZE
+    return RamDigests(pages).digest(threads=threads)
 
-    def piece(start: int) -> bytes:
-        return hashlib.sha256(flat[start : start + step].data).digest()
 
-    starts = range(0, n * PAGE_SIZE, step)
-    if threads > 1:
-        with ThreadPoolExecutor(threads, thread_name_prefix="kemari-digest") as pool:
-            parts = list(pool.map(piece, starts))
-    else:
-        parts = [piece(s) for s in starts]
-    total = hashlib.sha256(f"kemari-ram {n} {PAGE_SIZE}".encode())
-    for part in parts:
-        total.update(part)
-    return total.digest()
+class RamDigests:
+    """The pieces' digests of :func:`ram_digest`, kept while ``pages`` change, so that the
+    digest of what they hold at some moment costs only the pieces written since the last
+    :meth:`refresh`.
+
+    The one rule that keeps it exact, with writers on other threads: a writer marks the
+    pages it wrote *after* writing them (:meth:`touched`); :meth:`refresh` clears a
+    piece's mark *before* hashing it. So a piece whose mark is clear was hashed after its
+    last write. One refresh at a time (a lock): two would break that order. :meth:`digest`
+    needs the pages still (no writer) while it runs; a background refresh (``nice``)
+    gives way to it at the next piece, its remaining pieces still marked.
+    """
+
+    def __init__(self, pages: np.ndarray) -> None:
+        self.pages = pages
+        n = pages.shape[0]
+        self.n_pages = n
+        pieces = -(-n // DIGEST_PIECE_PAGES)
+        #: Pieces written (or never hashed) since their digest was taken.
+        self.marks = np.ones(pieces, dtype=bool)
+        self.digests: list[bytes] = [b""] * pieces
+        self._lock = threading.Lock()
+        #: Set while :meth:`digest` waits: a background refresh stops early.
+        self._wanted = False
+
+    def touched(self, pages: np.ndarray) -> None:
+        """Pages ``pages`` (indices) were written: their pieces' digests are stale."""
+        self.marks[np.asarray(pages, dtype=np.intp) // DIGEST_PIECE_PAGES] = True
+
+    @property
+    def stale(self) -> int:
+        """How many pieces :meth:`digest` would hash."""
+        return int(np.count_nonzero(self.marks))
+
+    def refresh(self, *, threads: int = 1, nice: int = 0, background: bool = True) -> int:
+        """Hash every marked piece (writers may go on meanwhile); returns how many it
+        meant to. ``nice`` > 0: on threads of their own at that lower priority (background
+        work never competes with the guest's vCPUs on an equal footing). A ``background``
+        refresh stops early when :meth:`digest` is called."""
+        with self._lock:
+            todo = np.flatnonzero(self.marks)
+            parts = np.array_split(todo, threads) if len(todo) > threads > 1 else [todo]
+            work = functools.partial(self._hash, nice=nice, background=background)
+            if len(parts) == 1 and not nice:
+                work(todo)
+            else:
+                with ThreadPoolExecutor(len(parts), thread_name_prefix="kemari-digest") as pool:
+                    list(pool.map(work, parts))
+            return len(todo)
+
+    def digest(self, *, threads: int = 1, nice: int = 0) -> bytes:
+        """The digest of the pages as they are (:func:`ram_digest`), hashing only the
+        marked pieces; the caller keeps the pages still meanwhile."""
+        self._wanted = True
+        try:
+            self.refresh(threads=threads, nice=nice, background=False)
+        finally:
+            self._wanted = False
+        total = hashlib.sha256(f"kemari-ram {self.n_pages} {PAGE_SIZE}".encode())
+        for part in self.digests:
+            total.update(part)
+        return total.digest()
+
+    def _hash(self, pieces: np.ndarray, *, nice: int, background: bool) -> None:
+        if nice:
+            # This thread only (Linux: a thread is a task of its own).
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        flat = self.pages.reshape(-1)
+        step = DIGEST_PIECE_PAGES * PAGE_SIZE
+        for p in pieces.tolist():
+            if background and self._wanted:
+                return
+            self.marks[p] = False  # before the read: a write from now on marks it again
+            self.digests[p] = hashlib.sha256(flat[p * step : (p + 1) * step].data).digest()
 
 
 def file_digest(path: Path) -> bytes:
@@ -162,6 +232,24 @@ class GuestRAM:
         if self._pages is None:
             raise ReplicationError(f"guest RAM {self._path} is closed")
         return self._pages
+
+    def populate_in_background(self) -> GuestRAM:
+        """Fault the whole mapping in, as ``populate=True`` does, but on a thread of its
+        own at a low priority (:data:`BACKGROUND_NICE`), so that mapping a running
+        guest's RAM takes no CPU from it at once (50-70 ms for 256 MiB here). Returns
+        ``self``."""
+        pages = self.pages  # the thread's view keeps the mapping alive
+
+        def run() -> None:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+            step = 1 << 14
+            for start in range(0, len(pages), step):
+                # One byte of every page: a read fault maps each one.
+                int(pages[start : start + step, 0].max())
+
+        threading.Thread(target=run, name="kemari-populate", daemon=True).start()
+        return self
 
     def close(self) -> None:
         """Release the agent's mapping. Idempotent."""
