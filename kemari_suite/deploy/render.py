@@ -79,14 +79,26 @@ def render_config(tree: Mapping[str, Any], *, source: str | None = None) -> str:
     )
 
 
+def drbd_dialect(module_version: str) -> str:
+    """The resource-file dialect for a host whose DRBD module reports ``module_version``
+    (``/proc/drbd``'s ``version:``, or ``modinfo -F version drbd``): "8.4" for an 8.x
+    module (Debian's own kernels), else "9" (also when unknown: "")."""
+    return "8.4" if module_version.strip().startswith("8.") else "9"
+
+
 def render_drbd(
-    drbd: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], *, source: str | None = None
+    drbd: Mapping[str, Any],
+    nodes: Sequence[Mapping[str, Any]],
+    *,
+    source: str | None = None,
+    dialect: str = "9",
 ) -> str:
     """A DRBD resource file from the inventory's ``kemari_drbd`` table and the pair's nodes.
 
     ``drbd`` holds the :class:`~kemari_suite.disk.drbd.DrbdConfig` fields except
     ``nodes`` (``resource``, ``disk``, ``minor`` ...); ``nodes`` holds one mapping per
-    host (``name``, ``address``, ``node_id``, ``port``, optionally ``disk``).
+    host (``name``, ``address``, ``node_id``, ``port``, optionally ``disk``). ``dialect``
+    is the host's (:func:`drbd_dialect`): "9" or "8.4".
 
     Raises:
         ConfigError: naming the ``disk.drbd`` key of the first bad value.
@@ -99,4 +111,4 @@ def render_drbd(
             "nodes come from the inventory's host pair; do not set them", key="disk.drbd.nodes"
         )
     data["nodes"] = [dict(n) for n in nodes]
-    return render_resource(drbd_config_from_dict(data, path=source))
+    return render_resource(drbd_config_from_dict(data, path=source), dialect=dialect)

@@ -67,13 +67,17 @@ def kemari_config(tree: Any, source: str | None = None) -> str:
         raise AnsibleFilterError(f"kemari.toml: {err}") from err
 
 
-def kemari_drbd_resource(drbd: Any, nodes: Any, source: str | None = None) -> str:
-    """The text of the DRBD resource file for ``drbd`` and the pair's ``nodes``."""
+def kemari_drbd_resource(
+    drbd: Any, nodes: Any, source: str | None = None, module_version: str = ""
+) -> str:
+    """The text of the DRBD resource file for ``drbd`` and the pair's ``nodes``, in the
+    dialect of the host's DRBD module (``module_version``: 8.x renders 8.4's)."""
     render = _render()
     from kemari_suite.errors import KemariError
 
     try:
-        return str(render.render_drbd(_plain(drbd), _plain(nodes), source=source))
+        dialect = render.drbd_dialect(str(module_version or ""))
+        return str(render.render_drbd(_plain(drbd), _plain(nodes), source=source, dialect=dialect))
     except KemariError as err:
         raise AnsibleFilterError(f"DRBD resource: {err}") from err
     except ImportError as err:

@@ -100,6 +100,35 @@ def test_render_drbd_uses_the_disk_layer() -> None:
     assert "device minor 2;" in text and "protocol C;" in text
 
 
+@pytest.mark.parametrize(
+    "version,dialect",
+    [("8.4.11", "8.4"), ("8.4.11 (api:1/proto:86-101)", "8.4"), ("9.2.12", "9"), ("", "9")],
+)
+def test_the_host_module_chooses_the_dialect(version: str, dialect: str) -> None:
+    assert render.drbd_dialect(version) == dialect
+
+
+@pytest.mark.skipif(not Path("/usr/lib/drbd/drbdadm-84").exists(), reason="no drbdadm-84")
+def test_the_filter_renders_what_an_84_host_accepts(tmp_path: Path) -> None:
+    """Debian's kernels carry DRBD 8.4: the playbooks render its dialect there, which
+    drbdadm-84 (what drbdadm runs once the 8.4 module is loaded) accepts; DRBD 9's it
+    refuses."""
+    import os
+    import subprocess
+
+    filters = load_filters()
+    drbd = {"resource": "web1", "disk": "/dev/vg/web1", "minor": 2}
+    for version, accepted in (("8.4.11", True), ("9.2.12", False)):
+        res = tmp_path / f"web1-{version}.res"
+        res.write_text(filters.kemari_drbd_resource(drbd, NODES, module_version=version))
+        done = subprocess.run(
+            ["/usr/lib/drbd/drbdadm-84", "-c", str(res), "-d", "up", "web1"],
+            capture_output=True, text=True, check=False,
+            env={**os.environ, "__DRBD_NODE__": "kpri", "LC_ALL": "C"},
+        )  # fmt: skip
+        assert (done.returncode == 0) is accepted, (version, done.stderr)
+
+
 def test_render_drbd_refuses_nodes_from_the_inventory_and_bad_values() -> None:
     with pytest.raises(ConfigError, match="nodes come from"):
         render.render_drbd({"resource": "r", "disk": "/dev/x", "nodes": []}, NODES)
