@@ -262,6 +262,8 @@ def sizing(
     img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
     guest = guard(lambda: ensure_image(cfg, note))
     tree = str(_checkout())
+    # The code measured is the tree as it is now (the L1 runs it): name its commit now.
+    commit = source_commit()
     spec = L1Spec(host="l1a", memory_mib=L1_MEMORY_MIB, vcpus=2, share=tree)
     sizes_mib = [int(x) for x in sizes.split(",") if x.strip()]
     with _group(
@@ -277,7 +279,7 @@ def sizing(
                 group.hosts[0], guest, tree=tree, sizes_mib=sizes_mib, samples=samples,
                 progress=note,
             )  # fmt: skip
-            res["machine"]["commit"] = source_commit()
+            res["machine"]["commit"] = commit
             res["l1"]["host"] = machine_info()
             return res
 
@@ -319,6 +321,7 @@ def power_loss(
     img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
     guest = guard(lambda: ensure_image(cfg, note))
     tree = str(_checkout())
+    machine = machine_info()  # the commit the trials run, named before they start
     record = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,9 +342,7 @@ def power_loss(
     result = summary(done)
     if out_dir is not None:
         command = ("kemari klab power-loss " + " ".join(sys.argv[3:])).strip()
-        head = header_lines(
-            f"Power loss in the kernel lab: {backend} disk", command, machine_info()
-        )
+        head = header_lines(f"Power loss in the kernel lab: {backend} disk", command, machine)
         note(f"wrote {write_report(done, out_dir, backend, head)}")
     _report({**result, "ok": result["all_ok"]}, as_json)
 
