@@ -42,6 +42,11 @@ class TrackerCaps:
     #: :meth:`DirtyTracker.reset` clears kernel state, so the baseline copy must be
     #: taken with the guest stopped (no write may fall between copy and clear).
     reset_needs_stop: bool
+    #: The scan is cheap and re-arms itself, and :meth:`DirtyTracker.rescan` reports
+    #: only what was written since: the window may scan and stage beside QEMU's
+    #: device-state capture, then rescan once the capture is done and stage again
+    #: only what QEMU wrote meanwhile.
+    stage_during_capture: bool = False
 
 
 class ShadowTracker:
@@ -182,6 +187,15 @@ class ShadowTracker:
         self._check_buffer(staged, k, "staged")
         self._shadow[idx] = staged[:k]
         self._after_commit(idx)
+
+    def rescan(self, out: np.ndarray) -> int:
+        """Not offered (``caps.stage_during_capture`` is False): a shadow's scan reads
+        every page, so the window never scans twice.
+
+        Raises:
+            ReplicationError: always.
+        """
+        raise ReplicationError(f"the {self.name} tracker has no cheap rescan")
 
     def rearm(self) -> None:
         """Start a new tracking interval (nothing to do for a shadow-only tracker)."""

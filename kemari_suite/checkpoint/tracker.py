@@ -137,6 +137,14 @@ class DirtyTracker(Protocol):
         """
         ...
 
+    def rescan(self, out: np.ndarray) -> int:
+        """Only the pages written since the last scan or rescan, into ``out``
+        (ascending); they stay pending for the next scan as well. Offered only when
+        ``caps.stage_during_capture`` (the stopped window's second, cheap scan, after
+        QEMU's capture); others raise ReplicationError.
+        """
+        ...
+
     def stage(self, pages: np.ndarray, idx: np.ndarray, staging: np.ndarray) -> np.ndarray:
         """Copy ``pages[idx]`` into ``staging[:len(idx)]`` without allocating; return it."""
         ...

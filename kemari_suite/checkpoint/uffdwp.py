@@ -221,7 +221,11 @@ class UffdWpTracker:
 
     name = "uffd-wp"
     caps = TrackerCaps(
-        keeps_shadow=False, gives_previous=False, scan_during_capture=False, reset_needs_stop=False
+        keeps_shadow=False,
+        gives_previous=False,
+        scan_during_capture=False,
+        reset_needs_stop=False,
+        stage_during_capture=True,
     )
 
     def __init__(
@@ -283,6 +287,24 @@ class UffdWpTracker:
         n = int(np.count_nonzero(self._pending))
         np.copyto(out[:n], np.flatnonzero(self._pending))
         self._npending = n
+        return n
+
+    def rescan(self, out: np.ndarray) -> int:
+        """Only the pages written since the last scan or rescan (re-protected by the same
+        call), ascending; the count. They stay pending, so a sync point that never
+        commits them finds them again.
+
+        Raises:
+            ReplicationError: before :meth:`reset`; the scan failed.
+            ValueError: ``out`` too small or of the wrong type.
+        """
+        if not self._armed:
+            raise ReplicationError("uffd-wp tracker is not armed: reset() must come first")
+        self._check_out(out)
+        n = self._scanner.written(out)
+        new = out[:n]
+        self._npending += int(np.count_nonzero(~self._pending[new]))
+        self._pending[new] = True
         return n
 
     def stage(self, pages: np.ndarray, idx: np.ndarray, staging: np.ndarray) -> np.ndarray:

@@ -101,6 +101,14 @@ class VerifyingTracker:
         out[:f] = fast
         return f
 
+    def rescan(self, out: np.ndarray) -> int:
+        """Not offered: every scan is checked against a full compare.
+
+        Raises:
+            ReplicationError: always.
+        """
+        raise ReplicationError(f"the {self.name} tracker has no cheap rescan")
+
     def stage(self, pages: np.ndarray, idx: np.ndarray, staging: np.ndarray) -> np.ndarray:
         return self.compare.stage(pages, idx, staging)
 

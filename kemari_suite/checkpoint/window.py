@@ -5,12 +5,20 @@
     stop ──► capture device state ──┬──► stage dirty pages ──► switch epoch ──► cont?
              scan (beside the capture│when the tracker allows it, else after it)
 
+    with a tracker whose scan is cheap and re-arms itself (uffd-wp:
+    ``caps.stage_during_capture``):
+
+    stop ──► capture device state ──┬──► rescan, stage again what QEMU wrote ──► ...
+             scan, stage (beside it)│    meanwhile (usually nothing)
+
 Everything that needs the guest stopped happens here, in this order, and nothing
 else does: encoding and sending run after the resume (see :mod:`.sender`). RAM is
 staged after the device state because QEMU may still write guest RAM while the VM
 is stopped (a virtio transmission completing as its backend drains); a page changed
 after staging is caught by the next scan, since the tracker's shadow only ever takes
-staged bytes.
+staged bytes. Staging beside the capture keeps that rule: the rescan after the capture
+reports every page written since the first scan, and those are staged again (the
+tracker's marks are re-armed by each scan, so nothing written in between escapes).
 
 The engine and every benchmark that times a pause use this one class, so a benchmark
 times exactly what the product does. It is given its collaborators (a QMP executor,
@@ -94,6 +102,8 @@ class WindowResult:
     stop_ms: float
     devstate_ms: float
     scan_ms: float
+    #: The staging the pause waited for: with ``stage_during_capture``, only the rescan
+    #: and the pages staged again after the capture (the rest ran beside it).
     stage_ms: float
     #: From before ``stop`` to after ``cont``; 0.0 when the guest was left stopped.
     pause_ms: float
@@ -142,7 +152,12 @@ class StoppedWindow:
         self.pages = pages
         self.staging = staging
         self.index = index
-        self.overlap = overlap_scan and tracker.caps.scan_during_capture
+        caps = tracker.caps
+        #: The scan runs beside the capture (and with ``early_stage`` the staging too).
+        self.overlap = overlap_scan and (caps.scan_during_capture or caps.stage_during_capture)
+        self.early_stage = overlap_scan and caps.stage_during_capture
+        # The rescan's own index buffer (allocated here, never in the window).
+        self._rescan_index = np.zeros_like(index) if self.early_stage else index[:0]
         self.scan_threads = scan_threads
         self.qmp_timeout_s = qmp_timeout_s
         # The scan's own thread, never queued behind other executor work.
@@ -202,6 +217,43 @@ class StoppedWindow:
         k = self.tracker.scan(self.pages, out=self.index, threads=self.scan_threads)
         return k, time.perf_counter() - t
 
+    def _beside_capture(self) -> tuple[int, float, bool | None]:
+        """On the scan's thread, beside the capture: scan and, with ``early_stage``,
+        stage what fits; the count, the scan's seconds and whether the pages were
+        staged (None: not tried)."""
+        k, scan_s = self._timed_scan()
+        if not self.early_stage:
+            return k, scan_s, None
+        if k > len(self.staging):
+            return k, scan_s, False
+        self.tracker.stage(self.pages, self.index[:k], self.staging)
+        return k, scan_s, True
+
+    def _stage_again(self, k: int, staged: bool) -> tuple[int, bool]:
+        """After the capture: the pages QEMU wrote since the first scan, staged again.
+
+        Returns the count in ``index`` (and ``staging`` when staged) and whether they
+        are staged (False: more than the staging buffer holds).
+        """
+        faults.hit("window-scan")
+        n = self.tracker.rescan(self._rescan_index)
+        if n == 0:
+            return k, staged
+        new = self._rescan_index[:n]
+        idx = self.index[:k]
+        pos = np.minimum(np.searchsorted(idx, new), max(k - 1, 0))
+        if staged and k and bool(np.all(idx[pos] == new)):
+            # Staged before QEMU wrote them again: take their bytes once more.
+            self.staging[pos] = self.pages[new]
+            return k, True
+        union = np.union1d(idx, new)
+        m = len(union)
+        self.index[:m] = union
+        if m > len(self.staging):
+            return m, False
+        self.tracker.stage(self.pages, self.index[:m], self.staging)
+        return m, True
+
     async def run(
         self,
         *,
@@ -224,15 +276,19 @@ class StoppedWindow:
             faults.hit("window-stop")
             t_stop = time.perf_counter()
             step = "capture"
+            early: bool | None = None
             if self.overlap:
                 # The scan needs no device state and QEMU's capture no guest RAM
-                # (x-ignore-shared): run them side by side, the scan on its own thread.
-                scan = asyncio.get_running_loop().run_in_executor(self._exec, self._timed_scan)
+                # (x-ignore-shared): run them side by side, the scan (and with
+                # early_stage the staging) on its own thread.
+                beside = asyncio.get_running_loop().run_in_executor(
+                    self._exec, self._beside_capture
+                )
                 try:
                     devstate = await self._capture()
                 finally:
                     step = "scan"
-                    k, scan_s = await scan
+                    k, scan_s, early = await beside
                     step = "capture"
                 t_dev = time.perf_counter()
                 dev_s = t_dev - t_stop
@@ -247,9 +303,13 @@ class StoppedWindow:
                 scan_s, dev_s = t_scan - t_dev, t_dev - t_stop
             step = "stage"
             faults.hit("window-stage")
+            if early is not None:
+                k, early = self._stage_again(k, early)
             idx = self.index[:k].copy()
             staged: np.ndarray | None = None
-            if k <= len(self.staging):
+            if early:
+                staged = self.staging[:k]
+            elif early is None and k <= len(self.staging):
                 staged = await self._stage(idx)
             else:
                 # More than the staging buffer holds: the guest stays stopped while
