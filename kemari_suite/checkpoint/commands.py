@@ -40,7 +40,7 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "mode": agent.rcfg.mode,
         "tracker": agent.tracker.name if agent.tracker else None,
         "tracker_reason": agent.tracker.reason if agent.tracker else None,
-        "tracker_verify": _verify_counts(agent.tracker),
+        "tracker_verify": agent.tracker.verification() if agent.tracker else None,
         "precopy": agent.syncs.precopy,
         "disk_resync": agent.resync,
         "initial_sync": agent.initial_sync,
@@ -56,14 +56,6 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "image_reason": agent.spec.image_reason,
         "unprotected_outputs": unprotected_outputs(agent.cfg, agent.spec),
     }
-
-
-def _verify_counts(tracker: object) -> dict[str, int] | None:
-    """With ``replication.tracker_verify``: the scans checked against the compare
-    tracker, the pages the fast tracker reported, and how many of those had not changed
-    (over-reporting; a missed page stops the primary instead). None otherwise."""
-    verification = getattr(tracker, "verification", None)
-    return verification() if callable(verification) else None
 
 
 def announce_unprotected(agent: PrimaryAgent) -> None:

@@ -197,6 +197,10 @@ class ShadowTracker:
         """
         raise ReplicationError(f"the {self.name} tracker has no cheap rescan")
 
+    def verification(self) -> dict[str, int] | None:
+        """None: not checked against another tracker."""
+        return None
+
     def rearm(self) -> None:
         """Start a new tracking interval (nothing to do for a shadow-only tracker)."""
 

@@ -164,6 +164,12 @@ class DirtyTracker(Protocol):
         """Start a new tracking interval. Call only while the VM is stopped."""
         ...
 
+    def verification(self) -> dict[str, int] | None:
+        """With ``replication.tracker_verify``: the scans checked against the compare
+        tracker, the pages reported and how many of those had not changed
+        (over-reporting; a missed page stops the primary instead). None otherwise."""
+        ...
+
     def close(self) -> None:
         """Release threads and file descriptors. Idempotent."""
         ...

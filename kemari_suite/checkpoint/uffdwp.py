@@ -333,6 +333,10 @@ class UffdWpTracker:
             self._npending -= int(np.count_nonzero(self._pending[idx]))
             self._pending[idx] = False
 
+    def verification(self) -> dict[str, int] | None:
+        """None: not checked against another tracker."""
+        return None
+
     def rearm(self) -> None:
         """Nothing to do: the scan itself re-protects."""
 

@@ -302,6 +302,9 @@ class ReplicaStore:
         """Unmap, close the disk copy, and remove the RAM file unless ``keep_file``."""
         if self._refreshing is not None:
             self._refreshing.cancel()
+        if self.digests is not None:
+            # The refresh runs on a thread the task's cancel does not stop.
+            self.digests.stop()
         self.unmap()
         self.digests = None
         if self.disk is not None:

@@ -93,6 +93,16 @@ class RamDigests:
         self._lock = threading.Lock()
         #: Set while :meth:`digest` waits: a background refresh stops early.
         self._wanted = False
+        #: Set by :meth:`stop`: no piece is read any more (the pages go away).
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Stop any refresh at its next piece and wait for it to end: call it before the
+        pages are unmapped (a thread still hashing would read freed memory). Idempotent;
+        :meth:`refresh` and :meth:`digest` hash nothing afterwards."""
+        self._stopped = True
+        with self._lock:
+            pass
 
     def touched(self, pages: np.ndarray) -> None:
         """Pages ``pages`` (indices) were written: their pieces' digests are stale."""
@@ -121,12 +131,18 @@ class RamDigests:
 
     def digest(self, *, threads: int = 1, nice: int = 0) -> bytes:
         """The digest of the pages as they are (:func:`ram_digest`), hashing only the
-        marked pieces; the caller keeps the pages still meanwhile."""
+        marked pieces; the caller keeps the pages still meanwhile.
+
+        Raises:
+            ReplicationError: :meth:`stop` came first or meanwhile.
+        """
         self._wanted = True
         try:
             self.refresh(threads=threads, nice=nice, background=False)
         finally:
             self._wanted = False
+        if self._stopped:
+            raise ReplicationError("RAM digest not taken: its pages were closed meanwhile")
         total = hashlib.sha256(f"kemari-ram {self.n_pages} {PAGE_SIZE}".encode())
         for part in self.digests:
             total.update(part)
@@ -140,7 +156,7 @@ class RamDigests:
         flat = self.pages.reshape(-1)
         step = DIGEST_PIECE_PAGES * PAGE_SIZE
         for p in pieces.tolist():
-            if background and self._wanted:
+            if self._stopped or (background and self._wanted):
                 return
             self.marks[p] = False  # before the read: a write from now on marks it again
             self.digests[p] = hashlib.sha256(flat[p * step : (p + 1) * step].data).digest()

@@ -17,6 +17,7 @@ import pytest
 from kemari_suite.checkpoint.baseline import DIGEST_MISMATCH, SwitchBaseline, delta_refusal
 from kemari_suite.checkpoint.syncpoint import SyncPoints
 from kemari_suite.config import KemariConfig
+from kemari_suite.errors import ReplicationError
 from kemari_suite.protocol import wire
 from kemari_suite.replica.receiver import EpochReceiver
 from kemari_suite.replica.store import ReplicaStore
@@ -80,6 +81,33 @@ def test_a_refresh_beside_a_writer_stays_exact() -> None:
         stop.set()
         t.join()
     assert pieces.digest() == ram_digest(pages)
+
+
+def test_stop_ends_a_background_refresh_and_refuses_a_digest() -> None:
+    """Closing the store stops the refresh thread (its task's cancel cannot) before the
+    pages go; a digest asked for afterwards is refused, never a digest of half the RAM."""
+    pages = np.random.default_rng(3).integers(0, 256, (16384, PAGE), dtype=np.uint8)
+    pieces = RamDigests(pages)
+    t = threading.Thread(target=pieces.refresh, kwargs={"nice": 1})
+    t.start()
+    pieces.stop()
+    # stop() waited for the refresh: it is over, with pieces left unhashed.
+    t.join(timeout=0.5)
+    assert not t.is_alive()
+    assert pieces.stale > 0
+    assert pieces.refresh() == pieces.stale  # meant to, hashed none
+    with pytest.raises(ReplicationError, match="closed"):
+        pieces.digest()
+
+
+def test_closing_the_store_stops_its_digests(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.open()
+    assert store.digests is not None
+    digests = store.digests
+    store.close(keep_file=False)
+    with pytest.raises(ReplicationError):
+        digests.digest()
 
 
 def _store(tmp_path: Path) -> ReplicaStore:
