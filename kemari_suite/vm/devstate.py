@@ -5,10 +5,20 @@ Guest RAM lives in a shared file that both the agent and QEMU map, so with the
 only device state, RAM block headers and the small RAM blocks outside the shared file
 (BIOS and option ROMs): about 320 KB for a small pc guest.
 
-Capture (primary, VM already stopped): listen, ``migrate uri=unix:PATH``, read to EOF,
-wait for the migration to report ``completed``. Restore (secondary, QEMU started with
-``-incoming defer`` on the replica RAM file): ``migrate-incoming uri=unix:PATH``, write
-the saved bytes, wait until QEMU leaves ``inmigrate``.
+Capture (primary, VM already stopped): the first one as a whole migration: listen,
+``migrate uri=unix:PATH``, read to EOF, wait for the migration to report ``completed``.
+Every later one through ``xen-save-devices-state`` (``live`` false), QEMU's save of the
+device sections alone (the one COLO uses for its checkpoints): no migration thread, no
+dirty logging started and stopped, no RAM blocks, one QMP command, about 13 KB. Its
+stream lacks the migration's configuration section (machine type, capabilities), which
+the restoring QEMU requires, so it is given the one the first capture carried: the
+result is a migration stream whose only missing sections are RAM's, which
+``x-ignore-shared`` never loads anyway. A QEMU without that command is captured by
+migration every time.
+
+Restore (secondary, QEMU started with ``-incoming defer`` on the replica RAM file):
+``migrate-incoming uri=unix:PATH``, write the saved bytes, wait until QEMU leaves
+``inmigrate``.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import socket
 import time
 from pathlib import Path
@@ -25,6 +36,44 @@ from kemari_suite.errors import ReplicationError, VMError
 from kemari_suite.vm.qemu import AsyncVM
 
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
+#: A migration stream opens with "QEVM" and version 3.
+STREAM_HEADER = b"QEVM\x00\x00\x00\x03"
+#: QEMU_VM_CONFIGURATION: the byte after the header when the configuration is sent.
+CONFIGURATION = 0x07
+#: The section that follows the configuration in a migration: RAM's start (section
+#: type 1, a 4-byte id, the name "ram", instance 0, version 4).
+_RAM_SECTION = re.compile(rb"\x01.{4}\x03ram\x00\x00\x00\x00\x00\x00\x00\x04", re.DOTALL)
+SAVE_COMMAND = "xen-save-devices-state"
+
+
+def stream_prefix(stream: bytes) -> bytes:
+    """The header and configuration section of migration ``stream`` (the header alone
+    when it carries no configuration).
+
+    Raises:
+        ReplicationError: not a migration stream, or no RAM section after the
+            configuration (not a stream of ``x-ignore-shared`` migration).
+    """
+    if not stream.startswith(STREAM_HEADER):
+        raise ReplicationError(f"not a QEMU migration stream (starts {stream[:8]!r})")
+    if len(stream) <= len(STREAM_HEADER) or stream[len(STREAM_HEADER)] != CONFIGURATION:
+        return STREAM_HEADER
+    m = _RAM_SECTION.search(stream, len(STREAM_HEADER) + 1)
+    if m is None:
+        raise ReplicationError("no RAM section after the migration's configuration")
+    return stream[: m.start()]
+
+
+def with_prefix(prefix: bytes, saved: bytes) -> bytes:
+    """The device sections ``saved`` by ``xen-save-devices-state``, after ``prefix``
+    (:func:`stream_prefix` of a migration of the same QEMU).
+
+    Raises:
+        ReplicationError: ``saved`` is not a stream of device sections.
+    """
+    if not saved.startswith(STREAM_HEADER) or len(saved) <= len(STREAM_HEADER):
+        raise ReplicationError(f"not a QEMU device-state stream (starts {saved[:8]!r})")
+    return prefix + saved[len(STREAM_HEADER) :]
 
 
 async def enable_ignore_shared(vm: AsyncVM) -> None:
@@ -58,13 +107,63 @@ class DeviceStateCapturer:
         self._srv.listen(1)
         self._srv.setblocking(False)
         self._buf = bytearray(1 << 20)
+        #: Where QEMU saves device sections (its run directory: QEMU may write there,
+        #: as its own user); made owner-only first, as the socket.
+        self.save_path = sock_path.with_name(sock_path.name + ".sections")
+        with contextlib.suppress(FileNotFoundError):
+            self.save_path.unlink()
+        fd = os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        if runas:
+            os.chown(self.save_path, pw.pw_uid, pw.pw_gid)
+        #: The first migration's header and configuration; None until then, or when
+        #: this QEMU has no :data:`SAVE_COMMAND` (then every capture migrates).
+        self.prefix: bytes | None = None
+        self._can_save: bool | None = None
+
+    @property
+    def method(self) -> str:
+        """How the next capture runs: ``"migrate"`` or :data:`SAVE_COMMAND`."""
+        return SAVE_COMMAND if self.prefix is not None else "migrate"
 
     async def capture(self) -> bytes:
-        """Return the device state of the (stopped) VM.
+        """Return the device state of the (stopped) VM, as a migration stream.
 
         Raises:
-            ReplicationError: QEMU refused the migration, closed early or timed out.
+            ReplicationError: QEMU refused the save or the migration, closed early or
+                timed out.
         """
+        if self.prefix is not None:
+            return await self._save()
+        stream = await self._migrate()
+        if self._can_save is None:
+            self._can_save = await self._has_save_command()
+        if self._can_save:
+            self.prefix = stream_prefix(stream)
+        return stream
+
+    async def _has_save_command(self) -> bool:
+        try:
+            commands = await self.vm.execute("query-commands")
+        except VMError:
+            return False
+        return any(c.get("name") == SAVE_COMMAND for c in commands)
+
+    async def _save(self) -> bytes:
+        assert self.prefix is not None
+        try:
+            # live false: a "live" save would inactivate the disks for another host.
+            await self.vm.execute(SAVE_COMMAND, {"filename": str(self.save_path), "live": False})
+        except VMError as err:
+            raise ReplicationError(f"device-state save refused: {err}") from err
+        try:
+            with open(self.save_path, "rb") as f:
+                saved = f.read()
+        except OSError as err:
+            raise ReplicationError(f"device-state save unreadable: {err}") from err
+        return with_prefix(self.prefix, saved)
+
+    async def _migrate(self) -> bytes:
         loop = asyncio.get_running_loop()
         try:
             await self.vm.execute("migrate", {"uri": f"unix:{self.sock_path}"})
@@ -106,8 +205,9 @@ class DeviceStateCapturer:
 
     def close(self) -> None:
         self._srv.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.sock_path.unlink()
+        for path in (self.sock_path, self.save_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 async def restore(vm: AsyncVM, state: bytes, sock_path: Path, *, timeout: float = 30.0) -> float:

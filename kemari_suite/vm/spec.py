@@ -79,7 +79,9 @@ class VMSpec:
     #: "driver=file,filename=/x.img" or "driver=nbd,server.type=unix,server.path=/x.sock"),
     #: or None for no disk. The raw format is put on top of it.
     blockdev: str | None = None
-    #: Start with ``-incoming defer`` (the secondary's failover start).
+    #: Start with ``-S -incoming defer`` (the secondary's failover start): the loaded
+    #: guest stays paused whatever run state its device state names (device sections
+    #: saved by ``xen-save-devices-state`` name "running"), until the agent's ``cont``.
     incoming: bool = False
     #: Network namespace to run QEMU in (the lab's host namespaces).
     netns: str | None = None
@@ -259,7 +261,7 @@ def qemu_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
     if spec.wp_helper is not None and spec.wp_helper_mode == "plugin":
         argv += ["-plugin", f"{spec.wp_helper},sock={paths.wp_socket}"]
     if spec.incoming:
-        argv += ["-incoming", "defer"]
+        argv += ["-S", "-incoming", "defer"]
     argv += list(spec.extra_args)
     if spec.netns is not None:
         argv = ["ip", "netns", "exec", spec.netns, *argv]

@@ -26,7 +26,7 @@ def test_primary_and_failover_lines_differ_only_in_incoming() -> None:
     spec = _spec(netdev="tap,ifname=t0,script=no,downscript=no", blockdev="driver=file,filename=/d")
     a = qemu_argv(spec, paths)
     b = qemu_argv(spec.replace(incoming=True), paths)
-    assert b[: len(a)] == a and b[len(a) :] == ["-incoming", "defer"]
+    assert b[: len(a)] == a and b[len(a) :] == ["-S", "-incoming", "defer"]
     assert "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=" in a
 
 
@@ -74,11 +74,12 @@ def test_display_models_and_extra_devices() -> None:
         assert argv[argv.index("-display") + 1] == "none"
     spec = _spec(devices=("virtio-rng-pci", "i6300esb"), incoming=True, extra_args=("-S",))
     argv = qemu_argv(spec, paths)
-    assert argv[-7:] == [
+    assert argv[-8:] == [
         "-device",
         "virtio-rng-pci",
         "-device",
         "i6300esb",
+        "-S",
         "-incoming",
         "defer",
         "-S",

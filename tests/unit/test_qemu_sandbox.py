@@ -50,7 +50,7 @@ def test_runas_keeps_the_filter_but_lets_qemu_change_its_user() -> None:
 def test_failover_line_still_differs_only_in_incoming() -> None:
     spec = VMSpec(name="g", kernel=None, initrd=None, runas="u")
     a, b = qemu_argv(spec, PATHS), qemu_argv(spec.replace(incoming=True), PATHS)
-    assert b[: len(a)] == a and b[len(a) :] == ["-incoming", "defer"]
+    assert b[: len(a)] == a and b[len(a) :] == ["-S", "-incoming", "defer"]
 
 
 def test_the_config_reaches_the_spec() -> None:

@@ -204,7 +204,7 @@ def test_both_hosts_argv_identical_after_masking_host_local_parts(env: Env, tapp
             assert value not in joined
     # The failover start differs only by -incoming.
     inc = masked_argv(b, b.argv(tapped=tapped, incoming=True))
-    assert inc == [*mb, "-incoming", "defer"]
+    assert inc == [*mb, "-S", "-incoming", "defer"]
 
 
 def test_a_changed_guest_field_survives_masking(env: Env) -> None:
