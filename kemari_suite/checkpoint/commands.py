@@ -42,6 +42,12 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "tracker_reason": agent.tracker.reason if agent.tracker else None,
         "tracker_verify": agent.tracker.verification() if agent.tracker else None,
         "precopy": agent.syncs.precopy,
+        # "migrate" every time, or xen-save-devices-state after the first (vm/devstate).
+        "devstate_capture": (
+            {"method": agent.capturer.method, "why": agent.capturer.why}
+            if agent.capturer is not None
+            else None
+        ),
         "disk_resync": agent.resync,
         "initial_sync": agent.initial_sync,
         "io": agent.io.status() if agent.io is not None else None,

@@ -13,8 +13,11 @@ dirty logging started and stopped, no RAM blocks, one QMP command, about 13 KB. 
 stream lacks the migration's configuration section (machine type, capabilities), which
 the restoring QEMU requires, so it is given the one the first capture carried: the
 result is a migration stream whose only missing sections are RAM's, which
-``x-ignore-shared`` never loads anyway. A QEMU without that command is captured by
-migration every time.
+``x-ignore-shared`` never loads anyway. That is only the same state when every RAM
+block outside the shared guest RAM is firmware the guest cannot write (BIOS, option ROMs,
+fw_cfg blobs, which the restoring QEMU makes the same from the same command line): a VM
+with video memory (``vga.vram``, QXL's) is captured by migration every time, as is one
+whose QEMU lacks the command. :attr:`DeviceStateCapturer.method` and ``.why`` say which.
 
 Restore (secondary, QEMU started with ``-incoming defer`` on the replica RAM file):
 ``migrate-incoming uri=unix:PATH``, write the saved bytes, wait until QEMU leaves
@@ -44,6 +47,28 @@ CONFIGURATION = 0x07
 #: type 1, a 4-byte id, the name "ram", instance 0, version 4).
 _RAM_SECTION = re.compile(rb"\x01.{4}\x03ram\x00\x00\x00\x00\x00\x00\x00\x04", re.DOTALL)
 SAVE_COMMAND = "xen-save-devices-state"
+
+
+def firmware_block(name: str) -> bool:
+    """A RAM block the guest cannot write and the restoring QEMU fills the same:
+    BIOS, option ROMs (``*.rom``), fw_cfg blobs (``/rom@...``)."""
+    return name == "pc.bios" or name.endswith(".rom") or name.startswith("/rom@")
+
+
+def ram_blocks(info: str) -> list[str]:
+    """The block names in HMP ``info ramblock`` output."""
+    names = []
+    for line in info.splitlines():
+        words = line.split()
+        if words and words[0] != "Block" and len(words) >= 2:
+            names.append(words[0])
+    return names
+
+
+def unsaved_blocks(blocks: list[str], shared: set[str]) -> list[str]:
+    """The blocks that only a migration carries and the guest may write: neither shared
+    guest RAM (``x-ignore-shared`` skips it) nor firmware."""
+    return [b for b in blocks if b not in shared and not firmware_block(b)]
 
 
 def stream_prefix(stream: bytes) -> bytes:
@@ -120,6 +145,8 @@ class DeviceStateCapturer:
         #: this QEMU has no :data:`SAVE_COMMAND` (then every capture migrates).
         self.prefix: bytes | None = None
         self._can_save: bool | None = None
+        #: Why captures migrate every time ("" while they need not).
+        self.why = ""
 
     @property
     def method(self) -> str:
@@ -143,11 +170,24 @@ class DeviceStateCapturer:
         return stream
 
     async def _has_save_command(self) -> bool:
+        """Whether this QEMU can save the device state alone (:attr:`why` if not)."""
         try:
             commands = await self.vm.execute("query-commands")
-        except VMError:
+            if not any(c.get("name") == SAVE_COMMAND for c in commands):
+                self.why = f"QEMU has no {SAVE_COMMAND}"
+                return False
+            memdevs = await self.vm.execute("query-memdev")
+            info = await self.vm.execute("human-monitor-command", {"command-line": "info ramblock"})
+        except VMError as err:
+            self.why = f"cannot list QEMU's RAM blocks: {err}"
             return False
-        return any(c.get("name") == SAVE_COMMAND for c in commands)
+        shared = {str(m.get("id")) for m in memdevs if m.get("share")}
+        blocks = ram_blocks(str(info))
+        extra = unsaved_blocks(blocks, shared)
+        if not blocks or extra:
+            self.why = f"RAM blocks only a migration carries: {', '.join(extra) or 'none listed'}"
+            return False
+        return True
 
     async def _save(self) -> bytes:
         assert self.prefix is not None

@@ -44,9 +44,11 @@ def _devstate_sizes(pair: LabPair) -> list[int]:
 
 def test_video_memory_travels_in_every_capture(lab_factory, base_config: KemariConfig) -> None:
     """Standard VGA keeps 16 MiB of video RAM outside the shared RAM file: every
-    device-state capture walks all of it (each of its 4096 pages costs at least a page
-    header, a non-zero page its 4 KiB), as docs/sizing.md says; failover still works."""
+    device-state capture is a migration that walks all of it (each of its 4096 pages
+    costs at least a page header, a non-zero page its 4 KiB), as docs/sizing.md says;
+    failover still works."""
     sizes: dict[str, list[int]] = {}
+    captures: dict[str, str] = {}
     for display in ("none", "std"):
         lay = lab_factory()
         pair = LabPair(lay, base_config, PairOptions(display=display))
@@ -56,6 +58,10 @@ def test_video_memory_travels_in_every_capture(lab_factory, base_config: KemariC
             pair.wait_counter(120)
             pair.settle(5)
             sizes[display] = _devstate_sizes(pair)
+            capture = pair.status("primary")["devstate_capture"]
+            captures[display] = capture["method"]
+            if display == "std":
+                assert "vga.vram" in capture["why"], capture
             if display == "std":
                 cmdline = (pair.run_dir("primary") / "kemari-guest" / "cmdline").read_text()
                 assert "-vga std" in cmdline
@@ -64,6 +70,9 @@ def test_video_memory_travels_in_every_capture(lab_factory, base_config: KemariC
                 assert pair.wait_counter(60) >= st["failover"]["probes"]["counter"]
         finally:
             pair.stop()
+    # Without video memory the device sections alone are saved; with it, every capture
+    # is a migration (the guest writes vga.vram).
+    assert captures == {"none": "xen-save-devices-state", "std": "migrate"}, captures
     plain, vga = min(sizes["none"]), min(sizes["std"])
     print(f"device state per capture: display none {plain} B, std {vga} B")
     assert vga >= plain + 4096 * 8, (plain, vga)

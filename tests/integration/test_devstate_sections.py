@@ -23,8 +23,10 @@ from kemari_suite.vm.devstate import (
     STREAM_HEADER,
     DeviceStateCapturer,
     enable_ignore_shared,
+    ram_blocks,
     restore,
     stream_prefix,
+    unsaved_blocks,
     with_prefix,
 )
 from kemari_suite.vm.guestram import create_ram_file
@@ -135,3 +137,31 @@ def test_stream_prefix_refuses_what_is_not_such_a_stream(bad: bytes) -> None:
 def test_saved_sections_must_be_a_stream() -> None:
     with pytest.raises(ReplicationError, match="device-state stream"):
         with_prefix(STREAM_HEADER, b"garbage")
+
+
+# What ``info ramblock`` printed for the engine's guest (QEMU 7.2), and with standard VGA.
+RAMBLOCK = """\
+              Block Name    PSize              Offset               Used              Total
+                    ram0    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000
+    /rom@etc/acpi/tables    4 KiB  0x0000000008080000 0x0000000000020000 0x0000000000200000
+                 pc.bios    4 KiB  0x0000000008000000 0x0000000000040000 0x0000000000040000
+                  pc.rom    4 KiB  0x0000000008040000 0x0000000000020000 0x0000000000020000
+   /rom@etc/table-loader    4 KiB  0x0000000008280000 0x0000000000001000 0x0000000000010000
+      /rom@etc/acpi/rsdp    4 KiB  0x00000000082c0000 0x0000000000001000 0x0000000000001000
+"""
+VGA = """\
+                vga.vram    4 KiB  0x0000000008300000 0x0000000001000000 0x0000000001000000
+    0000:00:02.0/vga.rom    4 KiB  0x0000000009300000 0x0000000000010000 0x0000000000010000
+"""
+
+
+def test_firmware_and_shared_ram_need_no_migration() -> None:
+    blocks = ram_blocks(RAMBLOCK)
+    assert blocks[0] == "ram0" and len(blocks) == 6
+    assert unsaved_blocks(blocks, {"ram0"}) == []
+    # Not shared (share=off): the guest's RAM itself would be lost.
+    assert unsaved_blocks(blocks, set()) == ["ram0"]
+
+
+def test_video_memory_needs_a_migration_every_time() -> None:
+    assert unsaved_blocks(ram_blocks(RAMBLOCK + VGA), {"ram0"}) == ["vga.vram"]
