@@ -5,8 +5,9 @@ Guest RAM lives in a shared file that both the agent and QEMU map, so with the
 only device state, RAM block headers and the small RAM blocks outside the shared file
 (BIOS and option ROMs): about 320 KB for a small pc guest.
 
-Capture (primary, VM already stopped): the first one as a whole migration: listen,
-``migrate uri=unix:PATH``, read to EOF, wait for the migration to report ``completed``.
+Capture (primary, VM already stopped): the first ones (:data:`WARM_MIGRATIONS`) as
+whole migrations: listen, ``migrate uri=unix:PATH``, read to EOF, wait for the migration
+to report ``completed``.
 Every later one through ``xen-save-devices-state`` (``live`` false), QEMU's save of the
 device sections alone (the one COLO uses for its checkpoints): no migration thread, no
 dirty logging started and stopped, no RAM blocks, one QMP command, about 13 KB. Its
@@ -47,6 +48,12 @@ CONFIGURATION = 0x07
 #: type 1, a 4-byte id, the name "ram", instance 0, version 4).
 _RAM_SECTION = re.compile(rb"\x01.{4}\x03ram\x00\x00\x00\x00\x00\x00\x00\x04", re.DOTALL)
 SAVE_COMMAND = "xen-save-devices-state"
+#: The first captures of a VM are whole migrations even where the device sections alone
+#: would do: a migration turns dirty logging on, which flushes every vCPU's software TLB
+#: under TCG and lets it grow to the guest's working set (about five are needed; see
+#: docs/benchmarks.md, "The trap"). A save alone flushes nothing, so without these a
+#: protected TCG guest would stay as cold as one never captured.
+WARM_MIGRATIONS = 8
 
 
 def firmware_block(name: str) -> bool:
@@ -147,10 +154,13 @@ class DeviceStateCapturer:
         self._can_save: bool | None = None
         #: Why captures migrate every time ("" while they need not).
         self.why = ""
+        #: Whole migrations so far (the first :data:`WARM_MIGRATIONS` always are).
+        self.migrations = 0
 
     @property
     def method(self) -> str:
-        """How the next capture runs: ``"migrate"`` or :data:`SAVE_COMMAND`."""
+        """How captures run once the first ones are done: ``"migrate"`` or
+        :data:`SAVE_COMMAND`."""
         return SAVE_COMMAND if self.prefix is not None else "migrate"
 
     async def capture(self) -> bytes:
@@ -160,9 +170,10 @@ class DeviceStateCapturer:
             ReplicationError: QEMU refused the save or the migration, closed early or
                 timed out.
         """
-        if self.prefix is not None:
+        if self.prefix is not None and self.migrations >= WARM_MIGRATIONS:
             return await self._save()
         stream = await self._migrate()
+        self.migrations += 1
         if self._can_save is None:
             self._can_save = await self._has_save_command()
         if self._can_save:
