@@ -152,16 +152,28 @@ class StoppedWindow:
         self.pages = pages
         self.staging = staging
         self.index = index
-        caps = tracker.caps
-        #: The scan runs beside the capture (and with ``early_stage`` the staging too).
-        self.overlap = overlap_scan and (caps.scan_during_capture or caps.stage_during_capture)
-        self.early_stage = overlap_scan and caps.stage_during_capture
+        self.overlap_scan = overlap_scan
         # The rescan's own index buffer (allocated here, never in the window).
-        self._rescan_index = np.zeros_like(index) if self.early_stage else index[:0]
+        self._rescan_index = np.zeros_like(index)
         self.scan_threads = scan_threads
         self.qmp_timeout_s = qmp_timeout_s
         # The scan's own thread, never queued behind other executor work.
         self._exec = concurrent.futures.ThreadPoolExecutor(1, "kemari-stopscan")
+
+    @property
+    def overlap(self) -> bool:
+        """The scan runs beside the capture (and with ``early_stage`` the staging too).
+
+        Read from the tracker in place now, so a tracker swapped in (a checker wrapped
+        around the fast one) brings its own caps.
+        """
+        caps = self.tracker.caps
+        return self.overlap_scan and (caps.scan_during_capture or caps.stage_during_capture)
+
+    @property
+    def early_stage(self) -> bool:
+        """The staging runs beside the capture and a rescan follows it."""
+        return self.overlap_scan and self.tracker.caps.stage_during_capture
 
     def close(self) -> None:
         self._exec.shutdown(wait=False)

@@ -104,7 +104,7 @@ def test_a_standing_kernel_lab_in_the_host_labs_namespaces(
     peer = f"10.99.{st['slot']}.2"
     before = _tx_packets(lay.ns_primary, lay.repl_primary_if)
     rtt = ping_min_ms(env, peer)
-    assert rtt is not None and rtt >= 8.0, rtt  # unshaped it is 1-2 ms
+    assert rtt is not None and rtt >= 7.0, rtt  # 2 x (5 ms - 1 ms jitter) at least; unshaped 1-2 ms
     assert _tx_packets(lay.ns_primary, lay.repl_primary_if) >= before + 3
     lab.partition(LAB)
     try:

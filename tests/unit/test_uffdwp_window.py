@@ -78,6 +78,7 @@ class Rig:
         self.ram = np.memmap(writer.ram, dtype=np.uint8, mode="r", shape=(N_PAGES, PAGE_SIZE))
         self.tracker = StagedSignal(writer.tracker(), self.log)
         self.during: list[int] = []
+        self.await_stage = False
         self.capturer = FakeCapturer(self.log, during=self._write_during)
         self.window = StoppedWindow(
             FakeVM(self.log),
@@ -90,11 +91,13 @@ class Rig:
         )
 
     async def _write_during(self) -> None:
-        """QEMU writing guest RAM while stopped, after the first scan and staging."""
-        if not self.during:
+        """QEMU writing guest RAM while stopped, after the first scan and staging (a
+        capture that ``await_stage`` only waits for the staging, writing nothing)."""
+        if not self.during and not self.await_stage:
             return
         assert await asyncio.to_thread(self.tracker.staged.wait, 30)
-        await asyncio.to_thread(self.writer.write, self.during)
+        if self.during:
+            await asyncio.to_thread(self.writer.write, self.during)
 
     def run(self) -> WindowResult:
         self.tracker.staged.clear()
@@ -124,6 +127,7 @@ def staged_bytes(res: WindowResult) -> dict[int, bytes]:
 def test_uffd_wp_stages_beside_the_capture(rig: Rig) -> None:
     assert rig.window.early_stage and rig.window.overlap
     rig.writer.write([3, 7, 100])
+    rig.await_stage = True  # a capture slower than the staging, as QEMU's is
     res = rig.run()
     assert res.idx.tolist() == [3, 7, 100]
     assert staged_bytes(res) == {p: rig.ram[p].tobytes() for p in (3, 7, 100)}
@@ -182,3 +186,13 @@ def test_more_than_the_staging_holds_leaves_the_guest_stopped(
     finally:
         r.close()
         w.close()
+
+
+def test_a_checker_swapped_in_brings_its_own_caps(rig: Rig) -> None:
+    from kemari_suite.checkpoint.compare import CompareTracker
+    from kemari_suite.checkpoint.verifying import VerifyingTracker
+
+    assert rig.window.early_stage
+    rig.window.tracker = VerifyingTracker(rig.tracker.inner, CompareTracker(N_PAGES, threads=1))
+    # A checked scan has no cheap rescan: the window stages after the capture again.
+    assert not rig.window.early_stage and not rig.window.overlap
