@@ -44,6 +44,7 @@ from kemari_suite.checkpoint.triggers import Triggers
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig
 from kemari_suite.disk import guest_disk_size
+from kemari_suite.disk.drbdwatch import alert_on_split_brain
 from kemari_suite.errors import ConnectError, FailoverError, ProtocolError, ReplicationError
 from kemari_suite.ha.tiebreak import make_tiebreaker
 from kemari_suite.protocol import tls, wire
@@ -238,6 +239,8 @@ class PrimaryAgent:
 
     async def _attach(self) -> None:
         """Map the running VM's RAM and set up the tracker, capturer and window."""
+        # A split brain the disk sees from now on (DRBD's events2) is alerted.
+        alert_on_split_brain(self.io.disk if self.io is not None else None, self.artifacts.alerter)
         await enable_ignore_shared(self.vm)
         n_pages = self.spec.memory_mib * 1024 * 1024 // PAGE
         self.ram = GuestRAM(self.vm.paths.ram, populate=False).populate_in_background()

@@ -18,6 +18,14 @@ Three layers, one module each:
   secondary``, apply = pwrite to ``/dev/drbdN``, status = the parsed ``drbdsetup status
   --json``.
 
+While attached, the backend follows the resource's ``drbdsetup events2``
+(:mod:`kemari_suite.disk.drbdwatch`): a split brain DRBD detects is recorded (``status()``
+shows it under ``detail["split_brain"]``, not up to date), alerted (``on_split_brain``,
+:func:`~kemari_suite.disk.drbdwatch.alert_on_split_brain`) and makes every later
+``promote()`` fail with :class:`~kemari_suite.disk.drbdwatch.SplitBrainError` until an
+operator resolved it (the runbook: :data:`~kemari_suite.disk.drbdwatch.RUNBOOK`). It is
+never resolved here: that would discard one side's writes.
+
 DRBD replicates the data itself: the backend declares ``replays_log`` (the standby keeps
 the committed I/O logs and replays them after ``promote`` at failover: with protocol C
 every write the primary applied is on both disks, the logs cover the acknowledged epochs
@@ -29,10 +37,11 @@ import DrbdConfig, DrbdTools, ...`` keeps working.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kemari_suite.disk.base import (
@@ -61,7 +70,14 @@ from kemari_suite.disk.drbdconf import (
     render_resource,
     validate,
 )
+from kemari_suite.disk.drbdevents import DrbdEvent, Notice, SplitBrain
 from kemari_suite.disk.drbdstatus import ConnectionState, ResourceStatus, Role
+from kemari_suite.disk.drbdwatch import (
+    DEFAULT_STATE_DIR,
+    EventsWatch,
+    SplitBrainGuard,
+    SplitBrainRecord,
+)
 from kemari_suite.errors import DiskError, DrbdError
 
 #: Bounds ``drbdadm primary`` at a promotion: without its peer, the kernel runs the
@@ -72,6 +88,9 @@ PROMOTE_TIMEOUT_S = 180.0
 #: Primary: 8.4 notices a dead peer after ``ping-int`` (10 s) plus the ping timeout
 #: (11-20 s measured in the kernel lab).
 PEER_LOSS_WAIT_S = 60.0
+#: How long ``attach`` waits for events2's initial state (a loaded host is slow to start
+#: drbdsetup; the watch goes on anyway).
+WATCH_READY_S = 10.0
 
 
 class Promotion(enum.Enum):
@@ -184,6 +203,9 @@ class DrbdBackend(PlainCapabilities):
     :meth:`for_resource` for a resource whose file exists already (the playbooks write
     ``/etc/drbd.d/RES.res``). ``device_path`` replaces ``/dev/drbdN`` (tests, dry runs,
     ``/dev/drbd/by-res/RES/0``).
+
+    ``state_dir`` holds ``RES.split-brain``, the split brain seen on this host (None: kept
+    in memory only); ``watch_events`` False (or dry-run tools) follows no events2.
     """
 
     name = "drbd"
@@ -197,6 +219,8 @@ class DrbdBackend(PlainCapabilities):
         config_path: str | os.PathLike[str] | None = None,
         tools: DrbdTools | None = None,
         device_path: str | os.PathLike[str] | None = None,
+        state_dir: str | os.PathLike[str] | None = DEFAULT_STATE_DIR,
+        watch_events: bool = True,
     ) -> None:
         """``config``: the resource to render (``node`` is this host in it), or the
         operations on an existing one (then ``device_path`` is required).
@@ -218,6 +242,12 @@ class DrbdBackend(PlainCapabilities):
         self.promotion: Promotion | None = None
         self._disk: FileDisk | None = None
         self._size = 0
+        name = self.resource.name
+        marker = Path(state_dir) / f"{name}.split-brain" if state_dir is not None else None
+        #: The split brain seen on this host (events2, or the marker of an earlier one).
+        self.split_brain_guard = SplitBrainGuard(name, marker)
+        self.watch_events = watch_events and not self.resource.tools.dry_run
+        self._watch: EventsWatch | None = None
 
     @classmethod
     def for_resource(
@@ -228,11 +258,49 @@ class DrbdBackend(PlainCapabilities):
         config_path: str | os.PathLike[str] | None = None,
         tools: DrbdTools | None = None,
         dialect: str = "9",
+        state_dir: str | os.PathLike[str] | None = DEFAULT_STATE_DIR,
+        watch_events: bool = True,
     ) -> DrbdBackend:
         """The backend of an existing resource file (nothing is rendered or written);
         ``dialect`` is the loaded module's, "9" or "8.4" (:func:`detect_dialect`)."""
         adm = DrbdAdm(resource, config_path=config_path, tools=tools, dialect=dialect)
-        return cls(adm, device_path=device_path)
+        return cls(adm, device_path=device_path, state_dir=state_dir, watch_events=watch_events)
+
+    @property
+    def split_brain(self) -> SplitBrainRecord | None:
+        """The split brain seen on this host and not resolved yet (None: none)."""
+        return self.split_brain_guard.record
+
+    @property
+    def on_split_brain(self) -> Callable[[SplitBrainRecord], None] | None:
+        """Called once with the record when a split brain is seen (from the events2
+        thread; at once when set while one is held): the engine's alert."""
+        return self.split_brain_guard.on_split_brain
+
+    @on_split_brain.setter
+    def on_split_brain(self, callback: Callable[[SplitBrainRecord], None] | None) -> None:
+        self.split_brain_guard.on_split_brain = callback
+
+    def _start_watch(self) -> None:
+        """Follow ``drbdsetup events2 RES`` on a thread (once), and wait a little for
+        its initial state so that what happens next is seen."""
+        if not self.watch_events or self._watch is not None:
+            return
+        tools = self.resource.tools
+        argv = list(self.resource.events_argv(now=False))
+        # The same binary and environment as every other drbd-utils call.
+        argv[0] = tools._path(argv[0])
+        self._watch = EventsWatch(argv, self.resource.name, self._notice, env=tools._env(None))
+        self._watch.start()
+        self._watch.wait_ready(WATCH_READY_S)
+
+    def _notice(self, notice: Notice, event: DrbdEvent) -> None:
+        if isinstance(notice, SplitBrain):
+            # 8.4 names every peer "peer": the resource file knows its name.
+            peer = self.resource.pair.peer_name if self.resource.dialect == "8.4" else None
+            if peer:
+                notice = dataclasses.replace(notice, peer=peer)
+            self.split_brain_guard.notice(notice, event.timestamp)
 
     @property
     def size(self) -> int:
@@ -247,6 +315,10 @@ class DrbdBackend(PlainCapabilities):
         """
         if isinstance(self.resource, DrbdResource):
             self.resource.write_config()
+        # Before adjust: adjust connects a StandAlone resource, and DRBD may detect a
+        # split brain at once (for a resource that is still down, a drbdsetup that
+        # exits is started again a second later).
+        self._start_watch()
         self.resource.adjust()
         self._size = _device_size(self.device_path)
 
@@ -257,12 +329,18 @@ class DrbdBackend(PlainCapabilities):
         promotes only on the host the tiebreaker chose (a takeover it granted, or the
         primary it lets run).
 
+        Refused before DRBD is asked while a split brain seen on this host is not
+        resolved (the resource connected again with both disks UpToDate).
+
         Raises:
+            SplitBrainError: a split brain not resolved (a DiskError naming the runbook).
             DrbdError: DRBD refused (a live Primary peer, still connected or reported by
                 the fence-peer handler; no up-to-date data; no quorum), naming the
                 command, exit code and stderr.
             DiskError: the device cannot be opened.
         """
+        if self.split_brain_guard.record is not None:
+            self.split_brain_guard.check(self.resource.status())
         self.promotion = promote_resource(self.resource)
         if self._disk is None:
             disk = FileDisk(self.device_path)
@@ -309,12 +387,16 @@ class DrbdBackend(PlainCapabilities):
         self._writer().flush()
 
     def status(self) -> DiskStatus:
-        """Parsed ``drbdsetup status --json``.
+        """Parsed ``drbdsetup status --json``; a split brain seen and not resolved is
+        ``detail["split_brain"]`` (peer, when) and the copy is not up to date.
 
         Raises:
             DrbdError: drbdsetup failed (not for a resource that is simply down).
         """
         st = self.resource.status()
+        guard = self.split_brain_guard
+        split = guard.record if guard.clear_if_resolved(st) else None
+        extra = {"split_brain": split.to_dict()} if split is not None else {}
         if st is None:
             return DiskStatus(
                 self.name,
@@ -322,7 +404,7 @@ class DrbdBackend(PlainCapabilities):
                 connected=False,
                 up_to_date=False,
                 resync_percent=None,
-                detail={"resource": self.resource.name, "state": "down"},
+                detail={"resource": self.resource.name, "state": "down", **extra},
             )
         role = {
             Role.PRIMARY: DiskRole.PRIMARY,
@@ -333,13 +415,17 @@ class DrbdBackend(PlainCapabilities):
             self.name,
             role,
             connected=st.connected,
-            up_to_date=st.up_to_date,
+            up_to_date=st.up_to_date and split is None,
             resync_percent=st.resync_percent,
-            detail={**st.to_dict(), "peers_up_to_date": st.peers_up_to_date},
+            detail={**st.to_dict(), "peers_up_to_date": st.peers_up_to_date, **extra},
         )
 
     def close(self) -> None:
-        """Close the device (the resource stays up: ``resource.down()`` takes it down)."""
+        """Stop following events2 and close the device (the resource stays up:
+        ``resource.down()`` takes it down)."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
         if self._disk is not None:
             disk, self._disk = self._disk, None
             disk.close()
@@ -367,6 +453,7 @@ __all__ = [
     "DrbdTools",
     "Promotion",
     "QuorumOptions",
+    "SplitBrainRecord",
     "check_with_drbdadm",
     "drbd_config_from_dict",
     "peer_lost",

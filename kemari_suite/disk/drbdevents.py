@@ -17,7 +17,9 @@ a field splits at its first colon. States are the enums of
 :class:`DrbdMonitor` turns events into the notices the failover logic needs:
 disconnects, role changes, split brain (the kernel runs the ``initial-split-brain`` and,
 when unresolved, the ``split-brain`` helper, which events2 shows as ``call helper ...
-helper:split-brain``), resync progress and the end of a resync.
+helper:split-brain``), resync progress and the end of a resync. DRBD 8.4.11 through
+drbdsetup-84 prints the same helper lines (recorded in the kernel lab: both sides, with
+every peer ``peer-node-id:0 conn-name:peer``), so the same notices come from 8.4.
 """
 
 from __future__ import annotations
