@@ -38,6 +38,7 @@ e2e: setup image
 		$(BIN)/kemari bench service --kills 10 --soak-minutes 30 -o benchmarks/results || rc=1; \
 		$(BIN)/kemari klab power-loss --backend builtin --trials $(KILLS) -o benchmarks/results/klab || rc=1; \
 		$(BIN)/kemari klab power-loss --backend drbd --trials $(KILLS) -o benchmarks/results/klab || rc=1; \
+		$(BIN)/kemari klab power-loss --backend iscsi --trials $(KILLS) -o benchmarks/results/klab || rc=1; \
 		$(BIN)/kemari klab sizing --sizes 128,1024 -o benchmarks/results/klab || rc=1; exit $$rc
 
 # The benchmark results kept under benchmarks/results (a quiet machine, about 40 min):

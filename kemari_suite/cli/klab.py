@@ -3,7 +3,8 @@
 ``image`` builds (or finds) the L1 image; ``drbd-power-loss`` and ``kvm-power-loss`` run
 the DRBD scenarios of :mod:`kemari_suite.klab.drbdfailover` and
 :mod:`kemari_suite.klab.kvmrecords` on two L1s and stop them again; ``protect-demo``
-runs Kemari's own engine in them (:mod:`kemari_suite.klab.protectdemo`). Progress goes to
+runs Kemari's own engine in them (:mod:`kemari_suite.klab.protectdemo`; with ``--disk
+iscsi`` on the three L1s of :mod:`kemari_suite.klab.iscsidemo`). Progress goes to
 stderr; ``--json`` makes the last stdout line one JSON object. The L1s live only as long
 as the command (see docs/kernel-lab.md).
 """
@@ -31,6 +32,7 @@ from kemari_suite.errors import KemariError
 
 if TYPE_CHECKING:
     from kemari_suite.klab.image import HostImage
+    from kemari_suite.klab.iscsi import IscsiLab
     from kemari_suite.klab.pair import L1Group, L1Pair
 
 G = TypeVar("G", bound="L1Group")
@@ -115,6 +117,45 @@ def _pair(
         lambda work, shm: L1Pair(
             spec, img, lab_dir=work / "lab", run_root=work / "run", shm_dir=shm
         ),
+    )
+
+
+def _iscsi_lab(
+    cfg: KemariConfig, img: HostImage, slot: int, *, share: str
+) -> AbstractContextManager[IscsiLab]:
+    """The iSCSI lab of the protect demo (hosts with the tree and eth1 for the witness)
+    in a temporary folder; stopped and removed whatever happens."""
+    from kemari_suite.klab.iscsi import IscsiLab, IscsiLabSpec
+    from kemari_suite.klab.iscsidemo import HOST_MEMORY_MIB, STORAGE_MEMORY_MIB
+
+    spec = IscsiLabSpec(
+        f"c{slot}",
+        slot=slot,
+        memory_mib=HOST_MEMORY_MIB,
+        storage_memory_mib=STORAGE_MEMORY_MIB,
+        share=share,
+        lan=True,
+    )
+    return _group(
+        cfg,
+        lambda work, shm: IscsiLab(
+            spec, img, lab_dir=work / "lab", run_root=work / "run", shm_dir=shm
+        ),
+    )
+
+
+def _demo_image(cfg: KemariConfig, disk: str, note: Callable[[str], None]) -> HostImage:
+    """The L1 image of the protect demo: the nested one, with the initiator for iSCSI."""
+    if disk != "iscsi":
+        return _build(cfg.paths.cache_dir, True, note)
+    from kemari_suite.klab.image import build_host_image
+    from kemari_suite.klab.iscsidemo import ISCSI_NESTED_PACKAGES, ISCSI_NESTED_SIZE_MIB
+
+    return build_host_image(
+        cfg.paths.cache_dir,
+        packages=ISCSI_NESTED_PACKAGES,
+        size_mib=ISCSI_NESTED_SIZE_MIB,
+        progress=note,
     )
 
 
@@ -298,7 +339,9 @@ def sizing(
 def power_loss(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
-    backend: Annotated[str, typer.Option(help="The disk backend: builtin or drbd.")] = "builtin",
+    backend: Annotated[
+        str, typer.Option(help="The disk backend: builtin, drbd or iscsi.")
+    ] = "builtin",
     trials: Annotated[int, typer.Option(min=1, help="Trials (victims alternate).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the random kill moments.")] = 1,
     slot: SlotOpt = 195,
@@ -308,7 +351,8 @@ def power_loss(
     ] = None,
 ) -> None:
     """Power-loss campaign: Kemari in two L1s, one L1 killed at a random moment (primary
-    and standby in turn), every acknowledged record checked live and offline."""
+    and standby in turn), every acknowledged record checked live and offline (iscsi: a
+    third L1 serves the LUN, and a killed primary must be fenced)."""
     from kemari_suite.bench.memsync import header_lines, machine_info
     from kemari_suite.klab.campaign import run_campaign, summary, write_report
     from kemari_suite.vm.define import ensure_image
@@ -318,7 +362,7 @@ def power_loss(
         raise typer.Exit(2)
     cfg = configmod.load(config)
     note = _progress(time.monotonic())
-    img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
+    img = guard(lambda: _demo_image(cfg, backend, note))
     guest = guard(lambda: ensure_image(cfg, note))
     tree = str(_checkout())
     machine = machine_info()  # the commit the trials run, named before they start
@@ -328,12 +372,17 @@ def power_loss(
         record = out_dir / f"power-loss-{backend}.jsonl"
         record.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="klab-pl-", dir=os.environ.get("TMPDIR", "/tmp")))
+
+    def make_lab(_n: int) -> AbstractContextManager[L1Group]:
+        if backend == "iscsi":
+            return _iscsi_lab(cfg, img, slot, share=tree)
+        return _pair(cfg, img, slot, share=tree, lan=True, memory_mib=1024,
+                     data_disk_mib=64 if backend == "drbd" else 0)  # fmt: skip
+
     try:
         done = guard(
             lambda: run_campaign(
-                lambda _n: _pair(cfg, img, slot, share=tree, lan=True, memory_mib=1024,
-                                 data_disk_mib=64 if backend == "drbd" else 0),
-                guest, tree=tree, work=work, host_paths=cfg.paths, backend=backend,
+                make_lab, guest, tree=tree, work=work, host_paths=cfg.paths, backend=backend,
                 trials=trials, seed=seed, record=record, progress=note,
             )
         )  # fmt: skip
@@ -368,11 +417,13 @@ def protect_demo_result(run: dict[str, object]) -> dict[str, object]:
     )  # fmt: skip
     if run.get("disk_backend") == "drbd":
         keys += ("promoted",)
+    if run.get("disk_backend") == "iscsi":
+        keys += ("fenced",)
     return {**{k: run.get(k) for k in keys}, **run}
 
 
-#: The disk backends the kernel lab's demo runs with.
-KERNEL_LAB_DISKS = ("builtin", "drbd")
+#: The disk backends the kernel lab's demo runs with (iscsi: a third L1 serves the LUN).
+KERNEL_LAB_DISKS = ("builtin", "drbd", "iscsi")
 
 
 @app.command("protect-demo")
@@ -383,7 +434,11 @@ def protect_demo(
     tree: TreeOpt = None,
     accel: AccelOpt = "auto",
     disk: Annotated[
-        str, typer.Option(help="The engine's disk backend: builtin or drbd (8.4 in the L1s).")
+        str,
+        typer.Option(
+            help="The engine's disk backend: builtin, drbd (8.4 in the L1s) or iscsi (a LUN "
+            "served by a third L1, fenced by SCSI-3 reservations)."
+        ),
     ] = "builtin",
     min_acks: Annotated[int, typer.Option(help="Records acknowledged before the kill.")] = 30,
     verify_tracker: Annotated[
@@ -423,6 +478,7 @@ def run_kernel_lab_demo(
     """``klab protect-demo`` and ``demo --kernel-lab``: report the run (the last stdout
     line with ``as_json``); exit 1 unless it resumed with nothing acknowledged lost,
     2 for a disk backend the lab cannot run."""
+    from kemari_suite.klab.iscsidemo import run_iscsi_protect_demo
     from kemari_suite.klab.protectdemo import run_protect_demo
     from kemari_suite.vm.define import ensure_image
 
@@ -433,9 +489,31 @@ def run_kernel_lab_demo(
         )
         raise typer.Exit(2)
     note = _progress(time.monotonic())
-    img = guard(lambda: _build(cfg.paths.cache_dir, True, note))
+    img = guard(lambda: _demo_image(cfg, disk, note))
     guest = guard(lambda: ensure_image(cfg, note))
     share = (tree or _checkout()).resolve()
+    if disk == "iscsi":
+        with _iscsi_lab(cfg, img, slot, share=str(share)) as lab:
+
+            def iscsi_scenario() -> dict[str, object]:
+                lab.start()
+                note("three L1s ready (" + ", ".join(f"{h.boot_s:.1f} s" for h in lab.hosts) + ")")
+                run = run_iscsi_protect_demo(
+                    lab,
+                    guest,
+                    tree=str(share),
+                    work=lab.a.folder.parent / "engine",
+                    host_paths=cfg.paths,
+                    accel=accel,
+                    min_acks=min_acks,
+                    tracker_verify=tracker_verify,
+                    progress=note,
+                )
+                return protect_demo_result(run.as_dict())
+
+            result = guard(iscsi_scenario)
+        _report(result, as_json)
+        return
     data_mib = 64 if disk == "drbd" else 0
     with _pair(
         cfg, img, slot, share=str(share), lan=True, memory_mib=1024, data_disk_mib=data_mib

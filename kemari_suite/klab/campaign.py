@@ -16,6 +16,12 @@ there. A trial that fails before the kill (an L1 that does not boot on a loaded 
 guest never protected) is kept with its error and counted apart as a setup error: it
 says nothing about data, but it is not hidden. An error after the kill fails the trial.
 
+With the iSCSI backend each trial is a fresh :class:`~.iscsi.IscsiLab` (a storage L1
+and the two hosts; :func:`~.iscsidemo.run_iscsi_protect_demo`): the victim is one of the
+hosts, never the storage L1; the offline check reads the LUN's backing file in the
+storage L1, and a killed primary must also be fenced (its key preempted, its write
+refused by the target once its L1 is back).
+
 Each trial is one JSON line (``record``), so that a campaign interrupted half way keeps
 what it measured.
 """
@@ -32,14 +38,25 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.config import PathsConfig
-from kemari_suite.errors import KemariError
-from kemari_suite.klab.pair import L1Pair
+from kemari_suite.errors import KemariError, LabError
+from kemari_suite.klab.iscsi import IscsiLab
+from kemari_suite.klab.iscsidemo import run_iscsi_protect_demo
+from kemari_suite.klab.pair import L1Group, L1Pair
 from kemari_suite.klab.protectdemo import ProtectRun, run_protect_demo
 from kemari_suite.vm.image import GuestImage
 
 #: Acknowledged records before the kill: the moment, relative to the workload.
 ACKS = (3, 60)
 VICTIMS = ("primary", "secondary")
+#: What the report says more for the iSCSI backend.
+ISCSI_NOTE = (
+    "",
+    "iSCSI: a third L1 serves the LUN (LIO) both hosts log in to; the engine's shared",
+    "backend writes it from the primary only, fenced by SCSI-3 reservations. The storage",
+    "L1 never loses power; the offline check reads the LUN's backing file there. After a",
+    "primary's power loss its L1 is restarted and logged in again: fenced means its key",
+    "was preempted and the target refused its write and its reservation with the old key.",
+)
 
 
 @dataclass
@@ -77,7 +94,7 @@ def plan(trials: int, seed: int) -> Iterator[tuple[str, int]]:
 
 
 def run_campaign(
-    make_pair: Callable[[int], AbstractContextManager[L1Pair]],
+    make_pair: Callable[[int], AbstractContextManager[L1Group]],
     guest: GuestImage,
     *,
     tree: str,
@@ -89,9 +106,14 @@ def run_campaign(
     record: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[Trial]:
-    """``trials`` trials, each on ``make_pair(n)`` (started here, stopped by the context);
-    every trial appended to ``record`` (JSON lines) as it ends."""
+    """``trials`` trials, each on ``make_pair(n)`` (started here, stopped by the context):
+    an :class:`L1Pair`, or for ``backend="iscsi"`` an :class:`IscsiLab`; every trial
+    appended to ``record`` (JSON lines) as it ends."""
     say = progress or (lambda _m: None)
+
+    def indented(msg: str) -> None:
+        say(f"  {msg}")
+
     done: list[Trial] = []
     for n, (victim, acks) in enumerate(plan(trials, seed)):
         t = Trial(n=n, backend=backend, victim=victim, acks=acks)
@@ -99,21 +121,22 @@ def run_campaign(
         t0 = time.monotonic()
         run = ProtectRun()
         try:
-            with make_pair(n) as pair:
-                pair.start()
-                run_protect_demo(
-                    pair,
-                    guest,
-                    tree=tree,
-                    work=work / f"trial-{n}",
-                    host_paths=host_paths,
-                    disk_backend=backend,
-                    min_acks=acks,
-                    victim=victim,
-                    offline_check=True,
-                    progress=lambda m: say(f"  {m}"),
-                    run=run,
-                )
+            with make_pair(n) as lab:
+                lab.start()
+                if isinstance(lab, IscsiLab):
+                    run_iscsi_protect_demo(
+                        lab, guest, tree=tree, work=work / f"trial-{n}",
+                        host_paths=host_paths, min_acks=acks, victim=victim,
+                        offline_check=True, progress=indented, run=run,
+                    )  # fmt: skip
+                elif isinstance(lab, L1Pair):
+                    run_protect_demo(
+                        lab, guest, tree=tree, work=work / f"trial-{n}",
+                        host_paths=host_paths, disk_backend=backend, min_acks=acks,
+                        victim=victim, offline_check=True, progress=indented, run=run,
+                    )  # fmt: skip
+                else:
+                    raise LabError(f"c{n}", f"no protect demo on a {type(lab).__name__}")
         except KemariError as err:
             t.error = str(err)[-2000:]
         if run.records_acked > 0:
@@ -168,6 +191,7 @@ def write_report(trials: list[Trial], folder: Path, backend: str, head: list[str
         "a random number of acknowledged records (the primary's and the standby's in turn).",
         "A record counts as lost when it was acknowledged before the kill and is missing",
         "from the guest that goes on, or from the surviving disk read offline afterwards.",
+        *(ISCSI_NOTE if backend == "iscsi" else ()),
         "",
         "| victim | trials | completed | all checks passed | records lost | setup errors |",
         "|---|---|---|---|---|---|",
@@ -183,16 +207,23 @@ def write_report(trials: list[Trial], folder: Path, backend: str, head: list[str
         f"trials; {'every completed trial passed' if s['all_ok'] else 'NOT every trial passed'}.",
         "",
         "| # | victim | acks before the kill | acked | found live | found offline | failover ms "
-        "| ok | error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + ("| old primary fenced " if backend == "iscsi" else "")
+        + "| ok | error |",
+        "|---|---|---|---|---|---|---|" + ("---|" if backend == "iscsi" else "") + "---|---|",
     ]
     for t in trials:
         r = t.run
+        fenced = r.get("fenced")
         lines.append(
             f"| {t.n} | {t.victim} | {t.acks} | {r.get('records_acked', '-')} "
             f"| {r.get('records_found', '-') if r.get('resumed') else '-'} "
             f"| {r.get('records_offline', '-')} | {r.get('failover_ms') or '-'} "
-            f"| {'yes' if t.ok else 'no'} | {t.error[:120].replace('|', '/') or ''} |"
+            + (
+                f"| {'-' if fenced is None else 'yes' if fenced else 'NO'} "
+                if backend == "iscsi"
+                else ""
+            )
+            + f"| {'yes' if t.ok else 'no'} | {t.error[:120].replace('|', '/') or ''} |"
         )
     path = folder / f"power-loss-{backend}.md"
     path.write_text("\n".join(lines) + "\n")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari_suite.config import KemariConfig, PathsConfig, dump_toml, load
-from kemari_suite.errors import LabError
+from kemari_suite.errors import ConfigError, LabError
 from kemari_suite.klab.drbd import Runner
 from kemari_suite.klab.share import kemari_command, python_env
 from kemari_suite.protocol.files import mkdir_owner_only, write_owner_only
@@ -92,9 +92,15 @@ class EngineSpec:
     kernel: str
     initrd: str
     accel: str = "kvm"
+    #: The lab's disk: "builtin" (a file in each L1), "drbd" (:attr:`disk_device`) or
+    #: "iscsi": the iSCSI lab's LUN (:attr:`lun_devices`), the engine's shared backend
+    #: fenced by SCSI-3 reservations (:data:`LAB_DISKS`).
     disk_backend: str = "builtin"
     #: The DRBD device for ``disk_backend = "drbd"``; the builtin disk is a file.
     disk_device: str = "/dev/drbd0"
+    #: ``disk_backend = "iscsi"``: the LUN's block device in the primary's L1 and in the
+    #: standby's (each host finds its own, :func:`~.iscsi.login`).
+    lun_devices: tuple[str, ...] = ()
     workload: str = ""
     vm_name: str = "klabvm"
     memory_mib: int = 128
@@ -167,13 +173,43 @@ def _host_tree(spec: EngineSpec, role: str, addresses: tuple[str, str]) -> dict[
         },
         "tap": {"host_tap": TAP},
     }
-    disk: dict[str, Any] = {"backend": spec.disk_backend, "size_mib": spec.disk_mib}
+    tree["disk"] = disk_tree(spec, role)
+    return tree
+
+
+#: The lab's disks and the engine's backend each one is (``disk.backend``).
+LAB_DISKS = {"builtin": "builtin", "drbd": "drbd", "iscsi": "shared"}
+
+
+def disk_tree(spec: EngineSpec, role: str) -> dict[str, Any]:
+    """``role``'s ``[disk]`` table (pure).
+
+    The iSCSI LUN is one disk both hosts see: the engine's shared backend, no lease (the
+    witness is the tiebreaker) but ``fencing = "scsi-pr"``: the host that runs the guest
+    registers its key and reserves the LUN, a standby that takes over preempts-and-aborts
+    the old writer's key. Its first MiB is the backend's reserved head (the guest's disk
+    starts at 1 MiB).
+
+    Raises:
+        ConfigError: an unknown lab disk, or the LUN's devices are not known.
+    """
+    backend = LAB_DISKS.get(spec.disk_backend)
+    if backend is None:
+        raise ConfigError(
+            f"{spec.disk_backend!r}: the kernel lab's disks are {', '.join(LAB_DISKS)}",
+            key="klab.disk_backend",
+        )
+    disk: dict[str, Any] = {"backend": backend, "size_mib": spec.disk_mib}
     if spec.disk_backend == "drbd":
         disk["path"] = spec.disk_device
+    elif spec.disk_backend == "iscsi":
+        if len(spec.lun_devices) != 2 or not all(spec.lun_devices):
+            raise ConfigError("the LUN's device on both hosts", key="klab.lun_devices")
+        disk["path"] = spec.lun_devices[0 if role == "primary" else 1]
+        disk["fencing"] = "scsi-pr"
     else:
         disk["path"] = f"{spec.dir}/disk-{role}.img"
-    tree["disk"] = disk
-    return tree
+    return disk
 
 
 def role_run_dir(lab_id: str, role: str) -> Path:
@@ -363,7 +399,8 @@ def fence_peer_calls(log: str) -> list[int]:
 
 def prepare_l1(l1: Runner, spec: EngineSpec, role: str, tree: dict[str, Any], keys: Keys) -> None:
     """Copy ``role``'s config and the keys into the L1, make its TAP and its disk file
-    (with DRBD: its fence-peer handler, :func:`fence_peer_script`).
+    (with DRBD: its fence-peer handler, :func:`fence_peer_script`; the iSCSI LUN is
+    there already: never touched here).
 
     Raises:
         AgentError: a command failed in the L1.
@@ -377,10 +414,10 @@ def prepare_l1(l1: Runner, spec: EngineSpec, role: str, tree: dict[str, Any], ke
         (wkey, keys.witness + "\n"),
     ):
         l1.run(f"umask 077 && cat > {shlex.quote(path)}", stdin=text.encode())
-    if spec.disk_backend != "drbd":
+    if spec.disk_backend == "builtin":
         img = shlex.quote(tree["disk"]["path"])
         l1.run(f"umask 077 && rm -f {img} && truncate -s {spec.disk_mib}M {img}")
-    else:
+    elif spec.disk_backend == "drbd":
         l1.run(
             f"cat > {FENCE_PEER} && chmod 0755 {FENCE_PEER} && rm -f {FENCE_PEER_LOG}",
             stdin=fence_peer_script(spec, role).encode(),
@@ -474,12 +511,14 @@ __all__ = [
     "FENCE_PEER_LOG",
     "GUEST_IP",
     "L1_PATHS",
+    "LAB_DISKS",
     "TAP",
     "EngineProcess",
     "EngineSpec",
     "HostWitness",
     "Keys",
     "check_tree",
+    "disk_tree",
     "fence_peer_calls",
     "fence_peer_script",
     "l1_trees",

@@ -101,6 +101,10 @@ class IscsiLabSpec:
     #: The suite's tree, shared read-only into the two host L1s (virtiofs, share.py),
     #: for :func:`run_backend_fencing`; "": not shared.
     share: str = ""
+    #: Give the two host L1s a NIC on QEMU's user network (eth1: the host's witness).
+    lan: bool = False
+    #: The storage L1's memory (0: ``memory_mib``, as the hosts').
+    storage_memory_mib: int = 0
 
     @property
     def subnet(self) -> str:
@@ -124,8 +128,11 @@ class IscsiLabSpec:
                 ip=f"{self.address(index)}/24",
                 netdev=netdev,
                 mac=f"52:54:00:6d:{self.slot % 256:02x}:{index % 256:02x}",
-                memory_mib=self.memory_mib,
+                memory_mib=(self.storage_memory_mib or self.memory_mib)
+                if index < 0
+                else self.memory_mib,
                 share=self.share if index >= 0 else "",
+                lan=self.lan and index >= 0,
             )
 
         return one(self.storage, -1), one(self.hosts[0], 0), one(self.hosts[1], 1)
@@ -153,6 +160,24 @@ class IscsiLab(L1Group):
         )
         self.spec = spec
         self.storage, self.a, self.b = self.hosts
+
+    @property
+    def pair(self) -> IscsiHosts:
+        """The two host L1s as a pair (``[0]`` l1a, ``[1]`` l1b): the storage L1 is
+        never one of them, so a scenario that kills one of its pair never kills it."""
+        return IscsiHosts(self.spec, (self.a, self.b))
+
+
+@dataclass(frozen=True)
+class IscsiHosts:
+    """Two host L1s of an :class:`IscsiLab` (a :class:`~.pair.HostPair`): the engine
+    replicates between them over the lab's segment, both see the LUN."""
+
+    spec: IscsiLabSpec
+    hosts: tuple[L1Host, L1Host]
+
+    def __getitem__(self, index: int) -> L1Host:
+        return self.hosts[index]
 
 
 def target_script(
@@ -547,6 +572,7 @@ __all__ = [
     "MCAST_BASE_PORT",
     "TARGET_IQN",
     "GuestSgPersist",
+    "IscsiHosts",
     "IscsiLab",
     "IscsiLabSpec",
     "PrFencingRun",

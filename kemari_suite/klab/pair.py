@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Protocol, Self
 
 from kemari_suite.errors import ConfigError
 from kemari_suite.klab.host import BOOT_TIMEOUT_S, HostState, L1Host, L1Spec
@@ -161,6 +161,35 @@ class L1Group:
         self.stop()
 
 
+class PairAddresses(Protocol):
+    """What a two-host scenario reads of its lab's spec (:class:`PairSpec`, or the
+    iSCSI lab's spec, whose two hosts share a segment with a storage L1)."""
+
+    @property
+    def lab_id(self) -> str: ...
+
+    @property
+    def slot(self) -> int: ...
+
+    def address(self, index: int) -> str:
+        """Host ``index``'s (0, 1) address on the link the engine replicates over."""
+        ...
+
+
+class HostPair(Protocol):
+    """Two L1 hosts, ``[0]`` and ``[1]`` (the protect demo's primary and standby), and
+    the spec of their lab: an :class:`L1Pair`, or two hosts of a larger group (the
+    iSCSI lab's, :class:`~kemari_suite.klab.iscsi.IscsiHosts`)."""
+
+    @property
+    def spec(self) -> PairAddresses: ...
+
+    @property
+    def hosts(self) -> tuple[L1Host, ...]: ...
+
+    def __getitem__(self, index: int) -> L1Host: ...
+
+
 class L1Pair(L1Group):
     """Both hosts of a :class:`PairSpec`; ``pair[0]``, ``pair[1]`` or ``pair.host(name)``."""
 
@@ -188,4 +217,13 @@ class L1Pair(L1Group):
         raise ConfigError(f"no L1 host {name!r} in lab {self.spec.lab_id}", key="klab.host")
 
 
-__all__ = ["BASE_PORT", "MAX_SLOT", "L1Group", "L1Pair", "PairSpec", "link_ports"]
+__all__ = [
+    "BASE_PORT",
+    "MAX_SLOT",
+    "HostPair",
+    "L1Group",
+    "L1Pair",
+    "PairAddresses",
+    "PairSpec",
+    "link_ports",
+]

@@ -19,7 +19,13 @@
     host     records_lost = acknowledged - found; failover_ms = SIGKILL to that answer
 
 Nothing here reads the guest's disk offline: the resumed guest itself answers, which is
-the point of Kemari (its memory, device state and disk are the committed ones).
+the point of Kemari (its memory, device state and disk are the committed ones). The
+power-loss campaign adds the offline check (:meth:`ProtectScenario.offline_check`).
+
+The disk is the built-in replicated one (a file in each L1), DRBD (``drbd_up``), or a
+LUN both hosts see (:class:`SharedLun`: the iSCSI lab's, ``klab/iscsidemo.py``), which
+the engine's shared backend writes from the primary only and fences with SCSI-3
+reservations; the scenario then also asks the LUN whether the old writer is fenced.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError
@@ -52,7 +58,7 @@ from kemari_suite.klab.engine import (
     prepare_l1,
 )
 from kemari_suite.klab.l2 import enable_kvm, push_guest
-from kemari_suite.klab.pair import L1Pair
+from kemari_suite.klab.pair import HostPair, L1Pair
 from kemari_suite.klab.share import mount_command, python_env
 from kemari_suite.vm.image import GuestImage
 
@@ -147,6 +153,17 @@ class ProtectRun:
     #: The surviving copy read offline once its agent and guest were stopped: how many
     #: records 0, 1, ... are valid on it (None: not checked).
     records_offline: int | None = None
+    #: A LUN both hosts see (iSCSI): the SCSI-3 reservation read from the standby once
+    #: the primary was protected (``keys_before``, ``holder_before``) and from the
+    #: survivor after the loss (``keys_after``, ``holder_after``), the survivor's key,
+    #: and ``held_by_survivor``: after the loss the survivor's key holds it (the standby
+    #: preempted the killed primary's; a killed standby changes nothing).
+    reservation: dict[str, Any] | None = None
+    #: A LUN, victim "primary": the old primary is fenced: its key is gone and its L1,
+    #: restarted and logged in again, has its write refused by the target (details in
+    #: ``fence``). None where there is no old primary to fence.
+    fenced: bool | None = None
+    fence: dict[str, Any] | None = None
     #: SIGKILL of l1a's QEMU to the resumed guest's first answer in l1b (includes the
     #: heartbeat timeout).
     failover_ms: float | None = None
@@ -172,26 +189,63 @@ class ProtectRun:
             and (self.fence_peer_exits is None or 7 in self.fence_peer_exits)
             and (self.tracker_verify is None or self.tracker_verify.get("scans", 0) > 0)
             and (self.records_offline is None or self.records_offline >= self.records_acked)
+            and self.fenced is not False
+            and (self.reservation is None or self.reservation.get("held_by_survivor") is True)
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "records_lost": self.records_lost, "ok": self.ok}
 
 
-class ProtectScenario:
-    """The steps of :func:`run_protect_demo`, one method each (the pair already runs)."""
+class SharedLun(Protocol):
+    """The guest's disk as one LUN both hosts of the pair see, already set up (exported,
+    both hosts logged in): what :class:`ProtectScenario` asks of it."""
+
+    def devices(self) -> tuple[str, str]:
+        """The LUN's block device in the primary's L1 and in the standby's."""
+        ...
+
+    def reserved(self, run: ProtectRun) -> None:
+        """The primary is protected: read the reservation (from the standby) into
+        ``run.reservation``."""
+        ...
+
+    def after_loss(self, run: ProtectRun) -> None:
+        """``run.victim``'s L1 lost power and the survivor serves the guest: read the
+        reservation again, and for a killed primary prove it fenced (``run.fenced``,
+        ``run.fence``)."""
+        ...
+
+    def offline_records(self, limit: int) -> int:
+        """The records 0, 1, ... valid on the LUN (at most ``limit``), read where the
+        data lives, not through a host (the survivor's agent stopped)."""
+        ...
+
+
+P = TypeVar("P", bound=HostPair)
+
+
+class ProtectScenario(Generic[P]):
+    """The steps of :func:`run_protect_demo`, one method each (the pair already runs).
+
+    ``pair`` is an :class:`L1Pair` or two hosts of a larger lab (the iSCSI lab's, with
+    ``lun``: the guest's disk is that LUN, ``disk_backend="iscsi"``); ``self.pair`` keeps
+    its type.
+    """
 
     def __init__(
         self,
-        pair: L1Pair,
+        pair: P,
         work: Path,
         host_paths: PathsConfig,
         progress: Callable[[str], None] | None = None,
         run: ProtectRun | None = None,
+        lun: SharedLun | None = None,
     ) -> None:
         self.pair, self.work, self.host_paths = pair, Path(work), host_paths
         self.progress = progress
         self.run = run if run is not None else ProtectRun()
+        self.lun = lun
         self.spec: EngineSpec | None = None
         self.witness: HostWitness | None = None
         self.agents: dict[str, EngineProcess] = {}
@@ -213,6 +267,8 @@ class ProtectScenario:
         steps of the DRBD power-loss scenario); the resource is named after the VM and
         fenced by the engine's ``kemari fence-peer`` (its wrapper is written with each
         L1's config by :meth:`prepare`)."""
+        if not isinstance(self.pair, L1Pair):
+            raise LabError(self.pair.spec.lab_id, "DRBD runs on an L1Pair's data disks")
         sc = PowerLossScenario(self.pair, self.progress, fence_handler=FENCE_PEER)
         sc.bring_up()
         sc.initial_sync()
@@ -228,7 +284,14 @@ class ProtectScenario:
         disk_backend: str = "builtin",
         tracker_verify: bool = False,
     ) -> EngineSpec:
-        """Mount the tree, eth1, KVM, the guest; the configs checked on the host."""
+        """Mount the tree, eth1, KVM, the guest; the configs checked on the host.
+
+        Raises:
+            LabError: no KVM where ``accel="kvm"`` asks for it; ``disk_backend="iscsi"``
+                without a LUN.
+        """
+        if disk_backend == "iscsi" and self.lun is None:
+            raise LabError(self.pair.spec.lab_id, 'disk_backend "iscsi" needs the lab\'s LUN')
         kvm = []
         for h in self.pair.hosts:
             h.run(mount_command(tree), timeout=300)
@@ -252,6 +315,7 @@ class ProtectScenario:
             # playbooks do: the VM takes the lab resource's name.
             vm_name=DRBD_RESOURCE if disk_backend == "drbd" else "klabvm",
             tracker_verify=tracker_verify,
+            lun_devices=self.lun.devices() if self.lun is not None else (),
         )
         self.run.disk_backend = disk_backend
         self.spec = spec
@@ -280,6 +344,17 @@ class ProtectScenario:
         self.run.protected = True
         self.run.tracker = str(st.get("tracker") or "")
         self.step("protect", f"kemari protect in l1a: protected (tracker {self.run.tracker})")
+        if self.lun is not None:
+            self.lun.reserved(self.run)
+            self.step("reservation", f"the LUN's reservation: {self.run.reservation}")
+
+    def check_fencing(self) -> None:
+        """A LUN: after the loss, the reservation, and whether the old primary is fenced
+        (:meth:`SharedLun.after_loss`); nothing for the other disks."""
+        if self.lun is None:
+            return
+        self.lun.after_loss(self.run)
+        self.step("fencing", f"fenced {self.run.fenced}: {self.run.fence or self.run.reservation}")
 
     def write_records(self, min_acks: int, max_records: int = 100000) -> None:
         a = self.pair[0]
@@ -368,11 +443,15 @@ class ProtectScenario:
         agent = self.agents.pop(role, None)
         if agent is not None:
             agent.stop()
+        limit = self.run.records_found + 16
+        if self.lun is not None:
+            self.run.records_offline = self.lun.offline_records(limit)
+            self.step("offline check", f"{self.run.records_offline} valid records on the LUN")
+            return
         if self.spec.disk_backend == "drbd":
             path = self.spec.disk_device
         else:
             path = f"{self.spec.dir}/disk-{role}.img"
-        limit = self.run.records_found + 16
         script = (
             "import sys; from pathlib import Path; "
             "from kemari_suite.klab.kvmrecords import valid_records; "
@@ -412,7 +491,7 @@ class ProtectScenario:
 
 
 def run_protect_demo(
-    pair: L1Pair,
+    pair: HostPair,
     guest: GuestImage,
     *,
     tree: str,
@@ -426,9 +505,11 @@ def run_protect_demo(
     offline_check: bool = False,
     progress: Callable[[str], None] | None = None,
     run: ProtectRun | None = None,
+    lun: SharedLun | None = None,
 ) -> ProtectRun:
     """Run the scenario on a started pair (built with ``share=tree`` and ``lan=True``;
-    with ``disk_backend="drbd"`` also with a data disk, DRBD's backing device).
+    with ``disk_backend="drbd"`` also with a data disk, DRBD's backing device; with
+    ``disk_backend="iscsi"`` two hosts that see ``lun``, see ``klab/iscsidemo.py``).
 
     ``victim`` "secondary" kills the standby's L1 instead (the primary goes on alone);
     ``offline_check`` then stops the survivor and reads its copy of the disk. ``run``
@@ -443,7 +524,7 @@ def run_protect_demo(
         ConfigError: the suite refused a rendered config.
     """
     t0 = time.monotonic()
-    sc = ProtectScenario(pair, work, host_paths, progress, run)
+    sc = ProtectScenario(pair, work, host_paths, progress, run, lun=lun)
     sc.run.boot_s = {h.spec.host: round(h.boot_s or 0.0, 2) for h in pair.hosts}
     try:
         if disk_backend == "drbd":
@@ -458,6 +539,7 @@ def run_protect_demo(
             sc.standby_loss()
         else:
             sc.power_loss()
+        sc.check_fencing()
         if offline_check:
             sc.offline_check(0 if victim == "secondary" else 1)
     except Exception:
@@ -469,4 +551,4 @@ def run_protect_demo(
     return sc.run
 
 
-__all__ = ["ProtectRun", "ProtectScenario", "run_protect_demo"]
+__all__ = ["ProtectRun", "ProtectScenario", "SharedLun", "run_protect_demo"]
