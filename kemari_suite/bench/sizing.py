@@ -384,7 +384,7 @@ async def _vm_sync_points(
     device state and cont, less whatever of the capture the scan hid when it ran beside
     it. So at a measured size, fixed + scan + stage is the measured pause.
     """
-    from kemari_suite.vm.devstate import enable_ignore_shared
+    from kemari_suite.vm.devstate import DeviceStateCapturer, enable_ignore_shared
     from kemari_suite.vm.qemu import AsyncVM, wait_for_console
 
     spec, run_root = trackers.memdirty_guest(
@@ -400,15 +400,22 @@ async def _vm_sync_points(
         await asyncio.sleep(2.0)  # let memdirty start
         await enable_ignore_shared(vm)
         rows: list[dict[str, float]] = []
+        # How each row's device state was captured: the first captures of a VM are
+        # whole migrations (the warm-up), later ones the device sections alone.
+        methods: list[str] = []
         with product_window(vm, cfg) as window:
+            cap = window.capturer
+            assert isinstance(cap, DeviceStateCapturer)
             overlapped = window.overlap
             await initial_sync(window)
             say(f"vm {memory_mib} MiB: booted in {boot_s:.0f} s, {samples} sync points")
             for i in range(samples + 2):
                 await asyncio.sleep(interval_s)
+                before = cap.migrations
                 r = await complete(window, await window.run(resume=True))
                 if i < 2:
                     continue  # the first scans after reset carry the boot's leftovers
+                methods.append("migrate" if cap.migrations > before else cap.method)
                 rows.append(
                     {
                         **window_row(r, overlapped=overlapped),
@@ -437,8 +444,24 @@ async def _vm_sync_points(
         "parts_ms_p50": {p: float(pct([r[p] for r in rows], 50) or 0.0) for p in parts},
         "dirty_pages_p50": pct([r["dirty_pages"] for r in rows], 50),
         "devstate_bytes_p50": pct([r["devstate_bytes"] for r in rows], 50),
+        "devstate_by_method": devstate_by_method(rows, methods),
         "loadavg_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def devstate_by_method(rows: list[dict[str, float]], methods: list[str]) -> dict[str, Any]:
+    """The device-state capture's time and size (p50) for each way it was captured
+    (``methods[i]`` is ``rows[i]``'s), with the pauses of those rows (p50)."""
+    out: dict[str, Any] = {}
+    for m in dict.fromkeys(methods):
+        mine = [r for r, k in zip(rows, methods, strict=True) if k == m]
+        out[m] = {
+            "samples": len(mine),
+            "ms_p50": pct([r["devstate"] for r in mine], 50),
+            "bytes_p50": pct([r["devstate_bytes"] for r in mine], 50),
+            "pause_ms_p50": pct([r["total"] for r in mine], 50),
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -769,6 +792,22 @@ def format_report(res: dict[str, Any], command: str) -> str:
         )
     if not res.get("vm"):
         lines.append("| - | no VM in this run |||||||||||")
+    by_method = [(v["memory_mib"], m, d) for v in res.get("vm", [])
+                 for m, d in v.get("devstate_by_method", {}).items()]  # fmt: skip
+    if by_method:
+        lines += [
+            "",
+            "Device state by how it was captured (a VM's first captures are whole "
+            "migrations, the warm-up; later ones QEMU's device sections alone):",
+            "",
+            "| RAM MiB | captured by | samples | devstate p50 ms | bytes p50 | pause p50 ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mib, m, d in by_method:
+            lines.append(
+                f"| {mib} | {m} | {d['samples']} | {_f(d['ms_p50'])} "
+                f"| {_f(d['bytes_p50'], '{:.0f}')} | {_f(d['pause_ms_p50'])} |"
+            )
     if any(v.get("overlap_scan") for v in res.get("vm", [])):
         lines += [
             "",

@@ -53,7 +53,7 @@ def _switch(pair: LabPair, reader: Reader, old: str, new: str) -> float:
     assert res["pause_ms"] > 0
     # Where the pause went, for operators: the old primary's steps, then the peer's.
     spans = res["spans_ms"]
-    assert list(spans) == ["final_sync", "released", "disk_flush", "lease", "peer"], spans
+    assert list(spans) == ["final_sync", "released", "disk_flush", "disk_demote", "lease", "peer"]
     assert sum(spans.values()) <= res["pause_ms"] + 1.0, res
     st = pair.wait_state(new, {"protected"}, 180)
     assert st["role"] == "primary"
