@@ -167,6 +167,11 @@ class ReplicationConfig:
     #: pause came out about 7% shorter for 128 MiB on two cores). Off only for A/B
     #: measurements; trackers that must scan after the capture ignore it.
     overlap_scan: bool = True
+    #: With a tracker that can (uffd-wp), also stage the dirty pages beside the capture
+    #: and rescan after it. Off: on two busy cores the staging competed with QEMU's
+    #: device-state save and the pause came out longer (``kemari bench sizing``, the
+    #: row "staged beside the capture" in benchmarks/results/sizing.md).
+    stage_during_capture: bool = False
     #: How often each side tells the other it lives, and the primary renews its lease.
     heartbeat_interval_ms: int = 100
     #: How long the standby waits without a frame before it asks the tiebreaker for the

@@ -184,6 +184,7 @@ def product_window(
             staging=buffers.staging,
             index=buffers.index,
             overlap_scan=cfg.replication.overlap_scan,
+            stage_during_capture=cfg.replication.stage_during_capture,
             scan_threads=2,
         )
         stack.callback(window.close)

@@ -407,6 +407,7 @@ async def _vm_sync_points(
             cap = window.capturer
             assert isinstance(cap, DeviceStateCapturer)
             overlapped = window.overlap
+            early = window.early_stage
             await initial_sync(window)
             say(f"vm {memory_mib} MiB: booted in {boot_s:.0f} s, {samples} sync points")
             for i in range(samples + 2):
@@ -434,6 +435,7 @@ async def _vm_sync_points(
         "memory_mib": memory_mib,
         "accel": accel,
         "overlap_scan": overlapped,
+        "stage_during_capture": early,
         "boot_s": boot_s,
         "samples": len(rows),
         "interval_ms": interval_s * 1e3,
@@ -627,28 +629,39 @@ def run_sizing(
             res["vm"].append({"memory_mib": m, "skipped": f"VM time budget spent ({used:.0f} s)"})
             continue
         say(f"vm {m} MiB: booting")
-        vcfg = with_overrides(cfg, vm={"memory_mib": m})
-        try:
-            res["vm"].append(
-                asyncio.run(
-                    _vm_sync_points(
-                        vcfg,
-                        m,
-                        vm_samples,
-                        interval_s=cfg.replication.max_interval_ms / 1e3,
-                        pages_per_s=40000,
-                        working_set_mib=32,
-                        say=say,
-                    )
-                )
+        res["vm"].append(_vm_run(with_overrides(cfg, vm={"memory_mib": m}), m, vm_samples, say))
+        if m == vm_sizes[0]:
+            # The same size again, with the staging beside the capture flipped: the
+            # A/B that decided replication.stage_during_capture's default.
+            flip = not cfg.replication.stage_during_capture
+            say(f"vm {m} MiB: booting, stage_during_capture {flip}")
+            vcfg = with_overrides(
+                cfg, vm={"memory_mib": m}, replication={"stage_during_capture": flip}
             )
-        except (KemariError, OSError) as err:
-            res["vm"].append({"memory_mib": m, "skipped": f"failed: {err}"})
+            res["vm_variants"] = [_vm_run(vcfg, m, vm_samples, say)]
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     res["machine"]["date_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     res["fits"] = compute_fits(res)
     res["guidance"] = guidance(res, cfg.replication.max_interval_ms)
     return res
+
+
+def _vm_run(vcfg: KemariConfig, m: int, samples: int, say: Progress) -> dict[str, Any]:
+    """:func:`_vm_sync_points` of ``vcfg``'s guest, or the row saying why it failed."""
+    try:
+        return asyncio.run(
+            _vm_sync_points(
+                vcfg,
+                m,
+                samples,
+                interval_s=vcfg.replication.max_interval_ms / 1e3,
+                pages_per_s=40000,
+                working_set_mib=32,
+                say=say,
+            )
+        )
+    except (KemariError, OSError) as err:
+        return {"memory_mib": m, "skipped": f"failed: {err}"}
 
 
 # --------------------------------------------------------------------------- report
@@ -792,6 +805,28 @@ def format_report(res: dict[str, Any], command: str) -> str:
         )
     if not res.get("vm"):
         lines.append("| - | no VM in this run |||||||||||")
+    base = {v["memory_mib"]: v for v in res.get("vm", []) if "total_ms_p50" in v}
+    for v in res.get("vm_variants", []):
+        b = base.get(v["memory_mib"])
+        if "total_ms_p50" not in v or b is None:
+            continue
+        p, q = v["parts_ms_p50"], b["parts_ms_p50"]
+        ratio = v["total_ms_p50"] / b["total_ms_p50"] if b["total_ms_p50"] else None
+        lines += [
+            "",
+            f"Staged beside the capture (`replication.stage_during_capture` "
+            f"{'on' if v.get('stage_during_capture') else 'off'}), against the row above "
+            f"at {v['memory_mib']} MiB (staging beside it "
+            f"{'on' if b.get('stage_during_capture') else 'off'}), booted right after it:",
+            "",
+            "| staged beside | pause p50 | devstate | scan | stage | pause / row above |",
+            "|---|---|---|---|---|---|",
+            f"| {'on' if b.get('stage_during_capture') else 'off'} | {_f(b['total_ms_p50'])} "
+            f"| {_f(q['devstate'])} | {_f(q['scan'])} | {_f(q['stage'])} | 1.00 |",
+            f"| {'on' if v.get('stage_during_capture') else 'off'} | {_f(v['total_ms_p50'])} "
+            f"| {_f(p['devstate'])} | {_f(p['scan'])} | {_f(p['stage'])} "
+            f"| {_f(ratio, '{:.2f}')} |",
+        ]
     by_method = [(v["memory_mib"], m, d) for v in res.get("vm", [])
                  for m, d in v.get("devstate_by_method", {}).items()]  # fmt: skip
     if by_method:

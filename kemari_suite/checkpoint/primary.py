@@ -263,6 +263,7 @@ class PrimaryAgent:
             staging=self.buffers.staging,
             index=self.buffers.index,
             overlap_scan=self.rcfg.overlap_scan,
+            stage_during_capture=self.rcfg.stage_during_capture,
             qmp_timeout_s=self.cfg.vm.qmp_timeout_ms / 1000,
         )
         self.vm.on_event(self.guest.on_qemu_event)

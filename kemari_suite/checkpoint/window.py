@@ -5,8 +5,9 @@
     stop ──► capture device state ──┬──► stage dirty pages ──► switch epoch ──► cont?
              scan (beside the capture│when the tracker allows it, else after it)
 
-    with a tracker whose scan is cheap and re-arms itself (uffd-wp:
-    ``caps.stage_during_capture``):
+    with ``replication.stage_during_capture`` and a tracker whose scan is cheap and
+    re-arms itself (uffd-wp: ``caps.stage_during_capture``; off by default: on two busy
+    cores the staging slowed QEMU's save more than it saved):
 
     stop ──► capture device state ──┬──► rescan, stage again what QEMU wrote ──► ...
              scan, stage (beside it)│    meanwhile (usually nothing)
@@ -143,6 +144,7 @@ class StoppedWindow:
         staging: np.ndarray,
         index: np.ndarray,
         overlap_scan: bool = True,
+        stage_during_capture: bool = False,
         scan_threads: int = 2,
         qmp_timeout_s: float = QMP_TIMEOUT_S,
     ) -> None:
@@ -153,6 +155,7 @@ class StoppedWindow:
         self.staging = staging
         self.index = index
         self.overlap_scan = overlap_scan
+        self.stage_during_capture = stage_during_capture
         # The rescan's own index buffer (allocated here, never in the window).
         self._rescan_index = np.zeros_like(index)
         self.scan_threads = scan_threads
@@ -167,13 +170,17 @@ class StoppedWindow:
         Read from the tracker in place now, so a tracker swapped in (a checker wrapped
         around the fast one) brings its own caps.
         """
-        caps = self.tracker.caps
-        return self.overlap_scan and (caps.scan_during_capture or caps.stage_during_capture)
+        return self.overlap_scan and (self.tracker.caps.scan_during_capture or self.early_stage)
 
     @property
     def early_stage(self) -> bool:
-        """The staging runs beside the capture and a rescan follows it."""
-        return self.overlap_scan and self.tracker.caps.stage_during_capture
+        """The staging runs beside the capture and a rescan follows it (asked for, and
+        the tracker can)."""
+        return (
+            self.overlap_scan
+            and self.stage_during_capture
+            and self.tracker.caps.stage_during_capture
+        )
 
     def close(self) -> None:
         self._exec.shutdown(wait=False)

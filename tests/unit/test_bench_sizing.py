@@ -225,6 +225,36 @@ def test_format_report_holds_command_machine_and_figures() -> None:
     assert "| clean RAM | 0.67 | 1.50 |" in md
 
 
+def test_format_report_compares_the_staging_variant_and_the_capture_methods() -> None:
+    res = synthetic()
+    base = res["vm"][0]  # 256 MiB
+    base["devstate_by_method"] = {
+        "migrate": {"samples": 6, "ms_p50": 5.0, "bytes_p50": 320000.0, "pause_ms_p50": 12.0},
+        "xen-save-devices-state": {
+            "samples": 14, "ms_p50": 1.5, "bytes_p50": 13000.0, "pause_ms_p50": 8.0,
+        },
+    }  # fmt: skip
+    variant = {**base, "stage_during_capture": True, "total_ms_p50": base["total_ms_p50"] * 1.25}
+    res["vm_variants"] = [variant]
+    md = sizing.format_report(res, "x")
+    assert "| off | " in md and f"| on | {variant['total_ms_p50']:.1f} |" in md
+    assert "| 1.25 |" in md  # the variant's pause over the row booted before it
+    assert "| 256 | migrate | 6 | 5.0 | 320000 | 12.0 |" in md
+    assert "| 256 | xen-save-devices-state | 14 | 1.5 | 13000 | 8.0 |" in md
+
+
+def test_devstate_by_method_splits_the_rows() -> None:
+    rows = [
+        {"devstate": 5.0, "devstate_bytes": 300.0, "total": 10.0},
+        {"devstate": 1.0, "devstate_bytes": 10.0, "total": 6.0},
+        {"devstate": 2.0, "devstate_bytes": 12.0, "total": 8.0},
+    ]
+    got = sizing.devstate_by_method(rows, ["migrate", "save", "save"])
+    assert list(got) == ["migrate", "save"]
+    assert got["migrate"]["samples"] == 1 and got["migrate"]["bytes_p50"] == 300.0
+    assert got["save"]["samples"] == 2 and 1.0 <= got["save"]["ms_p50"] <= 2.0
+
+
 def test_format_report_without_fits_says_so() -> None:
     res = synthetic()
     res["scan"] = res["scan"][:1]

@@ -88,6 +88,7 @@ class Rig:
             staging=allocate_pages(staging_pages),
             index=allocate_index(N_PAGES),
             overlap_scan=True,
+            stage_during_capture=True,
         )
 
     async def _write_during(self) -> None:
@@ -196,3 +197,11 @@ def test_a_checker_swapped_in_brings_its_own_caps(rig: Rig) -> None:
     rig.window.tracker = VerifyingTracker(rig.tracker.inner, CompareTracker(N_PAGES, threads=1))
     # A checked scan has no cheap rescan: the window stages after the capture again.
     assert not rig.window.early_stage and not rig.window.overlap
+
+
+def test_staging_beside_the_capture_is_asked_for(rig: Rig) -> None:
+    rig.window.stage_during_capture = False  # the default of replication.stage_during_capture
+    assert not rig.window.early_stage
+    rig.writer.write([5])
+    res = rig.run()
+    assert res.idx.tolist() == [5] and "rescan" not in rig.log
