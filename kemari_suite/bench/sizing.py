@@ -407,7 +407,6 @@ async def _vm_sync_points(
             cap = window.capturer
             assert isinstance(cap, DeviceStateCapturer)
             overlapped = window.overlap
-            early = window.early_stage
             await initial_sync(window)
             say(f"vm {memory_mib} MiB: booted in {boot_s:.0f} s, {samples} sync points")
             for i in range(samples + 2):
@@ -435,7 +434,6 @@ async def _vm_sync_points(
         "memory_mib": memory_mib,
         "accel": accel,
         "overlap_scan": overlapped,
-        "stage_during_capture": early,
         "boot_s": boot_s,
         "samples": len(rows),
         "interval_ms": interval_s * 1e3,
@@ -630,15 +628,6 @@ def run_sizing(
             continue
         say(f"vm {m} MiB: booting")
         res["vm"].append(_vm_run(with_overrides(cfg, vm={"memory_mib": m}), m, vm_samples, say))
-        if m == vm_sizes[0]:
-            # The same size again, with the staging beside the capture flipped: the
-            # A/B that decided replication.stage_during_capture's default.
-            flip = not cfg.replication.stage_during_capture
-            say(f"vm {m} MiB: booting, stage_during_capture {flip}")
-            vcfg = with_overrides(
-                cfg, vm={"memory_mib": m}, replication={"stage_during_capture": flip}
-            )
-            res["vm_variants"] = [_vm_run(vcfg, m, vm_samples, say)]
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     res["machine"]["date_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     res["fits"] = compute_fits(res)
@@ -805,28 +794,6 @@ def format_report(res: dict[str, Any], command: str) -> str:
         )
     if not res.get("vm"):
         lines.append("| - | no VM in this run |||||||||||")
-    base = {v["memory_mib"]: v for v in res.get("vm", []) if "total_ms_p50" in v}
-    for v in res.get("vm_variants", []):
-        b = base.get(v["memory_mib"])
-        if "total_ms_p50" not in v or b is None:
-            continue
-        p, q = v["parts_ms_p50"], b["parts_ms_p50"]
-        ratio = v["total_ms_p50"] / b["total_ms_p50"] if b["total_ms_p50"] else None
-        lines += [
-            "",
-            f"Staged beside the capture (`replication.stage_during_capture` "
-            f"{'on' if v.get('stage_during_capture') else 'off'}), against the row above "
-            f"at {v['memory_mib']} MiB (staging beside it "
-            f"{'on' if b.get('stage_during_capture') else 'off'}), booted right after it:",
-            "",
-            "| staged beside | pause p50 | devstate | scan | stage | pause / row above |",
-            "|---|---|---|---|---|---|",
-            f"| {'on' if b.get('stage_during_capture') else 'off'} | {_f(b['total_ms_p50'])} "
-            f"| {_f(q['devstate'])} | {_f(q['scan'])} | {_f(q['stage'])} | 1.00 |",
-            f"| {'on' if v.get('stage_during_capture') else 'off'} | {_f(v['total_ms_p50'])} "
-            f"| {_f(p['devstate'])} | {_f(p['scan'])} | {_f(p['stage'])} "
-            f"| {_f(ratio, '{:.2f}')} |",
-        ]
     by_method = [(v["memory_mib"], m, d) for v in res.get("vm", [])
                  for m, d in v.get("devstate_by_method", {}).items()]  # fmt: skip
     if by_method:

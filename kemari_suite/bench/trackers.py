@@ -104,6 +104,7 @@ async def measure_one(
                     rows.append(
                         {**window_row(r, overlapped=window.overlap), "dirty": r.dirty_pages}
                     )
+            early = window.early_stage
             extra_kib = read_status()["RssAnon"] - before
     finally:
         await vm.shutdown()
@@ -116,6 +117,7 @@ async def measure_one(
         "memory_mib": memory_mib,
         "accel": accel,
         "samples": len(rows),
+        "stage_during_capture": early,
         "pause_ms_p50": pct(totals, 50),
         "pause_ms_p99": pct(totals, 99),
         "scan_ms_p50": pct([r["scan"] for r in rows], 50),
@@ -165,6 +167,7 @@ def run_trackers(
         "replication": {
             "max_interval_ms": cfg.replication.max_interval_ms,
             "overlap_scan": cfg.replication.overlap_scan,
+            "stage_during_capture": cfg.replication.stage_during_capture,
         },
     }
     if cfg.image.kernel and cfg.image.initrd:
@@ -173,28 +176,48 @@ def run_trackers(
     for m in sorted(sizes_mib):
         for name in names:
             say(f"trackers: {name} on a {m} MiB guest, {samples} sync points")
-            t = time.monotonic()
-            done = subprocess.run(
-                [sys.executable, "-m", "kemari_suite.bench.trackers", name, str(m), str(samples)],
-                input=json.dumps(settings),
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=1800,
-            )
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-                rows.append({"tracker": name, "memory_mib": m, "error": " | ".join(tail)})
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            row["took_s"] = round(time.monotonic() - t, 1)
-            rows.append(row)
+            rows.append(_child(name, m, samples, settings))
+            if name == STAGE_VARIANT_TRACKER and m == min(sizes_mib):
+                # Right after it, the same guest with the staging beside the capture
+                # flipped: the A/B behind replication.stage_during_capture's default.
+                flip = not cfg.replication.stage_during_capture
+                say(f"trackers: {name} on a {m} MiB guest, stage_during_capture {flip}")
+                flipped = {**settings["replication"], "stage_during_capture": flip}
+                row = _child(name, m, samples, {**settings, "replication": flipped})
+                rows.append({**row, "variant": f"stage_during_capture {flip}".lower()})
     return {"available": names, "unavailable": why_not, "rows": rows, "samples": samples}
+
+
+#: The tracker that can stage beside the capture (``caps.stage_during_capture``).
+STAGE_VARIANT_TRACKER = "uffd-wp"
+
+
+def _child(name: str, m: int, samples: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """One (tracker, size) in its own process: its row, or the row naming its error."""
+    t = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "kemari_suite.bench.trackers", name, str(m), str(samples)],
+        input=json.dumps(settings),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        return {"tracker": name, "memory_mib": m, "error": " | ".join(tail)}
+    row: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    row["took_s"] = round(time.monotonic() - t, 1)
+    return row
 
 
 def tracker_summary(res: dict[str, Any], name: str) -> dict[str, Any]:
     """One tracker's figures in the shape ``--json`` prints."""
-    rows = [r for r in res["rows"] if r.get("tracker") == name and "error" not in r]
+    rows = [
+        r
+        for r in res["rows"]
+        if r.get("tracker") == name and "error" not in r and not r.get("variant")
+    ]
     extra = [(r["memory_mib"] / 1024, r["primary_extra_mib"]) for r in rows]
     fit = linear_fit([x for x, _ in extra], [y for _, y in extra])
     slope = fit["slope"] if fit else None
@@ -249,8 +272,9 @@ def format_section(res: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['tracker']} | {r['memory_mib']} | failed: {r['error']} |||||||")
             continue
+        label = r["tracker"] + (f" ({r['variant']})" if r.get("variant") else "")
         lines.append(
-            f"| {r['tracker']} | {r['memory_mib']} | {_n(r['pause_ms_p50'])} | "
+            f"| {label} | {r['memory_mib']} | {_n(r['pause_ms_p50'])} | "
             f"{_n(r['pause_ms_p99'])} | {_n(r['scan_ms_p50'], '{:.2f}')} | "
             f"{_n(r['stage_ms_p50'])} | {_n(r['dirty_pages_p50'], '{:.0f}')} | "
             f"{_n(r['primary_extra_mib'], '{:.0f}')} | "
@@ -258,6 +282,19 @@ def format_section(res: dict[str, Any]) -> str:
         )
     for name, why in res["unavailable"].items():
         lines.append(f"\n{name} is not measured here: {why}")
+    for v in (r for r in res["rows"] if r.get("variant") and "error" not in r):
+        base = next(
+            (b for b in res["rows"] if b.get("tracker") == v["tracker"]
+             and b.get("memory_mib") == v["memory_mib"] and not b.get("variant")
+             and b.get("pause_ms_p50")),
+            None,
+        )  # fmt: skip
+        if base is not None and v.get("pause_ms_p50") is not None:
+            lines.append(
+                f"\n{v['tracker']} ({v['variant']}), booted right after the row without "
+                f"it: pause p50 {v['pause_ms_p50'] / base['pause_ms_p50']:.2f}x "
+                f"({_n(v['pause_ms_p50'])} against {_n(base['pause_ms_p50'])} ms)."
+            )
     lines += ["", "Targets (issue 15):", ""]
     lines += [f"- {t}" for t in targets(res)]
     return "\n".join(lines) + "\n"
