@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -478,7 +478,9 @@ def run_kernel_lab_demo(
     """``klab protect-demo`` and ``demo --kernel-lab``: report the run (the last stdout
     line with ``as_json``); exit 1 unless it resumed with nothing acknowledged lost,
     2 for a disk backend the lab cannot run."""
+    from kemari_suite.klab.iscsi import IscsiLab
     from kemari_suite.klab.iscsidemo import run_iscsi_protect_demo
+    from kemari_suite.klab.pair import L1Pair
     from kemari_suite.klab.protectdemo import run_protect_demo
     from kemari_suite.vm.define import ensure_image
 
@@ -492,49 +494,34 @@ def run_kernel_lab_demo(
     img = guard(lambda: _demo_image(cfg, disk, note))
     guest = guard(lambda: ensure_image(cfg, note))
     share = (tree or _checkout()).resolve()
+    lab: AbstractContextManager[L1Group]
     if disk == "iscsi":
-        with _iscsi_lab(cfg, img, slot, share=str(share)) as lab:
-
-            def iscsi_scenario() -> dict[str, object]:
-                lab.start()
-                note("three L1s ready (" + ", ".join(f"{h.boot_s:.1f} s" for h in lab.hosts) + ")")
-                run = run_iscsi_protect_demo(
-                    lab,
-                    guest,
-                    tree=str(share),
-                    work=lab.a.folder.parent / "engine",
-                    host_paths=cfg.paths,
-                    accel=accel,
-                    min_acks=min_acks,
-                    tracker_verify=tracker_verify,
-                    progress=note,
-                )
-                return protect_demo_result(run.as_dict())
-
-            result = guard(iscsi_scenario)
-        _report(result, as_json)
-        return
-    data_mib = 64 if disk == "drbd" else 0
-    with _pair(
-        cfg, img, slot, share=str(share), lan=True, memory_mib=1024, data_disk_mib=data_mib
-    ) as pair:
+        lab = _iscsi_lab(cfg, img, slot, share=str(share))
+    else:
+        data_mib = 64 if disk == "drbd" else 0
+        lab = _pair(
+            cfg, img, slot, share=str(share), lan=True, memory_mib=1024, data_disk_mib=data_mib
+        )
+    with lab as group:
 
         def scenario() -> dict[str, object]:
-            pair.start()
-            note(f"both L1s ready ({pair[0].boot_s:.1f} s, {pair[1].boot_s:.1f} s)")
-            work = pair[0].folder.parent / "engine"
-            run = run_protect_demo(
-                pair,
-                guest,
-                tree=str(share),
-                work=work,
-                host_paths=cfg.paths,
-                accel=accel,
-                disk_backend=disk,
-                min_acks=min_acks,
-                tracker_verify=tracker_verify,
-                progress=note,
-            )
+            group.start()
+            boots = ", ".join(f"{h.boot_s:.1f} s" for h in group.hosts)
+            note(f"{len(group.hosts)} L1s ready ({boots})")
+            common: dict[str, Any] = {
+                "tree": str(share),
+                "work": group.hosts[0].folder.parent / "engine",
+                "host_paths": cfg.paths,
+                "accel": accel,
+                "min_acks": min_acks,
+                "tracker_verify": tracker_verify,
+                "progress": note,
+            }
+            if isinstance(group, IscsiLab):
+                run = run_iscsi_protect_demo(group, guest, **common)
+            else:
+                assert isinstance(group, L1Pair)
+                run = run_protect_demo(group, guest, disk_backend=disk, **common)
             return protect_demo_result(run.as_dict())
 
         result = guard(scenario)
