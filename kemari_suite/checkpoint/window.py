@@ -114,6 +114,9 @@ class WindowResult:
     #: Wall clock at ``stop`` (to find QEMU's own STOP/RESUME events).
     t_start_wall: float
     resumed: bool
+    #: QEMU's device-state capture alone (``devstate_ms`` lasts until the scan beside
+    #: it finished too).
+    capture_ms: float = 0.0
 
     @property
     def dirty_pages(self) -> int:
@@ -305,6 +308,7 @@ class StoppedWindow:
                 )
                 try:
                     devstate = await self._capture()
+                    cap_s = time.perf_counter() - t_stop
                 finally:
                     step = "scan"
                     k, scan_s, early = await beside
@@ -320,6 +324,7 @@ class StoppedWindow:
                 k, _ = self._timed_scan()
                 t_scan = time.perf_counter()
                 scan_s, dev_s = t_scan - t_dev, t_dev - t_stop
+                cap_s = dev_s
             step = "stage"
             faults.hit("window-stage")
             if early is not None:
@@ -361,6 +366,7 @@ class StoppedWindow:
             t_end=t_end,
             t_start_wall=t0_wall,
             resumed=resume,
+            capture_ms=cap_s * 1e3,
         )
 
 

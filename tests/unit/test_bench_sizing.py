@@ -241,9 +241,9 @@ def test_format_report_lists_the_capture_methods() -> None:
 
 def test_devstate_by_method_splits_the_rows() -> None:
     rows = [
-        {"devstate": 5.0, "devstate_bytes": 300.0, "total": 10.0},
-        {"devstate": 1.0, "devstate_bytes": 10.0, "total": 6.0},
-        {"devstate": 2.0, "devstate_bytes": 12.0, "total": 8.0},
+        {"capture": 5.0, "devstate_bytes": 300.0, "total": 10.0},
+        {"capture": 1.0, "devstate_bytes": 10.0, "total": 6.0},
+        {"capture": 2.0, "devstate_bytes": 12.0, "total": 8.0},
     ]
     got = sizing.devstate_by_method(rows, ["migrate", "save", "save"])
     assert list(got) == ["migrate", "save"]

@@ -384,6 +384,17 @@ def test_timings_add_up(rigs: list[Rig]) -> None:
     assert res.pause_ms == pytest.approx((res.t_end - res.t_start) * 1e3)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+def test_the_capture_alone_is_timed(rigs: list[Rig], overlap: bool) -> None:
+    rig = compare_rig(rigs, overlap=overlap, capturer=FakeCapturer([], delay=0.02))
+    res = rig.run()
+    assert res.capture_ms >= 20.0
+    if overlap:  # devstate_ms also waited for the scan beside it
+        assert res.capture_ms <= res.devstate_ms
+    else:
+        assert res.capture_ms == res.devstate_ms
+
+
 # --------------------------------------------------------------------------- failures
 
 
