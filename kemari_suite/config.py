@@ -169,8 +169,8 @@ class ReplicationConfig:
     overlap_scan: bool = True
     #: With a tracker that can (uffd-wp), also stage the dirty pages beside the capture
     #: and rescan after it. Off: on two busy cores the staging competed with QEMU's
-    #: device-state save and the pause came out longer (``kemari bench sizing``, the
-    #: row "staged beside the capture" in benchmarks/results/sizing.md).
+    #: device-state save and the pause came out no shorter (``kemari bench sizing``, the
+    #: row "stage_during_capture true" in benchmarks/results/sizing.md).
     stage_during_capture: bool = False
     #: How often each side tells the other it lives, and the primary renews its lease.
     heartbeat_interval_ms: int = 100
