@@ -180,10 +180,7 @@ class PrimaryAgent:
 
     async def fence(self, reason: str) -> None:
         """Stop the guest for good (another host may run it now); see :mod:`.loss`.
-
-        Raises:
-            FailoverError: always (the agent's run ends with it).
-        """
+        Raises FailoverError, always: the agent's run ends with it."""
         await loss.fence(self, reason)
 
     @property
