@@ -158,8 +158,11 @@ def pause(point: str, flag: str) -> None:
     global _point
     _point = ""  # once only
     path = Path(flag)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.write_text(f"{os.getpid()} {point}\n")
+        # Whole or not at all: whoever sees the flag may read it at once.
+        tmp.write_text(f"{os.getpid()} {point}\n")
+        os.replace(tmp, path)
     except OSError as err:
         os.write(2, f"KEMARI-FAULT-MISS {point}: cannot write {flag}: {err}\n".encode())
         return
