@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kemari_suite.checkpoint.pagecopy import NUMPY_COPIER, PageCopier
 from kemari_suite.checkpoint.shadow import WORDS_PER_PAGE, ShadowTracker, TrackerCaps
 from kemari_suite.errors import ReplicationError
 from kemari_suite.vm.guestram import PAGE_SIZE
@@ -179,8 +180,9 @@ class SoftDirtyTracker(ShadowTracker):
         source: PagemapSource,
         verify: bool = True,
         batch_pages: int = 64,
+        copier: PageCopier = NUMPY_COPIER,
     ) -> None:
-        super().__init__(n_pages)
+        super().__init__(n_pages, copier=copier)
         if batch_pages < 1:
             raise ValueError("batch_pages must be at least 1")
         self.verify = verify

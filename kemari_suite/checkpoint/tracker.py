@@ -67,6 +67,7 @@ from typing import Protocol
 import numpy as np
 
 from kemari_suite.checkpoint.compare import CompareTracker
+from kemari_suite.checkpoint.pagecopy import NUMPY_COPIER, PageCopier
 from kemari_suite.checkpoint.shadow import TrackerCaps
 from kemari_suite.checkpoint.softdirty import (
     PRESENT_BIT,
@@ -176,7 +177,12 @@ class DirtyTracker(Protocol):
 
 
 def _uffd_wp(
-    n_pages: int, qemu_pid: int | None, ram_path: Path | None, wp_socket: Path | None, why_not: str
+    n_pages: int,
+    qemu_pid: int | None,
+    ram_path: Path | None,
+    wp_socket: Path | None,
+    why_not: str,
+    copier: PageCopier,
 ) -> UffdWpTracker:
     ok, reason = probe_kernel()
     if not ok:
@@ -193,7 +199,8 @@ def _uffd_wp(
         protect_ram(wp_socket, ram_path, size)
 
     address = protect_ram(wp_socket, ram_path, size)
-    tracker = UffdWpTracker(n_pages, scanner=PagemapScan(qemu_pid, address, n_pages), arm=arm)
+    scanner = PagemapScan(qemu_pid, address, n_pages)
+    tracker = UffdWpTracker(n_pages, scanner=scanner, arm=arm, copier=copier)
     tracker.reason = reason
     return tracker
 
@@ -207,9 +214,10 @@ def _one(
     threads: int,
     wp_socket: Path | None,
     wp_unavailable: str,
+    copier: PageCopier,
 ) -> DirtyTracker:
     if kind == "uffd-wp":
-        return _uffd_wp(n_pages, qemu_pid, ram_path, wp_socket, wp_unavailable)
+        return _uffd_wp(n_pages, qemu_pid, ram_path, wp_socket, wp_unavailable, copier)
     if kind == "soft-dirty":
         ok, reason = probe_soft_dirty()
         if not ok:
@@ -217,11 +225,11 @@ def _one(
         if qemu_pid is None or ram_path is None:
             raise ReplicationError("soft-dirty tracking needs the QEMU pid and the RAM file path")
         source = ProcPagemap(qemu_pid, ram_path, n_pages)
-        sd = SoftDirtyTracker(n_pages, source=source)
+        sd = SoftDirtyTracker(n_pages, source=source, copier=copier)
         sd.reason = reason
         return sd
     if kind == "compare":
-        return CompareTracker(n_pages, threads=threads)
+        return CompareTracker(n_pages, threads=threads, copier=copier)
     raise ConfigError(
         f"unknown dirty-page tracker {kind!r} (expected one of {', '.join(TRACKER_KINDS)})",
         key="replication.tracker",
@@ -238,6 +246,7 @@ def make_tracker(
     wp_socket: Path | None = None,
     wp_unavailable: str = "",
     verify: bool = False,
+    copier: PageCopier = NUMPY_COPIER,
 ) -> DirtyTracker:
     """Build the tracker named by ``replication.tracker`` for QEMU process ``qemu_pid``
     mapping guest RAM from ``ram_path``; its ``reason`` says why it runs.
@@ -247,6 +256,7 @@ def make_tracker(
     loaded, because of ``wp_unavailable``). ``threads`` is the most helper threads one
     scan may use (pass the stop-time scan's count; pre-copy asks for fewer per scan).
     ``verify`` wraps the tracker in a :class:`~.verifying.VerifyingTracker`.
+    ``copier`` copies the pages it stages (:meth:`.pagecopy.PageCopier.load`: the C one).
 
     Raises:
         ConfigError: unknown ``kind``.
@@ -263,6 +273,7 @@ def make_tracker(
             threads=threads,
             wp_socket=wp_socket,
             wp_unavailable=wp_unavailable,
+            copier=copier,
         )
 
     tracker: DirtyTracker
@@ -284,7 +295,7 @@ def make_tracker(
             f" ({tracker.reason})" if tracker.reason else ""
         )
     if verify and tracker.name != "compare":
-        checked = VerifyingTracker(tracker, CompareTracker(n_pages, threads=threads))
+        checked = VerifyingTracker(tracker, CompareTracker(n_pages, threads=threads, copier=copier))
         checked.reason = f"{tracker.reason}; checked by the compare tracker (tracker_verify)"
         return checked
     return tracker
