@@ -163,6 +163,15 @@ class ReplicationConfig:
     #: off with a tracker that compares a shadow (compare, soft-dirty), where the second
     #: scan per epoch took more guest throughput than it saved on two cores.
     pipelining: bool | Literal["auto"] = "auto"
+    #: With pre-copy on: a period (ms, at least 10) sends what changed at every period
+    #: until the sync point, so the pause stages only what the guest wrote since the
+    #: last pass, whatever the interval; 0 sends it once, half-way. 25 ms: with uffd-wp
+    #: and about 4000 dirty pages per 100 ms the pause p50 came out 4.9 ms at 128 MiB
+    #: and 7.6 ms at 4 GiB, against 5.6 and 14.5 ms half-way, for about the same CPU at
+    #: 4 GiB (``kemari bench sizing``, rows "precopy_period_ms" in
+    #: benchmarks/results/sizing.md). A page written again is sent again: more bytes
+    #: on the link for a hot working set (docs/sizing.md).
+    precopy_period_ms: int = 25
     #: Run the compare tracker's stop-time scan beside QEMU's device-state capture (the
     #: pause came out about 7% shorter for 128 MiB on two cores). Off only for A/B
     #: measurements; trackers that must scan after the capture ignore it.
@@ -414,6 +423,12 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
         if obj.tiebreaker == "witness" and not obj.witness:
             raise ConfigError(
                 'tiebreaker = "witness" needs a witness address', path=path, key=f"{prefix}.witness"
+            )
+        if obj.precopy_period_ms and obj.precopy_period_ms < 10:
+            raise ConfigError(
+                "must be 0 (once, half-way) or at least 10 (ms between pre-copy passes)",
+                path=path,
+                key=f"{prefix}.precopy_period_ms",
             )
         if obj.held_limit_mib < 1:
             raise ConfigError(

@@ -9,6 +9,14 @@ run through the product's own stopped window
 staging of the dirty pages, cont), built as the primary builds it: the same tracker, the
 same buffers (:class:`~kemari_suite.checkpoint.sender.Buffers`).
 
+Between sync points the guest runs, and pre-copy runs as the product's configuration
+says (``replication.pipelining``, decided per tracker by the engine's own
+:func:`~kemari_suite.checkpoint.syncpoint.precopy_on`, at the engine's
+:func:`~kemari_suite.checkpoint.syncpoint.precopy_schedule`). A pass here is the
+tracker's part of the engine's pass (scan on one thread, stage, commit: what
+``EpochSender.precopy_round`` does before it encodes and sends); its time is reported
+as ``precopy_ms_per_s``, the CPU it takes while the guest runs.
+
 Memory: the anonymous resident memory (``RssAnon``) that building the tracker and its
 buffers, the initial synchronization and the timed sync points added to the measuring
 process. Guest RAM itself (a shared file) is not in it. Each (tracker, size) runs in its
@@ -38,6 +46,8 @@ from kemari_suite.bench.memsync import (
     window_row,
     workload,
 )
+from kemari_suite.checkpoint.syncpoint import PRECOPY_MIN_PAGES, precopy_on, precopy_schedule
+from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig, load, with_overrides
 from kemari_suite.errors import BenchmarkError
 from kemari_suite.vm import wphelper
@@ -79,6 +89,36 @@ def memdirty_guest(
     return spec, cfg.paths.run_dir / f"kemari-{tag}"
 
 
+def precopy_pass(window: StoppedWindow) -> tuple[int, float]:
+    """The tracker's part of one engine pre-copy pass, with the guest running: scan on
+    one thread, stage (a staging buffer at a time), commit. Pages, and seconds taken."""
+    t = time.perf_counter()
+    trk = window.tracker
+    k = trk.scan(window.pages, out=window.index, threads=1)
+    step = len(window.staging)
+    for start in range(0, k, step):
+        idx = window.index[start : min(k, start + step)].copy()
+        trk.commit(idx, trk.stage(window.pages, idx, window.staging))
+    return k, time.perf_counter() - t
+
+
+async def _run_interval(
+    window: StoppedWindow, cfg: KemariConfig, interval_s: float, precopy: bool, last_dirty: int
+) -> tuple[int, float]:
+    """Let the guest run one interval from now, pre-copying as the engine would; the
+    pages pre-copied and the seconds the passes took."""
+    start = time.monotonic()
+    pages, busy = 0, 0.0
+    if precopy and last_dirty >= PRECOPY_MIN_PAGES:
+        period_s = cfg.replication.precopy_period_ms / 1000
+        for at in precopy_schedule(start, interval_s, period_s):
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            k, took = await asyncio.to_thread(precopy_pass, window)
+            pages, busy = pages + k, busy + took
+    await asyncio.sleep(max(0.0, start + interval_s - time.monotonic()))
+    return pages, busy
+
+
 async def measure_one(
     cfg: KemariConfig, tracker: str, memory_mib: int, samples: int, interval_s: float
 ) -> dict[str, Any]:
@@ -100,14 +140,23 @@ async def measure_one(
         with product_window(vm, cfg, tracker=tracker) as window:
             name, reason = window.tracker.name, window.tracker.reason
             staging_pages = len(window.staging)
+            precopy = precopy_on(cfg.replication.pipelining, window.tracker)
             await initial_sync(window)
+            last_dirty, t_rows, busy_s = 0, 0.0, 0.0
             for i in range(samples + 2):
-                await asyncio.sleep(interval_s)
+                t = time.monotonic()
+                pre, busy = await _run_interval(window, cfg, interval_s, precopy, last_dirty)
                 r = await complete(window, await window.run(resume=True))
+                last_dirty = r.dirty_pages + pre
                 if i >= 2:  # the first scans carry the boot's leftovers
                     rows.append(
-                        {**window_row(r, overlapped=window.overlap), "dirty": r.dirty_pages}
+                        {
+                            **window_row(r, overlapped=window.overlap),
+                            "dirty": r.dirty_pages,
+                            "precopied": pre,
+                        }
                     )
+                    t_rows, busy_s = t_rows + time.monotonic() - t, busy_s + busy
             early = window.early_stage
             extra_kib = read_status()["RssAnon"] - before
     finally:
@@ -128,6 +177,10 @@ async def measure_one(
         "stage_ms_p50": pct([r["stage"] for r in rows], 50),
         "devstate_ms_p50": pct([r["devstate"] for r in rows], 50),
         "dirty_pages_p50": pct([r["dirty"] for r in rows], 50),
+        "precopy": precopy,
+        "precopy_period_ms": cfg.replication.precopy_period_ms if precopy else None,
+        "precopied_pages_p50": pct([r["precopied"] for r in rows], 50),
+        "precopy_ms_per_s": busy_s * 1e3 / t_rows if t_rows else 0.0,
         "staging_pages": staging_pages,
         "primary_extra_mib": extra_kib / 1024,
         "primary_extra_per_guest": extra_kib / 1024 / memory_mib,
@@ -171,6 +224,8 @@ def run_trackers(
         "replication": {
             "overlap_scan": cfg.replication.overlap_scan,
             "stage_during_capture": cfg.replication.stage_during_capture,
+            "pipelining": cfg.replication.pipelining,
+            "precopy_period_ms": cfg.replication.precopy_period_ms,
         },
     }
     if cfg.image.kernel and cfg.image.initrd:
@@ -180,19 +235,34 @@ def run_trackers(
         for name in names:
             say(f"trackers: {name} on a {m} MiB guest, {samples} sync points")
             rows.append(_child(name, m, samples, settings))
-            if name == STAGE_VARIANT_TRACKER and m == min(sizes_mib):
-                # Right after it, the same guest with the staging beside the capture
-                # flipped: the A/B behind replication.stage_during_capture's default.
-                flip = not cfg.replication.stage_during_capture
-                say(f"trackers: {name} on a {m} MiB guest, stage_during_capture {flip}")
-                flipped = {**settings["replication"], "stage_during_capture": flip}
+            if name != VARIANT_TRACKER or m != min(sizes_mib):
+                continue
+            # Right after it, the same guest with one setting flipped: the A/B behind
+            # that setting's default (staging beside the capture; pre-copy).
+            for key, value in variants(cfg):
+                say(f"trackers: {name} on a {m} MiB guest, {key} {value}")
+                flipped = {**settings["replication"], key: value}
                 row = _child(name, m, samples, {**settings, "replication": flipped})
-                rows.append({**row, "variant": f"stage_during_capture {flip}".lower()})
+                rows.append({**row, "variant": f"{key} {value}".lower()})
     return {"available": names, "unavailable": why_not, "rows": rows, "samples": samples}
 
 
-#: The tracker that can stage beside the capture (``caps.stage_during_capture``).
-STAGE_VARIANT_TRACKER = "uffd-wp"
+#: The tracker whose settings are flipped one at a time beside its default row: it can
+#: stage beside the capture (``caps.stage_during_capture``) and pre-copies by default.
+VARIANT_TRACKER = "uffd-wp"
+
+
+def variants(cfg: KemariConfig) -> list[tuple[str, Any]]:
+    """The settings flipped, one per extra row, against this configuration: the staging
+    beside the capture; pre-copy (off if the tracker pre-copies, else on); and, with
+    pre-copy on, passes every 25 ms against once half-way (or the other way round)."""
+    rcfg = cfg.replication
+    out: list[tuple[str, Any]] = [("stage_during_capture", not rcfg.stage_during_capture)]
+    on = rcfg.pipelining is True or rcfg.pipelining == "auto"
+    out.append(("pipelining", not on))
+    if on:
+        out.append(("precopy_period_ms", 0 if rcfg.precopy_period_ms else 25))
+    return out
 
 
 def _child(name: str, m: int, samples: int, settings: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +313,11 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         (r["reason"] for r in res["rows"] if r.get("tracker") == first and "reason" in r), ""
     )
     out: dict[str, Any] = {"tracker": first, "reason": reason, **tracker_summary(res, first)}
+    default = next(
+        (r for r in res["rows"] if r.get("tracker") == first and not r.get("variant")), None
+    )
+    if default is not None and "precopy" in default:
+        out["precopy"] = precopy_label(default)
     out["compare"] = tracker_summary(res, "compare")
     for other in names[1:-1]:
         out[other] = tracker_summary(res, other)
@@ -250,6 +325,16 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     if errors:
         out["errors"] = errors
     return out
+
+
+def precopy_label(row: dict[str, Any]) -> str:
+    """ "off", "half-way" or "every N ms" for a row (rows of older runs: "-")."""
+    if "precopy" not in row:
+        return "-"
+    if not row["precopy"]:
+        return "off"
+    period = row.get("precopy_period_ms")
+    return f"every {period} ms" if period else "half-way"
 
 
 def _n(v: float | None, fmt: str = "{:.1f}") -> str:
@@ -264,13 +349,17 @@ def format_section(res: dict[str, Any]) -> str:
         "",
         f"About {PAGES_PER_S * INTERVAL_MS // 1000} dirty pages per {INTERVAL_MS} ms "
         "interval over "
-        f"{WORKING_SET_MIB} MiB; {res['samples']} sync points per row. Primary extra "
+        f"{WORKING_SET_MIB} MiB; {res['samples']} sync points per row. Pre-copy as "
+        "configured (the product's default: on for a tracker without a shadow); its "
+        "passes' CPU time, taken while the guest runs, is the last column. Dirty pages: "
+        "what the pause staged. Primary extra "
         "memory: the anonymous resident memory the tracker, its buffers and the sync "
         "points added (guest RAM itself not counted).",
         "",
         "| tracker | guest MiB | pause p50 ms | pause p99 ms | scan p50 ms | stage p50 ms "
-        "| dirty pages p50 | primary extra MiB | extra / guest RAM |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dirty pages p50 | primary extra MiB | extra / guest RAM | pre-copy "
+        "| pre-copied pages p50 | pre-copy ms/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         if "error" in r:
@@ -282,7 +371,9 @@ def format_section(res: dict[str, Any]) -> str:
             f"{_n(r['pause_ms_p99'])} | {_n(r['scan_ms_p50'], '{:.2f}')} | "
             f"{_n(r['stage_ms_p50'])} | {_n(r['dirty_pages_p50'], '{:.0f}')} | "
             f"{_n(r['primary_extra_mib'], '{:.0f}')} | "
-            f"{_n(r['primary_extra_per_guest'], '{:.2f}')}x |"
+            f"{_n(r['primary_extra_per_guest'], '{:.2f}')}x | {precopy_label(r)} | "
+            f"{_n(r.get('precopied_pages_p50'), '{:.0f}')} | "
+            f"{_n(r.get('precopy_ms_per_s'))} |"
         )
     for name, why in res["unavailable"].items():
         lines.append(f"\n{name} is not measured here: {why}")

@@ -42,6 +42,8 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
         "tracker_reason": agent.tracker.reason if agent.tracker else None,
         "tracker_verify": agent.tracker.verification() if agent.tracker else None,
         "precopy": agent.syncs.precopy,
+        # 0: once, half-way through the interval.
+        "precopy_period_ms": agent.rcfg.precopy_period_ms if agent.syncs.precopy else None,
         # "migrate" every time, or xen-save-devices-state after the first (vm/devstate).
         "devstate_capture": (
             {"method": agent.capturer.method, "why": agent.capturer.why}

@@ -57,6 +57,16 @@ def precopy_on(setting: bool | str, tracker: DirtyTracker) -> bool:
     return bool(setting)
 
 
+def precopy_schedule(last_sync: float, interval_s: float, period_s: float) -> list[float]:
+    """When pre-copy passes run after a sync point at ``last_sync`` (monotonic seconds):
+    once half-way through the interval (``period_s`` 0), else every period until the
+    interval ends (``replication.precopy_period_ms``)."""
+    if period_s <= 0:
+        return [last_sync + interval_s / 2]
+    n = int(interval_s / period_s - 1e-9)
+    return [last_sync + period_s * i for i in range(1, n + 1)]
+
+
 class SyncPoints:
     """Takes the primary's sync points; one at a time (its lock)."""
 
@@ -78,12 +88,15 @@ class SyncPoints:
         interval = a.rcfg.max_interval_ms / 1000
         deadline = self.last_sync + interval
         if self.precopy and self.last_dirty >= PRECOPY_MIN_PAGES:
-            # Half-way through the interval, send what changed so far: the stop then
-            # carries only what changes after this.
-            why = await a.triggers.wait_until(self.last_sync + interval / 2)
-            if why is not None:
-                return why
-            if not session.lost.is_set() and not a.stopping:
+            # Send what changed so far, half-way or every period: the stop then carries
+            # only what changed after the last pass.
+            period = a.rcfg.precopy_period_ms / 1000
+            for at in precopy_schedule(self.last_sync, interval, period):
+                why = await a.triggers.wait_until(at)
+                if why is not None:
+                    return why
+                if session.lost.is_set() or a.stopping:
+                    break
                 await self.precopy_pass()
         why = await a.triggers.wait_until(deadline)
         a.triggers.clear()
@@ -336,4 +349,4 @@ def _hung(err: BaseException) -> bool:
     return isinstance(err, QMPTimeout) or (isinstance(err, WindowError) and err.hung)
 
 
-__all__ = ["SyncPoints"]
+__all__ = ["PRECOPY_MIN_PAGES", "SyncPoints", "precopy_on", "precopy_schedule"]

@@ -61,7 +61,9 @@ class OpenEpoch:
     epoch: int
     kind: wire.EpochKind
     digest: wire.EpochDigest
-    #: (page numbers, their contents before this epoch), one entry per Pages batch.
+    #: (page numbers, their contents before this epoch), one entry per Pages batch,
+    #: each page once: a page sent again in the epoch (pre-copy, then the stop) keeps
+    #: its first entry, the only one a rollback needs.
     undo: list[tuple[npt.NDArray[np.intp], U8Array]] = field(default_factory=list)
     pages: int = 0
     devstate: bytes | None = None
@@ -90,6 +92,8 @@ class EpochReceiver:
         self.baseline_epoch = -1
         self.closed = False
         self._observers: list[CommitObserver] = []
+        # Pages already in the open epoch's undo log (cleared as the epoch closes).
+        self._saved = np.zeros(self.n_pages, dtype=bool)
         #: Told the page numbers of every write into the replica, *after* the write (an
         #: apply or a rollback): keeps :class:`~kemari_suite.vm.guestram.RamDigests` exact.
         self.written: Callable[[npt.NDArray[np.intp]], None] = lambda idx: None
@@ -176,7 +180,10 @@ class EpochReceiver:
         ep.digest.update(msg)
         batch = parse_pages(msg.encoded, self.n_pages)
         idx = batch.indices.astype(np.intp)
-        ep.undo.append((idx, self.pages[idx]))
+        first = idx[~self._saved[idx]]
+        if len(first):
+            self._saved[first] = True
+            ep.undo.append((first, self.pages[first]))
         faults.hit("secondary-apply")
         batch.apply_to(self.pages)
         self.written(idx)
@@ -252,6 +259,7 @@ class EpochReceiver:
         elif ep.iologs:
             self.committed_iologs.extend((ep.epoch, d) for d in ep.iologs)
         # Committed: the undo log is no longer needed.
+        self._forget_undo(ep)
         self.committed_epoch = ep.epoch
         self.committed_devstate = ep.devstate
         self.baseline_epoch = -1
@@ -272,10 +280,16 @@ class EpochReceiver:
         for idx, rows in reversed(ep.undo):
             self.pages[idx] = rows
             self.written(idx)
+        self._forget_undo(ep)
         if ep.disk_copy and self.disk is not None:
             self.disk.abort()
         self.open = None
         return ep
+
+    def _forget_undo(self, ep: OpenEpoch) -> None:
+        for idx, _ in ep.undo:
+            self._saved[idx] = False
+        ep.undo.clear()
 
     def durable(self, epoch: int) -> None:
         """The primary's disk holds every write through ``epoch``: drop those logs."""

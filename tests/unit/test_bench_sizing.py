@@ -490,3 +490,42 @@ def test_trackers_summary_has_the_json_shape_and_targets() -> None:
     # The variant is its own row, compared with the row before it, never in the summary.
     assert "| uffd-wp (stage_during_capture true) | 128 | 6.0 |" in section
     assert "pause p50 1.20x (6.0 against 5.0 ms)" in section
+
+
+def test_tracker_variants_flip_one_setting_each() -> None:
+    from kemari_suite.bench import trackers
+    from kemari_suite.config import KemariConfig, with_overrides
+
+    base = KemariConfig()
+    assert trackers.variants(base) == [
+        ("stage_during_capture", True),
+        ("pipelining", False),
+        ("precopy_period_ms", 0),
+    ]
+    off = with_overrides(base, replication={"pipelining": False})
+    assert trackers.variants(off) == [("stage_during_capture", True), ("pipelining", True)]
+    halfway = with_overrides(base, replication={"precopy_period_ms": 0})
+    assert ("precopy_period_ms", 25) in trackers.variants(halfway)
+
+
+def test_precopy_labels_and_the_summary_names_the_default() -> None:
+    from kemari_suite.bench import trackers
+
+    assert trackers.precopy_label({}) == "-"
+    assert trackers.precopy_label({"precopy": False}) == "off"
+    assert trackers.precopy_label({"precopy": True, "precopy_period_ms": 0}) == "half-way"
+    assert trackers.precopy_label({"precopy": True, "precopy_period_ms": 25}) == "every 25 ms"
+    common = {"memory_mib": 128, "pause_ms_p50": 5.0, "pause_ms_p99": 9.0, "scan_ms_p50": 1.0}
+    res = {
+        "available": ["uffd-wp", "compare"],
+        "unavailable": {},
+        "samples": 3,
+        "rows": [
+            {**common, "tracker": "uffd-wp", "primary_extra_mib": 16.0, "precopy": True,
+             "precopy_period_ms": 0},
+            {**common, "tracker": "uffd-wp", "primary_extra_mib": 16.0, "precopy": False,
+             "variant": "pipelining false"},
+            {**common, "tracker": "compare", "primary_extra_mib": 384.0, "precopy": False},
+        ],
+    }  # fmt: skip
+    assert trackers.summary(res)["precopy"] == "half-way"

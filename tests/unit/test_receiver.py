@@ -379,3 +379,31 @@ def test_builtin_disk_failover_refuses_a_diverged_copy(tmp_path: Path, ram: np.n
         disk.prepare_failover(2)
     disk.prepare_failover(1)
     assert not Path(cfg.disk.path + ".kemari.json").exists(), "nobody's replica any more"
+
+
+def test_a_page_sent_again_in_one_epoch_is_logged_for_undo_once(ram: np.ndarray) -> None:
+    rx, before = committed(ram)
+    ep, _ = delta(ram, 2, seed=5)
+    rx.begin(ep.begin)
+    idx = np.array([4, 5, 6], dtype=np.int64)
+    for value in (11, 12, 13):  # pre-copy passes, then the stop, resending the same pages
+        rx.receive_pages(
+            wire.Pages(
+                epoch=2, encoded=PageEncoder().encode(idx, np.full((3, PAGE), value, np.uint8))
+            )
+        )
+    assert rx.open is not None
+    logged = np.concatenate([i for i, _ in rx.open.undo])
+    assert sorted(logged.tolist()) == [4, 5, 6], "each page's first old version, once"
+    assert np.all(rx.pages[idx] == 13)
+    rx.rollback()
+    assert np.array_equal(rx.pages, before)
+    # The next epoch logs those pages afresh (nothing left marked from the rolled back one).
+    rx.begin(ep.begin)
+    rx.receive_pages(
+        wire.Pages(epoch=2, encoded=PageEncoder().encode(idx, np.full((3, PAGE), 9, np.uint8)))
+    )
+    assert rx.open is not None
+    assert sorted(np.concatenate([i for i, _ in rx.open.undo]).tolist()) == [4, 5, 6]
+    rx.rollback()
+    assert np.array_equal(rx.pages, before)
