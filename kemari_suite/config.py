@@ -177,10 +177,12 @@ class ReplicationConfig:
     #: measurements; trackers that must scan after the capture ignore it.
     overlap_scan: bool = True
     #: With a tracker that can (uffd-wp), also stage the dirty pages beside the capture
-    #: and rescan after it. Off: on two busy cores the staging competed with QEMU's
-    #: device-state save and the pause came out no shorter (``kemari bench sizing``, the
-    #: row "stage_during_capture true" in benchmarks/results/sizing.md).
-    stage_during_capture: bool = False
+    #: and rescan after it. On: with pre-copy every 25 ms the pause came out shorter in
+    #: every A/B run (0.76-0.98x at 128 MiB; ``kemari bench sizing``, the row
+    #: "stage_during_capture false" in benchmarks/results/sizing.md). Without pre-copy
+    #: (4000 pages to stage) it had made no difference: the staging competed with QEMU's
+    #: device-state save for two busy cores.
+    stage_during_capture: bool = True
     #: How often each side tells the other it lives, and the primary renews its lease.
     heartbeat_interval_ms: int = 100
     #: How long the standby waits without a frame before it asks the tiebreaker for the

@@ -498,12 +498,12 @@ def test_tracker_variants_flip_one_setting_each() -> None:
 
     base = KemariConfig()
     assert trackers.variants(base) == [
-        ("stage_during_capture", True),
+        ("stage_during_capture", False),
         ("pipelining", False),
         ("precopy_period_ms", 0),
     ]
     off = with_overrides(base, replication={"pipelining": False})
-    assert trackers.variants(off) == [("stage_during_capture", True), ("pipelining", True)]
+    assert trackers.variants(off) == [("stage_during_capture", False), ("pipelining", True)]
     halfway = with_overrides(base, replication={"precopy_period_ms": 0})
     assert ("precopy_period_ms", 25) in trackers.variants(halfway)
 

@@ -200,7 +200,7 @@ def test_a_checker_swapped_in_brings_its_own_caps(rig: Rig) -> None:
 
 
 def test_staging_beside_the_capture_is_asked_for(rig: Rig) -> None:
-    rig.window.stage_during_capture = False  # the default of replication.stage_during_capture
+    rig.window.stage_during_capture = False  # replication.stage_during_capture = false
     assert not rig.window.early_stage
     rig.writer.write([5])
     res = rig.run()
