@@ -186,7 +186,7 @@ class ShadowTracker:
         self.copier.scatter(self._shadow, idx, staged)
         self._after_commit(idx)
 
-    def rescan(self, out: np.ndarray) -> int:
+    def rescan(self, out: np.ndarray, *, threads: int | None = None) -> int:
         """Not offered (``caps.stage_during_capture`` is False): a shadow's scan reads
         every page, so the window never scans twice.
 

@@ -138,11 +138,11 @@ class DirtyTracker(Protocol):
         """
         ...
 
-    def rescan(self, out: np.ndarray) -> int:
+    def rescan(self, out: np.ndarray, *, threads: int | None = None) -> int:
         """Only the pages written since the last scan or rescan, into ``out``
         (ascending); they stay pending for the next scan as well. Offered only when
         ``caps.stage_during_capture`` (the stopped window's second, cheap scan, after
-        QEMU's capture); others raise ReplicationError.
+        QEMU's capture); others raise ReplicationError. ``threads`` as for :meth:`scan`.
         """
         ...
 

@@ -296,7 +296,7 @@ class UffdWpTracker:
         self._npending = n
         return n
 
-    def rescan(self, out: np.ndarray) -> int:
+    def rescan(self, out: np.ndarray, *, threads: int | None = None) -> int:
         """Only the pages written since the last scan or rescan (re-protected by the same
         call), ascending; the count. They stay pending, so a sync point that never
         commits them finds them again.
@@ -308,7 +308,7 @@ class UffdWpTracker:
         if not self._armed:
             raise ReplicationError("uffd-wp tracker is not armed: reset() must come first")
         self._check_out(out)
-        n = self._scanner.written(out)
+        n = self._scanner.written(out, threads=1 if threads is None else threads)
         new = out[:n]
         self._npending += int(np.count_nonzero(~self._pending[new]))
         self._pending[new] = True

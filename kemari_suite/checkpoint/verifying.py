@@ -101,7 +101,7 @@ class VerifyingTracker:
         out[:f] = fast
         return f
 
-    def rescan(self, out: np.ndarray) -> int:
+    def rescan(self, out: np.ndarray, *, threads: int | None = None) -> int:
         """Not offered: every scan is checked against a full compare.
 
         Raises:

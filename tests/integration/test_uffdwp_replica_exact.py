@@ -20,8 +20,8 @@ from kemari_suite.bench.memsync import initial_sync, product_window
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig, PathsConfig, with_overrides
 from kemari_suite.vm import wphelper
-from tests.integration.test_uffdwp_qemu import guest, paths  # noqa: F401 (fixture)
 from tests.conftest import needs_root
+from tests.integration.test_uffdwp_qemu import guest, paths  # noqa: F401 (fixture)
 
 KERNEL_OK, KERNEL_WHY = wphelper.probe_kernel()
 pytestmark = [
@@ -47,9 +47,9 @@ def _pass(window: StoppedWindow, replica: np.ndarray) -> int:
     return k
 
 
-async def _check_exact(cfg: KemariConfig, paths: PathsConfig) -> tuple[int, int, bool]:
+async def _check_exact(cfg: KemariConfig, where: PathsConfig) -> tuple[int, int, bool]:
     run = "memdirty -m 24 -r 30000 -P compressible & memdirty -m 8 -r 20000 -P random"
-    async with guest(cfg, paths, "kwx", run, vcpus=2) as vm:
+    async with guest(cfg, where, "kwx", run, vcpus=2) as vm:
         with product_window(vm, cfg, tracker="uffd-wp") as window:
             assert window.tracker.name == "uffd-wp"
             await initial_sync(window)  # armed: every write from here on is reported

@@ -48,9 +48,9 @@ class StagedSignal:
         self.log.append("scan")
         return self.inner.scan(pages, out=out, threads=threads)
 
-    def rescan(self, out: np.ndarray) -> int:
+    def rescan(self, out: np.ndarray, *, threads: int | None = None) -> int:
         self.log.append("rescan")
-        return self.inner.rescan(out)
+        return self.inner.rescan(out, threads=threads)
 
     def stage(self, pages: np.ndarray, idx: np.ndarray, staging: np.ndarray) -> np.ndarray:
         self.log.append("stage")
