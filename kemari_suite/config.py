@@ -166,22 +166,21 @@ class ReplicationConfig:
     #: With pre-copy on: a period (ms, at least 10) sends what changed at every period
     #: until the sync point, so the pause stages only what the guest wrote since the
     #: last pass, whatever the interval; 0 sends it once, half-way. 25 ms: with uffd-wp
-    #: and about 4000 dirty pages per 100 ms the pause p50 came out 4.9 ms at 128 MiB
-    #: and 7.6 ms at 4 GiB, against 5.6 and 14.5 ms half-way, for about the same CPU at
-    #: 4 GiB (``kemari bench sizing``, rows "precopy_period_ms" in
-    #: benchmarks/results/sizing.md). A page written again is sent again: more bytes
-    #: on the link for a hot working set (docs/sizing.md).
+    #: and about 4000 dirty pages per 100 ms it leaves a quarter of them to stage at the
+    #: stop, half-way leaves half (``kemari bench sizing``, the rows
+    #: "precopy_period_ms 0" and "pipelining false" in benchmarks/results/sizing.md and
+    #: docs/sizing.md). A page written again is sent again: more bytes on the link for
+    #: a hot working set.
     precopy_period_ms: int = 25
     #: Run the compare tracker's stop-time scan beside QEMU's device-state capture (the
     #: pause came out about 7% shorter for 128 MiB on two cores). Off only for A/B
     #: measurements; trackers that must scan after the capture ignore it.
     overlap_scan: bool = True
     #: With a tracker that can (uffd-wp), also stage the dirty pages beside the capture
-    #: and rescan after it. On: with pre-copy every 25 ms the pause came out shorter in
-    #: every A/B run (0.76-0.98x at 128 MiB; ``kemari bench sizing``, the row
-    #: "stage_during_capture false" in benchmarks/results/sizing.md). Without pre-copy
-    #: (4000 pages to stage) it had made no difference: the staging competed with QEMU's
-    #: device-state save for two busy cores.
+    #: and rescan after it. On: with pre-copy every 25 ms its A/B runs came out within
+    #: the noise either way (the row "stage_during_capture false" in
+    #: benchmarks/results/sizing.md and the run before it; docs/sizing.md), and a
+    #: real-QEMU test keeps its path exact (tests/integration/test_uffdwp_replica_exact.py).
     stage_during_capture: bool = True
     #: How often each side tells the other it lives, and the primary renews its lease.
     heartbeat_interval_ms: int = 100
