@@ -14,21 +14,13 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from kemari_suite.bench.memsync import initial_sync, product_window
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig, PathsConfig, with_overrides
-from kemari_suite.vm import wphelper
-from tests.conftest import needs_root
-from tests.integration.test_uffdwp_qemu import guest, paths  # noqa: F401 (fixture)
 
-KERNEL_OK, KERNEL_WHY = wphelper.probe_kernel()
-pytestmark = [
-    pytest.mark.integration,
-    needs_root,
-    pytest.mark.skipif(not KERNEL_OK, reason=KERNEL_WHY),
-]
+# The same guest, fixture and marks (root, a kernel with uffd-wp) as the verified runs.
+from tests.integration.test_uffdwp_qemu import guest, paths, pytestmark  # noqa: F401
 
 SYNC_POINTS = 20
 
