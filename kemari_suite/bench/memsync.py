@@ -65,17 +65,17 @@ Progress = Callable[[str], None]
 
 #: The parts of a floor row (ms), in the window's order (see :func:`window_row`).
 FLOOR_PARTS = ("stop", "devstate", "scan", "stage", "cont")
-#: The protected runs: page pattern and ``replication.tls``. The first has the failover.
-#: (pattern, tls, pre-copy, tracker) of each protected run. The defaults first
-#: ("auto": the tracker the probe picks); then pre-copy (pipelining) on, to choose its
-#: default by the figures; then the compare tracker, whose shadow gives every page an
+#: (pattern, ``replication.tls``, ``replication.pipelining``, tracker) of each protected
+#: run; the first has the failover. The product's defaults first ("auto": the tracker
+#: the probe picks, and pre-copy as the engine decides for it); then pre-copy off, the
+#: A/B behind its default; then the compare tracker, whose shadow gives every page an
 #: XOR base (the most a cache of previous versions could save in bytes per page).
-PHASES: tuple[tuple[str, str, bool, str], ...] = (
+PHASES: tuple[tuple[str, str, bool | str, str], ...] = (
+    ("compressible", "on", "auto", "auto"),
+    ("incompressible", "on", "auto", "auto"),
+    ("compressible", "off", "auto", "auto"),
     ("compressible", "on", False, "auto"),
-    ("incompressible", "on", False, "auto"),
-    ("compressible", "off", False, "auto"),
-    ("compressible", "on", True, "auto"),
-    ("compressible", "on", False, "compare"),
+    ("compressible", "on", "auto", "compare"),
 )
 
 
@@ -470,7 +470,7 @@ def _protected(
             probe.wait(60)
             say(
                 f"protected ({pattern}, tls {opts.tls}, {phase.tracker}, pre-copy "
-                f"{'on' if opts.pipelining else 'off'}): warming up {warmup:.0f} s"
+                f"{'on' if phase.pipelining else 'off'}): warming up {warmup:.0f} s"
             )
             time.sleep(warmup)
             t0 = time.time()
@@ -650,10 +650,21 @@ def _check(res: Result) -> None:
     """Compare with the targets of the memsync issue; record, never assert."""
     c = res.checks
     comp = next((p for p in res.phases if p.pattern == "compressible" and p.tls == "on"), None)
-    pre = next((p for p in res.phases if p.pipelining), None)
-    if comp is not None and pre is not None:
-        a, b = comp.pause_ms_p50, pre.pause_ms_p50
-        ra, rb = comp.throughput_ratio, pre.throughput_ratio
+    # The A/B row: the same tracker as the first, pre-copy the other way.
+    other = next(
+        (
+            p
+            for p in res.phases[1:]
+            if comp is not None
+            and (p.pattern, p.tls, p.tracker) == (comp.pattern, comp.tls, comp.tracker)
+            and p.pipelining != comp.pipelining
+        ),
+        None,
+    )
+    pre, off = (comp, other) if comp is not None and comp.pipelining else (other, comp)
+    if off is not None and pre is not None:
+        a, b = off.pause_ms_p50, pre.pause_ms_p50
+        ra, rb = off.throughput_ratio, pre.throughput_ratio
         if a is not None and b is not None and ra is not None and rb is not None:
             # Pre-copy pays when it shortens the pause without costing throughput.
             c["precopy_pays"] = b < a and rb >= ra
