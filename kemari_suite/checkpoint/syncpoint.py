@@ -2,7 +2,7 @@
 
 ::
 
-    wait_trigger ─(pipelining: pre-copy half-way)─► trigger ─► sync_point:
+    wait_trigger ─(pipelining: pre-copy every precopy_period_ms)─► trigger ─► sync_point:
       StoppedWindow.run (stop, capture, scan, stage, epoch switch, cont?)
       ─► sender: pages, device state, I/O log, end ─► open the next epoch
       ─► classic: wait for the ack, then cont │ speculative: metrics, then the ack
