@@ -15,9 +15,11 @@ link profile and in the same session:
   ``ktouch`` timed cold and warm around a few seconds of captures, and checked);
 - **protected** (compressible pages, then incompressible pages, both with TLS 1.3 on
   the replication link as shipped, then compressible pages again on the MAC-only link,
-  ``replication.tls = off``): the same counter under protection, and every checkpoint's
-  pause, dirty pages and bytes sent. The two compressible runs give TLS's cost on the
-  pause and the guest's throughput;
+  ``replication.tls = off``), each with the product's defaults, pre-copy included; then
+  both patterns with pre-copy off (the A/B behind its default): the same counter under
+  protection, and every checkpoint's pause, dirty pages and bytes sent. The two
+  compressible runs with TLS on and off give TLS's cost on the pause and the guest's
+  throughput;
 - **link**: TLS's cost on the link alone, MAC-only beside TLS, one epoch of
   incompressible pages at a time over loopback (:mod:`kemari_suite.bench.linkcost`);
 - **failover**: heartbeat-timeout expiry to the guest running on the secondary.
@@ -68,13 +70,16 @@ FLOOR_PARTS = ("stop", "devstate", "scan", "stage", "cont")
 #: (pattern, ``replication.tls``, ``replication.pipelining``, tracker) of each protected
 #: run; the first has the failover. The product's defaults first ("auto": the tracker
 #: the probe picks, and pre-copy as the engine decides for it); then pre-copy off, the
-#: A/B behind its default; then the compare tracker, whose shadow gives every page an
-#: XOR base (the most a cache of previous versions could save in bytes per page).
+#: A/B behind its default, with both page patterns (a pass compresses every page it
+#: resends: the incompressible pattern is the costly case); then the compare tracker,
+#: whose shadow gives every page an XOR base (the most a cache of previous versions
+#: could save in bytes per page).
 PHASES: tuple[tuple[str, str, bool | str, str], ...] = (
     ("compressible", "on", "auto", "auto"),
     ("incompressible", "on", "auto", "auto"),
     ("compressible", "off", "auto", "auto"),
     ("compressible", "on", False, "auto"),
+    ("incompressible", "on", False, "auto"),
     ("compressible", "on", "auto", "compare"),
 )
 
@@ -646,28 +651,44 @@ def run_floor(
     }
 
 
+def precopy_pair(phases: list[Phase], pattern: str) -> tuple[Phase, Phase] | None:
+    """(pre-copy on, pre-copy off): the first TLS-on run of ``pattern`` and its twin that
+    differs in pre-copy alone (same tracker); None without both."""
+    first = next((p for p in phases if p.pattern == pattern and p.tls == "on"), None)
+    if first is None:
+        return None
+    twin = next(
+        (
+            p
+            for p in phases
+            if p is not first
+            and (p.pattern, p.tls, p.tracker) == (first.pattern, first.tls, first.tracker)
+            and p.pipelining != first.pipelining
+        ),
+        None,
+    )
+    if twin is None:
+        return None
+    return (first, twin) if first.pipelining else (twin, first)
+
+
 def _check(res: Result) -> None:
     """Compare with the targets of the memsync issue; record, never assert."""
     c = res.checks
     comp = next((p for p in res.phases if p.pattern == "compressible" and p.tls == "on"), None)
-    # The A/B row: the same tracker as the first, pre-copy the other way.
-    other = next(
-        (
-            p
-            for p in res.phases[1:]
-            if comp is not None
-            and (p.pattern, p.tls, p.tracker) == (comp.pattern, comp.tls, comp.tracker)
-            and p.pipelining != comp.pipelining
-        ),
-        None,
-    )
-    pre, off = (comp, other) if comp is not None and comp.pipelining else (other, comp)
-    if off is not None and pre is not None:
+    for pattern, key in (
+        ("compressible", "precopy_pays"),
+        ("incompressible", "precopy_pays_incompressible"),
+    ):
+        pair = precopy_pair(res.phases, pattern)
+        if pair is None:
+            continue
+        pre, off = pair
         a, b = off.pause_ms_p50, pre.pause_ms_p50
         ra, rb = off.throughput_ratio, pre.throughput_ratio
         if a is not None and b is not None and ra is not None and rb is not None:
             # Pre-copy pays when it shortens the pause without costing throughput.
-            c["precopy_pays"] = b < a and rb >= ra
+            c[key] = b < a and rb >= ra
     if comp is not None and res.floor_ms_p50 is not None and comp.pause_ms_p50 is not None:
         c["pause_p50_within_3ms_of_floor"] = comp.pause_ms_p50 <= res.floor_ms_p50 + 3
         if comp.pause_ms_p99 is not None:

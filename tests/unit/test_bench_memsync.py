@@ -57,3 +57,26 @@ def test_precopy_pays_compares_the_default_row_with_its_pre_copy_off_twin() -> N
     )
     assert off_first.checks["precopy_pays"] is True
     assert "precopy_pays" not in result(default_on, *other).checks
+
+
+def test_the_incompressible_pair_is_checked_on_its_own() -> None:
+    from kemari_suite.bench.memsync import Result, _check, precopy_pair
+
+    def inc(pause: float, ratio: float, *, pre: bool) -> Phase:
+        return Phase(
+            pattern="incompressible",
+            tls="on",
+            tracker="uffd-wp",
+            pipelining=pre,
+            pause_ms_p50=pause,
+            throughput_ratio=ratio,
+        )
+
+    on, off = inc(9.0, 0.66, pre=True), inc(140.0, 0.86, pre=False)
+    phases = [phase("on", "uffd-wp", 6.0, 0.9, pre=True), on, off]
+    assert precopy_pair(phases, "incompressible") == (on, off)
+    res = Result(profile="10g", memory_mib=256, pages_per_100ms=4000, accel="tcg")
+    res.phases = phases
+    _check(res)
+    assert res.checks["precopy_pays_incompressible"] is False
+    assert "precopy_pays" not in res.checks  # no compressible twin
