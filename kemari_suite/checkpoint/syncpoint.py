@@ -47,6 +47,12 @@ if TYPE_CHECKING:
 
 #: Pipelining pre-copies between sync points only when the last epoch was this dirty.
 PRECOPY_MIN_PAGES = 256
+#: A pre-copy pass whose pages took more than this on the link (bytes per page after
+#: compression: incompressible memory) is the epoch's last. Every pass resends what the
+#: guest rewrote since the one before; with incompressible pages that cost the guest
+#: 15-25 points of throughput against no pre-copy, with compressible ones (17 bytes a
+#: page) 0-2 (``kemari bench memsync``: the pre-copy on/off pairs of each pattern).
+PRECOPY_MAX_BYTES_PER_PAGE = 1024
 
 
 def precopy_on(setting: bool | str, tracker: DirtyTracker) -> bool:
@@ -97,18 +103,23 @@ class SyncPoints:
                     return why
                 if session.lost.is_set() or a.stopping:
                     break
-                await self.precopy_pass()
+                pages, sent = await self.precopy_pass()
+                if pages and sent > pages * PRECOPY_MAX_BYTES_PER_PAGE:
+                    break
         why = await a.triggers.wait_until(deadline)
         a.triggers.clear()
         return why or "interval"
 
-    async def precopy_pass(self) -> None:
-        """Send the pages dirtied so far into the open epoch, with the guest running."""
+    async def precopy_pass(self) -> tuple[int, int]:
+        """Send the pages dirtied so far into the open epoch, with the guest running;
+        the pages and the bytes it sent."""
         a = self.agent
         assert a.ram is not None and a.tracker is not None and a.sender is not None
         assert a.buffers is not None
         async with self.lock:
+            pages, sent = a.sender.precopied, a.sender.precopy_bytes
             await a.sender.precopy_round(a.tracker, a.ram.pages, a.buffers)
+            return a.sender.precopied - pages, a.sender.precopy_bytes - sent
 
     async def first_epoch_kind(self) -> tuple[wire.EpochKind, str]:
         """FULL, or DELTA on the standby's kept switchover checkpoint when it is the one
@@ -349,4 +360,10 @@ def _hung(err: BaseException) -> bool:
     return isinstance(err, QMPTimeout) or (isinstance(err, WindowError) and err.hung)
 
 
-__all__ = ["PRECOPY_MIN_PAGES", "SyncPoints", "precopy_on", "precopy_schedule"]
+__all__ = [
+    "PRECOPY_MAX_BYTES_PER_PAGE",
+    "PRECOPY_MIN_PAGES",
+    "SyncPoints",
+    "precopy_on",
+    "precopy_schedule",
+]

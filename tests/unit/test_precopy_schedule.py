@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from kemari_suite.checkpoint.shadow import TrackerCaps
-from kemari_suite.checkpoint.syncpoint import PRECOPY_MIN_PAGES, SyncPoints, precopy_schedule
+from kemari_suite.checkpoint.syncpoint import (
+    PRECOPY_MAX_BYTES_PER_PAGE,
+    PRECOPY_MIN_PAGES,
+    SyncPoints,
+    precopy_schedule,
+)
 from kemari_suite.config import KemariConfig, ReplicationConfig, build
 from kemari_suite.errors import ConfigError
 
@@ -50,7 +55,9 @@ class _Triggers:
         pass
 
 
-def _syncs(period_ms: int, fire_after: float | None) -> tuple[SyncPoints, list[float]]:
+def _syncs(
+    period_ms: int, fire_after: float | None, bytes_per_page: int = 17
+) -> tuple[SyncPoints, list[float]]:
     now = time.monotonic()
     agent: Any = SimpleNamespace(
         rcfg=ReplicationConfig(max_interval_ms=200, precopy_period_ms=period_ms),
@@ -70,8 +77,9 @@ def _syncs(period_ms: int, fire_after: float | None) -> tuple[SyncPoints, list[f
     syncs.last_dirty = PRECOPY_MIN_PAGES
     passes: list[float] = []
 
-    async def counted() -> None:
+    async def counted() -> tuple[int, int]:
         passes.append(time.monotonic() - now)
+        return 1000, 1000 * bytes_per_page
 
     syncs.precopy_pass = counted  # type: ignore[method-assign]
     return syncs, passes
@@ -100,3 +108,12 @@ def test_no_period_means_one_pass_half_way() -> None:
     syncs, passes = _syncs(0, None)
     assert asyncio.run(syncs.wait_trigger(_session())) == "interval"
     assert len(passes) == 1 and passes[0] >= 0.099
+
+
+def test_a_pass_of_incompressible_pages_is_the_epochs_last() -> None:
+    syncs, passes = _syncs(50, None, bytes_per_page=PRECOPY_MAX_BYTES_PER_PAGE + 1)
+    assert asyncio.run(syncs.wait_trigger(_session())) == "interval"
+    assert len(passes) == 1, "passes went on resending incompressible pages"
+    syncs, passes = _syncs(50, None, bytes_per_page=PRECOPY_MAX_BYTES_PER_PAGE)
+    assert asyncio.run(syncs.wait_trigger(_session())) == "interval"
+    assert len(passes) == 3
