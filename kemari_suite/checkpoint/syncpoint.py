@@ -49,9 +49,10 @@ if TYPE_CHECKING:
 PRECOPY_MIN_PAGES = 256
 #: A pre-copy pass whose pages took more than this on the link (bytes per page after
 #: compression: incompressible memory) is the epoch's last. Every pass resends what the
-#: guest rewrote since the one before; with incompressible pages that cost the guest
-#: 15-25 points of throughput against no pre-copy, with compressible ones (17 bytes a
-#: page) 0-2 (``kemari bench memsync``: the pre-copy on/off pairs of each pattern).
+#: guest rewrote since the one before; ``kemari bench memsync`` at cf59d16, before this
+#: rule, gave guest throughput 0.52 / 0.64 (1g / 10g) with passes every 25 ms against
+#: 0.77 / 0.79 without, for incompressible pages; compressible ones (17 bytes a page)
+#: lost 0-2 points. With the rule (benchmarks/results/memsync.md) 10g came out ahead.
 PRECOPY_MAX_BYTES_PER_PAGE = 1024
 
 
