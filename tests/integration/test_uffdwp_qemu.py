@@ -74,7 +74,8 @@ async def guest(
     vm = AsyncVM(spec, run_root=paths.run_dir, shm_dir=paths.shm_dir)
     await vm.start()
     try:
-        await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 180)
+        # A TCG boot beside the kernel lab's L1 guests on two cores took over 180 s once.
+        await asyncio.to_thread(wait_for_console, vm.paths.console, "KEMARI-BOOTED", 420)
         if ignore_shared:
             await enable_ignore_shared(vm)
         yield vm
