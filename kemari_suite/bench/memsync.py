@@ -50,7 +50,6 @@ from kemari_suite import lab as labmod
 from kemari_suite.bench import linkcost
 from kemari_suite.bench import warmup as wu
 from kemari_suite.bench.touchprobe import BenchImage, bench_image
-from kemari_suite.checkpoint.pagecopy import PageCopier
 from kemari_suite.checkpoint.sender import Buffers
 from kemari_suite.checkpoint.tracker import make_tracker
 from kemari_suite.checkpoint.window import StoppedWindow, WindowResult
@@ -177,7 +176,6 @@ def product_window(
             threads=2,
             wp_socket=vm.paths.wp_socket if vm.spec.wp_helper else None,
             wp_unavailable=vm.spec.wp_helper_reason,
-            copier=PageCopier.load(cfg.paths.cache_dir),
         )
         stack.callback(trk.close)
         cap = DeviceStateCapturer(vm, vm.paths.migration_socket)

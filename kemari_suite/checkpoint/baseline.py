@@ -39,7 +39,6 @@ import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kemari_suite.checkpoint.pagecopy import PageCopier
 from kemari_suite.checkpoint.tracker import DirtyTracker, make_tracker
 from kemari_suite.checkpoint.uffdwp import refuse_qemu_userfaultfd
 from kemari_suite.config import KemariConfig
@@ -115,7 +114,6 @@ async def build_tracker(cfg: KemariConfig, vm: AsyncVM) -> DirtyTracker:
         wp_socket=vm.paths.wp_socket if spec.wp_helper else None,
         wp_unavailable=spec.wp_helper_reason,
         verify=rcfg.tracker_verify,
-        copier=await asyncio.to_thread(PageCopier.load, cfg.paths.cache_dir),
     )
 
 

@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from kemari_suite.checkpoint.pagecopy import NUMPY_COPIER, PageCopier
 from kemari_suite.checkpoint.shadow import WORDS_PER_PAGE, ShadowTracker, TrackerCaps
 from kemari_suite.vm.guestram import PAGE_SIZE
 
@@ -69,9 +68,8 @@ class CompareTracker(ShadowTracker):
         threads: int = 1,
         chunk_pages: int = 256,
         precheck: bool = True,
-        copier: PageCopier = NUMPY_COPIER,
     ) -> None:
-        super().__init__(n_pages, copier=copier)
+        super().__init__(n_pages)
         if threads < 1 or chunk_pages < 1:
             raise ValueError("threads and chunk_pages must be at least 1")
         self.threads = threads

@@ -21,7 +21,6 @@ from typing import Protocol
 
 import numpy as np
 
-from kemari_suite.checkpoint.pagecopy import NUMPY_COPIER, PageCopier
 from kemari_suite.checkpoint.shadow import WORDS_PER_PAGE, ShadowTracker, TrackerCaps
 from kemari_suite.errors import ReplicationError
 from kemari_suite.vm.guestram import PAGE_SIZE
@@ -180,9 +179,8 @@ class SoftDirtyTracker(ShadowTracker):
         source: PagemapSource,
         verify: bool = True,
         batch_pages: int = 64,
-        copier: PageCopier = NUMPY_COPIER,
     ) -> None:
-        super().__init__(n_pages, copier=copier)
+        super().__init__(n_pages)
         if batch_pages < 1:
             raise ValueError("batch_pages must be at least 1")
         self.verify = verify

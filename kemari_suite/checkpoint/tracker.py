@@ -67,7 +67,6 @@ from typing import Protocol
 import numpy as np
 
 from kemari_suite.checkpoint.compare import CompareTracker
-from kemari_suite.checkpoint.pagecopy import NUMPY_COPIER, PageCopier
 from kemari_suite.checkpoint.shadow import TrackerCaps
 from kemari_suite.checkpoint.softdirty import (
     PRESENT_BIT,
@@ -177,12 +176,7 @@ class DirtyTracker(Protocol):
 
 
 def _uffd_wp(
-    n_pages: int,
-    qemu_pid: int | None,
-    ram_path: Path | None,
-    wp_socket: Path | None,
-    why_not: str,
-    copier: PageCopier,
+    n_pages: int, qemu_pid: int | None, ram_path: Path | None, wp_socket: Path | None, why_not: str
 ) -> UffdWpTracker:
     ok, reason = probe_kernel()
     if not ok:
@@ -199,8 +193,7 @@ def _uffd_wp(
         protect_ram(wp_socket, ram_path, size)
 
     address = protect_ram(wp_socket, ram_path, size)
-    scanner = PagemapScan(qemu_pid, address, n_pages)
-    tracker = UffdWpTracker(n_pages, scanner=scanner, arm=arm, copier=copier)
+    tracker = UffdWpTracker(n_pages, scanner=PagemapScan(qemu_pid, address, n_pages), arm=arm)
     tracker.reason = reason
     return tracker
 
@@ -214,10 +207,9 @@ def _one(
     threads: int,
     wp_socket: Path | None,
     wp_unavailable: str,
-    copier: PageCopier,
 ) -> DirtyTracker:
     if kind == "uffd-wp":
-        return _uffd_wp(n_pages, qemu_pid, ram_path, wp_socket, wp_unavailable, copier)
+        return _uffd_wp(n_pages, qemu_pid, ram_path, wp_socket, wp_unavailable)
     if kind == "soft-dirty":
         ok, reason = probe_soft_dirty()
         if not ok:
@@ -225,11 +217,11 @@ def _one(
         if qemu_pid is None or ram_path is None:
             raise ReplicationError("soft-dirty tracking needs the QEMU pid and the RAM file path")
         source = ProcPagemap(qemu_pid, ram_path, n_pages)
-        sd = SoftDirtyTracker(n_pages, source=source, copier=copier)
+        sd = SoftDirtyTracker(n_pages, source=source)
         sd.reason = reason
         return sd
     if kind == "compare":
-        return CompareTracker(n_pages, threads=threads, copier=copier)
+        return CompareTracker(n_pages, threads=threads)
     raise ConfigError(
         f"unknown dirty-page tracker {kind!r} (expected one of {', '.join(TRACKER_KINDS)})",
         key="replication.tracker",
@@ -246,7 +238,6 @@ def make_tracker(
     wp_socket: Path | None = None,
     wp_unavailable: str = "",
     verify: bool = False,
-    copier: PageCopier = NUMPY_COPIER,
 ) -> DirtyTracker:
     """Build the tracker named by ``replication.tracker`` for QEMU process ``qemu_pid``
     mapping guest RAM from ``ram_path``; its ``reason`` says why it runs.
@@ -256,7 +247,6 @@ def make_tracker(
     loaded, because of ``wp_unavailable``). ``threads`` is the most helper threads one
     scan may use (pass the stop-time scan's count; pre-copy asks for fewer per scan).
     ``verify`` wraps the tracker in a :class:`~.verifying.VerifyingTracker`.
-    ``copier`` copies the pages it stages (:meth:`.pagecopy.PageCopier.load`: the C one).
 
     Raises:
         ConfigError: unknown ``kind``.
@@ -273,7 +263,6 @@ def make_tracker(
             threads=threads,
             wp_socket=wp_socket,
             wp_unavailable=wp_unavailable,
-            copier=copier,
         )
 
     tracker: DirtyTracker
@@ -295,7 +284,7 @@ def make_tracker(
             f" ({tracker.reason})" if tracker.reason else ""
         )
     if verify and tracker.name != "compare":
-        checked = VerifyingTracker(tracker, CompareTracker(n_pages, threads=threads, copier=copier))
+        checked = VerifyingTracker(tracker, CompareTracker(n_pages, threads=threads))
         checked.reason = f"{tracker.reason}; checked by the compare tracker (tracker_verify)"
         return checked
     return tracker

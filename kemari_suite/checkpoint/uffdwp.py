@@ -32,7 +32,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kemari_suite.checkpoint.pagecopy import NUMPY_COPIER, PageCopier
 from kemari_suite.checkpoint.shadow import TrackerCaps
 from kemari_suite.errors import ReplicationError
 from kemari_suite.vm.guestram import PAGE_SIZE
@@ -230,17 +229,11 @@ class UffdWpTracker:
     )
 
     def __init__(
-        self,
-        n_pages: int,
-        *,
-        scanner: PagemapScan,
-        arm: Callable[[], None] | None = None,
-        copier: PageCopier = NUMPY_COPIER,
+        self, n_pages: int, *, scanner: PagemapScan, arm: Callable[[], None] | None = None
     ) -> None:
         if n_pages <= 0:
             raise ValueError(f"n_pages must be positive, not {n_pages}")
         self.n_pages = n_pages
-        self.copier = copier
         self.reason = ""
         self._scanner = scanner
         self._arm = arm
@@ -320,11 +313,14 @@ class UffdWpTracker:
         Raises:
             ValueError: ``staging`` too small, an index out of range.
         """
-        if staging.shape[0] < len(idx):
-            raise ValueError(f"staging holds {staging.shape[0]} pages, {len(idx)} to stage")
-        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.n_pages):
+        k = len(idx)
+        if staging.shape[0] < k:
+            raise ValueError(f"staging holds {staging.shape[0]} pages, {k} to stage")
+        if k and (int(idx[0]) < 0 or int(idx.max()) >= self.n_pages):
             raise ValueError(f"page index out of range 0..{self.n_pages - 1}")
-        return self.copier.gather(pages, idx, staging)
+        out = staging[:k]
+        np.take(pages, idx, axis=0, out=out, mode="clip")
+        return out
 
     def previous(self, idx: np.ndarray, out: np.ndarray) -> np.ndarray | None:
         """None: no shadow, so no previous version (pages go without an XOR base)."""

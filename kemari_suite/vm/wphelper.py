@@ -43,8 +43,6 @@ from kemari_suite.vm.buildkit import Progress, need_tool
 from kemari_suite.vm.spec import QEMU_BINARY, VMSpec
 
 SOURCE = Path(__file__).with_name("helpers") / "kemari_wp.c"
-#: The primary agent's page copier (:mod:`kemari_suite.checkpoint.pagecopy`).
-PAGECOPY_SOURCE = SOURCE.with_name("kemari_pagecopy.c")
 CFLAGS = ("-O2", "-Wall", "-Wno-format-truncation", "-shared", "-fPIC", "-pthread", "-s")
 
 #: ``_IOWR('f', 16, struct pm_scan_arg)``: the struct is 12 u64 fields (96 bytes).
@@ -73,8 +71,8 @@ class WpHelper:
     reason: str
 
 
-def _key(source: Path = SOURCE) -> str:
-    h = hashlib.sha256(source.read_bytes())
+def _key() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
 
@@ -84,40 +82,34 @@ def helper_dir(cache_dir: Path) -> Path:
 
 
 def build_helper(
-    cache_dir: Path,
-    note: Progress | None = None,
-    *,
-    defines: tuple[str, ...] = (),
-    source: Path = SOURCE,
+    cache_dir: Path, note: Progress | None = None, *, defines: tuple[str, ...] = ()
 ) -> Path:
     """The helper's shared object, compiled with gcc unless this source is built already.
 
     ``defines`` (``NAME=VALUE``, passed as ``-D``) build a variant, cached apart.
-    ``source`` builds another of the package's C helpers the same way (the agent's own
-    page copier, ``helpers/kemari_pagecopy.c``).
 
     Raises:
         SetupError: gcc is missing or the compile failed (its output quoted).
     """
     variant = "-" + hashlib.sha256(" ".join(defines).encode()).hexdigest()[:8] if defines else ""
-    out = helper_dir(cache_dir) / f"{source.stem}-{_key(source)}{variant}.so"
+    out = helper_dir(cache_dir) / f"kemari_wp-{_key()}{variant}.so"
     if out.is_file():
         return out
     gcc = need_tool("gcc", "gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
     if note is not None:
-        note(f"compiling {source.name}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out.parent)
+        note(f"compiling {SOURCE.name}")
+    fd, tmp = tempfile.mkstemp(prefix=".kemari_wp-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [gcc, *CFLAGS, *(f"-D{d}" for d in defines), "-o", tmp, str(source)],
+            [gcc, *CFLAGS, *(f"-D{d}" for d in defines), "-o", tmp, str(SOURCE)],
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode != 0:
-            raise SetupError(source.name, f"gcc failed: {done.stderr.strip()[-2000:]}")
+            raise SetupError("uffd-wp helper", f"gcc failed: {done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
@@ -313,10 +305,9 @@ def attach(cfg: KemariConfig, spec: VMSpec, note: Progress | None = None) -> VMS
 
 
 def main() -> None:
-    """``python -m kemari_suite.vm.wphelper``: build the helpers (the setup runs it)."""
-    cache_dir = PathsConfig().cache_dir
-    print(f"uffd-wp helper: {build_helper(cache_dir, print)}")
-    print(f"page copier: {build_helper(cache_dir, print, source=PAGECOPY_SOURCE)}")
+    """``python -m kemari_suite.vm.wphelper``: build the helper (the setup runs it)."""
+    path = build_helper(PathsConfig().cache_dir, print)
+    print(f"uffd-wp helper: {path}")
 
 
 if __name__ == "__main__":
@@ -324,7 +315,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "PAGECOPY_SOURCE",
     "PAGEMAP_SCAN",
     "PmScanArg",
     "WpHelper",
