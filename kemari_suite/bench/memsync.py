@@ -215,6 +215,23 @@ async def initial_sync(window: StoppedWindow) -> None:
             await window.vm.execute("cont")
 
 
+def stage_and_commit(
+    window: StoppedWindow,
+    idx: np.ndarray,
+    apply: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> None:
+    """Stage pages ``idx`` a staging buffer at a time and commit each piece, as the
+    engine does when it sends pages from RAM; ``apply(part, staged)`` sees each piece
+    before its commit (what the secondary would write)."""
+    step = len(window.staging)
+    for start in range(0, len(idx), step):
+        part = idx[start : start + step]
+        staged = window.tracker.stage(window.pages, part, window.staging)
+        if apply is not None:
+            apply(part, staged)
+        window.tracker.commit(part, staged)
+
+
 async def complete(window: StoppedWindow, res: WindowResult) -> WindowResult:
     """Commit a window's pages as the engine does, and the result as the engine times it.
 
@@ -226,10 +243,7 @@ async def complete(window: StoppedWindow, res: WindowResult) -> WindowResult:
         window.tracker.commit(res.idx, res.staged)
         return res
     t = time.perf_counter()
-    step = len(window.staging)
-    for start in range(0, len(res.idx), step):
-        part = res.idx[start : start + step]
-        window.tracker.commit(part, window.tracker.stage(window.pages, part, window.staging))
+    stage_and_commit(window, res.idx)
     t_staged = time.perf_counter()
     await window.cont()
     t_end = time.perf_counter()
@@ -764,4 +778,4 @@ def write_results(results: list[Result], folder: Path, command: str) -> Path:
     return md
 
 
-__all__ = ["PHASES", "Result", "run", "write_results"]
+__all__ = ["PHASES", "Result", "run", "stage_and_commit", "write_results"]

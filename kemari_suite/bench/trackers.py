@@ -43,6 +43,7 @@ from kemari_suite.bench.memsync import (
     initial_sync,
     pct,
     product_window,
+    stage_and_commit,
     window_row,
     workload,
 )
@@ -93,12 +94,8 @@ def precopy_pass(window: StoppedWindow) -> tuple[int, float]:
     """The tracker's part of one engine pre-copy pass, with the guest running: scan on
     one thread, stage (a staging buffer at a time), commit. Pages, and seconds taken."""
     t = time.perf_counter()
-    trk = window.tracker
-    k = trk.scan(window.pages, out=window.index, threads=1)
-    step = len(window.staging)
-    for start in range(0, k, step):
-        idx = window.index[start : min(k, start + step)].copy()
-        trk.commit(idx, trk.stage(window.pages, idx, window.staging))
+    k = window.tracker.scan(window.pages, out=window.index, threads=1)
+    stage_and_commit(window, window.index[:k].copy())
     return k, time.perf_counter() - t
 
 

@@ -15,7 +15,7 @@ import asyncio
 
 import numpy as np
 
-from kemari_suite.bench.memsync import initial_sync, product_window
+from kemari_suite.bench.memsync import initial_sync, product_window, stage_and_commit
 from kemari_suite.checkpoint.window import StoppedWindow
 from kemari_suite.config import KemariConfig, PathsConfig, with_overrides
 
@@ -28,14 +28,12 @@ SYNC_POINTS = 20
 def _pass(window: StoppedWindow, replica: np.ndarray) -> int:
     """One pre-copy pass (scan, stage, commit), applied to the replica as the
     secondary applies what it receives."""
-    trk = window.tracker
-    k = trk.scan(window.pages, out=window.index, threads=1)
-    step = len(window.staging)
-    for start in range(0, k, step):
-        idx = window.index[start : min(k, start + step)].copy()
-        staged = trk.stage(window.pages, idx, window.staging)
+    k = window.tracker.scan(window.pages, out=window.index, threads=1)
+
+    def apply(idx: np.ndarray, staged: np.ndarray) -> None:
         replica[idx] = staged
-        trk.commit(idx, staged)
+
+    stage_and_commit(window, window.index[:k].copy(), apply)
     return k
 
 
