@@ -163,24 +163,16 @@ class ReplicationConfig:
     #: off with a tracker that compares a shadow (compare, soft-dirty), where the second
     #: scan per epoch took more guest throughput than it saved on two cores.
     pipelining: bool | Literal["auto"] = "auto"
-    #: With pre-copy on: a period (ms, at least 10) sends what changed at every period
-    #: until the sync point, so the pause stages only what the guest wrote since the
-    #: last pass, whatever the interval; 0 sends it once, half-way. 25 ms: with uffd-wp
-    #: and about 4000 dirty pages per 100 ms it leaves a quarter of them to stage at the
-    #: stop, half-way leaves half (``kemari bench sizing``, the rows
-    #: "precopy_period_ms 0" and "pipelining false" in benchmarks/results/sizing.md and
-    #: docs/sizing.md). A page written again is sent again: more bytes on the link for
-    #: a hot working set.
+    #: With pre-copy on, a pass every this many ms (at least 10) until the sync point,
+    #: so the stop stages only what changed since the last; 0: one pass, half-way.
+    #: Chosen by ``kemari bench sizing`` and ``kemari bench memsync`` (docs/sizing.md).
     precopy_period_ms: int = 25
     #: Run the compare tracker's stop-time scan beside QEMU's device-state capture (the
     #: pause came out about 7% shorter for 128 MiB on two cores). Off only for A/B
     #: measurements; trackers that must scan after the capture ignore it.
     overlap_scan: bool = True
     #: With a tracker that can (uffd-wp), also stage the dirty pages beside the capture
-    #: and rescan after it. On: with pre-copy every 25 ms its A/B runs came out within
-    #: the noise either way (the row "stage_during_capture false" in
-    #: benchmarks/results/sizing.md and the run before it; docs/sizing.md), and a
-    #: real-QEMU test keeps its path exact (tests/integration/test_uffdwp_replica_exact.py).
+    #: and rescan after it (A/B in ``kemari bench sizing``; docs/sizing.md).
     stage_during_capture: bool = True
     #: How often each side tells the other it lives, and the primary renews its lease.
     heartbeat_interval_ms: int = 100
