@@ -7,11 +7,10 @@ A config file mirrors the tree::
     memory_mib = 128
 
     [replication]
-    key = "..."            # pre-shared key for the replication link (HMAC-SHA256)
     max_interval_ms = 1000
 
 Unknown keys and values of the wrong type are rejected with a ``ConfigError`` naming the
-file and the key, so that a typo never silently falls back to a default.
+file and the key: a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -191,6 +190,9 @@ class ReplicationConfig:
     #: answers at ``peer`` (the failed host, repaired and restarted as a standby). Off:
     #: the survivor runs the VM unprotected until an operator moves it.
     reprotect: bool = False
+    #: This host's name at the tiebreaker, the same whatever role it runs. Empty: the
+    #: address of ``listen``, else the host name (``ha/tiebreak.node_identity``).
+    node_id: str = ""
     #: host:port of the witness when ``tiebreaker = "witness"``.
     witness: str = ""
     #: This pair's key at the witness (its own, never the replication key).
@@ -221,8 +223,7 @@ class TapConfig:
     #: guest sends, never for a disk write or flush (they ride the open epoch; see
     #: docs/sync-policy.md, "Why disk writes need no sync point of their own").
     #: "kemari" is the seed's rule, a sync at every outbound I/O, disk included. "remus":
-    #: fixed epochs of
-    #: ``remus_interval_ms``. "adaptive": event-driven with a minimum spacing.
+    #: fixed epochs of ``remus_interval_ms``. "adaptive": event-driven, minimum spacing.
     policy: SyncPolicy = "output"
     #: A sync point is due once the open epoch has logged this many MiB of disk writes
     #: (it bounds the primary's memory and the standby's replay, whatever the policy).
@@ -422,6 +423,10 @@ def _validate(obj: Any, *, path: str | None, prefix: str) -> None:
                 "must be 0 (once, half-way) or at least 10 (ms between pre-copy passes)",
                 path=path,
                 key=f"{prefix}.precopy_period_ms",
+            )
+        if not all(c.isalnum() or c in "-_.:" for c in obj.node_id):
+            raise ConfigError(
+                "letters, digits, '-', '_', '.' or ':' only", path=path, key=f"{prefix}.node_id"
             )
         if obj.held_limit_mib < 1:
             raise ConfigError(

@@ -21,6 +21,7 @@ from kemari_suite.checkpoint.primary import PrimaryAgent
 from kemari_suite.checkpoint.states import PrimaryState
 from kemari_suite.config import KemariConfig
 from kemari_suite.errors import ConfigError
+from kemari_suite.ha.tiebreak import node_identity
 from kemari_suite.replica.secondary import Handover, KeptRAM, SecondaryAgent
 from kemari_suite.replica.states import SecondaryState
 from kemari_suite.service.sdnotify import AgentNotifier
@@ -112,9 +113,10 @@ def _install_signals(stop: asyncio.Event) -> None:
 
 
 async def run_primary(
-    cfg: KemariConfig, *, node_id: str = "primary", spec: VMSpec | None = None
+    cfg: KemariConfig, *, node_id: str = "", spec: VMSpec | None = None
 ) -> PrimaryAgent | SecondaryAgent:
     """Boot the VM and protect it until stopped (then, after a switchover, stand by).
+    ``node_id`` (this host at the tiebreaker): empty for :func:`node_identity`.
 
     Raises:
         ConfigError: no peer configured, or an untapped guest output (see
@@ -123,15 +125,15 @@ async def run_primary(
     """
     if not cfg.replication.peer:
         raise ConfigError("the secondary's address is not set", key="replication.peer")
-    return await run_node(cfg, "primary", node_id=node_id, spec=spec)
+    return await run_node(cfg, "primary", node_id=node_id or node_identity(cfg), spec=spec)
 
 
 async def run_secondary(
-    cfg: KemariConfig, *, node_id: str = "secondary", spec: VMSpec | None = None
+    cfg: KemariConfig, *, node_id: str = "", spec: VMSpec | None = None
 ) -> PrimaryAgent | SecondaryAgent:
     """Hold the replica and fail over when needed; after a failover, keep the VM running;
     after a planned switchover, protect the VM from here."""
-    return await run_node(cfg, "secondary", node_id=node_id, spec=spec)
+    return await run_node(cfg, "secondary", node_id=node_id or node_identity(cfg), spec=spec)
 
 
 async def run_node(

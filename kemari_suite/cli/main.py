@@ -463,13 +463,20 @@ def disk_verify(
 def fence_peer(
     config: ConfigOpt = None,
     resource: Annotated[str, typer.Option(help="DRBD resource (from the handler).")] = "",
-    node: Annotated[str, typer.Option(help="This node's id at the tiebreaker.")] = "primary",
+    node: Annotated[
+        str,
+        typer.Option(
+            help="This host's id at the tiebreaker (default: the agents' own, from the "
+            "config: replication.node_id, else the address of replication.listen)."
+        ),
+    ] = "",
 ) -> None:
     """DRBD fence-peer handler: exit 7 if we keep the lease, 6 if the peer has it."""
     from kemari_suite.ha.fence import fence_peer as run_fence
+    from kemari_suite.ha.tiebreak import node_identity
 
     cfg = _load(config)
-    code, reason = guard(lambda: run_fence(cfg, node))
+    code, reason = guard(lambda: run_fence(cfg, node or node_identity(cfg)))
     err.print(f"fence-peer {resource or '-'}: {reason}", highlight=False)
     raise typer.Exit(code)
 

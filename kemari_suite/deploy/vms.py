@@ -212,6 +212,8 @@ def plan(
             {k: v for k, v in keys.items() if v},
             peer=f"{hosts[peer]['address']}:{rport}",
             listen=f"{hosts[host]['address']}:{rport}",
+            # The host's name at the witness, whatever role its agent runs.
+            node_id=host,
         )
         tree = _merge(
             _table(shared.get("config"), "kemari_config", source),

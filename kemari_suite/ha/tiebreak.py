@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from typing import Protocol
 
 from kemari_suite.config import KemariConfig
@@ -23,6 +24,28 @@ class Tiebreaker(Protocol):
     async def ask(self, op: Op) -> Decision: ...
 
     def lease_valid(self, lease_s: float, margin_s: float) -> bool: ...
+
+
+#: Listener hosts that name no one host: every host of a pair may listen on them.
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def node_identity(cfg: KemariConfig) -> str:
+    """This host's name at the tiebreaker: ``replication.node_id``; else the host of
+    ``replication.listen`` (a host's own address, whatever role it runs); else the host
+    name.
+
+    It names the host, never the role: after a failover the survivor runs the primary
+    role and the repaired host comes back with ``kemari standby``. Had each taken its
+    role's name, both would have been "secondary" once, and the witness, which keeps a
+    lease for its holder, would have let the standby "renew" the lease of the primary it
+    could no longer hear and resume a second guest. Two hosts that still end up with one
+    name are refused at the replication handshake (``protocol/link.py``)."""
+    r = cfg.replication
+    if r.node_id:
+        return r.node_id
+    host = r.listen.rpartition(":")[0].strip("[]")
+    return host if host not in _WILDCARDS else socket.gethostname()
 
 
 def witness_key(cfg: KemariConfig) -> bytes:

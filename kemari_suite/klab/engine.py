@@ -66,6 +66,8 @@ STATUS_SCRIPT = (
     "from kemari_suite.service import control; "
     "print(json.dumps(control.request(Path(sys.argv[1]), 'status', timeout=20), default=str))"
 )
+#: The L1s of the pair, by their first role (primary's, secondary's): the agents' node ids.
+L1_NAMES = ("l1a", "l1b")
 #: The agents' commands by role.
 COMMANDS = {"primary": "protect", "secondary": "standby"}
 #: DRBD's fence-peer handler in each L1 when the engine's disk is DRBD: a wrapper of the
@@ -114,6 +116,9 @@ class EngineSpec:
     #: ``replication.tracker_verify``: the compare tracker checks the fast one at every
     #: scan (a missed page stops the primary; over-reporting is counted in its status).
     tracker_verify: bool = False
+    #: ``replication.reprotect``: after a failover the survivor protects the guest again
+    #: once the repaired L1 answers as a standby.
+    reprotect: bool = False
 
     @property
     def dir(self) -> str:
@@ -163,6 +168,10 @@ def _host_tree(spec: EngineSpec, role: str, addresses: tuple[str, str]) -> dict[
             # Each host listens on its own address and knows the other's.
             "listen": f"{addresses[i]}:{REPL_PORT}",
             "peer": f"{addresses[1 - i]}:{REPL_PORT}",
+            # The L1's name: the same id whatever role its agent runs (and for DRBD's
+            # fence-peer handler, which reads it from this file).
+            "node_id": L1_NAMES[i],
+            "reprotect": spec.reprotect,
             "max_interval_ms": spec.max_interval_ms,
             "tracker_verify": spec.tracker_verify,
             "heartbeat_interval_ms": spec.heartbeat_interval_ms,
@@ -366,11 +375,11 @@ def fence_peer_script(spec: EngineSpec, role: str) -> str:
     """``role``'s fence-peer handler (pure): DRBD runs it through ``sh -c`` as
     ``FENCE_PEER RES`` with a bare environment, so it runs ``kemari fence-peer`` the way
     the agents run (the shared tree, the L1's ``/usr/bin/python3``, ``PYTHONPATH``) with
-    the role's config and node id (the agents' node ids are their roles: the witness
-    knows the standby that took over as ``secondary``). It logs each call and exit code
+    the config of the role the L1 began in; the node id is the config's, as the agents'
+    (the L1's name, whatever role its agent runs now). It logs each call and exit code
     (7: we hold the lease, the peer is fenced; 6: the peer holds it, outdate ourselves;
     1: the witness did not answer) in :data:`FENCE_PEER_LOG`."""
-    args = ["fence-peer", "-c", spec.config_path(role), "--node", role]
+    args = ["fence-peer", "-c", spec.config_path(role)]
     cmd = f"env {python_env(spec.tree)} /usr/bin/python3 -m kemari_suite.cli.main"
     return f"""#!/bin/sh
 # Kemari kernel lab: DRBD's fence-peer handler is the engine's own `kemari fence-peer`.

@@ -354,6 +354,9 @@ def _host_tree(
             # switchover the roles swap.
             "peer": f"{lab.repl_ip_for(other)}:{addr.repl_port}",
             "listen": f"{lab.repl_ip_for(host)}:{addr.repl_port}",
+            # The host's name, never the role's: after a failover and re-protection
+            # both hosts have run ``kemari standby``.
+            "node_id": host,
             "mode": o.mode,
             "tracker": o.tracker,
             "tracker_verify": o.tracker_verify,

@@ -145,6 +145,12 @@ async def _psk_handshake(
         if out:
             writer.write(out)
             await writer.drain()
+    if session.peer is not None and session.peer.node_id == session.node_id:
+        raise ConnectError(
+            peer,
+            f"the peer's node id is this host's own, {session.node_id!r}: the tiebreaker "
+            "could not tell the two hosts apart (set replication.node_id on each host)",
+        )
     link = Link(reader, writer, session, peer)
     link._inbox.extend(early)
     return link

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,5 +104,43 @@ def test_primary_isolated_fences_before_secondary_takes_over(
         # The guest on the primary was gone before the secondary's guest started.
         assert fenced[0]["t"] < took_over[0]["detected_at"] + took_over[0]["tiebreak_ms"] / 1e3
         assert sec["failover"]["epoch"] >= 1
+    finally:
+        pair.stop()
+
+
+def test_after_reprotection_a_cut_link_still_leaves_one_guest(
+    lab_factory, base_config: KemariConfig
+) -> None:
+    """A failover, the failed host back as the standby (re-protection), then the
+    replication link cut: the witness must still tell the two hosts apart. Both ran
+    ``kemari standby`` once, so an identity taken from the role ("secondary" on both)
+    would let the new standby "renew" the lease its primary holds and resume a second
+    guest."""
+    lay = lab_factory()
+    pair = LabPair(lay, base_config, PairOptions(reprotect=True))
+    try:
+        pair.start()
+        pair.wait_state("primary", {"protected"}, 180)
+        pair.wait_counter(120)
+        pair.settle()
+        pair.kill("primary")
+        pair.wait_state("secondary", {"unprotected", "syncing", "protected"}, 60)
+        pair.start_standby_on("primary")
+        st = pair.wait_state("secondary", {"protected"}, 180)
+        assert st["role"] == "primary", st
+        assert pair.status("primary")["state"] == "standby"
+        pair.settle()
+        before = pair.read_counter()
+        labmod.partition(lay.lab_id)
+        st = pair.wait_state("secondary", {"unprotected"}, 30)
+        assert "witness confirmed" in st["reason"], st
+        time.sleep(3)  # one more heartbeat timeout for the standby to decide
+        sb = pair.status("primary")
+        assert sb["state"] == "standby", sb
+        assert "lease held" in sb["reason"] or "tiebreaker refused" in sb["reason"], sb
+        # The pid file is the killed QEMU's: no process may answer to it now.
+        pid = pair.qemu_pid("primary")
+        assert pid is None or not Path(f"/proc/{pid}").exists(), "a second guest runs"
+        assert pair.read_counter() > before, "the serving guest stopped"
     finally:
         pair.stop()

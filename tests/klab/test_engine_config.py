@@ -103,19 +103,17 @@ def test_the_l1_runs_the_shared_tree_with_its_own_python() -> None:
 
 def test_drbds_fence_peer_handler_is_the_engines_own_command() -> None:
     """DRBD runs the handler with a bare environment: the wrapper runs the suite as the
-    agents do, with the role's config and node id, and logs each call and exit code."""
+    agents do, with the role's config (whose node id the agents use too), and logs each
+    call and exit code."""
     text = fence_peer_script(SPEC, "secondary")
     assert text.startswith("#!/bin/sh\n")
     line = next(ln for ln in text.splitlines() if "fence-peer -c" in ln)
     assert line.startswith(
         f"env {python_env('/work/main')} /usr/bin/python3 -m kemari_suite.cli.main"
     )
-    assert (
-        'fence-peer -c /var/lib/kemari-klab/t7/secondary.toml --node secondary --resource "$1"'
-        in line
-    )
+    assert 'fence-peer -c /var/lib/kemari-klab/t7/secondary.toml --resource "$1"' in line
     assert f"LOG={FENCE_PEER_LOG}" in text and text.rstrip().endswith("exit $rc")
-    assert "--node primary" in fence_peer_script(SPEC, "primary")
+    assert "/t7/primary.toml --resource" in fence_peer_script(SPEC, "primary")
 
 
 def test_the_fence_peer_log_gives_each_calls_exit_code() -> None:
