@@ -449,6 +449,16 @@ def protect_demo(
             "every scan (a missed page stops the primary; over-reporting is counted).",
         ),
     ] = False,
+    reprotect: Annotated[
+        bool,
+        typer.Option(
+            "--reprotect",
+            help="Then start the killed L1 again from its disk as the standby (DRBD "
+            "resyncs it), wait until protected again, write more records and kill the "
+            "other L1: the guest must come back in the first with every record "
+            "(builtin or drbd).",
+        ),
+    ] = False,
 ) -> None:
     """Kemari inside two L1s: standby in one, protect in the other (the guest under
     nested KVM), records over TCP, power loss of the primary L1, resumed on the other."""
@@ -461,6 +471,7 @@ def protect_demo(
         accel=accel,
         min_acks=min_acks,
         tracker_verify=verify_tracker,
+        reprotect=reprotect,
     )
 
 
@@ -474,10 +485,11 @@ def run_kernel_lab_demo(
     accel: str = "auto",
     min_acks: int = 30,
     tracker_verify: bool = False,
+    reprotect: bool = False,
 ) -> None:
     """``klab protect-demo`` and ``demo --kernel-lab``: report the run (the last stdout
     line with ``as_json``); exit 1 unless it resumed with nothing acknowledged lost,
-    2 for a disk backend the lab cannot run."""
+    2 for a disk backend the lab cannot run (``reprotect``: builtin or drbd)."""
     from kemari_suite.klab.iscsi import IscsiLab
     from kemari_suite.klab.iscsidemo import run_iscsi_protect_demo
     from kemari_suite.klab.pair import L1Pair
@@ -489,6 +501,9 @@ def run_kernel_lab_demo(
             f"[bold red]error:[/] --disk {disk}: the kernel lab runs "
             f"{' or '.join(KERNEL_LAB_DISKS)}"
         )
+        raise typer.Exit(2)
+    if reprotect and disk == "iscsi":
+        err.print("[bold red]error:[/] --reprotect runs with --disk builtin or drbd")
         raise typer.Exit(2)
     note = _progress(time.monotonic())
     img = guard(lambda: _demo_image(cfg, disk, note))
@@ -517,6 +532,12 @@ def run_kernel_lab_demo(
                 "tracker_verify": tracker_verify,
                 "progress": note,
             }
+            if reprotect:
+                from kemari_suite.klab.reprotectdemo import run_reprotect_demo
+
+                assert isinstance(group, L1Pair)
+                del common["tracker_verify"]
+                return run_reprotect_demo(group, guest, disk_backend=disk, **common).as_dict()
             if isinstance(group, IscsiLab):
                 run = run_iscsi_protect_demo(group, guest, **common)
             else:

@@ -264,16 +264,21 @@ def check_tree(tree: dict[str, Any], path: Path) -> KemariConfig:
 
 
 class EngineProcess:
-    """One agent (protect or standby) inside an L1, started with nohup, stopped by PID."""
+    """One agent (protect or standby) inside an L1, started with nohup, stopped by PID.
 
-    def __init__(self, l1: Runner, spec: EngineSpec, role: str) -> None:
+    ``role`` names the config it reads (the role the L1 began in); ``command`` is what
+    it runs, by default that role's (a restarted primary's L1 runs ``standby`` with its
+    own config: its address, its node id)."""
+
+    def __init__(self, l1: Runner, spec: EngineSpec, role: str, command: str = "") -> None:
         self.l1, self.spec, self.role = l1, spec, role
+        self.command = command or COMMANDS[role]
         self.pid: int | None = None
 
     def start(self) -> int:
         """Start ``kemari protect|standby`` in the L1; its PID there. Raises AgentError."""
         s = self.spec
-        cmd = kemari_command(s.tree, [COMMANDS[self.role], "-c", s.config_path(self.role)])
+        cmd = kemari_command(s.tree, [self.command, "-c", s.config_path(self.role)])
         out = self.l1.run(
             f"cd / && nohup {cmd} </dev/null >>{s.log(self.role)} 2>&1 & echo $! "
             f"| tee {s.pidfile(self.role)}",

@@ -40,7 +40,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError
-from kemari_suite.klab.drbd import peer_lost_by, refused_state_changes
+from kemari_suite.klab.drbd import Runner, peer_lost_by, refused_state_changes
 from kemari_suite.klab.drbdfailover import RESOURCE as DRBD_RESOURCE
 from kemari_suite.klab.drbdfailover import PowerLossScenario
 from kemari_suite.klab.engine import (
@@ -64,8 +64,9 @@ from kemari_suite.vm.image import GuestImage
 
 RECORDS_PORT = 7000
 ACK_LOG = "/run/klab-acks"
-#: Runs in the primary L1: waits for the guest's records service (it boots under the
-#: engine), then writes records 0, 1, ... and appends each acknowledged number to ACK_LOG.
+#: Runs in the primary's L1: waits for the guest's records service (it boots under the
+#: engine), then writes argv[1] records from argv[3] (default 0) on, appending each
+#: acknowledged number to ACK_LOG.
 WRITER = f"""
 import socket, sys, time
 deadline = time.monotonic() + float(sys.argv[2])
@@ -80,7 +81,8 @@ while True:
 s.settimeout(120)
 f = s.makefile("rwb", buffering=0)
 log = open("{ACK_LOG}", "a", buffering=1)
-for n in range(int(sys.argv[1])):
+start = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+for n in range(start, start + int(sys.argv[1])):
     f.write(b"W %d\\n" % n)
     line = f.readline().split()
     if line != [b"OK", str(n).encode()]:
@@ -223,6 +225,16 @@ class SharedLun(Protocol):
 
 
 P = TypeVar("P", bound=HostPair)
+#: The role each L1 of the pair began in: its config's name and its agent's key.
+ROLES = ("primary", "secondary")
+
+
+def _host_up(host: Runner, tree: str, accel: str) -> bool:
+    """The tree mounted, eth1 up, ``kvm_amd`` loaded unless ``accel`` is "tcg"; whether
+    the L1 has KVM."""
+    host.run(mount_command(tree), timeout=300)
+    lan_up(host)
+    return enable_kvm(host) if accel != "tcg" else False
 
 
 class ProtectScenario(Generic[P]):
@@ -247,6 +259,10 @@ class ProtectScenario(Generic[P]):
         self.run = run if run is not None else ProtectRun()
         self.lun = lun
         self.spec: EngineSpec | None = None
+        self.keys: Keys | None = None
+        self.guest: GuestImage | None = None
+        #: The DRBD steps on the L1s' data disks (:meth:`drbd_up`).
+        self.drbd: PowerLossScenario | None = None
         self.witness: HostWitness | None = None
         self.agents: dict[str, EngineProcess] = {}
         self._t = time.monotonic()
@@ -269,7 +285,7 @@ class ProtectScenario(Generic[P]):
         L1's config by :meth:`prepare`)."""
         if not isinstance(self.pair, L1Pair):
             raise LabError(self.pair.spec.lab_id, "DRBD runs on an L1Pair's data disks")
-        sc = PowerLossScenario(self.pair, self.progress, fence_handler=FENCE_PEER)
+        self.drbd = sc = PowerLossScenario(self.pair, self.progress, fence_handler=FENCE_PEER)
         sc.bring_up()
         sc.initial_sync()
         self.run.steps.update({f"drbd {k}": v for k, v in sc.steps.items()})
@@ -283,8 +299,11 @@ class ProtectScenario(Generic[P]):
         accel: str = "auto",
         disk_backend: str = "builtin",
         tracker_verify: bool = False,
+        reprotect: bool = False,
     ) -> EngineSpec:
         """Mount the tree, eth1, KVM, the guest; the configs checked on the host.
+        ``reprotect``: the survivor of a failover protects the guest again once the
+        other L1 answers as a standby (:meth:`rejoin`).
 
         Raises:
             LabError: no KVM where ``accel="kvm"`` asks for it; ``disk_backend="iscsi"``
@@ -292,11 +311,7 @@ class ProtectScenario(Generic[P]):
         """
         if disk_backend == "iscsi" and self.lun is None:
             raise LabError(self.pair.spec.lab_id, 'disk_backend "iscsi" needs the lab\'s LUN')
-        kvm = []
-        for h in self.pair.hosts:
-            h.run(mount_command(tree), timeout=300)
-            lan_up(h)
-            kvm.append(enable_kvm(h) if accel != "tcg" else False)
+        kvm = [_host_up(h, tree, accel) for h in self.pair.hosts]
         chosen = "kvm" if all(kvm) else "tcg"
         if accel == "kvm" and chosen != "kvm":
             raise LabError(self.pair.spec.lab_id, "no /dev/kvm in an L1")
@@ -316,11 +331,13 @@ class ProtectScenario(Generic[P]):
             vm_name=DRBD_RESOURCE if disk_backend == "drbd" else "klabvm",
             tracker_verify=tracker_verify,
             lun_devices=self.lun.devices() if self.lun is not None else (),
+            reprotect=reprotect,
         )
         self.run.disk_backend = disk_backend
         self.spec = spec
         trees = l1_trees(spec, (self.pair.spec.address(0), self.pair.spec.address(1)))
-        keys = Keys.new()
+        self.keys = keys = Keys.new()
+        self.guest = guest
         self.work.mkdir(parents=True, exist_ok=True)
         for i, role in enumerate(("primary", "secondary")):
             check_tree(trees[role], self.work / f"{role}.toml")
@@ -329,6 +346,18 @@ class ProtectScenario(Generic[P]):
         self.witness.start(keys)
         self.step("prepare", f"L1s prepared (accel {chosen})")
         return spec
+
+    def rejoin(self, index: int) -> None:
+        """L1 ``index``, restarted after its power loss, made ready again as in
+        :meth:`prepare` (its root disk is new: the tree, eth1, KVM, the guest, its
+        config with the pair's keys)."""
+        assert self.spec is not None and self.keys is not None and self.guest is not None
+        host, role = self.pair[index], ROLES[index]
+        if _host_up(host, self.spec.tree, self.spec.accel) != (self.spec.accel == "kvm"):
+            raise LabError(self.pair.spec.lab_id, f"{host.spec.host}: KVM not as before")
+        push_guest(host, self.guest)
+        trees = l1_trees(self.spec, (self.pair.spec.address(0), self.pair.spec.address(1)))
+        prepare_l1(host, self.spec, role, trees[role], self.keys)
 
     def protect(self, timeout: float = 900.0) -> None:
         """Standby in l1b, protect in l1a, until the primary is protected."""
@@ -356,11 +385,16 @@ class ProtectScenario(Generic[P]):
         self.lun.after_loss(self.run)
         self.step("fencing", f"fenced {self.run.fenced}: {self.run.fence or self.run.reservation}")
 
-    def write_records(self, min_acks: int, max_records: int = 100000) -> None:
-        a = self.pair[0]
+    def write_records(
+        self, min_acks: int, max_records: int = 100000, *, host: int = 0, start: int = 0
+    ) -> None:
+        """Write records ``start``, ``start + 1``, ... to the guest from L1 ``host`` (the
+        one it runs in) until at least ``min_acks`` are acknowledged in all (counted from
+        record 0); ``run.records_acked`` is then the highest acknowledged plus one."""
+        a = self.pair[host]
         a.run(f"rm -f {ACK_LOG}; cat > /run/klab-writer.py", stdin=WRITER.encode())
         a.run(
-            f"nohup python3 /run/klab-writer.py {max_records} 600 </dev/null "
+            f"nohup python3 /run/klab-writer.py {max_records} 600 {start} </dev/null "
             ">/run/klab-writer.log 2>&1 &"
         )
         t0 = time.monotonic()
@@ -372,7 +406,7 @@ class ProtectScenario(Generic[P]):
             time.sleep(2.0)
             lines = a.run(f"tail -n 1 {ACK_LOG} 2>/dev/null || true").stdout.split()
             acked = int(lines[-1]) + 1 if lines else 0
-        st = self.agents["primary"].status()
+        st = self.agents[ROLES[host]].status()
         self.run.tracker_verify = st.get("tracker_verify")
         self.run.epochs_committed = int(st.get("last_committed_epoch") or 0)
         self.run.checkpoints = int(st.get("checkpoints") or 0)
@@ -382,12 +416,13 @@ class ProtectScenario(Generic[P]):
         self.run.records_acked = int(lines[-1]) + 1 if lines else acked
         self.step("records", f"{self.run.records_acked} records acknowledged")
 
-    def power_loss(self, timeout: float = 600.0) -> None:
-        """SIGKILL l1a's QEMU; wait for the guest to answer from l1b."""
-        a, b = self.pair[0], self.pair[1]
+    def power_loss(self, timeout: float = 600.0, *, victim: int = 0) -> None:
+        """SIGKILL the QEMU of L1 ``victim`` (the guest's: l1a, or l1b after a failover
+        and re-protection); wait for the guest to answer from the other L1."""
+        a, b = self.pair[victim], self.pair[1 - victim]
         t_kill = time.monotonic()
         a.kill()
-        self.agents.pop("primary", None)
+        self.agents.pop(ROLES[victim], None)
         b.run("cat > /run/klab-checker.py", stdin=CHECKER.encode())
         r = b.run(f"python3 /run/klab-checker.py {timeout:.0f}", timeout=timeout + 60)
         answer = json.loads(r.stdout.strip().splitlines()[-1])
@@ -407,14 +442,16 @@ class ProtectScenario(Generic[P]):
             self.run.drbd_peer_lost = peer_lost_by(kernel)
             self.run.drbd_refused = refused_state_changes(kernel)
             self.note(f"fence-peer in l1b:\n{fence.rstrip()}")
-        st = self.agents["secondary"].wait_state({"active"}, 300)
+        # With re-protection the survivor goes on in the primary role, unprotected.
+        resumed = {"active", "unprotected", "held", "syncing", "protected"}
+        st = self.agents[ROLES[1 - victim]].wait_state(resumed, 300)
         report = st.get("failover") or {}
         if report.get("failover_ms") is not None:
             self.run.engine_failover_ms = round(float(report["failover_ms"]), 1)
         self.run.resumed = True
         self.step(
             "failover",
-            f"resumed in l1b: {self.run.records_found} records on the guest's disk, "
+            f"resumed in {b.spec.host}: {self.run.records_found} records on the guest's disk, "
             f"{self.run.failover_ms:.0f} ms after the kill",
         )
 

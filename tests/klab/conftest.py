@@ -12,6 +12,7 @@ import pytest
 from kemari_suite.config import KemariConfig, PathsConfig
 from kemari_suite.klab.image import HostImage, build_host_image
 from kemari_suite.klab.l2 import NESTED_PACKAGES, NESTED_SIZE_MIB
+from kemari_suite.klab.pair import L1Group, L1Pair, PairSpec
 from kemari_suite.vm.buildkit import locked
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
@@ -61,3 +62,31 @@ def klab_dirs(
     with locked(base_config.paths.cache_dir / "klab" / ".tests.lock"):
         yield lab, run_paths
     shutil.rmtree(lab, ignore_errors=True)
+
+
+#: The checkout the L1s mount (the suite's tree, shared read-only).
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def engine_pair(
+    image: HostImage, dirs: tuple[Path, PathsConfig], n: int, *, data_disk_mib: int = 64
+) -> L1Pair:
+    """Two L1s for Kemari's engine, as ``kemari klab protect-demo`` makes them: the
+    checkout shared in, eth1 for the witness, 1 GiB each, a data disk of
+    ``data_disk_mib`` (DRBD's backing device; 0: none); lab ``n`` of this worker."""
+    lab, paths = dirs
+    spec = PairSpec(
+        lab_id(n),
+        slot=slot(n),
+        memory_mib=1024,
+        share=str(CHECKOUT),
+        lan=True,
+        data_disk_mib=data_disk_mib,
+    )
+    return L1Pair(spec, image, lab_dir=lab, run_root=paths.run_dir, shm_dir=paths.shm_dir)
+
+
+def print_consoles(group: L1Group) -> None:
+    """The tail of every L1's console (for a failed test's report)."""
+    for h in group.hosts:
+        print(f"--- {h.spec.host} console\n{h.console_tail(40) or h.saved_console()[-4000:]}")

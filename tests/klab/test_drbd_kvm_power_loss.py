@@ -16,7 +16,7 @@ from kemari_suite.klab.kvmrecords import run_kvm_power_loss
 from kemari_suite.klab.pair import L1Pair, PairSpec
 from kemari_suite.vm.image import GuestImage
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import lab_id, needs_lab, print_consoles, slot
 
 pytestmark = [*needs_lab, pytest.mark.timeout(900)]
 
@@ -38,8 +38,7 @@ def test_no_acknowledged_record_is_lost_when_the_kvm_host_loses_power(
         pair.start()
         run = run_kvm_power_loss(pair, guest_image)
     except BaseException:
-        for h in pair.hosts:
-            print(f"--- {h.spec.host} console\n{h.console_tail(40) or h.saved_console()[-4000:]}")
+        print_consoles(pair)
         raise
     finally:
         pair.stop()

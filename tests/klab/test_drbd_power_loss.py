@@ -18,7 +18,7 @@ from kemari_suite.klab.drbdfailover import run_power_loss
 from kemari_suite.klab.image import HostImage
 from kemari_suite.klab.pair import L1Pair, PairSpec
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import lab_id, needs_lab, print_consoles, slot
 
 # The CI scenario is the KVM guest on DRBD (test_drbd_kvm_power_loss.py); this one
 # runs in make e2e.
@@ -40,8 +40,7 @@ def test_drbd_survives_the_primarys_power_loss(
         pair.start()
         run = run_power_loss(pair)
     except BaseException:
-        for h in pair.hosts:
-            print(f"--- {h.spec.host} console\n{h.console_tail(40) or h.saved_console()[-4000:]}")
+        print_consoles(pair)
         raise
     finally:
         pair.stop()

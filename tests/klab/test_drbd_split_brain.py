@@ -19,7 +19,7 @@ from kemari_suite.klab.image import HostImage
 from kemari_suite.klab.pair import L1Pair, PairSpec
 from kemari_suite.klab.splitbrain import run_split_brain
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import lab_id, needs_lab, print_consoles, slot
 
 pytestmark = [*needs_lab, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -41,8 +41,7 @@ def test_a_real_split_brain_is_seen_refused_and_alerted(
         pair.start()
         run = run_split_brain(pair, str(CHECKOUT), progress=print)
     except BaseException:
-        for h in pair.hosts:
-            print(f"--- {h.spec.host} console\n{h.console_tail(40) or h.saved_console()[-4000:]}")
+        print_consoles(pair)
         raise
     finally:
         pair.stop()

@@ -12,16 +12,13 @@ import pytest
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.klab.image import HostImage
-from kemari_suite.klab.pair import L1Pair, PairSpec
 from kemari_suite.klab.switchdemo import SwitchRun, run_drbd_switchover
 from kemari_suite.vm.image import GuestImage
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import CHECKOUT, engine_pair, needs_lab, print_consoles
 
 # A long scenario (about 10-15 minutes on a loaded machine): `make e2e`, not `make test`.
 pytestmark = [*needs_lab, pytest.mark.slow, pytest.mark.timeout(2400)]
-
-CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def test_a_switchover_demotes_drbd_on_the_old_primary_and_reprotects(
@@ -30,20 +27,7 @@ def test_a_switchover_demotes_drbd_on_the_old_primary_and_reprotects(
     klab_dirs: tuple[Path, PathsConfig],
 ) -> None:
     lab, paths = klab_dirs
-    pair = L1Pair(
-        PairSpec(
-            lab_id(1),
-            slot=slot(1),
-            memory_mib=1024,
-            share=str(CHECKOUT),
-            lan=True,
-            data_disk_mib=64,
-        ),
-        klab_nested_image,
-        lab_dir=lab,
-        run_root=paths.run_dir,
-        shm_dir=paths.shm_dir,
-    )
+    pair = engine_pair(klab_nested_image, klab_dirs, 1)
     run = SwitchRun()
     try:
         pair.start()
@@ -59,8 +43,7 @@ def test_a_switchover_demotes_drbd_on_the_old_primary_and_reprotects(
     except BaseException:
         print(json.dumps(run.as_dict(), indent=1, default=str))
         # run_drbd_switchover reported the L1s' DRBD logs and the agents' events.
-        for h in pair.hosts:
-            print(f"--- {h.spec.host} console\n{h.console_tail(30) or h.saved_console()[-3000:]}")
+        print_consoles(pair)
         raise
     finally:
         pair.stop()

@@ -27,7 +27,7 @@ from kemari_suite.klab.iscsi import ISCSI_PACKAGES, IscsiLab, IscsiLabSpec, run_
 from kemari_suite.klab.iscsifence import run_backend_fencing
 from kemari_suite.klab.share import VIRTIOFSD_PATHS
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import lab_id, needs_lab, print_consoles, slot
 
 # Kernel-lab scenarios beyond the one of `make test` run in `make e2e` (issue 14, CI).
 pytestmark = [*needs_lab, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -50,11 +50,6 @@ def make_lab(image: HostImage, dirs: tuple[Path, PathsConfig], share: str = "") 
         run_root=paths.run_dir,
         shm_dir=paths.shm_dir,
     )
-
-
-def print_consoles(lab: IscsiLab) -> None:
-    for h in lab.hosts:
-        print(f"--- {h.spec.host} console\n{h.console_tail(40) or h.saved_console()[-4000:]}")
 
 
 def test_preempted_host_is_fenced_by_the_target(

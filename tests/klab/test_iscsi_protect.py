@@ -32,7 +32,7 @@ from kemari_suite.klab.iscsidemo import (
 from kemari_suite.klab.share import VIRTIOFSD_PATHS
 from kemari_suite.vm.image import GuestImage
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import lab_id, needs_lab, print_consoles, slot
 
 pytestmark = [
     *needs_lab,
@@ -82,8 +82,7 @@ def test_the_standby_resumes_the_guest_on_the_lun_and_the_old_primary_is_fenced(
             offline_check=True,
         )
     except BaseException:
-        for h in lab.hosts:
-            print(f"--- {h.spec.host} console\n{h.console_tail(30) or h.saved_console()[-3000:]}")
+        print_consoles(lab)
         raise
     finally:
         lab.stop()

@@ -17,16 +17,13 @@ import pytest
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.klab.image import HostImage
-from kemari_suite.klab.pair import L1Pair, PairSpec
 from kemari_suite.klab.protectdemo import ProtectRun, run_protect_demo
 from kemari_suite.vm.image import GuestImage
 
-from .conftest import lab_id, needs_lab, slot
+from .conftest import CHECKOUT, engine_pair, needs_lab, print_consoles
 
 # A long scenario (about 5-10 minutes on a loaded machine): `make e2e`, not `make test`.
 pytestmark = [*needs_lab, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _run(
@@ -37,20 +34,7 @@ def _run(
     disk_backend: str = "builtin",
 ) -> ProtectRun:
     lab, paths = dirs
-    pair = L1Pair(
-        PairSpec(
-            lab_id(n),
-            slot=slot(n),
-            memory_mib=1024,
-            share=str(CHECKOUT),
-            lan=True,
-            data_disk_mib=64 if disk_backend == "drbd" else 0,
-        ),
-        image,
-        lab_dir=lab,
-        run_root=paths.run_dir,
-        shm_dir=paths.shm_dir,
-    )
+    pair = engine_pair(image, dirs, n, data_disk_mib=64 if disk_backend == "drbd" else 0)
     try:
         pair.start()
         run = run_protect_demo(
@@ -68,7 +52,7 @@ def _run(
                     log = f"/run/kemari-klab-{role}.log"
                     out = h.run(f"tail -c 3000 {log} 2>/dev/null", check=False).stdout
                     print(f"--- {h.spec.host} {role}\n{out}")
-            print(f"--- {h.spec.host} console\n{h.console_tail(30) or h.saved_console()[-3000:]}")
+        print_consoles(pair)
         raise
     finally:
         pair.stop()
