@@ -441,7 +441,7 @@ class ProtectScenario(Generic[P]):
             kernel = b.run("dmesg | grep -i drbd", check=False).stdout
             self.run.drbd_peer_lost = peer_lost_by(kernel)
             self.run.drbd_refused = refused_state_changes(kernel)
-            self.note(f"fence-peer in l1b:\n{fence.rstrip()}")
+            self.note(f"fence-peer in {b.spec.host}:\n{fence.rstrip()}")
         # With re-protection the survivor goes on in the primary role, unprotected.
         resumed = {"active", "unprotected", "held", "syncing", "protected"}
         st = self.agents[ROLES[1 - victim]].wait_state(resumed, 300)
