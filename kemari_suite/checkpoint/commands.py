@@ -27,6 +27,8 @@ def status(agent: PrimaryAgent) -> dict[str, Any]:
     return {
         "role": "primary",
         "vm": agent.spec.name,
+        # This host's name at the tiebreaker (the same whatever role it runs).
+        "node_id": agent.node_id,
         "state": agent.state.value,
         "protected": agent.state is PrimaryState.PROTECTED,
         "since": agent.life.since,

@@ -25,6 +25,7 @@ def status(agent: SecondaryAgent) -> dict[str, Any]:
     return {
         "role": "secondary",
         "vm": agent.spec.name,
+        "node_id": agent.node_id,
         "state": agent.state.value,
         "protected": agent.state is S.STANDBY,
         "since": agent.life.since,
