@@ -290,6 +290,8 @@ def test_playbooks_provision_the_pair_and_a_second_run_changes_nothing(env: Env)
         assert stat.S_IMODE((root / "etc/kemari").stat().st_mode) == 0o700
         assert cfg.replication.peer == f"{env.lay.repl_ip_for(other)}:7410"
         assert cfg.replication.listen == f"{env.lay.repl_ip_for(role)}:7410"
+        # The host's name at the witness: its inventory name, whatever role it runs.
+        assert cfg.replication.node_id == role[:3]
         assert cfg.replication.tiebreaker == "witness"
         assert cfg.disk.backend == "drbd"
         assert cfg.paths.run_dir == root / "run" / "kemari"
@@ -470,6 +472,7 @@ def test_playbooks_deploy_a_list_of_vms_with_primaries_on_both_hosts(env: Env) -
             assert cfg.vm.memory_mib == (256 if name == "db" else 128)
             assert cfg.replication.listen == f"{env.lay.repl_ip_for(role)}:{port}"
             assert cfg.replication.peer == f"{env.lay.repl_ip_for(other)}:{port}"
+            assert cfg.replication.node_id == role[:3]
             assert cfg.replication.key_file == "/etc/kemari/replication.key"
             assert cfg.replication.witness_key_file == "/etc/kemari/witness.key"
             macs.add(cfg.vm.mac)

@@ -145,7 +145,8 @@ def test_deploy_provisions_the_kernel_lab_hosts_over_ssh(
             f"test -L /etc/systemd/system/multi-user.target.wants/{unit} && echo enabled; "
             "/opt/kemari/bin/python -c 'from kemari_suite.config import load; "
             'c = load("/etc/kemari/kemari.toml"); '
-            "print(c.vm.name, c.replication.listen, c.replication.peer, c.disk.backend)'"
+            "print(c.vm.name, c.replication.listen, c.replication.peer, c.disk.backend, "
+            "c.replication.node_id)'"
         )
         address, port = h["ssh"]
         ssh = ssh_command(ssh_dir, address, port)
@@ -157,4 +158,5 @@ def test_deploy_provisions_the_kernel_lab_hosts_over_ssh(
         me = 1 if role == "primary" else 2
         other = 3 - me
         subnet = f"10.99.{standing['slot']}"
-        assert lines[3] == f"web1 {subnet}.{me}:7410 {subnet}.{other}:7410 builtin", shown.stdout
+        expected = f"web1 {subnet}.{me}:7410 {subnet}.{other}:7410 builtin {h['name']}"
+        assert lines[3] == expected, shown.stdout
