@@ -299,7 +299,8 @@ class SyncPoints:
 
         ``cancel_capture`` first cancels a device-state migration the failure may have
         left running (``cont`` is refused while it runs); a refused ``cont`` is retried
-        once after such a cancel.
+        once after such a cancel. A ``cont`` refused because the guest stopped itself
+        (powered off, panicked) leaves it down: that is the guest's event, not a failure.
 
         Raises:
             FailoverError: QEMU is hung (``hung``, or ``cont`` unanswered) or refused
@@ -317,6 +318,12 @@ class SyncPoints:
                 why = f"{why}; then {err}"
                 break
             except Exception as err:
+                status = await a.window.self_stopped()
+                if status:
+                    # Refused because the guest powered off (or panicked) meanwhile:
+                    # no host failure, its own event ends protection (.guestevents).
+                    a.artifacts.event("guest-stopped-itself", reason=why, status=status)
+                    return
                 if attempt:
                     why = f"{why}; then cont failed: {err}"
             else:

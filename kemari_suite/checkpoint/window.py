@@ -33,12 +33,18 @@ capture and ``cont`` each get ``qmp_timeout_s``: a QEMU that does not answer in 
 hung (:class:`QMPTimeout`, ``WindowError.hung``), and the caller kills it as a failed
 host instead of stalling. Every step has its fault point (``window-stop``,
 ``window-capture``, ``window-scan``, ``window-stage``, ``stopped``, ``window-cont``).
+
+A guest that powered itself off (or panicked) since the last sync point is no failure:
+QEMU stops it, ``stop`` is then a no-op, and ``cont`` is refused until a reset. The
+window completes with the guest left stopped (``resumed`` false), the epoch holding what
+the guest did on its way down, and the guest's own event is handled by the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,6 +67,11 @@ class Capturer(Protocol):
 
 #: Dirty pages from which the window stages in two halves at once.
 STAGE_SPLIT_PAGES = 1024
+#: QEMU run states in which the guest stopped itself: a poweroff (QEMU runs with
+#: ``-no-shutdown``) or a panic. QEMU refuses ``cont`` there until a reset; no failure of
+#: this host is implied.
+SELF_STOPPED = frozenset({"shutdown", "guest-panicked"})
+
 #: How long ``stop``, the capture and ``cont`` may take unless the caller says otherwise.
 QMP_TIMEOUT_S = 5.0
 
@@ -200,15 +211,35 @@ class StoppedWindow:
         except TimeoutError as err:
             raise QMPTimeout(command, self.qmp_timeout_s) from err
 
-    async def cont(self) -> None:
+    async def cont(self) -> bool:
         """End a stopped window: ``cont`` within the QMP timeout (fault point
-        ``window-cont``).
+        ``window-cont``). False when QEMU refused it because the guest stopped itself
+        (:meth:`self_stopped`): the guest stays down, and its own event (a poweroff that
+        landed between the last sync point and this one) is the caller's to handle.
 
         Raises:
             QMPTimeout: QEMU did not answer; InjectedFault; the executor's errors.
         """
         faults.hit("window-cont")
-        await self.qmp("cont")
+        try:
+            await self.qmp("cont")
+        except QMPTimeout:
+            raise
+        except Exception:
+            if await self.self_stopped():
+                return False
+            raise
+        return True
+
+    async def self_stopped(self) -> str:
+        """QEMU's run state when the guest stopped itself (:data:`SELF_STOPPED`), else
+        "" (running, paused by the engine, or QEMU not answering)."""
+        with contextlib.suppress(Exception):
+            res = await asyncio.wait_for(self.vm.execute("query-status"), self.qmp_timeout_s)
+            status = str(res.get("status", "")) if isinstance(res, dict) else ""
+            if status in SELF_STOPPED:
+                return status
+        return ""
 
     async def _capture(self) -> bytes:
         faults.hit("window-capture")
@@ -350,8 +381,8 @@ class StoppedWindow:
             faults.hit("stopped")
             if resume:
                 step = "cont"
-                await self.cont()
-                stopped = False
+                resume = await self.cont()
+                stopped = not resume
             t_end = time.perf_counter()
         except Exception as err:
             raise WindowError(step, err, stopped=stopped) from err

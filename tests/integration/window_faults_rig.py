@@ -73,10 +73,12 @@ def make_config(
             key=KEY,
             peer="127.0.0.1:9",
             mode=mode,  # type: ignore[arg-type]
-            tracker="compare",
-            heartbeat_interval_ms=100,
-            heartbeat_timeout_ms=2000,
-            **rep,
+            **{
+                "tracker": "compare",
+                "heartbeat_interval_ms": 100,
+                "heartbeat_timeout_ms": 2000,
+                **rep,
+            },
         ),
         disk=DiskConfig(backend="builtin", path=str(image), size_mib=DISK_MIB),
         alerts=AlertConfig(syslog=False),
@@ -105,7 +107,8 @@ async def link_pair() -> tuple[Link, Link]:
 
 
 class Replica:
-    """The secondary's side: frames into a real EpochReceiver, an Ack at each commit.
+    """The secondary's side: frames into a real EpochReceiver, an Ack at each commit, a
+    heartbeat answered with one.
 
     ``before_ack(epoch)`` runs before each Ack (a test may stall or break things there);
     ``ack`` false stops acknowledging (a secondary that hangs while applying).
@@ -142,6 +145,9 @@ class Replica:
                     if self.ack:
                         self.acked.append(epoch)
                         await self.link.send(wire.Ack(epoch=epoch))
+                elif isinstance(msg, wire.Heartbeat) and self.ack:
+                    # Alive while idle, as a real secondary's monitor is.
+                    await self.link.send(dataclasses.replace(msg, role_state="protected"))
                 elif type(msg) in table:
                     table[type(msg)](msg)
         except (ConnectionError, ProtocolError, asyncio.IncompleteReadError):
