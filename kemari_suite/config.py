@@ -170,9 +170,9 @@ class ReplicationConfig:
     #: pause came out about 7% shorter for 128 MiB on two cores). Off only for A/B
     #: measurements; trackers that must scan after the capture ignore it.
     overlap_scan: bool = True
-    #: With a tracker that can (uffd-wp), also stage the dirty pages beside the capture
-    #: and rescan after it (A/B in ``kemari bench sizing``; docs/sizing.md).
-    stage_during_capture: bool = True
+    #: With a tracker that can (uffd-wp), also stage beside the capture and rescan after
+    #: it; "auto": for guests up to 1 GiB (``kemari bench sizing``; docs/sizing.md).
+    stage_during_capture: bool | Literal["auto"] = "auto"
     #: How often each side tells the other it lives, and the primary renews its lease.
     heartbeat_interval_ms: int = 100
     #: How long the standby waits without a frame before it asks the tiebreaker for the

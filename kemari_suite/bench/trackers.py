@@ -232,11 +232,12 @@ def run_trackers(
         for name in names:
             say(f"trackers: {name} on a {m} MiB guest, {samples} sync points")
             rows.append(_child(name, m, samples, settings))
-            if name != VARIANT_TRACKER or m != min(sizes_mib):
+            if name != VARIANT_TRACKER or m not in (min(sizes_mib), max(sizes_mib)):
                 continue
             # Right after it, the same guest with one setting flipped: the A/B behind
             # that setting's default (staging beside the capture; pre-copy).
-            for key, value in variants(cfg):
+            flips = variants(cfg) if m == min(sizes_mib) else []
+            for key, value in flips + large_variants(cfg, m):
                 say(f"trackers: {name} on a {m} MiB guest, {key} {value}")
                 flipped = {**settings["replication"], key: value}
                 row = _child(name, m, samples, {**settings, "replication": flipped})
@@ -247,6 +248,17 @@ def run_trackers(
 #: The tracker whose settings are flipped one at a time beside its default row: it can
 #: stage beside the capture (``caps.stage_during_capture``) and pre-copies by default.
 VARIANT_TRACKER = "uffd-wp"
+
+
+def large_variants(cfg: KemariConfig, memory_mib: int) -> list[tuple[str, Any]]:
+    """On a guest too large for "auto" to stage beside the capture, that staging forced
+    on: the A/B behind the size bound (``window.STAGE_BESIDE_MAX_PAGES``)."""
+    from kemari_suite.checkpoint.window import STAGE_BESIDE_MAX_PAGES
+
+    auto = cfg.replication.stage_during_capture == "auto"
+    if auto and memory_mib * 256 > STAGE_BESIDE_MAX_PAGES:
+        return [("stage_during_capture", True)]
+    return []
 
 
 def variants(cfg: KemariConfig) -> list[tuple[str, Any]]:
@@ -443,6 +455,7 @@ __all__ = [
     "SIZES_MIB",
     "available_trackers",
     "format_section",
+    "large_variants",
     "measure_one",
     "run_trackers",
     "summary",

@@ -506,6 +506,11 @@ def test_tracker_variants_flip_one_setting_each() -> None:
     assert trackers.variants(off) == [("stage_during_capture", False), ("pipelining", True)]
     halfway = with_overrides(base, replication={"precopy_period_ms": 0})
     assert ("precopy_period_ms", 25) in trackers.variants(halfway)
+    # Above the size "auto" stages beside the capture at, that staging forced on.
+    assert trackers.large_variants(base, 4096) == [("stage_during_capture", True)]
+    assert trackers.large_variants(base, 1024) == []
+    forced = with_overrides(base, replication={"stage_during_capture": True})
+    assert trackers.large_variants(forced, 4096) == []
 
 
 def test_precopy_labels_and_the_summary_names_the_default() -> None:

@@ -205,3 +205,25 @@ def test_staging_beside_the_capture_is_asked_for(rig: Rig) -> None:
     rig.writer.write([5])
     res = rig.run()
     assert res.idx.tolist() == [5] and "rescan" not in rig.log
+
+
+def test_auto_stages_beside_the_capture_only_on_guests_up_to_1_gib(rig: Rig) -> None:
+    """The default ("auto"): beside the capture on small guests; on larger ones the walk
+    beside QEMU's save slowed it more than it hid (docs/sizing.md), so after it."""
+    from kemari_suite.checkpoint.window import STAGE_BESIDE_MAX_PAGES
+
+    assert STAGE_BESIDE_MAX_PAGES * PAGE_SIZE == 1 << 30
+    rig.window.stage_during_capture = "auto"
+    assert rig.window.early_stage  # this rig's RAM is small
+    rig.writer.write([7])
+    res = rig.run()
+    assert res.idx.tolist() == [7] and "rescan" in rig.log
+    # A guest of 1 GiB plus a page: never touched, so nothing is allocated for it.
+    big = np.zeros((STAGE_BESIDE_MAX_PAGES + 1, PAGE_SIZE), dtype=np.uint8)
+    rig.window.pages = big
+    assert not rig.window.early_stage
+    rig.window.pages = big[:STAGE_BESIDE_MAX_PAGES]
+    assert rig.window.early_stage
+    rig.window.stage_during_capture = True  # forced on: any size
+    rig.window.pages = big
+    assert rig.window.early_stage
