@@ -76,6 +76,10 @@ class DrbdMinor:
     def in_sync(self) -> bool:
         return self.connected and self.disk == "UpToDate" and self.peer_disk == "UpToDate"
 
+    def summary(self) -> str:
+        """Connection, roles and disk states as /proc/drbd shows them."""
+        return f"cs:{self.cs} ro:{self.role}/{self.peer_role} ds:{self.disk}/{self.peer_disk}"
+
 
 @dataclass(frozen=True)
 class ProcDrbd:

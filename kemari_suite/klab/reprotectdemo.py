@@ -147,10 +147,7 @@ class ReprotectScenario:
         in_sync = True
         if b.drbd is not None:
             minors = {h.spec.host: proc_drbd(h).minors[0] for h in self.pair.hosts}
-            run.drbd = {
-                h: f"cs:{m.cs} ro:{m.role}/{m.peer_role} ds:{m.disk}/{m.peer_disk}"
-                for h, m in minors.items()
-            }
+            run.drbd = {h: m.summary() for h, m in minors.items()}
             in_sync = all(m.in_sync for m in minors.values())
         run.reprotected = in_sync
         b.step("reprotect", f"l1b protected again, l1a its standby (DRBD {run.drbd})")

@@ -36,7 +36,7 @@ from typing import Any
 
 from kemari_suite.config import PathsConfig
 from kemari_suite.errors import LabError
-from kemari_suite.klab.drbd import DrbdMinor, proc_drbd, wait_drbd
+from kemari_suite.klab.drbd import proc_drbd, wait_drbd
 from kemari_suite.klab.engine import FENCE_PEER_LOG, EngineProcess, role_run_dir
 from kemari_suite.klab.pair import L1Pair
 from kemari_suite.klab.protectdemo import ACK_LOG, CHECKER, ProtectRun, ProtectScenario
@@ -228,7 +228,7 @@ class SwitchScenario:
         new, old = proc_drbd(self.pair[dst]).minors[0], proc_drbd(self.pair[src]).minors[0]
         leg.promoted = new.role == "Primary"
         leg.demoted = old.role == "Secondary"
-        self.note(f"/proc/drbd: {leg.target} {_drbd(new)}; {leg.source} {_drbd(old)}")
+        self.note(f"/proc/drbd: {leg.target} {new.summary()}; {leg.source} {old.summary()}")
         return leg
 
     def records_acked(self) -> int:
@@ -261,7 +261,7 @@ class SwitchScenario:
         leg.reprotect_s = round(time.monotonic() - t0, 2)
         leg.drbd_conn_lost = self.conn_losses() - self._losses
         leg.reprotected = minor.in_sync and minor.role == "Primary"
-        leg.drbd = {h.spec.host: _drbd(proc_drbd(h).minors[0]) for h in self.pair.hosts}
+        leg.drbd = {h.spec.host: proc_drbd(h).minors[0].summary() for h in self.pair.hosts}
         self.base.step(f"reprotect {leg.target}", f"{leg.target} protected again, DRBD {leg.drbd}")
 
     def conn_losses(self) -> int:
@@ -295,10 +295,6 @@ class SwitchScenario:
     def close(self) -> None:
         self.run.steps.update(self.base.run.steps)
         self.base.close()
-
-
-def _drbd(m: DrbdMinor) -> str:
-    return f"cs:{m.cs} ro:{m.role}/{m.peer_role} ds:{m.disk}/{m.peer_disk}"
 
 
 def run_drbd_switchover(

@@ -133,6 +133,7 @@ def test_proc_drbd_parses_states_and_out_of_sync() -> None:
         "Connected", "Primary", "Secondary", "UpToDate", "UpToDate", 0,
     )  # fmt: skip
     assert m.in_sync
+    assert m.summary() == "cs:Connected ro:Primary/Secondary ds:UpToDate/UpToDate"
     syncing = parse_proc_drbd(SYNCING)
     assert syncing.minors[0].oos_kib == 64472 and not syncing.minors[0].in_sync
     lost = syncing.minors[1]
