@@ -6,6 +6,7 @@ compatibility check refuses a standby that cannot run the VM."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def _progress(reader: Reader, lines: int, timeout: float = 60.0) -> None:
     assert reader.expected >= target, f"stream stalled at {reader.expected}"
 
 
+def _peer_resume_spans(pair: LabPair, role: str) -> dict[str, float]:
+    """The spans (ms) of the last resume host ``role`` logged (its ``failover`` event)."""
+    last: dict[str, float] = {}
+    for path in sorted(pair.run_dir(role).glob("artifacts/*/events.jsonl")):
+        for line in path.read_text().splitlines():
+            ev = json.loads(line)
+            if ev.get("event") == "failover" and ev.get("spans_ms"):
+                last = ev["spans_ms"]
+    return last
+
+
 def _switch(pair: LabPair, reader: Reader, old: str, new: str) -> float:
     """Switch the VM from host ``old`` to host ``new``; returns the client's longest gap
     between received data across it (from the request until 200 more lines)."""
@@ -61,7 +73,13 @@ def _switch(pair: LabPair, reader: Reader, old: str, new: str) -> float:
     _progress(reader, 200)
     gap = reader.longest_gap
     sync = st["initial_sync"]
-    print(f"switchover {old} -> {new}: client's longest gap {gap:.3f} s; first epoch {sync}")
+    resume = _peer_resume_spans(pair, new)
+    # The peer's part of the pause, step by step (its QEMU's start, the restore...).
+    assert resume and resume.get("qemu", 0) > 0, resume
+    print(
+        f"switchover {old} -> {new}: pause {res['pause_ms']} ms {spans}; the peer's resume "
+        f"{resume}; client's longest gap {gap:.3f} s; first epoch {sync}"
+    )
     # The old primary kept its RAM: only what the guest changed since the resume went over.
     assert sync["mode"] == "delta", sync
     assert sync["pages"] < sync["ram_pages"] // 8, sync
