@@ -99,6 +99,9 @@ class HeldBound:
     async def resume(self, why: str) -> None:
         """Resume a guest the bound paused (its held writes are no longer in memory).
 
+        A ``cont`` refused because the guest stopped itself (powered off, panicked) leaves
+        it down: that is the guest's event, not a failure.
+
         Raises:
             FailoverError: QEMU did not answer ``cont``: killed, a host failure.
         """
@@ -112,7 +115,14 @@ class HeldBound:
         try:
             await a.window.qmp("cont")
         except Exception as err:
-            await loss.host_failure(a, f"resuming the guest paused at the held bound: {err}")
+            status = "" if isinstance(err, QMPTimeout) else await a.window.self_stopped()
+            if not status:
+                await loss.host_failure(a, f"resuming the guest paused at the held bound: {err}")
+            # Refused because the guest powered off (or panicked) meanwhile: its own
+            # event, not a failure of this host (.guestevents ends the run).
+            self.paused = False
+            a.artifacts.event("guest-stopped-itself", reason=why, status=status)
+            return
         self.paused = False
         a.artifacts.event("guest-resumed", reason=why, state=a.state.value)
 
